@@ -1,0 +1,446 @@
+//! `weft demo`: a two-proxy mesh on loopback, with no root and no cluster.
+//!
+//! ```text
+//!  web ──▶ client proxy ──────────▶ server proxy ──────────▶ books
+//!  (in-process  outbound listener    inbound listener         (in-process
+//!   generator)  fixed target: ───────┘ fixed target: ─────────┘  JSON app)
+//! ```
+//!
+//! In a pod, iptables redirects the app's traffic to the proxy and the proxy
+//! reads the original destination with `SO_ORIGINAL_DST`; both need root.
+//! Here each listener is given a fixed target instead
+//! (`WEFT_PROXY_{OUTBOUND,INBOUND}_FIXED_TARGET`), and `web` connects straight
+//! to the client proxy's outbound port with the Host header a cluster app
+//! would send.
+//!
+//! Every number in the live table is read from the proxies' `/metrics`
+//! endpoints, never from the generator, so the demo shows what an operator
+//! scraping the mesh would see.
+
+pub mod apps;
+pub mod proxy;
+pub mod table;
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use self::apps::{BooksConfig, TrafficConfig, TrafficCounts};
+use self::proxy::{AdminClient, ProxyAddrs, ProxyProcess, ProxySpec};
+use self::table::Row;
+use crate::promtext::Sample;
+use crate::stats::{Direction, DirectionSnapshot, WindowStats};
+
+/// The Host header web sends (the port is books' real port).
+pub const BOOKS_HOST: &str = "books.demo.svc.cluster.local";
+
+/// How often the table is refreshed.
+pub const REFRESH: Duration = Duration::from_secs(2);
+
+/// Options of `weft demo`.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    pub proxy_bin: PathBuf,
+    pub rps: u32,
+    /// Stop after this long; `None` runs until Ctrl-C or SIGTERM.
+    pub duration: Option<Duration>,
+    /// The proxies' `WEFT_PROXY_LOG`.
+    pub proxy_log: String,
+    pub ready_timeout: Duration,
+    /// How long a proxy has to exit after SIGTERM before it is killed.
+    pub shutdown_grace: Duration,
+    pub books: BooksConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(
+        "no proxy binary at {0}: build it with `cargo build -p weft-proxy` or pass --proxy-bin"
+    )]
+    ProxyBinaryMissing(PathBuf),
+    #[error("could not start {bin}: {source}")]
+    Spawn {
+        bin: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("could not create the log directory {path}: {source}")]
+    LogDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("could not create the proxy log {path}: {source}")]
+    LogFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("could not reserve loopback ports: {0}")]
+    Ports(std::io::Error),
+    #[error("could not listen on 127.0.0.1 for the books app: {0}")]
+    BindBooks(std::io::Error),
+    #[error("could not install the SIGTERM handler: {0}")]
+    Signal(std::io::Error),
+    #[error(
+        "the {name} proxy did not answer 200 on http://{admin}/ready within {timeout:?} \
+         (last: {last}); its log is {log}"
+    )]
+    NotReady {
+        name: &'static str,
+        admin: SocketAddr,
+        timeout: Duration,
+        last: String,
+        log: PathBuf,
+    },
+    #[error("the {name} proxy exited unexpectedly ({status}); its log is {log}")]
+    ProxyExited {
+        name: &'static str,
+        status: ExitStatus,
+        log: PathBuf,
+    },
+    #[error("interrupted before the proxies were ready")]
+    Interrupted,
+}
+
+/// Which rows the table shows, in order: each proxy's busy direction first.
+const ROWS: [(usize, &str, Direction); 4] = [
+    (0, "client", Direction::Outbound),
+    (1, "server", Direction::Inbound),
+    (0, "client", Direction::Inbound),
+    (1, "server", Direction::Outbound),
+];
+
+/// One scrape of both proxies.
+#[derive(Debug, Clone)]
+struct Scrape {
+    at: Instant,
+    proxies: [Result<Vec<Sample>, String>; 2],
+}
+
+impl Scrape {
+    async fn take(admin: &AdminClient, addrs: [SocketAddr; 2]) -> Self {
+        let (client, server) = tokio::join!(admin.metrics(addrs[0]), admin.metrics(addrs[1]));
+        Self {
+            at: Instant::now(),
+            proxies: [client, server],
+        }
+    }
+
+    /// The table rows for the window from `prev` to `self`.
+    fn rows_since(&self, prev: &Scrape) -> Vec<Row> {
+        let seconds = self.at.duration_since(prev.at).as_secs_f64();
+        ROWS.iter()
+            .map(|&(i, proxy, direction)| {
+                let stats = match (&prev.proxies[i], &self.proxies[i]) {
+                    (Ok(p), Ok(c)) => Ok(WindowStats::between(
+                        &DirectionSnapshot::from_samples(p, direction),
+                        &DirectionSnapshot::from_samples(c, direction),
+                        seconds,
+                    )),
+                    (_, Err(e)) | (Err(e), _) => Err(e.clone()),
+                };
+                Row {
+                    proxy,
+                    direction,
+                    stats,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Writes tables to stdout: in place on a terminal, appended otherwise (so
+/// a log or a test sees every one).
+struct Screen {
+    tty: bool,
+    last_lines: usize,
+}
+
+impl Screen {
+    fn print_live(&mut self, title: &str, table: &str) {
+        let text = format!("{title}\n{table}");
+        let mut out = std::io::stdout().lock();
+        if self.tty && self.last_lines > 0 {
+            // Up to the first line of the previous table, then clear below.
+            let _ = write!(out, "\x1b[{}F\x1b[J", self.last_lines);
+        } else if !self.tty {
+            let _ = writeln!(out);
+        }
+        let _ = write!(out, "{text}");
+        let _ = out.flush();
+        self.last_lines = text.lines().count();
+    }
+}
+
+/// Run the demo until Ctrl-C, SIGTERM or `config.duration`.
+pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
+    if !config.proxy_bin.is_file() {
+        return Err(DemoError::ProxyBinaryMissing(config.proxy_bin));
+    }
+    let stop = CancellationToken::new();
+    spawn_signal_watcher(stop.clone())?;
+
+    let log_dir = make_log_dir()?;
+    let shutdown_apps = CancellationToken::new();
+
+    // books, in-process, on a port it keeps (no reservation race).
+    let books_listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(DemoError::BindBooks)?;
+    let books_addr = books_listener.local_addr().map_err(DemoError::BindBooks)?;
+    let books_task = tokio::spawn(apps::serve_books(
+        books_listener,
+        config.books.clone(),
+        shutdown_apps.clone(),
+        Duration::from_secs(2),
+    ));
+
+    let ports = proxy::free_loopback_ports(6).map_err(DemoError::Ports)?;
+    let client_addrs = ProxyAddrs {
+        outbound: ports[0],
+        inbound: ports[1],
+        admin: ports[2],
+    };
+    let server_addrs = ProxyAddrs {
+        outbound: ports[3],
+        inbound: ports[4],
+        admin: ports[5],
+    };
+    let specs = [
+        ProxySpec {
+            name: "client",
+            addrs: client_addrs,
+            outbound_target: Some(server_addrs.inbound),
+            inbound_target: None,
+            log_filter: config.proxy_log.clone(),
+        },
+        ProxySpec {
+            name: "server",
+            addrs: server_addrs,
+            outbound_target: None,
+            inbound_target: Some(books_addr),
+            log_filter: config.proxy_log.clone(),
+        },
+    ];
+
+    let mut proxies: Vec<ProxyProcess> = Vec::with_capacity(2);
+    let started = start_proxies(&config, &specs, &log_dir, &stop, &mut proxies).await;
+    let admin = AdminClient::new(Duration::from_secs(1));
+    let result = match started {
+        Ok(()) => {
+            print_banner(&config, books_addr, &specs, &proxies, &log_dir);
+            run_traffic(&config, books_addr, &admin, &stop, &mut proxies).await
+        }
+        Err(e) => Err(e),
+    };
+
+    // Whatever happened, stop the proxies in order and the apps after them.
+    let mut endings = Vec::new();
+    for p in &mut proxies {
+        let how = p.terminate(config.shutdown_grace).await;
+        endings.push(format!("{} proxy {how}", p.spec.name));
+    }
+    shutdown_apps.cancel();
+    let _ = books_task.await;
+
+    let summary = result?;
+    print!("{summary}");
+    for e in endings {
+        println!("  {e}");
+    }
+    println!("  proxy logs: {}", log_dir.display());
+    Ok(())
+}
+
+async fn start_proxies(
+    config: &DemoConfig,
+    specs: &[ProxySpec; 2],
+    log_dir: &std::path::Path,
+    stop: &CancellationToken,
+    proxies: &mut Vec<ProxyProcess>,
+) -> Result<(), DemoError> {
+    // Server first: the client's fixed target is its inbound listener.
+    for spec in specs.iter().rev() {
+        proxies.push(ProxyProcess::spawn(
+            &config.proxy_bin,
+            spec.clone(),
+            log_dir,
+        )?);
+    }
+    proxies.reverse();
+    let admin = AdminClient::new(Duration::from_millis(500));
+    for p in proxies.iter_mut() {
+        p.wait_ready(&admin, config.ready_timeout, stop).await?;
+    }
+    Ok(())
+}
+
+fn print_banner(
+    config: &DemoConfig,
+    books: SocketAddr,
+    specs: &[ProxySpec; 2],
+    proxies: &[ProxyProcess],
+    log_dir: &std::path::Path,
+) {
+    let pid = |i: usize| {
+        proxies
+            .get(i)
+            .and_then(ProxyProcess::pid)
+            .map_or_else(|| "?".into(), |p| p.to_string())
+    };
+    println!("weft demo: a two-proxy mesh on loopback");
+    println!(
+        "  web           {} req/s to {} with Host: {BOOKS_HOST}:{}",
+        config.rps,
+        specs[0].addrs.outbound,
+        books.port()
+    );
+    println!(
+        "  client proxy  pid {:<7} outbound {}  admin http://{}/metrics",
+        pid(0),
+        specs[0].addrs.outbound,
+        specs[0].addrs.admin
+    );
+    println!(
+        "  server proxy  pid {:<7} inbound  {}  admin http://{}/metrics",
+        pid(1),
+        specs[1].addrs.inbound,
+        specs[1].addrs.admin
+    );
+    println!("  books         {books}");
+    println!("  proxy logs    {}", log_dir.display());
+    match config.duration {
+        Some(d) => println!("Running for {}s (Ctrl-C stops sooner).", d.as_secs()),
+        None => println!("Press Ctrl-C to stop."),
+    }
+}
+
+/// Send traffic and print the table until told to stop; return the summary.
+async fn run_traffic(
+    config: &DemoConfig,
+    books: SocketAddr,
+    admin: &AdminClient,
+    stop: &CancellationToken,
+    proxies: &mut [ProxyProcess],
+) -> Result<String, DemoError> {
+    let [client, server] = proxies else {
+        unreachable!("two proxies are started");
+    };
+    let admins = [client.spec.addrs.admin, server.spec.addrs.admin];
+    let baseline = Scrape::take(admin, admins).await;
+
+    let counts = Arc::new(TrafficCounts::default());
+    let stop_traffic = CancellationToken::new();
+    let traffic = tokio::spawn(apps::generate_traffic(
+        TrafficConfig {
+            connect_to: client.spec.addrs.outbound,
+            authority: format!("{BOOKS_HOST}:{}", books.port()),
+            rps: config.rps,
+            request_timeout: Duration::from_secs(5),
+            max_in_flight: 1024,
+        },
+        counts.clone(),
+        stop_traffic.clone(),
+    ));
+
+    let start = baseline.at;
+    let end = config.duration.map(|d| start + d);
+    let mut ticker = tokio::time::interval_at(start + REFRESH, REFRESH);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut screen = Screen {
+        tty: std::io::stdout().is_terminal(),
+        last_lines: 0,
+    };
+    let mut prev = baseline.clone();
+    let mut early_exit = None;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = sleep_until_opt(end) => break,
+            status = client.exited() => {
+                early_exit = Some(status_or_error(client, status));
+                break;
+            }
+            status = server.exited() => {
+                early_exit = Some(status_or_error(server, status));
+                break;
+            }
+            _ = ticker.tick() => {
+                let now = Scrape::take(admin, admins).await;
+                let title = format!(
+                    "[{:>4.0}s] window {:.1}s, from the proxies' /metrics",
+                    now.at.duration_since(start).as_secs_f64(),
+                    now.at.duration_since(prev.at).as_secs_f64(),
+                );
+                screen.print_live(&title, &table::render(&now.rows_since(&prev)));
+                prev = now;
+            }
+        }
+    }
+
+    stop_traffic.cancel();
+    let _ = traffic.await;
+    if let Some(e) = early_exit {
+        return Err(e);
+    }
+    // The last scrape happens before SIGTERM, while the admin port is up.
+    let last = Scrape::take(admin, admins).await;
+    let elapsed = last.at.duration_since(start).as_secs_f64();
+    Ok(format!(
+        "\nSummary over {elapsed:.1}s, from the proxies' /metrics:\n{}\n  {}\n",
+        table::render(&last.rows_since(&baseline)),
+        counts.summary()
+    ))
+}
+
+fn status_or_error(p: &ProxyProcess, status: std::io::Result<ExitStatus>) -> DemoError {
+    match status {
+        Ok(status) => p.exited_early(status),
+        Err(source) => DemoError::Spawn {
+            bin: PathBuf::from(p.spec.name),
+            source,
+        },
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Cancel `stop` on the first SIGINT or SIGTERM.
+fn spawn_signal_watcher(stop: CancellationToken) -> Result<(), DemoError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(DemoError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DemoError::Signal)?;
+    tokio::spawn(async move {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{which} received; stopping");
+        stop.cancel();
+    });
+    Ok(())
+}
+
+/// A fresh directory for the proxies' logs, kept after the demo so they can
+/// be read.
+fn make_log_dir() -> Result<PathBuf, DemoError> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!("weft-demo-{}-{nanos:x}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|source| DemoError::LogDir {
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(dir)
+}

@@ -1,0 +1,117 @@
+//! `weft`: parse the command line, set up logging, run the subcommand.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use weft_cli::demo::{self, apps::BooksConfig, DemoConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "weft", version, about = "Weft service mesh command line")]
+struct Cli {
+    /// Log filter for weft itself (tracing's EnvFilter syntax).
+    #[arg(
+        long,
+        env = "WEFT_LOG",
+        default_value = "warn,weft=info,weft_cli=info",
+        global = true
+    )]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a two-proxy mesh on loopback and watch its golden metrics.
+    ///
+    /// Starts two in-process apps (web, a traffic generator, and books, a
+    /// small JSON service) and two weft-proxy processes between them:
+    /// web → client proxy (outbound) → server proxy (inbound) → books.
+    /// Needs no root and no cluster. Stops on Ctrl-C, SIGTERM or --duration.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// Requests per second web sends.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    rps: u32,
+    /// Stop after this many seconds instead of waiting for Ctrl-C.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    duration: Option<u64>,
+    /// The weft-proxy binary [default: weft-proxy next to this weft].
+    #[arg(long, value_name = "PATH", env = "WEFT_DEMO_PROXY_BIN")]
+    proxy_bin: Option<PathBuf>,
+    /// The proxies' log filter (WEFT_PROXY_LOG) [default: warn, or debug with --verbose].
+    #[arg(long, value_name = "FILTER")]
+    proxy_log: Option<String>,
+    /// Verbose proxy logs, and debug logs from weft itself.
+    #[arg(short, long)]
+    verbose: bool,
+    /// Seconds to wait for each proxy's /ready.
+    #[arg(long, value_name = "SECS", default_value_t = 15)]
+    ready_timeout: u64,
+    /// Fraction of books' responses that are 500s.
+    #[arg(long, value_name = "FRACTION", default_value_t = 0.01)]
+    failure_rate: f64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Command::Demo(args) = cli.command;
+    let filter = if args.verbose {
+        "info,weft=debug,weft_cli=debug"
+    } else {
+        cli.log.as_str()
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("warn")))
+        .with_writer(std::io::stderr)
+        .init();
+
+    match run_demo(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft demo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    if !(0.0..=1.0).contains(&args.failure_rate) {
+        anyhow::bail!(
+            "--failure-rate must be between 0 and 1, not {}",
+            args.failure_rate
+        );
+    }
+    let proxy_bin = match args.proxy_bin {
+        Some(p) => p,
+        None => demo::proxy::default_proxy_bin()?,
+    };
+    let config = DemoConfig {
+        proxy_bin,
+        rps: args.rps,
+        duration: args.duration.map(Duration::from_secs),
+        proxy_log: args
+            .proxy_log
+            .unwrap_or_else(|| if args.verbose { "debug" } else { "warn" }.into()),
+        ready_timeout: Duration::from_secs(args.ready_timeout),
+        shutdown_grace: Duration::from_secs(10),
+        books: BooksConfig {
+            failure_rate: args.failure_rate,
+            ..BooksConfig::default()
+        },
+    };
+    // Two workers: the apps and the scraper share the machine with two
+    // proxy processes, so more would only contend.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(demo::run(config))?;
+    Ok(())
+}

@@ -1,0 +1,361 @@
+//! Typed proxy configuration, parsed once from `WEFT_PROXY_*` environment variables.
+//!
+//! Every variable name lives in [`env`]. Parsing happens before any port is bound; a bad value
+//! produces a [`ConfigError`] naming the variable and the value, and the binary exits non-zero.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Environment variable names: the contract between the injector and the proxy.
+pub mod env {
+    pub const OUTBOUND_ADDR: &str = "WEFT_PROXY_OUTBOUND_ADDR";
+    pub const INBOUND_ADDR: &str = "WEFT_PROXY_INBOUND_ADDR";
+    pub const ADMIN_ADDR: &str = "WEFT_PROXY_ADMIN_ADDR";
+    pub const OUTBOUND_FIXED_TARGET: &str = "WEFT_PROXY_OUTBOUND_FIXED_TARGET";
+    pub const INBOUND_FIXED_TARGET: &str = "WEFT_PROXY_INBOUND_FIXED_TARGET";
+    pub const OPAQUE_PORTS: &str = "WEFT_PROXY_OPAQUE_PORTS";
+    pub const DETECT_TIMEOUT: &str = "WEFT_PROXY_DETECT_TIMEOUT";
+    pub const CONNECT_TIMEOUT: &str = "WEFT_PROXY_CONNECT_TIMEOUT";
+    pub const HEADER_READ_TIMEOUT: &str = "WEFT_PROXY_HEADER_READ_TIMEOUT";
+    pub const MAX_HEADER_BYTES: &str = "WEFT_PROXY_MAX_HEADER_BYTES";
+    pub const POOL_IDLE_TIMEOUT: &str = "WEFT_PROXY_POOL_IDLE_TIMEOUT";
+    pub const SHUTDOWN_GRACE_PERIOD: &str = "WEFT_PROXY_SHUTDOWN_GRACE_PERIOD";
+    pub const WORKER_THREADS: &str = "WEFT_PROXY_WORKER_THREADS";
+    pub const LOG: &str = "WEFT_PROXY_LOG";
+    pub const LOG_FORMAT: &str = "WEFT_PROXY_LOG_FORMAT";
+}
+
+/// Errors in the proxy's environment. Each names the variable, the value and what was expected.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{var}={value:?} is not a socket address (expected IP:PORT, e.g. 127.0.0.1:4140)")]
+    Addr { var: &'static str, value: String },
+    #[error("{var}={value:?} is not a duration (expected a number with a unit: 500ms, 10s, 2m)")]
+    Duration { var: &'static str, value: String },
+    #[error("{var}={value:?}: {reason}")]
+    Ports {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{var}={value:?}: {reason}")]
+    Number {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{var}={value:?} is not one of: plain, json")]
+    LogFormat { var: &'static str, value: String },
+    #[error("{var} is not valid UTF-8")]
+    NotUnicode { var: &'static str },
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// Settings for one listener direction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub addr: SocketAddr,
+    /// When set, every accepted connection goes here instead of its SO_ORIGINAL_DST.
+    /// For local mode (`weft demo`), benchmarks and loopback tests, where no iptables redirect exists.
+    pub fixed_target: Option<SocketAddr>,
+}
+
+/// The whole proxy configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub outbound: ListenerConfig,
+    pub inbound: ListenerConfig,
+    pub admin_addr: SocketAddr,
+    /// Destination ports that skip protocol detection (server-speaks-first protocols).
+    pub opaque_ports: PortSet,
+    pub detect_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub pool_idle_timeout: Duration,
+    pub shutdown_grace_period: Duration,
+    pub worker_threads: usize,
+    pub log_filter: String,
+    pub log_format: LogFormat,
+}
+
+pub const DEFAULT_LOG_FILTER: &str = "warn,weft=info";
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            outbound: ListenerConfig {
+                addr: SocketAddr::from(([127, 0, 0, 1], 4140)),
+                fixed_target: None,
+            },
+            inbound: ListenerConfig {
+                addr: SocketAddr::from(([0, 0, 0, 0], 4143)),
+                fixed_target: None,
+            },
+            admin_addr: SocketAddr::from(([0, 0, 0, 0], 4191)),
+            opaque_ports: PortSet::default(),
+            detect_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            pool_idle_timeout: Duration::from_secs(60),
+            shutdown_grace_period: Duration::from_secs(30),
+            worker_threads: 1,
+            log_filter: DEFAULT_LOG_FILTER.to_string(),
+            log_format: LogFormat::Plain,
+        }
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| match std::env::var(name) {
+            Ok(v) => Ok(Some(v)),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err(name),
+        })
+    }
+
+    /// Parses configuration from any lookup function (tests pass a map).
+    pub fn from_lookup(
+        lookup: impl Fn(&'static str) -> Result<Option<String>, &'static str>,
+    ) -> Result<Self, ConfigError> {
+        let get = |var: &'static str| -> Result<Option<String>, ConfigError> {
+            lookup(var)
+                .map(|v| v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty()))
+                .map_err(|var| ConfigError::NotUnicode { var })
+        };
+        let mut c = Config::default();
+        if let Some(v) = get(env::OUTBOUND_ADDR)? {
+            c.outbound.addr = parse_addr(env::OUTBOUND_ADDR, &v)?;
+        }
+        if let Some(v) = get(env::INBOUND_ADDR)? {
+            c.inbound.addr = parse_addr(env::INBOUND_ADDR, &v)?;
+        }
+        if let Some(v) = get(env::ADMIN_ADDR)? {
+            c.admin_addr = parse_addr(env::ADMIN_ADDR, &v)?;
+        }
+        if let Some(v) = get(env::OUTBOUND_FIXED_TARGET)? {
+            c.outbound.fixed_target = Some(parse_addr(env::OUTBOUND_FIXED_TARGET, &v)?);
+        }
+        if let Some(v) = get(env::INBOUND_FIXED_TARGET)? {
+            c.inbound.fixed_target = Some(parse_addr(env::INBOUND_FIXED_TARGET, &v)?);
+        }
+        if let Some(v) = get(env::OPAQUE_PORTS)? {
+            c.opaque_ports = PortSet::parse(&v).map_err(|reason| ConfigError::Ports {
+                var: env::OPAQUE_PORTS,
+                value: v.clone(),
+                reason,
+            })?;
+        }
+        let durations: [(&'static str, &mut Duration); 5] = [
+            (env::DETECT_TIMEOUT, &mut c.detect_timeout),
+            (env::CONNECT_TIMEOUT, &mut c.connect_timeout),
+            (env::HEADER_READ_TIMEOUT, &mut c.header_read_timeout),
+            (env::POOL_IDLE_TIMEOUT, &mut c.pool_idle_timeout),
+            (env::SHUTDOWN_GRACE_PERIOD, &mut c.shutdown_grace_period),
+        ];
+        for (var, slot) in durations {
+            if let Some(v) = get(var)? {
+                *slot = parse_duration(&v).ok_or(ConfigError::Duration { var, value: v })?;
+            }
+        }
+        if let Some(v) = get(env::MAX_HEADER_BYTES)? {
+            c.max_header_bytes = parse_number(env::MAX_HEADER_BYTES, &v, 1024, 1 << 20)?;
+        }
+        if let Some(v) = get(env::WORKER_THREADS)? {
+            c.worker_threads = parse_number(env::WORKER_THREADS, &v, 1, 512)?;
+        }
+        if let Some(v) = get(env::LOG)? {
+            c.log_filter = v;
+        }
+        if let Some(v) = get(env::LOG_FORMAT)? {
+            c.log_format = match v.as_str() {
+                "plain" => LogFormat::Plain,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(ConfigError::LogFormat {
+                        var: env::LOG_FORMAT,
+                        value: v,
+                    })
+                }
+            };
+        }
+        Ok(c)
+    }
+}
+
+fn parse_addr(var: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| ConfigError::Addr {
+        var,
+        value: value.to_string(),
+    })
+}
+
+fn parse_number(
+    var: &'static str,
+    value: &str,
+    min: usize,
+    max: usize,
+) -> Result<usize, ConfigError> {
+    let n: usize = value.parse().map_err(|_| ConfigError::Number {
+        var,
+        value: value.to_string(),
+        reason: "not a whole number".into(),
+    })?;
+    if n < min || n > max {
+        return Err(ConfigError::Number {
+            var,
+            value: value.to_string(),
+            reason: format!("must be between {min} and {max}"),
+        });
+    }
+    Ok(n)
+}
+
+/// Parses `250ms`, `10s`, `2m`, `1h`. A bare number is rejected: units are not guessed.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    if !n.is_finite() || n < 0.0 {
+        return None;
+    }
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+/// A set of TCP ports given as `25,3306,8000-8100`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortSet {
+    ranges: BTreeSet<(u16, u16)>,
+}
+
+impl PortSet {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut ranges = BTreeSet::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (lo, hi) = match part.split_once('-') {
+                Some((a, b)) => (parse_port(a)?, parse_port(b)?),
+                None => {
+                    let p = parse_port(part)?;
+                    (p, p)
+                }
+            };
+            if lo > hi {
+                return Err(format!("range {part:?} runs backwards"));
+            }
+            ranges.insert((lo, hi));
+        }
+        Ok(Self { ranges })
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.ranges.iter().any(|&(lo, hi)| lo <= port && port <= hi)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("{s:?} is not a port (1-65535)")),
+        Ok(p) => Ok(p),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(vars: &[(&'static str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<&str, String> = vars.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        Config::from_lookup(|k| Ok(map.get(k).cloned()))
+    }
+
+    #[test]
+    fn defaults_match_design() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.outbound.addr.to_string(), "127.0.0.1:4140");
+        assert_eq!(c.inbound.addr.to_string(), "0.0.0.0:4143");
+        assert_eq!(c.admin_addr.to_string(), "0.0.0.0:4191");
+        assert_eq!(c.detect_timeout, Duration::from_secs(10));
+        assert_eq!(c.worker_threads, 1);
+        assert_eq!(c.log_filter, "warn,weft=info");
+    }
+
+    #[test]
+    fn bad_values_name_variable_and_value() {
+        let cases: &[(&'static str, &str, &str)] = &[
+            (
+                env::OUTBOUND_ADDR,
+                "localhost",
+                "WEFT_PROXY_OUTBOUND_ADDR=\"localhost\"",
+            ),
+            (
+                env::DETECT_TIMEOUT,
+                "10",
+                "WEFT_PROXY_DETECT_TIMEOUT=\"10\"",
+            ),
+            (
+                env::OPAQUE_PORTS,
+                "25,x",
+                "WEFT_PROXY_OPAQUE_PORTS=\"25,x\"",
+            ),
+            (env::OPAQUE_PORTS, "90-80", "runs backwards"),
+            (env::WORKER_THREADS, "0", "between 1 and 512"),
+            (env::LOG_FORMAT, "xml", "WEFT_PROXY_LOG_FORMAT=\"xml\""),
+            (env::MAX_HEADER_BYTES, "-1", "WEFT_PROXY_MAX_HEADER_BYTES"),
+        ];
+        for (var, value, expect) in cases {
+            let err = parse(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(expect), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn parses_overrides() {
+        let c = parse(&[
+            (env::OUTBOUND_FIXED_TARGET, "127.0.0.1:8080"),
+            (env::OPAQUE_PORTS, "25, 3306,8000-8100"),
+            (env::DETECT_TIMEOUT, "250ms"),
+            (env::LOG_FORMAT, "json"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.outbound.fixed_target,
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert!(c.opaque_ports.contains(25) && c.opaque_ports.contains(8050));
+        assert!(!c.opaque_ports.contains(8101));
+        assert_eq!(c.detect_timeout, Duration::from_millis(250));
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("-1s"), None);
+    }
+}

@@ -1,0 +1,139 @@
+//! A response body wrapper that records golden metrics when the response ends.
+//!
+//! Recording at the end (or when the body is dropped) lets gRPC responses be classified by the
+//! `grpc-status` in their trailers.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::metrics::{Class, Direction, LatencyLabels, Metrics, ResponseLabels};
+
+use super::BoxError;
+
+/// What is known about a response when its headers go out.
+#[derive(Debug)]
+pub struct Recorder {
+    pub metrics: Arc<Metrics>,
+    pub direction: Direction,
+    pub authority: Arc<str>,
+    pub status: u16,
+    pub grpc_status: Option<u32>,
+    pub latency: Duration,
+    pub failed: bool,
+}
+
+impl Recorder {
+    pub fn record(self) {
+        let class = if self.failed {
+            Class::Failure
+        } else {
+            Class::of(self.status, self.grpc_status)
+        };
+        self.metrics
+            .http_responses
+            .get_or_create(&ResponseLabels {
+                direction: self.direction,
+                authority: self.authority.clone(),
+                status_code: self.status,
+                grpc_status: self.grpc_status.map(|s| s.to_string()).unwrap_or_default(),
+                classification: class,
+            })
+            .inc();
+        self.metrics
+            .http_latency
+            .get_or_create(&LatencyLabels {
+                direction: self.direction,
+                authority: self.authority,
+                classification: class,
+            })
+            .observe(self.latency.as_secs_f64());
+    }
+}
+
+/// Reads `grpc-status` from a header map.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+pin_project_lite::pin_project! {
+    /// Wraps a body; records metrics once, at its end or drop.
+    pub struct Observed<B> {
+        #[pin]
+        inner: B,
+        recorder: Option<Recorder>,
+    }
+
+    impl<B> PinnedDrop for Observed<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(r) = this.project().recorder.take() {
+                r.record();
+            }
+        }
+    }
+}
+
+impl<B> Observed<B> {
+    pub fn new(inner: B, recorder: Recorder) -> Self {
+        Self {
+            inner,
+            recorder: Some(recorder),
+        }
+    }
+}
+
+impl<B> Body for Observed<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let res = futures_util::ready!(this.inner.poll_frame(cx));
+        match &res {
+            Some(Ok(frame)) => {
+                if let (Some(trailers), Some(r)) = (frame.trailers_ref(), this.recorder.as_mut()) {
+                    if let Some(s) = grpc_status(trailers) {
+                        r.grpc_status = Some(s);
+                    }
+                }
+            }
+            Some(Err(_)) => {
+                if let Some(mut r) = this.recorder.take() {
+                    r.failed = true;
+                    r.record();
+                }
+            }
+            None => {
+                if let Some(r) = this.recorder.take() {
+                    r.record();
+                }
+            }
+        }
+        Poll::Ready(res.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,418 @@
+//! HTTP proxying: HTTP/1.1 and HTTP/2 served by hyper, each request sent to the connection's
+//! destination over a pooled client of the same protocol.
+//!
+//! Per request: authority → metrics labels → header limits → hop-by-hop headers removed →
+//! upstream request → response (or a proxy-made error carrying `weft-proxy-error`).
+//! HTTP/1 upgrades (WebSocket) are joined into a byte relay once both sides switch.
+
+pub mod body;
+pub mod client;
+pub mod error;
+pub mod head;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Direction, Metrics, RequestLabels};
+use body::{Observed, Recorder};
+use client::{ConnectError, HttpClient};
+pub use error::Cause;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// Limits applied to every served HTTP connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+}
+
+/// Everything a request on one accepted connection needs.
+#[derive(Debug)]
+pub struct ConnCtx {
+    pub direction: Direction,
+    pub target: SocketAddr,
+    pub h2: bool,
+    pub metrics: Arc<Metrics>,
+    pub client: HttpClient,
+    pub limits: Limits,
+}
+
+/// Serves HTTP/1.1 on `io` until the client closes or the drain signal asks it to stop.
+pub async fn serve_http1<I>(io: I, ctx: Arc<ConnCtx>, drain: CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = ctx.limits;
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(proxy(&ctx, req).await) }
+    });
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
+        .pipeline_flush(true)
+        .max_headers(head::MAX_HEADERS);
+    let conn = b.serve_connection(TokioIo::new(io), svc).with_upgrades();
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = drain.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = res {
+        tracing::debug!(error = %e, "http/1 connection ended with an error");
+    }
+}
+
+/// Serves HTTP/2 (prior knowledge) on `io`.
+pub async fn serve_http2<I>(io: I, ctx: Arc<ConnCtx>, drain: CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = ctx.limits;
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(proxy(&ctx, req).await) }
+    });
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .adaptive_window(true)
+        .max_header_list_size(limits.max_header_bytes as u32);
+    let conn = b.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = drain.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = res {
+        tracing::debug!(error = %e, "http/2 connection ended with an error");
+    }
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in HOP_BY_HOP.iter() {
+        if keep_upgrade && (n == header::CONNECTION || n == header::UPGRADE) {
+            continue;
+        }
+        headers.remove(n);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    // `TE: trailers` is end-to-end for gRPC; any other TE value is hop-by-hop.
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() <= http::Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// The request's authority: `:authority`/absolute URI, else `Host`, else the destination.
+fn authority_of<B>(req: &Request<B>, target: SocketAddr) -> Result<http::uri::Authority, Cause> {
+    if let Some(a) = req.uri().authority() {
+        return Ok(a.clone());
+    }
+    match req.headers().get(header::HOST) {
+        Some(h) => h
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<http::uri::Authority>().ok())
+            .filter(|a| !a.host().is_empty())
+            .ok_or(Cause::BadAuthority),
+        None => target.to_string().parse().map_err(|_| Cause::BadAuthority),
+    }
+}
+
+fn headers_size(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum()
+}
+
+/// Finds the cause of a failed upstream request.
+fn cause_of(err: &(dyn std::error::Error + 'static)) -> Cause {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(c) = e.downcast_ref::<ConnectError>() {
+            return Cause::of_connect(&c.source);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            ) {
+                return Cause::UpstreamReset;
+            }
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+                return Cause::UpstreamReset;
+            }
+        }
+        cur = e.source();
+    }
+    Cause::UpstreamError
+}
+
+impl ConnCtx {
+    fn error_response(
+        &self,
+        authority: Arc<str>,
+        cause: Cause,
+        detail: &str,
+        start: Instant,
+    ) -> Response<BoxBody> {
+        self.metrics.error(self.direction, cause.as_str());
+        tracing::info!(direction = %self.direction, target = %self.target, cause = cause.as_str(), detail, "proxy answered with an error");
+        Recorder {
+            metrics: self.metrics.clone(),
+            direction: self.direction,
+            authority,
+            status: cause.status().as_u16(),
+            grpc_status: None,
+            latency: start.elapsed(),
+            failed: true,
+        }
+        .record();
+        cause.response(detail)
+    }
+}
+
+/// Proxies one request to the connection's destination.
+async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
+    let start = Instant::now();
+    let authority = match authority_of(&req, ctx.target) {
+        Ok(a) => a,
+        Err(cause) => {
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+                .unwrap_or_default();
+            return ctx.error_response(
+                Arc::from("unknown"),
+                cause,
+                &format!("invalid Host header {host:?}"),
+                start,
+            );
+        }
+    };
+    let label = ctx
+        .metrics
+        .authority_label(ctx.direction, authority.as_str());
+    ctx.metrics
+        .http_requests
+        .get_or_create(&RequestLabels {
+            direction: ctx.direction,
+            authority: label.clone(),
+        })
+        .inc();
+
+    let size = headers_size(req.headers());
+    if size > ctx.limits.max_header_bytes {
+        let detail = format!(
+            "request headers are {size} bytes, limit is {}",
+            ctx.limits.max_header_bytes
+        );
+        return ctx.error_response(label, Cause::HeaderTooLarge, &detail, start);
+    }
+
+    let upgrade = is_upgrade(&req);
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    // The proxy answers `Expect: 100-continue` itself (hyper sends 100 when the body is first
+    // read, i.e. once the upstream connection is ready), so the upstream never waits for it.
+    req.headers_mut().remove(header::EXPECT);
+
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    match Uri::builder()
+        .scheme("http")
+        .authority(authority.clone())
+        .path_and_query(path)
+        .build()
+    {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(e) => return ctx.error_response(label, Cause::BadRequest, &e.to_string(), start),
+    }
+    if !ctx.h2 {
+        // Between hops HTTP/1 stays HTTP/1.1 (an HTTP/1.0 client still gets a 1.0 response).
+        *req.version_mut() = http::Version::HTTP_11;
+    }
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    let mut rsp = match ctx.client.request(req).await {
+        Ok(rsp) => rsp,
+        Err(e) => {
+            let cause = cause_of(&e);
+            let detail = format!("{} ({})", ctx.target, error_chain(&e));
+            return ctx.error_response(label, cause, &detail, start);
+        }
+    };
+
+    if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(down) = downstream_upgrade {
+            let up = hyper::upgrade::on(&mut rsp);
+            tokio::spawn(async move {
+                match tokio::try_join!(down, up) {
+                    Ok((d, u)) => {
+                        let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                            tracing::debug!(error = %e, "upgraded connection ended with an error");
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                }
+            });
+        }
+    } else {
+        strip_hop_by_hop(rsp.headers_mut(), false);
+    }
+
+    let recorder = Recorder {
+        metrics: ctx.metrics.clone(),
+        direction: ctx.direction,
+        authority: label,
+        status: rsp.status().as_u16(),
+        grpc_status: body::grpc_status(rsp.headers()),
+        latency: start.elapsed(),
+        failed: false,
+    };
+    rsp.map(|b| Observed::new(b, recorder).boxed())
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-hop"),
+        );
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert("x-end", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-end"));
+
+        let mut g = HeaderMap::new();
+        g.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut g, false);
+        assert_eq!(g[header::TE], "trailers");
+    }
+
+    #[test]
+    fn upgrade_keeps_upgrade_headers() {
+        let req = Request::builder()
+            .header(header::CONNECTION, "keep-alive, Upgrade")
+            .header(header::UPGRADE, "websocket")
+            .body(())
+            .unwrap();
+        assert!(is_upgrade(&req));
+        let mut h = req.headers().clone();
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn authority_sources() {
+        let t: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let r = Request::builder()
+            .uri("/")
+            .header("host", "web.ns:8080")
+            .body(())
+            .unwrap();
+        assert_eq!(authority_of(&r, t).unwrap().as_str(), "web.ns:8080");
+        let r = Request::builder().uri("/").body(()).unwrap();
+        assert_eq!(authority_of(&r, t).unwrap().as_str(), "10.0.0.1:80");
+        let r = Request::builder()
+            .uri("/")
+            .header("host", "bad host")
+            .body(())
+            .unwrap();
+        assert_eq!(authority_of(&r, t), Err(Cause::BadAuthority));
+        let r = Request::builder()
+            .uri("http://h2.example/x")
+            .body(())
+            .unwrap();
+        assert_eq!(authority_of(&r, t).unwrap().as_str(), "h2.example");
+    }
+}

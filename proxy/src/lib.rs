@@ -1,0 +1,176 @@
+//! # weft-proxy
+//!
+//! Weft's sidecar proxy. Pod traffic reaches it through an iptables redirect: outbound
+//! connections on `127.0.0.1:4140`, inbound on `0.0.0.0:4143`. For each connection it recovers
+//! the original destination (`SO_ORIGINAL_DST`), detects the protocol by peeking (HTTP/1.x,
+//! HTTP/2, TLS, otherwise opaque TCP), and forwards it: HTTP request by request over pooled
+//! connections, everything else as a byte relay with half-close and resets preserved. The admin
+//! port (`4191`) serves Prometheus metrics, readiness, liveness and shutdown.
+//!
+//! The tree follows the request path: [`transport`] (listening, original destination, detection),
+//! [`http`] and [`tcp`] (the two ways a connection is forwarded), [`metrics`], [`admin`],
+//! [`config`]. [`run`] wires them together; `main.rs` only parses config and builds the runtime.
+//!
+//! With no control plane configured the proxy is a transparent proxy: every connection goes to
+//! its original destination. Discovery, load balancing, mTLS and policy arrive with the
+//! controller (see the repository's issues and DESIGN.md).
+
+pub mod admin;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod serve;
+pub mod tcp;
+pub mod telemetry;
+pub mod transport;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use config::{env, Config};
+use metrics::{Direction, Metrics};
+use transport::orig_dst::{FixedTarget, OrigDst, SoOriginalDst};
+
+/// Errors that stop the proxy from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {var}={addr}: {source}")]
+    Bind {
+        var: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+/// Bound listeners, before serving (so tests and embedders can learn ephemeral ports).
+#[derive(Debug)]
+pub struct Bound {
+    config: Arc<Config>,
+    outbound: TcpListener,
+    inbound: TcpListener,
+    admin: TcpListener,
+}
+
+async fn bind(var: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|source| RunError::Bind { var, addr, source })?;
+    let bind_err = |source| RunError::Bind { var, addr, source };
+    sock.set_reuseaddr(true).map_err(bind_err)?;
+    sock.bind(addr).map_err(bind_err)?;
+    sock.listen(1024).map_err(bind_err)
+}
+
+impl Bound {
+    /// Binds every listener; fails with the variable and address that could not be bound.
+    pub async fn bind(config: Config) -> Result<Self, RunError> {
+        Ok(Self {
+            outbound: bind(env::OUTBOUND_ADDR, config.outbound.addr).await?,
+            inbound: bind(env::INBOUND_ADDR, config.inbound.addr).await?,
+            admin: bind(env::ADMIN_ADDR, config.admin_addr).await?,
+            config: Arc::new(config),
+        })
+    }
+
+    pub fn outbound_addr(&self) -> std::io::Result<SocketAddr> {
+        self.outbound.local_addr()
+    }
+    pub fn inbound_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inbound.local_addr()
+    }
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled (or `/shutdown` is called), then drains: listeners
+    /// close at once, in-flight connections get the grace period to finish.
+    pub async fn serve(self, shutdown: CancellationToken, logs: telemetry::LogHandle) {
+        let Bound {
+            config,
+            outbound,
+            inbound,
+            admin,
+        } = self;
+        let metrics = Metrics::new();
+        let clients = http::client::Clients::new(config.connect_timeout, config.pool_idle_timeout);
+        let tracker = TaskTracker::new();
+        let admin_state = Arc::new(admin::Admin {
+            metrics: metrics.clone(),
+            ready: false.into(),
+            shutdown: shutdown.clone(),
+            logs,
+        });
+        let admin_task = tokio::spawn(admin::serve(admin, admin_state.clone()));
+
+        let mut loops = Vec::new();
+        for (direction, listener, lc) in [
+            (Direction::Outbound, outbound, &config.outbound),
+            (Direction::Inbound, inbound, &config.inbound),
+        ] {
+            let orig_dst: Arc<dyn OrigDst> = match lc.fixed_target {
+                Some(t) => Arc::new(FixedTarget(t)),
+                None => Arc::new(SoOriginalDst),
+            };
+            let local = listener.local_addr().unwrap_or(lc.addr);
+            tracing::info!(%direction, addr = %local, fixed_target = ?lc.fixed_target, "listening");
+            loops.push(tokio::spawn(serve::accept_loop(serve::Listener {
+                direction,
+                listener,
+                local,
+                orig_dst,
+                config: config.clone(),
+                metrics: metrics.clone(),
+                clients: clients.clone(),
+                drain: shutdown.clone(),
+                tracker: tracker.clone(),
+            })));
+        }
+        admin_state.ready.store(true, Ordering::Release);
+
+        shutdown.cancelled().await;
+        for l in loops {
+            let _ = l.await;
+        }
+        tracker.close();
+        let open = tracker.len();
+        tracing::info!(open, grace = ?config.shutdown_grace_period, "draining");
+        if tokio::time::timeout(config.shutdown_grace_period, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = tracker.len(),
+                "grace period over; closing remaining connections"
+            );
+        } else {
+            tracing::info!("drained");
+        }
+        admin_task.abort();
+    }
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+pub fn cancel_on_signals(token: CancellationToken) -> Result<(), RunError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        token.cancel();
+    });
+    Ok(())
+}

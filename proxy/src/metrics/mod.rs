@@ -1,0 +1,365 @@
+//! Golden metrics of the proxy, in one registry served by the admin server.
+//!
+//! Labels are bounded: direction, authority (capped at [`MAX_AUTHORITIES`] distinct values per
+//! direction, then `overflow`), status code, classification, detection result, error cause.
+//! No paths, no per-connection labels.
+
+mod process;
+mod text;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+pub use text::openmetrics_to_prometheus;
+
+/// Distinct authority label values kept per direction before new ones are folded into `overflow`.
+pub const MAX_AUTHORITIES: usize = 256;
+
+/// Which side of the pod a connection is on.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+/// Whether a response counts as a success for golden metrics.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Class {
+    Success,
+    Failure,
+}
+
+impl Class {
+    /// 5xx, proxy errors and non-zero gRPC statuses are failures.
+    pub fn of(status: u16, grpc_status: Option<u32>) -> Self {
+        match grpc_status {
+            Some(0) => Class::Success,
+            Some(_) => Class::Failure,
+            None if status >= 500 => Class::Failure,
+            None => Class::Success,
+        }
+    }
+}
+
+impl EncodeLabelValue for Class {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        fmt::Write::write_str(
+            encoder,
+            match self {
+                Class::Success => "success",
+                Class::Failure => "failure",
+            },
+        )
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirLabels {
+    pub direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: Direction,
+    pub authority: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResponseLabels {
+    pub direction: Direction,
+    pub authority: Arc<str>,
+    pub status_code: u16,
+    pub grpc_status: String,
+    pub classification: Class,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub direction: Direction,
+    pub authority: Arc<str>,
+    pub classification: Class,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectLabels {
+    pub direction: Direction,
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub direction: Direction,
+    pub cause: &'static str,
+}
+
+/// Latency buckets in seconds: sub-millisecond resolution for mesh hops, up to 10 s.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// All proxy metrics. Cheap to clone handles out of; shared behind an `Arc`.
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: Family<RequestLabels, Counter>,
+    pub http_responses: Family<ResponseLabels, Counter>,
+    pub http_latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
+    pub tcp_open: Family<DirLabels, Gauge>,
+    pub tcp_total: Family<DirLabels, Counter>,
+    pub tcp_read: Family<DirLabels, Counter>,
+    pub tcp_write: Family<DirLabels, Counter>,
+    pub detect: Family<DetectLabels, Counter>,
+    pub errors: Family<ErrorLabels, Counter>,
+    authorities: Mutex<[HashSet<Arc<str>>; 2]>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::default();
+        let http_requests = Family::<RequestLabels, Counter>::default();
+        let http_responses = Family::<ResponseLabels, Counter>::default();
+        let http_latency =
+            Family::<LatencyLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            );
+        let tcp_open = Family::<DirLabels, Gauge>::default();
+        let tcp_total = Family::<DirLabels, Counter>::default();
+        let tcp_read = Family::<DirLabels, Counter>::default();
+        let tcp_write = Family::<DirLabels, Counter>::default();
+        let detect = Family::<DetectLabels, Counter>::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "weft_http_requests",
+            "HTTP requests received by the proxy",
+            http_requests.clone(),
+        );
+        registry.register(
+            "weft_http_responses",
+            "HTTP responses sent by the proxy, by status code and classification",
+            http_responses.clone(),
+        );
+        registry.register(
+            "weft_http_response_duration_seconds",
+            "Time from receiving a request to sending its response headers",
+            http_latency.clone(),
+        );
+        registry.register(
+            "weft_tcp_connections_open",
+            "TCP connections currently open",
+            tcp_open.clone(),
+        );
+        registry.register(
+            "weft_tcp_connections",
+            "TCP connections accepted",
+            tcp_total.clone(),
+        );
+        registry.register(
+            "weft_tcp_read_bytes",
+            "Bytes read from accepted connections",
+            tcp_read.clone(),
+        );
+        registry.register(
+            "weft_tcp_write_bytes",
+            "Bytes written to accepted connections",
+            tcp_write.clone(),
+        );
+        registry.register(
+            "weft_detect",
+            "Protocol detection outcomes (http1, http2, tls, opaque, timeout, closed, skipped)",
+            detect.clone(),
+        );
+        registry.register(
+            "weft_proxy_errors",
+            "Errors the proxy answered or reset itself, by cause",
+            errors.clone(),
+        );
+        registry.register_collector(Box::new(process::ProcessCollector::new()));
+        Arc::new(Self {
+            registry,
+            http_requests,
+            http_responses,
+            http_latency,
+            tcp_open,
+            tcp_total,
+            tcp_read,
+            tcp_write,
+            detect,
+            errors,
+            authorities: Mutex::new([HashSet::new(), HashSet::new()]),
+        })
+    }
+
+    /// The bounded label value for an authority.
+    pub fn authority_label(&self, direction: Direction, authority: &str) -> Arc<str> {
+        let idx = direction as usize;
+        let mut sets = match self.authorities.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let set = &mut sets[idx];
+        if let Some(a) = set.get(authority) {
+            return a.clone();
+        }
+        if set.len() >= MAX_AUTHORITIES {
+            return Arc::from("overflow");
+        }
+        let a: Arc<str> = Arc::from(authority);
+        set.insert(a.clone());
+        a
+    }
+
+    pub fn error(&self, direction: Direction, cause: &'static str) {
+        self.errors
+            .get_or_create(&ErrorLabels { direction, cause })
+            .inc();
+    }
+
+    pub fn detected(&self, direction: Direction, protocol: &'static str) {
+        self.detect
+            .get_or_create(&DetectLabels {
+                direction,
+                protocol,
+            })
+            .inc();
+    }
+
+    /// Per-direction TCP handles, resolved once per listener.
+    pub fn tcp(&self, direction: Direction) -> TcpMetrics {
+        let l = DirLabels { direction };
+        TcpMetrics {
+            open: self.tcp_open.get_or_create(&l).clone(),
+            total: self.tcp_total.get_or_create(&l).clone(),
+            read: self.tcp_read.get_or_create(&l).clone(),
+            write: self.tcp_write.get_or_create(&l).clone(),
+        }
+    }
+
+    /// Renders the registry as OpenMetrics text.
+    pub fn encode_openmetrics(&self) -> Result<String, fmt::Error> {
+        let mut out = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Counters for one listener's connections.
+#[derive(Clone, Debug)]
+pub struct TcpMetrics {
+    pub open: Gauge,
+    pub total: Counter,
+    pub read: Counter,
+    pub write: Counter,
+}
+
+impl TcpMetrics {
+    /// Counts a connection open until the guard drops.
+    pub fn open_guard(&self) -> OpenGuard {
+        self.total.inc();
+        self.open.inc();
+        OpenGuard(self.open.clone())
+    }
+}
+
+/// Decrements the open-connections gauge on drop.
+#[derive(Debug)]
+pub struct OpenGuard(Gauge);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_labels_are_bounded() {
+        let m = Metrics::new();
+        for i in 0..MAX_AUTHORITIES {
+            assert_eq!(
+                &*m.authority_label(Direction::Outbound, &format!("a{i}:80")),
+                format!("a{i}:80")
+            );
+        }
+        assert_eq!(
+            &*m.authority_label(Direction::Outbound, "new:80"),
+            "overflow"
+        );
+        assert_eq!(&*m.authority_label(Direction::Outbound, "a1:80"), "a1:80");
+        assert_eq!(&*m.authority_label(Direction::Inbound, "new:80"), "new:80");
+    }
+
+    #[test]
+    fn classification() {
+        assert_eq!(Class::of(200, None), Class::Success);
+        assert_eq!(Class::of(404, None), Class::Success);
+        assert_eq!(Class::of(503, None), Class::Failure);
+        assert_eq!(Class::of(200, Some(14)), Class::Failure);
+        assert_eq!(Class::of(200, Some(0)), Class::Success);
+    }
+
+    #[test]
+    fn encodes_golden_metrics() {
+        let m = Metrics::new();
+        let a = m.authority_label(Direction::Outbound, "web:80");
+        m.http_requests
+            .get_or_create(&RequestLabels {
+                direction: Direction::Outbound,
+                authority: a.clone(),
+            })
+            .inc();
+        m.error(Direction::Inbound, "connect-refused");
+        let om = m.encode_openmetrics().unwrap();
+        assert!(
+            om.contains(r#"weft_http_requests_total{direction="outbound",authority="web:80"} 1"#),
+            "{om}"
+        );
+        assert!(om
+            .contains(r#"weft_proxy_errors_total{direction="inbound",cause="connect-refused"} 1"#));
+        assert!(om.contains("process_resident_memory_bytes "), "{om}");
+        let prom = openmetrics_to_prometheus(&om);
+        assert!(prom.contains("# TYPE weft_http_requests_total counter"));
+        assert!(!prom.contains("# EOF"));
+    }
+}

@@ -1,0 +1,205 @@
+//! Accepting connections and sending each to the handler for its protocol.
+//!
+//! accept → original destination (or fixed target) → loop check → opaque port? → detect →
+//! HTTP/1 (first head checked) | HTTP/2 | TLS and opaque → TCP relay.
+//! Inbound and outbound share this path today; they differ by direction label and target
+//! source, and will differ by mTLS and policy once identity and authorization land.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::http::{self, client::Clients, head, Cause, ConnCtx, Limits};
+use crate::metrics::{Direction, Metrics, TcpMetrics};
+use crate::tcp::{self, ByteCounters};
+use crate::transport::counting::CountingIo;
+use crate::transport::detect::{self, Detection, Protocol};
+use crate::transport::orig_dst::OrigDst;
+use crate::transport::prefixed::PrefixedIo;
+
+/// One listener and what its connections need.
+pub struct Listener {
+    pub direction: Direction,
+    pub listener: TcpListener,
+    pub local: SocketAddr,
+    pub orig_dst: Arc<dyn OrigDst>,
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub clients: Arc<Clients>,
+    pub drain: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+struct ConnShared {
+    direction: Direction,
+    local: SocketAddr,
+    orig_dst: Arc<dyn OrigDst>,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    tcp: TcpMetrics,
+    clients: Arc<Clients>,
+    drain: CancellationToken,
+}
+
+/// Accepts until drained; each connection runs as a tracked task. Returns when the listener
+/// is closed (dropped), so new connections are refused from then on.
+pub async fn accept_loop(l: Listener) {
+    let shared = Arc::new(ConnShared {
+        direction: l.direction,
+        local: l.local,
+        orig_dst: l.orig_dst,
+        tcp: l.metrics.tcp(l.direction),
+        config: l.config,
+        metrics: l.metrics,
+        clients: l.clients,
+        drain: l.drain.clone(),
+    });
+    loop {
+        tokio::select! {
+            _ = l.drain.cancelled() => break,
+            r = l.listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let s = shared.clone();
+                    let span = tracing::debug_span!("conn", direction = %s.direction, %peer);
+                    l.tracker.spawn(handle(s, stream, peer).instrument(span));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(direction = %l.direction, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    tracing::debug!(direction = %l.direction, "listener closed");
+}
+
+async fn handle(s: Arc<ConnShared>, mut stream: TcpStream, peer: SocketAddr) {
+    let _open = s.tcp.open_guard();
+    let _ = stream.set_nodelay(true);
+    let target = match s.orig_dst.orig_dst(&stream) {
+        Ok(t) => t,
+        Err(e) => {
+            s.metrics.error(s.direction, "no-original-destination");
+            tracing::warn!(%peer, error = %e, "cannot read the original destination; closing (is the iptables redirect installed?)");
+            return;
+        }
+    };
+    if target == s.local || (target.port() == s.local.port() && target.ip().is_loopback()) {
+        s.metrics.error(s.direction, "loop-detected");
+        tracing::warn!(%peer, %target, "connection addressed to the proxy itself; closing to avoid a loop");
+        tcp::reset(&stream);
+        return;
+    }
+    if s.config.opaque_ports.contains(target.port()) {
+        s.metrics.detected(s.direction, "skipped");
+        forward_tcp(&s, stream, Bytes::new(), target).await;
+        return;
+    }
+    let mut buf = BytesMut::with_capacity(1024);
+    let detection = match detect::detect(&mut stream, &mut buf, s.config.detect_timeout).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(error = %e, "client failed during detection");
+            return;
+        }
+    };
+    s.metrics.detected(s.direction, detection.label());
+    tracing::debug!(%target, protocol = detection.label(), "detected");
+    match detection {
+        Detection::Protocol(Protocol::Http1) => {
+            let deadline = tokio::time::Instant::now() + s.config.header_read_timeout;
+            if let Err(e) =
+                head::read_first_head(&mut stream, &mut buf, s.config.max_header_bytes, deadline)
+                    .await
+            {
+                let cause = match e {
+                    head::HeadError::TooLarge { .. } | head::HeadError::TooManyHeaders => {
+                        Cause::HeaderTooLarge
+                    }
+                    head::HeadError::Timeout => Cause::HeaderTimeout,
+                    head::HeadError::Malformed(_) => Cause::BadRequest,
+                    head::HeadError::Closed | head::HeadError::Io(_) => return,
+                };
+                s.metrics.error(s.direction, cause.as_str());
+                tracing::info!(%peer, cause = cause.as_str(), error = %e, "refused request head");
+                let _ = stream.write_all(&cause.raw_http1(&e.to_string())).await;
+                let _ = stream.shutdown().await;
+                return;
+            }
+            serve_http(&s, stream, buf.freeze(), target, false).await;
+        }
+        Detection::Protocol(Protocol::Http2) => {
+            serve_http(&s, stream, buf.freeze(), target, true).await
+        }
+        Detection::Protocol(Protocol::Tls { .. } | Protocol::Opaque)
+        | Detection::Timeout
+        | Detection::Eof => forward_tcp(&s, stream, buf.freeze(), target).await,
+    }
+}
+
+async fn serve_http(
+    s: &ConnShared,
+    stream: TcpStream,
+    prefix: Bytes,
+    target: SocketAddr,
+    h2: bool,
+) {
+    let ctx = Arc::new(ConnCtx {
+        direction: s.direction,
+        target,
+        h2,
+        metrics: s.metrics.clone(),
+        client: s.clients.get(target, h2),
+        limits: Limits {
+            max_header_bytes: s.config.max_header_bytes,
+            header_read_timeout: s.config.header_read_timeout,
+        },
+    });
+    let io = CountingIo::new(
+        PrefixedIo::new(prefix, stream),
+        s.tcp.read.clone(),
+        s.tcp.write.clone(),
+    );
+    if h2 {
+        http::serve_http2(io, ctx, s.drain.clone()).await
+    } else {
+        http::serve_http1(io, ctx, s.drain.clone()).await
+    }
+}
+
+async fn forward_tcp(s: &ConnShared, client: TcpStream, prefix: Bytes, target: SocketAddr) {
+    let server = match tokio::time::timeout(s.config.connect_timeout, TcpStream::connect(target))
+        .await
+    {
+        Ok(Ok(server)) => server,
+        Ok(Err(e)) => {
+            let cause = Cause::of_connect(&e);
+            s.metrics.error(s.direction, cause.as_str());
+            tracing::info!(%target, cause = cause.as_str(), error = %e, "tcp connect failed; resetting client");
+            tcp::reset(&client);
+            return;
+        }
+        Err(_) => {
+            s.metrics.error(s.direction, Cause::ConnectTimeout.as_str());
+            tracing::info!(%target, "tcp connect timed out; resetting client");
+            tcp::reset(&client);
+            return;
+        }
+    };
+    let _ = server.set_nodelay(true);
+    let counters = ByteCounters {
+        read: s.tcp.read.clone(),
+        write: s.tcp.write.clone(),
+    };
+    s.tcp.read.inc_by(prefix.len() as u64);
+    let outcome = tcp::forward(client, prefix, server, &counters).await;
+    tracing::debug!(?outcome, "tcp forward done");
+}
