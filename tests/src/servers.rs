@@ -1,0 +1,249 @@
+//! Real servers on loopback for the tests to reach through the proxy.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use bytes::{Buf, Bytes};
+use futures_util::StreamExt;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, BodyStream, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// What an HTTP test server has seen.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections: AtomicU64,
+    pub requests: AtomicU64,
+    /// Requests whose body ended in an error (client or proxy went away mid-body).
+    pub aborted_bodies: AtomicU64,
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
+
+/// Frames a gRPC message (uncompressed).
+pub fn grpc_frame(msg: &[u8]) -> Bytes {
+    let mut v = Vec::with_capacity(msg.len() + 5);
+    v.push(0);
+    v.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    v.extend_from_slice(msg);
+    Bytes::from(v)
+}
+
+/// Splits a buffer of gRPC frames into messages.
+pub fn grpc_messages(mut buf: &[u8]) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    while buf.len() >= 5 {
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        if buf.len() < 5 + len {
+            break;
+        }
+        out.push(Bytes::copy_from_slice(&buf[5..5 + len]));
+        buf = &buf[5 + len..];
+    }
+    out
+}
+
+async fn route(req: Request<Incoming>, stats: Arc<Stats>) -> Response<Body> {
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    match path.as_str() {
+        // Streams the request body back as it arrives (chunked when the length is unknown).
+        "/echo" => {
+            let body = req.into_body();
+            Response::new(body.boxed())
+        }
+        // Reads the whole body, counting bytes, answers the count.
+        "/sink" => {
+            let mut n = 0u64;
+            let mut stream = BodyStream::new(req.into_body());
+            while let Some(frame) = stream.next().await {
+                match frame {
+                    Ok(f) => {
+                        if let Some(d) = f.data_ref() {
+                            n += d.remaining() as u64;
+                        }
+                    }
+                    Err(_) => {
+                        stats.aborted_bodies.fetch_add(1, Ordering::Relaxed);
+                        return Response::new(full("aborted"));
+                    }
+                }
+            }
+            Response::new(full(n.to_string()))
+        }
+        "/slow" => {
+            let ms = query
+                .strip_prefix("ms=")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(500u64);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Response::new(full("slow done"))
+        }
+        "/headers" => {
+            let mut s = String::new();
+            for (k, v) in req.headers() {
+                s.push_str(&format!(
+                    "{}: {}\n",
+                    k,
+                    String::from_utf8_lossy(v.as_bytes())
+                ));
+            }
+            Response::new(full(s))
+        }
+        // Body then trailers.
+        "/trailers" => {
+            let mut t = HeaderMap::new();
+            t.insert("x-checksum", HeaderValue::from_static("abc123"));
+            let frames = vec![
+                Ok::<_, hyper::Error>(Frame::data(Bytes::from_static(b"payload"))),
+                Ok(Frame::trailers(t)),
+            ];
+            Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+                frames,
+            ))))
+        }
+        // gRPC echo: each request message comes back, then grpc-status from `?status=N`.
+        p if p.starts_with("/weft.test.Echo/") => {
+            let status: u32 = query
+                .strip_prefix("status=")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(16);
+            let mut body = req.into_body();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some(Ok(frame)) = body.frame().await {
+                    if let Some(d) = frame.data_ref() {
+                        buf.extend_from_slice(d);
+                        // Echo every complete message as soon as it arrives (streaming).
+                        let msgs = grpc_messages(&buf);
+                        let consumed: usize = msgs.iter().map(|m| m.len() + 5).sum();
+                        buf.drain(..consumed);
+                        for m in msgs {
+                            if tx.send(Ok(Frame::data(grpc_frame(&m)))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let mut t = HeaderMap::new();
+                t.insert("grpc-status", HeaderValue::from(status));
+                if status != 0 {
+                    t.insert("grpc-message", HeaderValue::from_static("test%20failure"));
+                }
+                let _ = tx.send(Ok(Frame::trailers(t))).await;
+            });
+            let stream = tokio_stream_from(rx);
+            let mut rsp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            rsp.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/grpc"));
+            rsp
+        }
+        p if p.starts_with("/status/") => {
+            let code = p[8..].parse().unwrap_or(500);
+            let mut r = Response::new(full(format!("status {code}")));
+            *r.status_mut() =
+                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            r
+        }
+        _ => Response::new(full(format!("hello from {path}"))),
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Starts an HTTP/1.1 + HTTP/2 (prior knowledge) server on a free loopback port.
+pub async fn http_server() -> Result<(SocketAddr, Arc<Stats>)> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let stats = Arc::new(Stats::default());
+    let st = stats.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            st.connections.fetch_add(1, Ordering::Relaxed);
+            let st = st.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let st = st.clone();
+                    async move { Ok::<_, Infallible>(route(req, st).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    Ok((addr, stats))
+}
+
+/// A TCP server that reads until EOF, then writes back `reply: <bytes received>` and closes.
+pub async fn tcp_half_close_server() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                if s.read_to_end(&mut got).await.is_ok() {
+                    let mut reply = b"reply: ".to_vec();
+                    reply.extend_from_slice(&got);
+                    let _ = s.write_all(&reply).await;
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A server-speaks-first TCP server (like SMTP or MySQL): writes a banner on accept.
+pub async fn banner_server(banner: &'static [u8]) -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(banner).await;
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A TCP server that resets every connection after reading a first chunk.
+pub async fn reset_server() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                let _ = s.read(&mut buf).await;
+                let _ = socket_reset(&s);
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn socket_reset(s: &tokio::net::TcpStream) -> std::io::Result<()> {
+    s.set_zero_linger()
+}
