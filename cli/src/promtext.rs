@@ -391,7 +391,7 @@ weft_tcp_connections_open{direction="inbound"} 0
     #[test]
     fn parses_a_proxy_exposition() {
         let samples = parse(PROXY_EXPOSITION).expect("parses");
-        assert_eq!(samples.len(), 10);
+        assert_eq!(samples.len(), 11);
         assert_eq!(
             samples[0],
             sample(
@@ -403,7 +403,7 @@ weft_tcp_connections_open{direction="inbound"} 0
                 120.0
             )
         );
-        let inf_bucket = &samples[7];
+        let inf_bucket = &samples[8];
         assert_eq!(
             inf_bucket.name,
             "weft_http_response_duration_seconds_bucket"
@@ -411,8 +411,8 @@ weft_tcp_connections_open{direction="inbound"} 0
         assert_eq!(inf_bucket.label("le"), Some("+Inf"));
         assert_eq!(inf_bucket.label("classification"), Some("success"));
         assert_eq!(inf_bucket.value, 118.0);
-        assert_eq!(samples[9].label("direction"), Some("inbound"));
-        assert_eq!(samples[9].label("missing"), None);
+        assert_eq!(samples[10].label("direction"), Some("inbound"));
+        assert_eq!(samples[10].label("missing"), None);
     }
 
     #[test]

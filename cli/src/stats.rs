@@ -323,6 +323,35 @@ mod tests {
         assert_eq!(idle.p50, None);
     }
 
+    /// A scrape of a real `weft-proxy` (client side of `weft demo`, 3.5 s in).
+    const REAL_SCRAPE: &str = include_str!("../testdata/client-proxy.metrics");
+
+    #[test]
+    fn reads_a_real_proxy_scrape() {
+        let samples = parse(REAL_SCRAPE).expect("parses");
+        let out = DirectionSnapshot::from_samples(&samples, Direction::Outbound);
+        assert_eq!(out.requests, 174.0);
+        assert_eq!(out.responses, 173.0);
+        assert_eq!(out.successes, 170.0);
+        assert_eq!(out.tcp_open, Some(1.0));
+        // Success and failure series summed per bucket.
+        assert_eq!(out.buckets.len(), 17);
+        assert_eq!(out.buckets[5], (0.005, 74.0));
+        assert_eq!(out.buckets[6], (0.01, 173.0));
+        assert_eq!(out.buckets[16], (INF, 173.0));
+
+        let w = WindowStats::between(&DirectionSnapshot::default(), &out, 3.48);
+        assert!(close(Some(w.requests_per_sec), 174.0 / 3.48));
+        assert!(close(w.success_rate, 170.0 / 173.0));
+        // Both quantiles fall in (5 ms, 10 ms], which holds 99 observations.
+        assert!(close(w.p50, 0.005 + 0.005 * (86.5 - 74.0) / 99.0));
+        assert!(close(w.p99, 0.005 + 0.005 * (173.0 * 0.99 - 74.0) / 99.0));
+
+        let inb = DirectionSnapshot::from_samples(&samples, Direction::Inbound);
+        assert_eq!(inb.requests, 0.0);
+        assert_eq!(inb.tcp_open, Some(0.0));
+    }
+
     #[test]
     fn a_proxy_without_the_metrics_gives_empty_stats() {
         let samples = parse("other_metric 1\n").expect("parses");

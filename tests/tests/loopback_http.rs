@@ -2,6 +2,8 @@
 //! Covers HTTP/1.1 (keep-alive pooling, chunked, pipelining, 100-continue, upgrades), HTTP/2
 //! (multiplexing, trailers), gRPC (unary, streaming, status), and streaming large bodies.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on unexpected errors
+
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 

@@ -1,6 +1,8 @@
 //! Loopback tier: opaque TCP, detection edge cases, bad input, leak checks, configuration
 //! errors and graceful shutdown — against real `weft-proxy` processes.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on unexpected errors
+
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -236,10 +236,13 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
             print_banner(&config, books_addr, &specs, &proxies, &log_dir);
             run_traffic(&config, books_addr, &admin, &stop, &mut proxies).await
         }
+        // Ctrl-C while waiting for the proxies is a request to stop, not a failure.
+        Err(DemoError::Interrupted) => Ok("Stopped before the proxies were ready.\n".into()),
         Err(e) => Err(e),
     };
 
-    // Whatever happened, stop the proxies in order and the apps after them.
+    // Whatever happened, stop the proxies one at a time, client first so its
+    // in-flight requests can still reach the server, and the apps last.
     let mut endings = Vec::new();
     for p in &mut proxies {
         let how = p.terminate(config.shutdown_grace).await;
@@ -248,12 +251,12 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
     shutdown_apps.cancel();
     let _ = books_task.await;
 
-    let summary = result?;
-    print!("{summary}");
+    let mut text = result?;
     for e in endings {
-        println!("  {e}");
+        text.push_str(&format!("  {e}\n"));
     }
-    println!("  proxy logs: {}", log_dir.display());
+    text.push_str(&format!("  proxy logs: {}\n", log_dir.display()));
+    say(&text);
     Ok(())
 }
 
@@ -293,31 +296,40 @@ fn print_banner(
             .and_then(ProxyProcess::pid)
             .map_or_else(|| "?".into(), |p| p.to_string())
     };
-    println!("weft demo: a two-proxy mesh on loopback");
-    println!(
-        "  web           {} req/s to {} with Host: {BOOKS_HOST}:{}",
+    let mut text = String::from("weft demo: a two-proxy mesh on loopback\n");
+    text.push_str(&format!(
+        "  web           {} req/s to {} with Host: {BOOKS_HOST}:{}\n",
         config.rps,
         specs[0].addrs.outbound,
         books.port()
-    );
-    println!(
-        "  client proxy  pid {:<7} outbound {}  admin http://{}/metrics",
+    ));
+    text.push_str(&format!(
+        "  client proxy  pid {:<7} outbound {}  admin http://{}/metrics\n",
         pid(0),
         specs[0].addrs.outbound,
         specs[0].addrs.admin
-    );
-    println!(
-        "  server proxy  pid {:<7} inbound  {}  admin http://{}/metrics",
+    ));
+    text.push_str(&format!(
+        "  server proxy  pid {:<7} inbound  {}  admin http://{}/metrics\n",
         pid(1),
         specs[1].addrs.inbound,
         specs[1].addrs.admin
-    );
-    println!("  books         {books}");
-    println!("  proxy logs    {}", log_dir.display());
-    match config.duration {
-        Some(d) => println!("Running for {}s (Ctrl-C stops sooner).", d.as_secs()),
-        None => println!("Press Ctrl-C to stop."),
-    }
+    ));
+    text.push_str(&format!("  books         {books}\n"));
+    text.push_str(&format!("  proxy logs    {}\n", log_dir.display()));
+    text.push_str(&match config.duration {
+        Some(d) => format!("Running for {}s (Ctrl-C stops sooner).\n", d.as_secs()),
+        None => "Press Ctrl-C to stop.\n".into(),
+    });
+    say(&text);
+}
+
+/// Write to stdout, ignoring failures: with stdout piped into `head` the
+/// demo must still stop its proxies rather than panic on a closed pipe.
+fn say(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
 }
 
 /// Send traffic and print the table until told to stop; return the summary.
@@ -392,7 +404,7 @@ async fn run_traffic(
     let last = Scrape::take(admin, admins).await;
     let elapsed = last.at.duration_since(start).as_secs_f64();
     Ok(format!(
-        "\nSummary over {elapsed:.1}s, from the proxies' /metrics:\n{}\n  {}\n",
+        "\nSummary over {elapsed:.1}s, from the proxies' /metrics (TCP: open at the end):\n{}\n  {}\n",
         table::render(&last.rows_since(&baseline)),
         counts.summary()
     ))

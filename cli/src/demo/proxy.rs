@@ -117,6 +117,23 @@ impl ProxyProcess {
             // If weft demo itself fails on the way out, the proxies must not
             // outlive it.
             .kill_on_drop(true);
+        // kill_on_drop does not run when weft itself is killed or aborts
+        // (release builds abort on panic); have the kernel send SIGTERM then.
+        // The signal fires when the spawning *thread* exits: that is the
+        // thread driving `demo::run` (the runtime's `block_on` thread or a
+        // worker), which lives as long as the demo.
+        #[cfg(target_os = "linux")]
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls prctl(2), which is async-signal-safe, allocating nothing.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
         let child = cmd.spawn().map_err(|source| DemoError::Spawn {
             bin: bin.to_path_buf(),
             source,
