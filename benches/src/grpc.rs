@@ -35,10 +35,17 @@ pub enum FrameError {
 impl std::fmt::Display for FrameError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            FrameError::ShortHeader(n) => write!(f, "gRPC body of {n} bytes is shorter than a frame header"),
-            FrameError::Compressed => write!(f, "gRPC frame is compressed, the bench never compresses"),
+            FrameError::ShortHeader(n) => {
+                write!(f, "gRPC body of {n} bytes is shorter than a frame header")
+            }
+            FrameError::Compressed => {
+                write!(f, "gRPC frame is compressed, the bench never compresses")
+            }
             FrameError::Length { declared, actual } => {
-                write!(f, "gRPC frame declares {declared} bytes but {actual} follow")
+                write!(
+                    f,
+                    "gRPC frame declares {declared} bytes but {actual} follow"
+                )
             }
         }
     }
@@ -56,7 +63,10 @@ pub fn decode_single(body: &[u8]) -> Result<&[u8], FrameError> {
     }
     let declared = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
     if declared != rest.len() {
-        return Err(FrameError::Length { declared, actual: rest.len() });
+        return Err(FrameError::Length {
+            declared,
+            actual: rest.len(),
+        });
     }
     Ok(rest)
 }
@@ -79,11 +89,17 @@ mod tests {
         assert_eq!(decode_single(b"\x01\0\0\0\0"), Err(FrameError::Compressed));
         assert_eq!(
             decode_single(b"\0\0\0\0\x05hell"),
-            Err(FrameError::Length { declared: 5, actual: 4 })
+            Err(FrameError::Length {
+                declared: 5,
+                actual: 4
+            })
         );
         assert_eq!(
             decode_single(b"\0\0\0\0\x01ab"),
-            Err(FrameError::Length { declared: 1, actual: 2 })
+            Err(FrameError::Length {
+                declared: 1,
+                actual: 2
+            })
         );
     }
 }

@@ -12,7 +12,10 @@ fn main() -> ExitCode {
         eprintln!("weft-bench: ignoring log filter {:?}: {e}", cli.log);
         EnvFilter::new("warn,weft_bench=info")
     });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     match weft_bench::cli::execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -25,10 +25,15 @@ impl Machine {
         let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|t| {
-                t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_owned())
+                t.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_owned())
             })
             .unwrap_or_else(|| "unknown".into());
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_default();
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default();
         let haproxy = cfg
             .scenarios
             .contains(&ScenarioKind::Haproxy)
@@ -139,7 +144,9 @@ pub struct Report {
 const MIB: u64 = 1024;
 
 fn find(reports: &[ScenarioReport], kind: ScenarioKind) -> Option<&ScenarioReport> {
-    reports.iter().find(|r| r.scenario == kind && r.error.is_none())
+    reports
+        .iter()
+        .find(|r| r.scenario == kind && r.error.is_none())
 }
 
 /// Mean CPU µs per request over the proxies of a scenario: per hop.
@@ -148,7 +155,13 @@ pub fn cpu_per_hop(report: &ScenarioReport, max_run: bool) -> Option<f64> {
         .processes
         .iter()
         .filter(|p| p.is_proxy())
-        .filter_map(|p| if max_run { p.cpu_us_per_req_max } else { p.cpu_us_per_req })
+        .filter_map(|p| {
+            if max_run {
+                p.cpu_us_per_req_max
+            } else {
+                p.cpu_us_per_req
+            }
+        })
         .collect();
     (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
@@ -156,11 +169,18 @@ pub fn cpu_per_hop(report: &ScenarioReport, max_run: bool) -> Option<f64> {
 /// Latency added over direct, µs (negative when faster).
 pub fn delta_us(report: &ScenarioReport, direct: &ScenarioReport) -> Option<(i64, i64)> {
     let (s, d) = (report.latency.as_ref()?, direct.latency.as_ref()?);
-    Some((s.p50_us as i64 - d.p50_us as i64, s.p99_us as i64 - d.p99_us as i64))
+    Some((
+        s.p50_us as i64 - d.p50_us as i64,
+        s.p99_us as i64 - d.p99_us as i64,
+    ))
 }
 
 fn fmt_delta(us: i64) -> String {
-    format!("{}{:.3} ms", if us < 0 { "−" } else { "+" }, us.unsigned_abs() as f64 / 1000.0)
+    format!(
+        "{}{:.3} ms",
+        if us < 0 { "−" } else { "+" },
+        us.unsigned_abs() as f64 / 1000.0
+    )
 }
 
 fn fmt_mib(kib: u64) -> String {
@@ -174,7 +194,11 @@ pub fn checks(reports: &[ScenarioReport]) -> Vec<Check> {
     let weft2 = find(reports, ScenarioKind::Weft2);
     let haproxy = find(reports, ScenarioKind::Haproxy);
     let mut out = Vec::new();
-    let na = |target: &str| Check { target: target.into(), measured: "not measured".into(), verdict: Verdict::NotMeasured };
+    let na = |target: &str| Check {
+        target: target.into(),
+        measured: "not measured".into(),
+        verdict: Verdict::NotMeasured,
+    };
 
     let delta = weft2.zip(direct).and_then(|(w, d)| delta_us(w, d));
     for (target, limit, pick) in [
@@ -184,7 +208,11 @@ pub fn checks(reports: &[ScenarioReport]) -> Vec<Check> {
         out.push(match delta {
             Some(d) => {
                 let v = if pick == 0 { d.0 } else { d.1 };
-                Check { target: target.into(), measured: fmt_delta(v), verdict: Verdict::of(v <= limit) }
+                Check {
+                    target: target.into(),
+                    measured: fmt_delta(v),
+                    verdict: Verdict::of(v <= limit),
+                }
             }
             None => na(target),
         });
@@ -193,16 +221,23 @@ pub fn checks(reports: &[ScenarioReport]) -> Vec<Check> {
     let ha_cpu = haproxy.and_then(|h| cpu_per_hop(h, false));
     for (name, scenario) in [("weft1", weft1), ("weft2", weft2)] {
         let target = format!("{name} CPU per request per hop ≤ HAProxy's");
-        out.push(match (scenario.and_then(|s| cpu_per_hop(s, false)), ha_cpu) {
-            (Some(w), Some(h)) => {
-                Check { target, measured: format!("{w:.1} µs vs {h:.1} µs"), verdict: Verdict::of(w <= h) }
-            }
-            _ => na(&target),
-        });
+        out.push(
+            match (scenario.and_then(|s| cpu_per_hop(s, false)), ha_cpu) {
+                (Some(w), Some(h)) => Check {
+                    target,
+                    measured: format!("{w:.1} µs vs {h:.1} µs"),
+                    verdict: Verdict::of(w <= h),
+                },
+                _ => na(&target),
+            },
+        );
     }
 
     let target = "weft1 max throughput ≥ HAProxy's";
-    let max_rps = |r: Option<&ScenarioReport>| r.and_then(|r| r.max_throughput.as_ref()).map(|m| m.achieved_rps);
+    let max_rps = |r: Option<&ScenarioReport>| {
+        r.and_then(|r| r.max_throughput.as_ref())
+            .map(|m| m.achieved_rps)
+    };
     out.push(match (max_rps(weft1), max_rps(haproxy)) {
         (Some(w), Some(h)) => Check {
             target: target.into(),
@@ -212,10 +247,19 @@ pub fn checks(reports: &[ScenarioReport]) -> Vec<Check> {
         _ => na(target),
     });
 
-    let weft_procs: Vec<_> =
-        [weft1, weft2].into_iter().flatten().flat_map(|r| r.processes.iter().filter(|p| p.kind == "weft")).collect();
-    for (target, limit, idle) in [("weft RSS ≤ 10 MiB idle", 10 * MIB, true), ("weft RSS ≤ 20 MiB under load", 20 * MIB, false)] {
-        let worst = weft_procs.iter().map(|p| if idle { p.rss_idle_kib } else { p.rss_load_kib }).max();
+    let weft_procs: Vec<_> = [weft1, weft2]
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r.processes.iter().filter(|p| p.kind == "weft"))
+        .collect();
+    for (target, limit, idle) in [
+        ("weft RSS ≤ 10 MiB idle", 10 * MIB, true),
+        ("weft RSS ≤ 20 MiB under load", 20 * MIB, false),
+    ] {
+        let worst = weft_procs
+            .iter()
+            .map(|p| if idle { p.rss_idle_kib } else { p.rss_load_kib })
+            .max();
         out.push(match worst {
             Some(kib) if kib > 0 => Check {
                 target: target.into(),
@@ -247,14 +291,21 @@ pub fn utc_date(unix: u64) -> String {
     let days = (unix / 86_400) as i64;
     let secs = unix % 86_400;
     let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", secs / 3600, secs % 3600 / 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        secs / 3600,
+        secs % 3600 / 60
+    )
 }
 
 /// The command line as a shell would take it back.
 pub fn shell_command(args: &[String]) -> String {
     args.iter()
         .map(|a| {
-            if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=,:@".contains(c)) {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=,:@".contains(c))
+            {
                 a.clone()
             } else {
                 format!("'{}'", a.replace('\'', r"'\''"))
@@ -265,7 +316,8 @@ pub fn shell_command(args: &[String]) -> String {
 }
 
 fn opt_f(v: Option<f64>, digits: usize) -> String {
-    v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "–".into())
+    v.map(|v| format!("{v:.digits$}"))
+        .unwrap_or_else(|| "–".into())
 }
 
 /// `RESULTS.md`.
@@ -275,16 +327,30 @@ pub fn markdown(report: &Report) -> String {
     let m = &report.machine;
     // Writing to a String cannot fail.
     let _ = writeln!(md, "# Weft benchmark results\n");
-    let _ = writeln!(md, "Measured {} on {} CPUs ({}, Linux {}).", report.date_utc, m.cpus, m.cpu_model, m.kernel);
+    let _ = writeln!(
+        md,
+        "Measured {} on {} CPUs ({}, Linux {}).",
+        report.date_utc, m.cpus, m.cpu_model, m.kernel
+    );
     if let Some(v) = &m.haproxy {
         let _ = writeln!(md, "Reference proxy: {v}.");
     }
     if !m.release_build {
-        let _ = writeln!(md, "\n**The generator was a debug build: these figures are not comparable.**");
+        let _ = writeln!(
+            md,
+            "\n**The generator was a debug build: these figures are not comparable.**"
+        );
     }
-    let _ = writeln!(md, "\nCommand (after `cargo build --release -p weft-bench -p weft-proxy`):\n");
+    let _ = writeln!(
+        md,
+        "\nCommand (after `cargo build --release -p weft-bench -p weft-proxy`):\n"
+    );
     let _ = writeln!(md, "```sh\n{}\n```\n", report.command);
-    let streams = if l.protocol == "http1" { String::new() } else { format!(" × {} streams", l.streams) };
+    let streams = if l.protocol == "http1" {
+        String::new()
+    } else {
+        format!(" × {} streams", l.streams)
+    };
     let _ = writeln!(
         md,
         "Load: {}, open loop at {} req/s for {} s after a {} s warm-up, {} connections{streams}, \
@@ -306,10 +372,18 @@ pub fn markdown(report: &Report) -> String {
     let direct = find(&report.scenarios, ScenarioKind::Direct);
     let _ = writeln!(md, "## Latency at {} req/s\n", l.rate);
     let _ = writeln!(md, "| scenario | proxies | achieved req/s | p50 | p90 | p99 | p99.9 | max | Δp50 vs direct | Δp99 vs direct | errors |");
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for r in &report.scenarios {
         let Some(s) = &r.latency else {
-            let _ = writeln!(md, "| {} | {} | failed | | | | | | | | |", r.scenario.name(), r.hops);
+            let _ = writeln!(
+                md,
+                "| {} | {} | failed | | | | | | | | |",
+                r.scenario.name(),
+                r.hops
+            );
             continue;
         };
         let (d50, d99) = match direct.and_then(|d| delta_us(r, d)) {
@@ -368,19 +442,30 @@ pub fn markdown(report: &Report) -> String {
                 fmt_mib(p.hwm_kib),
                 p.threads,
                 p.cpus_allowed,
-                if p.kind == "server" { "(shared)" } else { p.stop.as_str() },
+                if p.kind == "server" {
+                    "(shared)"
+                } else {
+                    p.stop.as_str()
+                },
             );
         }
     }
 
     if report.scenarios.iter().any(|r| r.max_throughput.is_some()) {
-        let _ = writeln!(md, "\n## Max throughput (closed loop; server and proxies share one core)\n");
+        let _ = writeln!(
+            md,
+            "\n## Max throughput (closed loop; server and proxies share one core)\n"
+        );
         let _ = writeln!(md, "| scenario | req/s | vs direct | p50 | p99 | errors |");
         let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
-        let direct_max = direct.and_then(|d| d.max_throughput.as_ref()).map(|m| m.achieved_rps);
+        let direct_max = direct
+            .and_then(|d| d.max_throughput.as_ref())
+            .map(|m| m.achieved_rps);
         for r in &report.scenarios {
             if let Some(s) = &r.max_throughput {
-                let ratio = direct_max.filter(|&d| d > 0.0).map(|d| format!("{:.2}×", s.achieved_rps / d));
+                let ratio = direct_max
+                    .filter(|&d| d > 0.0)
+                    .map(|d| format!("{:.2}×", s.achieved_rps / d));
                 let _ = writeln!(
                     md,
                     "| {} | {:.0} | {} | {} | {} | {} |",
@@ -403,15 +488,29 @@ pub fn markdown(report: &Report) -> String {
         );
     }
     for c in &report.checks {
-        let _ = writeln!(md, "- **{}** {}: {}", c.verdict.label(), c.target, c.measured);
+        let _ = writeln!(
+            md,
+            "- **{}** {}: {}",
+            c.verdict.label(),
+            c.target,
+            c.measured
+        );
     }
 
-    let failures: Vec<_> = report.scenarios.iter().filter(|r| r.error.is_some() || has_errors(r)).collect();
+    let failures: Vec<_> = report
+        .scenarios
+        .iter()
+        .filter(|r| r.error.is_some() || has_errors(r))
+        .collect();
     if !failures.is_empty() {
         let _ = writeln!(md, "\n## Failures and errors\n");
         for r in failures {
             if let Some(e) = &r.error {
-                let _ = writeln!(md, "- {}: scenario failed:\n\n```text\n{e}\n```\n", r.scenario.name());
+                let _ = writeln!(
+                    md,
+                    "- {}: scenario failed:\n\n```text\n{e}\n```\n",
+                    r.scenario.name()
+                );
             }
             for s in [&r.latency, &r.max_throughput].into_iter().flatten() {
                 for e in &s.error_samples {
@@ -424,7 +523,10 @@ pub fn markdown(report: &Report) -> String {
 }
 
 fn has_errors(r: &ScenarioReport) -> bool {
-    [&r.latency, &r.max_throughput].into_iter().flatten().any(|s| s.errors > 0)
+    [&r.latency, &r.max_throughput]
+        .into_iter()
+        .flatten()
+        .any(|s| s.errors > 0)
 }
 
 #[cfg(test)]
@@ -462,7 +564,13 @@ mod tests {
         }
     }
 
-    fn scenario(kind: ScenarioKind, p50: u64, p99: u64, max: f64, procs: Vec<ProcessReport>) -> ScenarioReport {
+    fn scenario(
+        kind: ScenarioKind,
+        p50: u64,
+        p99: u64,
+        max: f64,
+        procs: Vec<ProcessReport>,
+    ) -> ScenarioReport {
         ScenarioReport {
             scenario: kind,
             hops: kind.hops(),
@@ -477,23 +585,47 @@ mod tests {
 
     fn sample() -> Vec<ScenarioReport> {
         vec![
-            scenario(ScenarioKind::Direct, 100, 300, 30_000.0, vec![proxy("server", 10.0, 2000, 3000)]),
-            scenario(ScenarioKind::Weft1, 140, 450, 20_000.0, vec![proxy("weft", 20.0, 4000, 6000)]),
+            scenario(
+                ScenarioKind::Direct,
+                100,
+                300,
+                30_000.0,
+                vec![proxy("server", 10.0, 2000, 3000)],
+            ),
+            scenario(
+                ScenarioKind::Weft1,
+                140,
+                450,
+                20_000.0,
+                vec![proxy("weft", 20.0, 4000, 6000)],
+            ),
             scenario(
                 ScenarioKind::Weft2,
                 180,
                 700,
                 15_000.0,
-                vec![proxy("weft", 24.0, 4000, 6000), proxy("weft", 20.0, 4000, 25_000)],
+                vec![
+                    proxy("weft", 24.0, 4000, 6000),
+                    proxy("weft", 20.0, 4000, 25_000),
+                ],
             ),
-            scenario(ScenarioKind::Haproxy, 130, 400, 22_000.0, vec![proxy("haproxy", 21.0, 9000, 9000)]),
+            scenario(
+                ScenarioKind::Haproxy,
+                130,
+                400,
+                22_000.0,
+                vec![proxy("haproxy", 21.0, 9000, 9000)],
+            ),
         ]
     }
 
     #[test]
     fn checks_against_the_targets() {
         let checks = checks(&sample());
-        let verdicts: Vec<_> = checks.iter().map(|c| (c.target.as_str(), c.verdict)).collect();
+        let verdicts: Vec<_> = checks
+            .iter()
+            .map(|c| (c.target.as_str(), c.verdict))
+            .collect();
         assert_eq!(
             verdicts,
             vec![
@@ -513,7 +645,9 @@ mod tests {
     #[test]
     fn missing_scenarios_are_not_measured() {
         let only_direct = vec![sample().remove(0)];
-        assert!(checks(&only_direct).iter().all(|c| c.verdict == Verdict::NotMeasured));
+        assert!(checks(&only_direct)
+            .iter()
+            .all(|c| c.verdict == Verdict::NotMeasured));
         let mut failed = sample();
         failed[3].error = Some("haproxy not found".into());
         let c = checks(&failed);
@@ -526,10 +660,18 @@ mod tests {
         assert_eq!(utc_date(0), "1970-01-01 00:00 UTC");
         assert_eq!(utc_date(1_709_210_096), "2024-02-29 12:34 UTC");
         assert_eq!(
-            shell_command(&["weft-bench".into(), "run".into(), "--scenarios".into(), "direct,weft1".into()]),
+            shell_command(&[
+                "weft-bench".into(),
+                "run".into(),
+                "--scenarios".into(),
+                "direct,weft1".into()
+            ]),
             "weft-bench run --scenarios direct,weft1"
         );
-        assert_eq!(shell_command(&["a b".into(), "it's".into()]), r"'a b' 'it'\''s'");
+        assert_eq!(
+            shell_command(&["a b".into(), "it's".into()]),
+            r"'a b' 'it'\''s'"
+        );
     }
 
     #[test]
@@ -566,8 +708,14 @@ mod tests {
         let md = markdown(&report);
         assert!(md.contains("| weft2 | 2 | 1000 | 0.180 ms |"), "{md}");
         assert!(md.contains("| +0.080 ms | +0.400 ms |"), "{md}");
-        assert!(md.contains("weft2 (2 hops): +0.080 ms at p50, +0.400 ms at p99 over direct."), "{md}");
-        assert!(md.contains("- **MISS** weft2 adds ≤ 0.300 ms at p99 over direct: +0.400 ms"), "{md}");
+        assert!(
+            md.contains("weft2 (2 hops): +0.080 ms at p50, +0.400 ms at p99 over direct."),
+            "{md}"
+        );
+        assert!(
+            md.contains("- **MISS** weft2 adds ≤ 0.300 ms at p99 over direct: +0.400 ms"),
+            "{md}"
+        );
         assert!(md.contains("| weft1 | 20000 | 0.67× |"), "{md}");
         assert!(!md.contains("targets are defined for"), "{md}");
         let json = serde_json::to_string(&report).expect("json");

@@ -31,7 +31,10 @@ fn body(bytes: Bytes, trailers: Option<HeaderMap>) -> ResponseBody {
 }
 
 /// Answers one request. Pure apart from reading the request body.
-pub async fn handle(req: Request<Incoming>, payload: Bytes) -> Result<Response<ResponseBody>, hyper::Error> {
+pub async fn handle(
+    req: Request<Incoming>,
+    payload: Bytes,
+) -> Result<Response<ResponseBody>, hyper::Error> {
     let is_grpc = req.uri().path() == grpc::UNARY_PATH
         && req
             .headers()
@@ -41,7 +44,10 @@ pub async fn handle(req: Request<Incoming>, payload: Bytes) -> Result<Response<R
     let request_body = req.into_body().collect().await?.to_bytes();
     if !is_grpc {
         let mut response = Response::new(body(payload, None));
-        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
         return Ok(response);
     }
     let mut trailers = HeaderMap::new();
@@ -61,7 +67,9 @@ pub async fn handle(req: Request<Incoming>, payload: Bytes) -> Result<Response<R
     };
     let mut response = Response::new(body(reply, Some(trailers)));
     *response.status_mut() = StatusCode::OK;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(grpc::CONTENT_TYPE));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(grpc::CONTENT_TYPE));
     Ok(response)
 }
 
@@ -86,7 +94,10 @@ pub async fn serve(listener: TcpListener, response_size: usize) -> anyhow::Resul
         let payload = payload.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(req, payload.clone()));
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+            if let Err(e) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
@@ -100,7 +111,9 @@ pub async fn run(addr: SocketAddr, response_size: usize) -> anyhow::Result<()> {
     use std::io::Write as _;
     use tokio::signal::unix::{signal, SignalKind};
 
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr().context("reading the bound address")?;
     {
         let mut out = std::io::stdout().lock();
@@ -127,7 +140,10 @@ mod tests {
 
     #[test]
     fn parses_the_listening_line() {
-        assert_eq!(parse_listening_line("listening 127.0.0.1:3456\n"), Some(SocketAddr::from(([127, 0, 0, 1], 3456))));
+        assert_eq!(
+            parse_listening_line("listening 127.0.0.1:3456\n"),
+            Some(SocketAddr::from(([127, 0, 0, 1], 3456)))
+        );
         assert_eq!(parse_listening_line("hello"), None);
         assert_eq!(parse_listening_line("listening nowhere"), None);
     }

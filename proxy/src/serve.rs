@@ -21,7 +21,7 @@ use crate::metrics::{Direction, Metrics, TcpMetrics};
 use crate::tcp::{self, ByteCounters};
 use crate::transport::counting::CountingIo;
 use crate::transport::detect::{self, Detection, Protocol};
-use crate::transport::orig_dst::OrigDst;
+use crate::transport::orig_dst::{self, OrigDst};
 use crate::transport::prefixed::PrefixedIo;
 
 /// One listener and what its connections need.
@@ -66,6 +66,7 @@ pub async fn accept_loop(l: Listener) {
             _ = l.drain.cancelled() => break,
             r = l.listener.accept() => match r {
                 Ok((stream, peer)) => {
+                    let peer = orig_dst::canonical(peer);
                     let s = shared.clone();
                     let span = tracing::debug_span!("conn", direction = %s.direction, %peer);
                     l.tracker.spawn(handle(s, stream, peer).instrument(span));

@@ -81,8 +81,9 @@ struct Template {
 
 impl Template {
     fn new(spec: &LoadSpec) -> anyhow::Result<Self> {
-        let host = HeaderValue::from_str(&spec.authority)
-            .with_context(|| format!("authority {:?} is not a valid header value", spec.authority))?;
+        let host = HeaderValue::from_str(&spec.authority).with_context(|| {
+            format!("authority {:?} is not a valid header value", spec.authority)
+        })?;
         let path = match spec.protocol {
             Protocol::Grpc => grpc::UNARY_PATH,
             _ => "/",
@@ -100,11 +101,21 @@ impl Template {
             _ if spec.request_size == 0 => (Method::GET, Bytes::new(), spec.response_size),
             _ => (Method::POST, payload, spec.response_size),
         };
-        Ok(Template { protocol: spec.protocol, connect: spec.connect, method, uri, host, body, expect_len })
+        Ok(Template {
+            protocol: spec.protocol,
+            connect: spec.connect,
+            method,
+            uri,
+            host,
+            body,
+            expect_len,
+        })
     }
 
     fn request(&self) -> anyhow::Result<Request<Full<Bytes>>> {
-        let mut builder = Request::builder().method(self.method.clone()).uri(self.uri.clone());
+        let mut builder = Request::builder()
+            .method(self.method.clone())
+            .uri(self.uri.clone());
         if self.protocol == Protocol::Http1 {
             builder = builder.header(HOST, self.host.clone());
         }
@@ -113,7 +124,9 @@ impl Template {
                 .header(CONTENT_TYPE, HeaderValue::from_static(grpc::CONTENT_TYPE))
                 .header(TE, HeaderValue::from_static("trailers"));
         }
-        builder.body(Full::new(self.body.clone())).context("building request")
+        builder
+            .body(Full::new(self.body.clone()))
+            .context("building request")
     }
 
     /// Reads the whole response and decides whether it succeeded.
@@ -123,7 +136,11 @@ impl Template {
         // Read the body even for a bad status, so the connection stays usable.
         let collected = body.collect().await.context("reading response body")?;
         if !status.is_success() {
-            let cause = parts.headers.get("weft-proxy-error").and_then(|v| v.to_str().ok()).unwrap_or("");
+            let cause = parts
+                .headers
+                .get("weft-proxy-error")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
             bail!("status {status} {cause}");
         }
         let trailers = collected.trailers().cloned();
@@ -143,12 +160,20 @@ impl Template {
                 }
                 let message = grpc::decode_single(&bytes)?;
                 if message.len() != self.expect_len {
-                    bail!("gRPC message of {} bytes, expected {}", message.len(), self.expect_len);
+                    bail!(
+                        "gRPC message of {} bytes, expected {}",
+                        message.len(),
+                        self.expect_len
+                    );
                 }
             }
             _ => {
                 if bytes.len() != self.expect_len {
-                    bail!("response body of {} bytes, expected {}", bytes.len(), self.expect_len);
+                    bail!(
+                        "response body of {} bytes, expected {}",
+                        bytes.len(),
+                        self.expect_len
+                    );
                 }
             }
         }
@@ -168,7 +193,9 @@ async fn dial(addr: SocketAddr) -> anyhow::Result<TokioIo<TcpStream>> {
 }
 
 async fn connect_h1(addr: SocketAddr) -> anyhow::Result<http1::SendRequest<Full<Bytes>>> {
-    let (sender, conn) = http1::handshake(dial(addr).await?).await.context("HTTP/1.1 handshake")?;
+    let (sender, conn) = http1::handshake(dial(addr).await?)
+        .await
+        .context("HTTP/1.1 handshake")?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "HTTP/1.1 connection closed");
@@ -203,7 +230,10 @@ impl Transport for H1Slot {
                 _ => self.sender.insert(connect_h1(self.template.connect).await?),
             };
             sender.ready().await.context("connection closed")?;
-            let response = sender.send_request(self.template.request()?).await.context("sending request")?;
+            let response = sender
+                .send_request(self.template.request()?)
+                .await
+                .context("sending request")?;
             self.template.check(response).await
         })
     }
@@ -231,8 +261,11 @@ impl Transport for H2Slot {
                 self.sender = current.clone();
             }
             self.sender.ready().await.context("connection closed")?;
-            let response =
-                self.sender.send_request(self.template.request()?).await.context("sending request")?;
+            let response = self
+                .sender
+                .send_request(self.template.request()?)
+                .await
+                .context("sending request")?;
             self.template.check(response).await
         })
     }
@@ -246,7 +279,9 @@ pub async fn connect(spec: &LoadSpec) -> anyhow::Result<Vec<Box<dyn Transport>>>
     for _ in 0..spec.connections {
         if spec.protocol.is_h2() {
             let sender = connect_h2(spec.connect).await?;
-            let conn = Arc::new(H2Conn { current: tokio::sync::Mutex::new(sender.clone()) });
+            let conn = Arc::new(H2Conn {
+                current: tokio::sync::Mutex::new(sender.clone()),
+            });
             for _ in 0..spec.streams.max(1) {
                 slots.push(Box::new(H2Slot {
                     template: Arc::clone(&template),
@@ -256,7 +291,10 @@ pub async fn connect(spec: &LoadSpec) -> anyhow::Result<Vec<Box<dyn Transport>>>
             }
         } else {
             let sender = connect_h1(spec.connect).await?;
-            slots.push(Box::new(H1Slot { template: Arc::clone(&template), sender: Some(sender) }));
+            slots.push(Box::new(H1Slot {
+                template: Arc::clone(&template),
+                sender: Some(sender),
+            }));
         }
     }
     Ok(slots)

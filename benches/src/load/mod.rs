@@ -22,7 +22,10 @@ pub struct LoadGenerator {
 impl LoadGenerator {
     /// Opens the connections of `spec`. `timeout` bounds each request.
     pub async fn connect(spec: &LoadSpec, timeout: Duration) -> anyhow::Result<Self> {
-        Ok(LoadGenerator { slots: http::connect(spec).await?, timeout })
+        Ok(LoadGenerator {
+            slots: http::connect(spec).await?,
+            timeout,
+        })
     }
 
     /// Slots: requests that may be in flight at once.

@@ -66,7 +66,13 @@ impl Schedule {
             Pacing::Open { rate } => (rate * duration.as_secs_f64()).round().max(0.0) as u64,
             Pacing::Closed => u64::MAX,
         };
-        Schedule { start, pacing, total, deadline: start + duration, next: AtomicU64::new(0) }
+        Schedule {
+            start,
+            pacing,
+            total,
+            deadline: start + duration,
+            next: AtomicU64::new(0),
+        }
     }
 
     pub fn start(&self) -> Instant {
@@ -76,7 +82,9 @@ impl Schedule {
     /// Intended send time of ticket `index` (open loop).
     pub fn intended(&self, index: u64) -> Instant {
         match self.pacing {
-            Pacing::Open { rate } if rate > 0.0 => self.start + Duration::from_secs_f64(index as f64 / rate),
+            Pacing::Open { rate } if rate > 0.0 => {
+                self.start + Duration::from_secs_f64(index as f64 / rate)
+            }
             _ => self.start,
         }
     }
@@ -87,14 +95,22 @@ impl Schedule {
         match self.pacing {
             Pacing::Open { .. } => {
                 let index = self.next.fetch_add(1, Ordering::Relaxed);
-                (index < self.total).then(|| Ticket { index, intended: self.intended(index), picked_up: now })
+                (index < self.total).then(|| Ticket {
+                    index,
+                    intended: self.intended(index),
+                    picked_up: now,
+                })
             }
             Pacing::Closed => {
                 if now >= self.deadline {
                     return None;
                 }
                 let index = self.next.fetch_add(1, Ordering::Relaxed);
-                Some(Ticket { index, intended: now, picked_up: now })
+                Some(Ticket {
+                    index,
+                    intended: now,
+                    picked_up: now,
+                })
             }
         }
     }
@@ -135,7 +151,11 @@ fn micros(d: Duration) -> u64 {
 }
 
 /// Runs one slot until the schedule is exhausted.
-pub async fn drive_slot(transport: &mut dyn Transport, schedule: &Schedule, timeout: Duration) -> SlotStats {
+pub async fn drive_slot(
+    transport: &mut dyn Transport,
+    schedule: &Schedule,
+    timeout: Duration,
+) -> SlotStats {
     let mut stats = SlotStats {
         latency: new_histogram(),
         lag: new_histogram(),
@@ -161,14 +181,20 @@ pub async fn drive_slot(transport: &mut dyn Transport, schedule: &Schedule, time
             None => {
                 stats.ok += 1;
                 let from = latency_start(&ticket, sent);
-                stats.latency.saturating_record(micros(done.saturating_duration_since(from)).max(1));
+                stats
+                    .latency
+                    .saturating_record(micros(done.saturating_duration_since(from)).max(1));
                 if from == sent {
-                    stats.lag.saturating_record(micros(sent.saturating_duration_since(ticket.intended)));
+                    stats
+                        .lag
+                        .saturating_record(micros(sent.saturating_duration_since(ticket.intended)));
                 }
             }
             Some(message) => {
                 stats.errors += 1;
-                if stats.error_samples.len() < MAX_ERROR_SAMPLES && !stats.error_samples.contains(&message) {
+                if stats.error_samples.len() < MAX_ERROR_SAMPLES
+                    && !stats.error_samples.contains(&message)
+                {
                     stats.error_samples.push(message);
                 }
             }
@@ -198,7 +224,9 @@ pub async fn run_slots(
     let mut slots = Vec::with_capacity(tasks.len());
     let mut run = RunStats::empty();
     for task in tasks {
-        let (slot, stats) = task.await.map_err(|e| anyhow::anyhow!("load slot task failed: {e}"))?;
+        let (slot, stats) = task
+            .await
+            .map_err(|e| anyhow::anyhow!("load slot task failed: {e}"))?;
         slots.push(slot);
         run.merge_slot(stats)?;
     }
@@ -206,7 +234,9 @@ pub async fn run_slots(
     run.elapsed = match pacing {
         // Until the last response: a run that fell behind takes longer.
         Pacing::Open { .. } => end.saturating_duration_since(schedule.start()),
-        Pacing::Closed => end.saturating_duration_since(schedule.start()).max(duration),
+        Pacing::Closed => end
+            .saturating_duration_since(schedule.start())
+            .max(duration),
     };
     Ok((slots, run))
 }
@@ -240,8 +270,11 @@ mod tests {
         let delays = Arc::new(delays);
         (0..slots)
             .map(|_| {
-                Box::new(Scripted { calls: Arc::clone(&calls), delays: Arc::clone(&delays), default })
-                    as Box<dyn Transport>
+                Box::new(Scripted {
+                    calls: Arc::clone(&calls),
+                    delays: Arc::clone(&delays),
+                    default,
+                }) as Box<dyn Transport>
             })
             .collect()
     }
@@ -275,11 +308,19 @@ mod tests {
     #[test]
     fn queued_tickets_count_from_intended_time() {
         let t0 = Instant::now();
-        let queued = Ticket { index: 3, intended: t0, picked_up: t0 + 5 * MS };
+        let queued = Ticket {
+            index: 3,
+            intended: t0,
+            picked_up: t0 + 5 * MS,
+        };
         assert_eq!(latency_start(&queued, t0 + 5 * MS), t0);
         // A slot waited for this ticket; the timer woke it 1 ms late: that
         // millisecond is the generator's, not the server's.
-        let waited = Ticket { index: 4, intended: t0 + 10 * MS, picked_up: t0 };
+        let waited = Ticket {
+            index: 4,
+            intended: t0 + 10 * MS,
+            picked_up: t0,
+        };
         assert_eq!(latency_start(&waited, t0 + 11 * MS), t0 + 11 * MS);
     }
 
@@ -291,9 +332,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn stalled_response_makes_queued_latency_grow() {
         let slots = scripted(1, vec![50 * MS], MS);
-        let (_, run) = run_slots(slots, Pacing::Open { rate: 100.0 }, 200 * MS, Duration::from_secs(5))
-            .await
-            .expect("run");
+        let (_, run) = run_slots(
+            slots,
+            Pacing::Open { rate: 100.0 },
+            200 * MS,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("run");
         assert_eq!(run.ok, 20);
         assert_eq!(run.errors, 0);
         for ms in [50, 41, 32, 23, 14, 5] {
@@ -308,17 +354,27 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn free_connections_absorb_a_stall() {
         let slots = scripted(2, vec![50 * MS], MS);
-        let (_, run) = run_slots(slots, Pacing::Open { rate: 100.0 }, 200 * MS, Duration::from_secs(5))
-            .await
-            .expect("run");
+        let (_, run) = run_slots(
+            slots,
+            Pacing::Open { rate: 100.0 },
+            200 * MS,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("run");
         assert_eq!(run.ok, 20);
         assert_eq!(count_ms(&run.latency, 50), 1);
         assert_eq!(count_ms(&run.latency, 1), 19);
 
         let slots = scripted(2, vec![50 * MS, 50 * MS], MS);
-        let (_, run) = run_slots(slots, Pacing::Open { rate: 100.0 }, 200 * MS, Duration::from_secs(5))
-            .await
-            .expect("run");
+        let (_, run) = run_slots(
+            slots,
+            Pacing::Open { rate: 100.0 },
+            200 * MS,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("run");
         assert_eq!(count_ms(&run.latency, 50), 2);
         for ms in [31, 22, 13, 4] {
             assert_eq!(count_ms(&run.latency, ms), 1, "one request at {ms} ms");
@@ -329,8 +385,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn closed_loop_sends_back_to_back() {
         let slots = scripted(2, vec![], 10 * MS);
-        let (slots, run) =
-            run_slots(slots, Pacing::Closed, 100 * MS, Duration::from_secs(5)).await.expect("run");
+        let (slots, run) = run_slots(slots, Pacing::Closed, 100 * MS, Duration::from_secs(5))
+            .await
+            .expect("run");
         assert_eq!(slots.len(), 2);
         assert_eq!(run.ok, 20);
         assert_eq!(count_ms(&run.latency, 10), 20);
@@ -354,11 +411,23 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn errors_and_timeouts_are_counted_not_timed() {
         let slots: Vec<Box<dyn Transport>> = vec![Box::new(Failing), Box::new(Hanging)];
-        let (_, run) = run_slots(slots, Pacing::Open { rate: 100.0 }, 100 * MS, 30 * MS).await.expect("run");
+        let (_, run) = run_slots(slots, Pacing::Open { rate: 100.0 }, 100 * MS, 30 * MS)
+            .await
+            .expect("run");
         assert_eq!(run.ok, 0);
         assert_eq!(run.errors, 10);
         assert_eq!(run.latency.len(), 0);
-        assert!(run.error_samples.iter().any(|e| e == "status 503"), "{:?}", run.error_samples);
-        assert!(run.error_samples.iter().any(|e| e.starts_with("no response within")), "{:?}", run.error_samples);
+        assert!(
+            run.error_samples.iter().any(|e| e == "status 503"),
+            "{:?}",
+            run.error_samples
+        );
+        assert!(
+            run.error_samples
+                .iter()
+                .any(|e| e.starts_with("no response within")),
+            "{:?}",
+            run.error_samples
+        );
     }
 }

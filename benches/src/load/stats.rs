@@ -14,7 +14,8 @@ const MAX_MICROS: u64 = 60_000_000;
 /// A histogram of microseconds, 1 µs to 60 s, three significant digits.
 pub fn new_histogram() -> Histogram<u64> {
     // Static, valid bounds: 1 <= low, high >= 2 * low, sigfig 3 <= 5.
-    Histogram::new_with_bounds(1, MAX_MICROS, 3).unwrap_or_else(|_| unreachable!("valid histogram bounds"))
+    Histogram::new_with_bounds(1, MAX_MICROS, 3)
+        .unwrap_or_else(|_| unreachable!("valid histogram bounds"))
 }
 
 /// Everything one run produced.
@@ -45,7 +46,9 @@ impl RunStats {
     }
 
     pub fn merge_slot(&mut self, slot: SlotStats) -> anyhow::Result<()> {
-        self.latency.add(&slot.latency).context("merging latency histograms")?;
+        self.latency
+            .add(&slot.latency)
+            .context("merging latency histograms")?;
         self.lag.add(&slot.lag).context("merging lag histograms")?;
         self.ok += slot.ok;
         self.errors += slot.errors;
@@ -62,7 +65,14 @@ impl RunStats {
     }
 
     pub fn summary(&self) -> Summary {
-        Summary::new(&self.latency, &self.lag, self.ok, self.errors, self.elapsed, &self.error_samples)
+        Summary::new(
+            &self.latency,
+            &self.lag,
+            self.ok,
+            self.errors,
+            self.elapsed,
+            &self.error_samples,
+        )
     }
 }
 
@@ -95,7 +105,13 @@ impl Summary {
         elapsed: Duration,
         error_samples: &[String],
     ) -> Self {
-        let q = |h: &Histogram<u64>, q: f64| if h.is_empty() { 0 } else { h.value_at_quantile(q) };
+        let q = |h: &Histogram<u64>, q: f64| {
+            if h.is_empty() {
+                0
+            } else {
+                h.value_at_quantile(q)
+            }
+        };
         let secs = elapsed.as_secs_f64();
         Summary {
             requests: ok,
@@ -107,7 +123,11 @@ impl Summary {
             p99_us: q(latency, 0.99),
             p999_us: q(latency, 0.999),
             max_us: if latency.is_empty() { 0 } else { latency.max() },
-            mean_us: if latency.is_empty() { 0.0 } else { latency.mean() },
+            mean_us: if latency.is_empty() {
+                0.0
+            } else {
+                latency.mean()
+            },
             lag_p50_us: q(lag, 0.50),
             lag_p99_us: q(lag, 0.99),
             error_samples: error_samples.to_vec(),
@@ -177,7 +197,10 @@ mod tests {
     #[test]
     fn empty_run_reports_zeros() {
         let s = RunStats::empty().summary();
-        assert_eq!((s.requests, s.p50_us, s.max_us, s.achieved_rps), (0, 0, 0, 0.0));
+        assert_eq!(
+            (s.requests, s.p50_us, s.max_us, s.achieved_rps),
+            (0, 0, 0, 0.0)
+        );
     }
 
     #[test]

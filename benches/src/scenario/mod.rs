@@ -157,7 +157,10 @@ struct Owned {
 
 /// A fresh directory for configs and logs of this run.
 fn make_temp_dir() -> anyhow::Result<PathBuf> {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     let dir = std::env::temp_dir().join(format!("weft-bench-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
@@ -171,19 +174,32 @@ async fn start_server(cfg: &RunConfig, tmp: &Path) -> anyhow::Result<(Child, Soc
         .arg(cfg.response_size.to_string())
         .env("WEFT_BENCH_LOG", "warn");
     let mut child = Child::spawn_piped("bench server", cmd, cfg.mesh_cpu, &tmp.join("server.log"))?;
-    let stdout = child.stdout().context("bench server stdout was not piped")?;
+    let stdout = child
+        .stdout()
+        .context("bench server stdout was not piped")?;
     let read = tokio::task::spawn_blocking(move || {
         let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line).map(|_| line)
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .map(|_| line)
     });
     let line = match tokio::time::timeout(Duration::from_secs(10), read).await {
         Ok(Ok(Ok(line))) => line,
-        Ok(Ok(Err(e))) => bail!("reading the bench server's address: {e}; {}", child.log_tail()),
+        Ok(Ok(Err(e))) => bail!(
+            "reading the bench server's address: {e}; {}",
+            child.log_tail()
+        ),
         Ok(Err(e)) => bail!("reading the bench server's address: {e}"),
-        Err(_) => bail!("the bench server printed no address within 10 s; {}", child.log_tail()),
+        Err(_) => bail!(
+            "the bench server printed no address within 10 s; {}",
+            child.log_tail()
+        ),
     };
     let Some(addr) = parse_listening_line(&line) else {
-        bail!("the bench server printed {line:?}, expected \"listening <addr>\"; {}", child.log_tail());
+        bail!(
+            "the bench server printed {line:?}, expected \"listening <addr>\"; {}",
+            child.log_tail()
+        );
     };
     wait_ready(&mut child, addr, "/", Duration::from_secs(10)).await?;
     Ok((child, addr))
@@ -193,14 +209,33 @@ async fn start_server(cfg: &RunConfig, tmp: &Path) -> anyhow::Result<(Child, Soc
 /// until every address is chosen.
 fn free_addrs(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
     let listeners = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0 to find a free port"))
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .context("binding 127.0.0.1:0 to find a free port")
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    listeners.iter().map(|l| l.local_addr().context("reading a bound address")).collect()
+    listeners
+        .iter()
+        .map(|l| l.local_addr().context("reading a bound address"))
+        .collect()
 }
 
-fn add_process(report: &mut ScenarioReport, owned: &mut Vec<Owned>, child: Child, kind: &'static str) {
-    report.processes.push(ProcessReport { name: child.name.clone(), kind, pid: child.pid(), ..Default::default() });
-    owned.push(Owned { child, row: report.processes.len() - 1 });
+fn add_process(
+    report: &mut ScenarioReport,
+    owned: &mut Vec<Owned>,
+    child: Child,
+    kind: &'static str,
+) {
+    report.processes.push(ProcessReport {
+        name: child.name.clone(),
+        kind,
+        pid: child.pid(),
+        ..Default::default()
+    });
+    owned.push(Owned {
+        child,
+        row: report.processes.len() - 1,
+    });
 }
 
 /// Starts the Weft proxies of weft1/weft2; returns the generator's entry.
@@ -222,7 +257,11 @@ async fn start_weft(
     let ports = free_addrs(3 * hops)?;
     let addrs: Vec<weft::ProxyAddrs> = ports
         .chunks_exact(3)
-        .map(|p| weft::ProxyAddrs { outbound: p[0], inbound: p[1], admin: p[2] })
+        .map(|p| weft::ProxyAddrs {
+            outbound: p[0],
+            inbound: p[1],
+            admin: p[2],
+        })
         .collect();
     let targets = weft::chain(hops, server, &addrs);
     for (i, (a, t)) in addrs.iter().zip(&targets).enumerate() {
@@ -234,7 +273,12 @@ async fn start_weft(
         let env = weft::proxy_env(a, t);
         tracing::debug!(name, ?env, "starting weft-proxy");
         let log = tmp.join(format!("{}-proxy{i}.log", kind.name()));
-        let child = Child::spawn(&name, weft::command(&cfg.proxy_bin, &env), cfg.mesh_cpu, &log)?;
+        let child = Child::spawn(
+            &name,
+            weft::command(&cfg.proxy_bin, &env),
+            cfg.mesh_cpu,
+            &log,
+        )?;
         add_process(report, owned, child, "weft");
     }
     for (o, a) in owned.iter_mut().zip(&addrs) {
@@ -258,14 +302,32 @@ async fn start_haproxy(
         );
     }
     let ports = free_addrs(2)?;
-    let addrs = haproxy::HaproxyAddrs { frontend: ports[0], monitor: ports[1], backend: server };
+    let addrs = haproxy::HaproxyAddrs {
+        frontend: ports[0],
+        monitor: ports[1],
+        backend: server,
+    };
     let config = tmp.join("haproxy.cfg");
-    std::fs::write(&config, haproxy::render_config(&addrs, cfg.protocol.is_h2()))
-        .with_context(|| format!("writing {}", config.display()))?;
-    let child = Child::spawn("haproxy", haproxy::command(&cfg.haproxy_bin, &config), cfg.mesh_cpu, &tmp.join("haproxy.log"))?;
+    std::fs::write(
+        &config,
+        haproxy::render_config(&addrs, cfg.protocol.is_h2()),
+    )
+    .with_context(|| format!("writing {}", config.display()))?;
+    let child = Child::spawn(
+        "haproxy",
+        haproxy::command(&cfg.haproxy_bin, &config),
+        cfg.mesh_cpu,
+        &tmp.join("haproxy.log"),
+    )?;
     add_process(report, owned, child, "haproxy");
     if let Some(o) = owned.last_mut() {
-        wait_ready(&mut o.child, addrs.monitor, "/ready", Duration::from_secs(10)).await?;
+        wait_ready(
+            &mut o.child,
+            addrs.monitor,
+            "/ready",
+            Duration::from_secs(10),
+        )
+        .await?;
     }
     Ok(addrs.frontend)
 }
@@ -275,15 +337,28 @@ fn read_cpus(pids: &[u32]) -> anyhow::Result<Vec<CpuTicks>> {
 }
 
 /// Fills CPU per request and utilisation of each process for one run.
-fn cpu_figures(before: &[CpuTicks], after: &[CpuTicks], requests: u64, wall: Duration) -> Vec<(f64, f64)> {
+fn cpu_figures(
+    before: &[CpuTicks],
+    after: &[CpuTicks],
+    requests: u64,
+    wall: Duration,
+) -> Vec<(f64, f64)> {
     let hz = procfs::ticks_per_sec();
     before
         .iter()
         .zip(after)
         .map(|(b, a)| {
             let cpu = a.since(*b, hz).as_secs_f64();
-            let per_req = if requests > 0 { cpu * 1e6 / requests as f64 } else { 0.0 };
-            let util = if wall.as_secs_f64() > 0.0 { cpu / wall.as_secs_f64() } else { 0.0 };
+            let per_req = if requests > 0 {
+                cpu * 1e6 / requests as f64
+            } else {
+                0.0
+            };
+            let util = if wall.as_secs_f64() > 0.0 {
+                cpu / wall.as_secs_f64()
+            } else {
+                0.0
+            };
             (per_req, util)
         })
         .collect()
@@ -302,7 +377,9 @@ async fn measure(
 ) -> anyhow::Result<()> {
     let entry = match kind {
         ScenarioKind::Direct => server_addr,
-        ScenarioKind::Weft1 | ScenarioKind::Weft2 => start_weft(cfg, kind, server_addr, tmp, owned, report).await?,
+        ScenarioKind::Weft1 | ScenarioKind::Weft2 => {
+            start_weft(cfg, kind, server_addr, tmp, owned, report).await?
+        }
         ScenarioKind::Haproxy => start_haproxy(cfg, server_addr, tmp, owned, report).await?,
     };
     report.entry = Some(entry);
@@ -331,12 +408,18 @@ async fn measure(
         request_size: cfg.request_size,
         response_size: cfg.response_size,
     };
-    let mut load = LoadGenerator::connect(&spec, cfg.timeout).await.with_context(|| format!("connecting to {entry}"))?;
+    let mut load = LoadGenerator::connect(&spec, cfg.timeout)
+        .await
+        .with_context(|| format!("connecting to {entry}"))?;
     report.slots = load.slots();
     let open = Pacing::Open { rate: cfg.rate };
     if !cfg.warmup.is_zero() {
         let warm = load.run(open, cfg.warmup).await?;
-        tracing::info!(scenario = kind.name(), "warm-up: {}", warm.summary().one_line());
+        tracing::info!(
+            scenario = kind.name(),
+            "warm-up: {}",
+            warm.summary().one_line()
+        );
     }
 
     let before = read_cpus(&pids)?;
@@ -346,15 +429,23 @@ async fn measure(
     let wall = started.elapsed();
     let peaks = sampler.finish().await;
     let after = read_cpus(&pids)?;
-    for ((p, peak), (per_req, util)) in
-        report.processes.iter_mut().zip(&peaks).zip(cpu_figures(&before, &after, run.ok, wall))
+    for ((p, peak), (per_req, util)) in report
+        .processes
+        .iter_mut()
+        .zip(&peaks)
+        .zip(cpu_figures(&before, &after, run.ok, wall))
     {
         p.rss_load_kib = *peak;
         p.cpu_us_per_req = Some(per_req);
         p.cpu_util = Some(util);
     }
     let summary = run.summary();
-    tracing::info!(scenario = kind.name(), "at {} req/s: {}", cfg.rate, summary.one_line());
+    tracing::info!(
+        scenario = kind.name(),
+        "at {} req/s: {}",
+        cfg.rate,
+        summary.one_line()
+    );
     report.latency = Some(summary);
 
     if !cfg.max_duration.is_zero() {
@@ -363,12 +454,20 @@ async fn measure(
         let run = load.run(Pacing::Closed, cfg.max_duration).await?;
         let wall = started.elapsed();
         let after = read_cpus(&pids)?;
-        for (p, (per_req, util)) in report.processes.iter_mut().zip(cpu_figures(&before, &after, run.ok, wall)) {
+        for (p, (per_req, util)) in report
+            .processes
+            .iter_mut()
+            .zip(cpu_figures(&before, &after, run.ok, wall))
+        {
             p.cpu_us_per_req_max = Some(per_req);
             p.cpu_util_max = Some(util);
         }
         let summary = run.summary();
-        tracing::info!(scenario = kind.name(), "max throughput: {}", summary.one_line());
+        tracing::info!(
+            scenario = kind.name(),
+            "max throughput: {}",
+            summary.one_line()
+        );
         report.max_throughput = Some(summary);
     }
     drop(load);
@@ -458,10 +557,16 @@ mod tests {
         let hz = procfs::ticks_per_sec() as f64;
         let before = [CpuTicks { utime: 0, stime: 0 }];
         // One second of CPU over 2 s of wall time and 10 000 requests.
-        let after = [CpuTicks { utime: hz as u64, stime: 0 }];
+        let after = [CpuTicks {
+            utime: hz as u64,
+            stime: 0,
+        }];
         let figs = cpu_figures(&before, &after, 10_000, Duration::from_secs(2));
         assert!((figs[0].0 - 100.0).abs() < 1e-6, "{figs:?}");
         assert!((figs[0].1 - 0.5).abs() < 1e-6, "{figs:?}");
-        assert_eq!(cpu_figures(&before, &after, 0, Duration::ZERO), vec![(0.0, 0.0)]);
+        assert_eq!(
+            cpu_figures(&before, &after, 0, Duration::ZERO),
+            vec![(0.0, 0.0)]
+        );
     }
 }

@@ -27,28 +27,51 @@ pub struct Child {
 impl Child {
     /// Starts `cmd`, pinned to `cpu` if given, its stdout and stderr written
     /// to `log`.
-    pub fn spawn(name: &str, mut cmd: Command, cpu: Option<usize>, log: &Path) -> anyhow::Result<Self> {
+    pub fn spawn(
+        name: &str,
+        mut cmd: Command,
+        cpu: Option<usize>,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let err = file.try_clone().context("duplicating the log file handle")?;
+        let err = file
+            .try_clone()
+            .context("duplicating the log file handle")?;
         cmd.stdin(Stdio::null()).stdout(file).stderr(err);
         Self::spawn_inner(name, cmd, cpu, log)
     }
 
     /// Like [`Child::spawn`], but stdout is piped for the caller to read.
-    pub fn spawn_piped(name: &str, mut cmd: Command, cpu: Option<usize>, log: &Path) -> anyhow::Result<Self> {
+    pub fn spawn_piped(
+        name: &str,
+        mut cmd: Command,
+        cpu: Option<usize>,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         cmd.stdin(Stdio::null()).stderr(file).stdout(Stdio::piped());
         Self::spawn_inner(name, cmd, cpu, log)
     }
 
-    fn spawn_inner(name: &str, mut cmd: Command, cpu: Option<usize>, log: &Path) -> anyhow::Result<Self> {
+    fn spawn_inner(
+        name: &str,
+        mut cmd: Command,
+        cpu: Option<usize>,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         if let Some(cpu) = cpu {
             affinity::pin_command(&mut cmd, cpu)?;
         }
         let program = cmd.get_program().to_string_lossy().into_owned();
-        let child = cmd.spawn().with_context(|| format!("starting {name} ({program})"))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({program})"))?;
         tracing::debug!(name, pid = child.id(), log = %log.display(), "started");
-        Ok(Child { name: name.to_owned(), child, log: log.to_owned() })
+        Ok(Child {
+            name: name.to_owned(),
+            child,
+            log: log.to_owned(),
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -71,7 +94,11 @@ impl Child {
     pub fn ensure_running(&mut self) -> anyhow::Result<()> {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
-            Ok(Some(status)) => bail!("{} exited unexpectedly ({status}); {}", self.name, self.log_tail()),
+            Ok(Some(status)) => bail!(
+                "{} exited unexpectedly ({status}); {}",
+                self.name,
+                self.log_tail()
+            ),
             Err(e) => bail!("checking on {}: {e}", self.name),
         }
     }
@@ -93,7 +120,10 @@ impl Child {
         while started.elapsed() < grace {
             match self.child.try_wait() {
                 Ok(Some(status)) => {
-                    return format!("exited on SIGTERM after {} ms ({status})", started.elapsed().as_millis());
+                    return format!(
+                        "exited on SIGTERM after {} ms ({status})",
+                        started.elapsed().as_millis()
+                    );
                 }
                 Ok(None) => tokio::time::sleep(Duration::from_millis(10)).await,
                 Err(e) => return format!("wait failed: {e}"),
@@ -117,16 +147,22 @@ impl Drop for Child {
 
 /// `GET http://addr{path}` over HTTP/1.1; the status.
 pub async fn http_get_status(addr: SocketAddr, path: &str) -> anyhow::Result<StatusCode> {
-    let stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+    let stream = TcpStream::connect(addr)
         .await
-        .context("HTTP/1.1 handshake")?;
+        .with_context(|| format!("connecting to {addr}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .context("HTTP/1.1 handshake")?;
     tokio::spawn(conn);
     let request = Request::get(path)
         .header(http::header::HOST, addr.to_string())
         .body(Empty::new())
         .context("building the probe request")?;
-    let response = sender.send_request(request).await.context("sending the probe")?;
+    let response = sender
+        .send_request(request)
+        .await
+        .context("sending the probe")?;
     let status = response.status();
     let _ = response.into_body().collect().await;
     Ok(status)
@@ -134,7 +170,12 @@ pub async fn http_get_status(addr: SocketAddr, path: &str) -> anyhow::Result<Sta
 
 /// Polls `GET http://addr{path}` until it answers 200, the child exits, or
 /// `deadline` passes.
-pub async fn wait_ready(child: &mut Child, addr: SocketAddr, path: &str, deadline: Duration) -> anyhow::Result<()> {
+pub async fn wait_ready(
+    child: &mut Child,
+    addr: SocketAddr,
+    path: &str,
+    deadline: Duration,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut last = String::from("no attempt");
     while started.elapsed() < deadline {
@@ -142,7 +183,11 @@ pub async fn wait_ready(child: &mut Child, addr: SocketAddr, path: &str, deadlin
         let probe = tokio::time::timeout(Duration::from_secs(1), http_get_status(addr, path)).await;
         match probe {
             Ok(Ok(StatusCode::OK)) => {
-                tracing::debug!(name = child.name, ms = started.elapsed().as_millis() as u64, "ready");
+                tracing::debug!(
+                    name = child.name,
+                    ms = started.elapsed().as_millis() as u64,
+                    "ready"
+                );
                 return Ok(());
             }
             Ok(Ok(status)) => last = format!("answered {status}"),

@@ -66,10 +66,19 @@ pub fn command(bin: &Path, env: &[(&'static str, String)]) -> Command {
 /// weft2: load → A.outbound → B.inbound → server.
 pub fn chain(hops: usize, server: SocketAddr, addrs: &[ProxyAddrs]) -> Vec<FixedTargets> {
     match hops {
-        1 => vec![FixedTargets { outbound: Some(server), inbound: None }],
+        1 => vec![FixedTargets {
+            outbound: Some(server),
+            inbound: None,
+        }],
         _ => vec![
-            FixedTargets { outbound: addrs.get(1).map(|b| b.inbound), inbound: None },
-            FixedTargets { outbound: None, inbound: Some(server) },
+            FixedTargets {
+                outbound: addrs.get(1).map(|b| b.inbound),
+                inbound: None,
+            },
+            FixedTargets {
+                outbound: None,
+                inbound: Some(server),
+            },
         ],
     }
 }
@@ -84,15 +93,29 @@ mod tests {
 
     fn proxies() -> Vec<ProxyAddrs> {
         vec![
-            ProxyAddrs { outbound: a(1), inbound: a(2), admin: a(3) },
-            ProxyAddrs { outbound: a(4), inbound: a(5), admin: a(6) },
+            ProxyAddrs {
+                outbound: a(1),
+                inbound: a(2),
+                admin: a(3),
+            },
+            ProxyAddrs {
+                outbound: a(4),
+                inbound: a(5),
+                admin: a(6),
+            },
         ]
     }
 
     #[test]
     fn one_hop_forwards_outbound_to_the_server() {
         let targets = chain(1, a(9), &proxies()[..1]);
-        assert_eq!(targets, vec![FixedTargets { outbound: Some(a(9)), inbound: None }]);
+        assert_eq!(
+            targets,
+            vec![FixedTargets {
+                outbound: Some(a(9)),
+                inbound: None
+            }]
+        );
         let env = proxy_env(&proxies()[0], &targets[0]);
         assert!(env.contains(&(OUTBOUND_ADDR, "127.0.0.1:1".into())));
         assert!(env.contains(&(INBOUND_ADDR, "127.0.0.1:2".into())));
@@ -106,7 +129,19 @@ mod tests {
     fn two_hops_go_client_outbound_then_server_inbound() {
         let p = proxies();
         let targets = chain(2, a(9), &p);
-        assert_eq!(targets[0], FixedTargets { outbound: Some(p[1].inbound), inbound: None });
-        assert_eq!(targets[1], FixedTargets { outbound: None, inbound: Some(a(9)) });
+        assert_eq!(
+            targets[0],
+            FixedTargets {
+                outbound: Some(p[1].inbound),
+                inbound: None
+            }
+        );
+        assert_eq!(
+            targets[1],
+            FixedTargets {
+                outbound: None,
+                inbound: Some(a(9))
+            }
+        );
     }
 }

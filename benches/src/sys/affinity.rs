@@ -10,7 +10,10 @@ use std::process::Command;
 
 fn cpu_set(cpu: usize) -> io::Result<libc::cpu_set_t> {
     if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("CPU {cpu} is out of range")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("CPU {cpu} is out of range"),
+        ));
     }
     // SAFETY: cpu_set_t is a plain bit array for which all-zero is the empty
     // set; CPU_SET writes one bit inside it (cpu < CPU_SETSIZE checked above).

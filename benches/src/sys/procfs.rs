@@ -34,10 +34,16 @@ pub fn parse_stat(text: &str) -> anyhow::Result<CpuTicks> {
     // After ")": field 3 (state) onwards; utime and stime are fields 14, 15.
     let fields: Vec<&str> = text[close + 1..].split_whitespace().collect();
     let field = |n: usize| -> anyhow::Result<u64> {
-        let raw = fields.get(n - 3).with_context(|| format!("stat has no field {n}"))?;
-        raw.parse().with_context(|| format!("stat field {n} is {raw:?}, not a number"))
+        let raw = fields
+            .get(n - 3)
+            .with_context(|| format!("stat has no field {n}"))?;
+        raw.parse()
+            .with_context(|| format!("stat field {n} is {raw:?}, not a number"))
     };
-    Ok(CpuTicks { utime: field(14)?, stime: field(15)? })
+    Ok(CpuTicks {
+        utime: field(14)?,
+        stime: field(15)?,
+    })
 }
 
 /// Memory figures from `/proc/<pid>/status`, in KiB.
@@ -55,18 +61,28 @@ pub struct MemStatus {
 
 /// Parses `/proc/<pid>/status` ("Key:\tvalue kB" lines).
 pub fn parse_status(text: &str) -> anyhow::Result<MemStatus> {
-    let fields: HashMap<&str, &str> =
-        text.lines().filter_map(|line| line.split_once(':')).map(|(k, v)| (k.trim(), v.trim())).collect();
+    let fields: HashMap<&str, &str> = text
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect();
     let kib = |key: &str| -> anyhow::Result<u64> {
-        let raw = fields.get(key).with_context(|| format!("status has no {key} line"))?;
+        let raw = fields
+            .get(key)
+            .with_context(|| format!("status has no {key} line"))?;
         let number = raw.strip_suffix("kB").unwrap_or(raw).trim();
-        number.parse().with_context(|| format!("status {key} is {raw:?}, not a number of kB"))
+        number
+            .parse()
+            .with_context(|| format!("status {key} is {raw:?}, not a number of kB"))
     };
     Ok(MemStatus {
         rss_kib: kib("VmRSS")?,
         hwm_kib: kib("VmHWM")?,
         threads: kib("Threads").unwrap_or(0),
-        cpus_allowed: fields.get("Cpus_allowed_list").map(|s| s.to_string()).unwrap_or_default(),
+        cpus_allowed: fields
+            .get("Cpus_allowed_list")
+            .map(|s| s.to_string())
+            .unwrap_or_default(),
     })
 }
 
@@ -79,13 +95,15 @@ pub fn ticks_per_sec() -> u64 {
 
 pub fn read_cpu(pid: u32) -> anyhow::Result<CpuTicks> {
     let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}: has the process exited?"))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {path}: has the process exited?"))?;
     parse_stat(&text).with_context(|| format!("parsing {path}"))
 }
 
 pub fn read_mem(pid: u32) -> anyhow::Result<MemStatus> {
     let path = format!("/proc/{pid}/status");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}: has the process exited?"))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {path}: has the process exited?"))?;
     parse_status(&text).with_context(|| format!("parsing {path}"))
 }
 
@@ -135,7 +153,13 @@ mod tests {
         let text = "4242 (weft (proxy) x) S 1 4242 4242 0 -1 4194560 1203 0 0 0 \
                     731 264 0 0 20 0 2 0 123456 12345678 2048 18446744073709551615 \
                     1 1 0 0 0 0 0 4096 17664 0 0 0 17 1 0 0 0 0 0\n";
-        assert_eq!(parse_stat(text).expect("parse"), CpuTicks { utime: 731, stime: 264 });
+        assert_eq!(
+            parse_stat(text).expect("parse"),
+            CpuTicks {
+                utime: 731,
+                stime: 264
+            }
+        );
     }
 
     #[test]
@@ -147,8 +171,14 @@ mod tests {
 
     #[test]
     fn cpu_time_between_samples() {
-        let a = CpuTicks { utime: 100, stime: 50 };
-        let b = CpuTicks { utime: 180, stime: 70 };
+        let a = CpuTicks {
+            utime: 100,
+            stime: 50,
+        };
+        let b = CpuTicks {
+            utime: 180,
+            stime: 70,
+        };
         assert_eq!(b.since(a, 100), Duration::from_secs(1));
         assert_eq!(a.since(b, 100), Duration::ZERO);
     }
@@ -161,7 +191,12 @@ mod tests {
         let s = parse_status(text).expect("parse");
         assert_eq!(
             s,
-            MemStatus { rss_kib: 8004, hwm_kib: 9120, threads: 2, cpus_allowed: "1".into() }
+            MemStatus {
+                rss_kib: 8004,
+                hwm_kib: 9120,
+                threads: 2,
+                cpus_allowed: "1".into()
+            }
         );
     }
 

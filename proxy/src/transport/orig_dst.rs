@@ -24,18 +24,27 @@ impl OrigDst for SoOriginalDst {
     fn orig_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
         let local = stream.local_addr()?;
         let sock = SockRef::from(stream);
-        let addr = if local.is_ipv4() {
+        // A dual-stack listener (`[::]:port`) accepts IPv4 clients as v4-mapped IPv6 sockets.
+        // Their conntrack entry is an IPv4 one, so it must be read with the IPv4 option (which
+        // Linux serves on such sockets too); the IPv6 lookup would fail with ENOENT.
+        let addr = if canonical(local).is_ipv4() {
             sock.original_dst_v4()?
         } else {
             sock.original_dst_v6()?
         };
-        addr.as_socket().ok_or_else(|| {
+        addr.as_socket().map(canonical).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
                 "SO_ORIGINAL_DST returned a non-IP address",
             )
         })
     }
+}
+
+/// `[::ffff:a.b.c.d]:p` → `a.b.c.d:p`; every other address unchanged. Used for addresses
+/// that reach logs, metrics labels and `Host`-less authorities, so one peer has one spelling.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// Sends every connection to one address.
@@ -51,6 +60,17 @@ impl OrigDst for FixedTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn canonical_unmaps_v4_mapped_addresses_only() {
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:80".parse().unwrap();
+        assert_eq!(
+            canonical(mapped),
+            "10.1.2.3:80".parse::<SocketAddr>().unwrap()
+        );
+        let v6: SocketAddr = "[fd00::1]:80".parse().unwrap();
+        assert_eq!(canonical(v6), v6);
+    }
 
     #[tokio::test]
     async fn without_redirect_the_kernel_has_no_original_destination_or_returns_the_local_one() {

@@ -1,0 +1,179 @@
+//! Smoke tests: the generator against the in-process bench server on
+//! loopback, for each protocol, then the `run` command end to end with the
+//! baseline (and HAProxy, when it is installed).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use weft_bench::load::{LoadGenerator, LoadSpec, Pacing, Protocol};
+
+async fn start_server() -> (SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    (
+        addr,
+        tokio::spawn(weft_bench::server::serve(listener, 1024)),
+    )
+}
+
+async fn one_second(protocol: Protocol) {
+    let (addr, server) = start_server().await;
+    let spec = LoadSpec {
+        connect: addr,
+        authority: addr.to_string(),
+        protocol,
+        connections: 4,
+        streams: 4,
+        request_size: 1024,
+        response_size: 1024,
+    };
+    let mut load = LoadGenerator::connect(&spec, Duration::from_secs(5))
+        .await
+        .expect("connect");
+    let expected_slots = if protocol == Protocol::Http1 { 4 } else { 16 };
+    assert_eq!(load.slots(), expected_slots);
+
+    let open = load
+        .run(Pacing::Open { rate: 500.0 }, Duration::from_secs(1))
+        .await
+        .expect("open-loop run");
+    let summary = open.summary();
+    assert_eq!(
+        open.errors, 0,
+        "{protocol:?} errors: {:?}",
+        open.error_samples
+    );
+    assert_eq!(
+        open.ok, 500,
+        "{protocol:?}: every scheduled request completes"
+    );
+    assert!(
+        summary.p50_us > 0 && summary.p50_us <= summary.p99_us && summary.p99_us <= summary.max_us
+    );
+    assert!(
+        summary.achieved_rps > 400.0,
+        "{protocol:?}: {}",
+        summary.one_line()
+    );
+
+    let closed = load
+        .run(Pacing::Closed, Duration::from_millis(300))
+        .await
+        .expect("closed-loop run");
+    assert_eq!(
+        closed.errors, 0,
+        "{protocol:?} errors: {:?}",
+        closed.error_samples
+    );
+    assert!(
+        closed.ok > 50,
+        "{protocol:?}: only {} requests back to back",
+        closed.ok
+    );
+    server.abort();
+}
+
+#[tokio::test]
+async fn http1_loopback() {
+    one_second(Protocol::Http1).await;
+}
+
+#[tokio::test]
+async fn http2_loopback() {
+    one_second(Protocol::Http2).await;
+}
+
+#[tokio::test]
+async fn grpc_loopback() {
+    one_second(Protocol::Grpc).await;
+}
+
+/// A wrong response size is an error the generator reports, not a success.
+#[tokio::test]
+async fn wrong_body_length_is_an_error() {
+    let (addr, server) = start_server().await;
+    let spec = LoadSpec {
+        connect: addr,
+        authority: addr.to_string(),
+        protocol: Protocol::Http1,
+        connections: 1,
+        streams: 1,
+        request_size: 0,
+        response_size: 10,
+    };
+    let mut load = LoadGenerator::connect(&spec, Duration::from_secs(5))
+        .await
+        .expect("connect");
+    let run = load
+        .run(Pacing::Open { rate: 100.0 }, Duration::from_millis(100))
+        .await
+        .expect("run");
+    assert_eq!((run.ok, run.errors), (0, 10));
+    assert!(
+        run.error_samples[0].contains("1024 bytes, expected 10"),
+        "{:?}",
+        run.error_samples
+    );
+    server.abort();
+}
+
+/// `weft-bench run` end to end: server child, pinning, /proc sampling,
+/// report files. HAProxy joins when it is installed.
+#[test]
+fn run_command_writes_reports() {
+    let out = std::env::temp_dir().join(format!("weft-bench-smoke-{}", std::process::id()));
+    let mut scenarios = "direct".to_owned();
+    if std::path::Path::new("/usr/sbin/haproxy").is_file() {
+        scenarios.push_str(",haproxy");
+    }
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_weft-bench"))
+        .args([
+            "run",
+            "--quick",
+            "--scenarios",
+            &scenarios,
+            "--duration",
+            "1s",
+            "--warmup",
+            "0",
+        ])
+        .args([
+            "--max-duration",
+            "500ms",
+            "--rate",
+            "200",
+            "--connections",
+            "2",
+            "--name",
+            "smoke",
+        ])
+        .arg("--out-dir")
+        .arg(&out)
+        .env("WEFT_BENCH_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run weft-bench");
+    assert!(status.success(), "weft-bench run failed: {status}");
+    let json = std::fs::read_to_string(out.join("smoke.json")).expect("smoke.json");
+    let doc: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+    let runs = doc["scenarios"].as_array().expect("scenarios");
+    assert_eq!(runs.len(), scenarios.split(',').count());
+    for run in runs {
+        assert!(run["error"].is_null(), "{run}");
+        assert_eq!(run["latency"]["errors"], 0, "{run}");
+        assert!(
+            run["latency"]["requests"].as_u64().unwrap_or(0) >= 190,
+            "{run}"
+        );
+        assert!(
+            run["max_throughput"]["requests"].as_u64().unwrap_or(0) > 0,
+            "{run}"
+        );
+        for p in run["processes"].as_array().expect("processes") {
+            assert!(p["rss_idle_kib"].as_u64().unwrap_or(0) > 0, "{p}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -1,0 +1,154 @@
+//! `weft demo --duration 5` end to end: real `weft-proxy` children on
+//! loopback, and the numbers a user reads in the summary.
+//!
+//! Needs the proxy binary next to `weft` in the target directory
+//! (`cargo build -p weft-proxy`; `cargo test --workspace` builds it too).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+fn proxy_bin() -> PathBuf {
+    let weft = PathBuf::from(env!("CARGO_BIN_EXE_weft"));
+    let bin = weft.with_file_name(format!("weft-proxy{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build -p weft-proxy` (same profile) first",
+        bin.display()
+    );
+    bin
+}
+
+/// A data row of the summary table: `PROXY DIRECTION REQ/S SUCCESS P50 P99 TCP`.
+#[derive(Debug)]
+struct Row {
+    rps: f64,
+    success_percent: Option<f64>,
+}
+
+fn summary_row(stdout: &str, proxy: &str, direction: &str) -> Row {
+    let summary = stdout
+        .split_once("Summary over")
+        .unwrap_or_else(|| panic!("no summary in output:\n{stdout}"))
+        .1;
+    let cols: Vec<&str> = summary
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|c| c.len() >= 7 && c[0] == proxy && c[1] == direction)
+        .unwrap_or_else(|| panic!("no {proxy} {direction} row in summary:\n{summary}"));
+    Row {
+        rps: cols[2]
+            .parse()
+            .unwrap_or_else(|e| panic!("REQ/S {:?}: {e}", cols[2])),
+        success_percent: cols[3].strip_suffix('%').and_then(|p| p.parse().ok()),
+    }
+}
+
+#[test]
+fn demo_runs_traffic_through_both_proxies_and_exits_cleanly() {
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["demo", "--duration", "5", "--proxy-bin"])
+        .arg(proxy_bin())
+        .output()
+        .expect("run weft demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let context = format!(
+        "status {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+
+    assert!(out.status.success(), "weft demo failed: {context}");
+    // 5 s of traffic plus start-up and a clean shutdown, not a kill after
+    // the 10 s grace period.
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}: {context}",
+        started.elapsed()
+    );
+    // Output is not a terminal here, so each 2 s table is appended: two are
+    // due in 5 s; a loaded CI machine may let the second slip past the end.
+    assert!(
+        stdout.matches("window").count() >= 1,
+        "expected live tables every 2 s: {context}"
+    );
+
+    for (proxy, direction) in [("client", "outbound"), ("server", "inbound")] {
+        let row = summary_row(&stdout, proxy, direction);
+        assert!(
+            row.rps > 0.0,
+            "{proxy} {direction}: no requests/s: {row:?}\n{context}"
+        );
+        let success = row
+            .success_percent
+            .unwrap_or_else(|| panic!("{proxy} {direction}: no success rate\n{context}"));
+        assert!(
+            success > 90.0,
+            "{proxy} {direction}: success {success}%\n{context}"
+        );
+    }
+    assert!(
+        stdout.contains("client proxy exited cleanly after SIGTERM")
+            && stdout.contains("server proxy exited cleanly after SIGTERM"),
+        "proxies should stop on SIGTERM: {context}"
+    );
+}
+
+#[test]
+fn demo_stops_cleanly_on_sigterm() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["demo", "--proxy-bin"])
+        .arg(proxy_bin())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start weft demo");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+
+    // Wait for the first live table, so SIGTERM arrives mid-traffic.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("window")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(e) => {
+                let _ = child.kill();
+                panic!("no live table ({e}); output so far:\n{}", seen.join("\n"));
+            }
+        }
+    }
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
+    // SAFETY: kill(2) on our own child, which has not been waited for.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("weft demo still running 30 s after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    reader.join().expect("reader thread");
+    seen.extend(rx.try_iter());
+    let output = seen.join("\n");
+    assert!(status.success(), "exit {status}:\n{output}");
+    assert!(output.contains("Summary over"), "{output}");
+    assert!(
+        output.contains("client proxy exited cleanly after SIGTERM"),
+        "{output}"
+    );
+}

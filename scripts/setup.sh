@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Installs the system packages Weft's tests and benchmarks need, and only those that are missing.
+# Idempotent: each package is checked by a command it provides, never re-installed.
+# Needs root (or everything already present). Prints one summary line.
+set -euo pipefail
+
+# iptables, ip and setpriv live in sbin, which is not on a non-root user's PATH on Debian.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+
+# command it provides  ->  Debian package
+checks=(
+  "iptables-nft:iptables"
+  "ip6tables-nft:iptables"
+  "ip:iproute2"
+  "curl:curl"
+  "openssl:openssl"
+  "promtool:prometheus"
+  "haproxy:haproxy"
+  "setpriv:util-linux"
+  "pkill:procps"
+  "python3:python3"
+)
+
+missing=()
+for entry in "${checks[@]}"; do
+  cmd="${entry%%:*}"
+  pkg="${entry#*:}"
+  if ! command -v "$cmd" >/dev/null 2>&1; then
+    case " ${missing[*]-} " in
+      *" $pkg "*) ;;
+      *) missing+=("$pkg") ;;
+    esac
+  fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+  echo "setup: all system packages present"
+  exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup: missing packages: ${missing[*]}; run scripts/setup.sh as root or install them with: sudo apt-get install -y ${missing[*]}" >&2
+  exit 1
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "setup: missing packages: ${missing[*]}; apt-get not found, install them with this system's package manager" >&2
+  exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+  cat "$log" >&2
+  echo "setup: apt-get failed installing: ${missing[*]}" >&2
+  exit 1
+fi
+echo "setup: installed ${missing[*]}"
