@@ -1,0 +1,203 @@
+//! `weft-injector`: the mutating admission webhook. Parses flags, loads the serving
+//! certificate, and serves until SIGTERM. The work is in `weft_injector::webhook`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use weft_injector::patch::{InjectConfig, NamespaceMeta};
+use weft_injector::ports::PortList;
+use weft_injector::webhook::namespaces::{KubeNamespaces, NamespaceSource, StaticNamespaces};
+use weft_injector::webhook::server::{self, ServerConfig, State};
+use weft_injector::webhook::tls::CertStore;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "weft-injector",
+    version,
+    about = "Weft's sidecar-injecting admission webhook"
+)]
+struct Args {
+    /// HTTPS listen address.
+    #[arg(long, env = "WEFT_INJECTOR_ADDR", default_value = "0.0.0.0:8443")]
+    addr: SocketAddr,
+    /// PEM certificate chain (cert-manager's tls.crt).
+    #[arg(
+        long,
+        env = "WEFT_INJECTOR_TLS_CERT",
+        default_value = "/var/run/weft.dev/tls/tls.crt"
+    )]
+    tls_cert: PathBuf,
+    /// PEM private key (tls.key).
+    #[arg(
+        long,
+        env = "WEFT_INJECTOR_TLS_KEY",
+        default_value = "/var/run/weft.dev/tls/tls.key"
+    )]
+    tls_key: PathBuf,
+    /// How often to check the certificate files for changes, in seconds.
+    #[arg(long, env = "WEFT_INJECTOR_TLS_RELOAD_SECS", default_value_t = 10)]
+    tls_reload_secs: u64,
+    /// Largest AdmissionReview body accepted, in bytes.
+    #[arg(long, env = "WEFT_INJECTOR_MAX_BODY_BYTES", default_value_t = server::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// Where namespace metadata comes from: kube (the API server), or none (only pods'
+    /// own weft.dev/inject annotations count).
+    #[arg(long, env = "WEFT_INJECTOR_NAMESPACES", default_value = "kube")]
+    namespaces: String,
+    /// Namespaces to treat as weft.dev/inject: enabled when --namespaces=none (comma-separated).
+    #[arg(long, env = "WEFT_INJECTOR_ENABLED_NAMESPACES", default_value = "")]
+    enabled_namespaces: String,
+    #[arg(long, env = "WEFT_INJECTOR_PROXY_IMAGE")]
+    proxy_image: Option<String>,
+    #[arg(long, env = "WEFT_INJECTOR_INIT_IMAGE")]
+    init_image: Option<String>,
+    #[arg(long, env = "WEFT_INJECTOR_IMAGE_PULL_POLICY")]
+    image_pull_policy: Option<String>,
+    /// Inject the proxy as a native sidecar (Kubernetes 1.29+).
+    #[arg(long, env = "WEFT_INJECTOR_NATIVE_SIDECAR", default_value_t = false, action = clap::ArgAction::Set)]
+    native_sidecar: bool,
+    /// The CNI plugin installs the redirect: do not add weft-init.
+    #[arg(long, env = "WEFT_INJECTOR_CNI", default_value_t = false, action = clap::ArgAction::Set)]
+    cni: bool,
+    /// WEFT_PROXY_DESTINATION_ADDR for injected proxies.
+    #[arg(long, env = "WEFT_INJECTOR_DESTINATION_ADDR")]
+    destination_addr: Option<String>,
+    /// WEFT_PROXY_IDENTITY_ADDR for injected proxies.
+    #[arg(long, env = "WEFT_INJECTOR_IDENTITY_ADDR")]
+    identity_addr: Option<String>,
+    #[arg(
+        long,
+        env = "WEFT_INJECTOR_TRUST_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    trust_domain: String,
+    /// ConfigMap with the trust anchors (ca.crt) to mount into proxies.
+    #[arg(long, env = "WEFT_INJECTOR_TRUST_ANCHORS_CONFIGMAP")]
+    trust_anchors_configmap: Option<String>,
+    /// Audience of the projected ServiceAccount token the proxy shows the identity service.
+    #[arg(
+        long,
+        env = "WEFT_INJECTOR_TOKEN_AUDIENCE",
+        default_value = "identity.weft.dev"
+    )]
+    token_audience: String,
+    /// Opaque ports for every injected proxy (pods add theirs with config.weft.dev/opaque-ports).
+    #[arg(long, env = "WEFT_INJECTOR_OPAQUE_PORTS", default_value = "")]
+    opaque_ports: PortList,
+    /// Log filter.
+    #[arg(
+        long,
+        env = "WEFT_INJECTOR_LOG",
+        default_value = "warn,weft=info,weft_injector=info"
+    )]
+    log: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("weft-injector: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-injector: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn inject_config(args: &Args) -> InjectConfig {
+    let mut cfg = InjectConfig::default();
+    if let Some(i) = &args.proxy_image {
+        cfg.proxy_image = i.clone();
+    }
+    if let Some(i) = &args.init_image {
+        cfg.init_image = i.clone();
+    }
+    cfg.image_pull_policy = args.image_pull_policy.clone();
+    cfg.native_sidecar = args.native_sidecar;
+    cfg.cni = args.cni;
+    cfg.destination_addr = args.destination_addr.clone();
+    cfg.identity_addr = args.identity_addr.clone();
+    cfg.trust_domain = args.trust_domain.clone();
+    cfg.trust_anchors_configmap = args.trust_anchors_configmap.clone();
+    cfg.token_audience = args.token_audience.clone();
+    cfg.opaque_ports = args.opaque_ports.clone();
+    cfg
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let namespaces: Box<dyn NamespaceSource> = match args.namespaces.as_str() {
+        "kube" => {
+            let client = kube::Client::try_default()
+                .await
+                .context("--namespaces=kube: cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
+            Box::new(KubeNamespaces::new(client, Duration::from_secs(30)))
+        }
+        "none" => Box::new(StaticNamespaces::new(
+            args.enabled_namespaces
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(NamespaceMeta::enabled),
+        )),
+        other => anyhow::bail!("--namespaces={other:?}: want kube or none"),
+    };
+    let certs = CertStore::open(&args.tls_cert, &args.tls_key)?;
+    let state = Arc::new(State::new(
+        inject_config(&args),
+        namespaces,
+        ServerConfig {
+            max_body_bytes: args.max_body_bytes,
+            ..Default::default()
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("binding {}", args.addr))?;
+    tracing::info!(addr = %args.addr, "weft-injector serving");
+    tokio::spawn(
+        certs
+            .clone()
+            .watch(Duration::from_secs(args.tls_reload_secs.max(1))),
+    );
+    let shutdown = async {
+        #[cfg(unix)]
+        {
+            if let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                return;
+            }
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    server::serve(listener, certs, state, shutdown).await?;
+    tracing::info!("weft-injector stopped");
+    Ok(())
+}
