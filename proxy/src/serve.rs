@@ -163,6 +163,7 @@ async fn serve_http(
             max_header_bytes: s.config.max_header_bytes,
             header_read_timeout: s.config.header_read_timeout,
         },
+        last_authority: Default::default(),
     });
     let io = CountingIo::new(
         PrefixedIo::new(prefix, stream),

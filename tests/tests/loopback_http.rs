@@ -70,6 +70,7 @@ async fn http1_keepalive_reuses_pooled_upstream_connections_and_streams_chunked_
             .header("host", "books.demo:80")
             .body(body("ping"))
             .unwrap();
+        send.ready().await.unwrap();
         let rsp = send.send_request(req).await.unwrap();
         assert_eq!(rsp.status(), 200, "request {i}");
         let b = rsp.into_body().collect().await.unwrap().to_bytes();
@@ -85,6 +86,7 @@ async fn http1_keepalive_reuses_pooled_upstream_connections_and_streams_chunked_
             chunks,
         ))))
         .unwrap();
+    send.ready().await.unwrap();
     let rsp = send.send_request(req).await.unwrap();
     assert_eq!(
         rsp.headers().get("transfer-encoding").map(|v| v.as_bytes()),
@@ -238,6 +240,7 @@ async fn http2_streams_are_multiplexed_and_trailers_pass() {
             let req = Request::get("http://books.demo/slow?ms=300")
                 .body(body(""))
                 .unwrap();
+            send.ready().await.unwrap();
             let rsp = send.send_request(req).await.unwrap();
             assert_eq!(rsp.status(), 200);
             rsp.into_body().collect().await.unwrap().to_bytes()
@@ -287,6 +290,7 @@ async fn grpc_call(
             frames,
         ))))
         .unwrap();
+    send.ready().await.unwrap();
     let rsp = send.send_request(req).await.unwrap();
     assert_eq!(rsp.status(), 200);
     assert_eq!(rsp.headers()["content-type"], "application/grpc");
@@ -384,6 +388,7 @@ async fn one_gib_upload_streams_with_flat_proxy_memory() {
             peak
         }
     });
+    send.ready().await.unwrap();
     let rsp = send.send_request(req).await.unwrap();
     let got = rsp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(got, TOTAL.to_string().as_bytes());

@@ -11,16 +11,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::metrics::{Class, Direction, LatencyLabels, Metrics, ResponseLabels};
+use crate::metrics::{AuthorityMetrics, Class};
 
 use super::BoxError;
 
 /// What is known about a response when its headers go out.
 #[derive(Debug)]
 pub struct Recorder {
-    pub metrics: Arc<Metrics>,
-    pub direction: Direction,
-    pub authority: Arc<str>,
+    pub metrics: Arc<AuthorityMetrics>,
     pub status: u16,
     pub grpc_status: Option<u32>,
     pub latency: Duration,
@@ -35,23 +33,7 @@ impl Recorder {
             Class::of(self.status, self.grpc_status)
         };
         self.metrics
-            .http_responses
-            .get_or_create(&ResponseLabels {
-                direction: self.direction,
-                authority: self.authority.clone(),
-                status_code: self.status,
-                grpc_status: self.grpc_status.map(|s| s.to_string()).unwrap_or_default(),
-                classification: class,
-            })
-            .inc();
-        self.metrics
-            .http_latency
-            .get_or_create(&LatencyLabels {
-                direction: self.direction,
-                authority: self.authority,
-                classification: class,
-            })
-            .observe(self.latency.as_secs_f64());
+            .response(self.status, self.grpc_status, class, self.latency);
     }
 }
 

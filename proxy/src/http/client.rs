@@ -1,31 +1,41 @@
-//! Connections to destinations: one pooled hyper client per (address, protocol).
+//! Connections to one endpoint: a pool of HTTP/1.1 connections or one shared HTTP/2 connection.
 //!
-//! Each client's connector dials exactly one address, so the pool key is the original
-//! destination while the request keeps its own authority (`Host` / `:authority`). HTTP/1
-//! connections are kept alive and reused; HTTP/2 connections are shared by concurrent streams.
+//! An [`Endpoint`] dials exactly one address, so the pool key is the destination while each
+//! request keeps its own authority (`Host` / `:authority`). The pool is built directly on
+//! hyper's connection API rather than `hyper_util`'s legacy client: the legacy client keys a
+//! shared map by URI, locks it twice per request and spawns a task per request to return the
+//! connection; here a finished HTTP/1.1 response hands its connection back from the body's
+//! last frame, with no task and no map lookup. That was measured as a large share of the
+//! proxy's user-space time per request (benches/RESULTS.md).
+//!
+//! - HTTP/1.1: idle connections are reused most-recently-used first, closed after the idle
+//!   timeout, and capped at [`MAX_IDLE`]. A request that finds its pooled connection closed by
+//!   the server before it was written is retried once on a fresh connection (hyper returns an
+//!   unsent request to us), so keep-alive races are invisible to clients.
+//! - HTTP/2: one connection shared by all concurrent streams, redialled when it closes.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
-/// How many destination clients are cached before the cache is cleared.
-const MAX_CLIENTS: usize = 4096;
+use super::{BoxBody, BoxError};
 
-/// A connector that dials one address, whatever the URI says.
-#[derive(Clone, Debug)]
-pub struct FixedConnector {
-    addr: SocketAddr,
-    timeout: Duration,
-}
+/// How many destination endpoints are cached before the cache is cleared.
+const MAX_ENDPOINTS: usize = 4096;
+/// Idle HTTP/1.1 connections kept per endpoint.
+pub const MAX_IDLE: usize = 256;
 
 /// A failed dial, with the address and the cause.
 #[derive(Debug, thiserror::Error)]
@@ -36,37 +46,348 @@ pub struct ConnectError {
     pub source: std::io::Error,
 }
 
-impl tower_service::Service<http::Uri> for FixedConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+/// Why a request to an endpoint failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("HTTP handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("request to {addr} failed: {source}")]
+    Request {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+}
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let (addr, timeout) = (self.addr, self.timeout);
-        Box::pin(async move {
-            let err = |source| ConnectError { addr, source };
-            let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-                .await
-                .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
-                .map_err(err)?;
-            stream.set_nodelay(true).map_err(err)?;
-            Ok(TokioIo::new(stream))
-        })
+struct Idle {
+    conn: http1::SendRequest<BoxBody>,
+    since: Instant,
+}
+
+/// Connections to one address, speaking one protocol.
+pub struct Endpoint {
+    addr: SocketAddr,
+    h2: bool,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    idle: Mutex<Vec<Idle>>,
+    shared_h2: Mutex<Option<http2::SendRequest<BoxBody>>>,
+    /// Serialises HTTP/2 dials so a burst of first requests opens one connection.
+    h2_dial: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("addr", &self.addr)
+            .field("h2", &self.h2)
+            .field("idle", &lock(&self.idle).len())
+            .finish()
     }
 }
 
-pub type HttpClient = Client<FixedConnector, Incoming>;
+impl Endpoint {
+    pub fn new(
+        addr: SocketAddr,
+        h2: bool,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Arc<Self> {
+        let ep = Arc::new(Self {
+            addr,
+            h2,
+            connect_timeout,
+            idle_timeout,
+            idle: Mutex::new(Vec::new()),
+            shared_h2: Mutex::new(None),
+            h2_dial: tokio::sync::Mutex::new(()),
+        });
+        if !h2 {
+            tokio::spawn(sweep_idle(Arc::downgrade(&ep), idle_timeout));
+        }
+        ep
+    }
 
-/// Clients by destination and protocol.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Idle HTTP/1.1 connections now in the pool.
+    pub fn idle_count(&self) -> usize {
+        lock(&self.idle).len()
+    }
+
+    /// Sends `req`; the response body returns its connection to the pool when it ends.
+    pub async fn request(
+        self: &Arc<Self>,
+        req: Request<BoxBody>,
+    ) -> Result<Response<PooledBody>, ClientError> {
+        if self.h2 {
+            self.request_h2(req).await
+        } else {
+            self.request_h1(req).await
+        }
+    }
+
+    async fn request_h1(
+        self: &Arc<Self>,
+        req: Request<BoxBody>,
+    ) -> Result<Response<PooledBody>, ClientError> {
+        let (conn, pooled) = match self.checkout() {
+            Some(c) => (c, true),
+            None => (self.dial_h1().await?, false),
+        };
+        match self.send_h1(conn, req).await {
+            // Not written: the pooled connection was closed under us. Retry once on a fresh
+            // connection; a fresh connection's failure is final.
+            Err(mut e) if pooled && e.message().is_some() => {
+                let Some(req) = e.take_message() else {
+                    return Err(self.request_error(e.into_error()));
+                };
+                tracing::debug!(addr = %self.addr, error = %e.error(), "pooled connection closed before the request was sent; retrying on a new one");
+                let conn = self.dial_h1().await?;
+                self.send_h1(conn, req)
+                    .await
+                    .map_err(|e| self.request_error(e.into_error()))
+            }
+            Err(e) => Err(self.request_error(e.into_error())),
+            Ok(rsp) => Ok(rsp),
+        }
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        mut conn: http1::SendRequest<BoxBody>,
+        req: Request<BoxBody>,
+    ) -> Result<Response<PooledBody>, hyper::client::conn::TrySendError<Request<BoxBody>>> {
+        // `ready` resolves at once for an idle connection; it only waits while the previous
+        // response's end is still being processed by the connection task. An error here means
+        // the connection closed: `try_send_request` then hands the request back unsent.
+        let _ = conn.ready().await;
+        let rsp = conn.try_send_request(req).await?;
+        // A connection that switched protocols belongs to the upgraded stream now.
+        let back = if rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            PoolReturn::None
+        } else {
+            PoolReturn::H1 {
+                conn,
+                endpoint: Arc::downgrade(self),
+            }
+        };
+        Ok(rsp.map(|b| PooledBody::new(b, back)))
+    }
+
+    fn request_error(&self, source: hyper::Error) -> ClientError {
+        ClientError::Request {
+            addr: self.addr,
+            source,
+        }
+    }
+
+    async fn request_h2(
+        self: &Arc<Self>,
+        req: Request<BoxBody>,
+    ) -> Result<Response<PooledBody>, ClientError> {
+        let mut conn = self.h2_conn().await?;
+        match conn.send_request(req).await {
+            Ok(rsp) => Ok(rsp.map(|b| PooledBody::new(b, PoolReturn::None))),
+            Err(source) => {
+                if conn.is_closed() {
+                    let mut shared = lock(&self.shared_h2);
+                    if shared.as_ref().is_some_and(|c| c.is_closed()) {
+                        *shared = None;
+                    }
+                }
+                Err(ClientError::Request {
+                    addr: self.addr,
+                    source,
+                })
+            }
+        }
+    }
+
+    async fn h2_conn(&self) -> Result<http2::SendRequest<BoxBody>, ClientError> {
+        if let Some(c) = lock(&self.shared_h2).as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let _dialing = self.h2_dial.lock().await;
+        if let Some(c) = lock(&self.shared_h2).as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let io = self.connect().await?;
+        let mut b = http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new()).adaptive_window(true);
+        let (send, conn) = b
+            .handshake(io)
+            .await
+            .map_err(|source| ClientError::Handshake {
+                addr: self.addr,
+                source,
+            })?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "http/2 client connection ended with an error");
+            }
+        });
+        *lock(&self.shared_h2) = Some(send.clone());
+        Ok(send)
+    }
+
+    fn checkout(&self) -> Option<http1::SendRequest<BoxBody>> {
+        let mut idle = lock(&self.idle);
+        while let Some(i) = idle.pop() {
+            if !i.conn.is_closed() && i.since.elapsed() < self.idle_timeout {
+                return Some(i.conn);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, conn: http1::SendRequest<BoxBody>) {
+        if conn.is_closed() {
+            return;
+        }
+        let mut idle = lock(&self.idle);
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn dial_h1(&self) -> Result<http1::SendRequest<BoxBody>, ClientError> {
+        let io = self.connect().await?;
+        let (send, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|source| ClientError::Handshake {
+                addr: self.addr,
+                source,
+            })?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(%addr, error = %e, "http/1 client connection ended with an error");
+            }
+        });
+        Ok(send)
+    }
+
+    async fn connect(&self) -> Result<TokioIo<TcpStream>, ConnectError> {
+        let addr = self.addr;
+        let err = |source| ConnectError { addr, source };
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(err)?;
+        stream.set_nodelay(true).map_err(err)?;
+        Ok(TokioIo::new(stream))
+    }
+}
+
+/// Closes idle connections older than the idle timeout, until the endpoint is dropped.
+async fn sweep_idle(ep: Weak<Endpoint>, idle_timeout: Duration) {
+    let period = (idle_timeout / 2).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(ep) = ep.upgrade() else { return };
+        lock(&ep.idle).retain(|i| !i.conn.is_closed() && i.since.elapsed() < idle_timeout);
+    }
+}
+
+enum PoolReturn {
+    H1 {
+        conn: http1::SendRequest<BoxBody>,
+        endpoint: Weak<Endpoint>,
+    },
+    None,
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that gives its HTTP/1.1 connection back to the pool at its end. A body
+    /// dropped before its end takes the connection with it (hyper then closes it), since the
+    /// rest of the response would still be on the wire.
+    pub struct PooledBody {
+        #[pin]
+        inner: Incoming,
+        back: Option<PoolReturn>,
+    }
+}
+
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody").finish_non_exhaustive()
+    }
+}
+
+impl PooledBody {
+    fn new(inner: Incoming, back: PoolReturn) -> Self {
+        let mut body = Self {
+            inner,
+            back: Some(back),
+        };
+        if body.inner.is_end_stream() {
+            body.release();
+        }
+        body
+    }
+
+    fn release(&mut self) {
+        if let Some(PoolReturn::H1 { conn, endpoint }) = self.back.take() {
+            if let Some(ep) = endpoint.upgrade() {
+                ep.checkin(conn);
+            }
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.as_mut().project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            Poll::Ready(Some(Err(_))) => *self.as_mut().project().back = None,
+            _ => {}
+        }
+        polled.map(|f| f.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Endpoints by destination and protocol, for connections without discovery: each goes to
+/// its original destination.
 #[derive(Debug)]
 pub struct Clients {
     connect_timeout: Duration,
     idle_timeout: Duration,
-    clients: Mutex<HashMap<(SocketAddr, bool), HttpClient>>,
+    endpoints: Mutex<HashMap<(SocketAddr, bool), Arc<Endpoint>>>,
 }
 
 impl Clients {
@@ -74,36 +395,136 @@ impl Clients {
         Arc::new(Self {
             connect_timeout,
             idle_timeout,
-            clients: Mutex::new(HashMap::new()),
+            endpoints: Mutex::new(HashMap::new()),
         })
     }
 
-    /// The client for `addr`, speaking HTTP/2 when `h2`.
-    pub fn get(&self, addr: SocketAddr, h2: bool) -> HttpClient {
-        let mut map = match self.clients.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
+    /// The endpoint for `addr`, speaking HTTP/2 when `h2`.
+    pub fn get(&self, addr: SocketAddr, h2: bool) -> Arc<Endpoint> {
+        let mut map = lock(&self.endpoints);
         if let Some(c) = map.get(&(addr, h2)) {
             return c.clone();
         }
-        if map.len() >= MAX_CLIENTS {
-            // Idle connections of dropped clients close; busy ones finish their requests.
+        if map.len() >= MAX_ENDPOINTS {
+            // Idle connections of dropped endpoints close; busy ones finish their requests.
             map.clear();
         }
-        let mut b = Client::builder(TokioExecutor::new());
-        b.pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(self.idle_timeout)
-            .http2_only(h2);
-        if h2 {
-            b.http2_adaptive_window(true);
-        }
-        let client = b.build(FixedConnector {
-            addr,
-            timeout: self.connect_timeout,
+        let ep = Endpoint::new(addr, h2, self.connect_timeout, self.idle_timeout);
+        map.insert((addr, h2), ep.clone());
+        ep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Empty};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A raw HTTP/1.1 server answering `ok` to each request; with `close_after_each` it closes
+    /// the connection after every response without saying so (a keep-alive race).
+    async fn server(close_after_each: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut have = Vec::new();
+                    loop {
+                        let n = match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        have.extend_from_slice(&buf[..n]);
+                        while let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
+                            have.drain(..end + 4);
+                            let rsp = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(rsp).await.is_err() {
+                                return;
+                            }
+                            if close_after_each {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
         });
-        map.insert((addr, h2), client.clone());
-        client
+        (addr, accepted)
+    }
+
+    fn get() -> Request<BoxBody> {
+        Request::get("http://test/")
+            .body(Empty::new().map_err(|e| match e {}).boxed())
+            .unwrap()
+    }
+
+    async fn ok(ep: &Arc<Endpoint>) {
+        let rsp = ep.request(get()).await.unwrap();
+        assert_eq!(rsp.status(), 200);
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+    }
+
+    #[tokio::test]
+    async fn sequential_requests_reuse_one_connection() {
+        let (addr, accepted) = server(false).await;
+        let ep = Endpoint::new(addr, false, Duration::from_secs(1), Duration::from_secs(60));
+        for _ in 0..20 {
+            ok(&ep).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(ep.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn connections_closed_by_the_server_are_replaced_without_failing_requests() {
+        let (addr, accepted) = server(true).await;
+        let ep = Endpoint::new(addr, false, Duration::from_secs(1), Duration::from_secs(60));
+        for _ in 0..50 {
+            ok(&ep).await;
+        }
+        assert!(accepted.load(Ordering::SeqCst) >= 50);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_after_the_idle_timeout() {
+        let (addr, _) = server(false).await;
+        let ep = Endpoint::new(
+            addr,
+            false,
+            Duration::from_secs(1),
+            Duration::from_millis(200),
+        );
+        ok(&ep).await;
+        assert_eq!(ep.idle_count(), 1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while ep.idle_count() > 0 {
+            assert!(Instant::now() < deadline, "idle connection never swept");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_connections_are_connect_errors() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let ep = Endpoint::new(addr, false, Duration::from_secs(1), Duration::from_secs(60));
+        match ep.request(get()).await {
+            Err(ClientError::Connect(e)) => {
+                assert_eq!(e.addr, addr);
+                assert_eq!(e.source.kind(), std::io::ErrorKind::ConnectionRefused);
+            }
+            other => panic!("expected a connect error, got {other:?}"),
+        }
     }
 }

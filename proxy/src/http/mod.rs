@@ -26,9 +26,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{Direction, Metrics, RequestLabels};
+use crate::metrics::{AuthorityMetrics, Direction, Metrics};
 use body::{Observed, Recorder};
-use client::{ConnectError, HttpClient};
+use client::{ClientError, Endpoint};
 pub use error::Cause;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -48,8 +48,10 @@ pub struct ConnCtx {
     pub target: SocketAddr,
     pub h2: bool,
     pub metrics: Arc<Metrics>,
-    pub client: HttpClient,
+    pub client: Arc<Endpoint>,
     pub limits: Limits,
+    /// The metric handles of the last authority seen on this connection.
+    pub last_authority: std::sync::Mutex<Option<Arc<AuthorityMetrics>>>,
 }
 
 /// Serves HTTP/1.1 on `io` until the client closes or the drain signal asks it to stop.
@@ -189,7 +191,7 @@ fn headers_size(headers: &HeaderMap) -> usize {
 fn cause_of(err: &(dyn std::error::Error + 'static)) -> Cause {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
-        if let Some(c) = e.downcast_ref::<ConnectError>() {
+        if let Some(ClientError::Connect(c)) = e.downcast_ref::<ClientError>() {
             return Cause::of_connect(&c.source);
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
@@ -211,9 +213,26 @@ fn cause_of(err: &(dyn std::error::Error + 'static)) -> Cause {
 }
 
 impl ConnCtx {
+    /// Metric handles for `authority`: almost every connection carries one authority, so the
+    /// last one is kept and the shared map is only consulted when it changes.
+    fn authority_metrics(&self, authority: &str) -> Arc<AuthorityMetrics> {
+        let mut last = match self.last_authority.lock() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        match &*last {
+            Some(m) if &*m.label == authority => m.clone(),
+            _ => {
+                let m = self.metrics.authority(self.direction, authority);
+                *last = Some(m.clone());
+                m
+            }
+        }
+    }
+
     fn error_response(
         &self,
-        authority: Arc<str>,
+        authority: Arc<AuthorityMetrics>,
         cause: Cause,
         detail: &str,
         start: Instant,
@@ -221,9 +240,7 @@ impl ConnCtx {
         self.metrics.error(self.direction, cause.as_str());
         tracing::info!(direction = %self.direction, target = %self.target, cause = cause.as_str(), detail, "proxy answered with an error");
         Recorder {
-            metrics: self.metrics.clone(),
-            direction: self.direction,
-            authority,
+            metrics: authority,
             status: cause.status().as_u16(),
             grpc_status: None,
             latency: start.elapsed(),
@@ -246,23 +263,15 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
                 .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
                 .unwrap_or_default();
             return ctx.error_response(
-                Arc::from("unknown"),
+                ctx.authority_metrics("unknown"),
                 cause,
                 &format!("invalid Host header {host:?}"),
                 start,
             );
         }
     };
-    let label = ctx
-        .metrics
-        .authority_label(ctx.direction, authority.as_str());
-    ctx.metrics
-        .http_requests
-        .get_or_create(&RequestLabels {
-            direction: ctx.direction,
-            authority: label.clone(),
-        })
-        .inc();
+    let label = ctx.authority_metrics(authority.as_str());
+    label.request();
 
     let size = headers_size(req.headers());
     if size > ctx.limits.max_header_bytes {
@@ -299,6 +308,7 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
     }
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
+    let req = req.map(|b| b.map_err(BoxError::from).boxed());
     let mut rsp = match ctx.client.request(req).await {
         Ok(rsp) => rsp,
         Err(e) => {
@@ -328,9 +338,7 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
     }
 
     let recorder = Recorder {
-        metrics: ctx.metrics.clone(),
-        direction: ctx.direction,
-        authority: label,
+        metrics: label,
         status: rsp.status().as_u16(),
         grpc_status: body::grpc_status(rsp.headers()),
         latency: start.elapsed(),

@@ -7,9 +7,10 @@
 mod process;
 mod text;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -121,6 +122,99 @@ pub struct ErrorLabels {
     pub cause: &'static str,
 }
 
+/// Series of one (direction, authority): the request counter, and response counters and
+/// latency histograms created on first use.
+pub struct AuthorityMetrics {
+    metrics: Arc<Metrics>,
+    pub direction: Direction,
+    pub label: Arc<str>,
+    requests: Counter,
+    /// A few (status, grpc-status, class) series: almost every authority sees a handful.
+    responses: Mutex<Vec<(u16, Option<u32>, Class, Counter)>>,
+    latency: [OnceLock<Histogram>; 2],
+}
+
+/// Response series cached per authority; rarer combinations go through the family's map.
+const CACHED_RESPONSE_SERIES: usize = 16;
+
+impl fmt::Debug for AuthorityMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthorityMetrics")
+            .field("direction", &self.direction)
+            .field("label", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthorityMetrics {
+    fn new(metrics: Arc<Metrics>, direction: Direction, label: Arc<str>) -> Arc<Self> {
+        let requests = metrics
+            .http_requests
+            .get_or_create(&RequestLabels {
+                direction,
+                authority: label.clone(),
+            })
+            .clone();
+        Arc::new(Self {
+            metrics,
+            direction,
+            label,
+            requests,
+            responses: Mutex::new(Vec::new()),
+            latency: [OnceLock::new(), OnceLock::new()],
+        })
+    }
+
+    /// Counts a request received.
+    pub fn request(&self) {
+        self.requests.inc();
+    }
+
+    /// Counts a response and observes its latency.
+    pub fn response(&self, status: u16, grpc_status: Option<u32>, class: Class, latency: Duration) {
+        {
+            let mut cached = match self.responses.lock() {
+                Ok(c) => c,
+                Err(p) => p.into_inner(),
+            };
+            if let Some((.., c)) = cached
+                .iter()
+                .find(|(s, g, k, _)| *s == status && *g == grpc_status && *k == class)
+            {
+                c.inc();
+            } else {
+                let counter = self
+                    .metrics
+                    .http_responses
+                    .get_or_create(&ResponseLabels {
+                        direction: self.direction,
+                        authority: self.label.clone(),
+                        status_code: status,
+                        grpc_status: grpc_status.map(|s| s.to_string()).unwrap_or_default(),
+                        classification: class,
+                    })
+                    .clone();
+                counter.inc();
+                if cached.len() < CACHED_RESPONSE_SERIES {
+                    cached.push((status, grpc_status, class, counter));
+                }
+            }
+        }
+        self.latency[class as usize]
+            .get_or_init(|| {
+                self.metrics
+                    .http_latency
+                    .get_or_create(&LatencyLabels {
+                        direction: self.direction,
+                        authority: self.label.clone(),
+                        classification: class,
+                    })
+                    .clone()
+            })
+            .observe(latency.as_secs_f64());
+    }
+}
+
 /// Latency buckets in seconds: sub-millisecond resolution for mesh hops, up to 10 s.
 const LATENCY_BUCKETS: [f64; 18] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
@@ -143,7 +237,9 @@ pub struct Metrics {
     pub tcp_write: Family<DirLabels, Counter>,
     pub detect: Family<DetectLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
-    authorities: Mutex<[HashSet<Arc<str>>; 2]>,
+    /// Per-direction handles of admitted authorities; see [`Metrics::authority`].
+    authorities: Mutex<[HashMap<Arc<str>, Arc<AuthorityMetrics>>; 2]>,
+    overflow: [OnceLock<Arc<AuthorityMetrics>>; 2],
 }
 
 impl fmt::Debug for Metrics {
@@ -224,12 +320,20 @@ impl Metrics {
             tcp_write,
             detect,
             errors,
-            authorities: Mutex::new([HashSet::new(), HashSet::new()]),
+            authorities: Mutex::new([HashMap::new(), HashMap::new()]),
+            overflow: [OnceLock::new(), OnceLock::new()],
         })
     }
 
-    /// The bounded label value for an authority.
-    pub fn authority_label(&self, direction: Direction, authority: &str) -> Arc<str> {
+    /// The metric handles for requests to `authority` in `direction`. Each direction admits
+    /// [`MAX_AUTHORITIES`] distinct values; later ones share the `overflow` handles. The
+    /// handles hold the families' series directly, so recording a request costs no label
+    /// hashing (callers cache the `Arc` per connection).
+    pub fn authority(
+        self: &Arc<Self>,
+        direction: Direction,
+        authority: &str,
+    ) -> Arc<AuthorityMetrics> {
         let idx = direction as usize;
         let mut sets = match self.authorities.lock() {
             Ok(s) => s,
@@ -240,11 +344,17 @@ impl Metrics {
             return a.clone();
         }
         if set.len() >= MAX_AUTHORITIES {
-            return Arc::from("overflow");
+            drop(sets);
+            return self.overflow[idx]
+                .get_or_init(|| {
+                    AuthorityMetrics::new(self.clone(), direction, Arc::from("overflow"))
+                })
+                .clone();
         }
-        let a: Arc<str> = Arc::from(authority);
-        set.insert(a.clone());
-        a
+        let label: Arc<str> = Arc::from(authority);
+        let handles = AuthorityMetrics::new(self.clone(), direction, label.clone());
+        set.insert(label, handles.clone());
+        handles
     }
 
     pub fn error(&self, direction: Direction, cause: &'static str) {
@@ -318,16 +428,16 @@ mod tests {
         let m = Metrics::new();
         for i in 0..MAX_AUTHORITIES {
             assert_eq!(
-                &*m.authority_label(Direction::Outbound, &format!("a{i}:80")),
+                &*m.authority(Direction::Outbound, &format!("a{i}:80")).label,
                 format!("a{i}:80")
             );
         }
         assert_eq!(
-            &*m.authority_label(Direction::Outbound, "new:80"),
+            &*m.authority(Direction::Outbound, "new:80").label,
             "overflow"
         );
-        assert_eq!(&*m.authority_label(Direction::Outbound, "a1:80"), "a1:80");
-        assert_eq!(&*m.authority_label(Direction::Inbound, "new:80"), "new:80");
+        assert_eq!(&*m.authority(Direction::Outbound, "a1:80").label, "a1:80");
+        assert_eq!(&*m.authority(Direction::Inbound, "new:80").label, "new:80");
     }
 
     #[test]
@@ -342,19 +452,23 @@ mod tests {
     #[test]
     fn encodes_golden_metrics() {
         let m = Metrics::new();
-        let a = m.authority_label(Direction::Outbound, "web:80");
-        m.http_requests
-            .get_or_create(&RequestLabels {
-                direction: Direction::Outbound,
-                authority: a.clone(),
-            })
-            .inc();
+        let a = m.authority(Direction::Outbound, "web:80");
+        a.request();
+        a.response(200, None, Class::Success, Duration::from_millis(3));
+        a.response(200, None, Class::Success, Duration::from_millis(4));
+        a.response(503, None, Class::Failure, Duration::from_millis(1));
         m.error(Direction::Inbound, "connect-refused");
         let om = m.encode_openmetrics().unwrap();
         assert!(
             om.contains(r#"weft_http_requests_total{direction="outbound",authority="web:80"} 1"#),
             "{om}"
         );
+        assert!(om.contains(
+            r#"weft_http_responses_total{direction="outbound",authority="web:80",status_code="200",grpc_status="",classification="success"} 2"#
+        ), "{om}");
+        assert!(om.contains(
+            r#"weft_http_response_duration_seconds_count{direction="outbound",authority="web:80",classification="failure"} 1"#
+        ), "{om}");
         assert!(om
             .contains(r#"weft_proxy_errors_total{direction="inbound",cause="connect-refused"} 1"#));
         assert!(om.contains("process_resident_memory_bytes "), "{om}");
