@@ -1,0 +1,87 @@
+//! The admin server (port 9990): `/metrics` (Prometheus text), `/ready`
+//! (200 once the source has a full view of the cluster, else 503) and
+//! `/live` (200 while the process serves).
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use crate::index::Index;
+use crate::metrics::Metrics;
+use crate::source::Readiness;
+
+#[derive(Clone, Debug)]
+pub struct Admin {
+    pub metrics: Metrics,
+    pub readiness: Readiness,
+    pub index: Index,
+}
+
+impl Admin {
+    /// Answers one admin request. Pure apart from reading metrics.
+    pub fn respond(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
+        let text = |status: StatusCode, body: String| {
+            let mut rsp = Response::new(Full::new(Bytes::from(body)));
+            *rsp.status_mut() = status;
+            rsp
+        };
+        if method != Method::GET && method != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
+        }
+        match path {
+            "/metrics" => {
+                self.metrics.observe_index(&self.index);
+                let mut rsp = text(StatusCode::OK, self.metrics.encode());
+                rsp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                rsp
+            }
+            "/ready" if self.readiness.is_ready() => text(StatusCode::OK, "ready\n".into()),
+            "/ready" => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "source has not synced yet\n".into(),
+            ),
+            "/live" => text(StatusCode::OK, "live\n".into()),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found; try /metrics, /ready or /live\n".into(),
+            ),
+        }
+    }
+
+    /// Serves until the task is dropped.
+    pub async fn serve(self, listener: TcpListener) {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let admin = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let rsp = admin.respond(req.method(), req.uri().path());
+                    async move { Ok::<_, Infallible>(rsp) }
+                });
+                if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await
+                {
+                    tracing::debug!(error = %e, "admin connection ended");
+                }
+            });
+        }
+    }
+}

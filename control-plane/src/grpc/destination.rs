@@ -1,0 +1,391 @@
+//! `Destination.Resolve`: one task per stream that resolves the target
+//! against the index, sends the full answer, then waits for the index
+//! topics the answer depends on and sends the difference.
+//!
+//! Updates (see `weft.destination.Update` in weft-proto):
+//! - first message: `Add` with every endpoint, or `NoEndpoints{exists}` when
+//!   there are none (`exists = false`: unknown target, forward unchanged);
+//! - then `Add` for new endpoints and endpoints whose metadata changed
+//!   (replace by address), `Remove` for endpoints that left, and
+//!   `NoEndpoints` when the set becomes empty or the target disappears.
+//!   Adds are sent before removes so a client never drops to zero
+//!   endpoints in the middle of a replacement.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+use weft_proto::destination::destination_server::Destination;
+use weft_proto::destination::{
+    update, AddEndpoints, ClientPolicyRequest, Endpoint, NoEndpoints, OutboundPolicy, ProtocolHint,
+    RemoveEndpoints, ResolveRequest, TlsIdentity, Update,
+};
+
+use crate::index::resolve::Hint;
+use crate::index::{self, EndpointInfo, Index, Resolution, ResolveConfig};
+use crate::metrics::{Metrics, UpdateLabels};
+use crate::model::names::parse_target;
+
+/// Settings of the destination service.
+#[derive(Clone, Debug)]
+pub struct DestinationConfig {
+    pub cluster_domain: String,
+    pub resolve: ResolveConfig,
+}
+
+impl Default for DestinationConfig {
+    fn default() -> Self {
+        DestinationConfig {
+            cluster_domain: "cluster.local".into(),
+            resolve: ResolveConfig::default(),
+        }
+    }
+}
+
+/// The `Destination` gRPC service.
+#[derive(Clone, Debug)]
+pub struct DestinationService {
+    index: Index,
+    config: DestinationConfig,
+    metrics: Metrics,
+}
+
+impl DestinationService {
+    pub fn new(index: Index, config: DestinationConfig, metrics: Metrics) -> Self {
+        DestinationService {
+            index,
+            config,
+            metrics,
+        }
+    }
+}
+
+/// The stream handed to tonic: updates produced by the stream's task.
+pub struct UpdateStream(mpsc::Receiver<Result<Update, Status>>);
+
+impl Stream for UpdateStream {
+    type Item = Result<Update, Status>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+#[tonic::async_trait]
+impl Destination for DestinationService {
+    type ResolveStream = UpdateStream;
+    type ClientPolicyStream = Pin<Box<dyn Stream<Item = Result<OutboundPolicy, Status>> + Send>>;
+
+    async fn resolve(
+        &self,
+        request: Request<ResolveRequest>,
+    ) -> Result<Response<UpdateStream>, Status> {
+        let req = request.into_inner();
+        let caller_ns = req
+            .context
+            .as_ref()
+            .map(|c| c.namespace.as_str())
+            .unwrap_or("");
+        let target = parse_target(&req.target, caller_ns, &self.config.cluster_domain)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::debug!(target = %req.target, ?target, caller = ?req.context, "resolve");
+        let (tx, rx) = mpsc::channel(8);
+        let index = self.index.clone();
+        let config = self.config.resolve.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            metrics.resolve_streams.inc();
+            let mut last: Option<Resolution> = None;
+            loop {
+                let (next, mut receivers) = index.resolve(&target, &config);
+                for update in diff(last.as_ref(), &next) {
+                    metrics
+                        .resolve_updates
+                        .get_or_create(&UpdateLabels {
+                            update: update_name(&update),
+                        })
+                        .inc();
+                    if tx.send(Ok(update)).await.is_err() {
+                        metrics.resolve_streams.dec();
+                        return;
+                    }
+                }
+                last = Some(next);
+                tokio::select! {
+                    alive = index::changed(&mut receivers) => if !alive { break },
+                    () = tx.closed() => break,
+                }
+            }
+            metrics.resolve_streams.dec();
+        });
+        Ok(Response::new(UpdateStream(rx)))
+    }
+
+    async fn client_policy(
+        &self,
+        _req: Request<ClientPolicyRequest>,
+    ) -> Result<Response<Self::ClientPolicyStream>, Status> {
+        Err(Status::unimplemented(
+            "weft-controller does not serve Destination.ClientPolicy yet; proxies use the default outbound policy",
+        ))
+    }
+}
+
+fn update_name(update: &Update) -> &'static str {
+    match update.update {
+        Some(update::Update::Add(_)) => "add",
+        Some(update::Update::Remove(_)) => "remove",
+        Some(update::Update::NoEndpoints(_)) => "no_endpoints",
+        None => "none",
+    }
+}
+
+/// The updates that take a client from `last` (what it was sent; `None`
+/// before the first message) to `next`. Pure.
+pub fn diff(last: Option<&Resolution>, next: &Resolution) -> Vec<Update> {
+    let no_endpoints = |exists: bool| Update {
+        update: Some(update::Update::NoEndpoints(NoEndpoints { exists })),
+    };
+    let add = |eps: Vec<&EndpointInfo>| Update {
+        update: Some(update::Update::Add(AddEndpoints {
+            endpoints: eps.into_iter().map(to_proto).collect(),
+        })),
+    };
+    let empty = BTreeMap::new();
+    let (last_set, last_known) = match last {
+        None => (None, false),
+        Some(Resolution::Unknown) => (Some(&empty), false),
+        Some(Resolution::Endpoints(set)) => (Some(set), true),
+    };
+    match next {
+        Resolution::Unknown => {
+            if last.is_some() && !last_known {
+                Vec::new()
+            } else {
+                vec![no_endpoints(false)]
+            }
+        }
+        Resolution::Endpoints(set) if set.is_empty() => match last_set {
+            Some(prev) if last_known && prev.is_empty() => Vec::new(),
+            _ => vec![no_endpoints(true)],
+        },
+        Resolution::Endpoints(set) => {
+            let prev = last_set.unwrap_or(&empty);
+            let added: Vec<&EndpointInfo> = set
+                .iter()
+                .filter(|(addr, ep)| prev.get(*addr) != Some(*ep))
+                .map(|(_, ep)| ep)
+                .collect();
+            let removed: Vec<SocketAddr> = prev
+                .keys()
+                .filter(|a| !set.contains_key(*a))
+                .copied()
+                .collect();
+            let mut out = Vec::new();
+            if !added.is_empty() {
+                out.push(add(added));
+            }
+            if !removed.is_empty() {
+                out.push(Update {
+                    update: Some(update::Update::Remove(RemoveEndpoints {
+                        addrs: removed.into_iter().map(Into::into).collect(),
+                    })),
+                });
+            }
+            out
+        }
+    }
+}
+
+fn to_proto(ep: &EndpointInfo) -> Endpoint {
+    Endpoint {
+        addr: Some(ep.addr.into()),
+        weight: ep.weight,
+        tls_identity: ep.identity.as_ref().map(|id| TlsIdentity {
+            spiffe_id: id.clone(),
+        }),
+        protocol_hint: match ep.hint {
+            Hint::Unknown => ProtocolHint::Unknown,
+            Hint::H2 => ProtocolHint::H2,
+            Hint::Opaque => ProtocolHint::Opaque,
+        } as i32,
+        zone: ep.zone.clone().unwrap_or_default(),
+        labels: ep.labels.clone().into_iter().collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(addr: &str, zone: &str) -> EndpointInfo {
+        EndpointInfo {
+            addr: addr.parse().expect("addr"),
+            weight: 1,
+            identity: None,
+            hint: Hint::Unknown,
+            zone: Some(zone.into()),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn set(eps: &[(&str, &str)]) -> Resolution {
+        Resolution::Endpoints(
+            eps.iter()
+                .map(|(a, z)| (a.parse().expect("addr"), ep(a, z)))
+                .collect(),
+        )
+    }
+
+    /// Updates rendered compactly: "add a,b", "remove c", "none exists=true".
+    fn render(updates: Vec<Update>) -> Vec<String> {
+        updates
+            .into_iter()
+            .map(|u| match u.update {
+                Some(update::Update::Add(a)) => format!(
+                    "add {}",
+                    a.endpoints
+                        .iter()
+                        .map(|e| e.socket_addr().map(|a| a.to_string()).unwrap_or_default())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                Some(update::Update::Remove(r)) => format!(
+                    "remove {}",
+                    r.addrs
+                        .iter()
+                        .map(|a| a
+                            .to_socket_addr()
+                            .map(|a| a.to_string())
+                            .unwrap_or_default())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                Some(update::Update::NoEndpoints(n)) => format!("none exists={}", n.exists),
+                None => "empty".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn table() {
+        let a = ("10.0.0.1:80", "z1");
+        let b = ("10.0.0.2:80", "z1");
+        let c = ("10.0.0.3:80", "z1");
+        let a_moved = ("10.0.0.1:80", "z2");
+        let unknown = Resolution::Unknown;
+        let empty = set(&[]);
+        let cases: Vec<(&str, Option<Resolution>, Resolution, Vec<&str>)> = vec![
+            (
+                "first: unknown",
+                None,
+                unknown.clone(),
+                vec!["none exists=false"],
+            ),
+            (
+                "first: empty",
+                None,
+                empty.clone(),
+                vec!["none exists=true"],
+            ),
+            (
+                "first: full set",
+                None,
+                set(&[a, b]),
+                vec!["add 10.0.0.1:80,10.0.0.2:80"],
+            ),
+            ("no change", Some(set(&[a, b])), set(&[a, b]), vec![]),
+            (
+                "no change unknown",
+                Some(unknown.clone()),
+                unknown.clone(),
+                vec![],
+            ),
+            (
+                "no change empty",
+                Some(empty.clone()),
+                empty.clone(),
+                vec![],
+            ),
+            (
+                "add and remove",
+                Some(set(&[a, b])),
+                set(&[b, c]),
+                vec!["add 10.0.0.3:80", "remove 10.0.0.1:80"],
+            ),
+            (
+                "metadata change re-adds",
+                Some(set(&[a, b])),
+                set(&[a_moved, b]),
+                vec!["add 10.0.0.1:80"],
+            ),
+            (
+                "to empty",
+                Some(set(&[a])),
+                empty.clone(),
+                vec!["none exists=true"],
+            ),
+            (
+                "to unknown",
+                Some(set(&[a])),
+                unknown.clone(),
+                vec!["none exists=false"],
+            ),
+            (
+                "unknown to set",
+                Some(unknown.clone()),
+                set(&[a]),
+                vec!["add 10.0.0.1:80"],
+            ),
+            (
+                "empty to set",
+                Some(empty.clone()),
+                set(&[a]),
+                vec!["add 10.0.0.1:80"],
+            ),
+            (
+                "empty to unknown",
+                Some(empty),
+                unknown,
+                vec!["none exists=false"],
+            ),
+        ];
+        for (name, last, next, want) in cases {
+            assert_eq!(render(diff(last.as_ref(), &next)), want, "{name}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Applying diff(last, next) to the client's view of `last` yields `next`.
+        #[test]
+        fn diffs_converge(
+            first in proptest::collection::btree_set(0u8..20, 0..8),
+            second in proptest::collection::btree_set(0u8..20, 0..8),
+            zones in proptest::collection::vec(0u8..2, 20),
+        ) {
+            let mk = |s: &std::collections::BTreeSet<u8>, shift: usize| -> Resolution {
+                Resolution::Endpoints(s.iter().map(|i| {
+                    let addr = format!("10.0.0.{i}:80");
+                    let zone = format!("z{}", zones[(usize::from(*i) + shift) % zones.len()]);
+                    (addr.parse().expect("addr"), ep(&addr, &zone))
+                }).collect())
+            };
+            let (r1, r2) = (mk(&first, 0), mk(&second, 1));
+            let mut view: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
+            for u in diff(None, &r1).into_iter().chain(diff(Some(&r1), &r2)) {
+                match u.update {
+                    Some(update::Update::Add(a)) => for e in a.endpoints { view.insert(e.socket_addr().expect("addr"), e); },
+                    Some(update::Update::Remove(r)) => for a in r.addrs { view.remove(&a.to_socket_addr().expect("addr")); },
+                    Some(update::Update::NoEndpoints(_)) => view.clear(),
+                    None => {}
+                }
+            }
+            let Resolution::Endpoints(want) = &r2 else { unreachable!() };
+            let want: BTreeMap<SocketAddr, Endpoint> = want.iter().map(|(a, e)| (*a, to_proto(e))).collect();
+            proptest::prop_assert_eq!(view, want);
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! The one in-memory index of cluster state, written by a source and read by
+//! the gRPC services.
+//!
+//! Writers apply a batch of changes under a write lock ([`Index::apply`],
+//! [`Index::reset`]); an object equal to the one held is not a change. Each
+//! change names the *topics* it touches — a Service (its object, its
+//! EndpointSlices, the pods those slices point at) or an IP (a ClusterIP or a
+//! pod IP) — and after the lock is released every topic that changed is
+//! bumped once. A reader resolves under the read lock and subscribes to the
+//! topics its answer depends on *while still holding it*, so no change can
+//! slip between its read and its subscription ([`Index::resolve`]). A
+//! Resolve stream therefore wakes only for changes that may alter its
+//! answer, and recomputes its whole answer (cheap: one service) before
+//! diffing against what it last sent.
+
+pub mod resolve;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::watch;
+
+use crate::model::{EndpointSlice, Kind, Namespace, Object, ObjectKey, Pod, Service};
+pub use resolve::{EndpointInfo, Resolution, ResolveConfig};
+
+/// What a reader may depend on.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// A Service object, its slices, and the pods its slices point at.
+    Service(ObjectKey),
+    /// A Service ClusterIP or a pod IP.
+    Ip(IpAddr),
+}
+
+/// One change from a source.
+#[derive(Clone, Debug)]
+pub enum Change {
+    Upsert(Object),
+    Delete(Kind, ObjectKey),
+}
+
+/// The indexed cluster state. Read it through [`Index::read`].
+#[derive(Debug, Default)]
+pub struct State {
+    pub services: HashMap<ObjectKey, Arc<Service>>,
+    pub slices: HashMap<ObjectKey, Arc<EndpointSlice>>,
+    pub pods: HashMap<ObjectKey, Arc<Pod>>,
+    pub namespaces: HashMap<String, Arc<Namespace>>,
+    /// ClusterIP → services (normally one).
+    pub by_cluster_ip: HashMap<IpAddr, BTreeSet<ObjectKey>>,
+    /// Pod IP → pods (several only for host-network pods).
+    pub pods_by_ip: HashMap<IpAddr, BTreeSet<ObjectKey>>,
+    /// Service → names of its slices.
+    pub slices_by_service: HashMap<ObjectKey, BTreeSet<String>>,
+    /// Pod → slices that point at it.
+    pub slices_by_pod: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+}
+
+impl State {
+    pub fn len(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Service => self.services.len(),
+            Kind::EndpointSlice => self.slices.len(),
+            Kind::Pod => self.pods.len(),
+            Kind::Namespace => self.namespaces.len(),
+        }
+    }
+
+    pub fn contains(&self, kind: Kind, key: &ObjectKey) -> bool {
+        match kind {
+            Kind::Service => self.services.contains_key(key),
+            Kind::EndpointSlice => self.slices.contains_key(key),
+            Kind::Pod => self.pods.contains_key(key),
+            Kind::Namespace => self.namespaces.contains_key(&key.name),
+        }
+    }
+
+    fn keys(&self, kind: Kind) -> Vec<ObjectKey> {
+        match kind {
+            Kind::Service => self.services.keys().cloned().collect(),
+            Kind::EndpointSlice => self.slices.keys().cloned().collect(),
+            Kind::Pod => self.pods.keys().cloned().collect(),
+            Kind::Namespace => self
+                .namespaces
+                .keys()
+                .map(|n| ObjectKey::new("", n.clone()))
+                .collect(),
+        }
+    }
+
+    /// Applies one change; returns whether anything changed, pushing the
+    /// topics it touched.
+    fn apply(&mut self, change: Change, topics: &mut HashSet<Topic>) -> bool {
+        match change {
+            Change::Upsert(Object::Service(s)) => {
+                self.put_service(Some(s.key.clone()), Some(s), topics)
+            }
+            Change::Upsert(Object::EndpointSlice(s)) => {
+                self.put_slice(s.key.clone(), Some(s), topics)
+            }
+            Change::Upsert(Object::Pod(p)) => self.put_pod(p.key.clone(), Some(p), topics),
+            Change::Upsert(Object::Namespace(n)) => {
+                let new = Arc::new(n);
+                match self.namespaces.insert(new.name.clone(), new.clone()) {
+                    Some(old) => *old != *new,
+                    None => true,
+                }
+            }
+            Change::Delete(Kind::Service, key) => self.put_service(Some(key), None, topics),
+            Change::Delete(Kind::EndpointSlice, key) => self.put_slice(key, None, topics),
+            Change::Delete(Kind::Pod, key) => self.put_pod(key, None, topics),
+            Change::Delete(Kind::Namespace, key) => self.namespaces.remove(&key.name).is_some(),
+        }
+    }
+
+    fn put_service(
+        &mut self,
+        key: Option<ObjectKey>,
+        new: Option<Service>,
+        topics: &mut HashSet<Topic>,
+    ) -> bool {
+        let Some(key) = key else { return false };
+        let old = self.services.get(&key).cloned();
+        if old.as_deref() == new.as_ref() {
+            return false;
+        }
+        topics.insert(Topic::Service(key.clone()));
+        if let Some(old) = &old {
+            for ip in &old.cluster_ips {
+                topics.insert(Topic::Ip(*ip));
+                remove_from(&mut self.by_cluster_ip, ip, &key);
+            }
+        }
+        match new {
+            Some(new) => {
+                for ip in &new.cluster_ips {
+                    topics.insert(Topic::Ip(*ip));
+                    self.by_cluster_ip
+                        .entry(*ip)
+                        .or_default()
+                        .insert(key.clone());
+                }
+                self.services.insert(key, Arc::new(new));
+            }
+            None => {
+                self.services.remove(&key);
+            }
+        }
+        true
+    }
+
+    fn put_slice(
+        &mut self,
+        key: ObjectKey,
+        new: Option<EndpointSlice>,
+        topics: &mut HashSet<Topic>,
+    ) -> bool {
+        let old = self.slices.get(&key).cloned();
+        if old.as_deref() == new.as_ref() {
+            return false;
+        }
+        if let Some(old) = &old {
+            if let Some(svc) = old.service_key() {
+                topics.insert(Topic::Service(svc.clone()));
+                remove_from(&mut self.slices_by_service, &svc, &key.name);
+            }
+            for pod in old.endpoints.iter().filter_map(|e| e.pod.as_ref()) {
+                remove_from(
+                    &mut self.slices_by_pod,
+                    &ObjectKey::new(key.namespace.clone(), pod.clone()),
+                    &key,
+                );
+            }
+        }
+        match new {
+            Some(new) => {
+                if let Some(svc) = new.service_key() {
+                    topics.insert(Topic::Service(svc.clone()));
+                    self.slices_by_service
+                        .entry(svc)
+                        .or_default()
+                        .insert(key.name.clone());
+                }
+                for pod in new.endpoints.iter().filter_map(|e| e.pod.as_ref()) {
+                    self.slices_by_pod
+                        .entry(ObjectKey::new(key.namespace.clone(), pod.clone()))
+                        .or_default()
+                        .insert(key.clone());
+                }
+                self.slices.insert(key, Arc::new(new));
+            }
+            None => {
+                self.slices.remove(&key);
+            }
+        }
+        true
+    }
+
+    fn put_pod(&mut self, key: ObjectKey, new: Option<Pod>, topics: &mut HashSet<Topic>) -> bool {
+        let old = self.pods.get(&key).cloned();
+        if old.as_deref() == new.as_ref() {
+            return false;
+        }
+        // Services whose slices point at this pod see its identity, ports
+        // and labels.
+        for slice in self.slices_by_pod.get(&key).into_iter().flatten() {
+            if let Some(svc) = self.slices.get(slice).and_then(|s| s.service_key()) {
+                topics.insert(Topic::Service(svc));
+            }
+        }
+        if let Some(old) = &old {
+            for ip in &old.ips {
+                topics.insert(Topic::Ip(*ip));
+                remove_from(&mut self.pods_by_ip, ip, &key);
+            }
+        }
+        match new {
+            Some(new) => {
+                for ip in &new.ips {
+                    topics.insert(Topic::Ip(*ip));
+                    self.pods_by_ip.entry(*ip).or_default().insert(key.clone());
+                }
+                self.pods.insert(key, Arc::new(new));
+            }
+            None => {
+                self.pods.remove(&key);
+            }
+        }
+        true
+    }
+}
+
+fn remove_from<K: std::hash::Hash + Eq, V: Ord>(
+    map: &mut HashMap<K, BTreeSet<V>>,
+    key: &K,
+    value: &V,
+) {
+    if let Some(set) = map.get_mut(key) {
+        set.remove(value);
+        if set.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+/// A cheaply clonable handle to the index.
+#[derive(Clone, Default)]
+pub struct Index {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Index").finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    state: RwLock<State>,
+    topics: Mutex<HashMap<Topic, watch::Sender<u64>>>,
+    /// Bumped after every batch that changed something.
+    generation: watch::Sender<u64>,
+}
+
+/// What a batch did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub changed: usize,
+    pub topics: usize,
+}
+
+impl Index {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Read access to the state (keep it short: writers wait).
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        // A poisoned lock means a writer panicked mid-batch; the state is
+        // still structurally valid (every step keeps the maps consistent), so
+        // keep serving rather than take the controller down.
+        self.inner.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.inner.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies changes as one batch and notifies readers once per topic.
+    pub fn apply(&self, changes: impl IntoIterator<Item = Change>) -> Applied {
+        let mut topics = HashSet::new();
+        let mut changed = 0;
+        {
+            let mut state = self.write();
+            for change in changes {
+                if state.apply(change, &mut topics) {
+                    changed += 1;
+                }
+            }
+        }
+        self.notify(changed, topics)
+    }
+
+    /// Replaces every object of `kind` with `objects` (a re-list): objects
+    /// not in the list are deleted, equal ones are left alone.
+    pub fn reset(&self, kind: Kind, objects: Vec<Object>) -> Applied {
+        self.reset_kinds(&[kind], objects)
+    }
+
+    /// Replaces every object of the given kinds with `objects` in one batch
+    /// (the directory source replaces everything after a reload).
+    pub fn reset_kinds(&self, kinds: &[Kind], objects: Vec<Object>) -> Applied {
+        let mut topics = HashSet::new();
+        let mut changed = 0;
+        {
+            let mut state = self.write();
+            let keep: HashSet<(Kind, ObjectKey)> =
+                objects.iter().map(|o| (o.kind(), o.key())).collect();
+            for kind in kinds {
+                for key in state.keys(*kind) {
+                    if !keep.contains(&(*kind, key.clone()))
+                        && state.apply(Change::Delete(*kind, key), &mut topics)
+                    {
+                        changed += 1;
+                    }
+                }
+            }
+            for object in objects {
+                if state.apply(Change::Upsert(object), &mut topics) {
+                    changed += 1;
+                }
+            }
+        }
+        self.notify(changed, topics)
+    }
+
+    fn notify(&self, changed: usize, topics: HashSet<Topic>) -> Applied {
+        let n = topics.len();
+        if changed > 0 {
+            let mut registry = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
+            for topic in topics {
+                if let Some(tx) = registry.get(&topic) {
+                    if tx.receiver_count() == 0 {
+                        registry.remove(&topic);
+                    } else {
+                        tx.send_modify(|v| *v += 1);
+                    }
+                }
+            }
+            drop(registry);
+            self.inner.generation.send_modify(|g| *g += 1);
+        }
+        Applied { changed, topics: n }
+    }
+
+    /// A receiver that changes after every batch that changed something.
+    pub fn generation(&self) -> watch::Receiver<u64> {
+        self.inner.generation.subscribe()
+    }
+
+    fn subscribe(&self, topics: &[Topic]) -> Vec<watch::Receiver<u64>> {
+        let mut registry = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
+        // Drop topics nobody listens to any more, now and then.
+        if registry.len() > 1024 && registry.len().is_power_of_two() {
+            registry.retain(|_, tx| tx.receiver_count() > 0);
+        }
+        topics
+            .iter()
+            .map(|t| {
+                registry
+                    .entry(t.clone())
+                    .or_insert_with(|| watch::channel(0).0)
+                    .subscribe()
+            })
+            .collect()
+    }
+
+    /// Resolves a target and subscribes to everything the answer depends
+    /// on, atomically with respect to writers.
+    pub fn resolve(
+        &self,
+        target: &crate::model::names::Target,
+        config: &ResolveConfig,
+    ) -> (Resolution, Vec<watch::Receiver<u64>>) {
+        let state = self.read();
+        let (resolution, topics) = resolve::resolve(&state, target, config);
+        let receivers = self.subscribe(&topics);
+        drop(state);
+        (resolution, receivers)
+    }
+
+    /// Object counts by kind.
+    pub fn counts(&self) -> BTreeMap<Kind, usize> {
+        let state = self.read();
+        Kind::ALL.iter().map(|k| (*k, state.len(*k))).collect()
+    }
+
+    /// Number of topics with a registered channel (for metrics and tests).
+    pub fn topic_count(&self) -> usize {
+        self.inner
+            .topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+}
+
+/// Waits until any receiver changes. Returns `false` if every sender is
+/// gone (cannot happen while the index lives).
+pub async fn changed(receivers: &mut [watch::Receiver<u64>]) -> bool {
+    if receivers.is_empty() {
+        return std::future::pending().await;
+    }
+    let futures = receivers.iter_mut().map(|r| Box::pin(r.changed()));
+    let (result, _, _) = futures_util::future::select_all(futures).await;
+    result.is_ok()
+}

@@ -1,0 +1,40 @@
+//! `weft-controller`: the Weft control plane.
+//!
+//! Data flows one way through three layers:
+//!
+//! ```text
+//!   source (kube watchers | directory of YAML)      what the cluster says
+//!        │  Change::Upsert / Delete, reset on re-list
+//!        ▼
+//!   index (one in-memory State + per-topic change notification)
+//!        │  resolve(target) → endpoints + topics to watch
+//!        ▼
+//!   grpc  (Destination.Resolve streams: full set, then Add/Remove diffs)
+//! ```
+//!
+//! - [`model`]: the typed domain (Service, EndpointSlice, Pod, Namespace) and
+//!   the pure functions other Weft crates reuse: label selectors, named-port
+//!   resolution, port lists, target names.
+//! - [`index`]: the single index and the pure resolution of a target
+//!   against it ([`index::resolve`]).
+//! - [`source`]: what feeds the index — [`source::kube`] (kube-rs watchers, the
+//!   production mode) or [`source::dir`] (a directory of manifests, the local
+//!   mode). The index's change API is the seam: tests drive the kube source
+//!   against a fake API server (`testing` feature) and the dir source
+//!   against a temporary directory.
+//! - [`grpc`]: the gRPC services on the destination port (8086) and the
+//!   identity port (8080). Only `Destination.Resolve` is implemented; the
+//!   other methods answer `UNIMPLEMENTED` with a message saying so.
+//! - [`admin`]: `/metrics`, `/ready`, `/live` on port 9990.
+//! - [`runtime`]: wires a source, the index and the servers together; the
+//!   binary is a thin clap wrapper around it.
+
+pub mod admin;
+pub mod grpc;
+pub mod index;
+pub mod metrics;
+pub mod model;
+pub mod runtime;
+pub mod source;
+#[cfg(feature = "testing")]
+pub mod testing;

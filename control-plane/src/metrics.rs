@@ -1,0 +1,154 @@
+//! The controller's Prometheus metrics (served on the admin port).
+//! Labels are bounded: object kind and update type only; file paths of bad
+//! manifests go to the log, not to labels.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::model::Kind;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+impl From<Kind> for KindLabels {
+    fn from(kind: Kind) -> Self {
+        KindLabels {
+            kind: kind.as_str().to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpdateLabels {
+    /// add, remove or no_endpoints
+    pub update: &'static str,
+}
+
+/// Handles to every metric; clone freely.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    /// Open Resolve streams.
+    pub resolve_streams: Gauge,
+    /// Updates sent on Resolve streams, by type.
+    pub resolve_updates: Family<UpdateLabels, Counter>,
+    /// Objects in the index, by kind.
+    pub index_objects: Family<KindLabels, Gauge>,
+    /// Objects added, changed or deleted in the index by the source.
+    pub index_changes: Counter,
+    /// Manifest files that failed to parse (directory source), per attempt.
+    pub manifest_errors: Counter,
+    /// Manifest files whose last parse failed (their last good state is used).
+    pub manifest_files_invalid: Gauge,
+    /// Errors from the Kubernetes watchers, by kind (they retry with backoff).
+    pub kube_watch_errors: Family<KindLabels, Counter>,
+    /// Objects the source could not convert (logged with the field), by kind.
+    pub invalid_objects: Family<KindLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("weft_controller");
+        let m = MetricsBuilder::default();
+        registry.register(
+            "resolve_streams",
+            "Open Destination.Resolve streams",
+            m.resolve_streams.clone(),
+        );
+        registry.register(
+            "resolve_updates",
+            "Updates sent on Resolve streams",
+            m.resolve_updates.clone(),
+        );
+        registry.register(
+            "index_objects",
+            "Objects in the index",
+            m.index_objects.clone(),
+        );
+        registry.register(
+            "index_changes",
+            "Objects added, changed or deleted in the index",
+            m.index_changes.clone(),
+        );
+        registry.register(
+            "manifest_errors",
+            "Manifest files that failed to parse (directory source)",
+            m.manifest_errors.clone(),
+        );
+        registry.register(
+            "manifest_files_invalid",
+            "Manifest files whose last parse failed; their last good objects are served",
+            m.manifest_files_invalid.clone(),
+        );
+        registry.register(
+            "kube_watch_errors",
+            "Kubernetes watch errors (retried with backoff)",
+            m.kube_watch_errors.clone(),
+        );
+        registry.register(
+            "invalid_objects",
+            "Objects the source could not convert",
+            m.invalid_objects.clone(),
+        );
+        Metrics {
+            registry: Arc::new(registry),
+            resolve_streams: m.resolve_streams,
+            resolve_updates: m.resolve_updates,
+            index_objects: m.index_objects,
+            index_changes: m.index_changes,
+            manifest_errors: m.manifest_errors,
+            manifest_files_invalid: m.manifest_files_invalid,
+            kube_watch_errors: m.kube_watch_errors,
+            invalid_objects: m.invalid_objects,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+
+    /// Sets the object-count gauges from the index.
+    pub fn observe_index(&self, index: &crate::index::Index) {
+        for (kind, n) in index.counts() {
+            self.index_objects
+                .get_or_create(&KindLabels::from(kind))
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+#[derive(Default)]
+struct MetricsBuilder {
+    resolve_streams: Gauge,
+    resolve_updates: Family<UpdateLabels, Counter>,
+    index_objects: Family<KindLabels, Gauge>,
+    index_changes: Counter,
+    manifest_errors: Counter,
+    manifest_files_invalid: Gauge,
+    kube_watch_errors: Family<KindLabels, Counter>,
+    invalid_objects: Family<KindLabels, Counter>,
+}

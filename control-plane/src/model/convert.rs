@@ -1,0 +1,405 @@
+//! `k8s-openapi` objects → the model. One conversion for every source, so
+//! the directory source, the Kubernetes source and the admission webhook
+//! accept and reject the same objects.
+
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{
+    labels_of, parse_inject, AddressType, ContainerPort, EndpointSlice, Kind, Namespace, ObjectKey,
+    Pod, PortSet, Service, ServicePort, SliceEndpoint, SlicePort, TargetPort, INJECT_ANNOTATION,
+    OPAQUE_PORTS_ANNOTATION, PROXY_CONTAINER, SERVICE_NAME_LABEL,
+};
+
+/// An object the mesh cannot use, naming the object, the field and the
+/// value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {object}: field {field} is {value:?}: {reason}")]
+pub struct ConvertError {
+    pub kind: Kind,
+    pub object: String,
+    pub field: String,
+    pub value: String,
+    pub reason: String,
+}
+
+fn key_of(
+    kind: Kind,
+    meta: &ObjectMeta,
+    default_namespace: &str,
+) -> Result<ObjectKey, ConvertError> {
+    let name = meta.name.clone().unwrap_or_default();
+    if name.is_empty() {
+        return Err(ConvertError {
+            kind,
+            object: "<unnamed>".into(),
+            field: "metadata.name".into(),
+            value: String::new(),
+            reason: "every object needs a name".into(),
+        });
+    }
+    let namespace = match kind {
+        Kind::Namespace => String::new(),
+        _ => meta
+            .namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| default_namespace.to_string()),
+    };
+    Ok(ObjectKey { namespace, name })
+}
+
+fn parse_ip(kind: Kind, key: &ObjectKey, field: &str, value: &str) -> Result<IpAddr, ConvertError> {
+    value.trim().parse().map_err(|_| ConvertError {
+        kind,
+        object: key.to_string(),
+        field: field.to_string(),
+        value: value.to_string(),
+        reason: "not an IP address".into(),
+    })
+}
+
+fn port_u16(kind: Kind, key: &ObjectKey, field: &str, value: i32) -> Result<u16, ConvertError> {
+    match u16::try_from(value) {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(ConvertError {
+            kind,
+            object: key.to_string(),
+            field: field.to_string(),
+            value: value.to_string(),
+            reason: "not a port number 1-65535".into(),
+        }),
+    }
+}
+
+/// A Service. Objects without a namespace get `default_namespace`.
+pub fn service(svc: &core::Service, default_namespace: &str) -> Result<Service, ConvertError> {
+    let kind = Kind::Service;
+    let key = key_of(kind, &svc.metadata, default_namespace)?;
+    let spec = svc.spec.clone().unwrap_or_default();
+    let mut raw_ips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
+    if raw_ips.is_empty() {
+        raw_ips.extend(spec.cluster_ip.clone());
+    }
+    let headless = raw_ips.iter().any(|ip| ip.eq_ignore_ascii_case("None"));
+    let mut cluster_ips = Vec::new();
+    if !headless {
+        for (i, ip) in raw_ips.iter().enumerate().filter(|(_, ip)| !ip.is_empty()) {
+            cluster_ips.push(parse_ip(kind, &key, &format!("spec.clusterIPs[{i}]"), ip)?);
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let port = port_u16(kind, &key, &format!("spec.ports[{i}].port"), p.port)?;
+        let target_port = match &p.target_port {
+            None => TargetPort::Number(port),
+            Some(IntOrString::Int(n)) => TargetPort::Number(port_u16(
+                kind,
+                &key,
+                &format!("spec.ports[{i}].targetPort"),
+                *n,
+            )?),
+            Some(IntOrString::String(s)) => match s.parse::<i32>() {
+                Ok(n) => TargetPort::Number(port_u16(
+                    kind,
+                    &key,
+                    &format!("spec.ports[{i}].targetPort"),
+                    n,
+                )?),
+                Err(_) if !s.is_empty() => TargetPort::Name(s.clone()),
+                Err(_) => TargetPort::Number(port),
+            },
+        };
+        ports.push(ServicePort {
+            name: p.name.clone().filter(|n| !n.is_empty()),
+            port,
+            target_port,
+            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+        });
+    }
+    Ok(Service {
+        key,
+        cluster_ips,
+        headless,
+        ports,
+        selector: spec.selector.clone(),
+    })
+}
+
+/// An EndpointSlice.
+pub fn endpoint_slice(
+    slice: &discovery::EndpointSlice,
+    default_namespace: &str,
+) -> Result<EndpointSlice, ConvertError> {
+    let kind = Kind::EndpointSlice;
+    let key = key_of(kind, &slice.metadata, default_namespace)?;
+    let address_type = match slice.address_type.as_str() {
+        "IPv4" => AddressType::IPv4,
+        "IPv6" => AddressType::IPv6,
+        "FQDN" => AddressType::Fqdn,
+        other => {
+            return Err(ConvertError {
+                kind,
+                object: key.to_string(),
+                field: "addressType".into(),
+                value: other.into(),
+                reason: "expected IPv4, IPv6 or FQDN".into(),
+            })
+        }
+    };
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        ports.push(SlicePort {
+            name: p.name.clone().filter(|n| !n.is_empty()),
+            port: p
+                .port
+                .map(|n| port_u16(kind, &key, &format!("ports[{i}].port"), n))
+                .transpose()?,
+            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+        });
+    }
+    let mut endpoints = Vec::new();
+    for (i, e) in slice.endpoints.iter().enumerate() {
+        let addresses = if address_type == AddressType::Fqdn {
+            Vec::new()
+        } else {
+            e.addresses
+                .iter()
+                .enumerate()
+                .map(|(j, a)| parse_ip(kind, &key, &format!("endpoints[{i}].addresses[{j}]"), a))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let cond = e.conditions.clone().unwrap_or_default();
+        let ready = cond.ready.unwrap_or(true);
+        let pod = e
+            .target_ref
+            .as_ref()
+            .filter(|r| r.kind.as_deref() == Some("Pod"))
+            .filter(|r| r.namespace.as_deref().is_none_or(|ns| ns == key.namespace))
+            .and_then(|r| r.name.clone());
+        endpoints.push(SliceEndpoint {
+            addresses,
+            ready,
+            serving: cond.serving.unwrap_or(ready),
+            terminating: cond.terminating.unwrap_or(false),
+            zone: e.zone.clone().filter(|z| !z.is_empty()),
+            pod,
+        });
+    }
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .cloned();
+    Ok(EndpointSlice {
+        key,
+        service,
+        address_type,
+        ports,
+        endpoints,
+    })
+}
+
+/// A Pod. A bad `config.weft.dev/opaque-ports` annotation is an error, so
+/// it is reported rather than silently ignored.
+pub fn pod(pod: &core::Pod, default_namespace: &str) -> Result<Pod, ConvertError> {
+    let kind = Kind::Pod;
+    let key = key_of(kind, &pod.metadata, default_namespace)?;
+    let spec = pod.spec.clone().unwrap_or_default();
+    let status = pod.status.clone().unwrap_or_default();
+    let mut ips = Vec::new();
+    for (i, ip) in status.pod_ips.iter().flatten().enumerate() {
+        ips.push(parse_ip(
+            kind,
+            &key,
+            &format!("status.podIPs[{i}].ip"),
+            &ip.ip,
+        )?);
+    }
+    if ips.is_empty() {
+        if let Some(ip) = status.pod_ip.as_deref().filter(|s| !s.is_empty()) {
+            ips.push(parse_ip(kind, &key, "status.podIP", ip)?);
+        }
+    }
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let has_proxy = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .any(|c| c.name == PROXY_CONTAINER);
+    let meshed = has_proxy
+        || parse_inject(annotations.get(INJECT_ANNOTATION).map(String::as_str)) == Some(true);
+    let opaque_ports = match annotations.get(OPAQUE_PORTS_ANNOTATION) {
+        None => PortSet::default(),
+        Some(v) => v
+            .parse()
+            .map_err(|e: super::ports::PortSetError| ConvertError {
+                kind,
+                object: key.to_string(),
+                field: format!("metadata.annotations[{OPAQUE_PORTS_ANNOTATION}]"),
+                value: v.clone(),
+                reason: e.to_string(),
+            })?,
+    };
+    let mut container_ports = Vec::new();
+    for (ci, c) in spec.containers.iter().enumerate() {
+        for (pi, p) in c.ports.iter().flatten().enumerate() {
+            container_ports.push(ContainerPort {
+                name: p.name.clone().filter(|n| !n.is_empty()),
+                port: port_u16(
+                    kind,
+                    &key,
+                    &format!("spec.containers[{ci}].ports[{pi}].containerPort"),
+                    p.container_port,
+                )?,
+                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            });
+        }
+    }
+    let service_account = spec
+        .service_account_name
+        .clone()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".into());
+    Ok(Pod {
+        key,
+        ips,
+        labels: labels_of(pod.metadata.labels.as_ref()),
+        service_account,
+        meshed,
+        container_ports,
+        opaque_ports,
+        terminated: matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")),
+    })
+}
+
+/// A Namespace.
+pub fn namespace(ns: &core::Namespace) -> Result<Namespace, ConvertError> {
+    let key = key_of(Kind::Namespace, &ns.metadata, "")?;
+    let inject = parse_inject(
+        ns.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(INJECT_ANNOTATION))
+            .map(String::as_str),
+    );
+    Ok(Namespace {
+        name: key.name,
+        labels: labels_of(ns.metadata.labels.as_ref()),
+        inject,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).expect("valid API object")
+    }
+
+    #[test]
+    fn service_forms() {
+        let s: core::Service = from_json(serde_json::json!({
+            "metadata": {"name": "web"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [
+                {"name": "http", "port": 80, "targetPort": "http"},
+                {"name": "admin", "port": 9000, "targetPort": 9001},
+                {"name": "plain", "port": 81},
+                {"name": "str-num", "port": 82, "targetPort": "8082"}
+            ]}
+        }));
+        let m = service(&s, "shop").expect("converts");
+        assert_eq!(m.key, ObjectKey::new("shop", "web"));
+        assert_eq!(
+            m.cluster_ips,
+            vec!["10.96.0.10".parse::<IpAddr>().expect("ip")]
+        );
+        assert!(!m.headless);
+        let targets: Vec<_> = m.ports.iter().map(|p| p.target_port.clone()).collect();
+        assert_eq!(
+            targets,
+            vec![
+                TargetPort::Name("http".into()),
+                TargetPort::Number(9001),
+                TargetPort::Number(81),
+                TargetPort::Number(8082)
+            ]
+        );
+        let headless: core::Service = from_json(serde_json::json!({
+            "metadata": {"name": "db", "namespace": "data"},
+            "spec": {"clusterIP": "None", "ports": [{"port": 5432}]}
+        }));
+        let h = service(&headless, "shop").expect("converts");
+        assert!(h.headless && h.cluster_ips.is_empty());
+        assert_eq!(h.key.namespace, "data");
+    }
+
+    #[test]
+    fn errors_name_object_field_and_value() {
+        let s: core::Service = from_json(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.300"}
+        }));
+        let err = service(&s, "default").expect_err("bad ip").to_string();
+        assert!(
+            err.contains("Service shop/web")
+                && err.contains("spec.clusterIPs[0]")
+                && err.contains("10.96.0.300"),
+            "{err}"
+        );
+        let p: core::Pod = from_json(serde_json::json!({
+            "metadata": {"name": "p", "annotations": {OPAQUE_PORTS_ANNOTATION: "3306,mysql"}},
+        }));
+        let err = pod(&p, "ns").expect_err("bad annotation").to_string();
+        assert!(err.contains("Pod ns/p") && err.contains("mysql"), "{err}");
+    }
+
+    #[test]
+    fn pod_meshed_and_defaults() {
+        let p: core::Pod = from_json(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"}},
+            "spec": {"containers": [
+                {"name": "app", "ports": [{"name": "http", "containerPort": 8080}]},
+                {"name": "weft-proxy"}
+            ]},
+            "status": {"podIP": "10.1.0.5", "phase": "Running"}
+        }));
+        let m = pod(&p, "default").expect("converts");
+        assert!(m.meshed);
+        assert_eq!(m.service_account, "default");
+        assert_eq!(m.ips, vec!["10.1.0.5".parse::<IpAddr>().expect("ip")]);
+        assert_eq!(m.container_ports[0].port, 8080);
+        let annotated: core::Pod = from_json(serde_json::json!({
+            "metadata": {"name": "x", "annotations": {"weft.dev/inject": "enabled"}},
+            "spec": {"serviceAccountName": "api", "containers": [{"name": "app"}]},
+            "status": {"phase": "Failed"}
+        }));
+        let a = pod(&annotated, "default").expect("converts");
+        assert!(a.meshed && a.terminated);
+        assert_eq!(a.service_account, "api");
+    }
+
+    #[test]
+    fn slice_conditions_default_per_api() {
+        let s: discovery::EndpointSlice = from_json(serde_json::json!({
+            "metadata": {"name": "web-abc", "namespace": "shop", "labels": {SERVICE_NAME_LABEL: "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [
+                {"addresses": ["10.1.0.5"], "zone": "a", "targetRef": {"kind": "Pod", "name": "web-1"}},
+                {"addresses": ["10.1.0.6"], "conditions": {"ready": false, "serving": true, "terminating": true}}
+            ]
+        }));
+        let m = endpoint_slice(&s, "default").expect("converts");
+        assert_eq!(m.service.as_deref(), Some("web"));
+        assert!(m.endpoints[0].ready && m.endpoints[0].serving && !m.endpoints[0].terminating);
+        assert_eq!(m.endpoints[0].pod.as_deref(), Some("web-1"));
+        assert!(!m.endpoints[1].ready && m.endpoints[1].serving && m.endpoints[1].terminating);
+    }
+}

@@ -1,0 +1,142 @@
+//! The Kubernetes source: one kube-rs `watcher` per kind (Services,
+//! EndpointSlices, Pods, Namespaces; all namespaces) feeding the index.
+//!
+//! Re-list semantics: on `Init` the objects of a kind are buffered until
+//! `InitDone`, then [`Index::reset`] replaces that kind in one batch, so an
+//! object deleted while the watch was broken (e.g. after a 410 Gone) is
+//! removed, and readers never see a half-listed kind. `Apply`/`Delete`
+//! events apply one by one. Watch errors are logged, counted, and retried
+//! with kube-rs's default backoff. The source is ready once every kind has
+//! completed its first list.
+//!
+//! RBAC: get/list/watch on services, pods, namespaces (core) and
+//! endpointslices (discovery.k8s.io); see `control-plane/rbac/`.
+
+use std::fmt::Debug;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt as _;
+use kube::{Api, Client, Resource, ResourceExt as _};
+use serde::de::DeserializeOwned;
+
+use super::Readiness;
+use crate::index::{Change, Index};
+use crate::metrics::{KindLabels, Metrics};
+use crate::model::{convert, Kind, Object, ObjectKey};
+
+/// Watches every kind until the process ends.
+pub async fn run(client: Client, index: Index, metrics: Metrics, readiness: Readiness) {
+    let synced = Arc::new(AtomicUsize::new(0));
+    let ctx = Ctx {
+        index,
+        metrics,
+        readiness,
+        synced,
+    };
+    tokio::join!(
+        watch_kind::<core::Service>(Api::all(client.clone()), Kind::Service, ctx.clone(), |s| {
+            convert::service(s, "default").map(Object::Service)
+        }),
+        watch_kind::<discovery::EndpointSlice>(
+            Api::all(client.clone()),
+            Kind::EndpointSlice,
+            ctx.clone(),
+            |s| { convert::endpoint_slice(s, "default").map(Object::EndpointSlice) }
+        ),
+        watch_kind::<core::Pod>(Api::all(client.clone()), Kind::Pod, ctx.clone(), |p| {
+            convert::pod(p, "default").map(Object::Pod)
+        }),
+        watch_kind::<core::Namespace>(Api::all(client), Kind::Namespace, ctx, |n| {
+            convert::namespace(n).map(Object::Namespace)
+        }),
+    );
+}
+
+#[derive(Clone)]
+struct Ctx {
+    index: Index,
+    metrics: Metrics,
+    readiness: Readiness,
+    synced: Arc<AtomicUsize>,
+}
+
+fn key_of<K: Resource>(kind: Kind, obj: &K) -> ObjectKey {
+    let namespace = match kind {
+        Kind::Namespace => String::new(),
+        _ => obj.namespace().unwrap_or_else(|| "default".into()),
+    };
+    ObjectKey::new(namespace, obj.name_any())
+}
+
+async fn watch_kind<K>(
+    api: Api<K>,
+    kind: Kind,
+    ctx: Ctx,
+    to_model: fn(&K) -> Result<Object, convert::ConvertError>,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K::DynamicType: Default,
+{
+    let mut events = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut buffer: Vec<Object> = Vec::new();
+    let mut first_sync = true;
+    let convert = |obj: &K| match to_model(obj) {
+        Ok(o) => Some(o),
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring object the mesh cannot use");
+            ctx.metrics
+                .invalid_objects
+                .get_or_create(&KindLabels::from(kind))
+                .inc();
+            None
+        }
+    };
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(Event::Init) => {
+                tracing::debug!(%kind, "listing");
+                buffer.clear();
+            }
+            Ok(Event::InitApply(obj)) => buffer.extend(convert(&obj)),
+            Ok(Event::InitDone) => {
+                let applied = ctx.index.reset(kind, std::mem::take(&mut buffer));
+                ctx.metrics.index_changes.inc_by(applied.changed as u64);
+                tracing::info!(%kind, changed = applied.changed, "listed");
+                if first_sync {
+                    first_sync = false;
+                    if ctx.synced.fetch_add(1, Ordering::AcqRel) + 1 == Kind::ALL.len() {
+                        tracing::info!("kubernetes source synced; ready");
+                        ctx.readiness.set_ready();
+                    }
+                }
+            }
+            Ok(Event::Apply(obj)) => {
+                // An object that no longer converts keeps its last good
+                // state in the index (the error is logged and counted).
+                if let Some(o) = convert(&obj) {
+                    let applied = ctx.index.apply([Change::Upsert(o)]);
+                    ctx.metrics.index_changes.inc_by(applied.changed as u64);
+                }
+            }
+            Ok(Event::Delete(obj)) => {
+                let applied = ctx.index.apply([Change::Delete(kind, key_of(kind, &obj))]);
+                ctx.metrics.index_changes.inc_by(applied.changed as u64);
+            }
+            Err(e) => {
+                ctx.metrics
+                    .kube_watch_errors
+                    .get_or_create(&KindLabels::from(kind))
+                    .inc();
+                tracing::warn!(%kind, error = %e, "watch failed; retrying with backoff (check the API server and the controller's RBAC)");
+            }
+        }
+        ctx.metrics.observe_index(&ctx.index);
+    }
+}

@@ -1,0 +1,2 @@
+//! Test support (feature `testing`).
+pub mod fake_apiserver;
