@@ -9,10 +9,12 @@
 //! work lives here:
 //!
 //! - [`demo`]: the demo's apps, proxy processes and live table.
+//! - [`inject`]: `weft inject`, the injector's patch over manifests, offline.
 //! - [`promtext`]: a parser for the Prometheus text format the proxies serve.
 //! - [`stats`]: rates, success rates and latency quantiles from two scrapes,
 //!   meant to be shared with a future `weft stat`.
 
 pub mod demo;
+pub mod inject;
 pub mod promtext;
 pub mod stats;

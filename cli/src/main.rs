@@ -33,6 +33,10 @@ enum Command {
     /// web → client proxy (outbound) → server proxy (inbound) → books.
     /// Needs no root and no cluster. Stops on Ctrl-C, SIGTERM or --duration.
     Demo(DemoArgs),
+    /// Add the Weft proxy to workloads in Kubernetes manifests (files or stdin) and print them.
+    ///
+    /// The same patch the admission webhook applies, for `weft inject app.yaml | kubectl apply -f -`.
+    Inject(weft_cli::inject::InjectArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -62,7 +66,10 @@ struct DemoArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Demo(args) = cli.command;
+    let args = match cli.command {
+        Command::Demo(args) => args,
+        Command::Inject(args) => return run_inject(&args),
+    };
     let filter = if args.verbose {
         "info,weft=debug,weft_cli=debug"
     } else {
@@ -78,6 +85,17 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("weft demo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_inject(args: &weft_cli::inject::InjectArgs) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match weft_cli::inject::run(args, &mut std::io::stdin().lock(), &mut out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft inject: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -387,9 +387,12 @@ pub fn install(
 
 /// An in-memory nat table per (backend, family) that applies restore scripts with `--noflush`
 /// semantics: `:CHAIN` creates or flushes a user chain, `-A` appends. For tests.
+/// Chains in order, each with its rules.
+type FakeTable = Vec<(String, Vec<String>)>;
+
 #[derive(Debug, Default, Clone)]
 pub struct FakeRunner {
-    tables: BTreeMap<(u8, Family), Vec<(String, Vec<String>)>>,
+    tables: BTreeMap<(u8, Family), FakeTable>,
     /// Every script restored, in order.
     pub restored: Vec<(Family, String)>,
 }
@@ -402,7 +405,7 @@ impl FakeRunner {
         }
     }
 
-    fn table(&mut self, backend: Backend, family: Family) -> &mut Vec<(String, Vec<String>)> {
+    fn table(&mut self, backend: Backend, family: Family) -> &mut FakeTable {
         self.tables
             .entry((Self::key(backend), family))
             .or_insert_with(|| {

@@ -25,7 +25,7 @@ pub enum ManifestError {
         kind: String,
         name: String,
         #[source]
-        source: PatchError,
+        source: Box<PatchError>,
     },
     #[error("document {index} ({kind} {name}): the patch does not apply: {source}")]
     Apply {
@@ -189,7 +189,7 @@ pub fn inject_yaml(text: &str, cfg: &InjectConfig) -> Result<String, ManifestErr
                     index,
                     kind,
                     name,
-                    source,
+                    source: Box::new(source),
                 })
             }
             Err(ObjectError::Apply(source)) => {

@@ -9,10 +9,12 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use weft_injector::init::{self, Backend, Family, FakeRunner, InitConfig, Runner};
+use weft_injector::init::{self, Backend, FakeRunner, Family, InitConfig, Runner};
 
 fn golden(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name)
 }
 
 fn check_golden(name: &str, got: &str) {
@@ -22,7 +24,12 @@ fn check_golden(name: &str, got: &str) {
     }
     let want = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e} (WEFT_BLESS=1 writes it)", path.display()));
-    assert_eq!(got, want, "{} differs (WEFT_BLESS=1 rewrites it)", path.display());
+    assert_eq!(
+        got,
+        want,
+        "{} differs (WEFT_BLESS=1 rewrites it)",
+        path.display()
+    );
 }
 
 fn weft_init() -> Command {
@@ -52,7 +59,11 @@ fn dry_run_golden() {
         .env("WEFT_INIT_PROXY_UID", "2102")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     check_golden("init-dry-run.txt", &String::from_utf8(out.stdout).unwrap());
 }
 
@@ -64,10 +75,19 @@ fn dry_run_defaults_and_legacy_ipv4_only() {
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.starts_with("# iptables-legacy-restore --noflush\n*nat\n"), "{text}");
+    assert!(
+        text.starts_with("# iptables-legacy-restore --noflush\n*nat\n"),
+        "{text}"
+    );
     assert!(!text.contains("ip6tables"), "{text}");
-    assert!(text.contains("-A WEFT_OUTBOUND -m owner --uid-owner 2102 -j RETURN"), "{text}");
-    assert!(text.contains("-A WEFT_INBOUND_REDIRECT -p tcp -j REDIRECT --to-ports 4143"), "{text}");
+    assert!(
+        text.contains("-A WEFT_OUTBOUND -m owner --uid-owner 2102 -j RETURN"),
+        "{text}"
+    );
+    assert!(
+        text.contains("-A WEFT_INBOUND_REDIRECT -p tcp -j REDIRECT --to-ports 4143"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -78,7 +98,10 @@ fn bad_flags_exit_with_a_message_naming_the_value() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--skip-outbound-ports") && err.contains("http"), "{err}");
+    assert!(
+        err.contains("--skip-outbound-ports") && err.contains("http"),
+        "{err}"
+    );
     let out = weft_init()
         .args(["--dry-run"])
         .env("WEFT_INIT_SKIP_INBOUND_CIDRS", "10.0.0.0/99")
@@ -109,8 +132,18 @@ fn installing_twice_changes_nothing() {
     let mut r = FakeRunner::default();
     init::install(&mut r, &cfg()).unwrap();
     let once = saves(&mut r);
-    assert_eq!(once[0].matches("-j WEFT_INBOUND\n").count(), 1, "{}", once[0]);
-    assert_eq!(once[0].matches("-j WEFT_OUTBOUND\n").count(), 1, "{}", once[0]);
+    assert_eq!(
+        once[0].matches("-j WEFT_INBOUND\n").count(),
+        1,
+        "{}",
+        once[0]
+    );
+    assert_eq!(
+        once[0].matches("-j WEFT_OUTBOUND\n").count(),
+        1,
+        "{}",
+        once[0]
+    );
     init::install(&mut r, &cfg()).unwrap();
     assert_eq!(saves(&mut r), once);
     // The second run's scripts re-declare (flush) the chains but add no second jump.
@@ -123,28 +156,49 @@ fn installing_twice_changes_nothing() {
     changed.skip_outbound_ports = "6379".parse().unwrap();
     init::install(&mut r, &changed).unwrap();
     let v4 = r.save(Backend::Nft, Family::V4).unwrap();
-    assert!(v4.contains("--dport 6379") && !v4.contains("--dport 5432"), "{v4}");
+    assert!(
+        v4.contains("--dport 6379") && !v4.contains("--dport 5432"),
+        "{v4}"
+    );
     assert_eq!(v4.matches("-j WEFT_OUTBOUND\n").count(), 1, "{v4}");
 }
 
 #[test]
 fn existing_rules_of_others_are_kept() {
     let mut r = FakeRunner::default();
-    r.restore(Backend::Nft, Family::V4, "*nat\n-A OUTPUT -d 10.96.0.10/32 -j RETURN\nCOMMIT\n")
-        .unwrap();
+    r.restore(
+        Backend::Nft,
+        Family::V4,
+        "*nat\n-A OUTPUT -d 10.96.0.10/32 -j RETURN\nCOMMIT\n",
+    )
+    .unwrap();
     init::install(&mut r, &cfg()).unwrap();
     let v4 = r.save(Backend::Nft, Family::V4).unwrap();
-    assert!(v4.contains("-A OUTPUT -d 10.96.0.10/32 -j RETURN\n-A OUTPUT -p tcp -j WEFT_OUTBOUND"), "{v4}");
+    assert!(
+        v4.contains("-A OUTPUT -d 10.96.0.10/32 -j RETURN\n-A OUTPUT -p tcp -j WEFT_OUTBOUND"),
+        "{v4}"
+    );
 }
 
 #[test]
 fn auto_backend_follows_existing_legacy_rules() {
     let mut r = FakeRunner::default();
     assert_eq!(init::detect_backend(&mut r, Family::V4), Backend::Nft);
-    r.restore(Backend::Legacy, Family::V4, "*nat\n-A POSTROUTING -j MASQUERADE\nCOMMIT\n")
-        .unwrap();
+    r.restore(
+        Backend::Legacy,
+        Family::V4,
+        "*nat\n-A POSTROUTING -j MASQUERADE\nCOMMIT\n",
+    )
+    .unwrap();
     assert_eq!(init::detect_backend(&mut r, Family::V4), Backend::Legacy);
-    init::install(&mut r, &InitConfig { ipv6: false, ..cfg() }).unwrap();
+    init::install(
+        &mut r,
+        &InitConfig {
+            ipv6: false,
+            ..cfg()
+        },
+    )
+    .unwrap();
     let legacy = r.save(Backend::Legacy, Family::V4).unwrap();
     assert!(legacy.contains("-j WEFT_OUTBOUND"), "{legacy}");
     let nft = r.save(Backend::Nft, Family::V4).unwrap();

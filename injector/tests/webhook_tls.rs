@@ -145,14 +145,24 @@ async fn request(
         .unwrap();
     let resp = send.send_request(req).await.unwrap();
     let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
     (status, body)
 }
 
 async fn post_json(w: &Webhook, ca: &CertificateDer<'static>, body: Vec<u8>) -> (u16, Value) {
     let (status, body) = request(w.addr, ca, "POST", "/mutate", body).await;
-    let v = serde_json::from_slice(&body)
-        .unwrap_or_else(|e| panic!("response is not JSON ({e}): {}", String::from_utf8_lossy(&body)));
+    let v = serde_json::from_slice(&body).unwrap_or_else(|e| {
+        panic!(
+            "response is not JSON ({e}): {}",
+            String::from_utf8_lossy(&body)
+        )
+    });
     (status, v)
 }
 
@@ -210,7 +220,10 @@ fn review(ns: &str, pod_annotations: Value) -> Value {
 fn response(v: &Value) -> &Value {
     assert_eq!(v["apiVersion"], "admission.k8s.io/v1", "{v}");
     assert_eq!(v["kind"], "AdmissionReview", "{v}");
-    assert_eq!(v["response"]["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002", "{v}");
+    assert_eq!(
+        v["response"]["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002",
+        "{v}"
+    );
     &v["response"]
 }
 
@@ -242,8 +255,10 @@ async fn injects_over_tls_and_answers_everything_else_cleanly() {
     assert_eq!(names, ["weft-proxy", "web"]);
     assert_eq!(pod["spec"]["initContainers"][0]["name"], "weft-init");
     let env = pod["spec"]["containers"][0]["env"].as_array().unwrap();
-    assert!(env.iter().any(|e| e["name"] == "WEFT_PROXY_DESTINATION_ADDR"
-        && e["value"] == "weft-destination.weft:8086"));
+    assert!(env
+        .iter()
+        .any(|e| e["name"] == "WEFT_PROXY_DESTINATION_ADDR"
+            && e["value"] == "weft-destination.weft:8086"));
 
     // Namespace not enabled, and pod opted out: allowed, no patch, a reason.
     for (ns, ann, why) in [
@@ -255,22 +270,32 @@ async fn injects_over_tls_and_answers_everything_else_cleanly() {
         let r = response(&v);
         assert_eq!(r["allowed"], true, "{v}");
         assert!(r.get("patch").is_none(), "{v}");
-        assert!(r["status"]["message"].as_str().unwrap().contains(why), "{v}");
+        assert!(
+            r["status"]["message"].as_str().unwrap().contains(why),
+            "{v}"
+        );
     }
 
     // An invalid annotation: denied, naming the annotation and the value.
-    let rv = review("shop", json!({ "config.weft.dev/skip-outbound-ports": "5432,postgres" }));
+    let rv = review(
+        "shop",
+        json!({ "config.weft.dev/skip-outbound-ports": "5432,postgres" }),
+    );
     let (status, v) = post_json(&w, ca, serde_json::to_vec(&rv).unwrap()).await;
     assert_eq!(status, 200);
     let r = response(&v);
     assert_eq!(r["allowed"], false, "{v}");
     assert_eq!(r["status"]["code"], 400, "{v}");
     let msg = r["status"]["message"].as_str().unwrap();
-    assert!(msg.contains("config.weft.dev/skip-outbound-ports") && msg.contains("postgres"), "{msg}");
+    assert!(
+        msg.contains("config.weft.dev/skip-outbound-ports") && msg.contains("postgres"),
+        "{msg}"
+    );
 
     // Wrong kind, wrong version, UPDATE, a pod that is not a pod: allowed, with a message.
     let mut deployment = review("shop", json!({}));
-    deployment["request"]["kind"] = json!({ "group": "apps", "version": "v1", "kind": "Deployment" });
+    deployment["request"]["kind"] =
+        json!({ "group": "apps", "version": "v1", "kind": "Deployment" });
     let mut v1beta1 = review("shop", json!({}));
     v1beta1["apiVersion"] = json!("admission.k8s.io/v1beta1");
     let mut update = review("shop", json!({}));
@@ -319,14 +344,27 @@ async fn injects_over_tls_and_answers_everything_else_cleanly() {
     assert_eq!(status, 405);
     for path in ["/ready", "/live"] {
         let (status, body) = request(w.addr, ca, "GET", path, Vec::new()).await;
-        assert_eq!((status, body.as_slice()), (200, b"ok\n".as_slice()), "{path}");
+        assert_eq!(
+            (status, body.as_slice()),
+            (200, b"ok\n".as_slice()),
+            "{path}"
+        );
     }
     let (status, body) = request(w.addr, ca, "GET", "/metrics", Vec::new()).await;
     assert_eq!(status, 200);
     let text = String::from_utf8(body).unwrap();
-    assert!(text.contains("weft_injector_reviews_total{result=\"injected\"} 1\n"), "{text}");
-    assert!(text.contains("weft_injector_reviews_total{result=\"denied\"} 1\n"), "{text}");
-    assert!(text.contains("weft_injector_reviews_total{result=\"bad_request\"} 6\n"), "{text}");
+    assert!(
+        text.contains("weft_injector_reviews_total{result=\"injected\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("weft_injector_reviews_total{result=\"denied\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("weft_injector_reviews_total{result=\"bad_request\"} 6\n"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -368,7 +406,10 @@ async fn rotated_certificate_is_served_without_a_restart() {
     std::fs::write(dir.join("tls.crt"), &second.cert_pem).unwrap();
     std::fs::write(dir.join("tls.key"), &first.key_pem).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(tls_connect(w.addr, &first.ca_der).await.is_ok(), "the old certificate must stay in use");
+    assert!(
+        tls_connect(w.addr, &first.ca_der).await.is_ok(),
+        "the old certificate must stay in use"
+    );
 
     // The complete new pair is picked up: clients trusting the new CA connect, old ones fail.
     write_pki(&dir, &second);
@@ -377,7 +418,10 @@ async fn rotated_certificate_is_served_without_a_restart() {
         if tls_connect(w.addr, &second.ca_der).await.is_ok() {
             break;
         }
-        assert!(Instant::now() < deadline, "the new certificate was not served within 5s");
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was not served within 5s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(tls_connect(w.addr, &first.ca_der).await.is_err());
@@ -394,7 +438,10 @@ fn bad_certificate_files_are_named() {
     assert!(err.contains("tls.crt"), "{err}");
     std::fs::write(&cert, "not pem").unwrap();
     let err = CertStore::open(&cert, &key).unwrap_err().to_string();
-    assert!(err.contains("tls.crt") && err.contains("no CERTIFICATE"), "{err}");
+    assert!(
+        err.contains("tls.crt") && err.contains("no CERTIFICATE"),
+        "{err}"
+    );
     let p = pki();
     std::fs::write(&cert, &p.cert_pem).unwrap();
     std::fs::write(&key, "junk").unwrap();

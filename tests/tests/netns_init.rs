@@ -113,7 +113,10 @@ fn with_net(pods: &[&str], body: impl FnOnce(&Net) -> Result<()>) -> Result<()> 
     if result.is_err() {
         net.dump_logs();
         for p in pods {
-            eprintln!("----- nat rules in pod {p} -----\n{}", net.pod(p).nat_rules());
+            eprintln!(
+                "----- nat rules in pod {p} -----\n{}",
+                net.pod(p).nat_rules()
+            );
         }
     }
     result
@@ -133,15 +136,27 @@ fn weft_init_meshes_two_pods() -> Result<()> {
         let server = start_server(net, srv)?;
         let skip_out = format!("{SKIP_PORT},{OUT_SKIP_PORT}");
         let skip_in = format!("4191,{SKIP_PORT}");
-        weft_init(cli, &["--backend", "nft", "--skip-outbound-ports", &skip_out])?;
+        weft_init(
+            cli,
+            &["--backend", "nft", "--skip-outbound-ports", &skip_out],
+        )?;
         weft_init(srv, &["--backend", "nft", "--skip-inbound-ports", &skip_in])?;
 
         // Idempotent: a second run leaves both tables as they were.
         let before = saved(cli, "nft")?;
-        weft_init(cli, &["--backend", "nft", "--skip-outbound-ports", &skip_out])?;
+        weft_init(
+            cli,
+            &["--backend", "nft", "--skip-outbound-ports", &skip_out],
+        )?;
         let after = saved(cli, "nft")?;
-        ensure!(before == after, "second weft-init run changed the table:\n--- before\n{before}--- after\n{after}");
-        ensure!(before.matches("-j WEFT_OUTBOUND\n").count() == 2, "want one OUTPUT jump per family:\n{before}");
+        ensure!(
+            before == after,
+            "second weft-init run changed the table:\n--- before\n{before}--- after\n{after}"
+        );
+        ensure!(
+            before.matches("-j WEFT_OUTBOUND\n").count() == 2,
+            "want one OUTPUT jump per family:\n{before}"
+        );
 
         // The rules are live: with no proxies, the app's connection goes nowhere.
         ensure!(
@@ -154,7 +169,11 @@ fn weft_init_meshes_two_pods() -> Result<()> {
 
         for target in [v4(srv, HTTP_PORT), v6(srv, HTTP_PORT)] {
             let (status, body) = cli.curl(&url(target))?;
-            ensure!(status == 200, "GET {} answered {status}: {body}", url(target));
+            ensure!(
+                status == 200,
+                "GET {} answered {status}: {body}",
+                url(target)
+            );
             ensure!(body == server.body, "GET {} returned {body:?}", url(target));
         }
         // Both proxies saw both requests: the client's outbound side and the server's inbound.
@@ -173,16 +192,31 @@ fn weft_init_meshes_two_pods() -> Result<()> {
         let reply = cli.tcp_exchange(server.skip_echo.addr, PAYLOAD)?;
         ensure!(reply == PAYLOAD, "echo on the skip port returned {reply:?}");
         let peers = server.skip_echo.peers();
-        ensure!(peers.len() == 1 && peers[0].ip() == cli.v4, "skip-port echo saw {peers:?}");
+        ensure!(
+            peers.len() == 1 && peers[0].ip() == cli.v4,
+            "skip-port echo saw {peers:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
-        ensure!(count(&cli_proxy, tcp, &[])? == cli_before, "the client proxy saw the skip-port connection");
-        ensure!(count(&srv_proxy, tcp, &[])? == srv_before, "the server proxy saw the skip-port connection");
+        ensure!(
+            count(&cli_proxy, tcp, &[])? == cli_before,
+            "the client proxy saw the skip-port connection"
+        );
+        ensure!(
+            count(&srv_proxy, tcp, &[])? == srv_before,
+            "the server proxy saw the skip-port connection"
+        );
 
         // A port skipped only outbound: the client's proxy is bypassed, the server's is not.
         let reply = cli.tcp_exchange(server.out_skip_echo.addr, PAYLOAD)?;
-        ensure!(reply == PAYLOAD, "echo on the outbound-skip port returned {reply:?}");
+        ensure!(
+            reply == PAYLOAD,
+            "echo on the outbound-skip port returned {reply:?}"
+        );
         srv_proxy.wait_metric(tcp, &[("direction", "inbound")], 3.0)?;
-        ensure!(count(&cli_proxy, tcp, &[])? == cli_before, "the client proxy saw the outbound-skip connection");
+        ensure!(
+            count(&cli_proxy, tcp, &[])? == cli_before,
+            "the client proxy saw the outbound-skip connection"
+        );
 
         // The server app dialling its own pod IP goes through lo and is left alone.
         let srv_in = count(&srv_proxy, tcp, &[("direction", "inbound")])?;
@@ -190,8 +224,14 @@ fn weft_init_meshes_two_pods() -> Result<()> {
         let (status, _) = srv.curl(&url(v4(srv, HTTP_PORT)))?;
         ensure!(status == 200, "the server calling itself got {status}");
         std::thread::sleep(Duration::from_millis(200));
-        ensure!(count(&srv_proxy, tcp, &[("direction", "inbound")])? == srv_in, "self-call went through inbound");
-        ensure!(count(&srv_proxy, tcp, &[("direction", "outbound")])? == srv_out, "self-call went through outbound");
+        ensure!(
+            count(&srv_proxy, tcp, &[("direction", "inbound")])? == srv_in,
+            "self-call went through inbound"
+        );
+        ensure!(
+            count(&srv_proxy, tcp, &[("direction", "outbound")])? == srv_out,
+            "self-call went through outbound"
+        );
 
         // No loops, no errors: the proxies' own connections (UID 2102) were never redirected.
         for (name, p) in [("cli", &cli_proxy), ("srv", &srv_proxy)] {
@@ -218,19 +258,38 @@ fn weft_init_legacy_backend() -> Result<()> {
         let server = start_server(net, srv)?;
         weft_init(cli, &["--backend", "legacy"])?;
         let before = saved(cli, "legacy")?;
-        ensure!(before.contains("-A OUTPUT -p tcp -j WEFT_OUTBOUND"), "legacy rules missing:\n{before}");
+        ensure!(
+            before.contains("-A OUTPUT -p tcp -j WEFT_OUTBOUND"),
+            "legacy rules missing:\n{before}"
+        );
         weft_init(cli, &["--backend", "legacy"])?;
-        ensure!(saved(cli, "legacy")? == before, "second legacy run changed the table");
-        ensure!(!saved(cli, "nft")?.contains("WEFT"), "legacy run wrote nft rules");
+        ensure!(
+            saved(cli, "legacy")? == before,
+            "second legacy run changed the table"
+        );
+        ensure!(
+            !saved(cli, "nft")?.contains("WEFT"),
+            "legacy run wrote nft rules"
+        );
         // `auto` now finds the legacy rules and stays with that backend.
         weft_init(cli, &["--backend", "auto"])?;
-        ensure!(saved(cli, "legacy")? == before, "auto run changed the legacy table");
-        ensure!(!saved(cli, "nft")?.contains("WEFT"), "auto run wrote nft rules next to legacy ones");
+        ensure!(
+            saved(cli, "legacy")? == before,
+            "auto run changed the legacy table"
+        );
+        ensure!(
+            !saved(cli, "nft")?.contains("WEFT"),
+            "auto run wrote nft rules next to legacy ones"
+        );
 
         let proxy = start_proxy(cli)?;
         let target = v6(srv, HTTP_PORT);
         let (status, body) = cli.curl(&url(target))?;
-        ensure!(status == 200 && body == server.body, "GET {} answered {status}: {body}", url(target));
+        ensure!(
+            status == 200 && body == server.body,
+            "GET {} answered {status}: {body}",
+            url(target)
+        );
         let authority = target.to_string();
         proxy.wait_metric(
             "weft_http_requests_total",
