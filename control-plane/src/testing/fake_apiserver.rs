@@ -1,1 +1,383 @@
-//! todo
+//! A small fake Kubernetes API server that speaks the real list/watch
+//! protocol over plain HTTP, so the kube-rs watchers of
+//! [`crate::source::kube`] run unmodified against it.
+//!
+//! - `GET /api/v1/{services,pods,namespaces}` and
+//!   `GET /apis/discovery.k8s.io/v1/endpointslices` list:
+//!   `{kind: XList, apiVersion, metadata: {resourceVersion}, items}`
+//!   (`limit`/`continue` are accepted and ignored: one page).
+//! - The same paths with `?watch=true&resourceVersion=N` stream
+//!   newline-delimited `{"type": "ADDED|MODIFIED|DELETED|BOOKMARK", "object"}`
+//!   events newer than N, then live events.
+//! - A watch from a resourceVersion older than the compaction point gets
+//!   what the real server sends: one `ERROR` event whose object is a
+//!   `Status` with code 410 (reason `Expired`), and the stream ends, which
+//!   makes kube-rs re-list.
+//!
+//! Tests change state with [`FakeApiServer::apply`] / [`FakeApiServer::delete`],
+//! send bookmarks with [`FakeApiServer::bookmark`], and break every watch
+//! with [`FakeApiServer::expire_watches`], which can also change state
+//! while no watch is connected (so only a re-list can reveal the change).
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// The collections the fake serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Resource {
+    Services,
+    EndpointSlices,
+    Pods,
+    Namespaces,
+}
+
+impl Resource {
+    pub const ALL: [Resource; 4] = [
+        Resource::Services,
+        Resource::EndpointSlices,
+        Resource::Pods,
+        Resource::Namespaces,
+    ];
+
+    fn path(self) -> &'static str {
+        match self {
+            Resource::Services => "/api/v1/services",
+            Resource::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
+            Resource::Pods => "/api/v1/pods",
+            Resource::Namespaces => "/api/v1/namespaces",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Resource::EndpointSlices => "discovery.k8s.io/v1",
+            _ => "v1",
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Resource::Services => "Service",
+            Resource::EndpointSlices => "EndpointSlice",
+            Resource::Pods => "Pod",
+            Resource::Namespaces => "Namespace",
+        }
+    }
+
+    /// The collection an object of `kind` lives in.
+    pub fn of_kind(kind: &str) -> Option<Resource> {
+        Resource::ALL.into_iter().find(|r| r.kind() == kind)
+    }
+}
+
+type Key = (String, String);
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// Watches from a resourceVersion below this get 410 Gone.
+    compacted: u64,
+    objects: HashMap<Resource, BTreeMap<Key, Value>>,
+    /// (resourceVersion, resource, event line)
+    log: Vec<(u64, Resource, Bytes)>,
+    watchers: Vec<(Resource, mpsc::UnboundedSender<Bytes>)>,
+    lists: HashMap<Resource, usize>,
+    watches: HashMap<Resource, usize>,
+    gone: HashMap<Resource, usize>,
+}
+
+impl State {
+    fn event(&mut self, resource: Resource, kind: &str, object: Value, broadcast: bool) {
+        let line = Bytes::from(format!("{}\n", json!({"type": kind, "object": object})));
+        self.log.push((self.rv, resource, line.clone()));
+        if broadcast {
+            self.watchers
+                .retain(|(r, tx)| *r != resource || tx.send(line.clone()).is_ok());
+        }
+    }
+
+    fn put(&mut self, mut object: Value, broadcast: bool) -> Resource {
+        let kind = object["kind"].as_str().unwrap_or_default().to_string();
+        let Some(resource) = Resource::of_kind(&kind) else {
+            panic!("fake API server does not serve kind {kind:?}");
+        };
+        self.rv += 1;
+        object["apiVersion"] = json!(resource.api_version());
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        let key = key_of(resource, &object);
+        let existed = self
+            .objects
+            .entry(resource)
+            .or_default()
+            .insert(key, object.clone())
+            .is_some();
+        self.event(
+            resource,
+            if existed { "MODIFIED" } else { "ADDED" },
+            object,
+            broadcast,
+        );
+        resource
+    }
+
+    fn remove(&mut self, resource: Resource, namespace: &str, name: &str, broadcast: bool) -> bool {
+        let key = (namespace.to_string(), name.to_string());
+        let Some(mut object) = self.objects.entry(resource).or_default().remove(&key) else {
+            return false;
+        };
+        self.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.event(resource, "DELETED", object, broadcast);
+        true
+    }
+}
+
+fn key_of(resource: Resource, object: &Value) -> Key {
+    let meta = &object["metadata"];
+    let namespace = match resource {
+        Resource::Namespaces => String::new(),
+        _ => meta["namespace"].as_str().unwrap_or("default").to_string(),
+    };
+    (
+        namespace,
+        meta["name"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// Changes made while every watch is broken (see
+/// [`FakeApiServer::expire_watches`]).
+pub struct Offline<'a>(&'a mut State);
+
+impl Offline<'_> {
+    pub fn apply(&mut self, object: Value) {
+        self.0.put(object, false);
+    }
+
+    pub fn delete(&mut self, resource: Resource, namespace: &str, name: &str) -> bool {
+        self.0.remove(resource, namespace, name, false)
+    }
+}
+
+/// A running fake API server on loopback.
+pub struct FakeApiServer {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for FakeApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeApiServer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeApiServer {
+    /// Starts on an ephemeral loopback port.
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State {
+            rv: 1,
+            ..State::default()
+        }));
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let rsp = handle(&state, &req);
+                        async move { Ok::<_, Infallible>(rsp) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(FakeApiServer { addr, state, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A kube client pointed at this server over plain HTTP.
+    pub fn client(&self) -> Result<kube::Client, kube::Error> {
+        let uri: http::Uri = format!("http://{}", self.addr)
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| kube::Error::Service(e.into()))?;
+        let mut config = kube::Config::new(uri);
+        config.connect_timeout = Some(std::time::Duration::from_secs(2));
+        kube::Client::try_from(config)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates or replaces an object (JSON with `kind` and `metadata.name`).
+    pub fn apply(&self, object: Value) {
+        self.lock().put(object, true);
+    }
+
+    /// Deletes an object; returns whether it existed.
+    pub fn delete(&self, resource: Resource, namespace: &str, name: &str) -> bool {
+        self.lock().remove(resource, namespace, name, true)
+    }
+
+    /// Sends a BOOKMARK at the current resourceVersion on every watch.
+    pub fn bookmark(&self) {
+        let mut state = self.lock();
+        let rv = state.rv.to_string();
+        state.watchers.retain(|(r, tx)| {
+            let object = json!({"kind": r.kind(), "apiVersion": r.api_version(), "metadata": {"resourceVersion": rv}});
+            tx.send(Bytes::from(format!("{}\n", json!({"type": "BOOKMARK", "object": object}))))
+                .is_ok()
+        });
+    }
+
+    /// Ends every open watch, applies `offline` changes that no watch sees,
+    /// and compacts history so that every watcher's next watch gets 410
+    /// Gone and must re-list.
+    pub fn expire_watches(&self, offline: impl FnOnce(&mut Offline<'_>)) {
+        let mut state = self.lock();
+        state.watchers.clear();
+        offline(&mut Offline(&mut state));
+        state.rv += 1;
+        state.compacted = state.rv;
+    }
+
+    /// Number of list requests served for a resource.
+    pub fn lists(&self, resource: Resource) -> usize {
+        self.lock().lists.get(&resource).copied().unwrap_or(0)
+    }
+
+    /// Number of watches answered with 410 Gone for a resource.
+    pub fn gone(&self, resource: Resource) -> usize {
+        self.lock().gone.get(&resource).copied().unwrap_or(0)
+    }
+
+    /// Number of live watch streams for a resource.
+    pub fn open_watches(&self, resource: Resource) -> usize {
+        self.lock()
+            .watchers
+            .iter()
+            .filter(|(r, tx)| *r == resource && !tx.is_closed())
+            .count()
+    }
+}
+
+struct LineStream(mpsc::UnboundedReceiver<Bytes>);
+
+impl Stream for LineStream {
+    type Item = Result<Frame<Bytes>, Infallible>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response<BoxBody<Bytes, Infallible>> {
+    let mut rsp = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    rsp
+}
+
+fn handle(state: &Mutex<State>, req: &Request<Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
+    let path = req.uri().path();
+    let Some(resource) = Resource::ALL.into_iter().find(|r| r.path() == path) else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                   "message": format!("the fake API server does not serve {path}"), "reason": "NotFound", "code": 404}),
+        );
+    };
+    let query: HashMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+    if !watch {
+        *state.lists.entry(resource).or_default() += 1;
+        let items: Vec<Value> = state
+            .objects
+            .get(&resource)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        return json_response(
+            StatusCode::OK,
+            json!({
+                "kind": format!("{}List", resource.kind()),
+                "apiVersion": resource.api_version(),
+                "metadata": {"resourceVersion": state.rv.to_string()},
+                "items": items,
+            }),
+        );
+    }
+    *state.watches.entry(resource).or_default() += 1;
+    let from: u64 = query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(state.rv);
+    let (tx, rx) = mpsc::unbounded_channel();
+    if from < state.compacted {
+        *state.gone.entry(resource).or_default() += 1;
+        let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("too old resource version: {from} ({})", state.compacted),
+            "reason": "Expired", "code": 410});
+        let _ = tx.send(Bytes::from(format!(
+            "{}\n",
+            json!({"type": "ERROR", "object": status})
+        )));
+        drop(tx);
+    } else {
+        for (rv, r, line) in &state.log {
+            if *r == resource && *rv > from {
+                let _ = tx.send(line.clone());
+            }
+        }
+        state.watchers.push((resource, tx));
+    }
+    let mut rsp = Response::new(StreamBody::new(LineStream(rx)).boxed());
+    rsp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    rsp
+}
