@@ -92,6 +92,8 @@ async fn route(req: Request<Incoming>, stats: Arc<Stats>) -> Response<Body> {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             Response::new(full("slow done"))
         }
+        // The request target as the app received it (origin form for HTTP/1.1).
+        "/uri" => Response::new(full(req.uri().to_string())),
         "/headers" => {
             let mut s = String::new();
             for (k, v) in req.headers() {

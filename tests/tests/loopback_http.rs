@@ -76,6 +76,16 @@ async fn http1_keepalive_reuses_pooled_upstream_connections_and_streams_chunked_
         let b = rsp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&b[..], b"ping");
     }
+    // The app sees the origin form, as from a client without proxies, and the client's Host.
+    let req = Request::get("/uri?x=1&y=%20")
+        .header("host", "books.demo:80")
+        .body(body(""))
+        .unwrap();
+    send.ready().await.unwrap();
+    let rsp = send.send_request(req).await.unwrap();
+    let b = rsp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&b[..], b"/uri?x=1&y=%20");
+
     // Chunked request body (no content-length), streamed back chunked.
     let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> = (0..50)
         .map(|i| Ok(Frame::data(Bytes::from(format!("chunk-{i};")))))
@@ -96,8 +106,8 @@ async fn http1_keepalive_reuses_pooled_upstream_connections_and_streams_chunked_
     let want: String = (0..50).map(|i| format!("chunk-{i};")).collect();
     assert_eq!(b, want.as_bytes());
 
-    // 21 requests over one client connection reached the app over one pooled connection.
-    assert_eq!(stats.requests.load(Ordering::Relaxed), 21);
+    // 22 requests over one client connection reached the app over one pooled connection.
+    assert_eq!(stats.requests.load(Ordering::Relaxed), 22);
     assert_eq!(stats.connections.load(Ordering::Relaxed), 1);
     let m = client_proxy.metrics().unwrap();
     assert_eq!(
@@ -105,7 +115,7 @@ async fn http1_keepalive_reuses_pooled_upstream_connections_and_streams_chunked_
             "weft_http_requests_total",
             &[("direction", "outbound"), ("authority", "books.demo:80")]
         ),
-        21.0
+        22.0
     );
     let m = server_proxy.metrics().unwrap();
     assert_eq!(
@@ -117,13 +127,13 @@ async fn http1_keepalive_reuses_pooled_upstream_connections_and_streams_chunked_
                 ("classification", "success")
             ]
         ),
-        21.0
+        22.0
     );
     assert!(
         m.sum(
             "weft_http_response_duration_seconds_count",
             &[("direction", "inbound")]
-        ) >= 21.0
+        ) >= 22.0
     );
 }
 

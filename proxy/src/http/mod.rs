@@ -50,8 +50,17 @@ pub struct ConnCtx {
     pub metrics: Arc<Metrics>,
     pub client: Arc<Endpoint>,
     pub limits: Limits,
-    /// The metric handles of the last authority seen on this connection.
-    pub last_authority: std::sync::Mutex<Option<Arc<AuthorityMetrics>>>,
+    /// The last `Host` seen on this connection, parsed, with its metric handles.
+    pub last_authority: std::sync::Mutex<Option<LastAuthority>>,
+}
+
+/// A connection's last request authority: almost every connection carries one, so it is
+/// parsed and looked up in the metrics map once, not per request.
+#[derive(Debug)]
+pub struct LastAuthority {
+    host: HeaderValue,
+    authority: http::uri::Authority,
+    metrics: Arc<AuthorityMetrics>,
 }
 
 /// Serves HTTP/1.1 on `io` until the client closes or the drain signal asks it to stop.
@@ -123,6 +132,15 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Fast path: most messages carry none of these; one pass over the names is far cheaper
+    // than a hashed removal per hop-by-hop name.
+    if !keep_upgrade
+        && !headers
+            .keys()
+            .any(|k| k == header::TE || HOP_BY_HOP.iter().any(|h| h == k))
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -213,21 +231,40 @@ fn cause_of(err: &(dyn std::error::Error + 'static)) -> Cause {
 }
 
 impl ConnCtx {
-    /// Metric handles for `authority`: almost every connection carries one authority, so the
-    /// last one is kept and the shared map is only consulted when it changes.
-    fn authority_metrics(&self, authority: &str) -> Arc<AuthorityMetrics> {
-        let mut last = match self.last_authority.lock() {
+    fn last_authority(&self) -> std::sync::MutexGuard<'_, Option<LastAuthority>> {
+        match self.last_authority.lock() {
             Ok(l) => l,
             Err(p) => p.into_inner(),
-        };
-        match &*last {
-            Some(m) if &*m.label == authority => m.clone(),
-            _ => {
-                let m = self.metrics.authority(self.direction, authority);
-                *last = Some(m.clone());
-                m
+        }
+    }
+
+    /// The request's authority and its metric handles, from the connection's cache when the
+    /// `Host` header repeats.
+    fn authority<B>(
+        &self,
+        req: &Request<B>,
+    ) -> Result<(http::uri::Authority, Arc<AuthorityMetrics>), Cause> {
+        let host = req.headers().get(header::HOST);
+        if req.uri().authority().is_none() {
+            if let (Some(host), Some(last)) = (host, &*self.last_authority()) {
+                if last.host == host {
+                    return Ok((last.authority.clone(), last.metrics.clone()));
+                }
             }
         }
+        let authority = authority_of(req, self.target)?;
+        let metrics = match &*self.last_authority() {
+            Some(last) if last.authority == authority => last.metrics.clone(),
+            _ => self.metrics.authority(self.direction, authority.as_str()),
+        };
+        if let Some(host) = host {
+            *self.last_authority() = Some(LastAuthority {
+                host: host.clone(),
+                authority: authority.clone(),
+                metrics: metrics.clone(),
+            });
+        }
+        Ok((authority, metrics))
     }
 
     fn error_response(
@@ -254,7 +291,7 @@ impl ConnCtx {
 /// Proxies one request to the connection's destination.
 async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
     let start = Instant::now();
-    let authority = match authority_of(&req, ctx.target) {
+    let (authority, label) = match ctx.authority(&req) {
         Ok(a) => a,
         Err(cause) => {
             let host = req
@@ -263,14 +300,13 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
                 .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
                 .unwrap_or_default();
             return ctx.error_response(
-                ctx.authority_metrics("unknown"),
+                ctx.metrics.authority(ctx.direction, "unknown"),
                 cause,
                 &format!("invalid Host header {host:?}"),
                 start,
             );
         }
     };
-    let label = ctx.authority_metrics(authority.as_str());
     label.request();
 
     let size = headers_size(req.headers());
@@ -288,17 +324,30 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
     // read, i.e. once the upstream connection is ready), so the upstream never waits for it.
     req.headers_mut().remove(header::EXPECT);
 
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    match Uri::builder()
-        .scheme("http")
-        .authority(authority.clone())
-        .path_and_query(path)
-        .build()
-    {
+    // HTTP/2 needs the absolute form (`:scheme` and `:authority`); HTTP/1.1 upstreams get the
+    // origin form, which every server accepts, with `Host` set (an HTTP/1.0 client may omit it).
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    if ctx.h2 {
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(authority.clone());
+    } else {
+        parts.scheme = None;
+        parts.authority = None;
+        if !req.headers().contains_key(header::HOST) {
+            match HeaderValue::from_str(authority.as_str()) {
+                Ok(v) => {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+                Err(e) => {
+                    return ctx.error_response(label, Cause::BadRequest, &e.to_string(), start)
+                }
+            }
+        }
+    }
+    match Uri::from_parts(parts) {
         Ok(uri) => *req.uri_mut() = uri,
         Err(e) => return ctx.error_response(label, Cause::BadRequest, &e.to_string(), start),
     }
