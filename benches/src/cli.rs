@@ -382,7 +382,19 @@ fn execute_run(args: RunArgs) -> anyhow::Result<()> {
         (None, true) => None,
     };
     if let Some(path) = &results {
-        std::fs::write(path, &md).with_context(|| format!("writing {}", path.display()))?;
+        // One file collects several runs (one section per protocol and scenario set); text
+        // outside the generated sections, such as analysis, is kept.
+        let existing = match std::fs::read_to_string(path) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let updated = report::splice(
+            &existing,
+            &name,
+            &report::as_section(&md, &format!("Proxy hops: {name}")),
+        );
+        std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))?;
     }
     println!("{md}");
     println!("JSON: {}", json_path.display());

@@ -320,6 +320,56 @@ fn opt_f(v: Option<f64>, digits: usize) -> String {
         .unwrap_or_else(|| "–".into())
 }
 
+/// The heading a results file starts with when [`splice`] creates it.
+pub const RESULTS_HEADER: &str = "# Weft benchmark results\n\n\
+Each section below is written by one `weft-bench run` (its command is in the section) and \
+replaced by the next run with the same name; text outside the generated sections is kept.\n";
+
+/// A run's markdown as a section of a results file: its headings one level down.
+pub fn as_section(md: &str, title: &str) -> String {
+    let mut out = String::with_capacity(md.len() + 64);
+    for line in md.lines() {
+        if let Some(rest) = line.strip_prefix("# Weft benchmark results") {
+            out.push_str("## ");
+            out.push_str(title);
+            out.push_str(rest);
+        } else if line.starts_with('#') {
+            out.push('#');
+            out.push_str(line);
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Replaces the section named `key` in `existing` (between its begin and end markers) with
+/// `section`, or appends it; creates the file's header when `existing` is empty.
+pub fn splice(existing: &str, key: &str, section: &str) -> String {
+    let begin = format!("<!-- weft-bench:{key} begin -->");
+    let end = format!("<!-- weft-bench:{key} end -->");
+    let block = format!("{begin}\n{}\n{end}", section.trim_end());
+    let mut base = if existing.trim().is_empty() {
+        RESULTS_HEADER.to_string()
+    } else {
+        existing.to_string()
+    };
+    if let (Some(b), Some(e)) = (base.find(&begin), base.find(&end)) {
+        if b < e {
+            base.replace_range(b..e + end.len(), &block);
+            return base;
+        }
+    }
+    if !base.ends_with('\n') {
+        base.push('\n');
+    }
+    base.push('\n');
+    base.push_str(&block);
+    base.push('\n');
+    base
+}
+
 /// `RESULTS.md`.
 pub fn markdown(report: &Report) -> String {
     let mut md = String::new();
@@ -534,6 +584,32 @@ mod tests {
     use super::*;
     use crate::load::Summary;
     use crate::scenario::ProcessReport;
+
+    #[test]
+    fn splice_creates_appends_and_replaces_sections_keeping_other_text() {
+        let one = splice("", "http1-a", "## Proxy hops\nfirst\n");
+        assert!(one.starts_with("# Weft benchmark results"));
+        assert!(one.contains("first"));
+        let mut with_notes = splice(&one, "grpc-a", "## Proxy hops\ngrpc\n");
+        with_notes.push_str("\n## Analysis\nhand-written\n");
+        let replaced = splice(&with_notes, "http1-a", "## Proxy hops\nsecond\n");
+        assert!(!replaced.contains("first"));
+        assert!(replaced.contains("second"));
+        assert!(replaced.contains("grpc"));
+        assert!(replaced.contains("hand-written"));
+        assert_eq!(replaced.matches("weft-bench:http1-a begin").count(), 1);
+        // The replaced section stays where it was: before the grpc one.
+        assert!(replaced.find("second") < replaced.find("grpc"));
+    }
+
+    #[test]
+    fn sections_have_their_headings_one_level_down() {
+        let s = as_section(
+            "# Weft benchmark results\n\ntext\n## Latency\n",
+            "Hops, http1",
+        );
+        assert_eq!(s, "## Hops, http1\n\ntext\n### Latency\n");
+    }
 
     fn summary(p50: u64, p99: u64, rps: f64) -> Summary {
         Summary {
