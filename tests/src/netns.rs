@@ -201,7 +201,73 @@ impl Drop for Net {
     }
 }
 
+/// Runs `body` on a fresh [`Net`] of `pods`; on failure prints the processes' logs and each
+/// pod's nat table first, then deletes everything.
+pub fn with_net(pods: &[&str], body: impl FnOnce(&Net) -> Result<()>) -> Result<()> {
+    let net = Net::new(pods)?;
+    let result = body(&net);
+    if result.is_err() {
+        net.dump_logs();
+        for p in pods {
+            eprintln!(
+                "----- nat rules in pod {p} -----\n{}",
+                net.pod(p).nat_rules()
+            );
+        }
+    }
+    result
+}
+
+/// `python3 -m http.server` in a pod, dual-stack on `port`, serving `/hello.txt`.
+pub struct HelloServer {
+    _process: Process,
+    /// The body of `/hello.txt`, unique to the pod.
+    pub body: String,
+}
+
+impl HelloServer {
+    /// Starts the server (its own process, as an unmodified app) and waits until it listens on
+    /// the pod's IPv4 and IPv6 addresses.
+    pub fn start(net: &Net, pod: &Pod, port: u16) -> Result<Self> {
+        let root = net.dir().join(format!("www-{}", pod.name));
+        std::fs::create_dir_all(&root)?;
+        let body = format!("hello from pod {} ({})\n", pod.name, pod.ns);
+        std::fs::write(root.join("hello.txt"), &body)?;
+        let mut cmd = pod.command("python3");
+        // `--bind ::` listens dual-stack (IPV6_V6ONLY off): one process serves both families.
+        cmd.args(["-m", "http.server", "--bind", "::", "--directory"])
+            .arg(&root)
+            .arg(port.to_string());
+        let mut process = pod.spawn("http-server", cmd)?;
+        for addr in [pod.v4_addr(port), pod.v6_addr(port)] {
+            if let Err(e) = pod.wait_listening(addr, Duration::from_secs(10)) {
+                process.check_running()?;
+                return Err(e);
+            }
+        }
+        Ok(Self {
+            _process: process,
+            body,
+        })
+    }
+
+    /// The URL `curl` fetches (`http://[v6]:port/hello.txt` for IPv6).
+    pub fn url(addr: SocketAddr) -> String {
+        format!("http://{addr}/hello.txt")
+    }
+}
+
 impl Pod {
+    /// The pod's IPv4 address with `port`.
+    pub fn v4_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.v4, port))
+    }
+
+    /// The pod's IPv6 address with `port`.
+    pub fn v6_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.v6, port))
+    }
+
     /// `ip netns exec <ns> <program>`, ready for arguments.
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("ip");

@@ -9,11 +9,10 @@
 //! Run: `cargo build --bins && sudo -E cargo test -p weft-e2e --test netns_redirect`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use weft_e2e::netns::{
-    EchoServer, Family, Net, Pod, Process, INBOUND_PORT, OUTBOUND_PORT, PROXY_UID,
+    with_net, EchoServer, Family, HelloServer, Net, Pod, INBOUND_PORT, OUTBOUND_PORT, PROXY_UID,
 };
 use weft_e2e::require_root;
 
@@ -23,65 +22,21 @@ const OPAQUE_PAYLOAD: &[u8] = b"\x00\x01not http, just bytes\r\n\xff";
 
 /// The apps in the server pod: an HTTP server (its own process) and TCP echo servers.
 struct Apps {
-    _http: Process,
+    http: HelloServer,
     echo4: EchoServer,
     echo6: EchoServer,
-    body: String,
 }
 
 fn start_apps(net: &Net, srv: &Pod) -> Result<Apps> {
-    let root = net.dir().join("www");
-    std::fs::create_dir_all(&root)?;
-    let body = format!("hello from pod {} ({})\n", srv.name, srv.ns);
-    std::fs::write(root.join("hello.txt"), &body)?;
-    let mut cmd = srv.command("python3");
-    // `--bind ::` makes http.server listen dual-stack (IPV6_V6ONLY off): one process serves the
-    // pod's IPv4 and IPv6 addresses.
-    cmd.args(["-m", "http.server", "--bind", "::", "--directory"])
-        .arg(&root)
-        .arg(HTTP_PORT.to_string());
-    let mut http = srv.spawn("http-server", cmd)?;
-    for addr in [v4(srv, HTTP_PORT), v6(srv, HTTP_PORT)] {
-        if let Err(e) = srv.wait_listening(addr, Duration::from_secs(10)) {
-            http.check_running()?;
-            return Err(e);
-        }
-    }
     Ok(Apps {
-        _http: http,
-        echo4: EchoServer::start(srv, v4(srv, ECHO_PORT))?,
-        echo6: EchoServer::start(srv, v6(srv, ECHO_PORT))?,
-        body,
+        http: HelloServer::start(net, srv, HTTP_PORT)?,
+        echo4: EchoServer::start(srv, srv.v4_addr(ECHO_PORT))?,
+        echo6: EchoServer::start(srv, srv.v6_addr(ECHO_PORT))?,
     })
 }
 
-fn v4(pod: &Pod, port: u16) -> SocketAddr {
-    SocketAddr::from((pod.v4, port))
-}
-
-fn v6(pod: &Pod, port: u16) -> SocketAddr {
-    SocketAddr::from((pod.v6, port))
-}
-
-/// What `curl` and the proxy's authority label call `addr` (`[v6]:port` for IPv6).
 fn url(addr: SocketAddr) -> String {
-    format!("http://{addr}/hello.txt")
-}
-
-/// Runs `body`; on failure prints the processes' logs and the pods' nat tables first.
-fn with_net(pods: &[&str], body: impl FnOnce(&Net) -> Result<()>) -> Result<()> {
-    let net = Net::new(pods)?;
-    let result = body(&net);
-    if result.is_err() {
-        net.dump_logs();
-        for p in pods {
-            eprintln!(
-                "----- nat rules in pod {p} -----\n{}",
-                net.pod(p).nat_rules()
-            );
-        }
-    }
-    result
+    HelloServer::url(addr)
 }
 
 /// An app in "cli" dials the server pod over IPv4 and IPv6; its pod's OUTPUT rules send the
@@ -99,7 +54,7 @@ fn outbound_redirect_ipv4_and_ipv6() -> Result<()> {
         for family in [Family::V4, Family::V6] {
             cli.redirect_outbound(family, PROXY_UID, OUTBOUND_PORT)?;
         }
-        let (http4, http6) = (v4(srv, HTTP_PORT), v6(srv, HTTP_PORT));
+        let (http4, http6) = (srv.v4_addr(HTTP_PORT), srv.v6_addr(HTTP_PORT));
 
         // The rules are live: with no proxy listening, the app's connection is refused.
         ensure!(
@@ -120,7 +75,11 @@ fn outbound_redirect_ipv4_and_ipv6() -> Result<()> {
                 "GET {} answered {status}: {body}",
                 url(target)
             );
-            ensure!(body == apps.body, "GET {} returned {body:?}", url(target));
+            ensure!(
+                body == apps.http.body,
+                "GET {} returned {body:?}",
+                url(target)
+            );
         }
         for target in [http4, http6] {
             let authority = target.to_string();
@@ -193,7 +152,7 @@ fn inbound_redirect_ipv4_and_ipv6() -> Result<()> {
                 srv.redirect_inbound(family, port, INBOUND_PORT)?;
             }
         }
-        let (http4, http6) = (v4(srv, HTTP_PORT), v6(srv, HTTP_PORT));
+        let (http4, http6) = (srv.v4_addr(HTTP_PORT), srv.v6_addr(HTTP_PORT));
         ensure!(
             cli.curl(&url(http4)).is_err(),
             "curl reached {http4} without the server's proxy: the PREROUTING redirect is not in effect"
@@ -209,7 +168,11 @@ fn inbound_redirect_ipv4_and_ipv6() -> Result<()> {
                 "GET {} answered {status}: {body}",
                 url(target)
             );
-            ensure!(body == apps.body, "GET {} returned {body:?}", url(target));
+            ensure!(
+                body == apps.http.body,
+                "GET {} returned {body:?}",
+                url(target)
+            );
         }
         for target in [http4, http6] {
             let authority = target.to_string();
