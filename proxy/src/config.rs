@@ -24,6 +24,14 @@ pub mod env {
     pub const WORKER_THREADS: &str = "WEFT_PROXY_WORKER_THREADS";
     pub const LOG: &str = "WEFT_PROXY_LOG";
     pub const LOG_FORMAT: &str = "WEFT_PROXY_LOG_FORMAT";
+    pub const DESTINATION_ADDR: &str = "WEFT_PROXY_DESTINATION_ADDR";
+    pub const NAMESPACE: &str = "WEFT_PROXY_NAMESPACE";
+    pub const POD_NAME: &str = "WEFT_PROXY_POD_NAME";
+    pub const SERVICE_ACCOUNT: &str = "WEFT_PROXY_SERVICE_ACCOUNT";
+    pub const DISCOVERY_TIMEOUT: &str = "WEFT_PROXY_DISCOVERY_TIMEOUT";
+    pub const DISCOVERY_IDLE_TIMEOUT: &str = "WEFT_PROXY_DISCOVERY_IDLE_TIMEOUT";
+    pub const DISCOVERY_BACKOFF_MAX: &str = "WEFT_PROXY_DISCOVERY_BACKOFF_MAX";
+    pub const BALANCER_DECAY: &str = "WEFT_PROXY_BALANCER_DECAY";
 }
 
 /// Errors in the proxy's environment. Each names the variable, the value and what was expected.
@@ -47,6 +55,14 @@ pub enum ConfigError {
     },
     #[error("{var}={value:?} is not one of: plain, json")]
     LogFormat { var: &'static str, value: String },
+    #[error("{var}={value:?} is not a gRPC address (expected HOST:PORT, e.g. weft-controller.weft.svc:8086)")]
+    HostPort { var: &'static str, value: String },
+    #[error("{var}={value:?}: {reason}")]
+    Invalid {
+        var: &'static str,
+        value: String,
+        reason: &'static str,
+    },
     #[error("{var} is not valid UTF-8")]
     NotUnicode { var: &'static str },
 }
@@ -84,6 +100,47 @@ pub struct Config {
     pub worker_threads: usize,
     pub log_filter: String,
     pub log_format: LogFormat,
+    /// Service discovery through the controller; `None` when `WEFT_PROXY_DESTINATION_ADDR` is
+    /// unset (every connection goes to its original destination).
+    pub discovery: Option<DiscoveryConfig>,
+    /// The workload this proxy serves (sent to the controller as the caller).
+    pub workload: Workload,
+}
+
+/// The pod a proxy serves, from the injector's environment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Workload {
+    pub namespace: String,
+    pub pod_name: String,
+    pub service_account: String,
+}
+
+/// How the proxy talks to the controller's `Destination` service and balances what it learns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiscoveryConfig {
+    /// `host:port` of the controller's destination gRPC service.
+    pub addr: String,
+    /// How long a request to a target not resolved yet waits for the controller's first
+    /// answer before it goes to its original destination.
+    pub timeout: Duration,
+    /// How long a resolution (and its balancer) nobody uses is kept before it is dropped.
+    pub idle_timeout: Duration,
+    /// Upper bound of the reconnect backoff (it starts at 100 ms, doubles, with jitter).
+    pub backoff_max: Duration,
+    /// Decay time of the balancer's peak-EWMA latency estimate.
+    pub balancer_decay: Duration,
+}
+
+impl DiscoveryConfig {
+    pub fn new(addr: impl Into<String>) -> Self {
+        Self {
+            addr: addr.into(),
+            timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+            backoff_max: Duration::from_secs(5),
+            balancer_decay: Duration::from_secs(10),
+        }
+    }
 }
 
 pub const DEFAULT_LOG_FILTER: &str = "warn,weft=info";
@@ -110,6 +167,8 @@ impl Default for Config {
             worker_threads: 1,
             log_filter: DEFAULT_LOG_FILTER.to_string(),
             log_format: LogFormat::Plain,
+            discovery: None,
+            workload: Workload::default(),
         }
     }
 }
@@ -189,8 +248,80 @@ impl Config {
                 }
             };
         }
+        if let Some(v) = get(env::NAMESPACE)? {
+            c.workload.namespace = v;
+        }
+        if let Some(v) = get(env::POD_NAME)? {
+            c.workload.pod_name = v;
+        }
+        if let Some(v) = get(env::SERVICE_ACCOUNT)? {
+            c.workload.service_account = v;
+        }
+        let mut d = DiscoveryConfig::new("");
+        let durations: [(&'static str, &mut Duration); 4] = [
+            (env::DISCOVERY_TIMEOUT, &mut d.timeout),
+            (env::DISCOVERY_IDLE_TIMEOUT, &mut d.idle_timeout),
+            (env::DISCOVERY_BACKOFF_MAX, &mut d.backoff_max),
+            (env::BALANCER_DECAY, &mut d.balancer_decay),
+        ];
+        for (var, slot) in durations {
+            if let Some(v) = get(var)? {
+                *slot = parse_duration(&v).ok_or(ConfigError::Duration { var, value: v })?;
+            }
+        }
+        for (var, value, min) in [
+            (
+                env::DISCOVERY_BACKOFF_MAX,
+                d.backoff_max,
+                Duration::from_millis(100),
+            ),
+            (
+                env::BALANCER_DECAY,
+                d.balancer_decay,
+                Duration::from_millis(1),
+            ),
+            (
+                env::DISCOVERY_IDLE_TIMEOUT,
+                d.idle_timeout,
+                Duration::from_secs(1),
+            ),
+        ] {
+            if value < min {
+                return Err(ConfigError::Invalid {
+                    var,
+                    value: format!("{value:?}"),
+                    reason: "too small (backoff max >= 100ms, decay >= 1ms, idle timeout >= 1s)",
+                });
+            }
+        }
+        if let Some(v) = get(env::DESTINATION_ADDR)? {
+            if !is_host_port(&v) {
+                return Err(ConfigError::HostPort {
+                    var: env::DESTINATION_ADDR,
+                    value: v,
+                });
+            }
+            d.addr = v;
+            c.discovery = Some(d);
+        }
         Ok(c)
     }
+}
+
+/// `host:port` or `[v6]:port` with a non-zero port and a host made of DNS/IP characters.
+fn is_host_port(s: &str) -> bool {
+    if s.parse::<SocketAddr>().is_ok() {
+        return true;
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    let port_ok = matches!(port.parse::<u16>(), Ok(p) if p != 0);
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+    port_ok && host_ok
 }
 
 fn parse_addr(var: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -324,6 +455,31 @@ mod tests {
             (env::WORKER_THREADS, "0", "between 1 and 512"),
             (env::LOG_FORMAT, "xml", "WEFT_PROXY_LOG_FORMAT=\"xml\""),
             (env::MAX_HEADER_BYTES, "-1", "WEFT_PROXY_MAX_HEADER_BYTES"),
+            (
+                env::DESTINATION_ADDR,
+                "controller",
+                "WEFT_PROXY_DESTINATION_ADDR=\"controller\"",
+            ),
+            (
+                env::DESTINATION_ADDR,
+                "ctl:0",
+                "WEFT_PROXY_DESTINATION_ADDR",
+            ),
+            (
+                env::DESTINATION_ADDR,
+                "a b:80",
+                "WEFT_PROXY_DESTINATION_ADDR",
+            ),
+            (
+                env::DISCOVERY_TIMEOUT,
+                "1",
+                "WEFT_PROXY_DISCOVERY_TIMEOUT=\"1\"",
+            ),
+            (
+                env::DISCOVERY_BACKOFF_MAX,
+                "1ms",
+                "WEFT_PROXY_DISCOVERY_BACKOFF_MAX",
+            ),
         ];
         for (var, value, expect) in cases {
             let err = parse(&[(var, value)]).unwrap_err().to_string();
@@ -348,6 +504,30 @@ mod tests {
         assert!(!c.opaque_ports.contains(8101));
         assert_eq!(c.detect_timeout, Duration::from_millis(250));
         assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn discovery_is_off_unless_an_address_is_given() {
+        let c = parse(&[(env::NAMESPACE, "shop"), (env::DISCOVERY_TIMEOUT, "2s")]).unwrap();
+        assert_eq!(c.discovery, None);
+        assert_eq!(c.workload.namespace, "shop");
+        let c = parse(&[
+            (env::DESTINATION_ADDR, "weft-controller.weft.svc:8086"),
+            (env::DISCOVERY_TIMEOUT, "250ms"),
+            (env::POD_NAME, "web-1"),
+            (env::SERVICE_ACCOUNT, "web"),
+        ])
+        .unwrap();
+        let d = c.discovery.unwrap();
+        assert_eq!(d.addr, "weft-controller.weft.svc:8086");
+        assert_eq!(d.timeout, Duration::from_millis(250));
+        assert_eq!(d.idle_timeout, Duration::from_secs(60));
+        assert_eq!(d.backoff_max, Duration::from_secs(5));
+        assert_eq!(c.workload.pod_name, "web-1");
+        assert_eq!(c.workload.service_account, "web");
+        for ok in ["127.0.0.1:8086", "[::1]:8086", "ctl:1"] {
+            assert!(parse(&[(env::DESTINATION_ADDR, ok)]).is_ok(), "{ok}");
+        }
     }
 
     #[test]

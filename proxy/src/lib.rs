@@ -8,15 +8,21 @@
 //! port (`4191`) serves Prometheus metrics, readiness, liveness and shutdown.
 //!
 //! The tree follows the request path: [`transport`] (listening, original destination, detection),
-//! [`http`] and [`tcp`] (the two ways a connection is forwarded), [`metrics`], [`admin`],
-//! [`config`]. [`run`] wires them together; `main.rs` only parses config and builds the runtime.
+//! [`http`] and [`tcp`] (the two ways a connection is forwarded), [`discovery`] (the
+//! controller's `Destination.Resolve` client) and [`balance`] (per-request p2c over peak-EWMA
+//! for HTTP, per-connection for TCP), [`metrics`], [`admin`], [`config`]. [`Bound::serve`]
+//! wires them together; `main.rs` only parses config and builds the runtime.
 //!
 //! With no control plane configured the proxy is a transparent proxy: every connection goes to
-//! its original destination. Discovery, load balancing, mTLS and policy arrive with the
-//! controller (see the repository's issues and DESIGN.md).
+//! its original destination. With `WEFT_PROXY_DESTINATION_ADDR` set, outbound HTTP is routed
+//! by authority and outbound opaque TCP by original destination to the endpoints the
+//! controller names; unknown targets still go to their original destination. mTLS and policy
+//! arrive with later issues (see DESIGN.md).
 
 pub mod admin;
+pub mod balance;
 pub mod config;
+pub mod discovery;
 pub mod http;
 pub mod metrics;
 pub mod serve;
@@ -48,6 +54,8 @@ pub enum RunError {
     },
     #[error("cannot install signal handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error(transparent)]
+    Discovery(#[from] discovery::DiscoveryError),
 }
 
 /// Bound listeners, before serving (so tests and embedders can learn ephemeral ports).
@@ -94,8 +102,13 @@ impl Bound {
     }
 
     /// Serves until `shutdown` is cancelled (or `/shutdown` is called), then drains: listeners
-    /// close at once, in-flight connections get the grace period to finish.
-    pub async fn serve(self, shutdown: CancellationToken, logs: telemetry::LogHandle) {
+    /// close at once, in-flight connections get the grace period to finish. Fails before
+    /// serving only when the discovery client cannot be built.
+    pub async fn serve(
+        self,
+        shutdown: CancellationToken,
+        logs: telemetry::LogHandle,
+    ) -> Result<(), RunError> {
         let Bound {
             config,
             outbound,
@@ -104,6 +117,28 @@ impl Bound {
         } = self;
         let metrics = Metrics::new();
         let clients = http::client::Clients::new(config.connect_timeout, config.pool_idle_timeout);
+        let router = match &config.discovery {
+            Some(d) => {
+                let resolver = discovery::Resolver::new(
+                    d.clone(),
+                    &config.workload,
+                    metrics.discovery.clone(),
+                )?;
+                tracing::info!(addr = %d.addr, namespace = %config.workload.namespace, "discovery enabled");
+                Some(balance::Router::new(
+                    resolver,
+                    balance::Settings {
+                        connect_timeout: config.connect_timeout,
+                        pool_idle_timeout: config.pool_idle_timeout,
+                        decay: d.balancer_decay,
+                        discovery_timeout: d.timeout,
+                        idle_timeout: d.idle_timeout,
+                    },
+                    metrics.discovery.clone(),
+                ))
+            }
+            None => None,
+        };
         let tracker = TaskTracker::new();
         let admin_state = Arc::new(admin::Admin {
             metrics: metrics.clone(),
@@ -132,6 +167,11 @@ impl Bound {
                 config: config.clone(),
                 metrics: metrics.clone(),
                 clients: clients.clone(),
+                // Inbound traffic is already at its pod: only outbound is routed.
+                router: match direction {
+                    Direction::Outbound => router.clone(),
+                    Direction::Inbound => None,
+                },
                 drain: shutdown.clone(),
                 tracker: tracker.clone(),
             })));
@@ -157,6 +197,7 @@ impl Bound {
             tracing::info!("drained");
         }
         admin_task.abort();
+        Ok(())
     }
 }
 

@@ -52,7 +52,13 @@ fn main() -> ExitCode {
             eprintln!("weft-proxy: {e}");
             return ExitCode::from(1);
         }
-        bound.serve(shutdown, logs).await;
-        ExitCode::SUCCESS
+        match bound.serve(shutdown, logs).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("weft-proxy: {e}");
+                ExitCode::from(1)
+            }
+        }
     })
 }

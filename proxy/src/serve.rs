@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::balance::{self, InFlight, Pick, Router};
 use crate::config::Config;
 use crate::http::{self, client::Clients, head, Cause, ConnCtx, Limits};
 use crate::metrics::{Direction, Metrics, TcpMetrics};
@@ -33,6 +34,8 @@ pub struct Listener {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub clients: Arc<Clients>,
+    /// Discovery-based routing (outbound with a controller); `None`: original destinations.
+    pub router: Option<Arc<Router>>,
     pub drain: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -45,6 +48,7 @@ struct ConnShared {
     metrics: Arc<Metrics>,
     tcp: TcpMetrics,
     clients: Arc<Clients>,
+    router: Option<Arc<Router>>,
     drain: CancellationToken,
 }
 
@@ -59,6 +63,7 @@ pub async fn accept_loop(l: Listener) {
         config: l.config,
         metrics: l.metrics,
         clients: l.clients,
+        router: l.router,
         drain: l.drain.clone(),
     });
     loop {
@@ -159,6 +164,7 @@ async fn serve_http(
         h2,
         metrics: s.metrics.clone(),
         client: s.clients.get(target, h2),
+        router: s.router.clone(),
         limits: Limits {
             max_header_bytes: s.config.max_header_bytes,
             header_read_timeout: s.config.header_read_timeout,
@@ -177,7 +183,82 @@ async fn serve_http(
     }
 }
 
+/// Connects to `target`, with a timeout.
+async fn connect(s: &ConnShared, target: SocketAddr) -> std::io::Result<TcpStream> {
+    match tokio::time::timeout(s.config.connect_timeout, TcpStream::connect(target)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// What an opaque connection is sent to.
+enum TcpRoute {
+    /// The original destination.
+    Forward,
+    /// An endpoint discovery chose, with its connection counted until dropped.
+    Balanced(TcpStream, InFlight),
+    /// Failed: the cause is counted and the client reset.
+    Failed(Cause),
+}
+
+/// Routes an opaque connection by its original destination `ip:port` (a ClusterIP resolves
+/// to its service's endpoints): one endpoint per connection, p2c over open connections, one
+/// retry on another endpoint when the connect fails.
+async fn route_tcp(s: &ConnShared, router: &Router, target: SocketAddr) -> TcpRoute {
+    let Some(b) = router.balancer(&target.to_string(), balance::Protocol::Tcp) else {
+        return TcpRoute::Forward;
+    };
+    let mut pick = b.pick(None);
+    if let Pick::Pending = pick {
+        b.ready().await;
+        pick = b.pick(None);
+    }
+    let mut exclude = None;
+    for _ in 0..2 {
+        let f = match pick {
+            Pick::Endpoint(f) => f,
+            Pick::NoEndpoints if exclude.is_none() => return TcpRoute::Failed(Cause::NoEndpoints),
+            Pick::NoEndpoints => break,
+            Pick::Pending => {
+                b.passthrough();
+                return TcpRoute::Forward;
+            }
+            Pick::Forward => return TcpRoute::Forward,
+        };
+        let addr = f.member().addr;
+        match connect(s, addr).await {
+            Ok(stream) => return TcpRoute::Balanced(stream, f),
+            Err(e) => {
+                tracing::info!(target = b.target(), endpoint = %addr, error = %e, "tcp connect to endpoint failed");
+                b.connect_failed(f.member());
+                if exclude.is_some() {
+                    return TcpRoute::Failed(Cause::of_connect(&e));
+                }
+                exclude = Some(addr);
+                pick = b.pick(exclude);
+            }
+        }
+    }
+    TcpRoute::Failed(Cause::ConnectError)
+}
+
 async fn forward_tcp(s: &ConnShared, client: TcpStream, prefix: Bytes, target: SocketAddr) {
+    if let Some(router) = &s.router {
+        match route_tcp(s, router, target).await {
+            TcpRoute::Forward => {}
+            TcpRoute::Balanced(server, in_flight) => {
+                relay(s, client, prefix, server).await;
+                drop(in_flight);
+                return;
+            }
+            TcpRoute::Failed(cause) => {
+                s.metrics.error(s.direction, cause.as_str());
+                tracing::info!(%target, cause = cause.as_str(), "no endpoint reachable; resetting client");
+                tcp::reset(&client);
+                return;
+            }
+        }
+    }
     let server = match tokio::time::timeout(s.config.connect_timeout, TcpStream::connect(target))
         .await
     {
@@ -196,6 +277,10 @@ async fn forward_tcp(s: &ConnShared, client: TcpStream, prefix: Bytes, target: S
             return;
         }
     };
+    relay(s, client, prefix, server).await;
+}
+
+async fn relay(s: &ConnShared, client: TcpStream, prefix: Bytes, server: TcpStream) {
     let _ = server.set_nodelay(true);
     let counters = ByteCounters {
         read: s.tcp.read.clone(),

@@ -7,6 +7,7 @@
 //!
 //! The binaries must be built first (`cargo build --bins`); `scripts/test.sh` does that.
 
+pub mod controller;
 pub mod netns;
 pub mod servers;
 

@@ -23,10 +23,13 @@ pub struct Recorder {
     pub grpc_status: Option<u32>,
     pub latency: Duration,
     pub failed: bool,
+    /// Counts the request against its endpoint until the response ends (balanced requests).
+    pub in_flight: Option<crate::balance::InFlight>,
 }
 
 impl Recorder {
     pub fn record(self) {
+        // Dropping `self` at the end also ends the request's in-flight count.
         let class = if self.failed {
             Class::Failure
         } else {

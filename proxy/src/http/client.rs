@@ -65,6 +65,23 @@ pub enum ClientError {
     },
 }
 
+/// A failed request; `request` is the request itself when it was never sent (no connection
+/// could be made), so it may be retried elsewhere.
+#[derive(Debug)]
+pub struct Unsent {
+    pub error: ClientError,
+    pub request: Option<Request<BoxBody>>,
+}
+
+impl From<ClientError> for Unsent {
+    fn from(error: ClientError) -> Self {
+        Self {
+            error,
+            request: None,
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -132,6 +149,16 @@ impl Endpoint {
         self: &Arc<Self>,
         req: Request<BoxBody>,
     ) -> Result<Response<PooledBody>, ClientError> {
+        self.try_request(req).await.map_err(|u| u.error)
+    }
+
+    /// Like [`Endpoint::request`], but a request that could not be sent because no connection
+    /// could be made (connect or handshake failure) comes back unread in the error, so the
+    /// caller may send it elsewhere.
+    pub async fn try_request(
+        self: &Arc<Self>,
+        req: Request<BoxBody>,
+    ) -> Result<Response<PooledBody>, Unsent> {
         if self.h2 {
             self.request_h2(req).await
         } else {
@@ -142,25 +169,41 @@ impl Endpoint {
     async fn request_h1(
         self: &Arc<Self>,
         req: Request<BoxBody>,
-    ) -> Result<Response<PooledBody>, ClientError> {
+    ) -> Result<Response<PooledBody>, Unsent> {
         let (conn, pooled) = match self.checkout() {
             Some(c) => (c, true),
-            None => (self.dial_h1().await?, false),
+            None => match self.dial_h1().await {
+                Ok(c) => (c, false),
+                Err(error) => {
+                    return Err(Unsent {
+                        error,
+                        request: Some(req),
+                    })
+                }
+            },
         };
         match self.send_h1(conn, req).await {
             // Not written: the pooled connection was closed under us. Retry once on a fresh
             // connection; a fresh connection's failure is final.
             Err(mut e) if pooled && e.message().is_some() => {
                 let Some(req) = e.take_message() else {
-                    return Err(self.request_error(e.into_error()));
+                    return Err(self.request_error(e.into_error()).into());
                 };
                 tracing::debug!(addr = %self.addr, error = %e.error(), "pooled connection closed before the request was sent; retrying on a new one");
-                let conn = self.dial_h1().await?;
+                let conn = match self.dial_h1().await {
+                    Ok(c) => c,
+                    Err(error) => {
+                        return Err(Unsent {
+                            error,
+                            request: Some(req),
+                        })
+                    }
+                };
                 self.send_h1(conn, req)
                     .await
-                    .map_err(|e| self.request_error(e.into_error()))
+                    .map_err(|e| self.request_error(e.into_error()).into())
             }
-            Err(e) => Err(self.request_error(e.into_error())),
+            Err(e) => Err(self.request_error(e.into_error()).into()),
             Ok(rsp) => Ok(rsp),
         }
     }
@@ -197,8 +240,16 @@ impl Endpoint {
     async fn request_h2(
         self: &Arc<Self>,
         req: Request<BoxBody>,
-    ) -> Result<Response<PooledBody>, ClientError> {
-        let mut conn = self.h2_conn().await?;
+    ) -> Result<Response<PooledBody>, Unsent> {
+        let mut conn = match self.h2_conn().await {
+            Ok(c) => c,
+            Err(error) => {
+                return Err(Unsent {
+                    error,
+                    request: Some(req),
+                })
+            }
+        };
         match conn.send_request(req).await {
             Ok(rsp) => Ok(rsp.map(|b| PooledBody::new(b, PoolReturn::None))),
             Err(source) => {
@@ -211,7 +262,8 @@ impl Endpoint {
                 Err(ClientError::Request {
                     addr: self.addr,
                     source,
-                })
+                }
+                .into())
             }
         }
     }

@@ -25,6 +25,8 @@ pub enum Cause {
     HeaderTimeout,
     BadRequest,
     BadAuthority,
+    /// The destination is a known service with no ready endpoints.
+    NoEndpoints,
 }
 
 impl Cause {
@@ -41,6 +43,7 @@ impl Cause {
             Cause::HeaderTimeout => "header-timeout",
             Cause::BadRequest => "bad-request",
             Cause::BadAuthority => "bad-authority",
+            Cause::NoEndpoints => "no-endpoints",
         }
     }
 
@@ -55,6 +58,7 @@ impl Cause {
             Cause::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Cause::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
             Cause::BadRequest | Cause::BadAuthority => StatusCode::BAD_REQUEST,
+            Cause::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -123,6 +127,9 @@ mod tests {
         assert_eq!(r.status(), 502);
         assert_eq!(r.headers()[ERROR_HEADER], "connect-refused");
         assert_eq!(Cause::ConnectTimeout.status(), 504);
+        let r = Cause::NoEndpoints.response("web:80");
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()[ERROR_HEADER], "no-endpoints");
         let raw = String::from_utf8(Cause::HeaderTooLarge.raw_http1("70000 bytes")).unwrap();
         assert!(raw.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"));
         assert!(raw.contains("weft-proxy-error: header-too-large\r\n"));

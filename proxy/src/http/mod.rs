@@ -26,9 +26,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::balance::{self, Balancer, InFlight, Pick, Router};
 use crate::metrics::{AuthorityMetrics, Direction, Metrics};
 use body::{Observed, Recorder};
-use client::{ClientError, Endpoint};
+use client::{ClientError, Endpoint, PooledBody, Unsent};
 pub use error::Cause;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -48,19 +49,47 @@ pub struct ConnCtx {
     pub target: SocketAddr,
     pub h2: bool,
     pub metrics: Arc<Metrics>,
+    /// The original destination's client: where requests go without discovery.
     pub client: Arc<Endpoint>,
+    /// Routes requests by authority through discovery (outbound, when a controller is set).
+    pub router: Option<Arc<Router>>,
     pub limits: Limits,
-    /// The last `Host` seen on this connection, parsed, with its metric handles.
+    /// The last authority seen on this connection, parsed, with its metric handles and route.
     pub last_authority: std::sync::Mutex<Option<LastAuthority>>,
 }
 
 /// A connection's last request authority: almost every connection carries one, so it is
-/// parsed and looked up in the metrics map once, not per request.
+/// parsed, looked up in the metrics map and routed once, not per request.
 #[derive(Debug)]
 pub struct LastAuthority {
-    host: HeaderValue,
+    host: Option<HeaderValue>,
     authority: http::uri::Authority,
     metrics: Arc<AuthorityMetrics>,
+    /// The authority's balancer; `None` without discovery (original destination).
+    route: Option<Arc<Balancer>>,
+}
+
+/// What the request's authority resolved to.
+type Routed = (
+    http::uri::Authority,
+    Arc<AuthorityMetrics>,
+    Option<Arc<Balancer>>,
+);
+
+impl LastAuthority {
+    fn routed(&self) -> Routed {
+        (
+            self.authority.clone(),
+            self.metrics.clone(),
+            self.route.clone(),
+        )
+    }
+}
+
+/// Why a request could not be sent.
+enum SendError {
+    Client(ClientError),
+    NoEndpoints,
 }
 
 /// Serves HTTP/1.1 on `io` until the client closes or the drain signal asks it to stop.
@@ -238,33 +267,113 @@ impl ConnCtx {
         }
     }
 
-    /// The request's authority and its metric handles, from the connection's cache when the
-    /// `Host` header repeats.
-    fn authority<B>(
-        &self,
-        req: &Request<B>,
-    ) -> Result<(http::uri::Authority, Arc<AuthorityMetrics>), Cause> {
+    /// The request's authority, its metric handles and its balancer, from the connection's
+    /// cache when the `Host` header or the authority repeats.
+    fn authority<B>(&self, req: &Request<B>) -> Result<Routed, Cause> {
         let host = req.headers().get(header::HOST);
+        let mut last = self.last_authority();
         if req.uri().authority().is_none() {
-            if let (Some(host), Some(last)) = (host, &*self.last_authority()) {
-                if last.host == host {
-                    return Ok((last.authority.clone(), last.metrics.clone()));
+            if let (Some(host), Some(l)) = (host, &*last) {
+                if l.host.as_ref() == Some(host) {
+                    return Ok(l.routed());
                 }
             }
         }
         let authority = authority_of(req, self.target)?;
-        let metrics = match &*self.last_authority() {
-            Some(last) if last.authority == authority => last.metrics.clone(),
-            _ => self.metrics.authority(self.direction, authority.as_str()),
-        };
-        if let Some(host) = host {
-            *self.last_authority() = Some(LastAuthority {
-                host: host.clone(),
-                authority: authority.clone(),
-                metrics: metrics.clone(),
-            });
+        if let Some(l) = &mut *last {
+            if l.authority == authority {
+                if l.host.as_ref() != host {
+                    l.host = host.cloned();
+                }
+                return Ok(l.routed());
+            }
         }
-        Ok((authority, metrics))
+        let metrics = self.metrics.authority(self.direction, authority.as_str());
+        let route = self.router.as_ref().and_then(|r| {
+            let protocol = if self.h2 {
+                balance::Protocol::Http2
+            } else {
+                balance::Protocol::Http1
+            };
+            r.balancer(&balance::http_target(&authority), protocol)
+        });
+        let l = LastAuthority {
+            host: host.cloned(),
+            authority,
+            metrics,
+            route,
+        };
+        let routed = l.routed();
+        *last = Some(l);
+        Ok(routed)
+    }
+
+    /// Sends `req` to an endpoint of `route`, or to the original destination.
+    async fn send(
+        &self,
+        route: Option<&Arc<Balancer>>,
+        req: Request<BoxBody>,
+    ) -> Result<(Response<PooledBody>, Option<InFlight>), SendError> {
+        let Some(b) = route else {
+            return self.forward(req).await;
+        };
+        let mut pick = b.pick(None);
+        if let Pick::Pending = pick {
+            b.ready().await;
+            pick = b.pick(None);
+        }
+        let first = match pick {
+            Pick::Endpoint(f) => f,
+            Pick::NoEndpoints => return Err(SendError::NoEndpoints),
+            Pick::Pending => {
+                b.passthrough();
+                return self.forward(req).await;
+            }
+            Pick::Forward => return self.forward(req).await,
+        };
+        let Some(ep) = first.member().http.clone() else {
+            return self.forward(req).await;
+        };
+        match ep.try_request(req).await {
+            Ok(rsp) => Ok((rsp, Some(first))),
+            Err(Unsent {
+                error,
+                request: Some(req),
+            }) => {
+                // Nothing reached the endpoint: try another one, once.
+                b.connect_failed(first.member());
+                let failed = first.member().addr;
+                drop(first);
+                tracing::debug!(target = b.target(), endpoint = %failed, error = %error, "connect failed; retrying on another endpoint");
+                let second = match b.pick(Some(failed)) {
+                    Pick::Endpoint(f) => f,
+                    _ => return Err(SendError::Client(error)),
+                };
+                let Some(ep) = second.member().http.clone() else {
+                    return Err(SendError::Client(error));
+                };
+                match ep.try_request(req).await {
+                    Ok(rsp) => Ok((rsp, Some(second))),
+                    Err(u) => {
+                        if u.request.is_some() {
+                            b.connect_failed(second.member());
+                        }
+                        Err(SendError::Client(u.error))
+                    }
+                }
+            }
+            Err(u) => Err(SendError::Client(u.error)),
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<BoxBody>,
+    ) -> Result<(Response<PooledBody>, Option<InFlight>), SendError> {
+        match self.client.request(req).await {
+            Ok(rsp) => Ok((rsp, None)),
+            Err(e) => Err(SendError::Client(e)),
+        }
     }
 
     fn error_response(
@@ -282,6 +391,7 @@ impl ConnCtx {
             grpc_status: None,
             latency: start.elapsed(),
             failed: true,
+            in_flight: None,
         }
         .record();
         cause.response(detail)
@@ -291,7 +401,7 @@ impl ConnCtx {
 /// Proxies one request to the connection's destination.
 async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
     let start = Instant::now();
-    let (authority, label) = match ctx.authority(&req) {
+    let (authority, label, route) = match ctx.authority(&req) {
         Ok(a) => a,
         Err(cause) => {
             let host = req
@@ -358,14 +468,22 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let req = req.map(|b| b.map_err(BoxError::from).boxed());
-    let mut rsp = match ctx.client.request(req).await {
-        Ok(rsp) => rsp,
-        Err(e) => {
+    let (mut rsp, in_flight) = match ctx.send(route.as_ref(), req).await {
+        Ok(r) => r,
+        Err(SendError::Client(e)) => {
             let cause = cause_of(&e);
             let detail = format!("{} ({})", ctx.target, error_chain(&e));
             return ctx.error_response(label, cause, &detail, start);
         }
+        Err(SendError::NoEndpoints) => {
+            let detail = format!("{authority} has no ready endpoints");
+            return ctx.error_response(label, Cause::NoEndpoints, &detail, start);
+        }
     };
+    let latency = start.elapsed();
+    if let Some(f) = &in_flight {
+        f.member().observe(latency);
+    }
 
     if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(down) = downstream_upgrade {
@@ -390,8 +508,9 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
         metrics: label,
         status: rsp.status().as_u16(),
         grpc_status: body::grpc_status(rsp.headers()),
-        latency: start.elapsed(),
+        latency,
         failed: false,
+        in_flight,
     };
     rsp.map(|b| Observed::new(b, recorder).boxed())
 }

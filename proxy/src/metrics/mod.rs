@@ -122,6 +122,34 @@ pub struct ErrorLabels {
     pub cause: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// `http` or `tcp`.
+    pub protocol: &'static str,
+    /// `balanced` (an endpoint from discovery), `passthrough` (original destination: the
+    /// target is unknown, not resolved yet, or the controller is unreachable) or
+    /// `no-endpoints`.
+    pub route: &'static str,
+}
+
+/// Discovery and balancing: label-free gauges and counters plus routes by (protocol, route).
+#[derive(Clone, Debug, Default)]
+pub struct DiscoveryMetrics {
+    /// Targets with a live resolution.
+    pub resolutions: Gauge,
+    /// Resolve streams opened (first connect and reconnects).
+    pub stream_connects: Counter,
+    /// Resolve streams that failed or could not be opened.
+    pub stream_errors: Counter,
+    /// Updates received from the controller.
+    pub updates: Counter,
+    /// Balancers (target × protocol) alive.
+    pub balancers: Gauge,
+    /// Endpoints across all balancers.
+    pub endpoints: Gauge,
+    pub routes: Family<RouteLabels, Counter>,
+}
+
 /// Series of one (direction, authority): the request counter, and response counters and
 /// latency histograms created on first use.
 pub struct AuthorityMetrics {
@@ -130,9 +158,12 @@ pub struct AuthorityMetrics {
     pub label: Arc<str>,
     requests: Counter,
     /// A few (status, grpc-status, class) series: almost every authority sees a handful.
-    responses: Mutex<Vec<(u16, Option<u32>, Class, Counter)>>,
+    responses: Mutex<Vec<ResponseSeries>>,
     latency: [OnceLock<Histogram>; 2],
 }
+
+/// (status, grpc-status, class) and its counter.
+type ResponseSeries = (u16, Option<u32>, Class, Counter);
 
 /// Response series cached per authority; rarer combinations go through the family's map.
 const CACHED_RESPONSE_SERIES: usize = 16;
@@ -237,6 +268,7 @@ pub struct Metrics {
     pub tcp_write: Family<DirLabels, Counter>,
     pub detect: Family<DetectLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
+    pub discovery: DiscoveryMetrics,
     /// Per-direction handles of admitted authorities; see [`Metrics::authority`].
     authorities: Mutex<[HashMap<Arc<str>, Arc<AuthorityMetrics>>; 2]>,
     overflow: [OnceLock<Arc<AuthorityMetrics>>; 2],
@@ -308,6 +340,42 @@ impl Metrics {
             "Errors the proxy answered or reset itself, by cause",
             errors.clone(),
         );
+        let discovery = DiscoveryMetrics::default();
+        registry.register(
+            "weft_discovery_resolutions",
+            "Targets the proxy currently resolves through the controller",
+            discovery.resolutions.clone(),
+        );
+        registry.register(
+            "weft_discovery_stream_connects",
+            "Resolve streams opened to the controller (including reconnects)",
+            discovery.stream_connects.clone(),
+        );
+        registry.register(
+            "weft_discovery_stream_errors",
+            "Resolve streams that failed or could not be opened",
+            discovery.stream_errors.clone(),
+        );
+        registry.register(
+            "weft_discovery_updates",
+            "Endpoint updates received from the controller",
+            discovery.updates.clone(),
+        );
+        registry.register(
+            "weft_balancer_balancers",
+            "Load balancers (target and protocol) alive",
+            discovery.balancers.clone(),
+        );
+        registry.register(
+            "weft_balancer_endpoints",
+            "Endpoints across all load balancers",
+            discovery.endpoints.clone(),
+        );
+        registry.register(
+            "weft_outbound_routes",
+            "Outbound HTTP requests and TCP connections by route: balanced, passthrough, no-endpoints",
+            discovery.routes.clone(),
+        );
         registry.register_collector(Box::new(process::ProcessCollector::new()));
         Arc::new(Self {
             registry,
@@ -320,6 +388,7 @@ impl Metrics {
             tcp_write,
             detect,
             errors,
+            discovery,
             authorities: Mutex::new([HashMap::new(), HashMap::new()]),
             overflow: [OnceLock::new(), OnceLock::new()],
         })

@@ -1,0 +1,657 @@
+//! Load balancing over the endpoints discovery found.
+//!
+//! A [`Balancer`] exists per (target, protocol) and is shared by every connection that routes
+//! to the target: HTTP/1.1, HTTP/2 and opaque TCP each get their own, because an endpoint's
+//! connection pool speaks one protocol. Connections cache their balancer (see
+//! `http::LastAuthority`), so steady traffic does no map lookups; the [`Router`] map is only
+//! consulted when a connection sees a new authority.
+//!
+//! HTTP is balanced per request (HTTP/2 and gRPC streams included) by the power of two
+//! choices over a peak-EWMA latency estimate: cost = estimate × (in flight + 1) ÷ weight.
+//! TCP is balanced per connection by p2c over open connections. The choice and the estimate
+//! are written here rather than taken from tower: `tower::balance::p2c::Balance` needs
+//! `&mut self` (`poll_ready` then `call`), so sharing one across connections means a
+//! `Buffer` task and a channel hop per request, and its `Discover` stream model wants a
+//! task per balancer. Here a pick is a short mutex section (an atomic check that the
+//! resolution is unchanged, two random draws, two estimates), and a request's in-flight
+//! guard rides in its response body until the body ends. The model is tower's/Finagle's
+//! PeakEwma ([`p2c::PeakEwma`]).
+//!
+//! Endpoint changes apply on the next pick after the resolution changes: endpoints that stay
+//! keep their [`Member`] (pool, estimate, counts); removed ones stop being picked, and
+//! requests already sent finish on connections their response bodies keep alive.
+//!
+//! A request whose connection to the chosen endpoint could not be made (refused, timed out,
+//! failed handshake) never reached the application, and its body was never read, so it is
+//! retried once on another endpoint whatever its method; the failing endpoint's estimate is
+//! raised to the connect timeout so p2c avoids it until the estimate decays.
+
+pub mod p2c;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use http::uri::Authority;
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::watch;
+
+use crate::discovery::{Resolution, Resolver};
+use crate::http::client::Endpoint;
+use crate::metrics::{DiscoveryMetrics, RouteLabels};
+use p2c::PeakEwma;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a balancer balances.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    Tcp,
+}
+
+impl Protocol {
+    fn label(self) -> &'static str {
+        match self {
+            Protocol::Http1 | Protocol::Http2 => "http",
+            Protocol::Tcp => "tcp",
+        }
+    }
+}
+
+/// Connection settings for endpoints and the balancer's estimate.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub decay: Duration,
+    /// How long a first request waits for a target's first answer.
+    pub discovery_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// One endpoint in a balancer.
+pub struct Member {
+    pub addr: SocketAddr,
+    weight: u32,
+    /// The connection pool (HTTP balancers only).
+    pub http: Option<Arc<Endpoint>>,
+    /// Requests (HTTP) or connections (TCP) in flight.
+    in_flight: AtomicU32,
+    rtt: Mutex<PeakEwma>,
+}
+
+impl std::fmt::Debug for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Member")
+            .field("addr", &self.addr)
+            .field("in_flight", &self.in_flight.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Member {
+    fn cost(&self, protocol: Protocol, now: Instant) -> f64 {
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        match protocol {
+            Protocol::Tcp => p2c::tcp_cost(in_flight, self.weight),
+            Protocol::Http1 | Protocol::Http2 => {
+                p2c::http_cost(lock(&self.rtt).estimate(now), in_flight, self.weight)
+            }
+        }
+    }
+
+    /// Records a round trip (request sent → response headers).
+    pub fn observe(&self, rtt: Duration) {
+        lock(&self.rtt).observe(rtt, Instant::now());
+    }
+
+    /// Requests or connections in flight now.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a request or connection against its endpoint until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<Member>);
+
+impl InFlight {
+    fn new(m: Arc<Member>) -> Self {
+        m.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(m)
+    }
+
+    pub fn member(&self) -> &Arc<Member> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A balancer's decision for one request or connection.
+#[derive(Debug)]
+pub enum Pick {
+    /// Send to this endpoint.
+    Endpoint(InFlight),
+    /// Send to the original destination (unknown target, or the controller is unreachable).
+    Forward,
+    /// The target exists but has no endpoints: fail with 503 / reset.
+    NoEndpoints,
+    /// No answer from the controller yet: wait with [`Balancer::ready`], or forward.
+    Pending,
+}
+
+enum Members {
+    Pending,
+    Forward,
+    Ready(Vec<Arc<Member>>),
+}
+
+struct State {
+    rx: watch::Receiver<Resolution>,
+    members: Members,
+}
+
+struct RouteCounters {
+    balanced: Counter,
+    passthrough: Counter,
+    no_endpoints: Counter,
+}
+
+/// Balances one target's traffic of one protocol over its endpoints.
+pub struct Balancer {
+    target: Arc<str>,
+    protocol: Protocol,
+    settings: Settings,
+    metrics: DiscoveryMetrics,
+    routes: RouteCounters,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Balancer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balancer")
+            .field("target", &self.target)
+            .field("protocol", &self.protocol)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Balancer {
+    fn new(
+        target: Arc<str>,
+        protocol: Protocol,
+        settings: Settings,
+        mut rx: watch::Receiver<Resolution>,
+        metrics: DiscoveryMetrics,
+    ) -> Self {
+        let first = rx.borrow_and_update().clone();
+        let route = |route| {
+            metrics
+                .routes
+                .get_or_create(&RouteLabels {
+                    protocol: protocol.label(),
+                    route,
+                })
+                .clone()
+        };
+        let routes = RouteCounters {
+            balanced: route("balanced"),
+            passthrough: route("passthrough"),
+            no_endpoints: route("no-endpoints"),
+        };
+        metrics.balancers.inc();
+        let mut b = Self {
+            target,
+            protocol,
+            settings,
+            metrics,
+            routes,
+            state: Mutex::new(State {
+                rx,
+                members: Members::Pending,
+            }),
+        };
+        let members = b.members_for(&first, &Members::Pending);
+        b.state.get_mut().unwrap_or_else(|p| p.into_inner()).members = members;
+        b
+    }
+
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Picks an endpoint, never `exclude` (the one that just failed). Applies a changed
+    /// resolution first. Cheap: a mutex, an atomic version check, two draws.
+    pub fn pick(&self, exclude: Option<SocketAddr>) -> Pick {
+        let mut state = lock(&self.state);
+        if state.rx.has_changed().unwrap_or(false) {
+            let r = state.rx.borrow_and_update().clone();
+            let members = self.members_for(&r, &state.members);
+            state.members = members;
+        }
+        let pick = match &state.members {
+            Members::Pending => return Pick::Pending,
+            Members::Forward => Pick::Forward,
+            Members::Ready(m) if m.is_empty() => Pick::NoEndpoints,
+            Members::Ready(m) if m.len() == 1 && exclude.is_none() => {
+                Pick::Endpoint(InFlight::new(m[0].clone()))
+            }
+            Members::Ready(m) => {
+                let skip = exclude.and_then(|a| m.iter().position(|x| x.addr == a));
+                let now = Instant::now();
+                match p2c::choose(
+                    m.len(),
+                    skip,
+                    |k| fastrand::usize(..k),
+                    |i| m[i].cost(self.protocol, now),
+                ) {
+                    Some(i) => Pick::Endpoint(InFlight::new(m[i].clone())),
+                    None => Pick::NoEndpoints,
+                }
+            }
+        };
+        drop(state);
+        match &pick {
+            Pick::Endpoint(_) => self.routes.balanced.inc(),
+            Pick::Forward => self.routes.passthrough.inc(),
+            Pick::NoEndpoints => self.routes.no_endpoints.inc(),
+            Pick::Pending => 0,
+        };
+        pick
+    }
+
+    /// Counts a request or connection sent to its original destination because the target
+    /// was still pending after the discovery timeout.
+    pub fn passthrough(&self) {
+        self.routes.passthrough.inc();
+    }
+
+    /// Waits up to the discovery timeout for the target's first answer.
+    pub async fn ready(&self) {
+        let mut rx = lock(&self.state).rx.clone();
+        let _ = tokio::time::timeout(
+            self.settings.discovery_timeout,
+            rx.wait_for(|r| *r != Resolution::Pending),
+        )
+        .await;
+    }
+
+    /// Raises a failed endpoint's estimate so that p2c avoids it for a while.
+    pub fn connect_failed(&self, member: &Member) {
+        member.observe(self.settings.connect_timeout);
+    }
+
+    /// The members for resolution `r`, reusing `old` members for addresses that stay.
+    fn members_for(&self, r: &Resolution, old: &Members) -> Members {
+        let old_members: &[Arc<Member>] = match old {
+            Members::Ready(m) => m,
+            _ => &[],
+        };
+        let next = match r {
+            Resolution::Pending => Members::Pending,
+            Resolution::Unavailable | Resolution::DoesNotExist => Members::Forward,
+            Resolution::Endpoints(eps) => {
+                let now = Instant::now();
+                let by_addr: HashMap<SocketAddr, &Arc<Member>> =
+                    old_members.iter().map(|m| (m.addr, m)).collect();
+                // A newcomer starts at the others' mean estimate: neither flooded as if
+                // free nor starved as if slow.
+                let initial = if old_members.is_empty() {
+                    0.0
+                } else {
+                    old_members
+                        .iter()
+                        .map(|m| lock(&m.rtt).estimate(now))
+                        .sum::<f64>()
+                        / old_members.len() as f64
+                };
+                let members = eps
+                    .iter()
+                    .map(|ep| match by_addr.get(&ep.addr) {
+                        Some(m) if m.weight == ep.weight => Arc::clone(m),
+                        found => Arc::new(Member {
+                            addr: ep.addr,
+                            weight: ep.weight.max(1),
+                            http: found.and_then(|m| m.http.clone()).or_else(|| {
+                                let h2 = match self.protocol {
+                                    Protocol::Http1 => false,
+                                    Protocol::Http2 => true,
+                                    Protocol::Tcp => return None,
+                                };
+                                Some(Endpoint::new(
+                                    ep.addr,
+                                    h2,
+                                    self.settings.connect_timeout,
+                                    self.settings.pool_idle_timeout,
+                                ))
+                            }),
+                            in_flight: AtomicU32::new(0),
+                            rtt: Mutex::new(PeakEwma::new(
+                                Duration::from_nanos(initial as u64),
+                                self.settings.decay,
+                                now,
+                            )),
+                        }),
+                    })
+                    .collect::<Vec<_>>();
+                tracing::debug!(target = %self.target, protocol = ?self.protocol, endpoints = members.len(), "balancer updated");
+                Members::Ready(members)
+            }
+        };
+        let new_len = match &next {
+            Members::Ready(m) => m.len(),
+            _ => 0,
+        };
+        self.metrics
+            .endpoints
+            .inc_by(new_len as i64 - old_members.len() as i64);
+        next
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.metrics.balancers.dec();
+        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Members::Ready(m) = &state.members {
+            self.metrics.endpoints.dec_by(m.len() as i64);
+        }
+    }
+}
+
+/// The resolve target for an HTTP authority: `host:port`, port 80 when absent.
+pub fn http_target(authority: &Authority) -> String {
+    let mut t = format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    );
+    t.make_ascii_lowercase();
+    t
+}
+
+type Key = (Arc<str>, Protocol);
+
+/// Balancers by (target, protocol), shared by all connections; idle ones are dropped.
+pub struct Router {
+    resolver: Resolver,
+    settings: Settings,
+    metrics: DiscoveryMetrics,
+    balancers: Mutex<HashMap<Key, (Arc<Balancer>, Instant)>>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router").finish_non_exhaustive()
+    }
+}
+
+impl Router {
+    /// Builds the router and its sweeper task (which ends when the router is dropped).
+    pub fn new(resolver: Resolver, settings: Settings, metrics: DiscoveryMetrics) -> Arc<Self> {
+        let router = Arc::new(Self {
+            resolver,
+            settings,
+            metrics,
+            balancers: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(sweep(Arc::downgrade(&router), settings.idle_timeout));
+        router
+    }
+
+    /// The balancer for `target`, made (and its resolution started) on first use. `None`
+    /// when the resolver is at its target limit.
+    pub fn balancer(&self, target: &str, protocol: Protocol) -> Option<Arc<Balancer>> {
+        let mut map = lock(&self.balancers);
+        // Looking up by (&str, Protocol) needs an owned key; targets are short.
+        let key: Key = (Arc::from(target), protocol);
+        if let Some((b, used)) = map.get_mut(&key) {
+            *used = Instant::now();
+            return Some(b.clone());
+        }
+        let rx = self.resolver.resolve(target)?;
+        let b = Arc::new(Balancer::new(
+            key.0.clone(),
+            protocol,
+            self.settings,
+            rx,
+            self.metrics.clone(),
+        ));
+        map.insert(key, (b.clone(), Instant::now()));
+        Some(b)
+    }
+
+    /// Balancers alive now.
+    pub fn len(&self) -> usize {
+        lock(&self.balancers).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Drops balancers no connection has held for `idle`; their resolutions then go idle too.
+async fn sweep(router: Weak<Router>, idle: Duration) {
+    let period = (idle / 2).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(r) = router.upgrade() else { return };
+        let dropped: Vec<Arc<Balancer>> = {
+            let mut map = lock(&r.balancers);
+            let mut dropped = Vec::new();
+            map.retain(|_, (b, used)| {
+                let keep = Arc::strong_count(b) > 1 || used.elapsed() < idle;
+                if !keep {
+                    dropped.push(b.clone());
+                }
+                keep
+            });
+            dropped
+        };
+        for b in &dropped {
+            tracing::debug!(target = %b.target, protocol = ?b.protocol, "idle balancer dropped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::EndpointMeta;
+
+    fn settings() -> Settings {
+        Settings {
+            connect_timeout: Duration::from_secs(1),
+            pool_idle_timeout: Duration::from_secs(60),
+            decay: Duration::from_secs(10),
+            discovery_timeout: Duration::from_millis(50),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+
+    fn eps(addrs: &[u16]) -> Resolution {
+        Resolution::Endpoints(
+            addrs
+                .iter()
+                .map(|p| EndpointMeta {
+                    addr: SocketAddr::from(([10, 0, 0, 1], *p)),
+                    weight: 1,
+                    identity: None,
+                    h2_hint: false,
+                    opaque_hint: false,
+                    zone: Arc::from(""),
+                })
+                .collect::<Vec<_>>()
+                .into(),
+        )
+    }
+
+    fn picked(b: &Balancer, exclude: Option<SocketAddr>) -> Option<Arc<Member>> {
+        match b.pick(exclude) {
+            Pick::Endpoint(f) => Some(f.member().clone()),
+            _ => None,
+        }
+    }
+
+    fn ports(b: &Balancer, n: usize) -> std::collections::BTreeMap<u16, usize> {
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            if let Some(m) = picked(b, None) {
+                *seen.entry(m.addr.port()).or_insert(0) += 1;
+            }
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn follows_the_resolution_and_keeps_members_that_stay() {
+        let (tx, rx) = watch::channel(Resolution::Pending);
+        let metrics = DiscoveryMetrics::default();
+        let b = Balancer::new(
+            Arc::from("web:80"),
+            Protocol::Http1,
+            settings(),
+            rx,
+            metrics.clone(),
+        );
+        assert!(matches!(b.pick(None), Pick::Pending));
+        b.ready().await; // times out: still pending
+        tx.send_replace(eps(&[1, 2, 3]));
+        let seen = ports(&b, 300);
+        assert_eq!(seen.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(metrics.endpoints.get(), 3);
+        let one = picked(&b, None).unwrap();
+        let one_addr = one.addr;
+        // Scale down to the endpoint we hold: the same member (pool, estimate) stays.
+        tx.send_replace(eps(&[one_addr.port()]));
+        let again = picked(&b, None).unwrap();
+        assert!(Arc::ptr_eq(&one, &again));
+        assert!(Arc::ptr_eq(
+            one.http.as_ref().unwrap(),
+            again.http.as_ref().unwrap()
+        ));
+        assert_eq!(metrics.endpoints.get(), 1);
+        // Scale up: all five are picked.
+        tx.send_replace(eps(&[1, 2, 3, 4, 5]));
+        assert_eq!(ports(&b, 500).len(), 5);
+        tx.send_replace(eps(&[]));
+        assert!(matches!(b.pick(None), Pick::NoEndpoints));
+        tx.send_replace(Resolution::DoesNotExist);
+        assert!(matches!(b.pick(None), Pick::Forward));
+        tx.send_replace(Resolution::Unavailable);
+        assert!(matches!(b.pick(None), Pick::Forward));
+        assert_eq!(metrics.endpoints.get(), 0);
+        drop(b);
+        assert_eq!(metrics.balancers.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn excluded_endpoints_are_not_picked() {
+        let (_tx, rx) = watch::channel(eps(&[1, 2]));
+        let b = Balancer::new(
+            Arc::from("web:80"),
+            Protocol::Tcp,
+            settings(),
+            rx,
+            DiscoveryMetrics::default(),
+        );
+        let a = SocketAddr::from(([10, 0, 0, 1], 1));
+        for _ in 0..50 {
+            assert_eq!(picked(&b, Some(a)).unwrap().addr.port(), 2);
+        }
+        let (_tx, rx) = watch::channel(eps(&[1]));
+        let b = Balancer::new(
+            Arc::from("web:80"),
+            Protocol::Tcp,
+            settings(),
+            rx,
+            DiscoveryMetrics::default(),
+        );
+        assert!(matches!(b.pick(Some(a)), Pick::NoEndpoints));
+    }
+
+    #[tokio::test]
+    async fn tcp_connections_spread_by_open_count() {
+        let (_tx, rx) = watch::channel(eps(&[1, 2, 3]));
+        let b = Balancer::new(
+            Arc::from("10.96.0.1:80"),
+            Protocol::Tcp,
+            settings(),
+            rx,
+            DiscoveryMetrics::default(),
+        );
+        // Hold every connection open: p2c keeps the counts within one of each other... or
+        // close (two draws of three cannot always see the least loaded).
+        let held: Vec<InFlight> = (0..300)
+            .map(|_| match b.pick(None) {
+                Pick::Endpoint(f) => f,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let mut counts = std::collections::BTreeMap::new();
+        for f in &held {
+            *counts.entry(f.member().addr.port()).or_insert(0) += 1;
+        }
+        let (min, max) = (
+            *counts.values().min().unwrap(),
+            *counts.values().max().unwrap(),
+        );
+        assert!(max - min <= 3, "{counts:?}");
+        assert_eq!(
+            held[0].member().in_flight(),
+            counts[&held[0].member().addr.port()]
+        );
+        drop(held);
+        let m = picked(&b, None).unwrap();
+        assert_eq!(m.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn slow_endpoints_get_little_http_traffic() {
+        let (_tx, rx) = watch::channel(eps(&[1, 2, 3]));
+        let b = Balancer::new(
+            Arc::from("web:80"),
+            Protocol::Http1,
+            settings(),
+            rx,
+            DiscoveryMetrics::default(),
+        );
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..3_000 {
+            let Pick::Endpoint(f) = b.pick(None) else {
+                panic!("no endpoint")
+            };
+            let port = f.member().addr.port();
+            let ms = if port == 3 { 50 } else { 1 };
+            f.member().observe(Duration::from_millis(ms));
+            *seen.entry(port).or_insert(0) += 1;
+        }
+        assert!(seen.get(&3).copied().unwrap_or(0) < 30, "{seen:?}");
+    }
+
+    #[test]
+    fn http_targets_default_to_port_80_and_lowercase() {
+        let t = |s: &str| http_target(&s.parse::<Authority>().unwrap());
+        assert_eq!(t("books"), "books:80");
+        assert_eq!(t("Books.Demo:8080"), "books.demo:8080");
+        assert_eq!(
+            t("books.demo.svc.cluster.local:9000"),
+            "books.demo.svc.cluster.local:9000"
+        );
+        assert_eq!(t("10.96.0.1"), "10.96.0.1:80");
+        assert_eq!(t("[fd00::1]:81"), "[fd00::1]:81");
+        assert_eq!(t("user@web:81"), "web:81");
+    }
+}

@@ -1,0 +1,331 @@
+//! Service discovery: a client of the controller's `Destination.Resolve`.
+//!
+//! One [`Resolver`] per proxy owns one lazily connected gRPC channel shared by every stream.
+//! Each target (`svc.ns:80`, `10.96.0.10:80`, ...) gets one background task and one
+//! `tokio::sync::watch` of its [`Resolution`]; everyone interested in the target holds a
+//! receiver. The task applies the full state, then `Add`/`Remove` diffs ([`state`]). When the
+//! stream fails or the controller goes away it keeps the last known state and reconnects with
+//! jittered exponential backoff ([`Backoff`]); routing never sees a controller outage. A
+//! target nobody holds a receiver for is dropped after the idle timeout.
+//!
+//! If the controller cannot be reached before a target's first answer, the resolution
+//! becomes [`Resolution::Unavailable`] (routing forwards to the original destination, as
+//! with no discovery) until the controller answers.
+
+pub mod state;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint as GrpcEndpoint};
+use weft_proto::destination::destination_client::DestinationClient;
+use weft_proto::destination::{CallerContext, ResolveRequest};
+
+use crate::config::{DiscoveryConfig, Workload};
+use crate::metrics::DiscoveryMetrics;
+use state::StreamState;
+
+/// Resolutions kept at once; targets beyond this are not resolved (they go to their
+/// original destination) until others go idle. Bounds memory and controller streams.
+pub const MAX_RESOLUTIONS: usize = 10_000;
+
+/// First reconnect delay; doubles up to the configured maximum.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+/// One endpoint of a target, as the controller described it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointMeta {
+    pub addr: SocketAddr,
+    /// Relative weight, at least 1.
+    pub weight: u32,
+    /// Expected TLS identity when the peer is meshed (used once mTLS lands).
+    pub identity: Option<Arc<str>>,
+    /// The peer is a Weft proxy that accepts HTTP/2.
+    pub h2_hint: bool,
+    /// The peer is a Weft proxy and the port is opaque.
+    pub opaque_hint: bool,
+    pub zone: Arc<str>,
+}
+
+/// What the proxy knows about a target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// No answer yet.
+    Pending,
+    /// The controller could not be reached before its first answer.
+    Unavailable,
+    /// The controller does not know the target: forward to the original destination.
+    DoesNotExist,
+    /// The target's endpoints; empty when the service exists but has none ready.
+    Endpoints(Arc<[EndpointMeta]>),
+}
+
+/// Errors building the resolver.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("WEFT_PROXY_DESTINATION_ADDR={addr:?} does not make a gRPC URI: {source}")]
+    Uri {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+struct Entry {
+    tx: Arc<watch::Sender<Resolution>>,
+}
+
+struct Inner {
+    client: DestinationClient<Channel>,
+    context: CallerContext,
+    config: DiscoveryConfig,
+    metrics: DiscoveryMetrics,
+    targets: Mutex<HashMap<Arc<str>, Entry>>,
+}
+
+/// The proxy's discovery client: target → watch of its resolution. Cheap to clone.
+#[derive(Clone)]
+pub struct Resolver {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolver")
+            .field("addr", &self.inner.config.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Resolver {
+    /// Builds the resolver; the channel connects on first use. Must run inside a tokio runtime.
+    pub fn new(
+        config: DiscoveryConfig,
+        workload: &Workload,
+        metrics: DiscoveryMetrics,
+    ) -> Result<Self, DiscoveryError> {
+        let channel = GrpcEndpoint::from_shared(format!("http://{}", config.addr))
+            .map_err(|source| DiscoveryError::Uri {
+                addr: config.addr.clone(),
+                source,
+            })?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client: DestinationClient::new(channel),
+                context: CallerContext {
+                    namespace: workload.namespace.clone(),
+                    pod_name: workload.pod_name.clone(),
+                    service_account: workload.service_account.clone(),
+                },
+                config,
+                metrics,
+                targets: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &DiscoveryConfig {
+        &self.inner.config
+    }
+
+    /// A receiver of `target`'s resolution, starting its stream if nobody watches it yet.
+    /// `None` when [`MAX_RESOLUTIONS`] targets are already resolved.
+    pub fn resolve(&self, target: &str) -> Option<watch::Receiver<Resolution>> {
+        let mut targets = lock(&self.inner.targets);
+        if let Some(e) = targets.get(target) {
+            return Some(e.tx.subscribe());
+        }
+        if targets.len() >= MAX_RESOLUTIONS {
+            return None;
+        }
+        let (tx, rx) = watch::channel(Resolution::Pending);
+        let tx = Arc::new(tx);
+        let key: Arc<str> = Arc::from(target);
+        targets.insert(key.clone(), Entry { tx: tx.clone() });
+        self.inner.metrics.resolutions.inc();
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            run_target(&inner, &key, &tx).await;
+            inner.metrics.resolutions.dec();
+            tracing::debug!(target = %key, "resolution dropped");
+        });
+        Some(rx)
+    }
+
+    /// Targets resolved now.
+    pub fn len(&self) -> usize {
+        lock(&self.inner.targets).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Resolves when nobody has held a receiver for `idle`.
+async fn idle(tx: &watch::Sender<Resolution>, idle: Duration) {
+    loop {
+        tx.closed().await;
+        tokio::time::sleep(idle).await;
+        if tx.receiver_count() == 0 {
+            return;
+        }
+    }
+}
+
+/// One target's life: streams, reconnects, until idle.
+async fn run_target(inner: &Inner, target: &Arc<str>, tx: &watch::Sender<Resolution>) {
+    let mut backoff = Backoff::new(BACKOFF_MIN, inner.config.backoff_max.max(BACKOFF_MIN));
+    loop {
+        let idle_timeout = inner.config.idle_timeout;
+        tokio::select! {
+            () = stream_target(inner, target, tx, &mut backoff) => {}
+            () = idle(tx, idle_timeout) => {
+                // Removal happens under the map lock, where new receivers are made, so a
+                // receiver handed out concurrently is never left with a dead task.
+                let mut targets = lock(&inner.targets);
+                if tx.receiver_count() == 0 {
+                    targets.remove(target);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Streams until the stream fails, then sleeps the backoff; returns to be called again.
+async fn stream_target(
+    inner: &Inner,
+    target: &Arc<str>,
+    tx: &watch::Sender<Resolution>,
+    backoff: &mut Backoff,
+) {
+    let m = &inner.metrics;
+    let mut client = inner.client.clone();
+    let req = ResolveRequest {
+        target: target.to_string(),
+        context: Some(inner.context.clone()),
+    };
+    match client.resolve(req).await {
+        Ok(rsp) => {
+            m.stream_connects.inc();
+            let mut stream = rsp.into_inner();
+            let mut state = StreamState::default();
+            let mut first = true;
+            loop {
+                match stream.message().await {
+                    Ok(Some(update)) => {
+                        m.updates.inc();
+                        let applied = state.apply(update, first);
+                        if applied.invalid > 0 {
+                            tracing::warn!(%target, invalid = applied.invalid, "controller sent endpoints without a valid address; skipped");
+                        }
+                        if first {
+                            backoff.reset();
+                        }
+                        first = false;
+                        if let Some(r) = state.resolution() {
+                            tracing::debug!(%target, resolution = ?r, "resolution updated");
+                            tx.send_replace(r);
+                        }
+                    }
+                    Ok(None) => {
+                        tracing::info!(%target, "resolve stream ended by the controller; reconnecting (keeping the last known endpoints)");
+                        break;
+                    }
+                    Err(status) => {
+                        m.stream_errors.inc();
+                        tracing::info!(%target, code = ?status.code(), message = status.message(), "resolve stream failed; reconnecting (keeping the last known endpoints)");
+                        break;
+                    }
+                }
+            }
+        }
+        Err(status) => {
+            m.stream_errors.inc();
+            if status.code() == tonic::Code::InvalidArgument {
+                // Not a name the controller can resolve: route as if unknown.
+                tracing::debug!(%target, message = status.message(), "controller rejected the target; forwarding to original destinations");
+                tx.send_if_modified(|r| {
+                    let changed = *r != Resolution::DoesNotExist;
+                    *r = Resolution::DoesNotExist;
+                    changed
+                });
+            } else {
+                tracing::info!(%target, addr = %inner.config.addr, code = ?status.code(), message = status.message(), "cannot resolve: is the controller reachable at WEFT_PROXY_DESTINATION_ADDR?");
+                tx.send_if_modified(|r| {
+                    if *r == Resolution::Pending {
+                        *r = Resolution::Unavailable;
+                        true
+                    } else {
+                        false
+                    }
+                });
+            }
+        }
+    }
+    tokio::time::sleep(backoff.next_delay(fastrand::f64())).await;
+}
+
+/// Exponential backoff with jitter: each delay is drawn from `[d/2, d]` where `d` doubles from
+/// `min` up to `max`. Pure given the random number.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            current: min,
+        }
+    }
+
+    /// The next delay, given `r` uniform in `[0, 1)`.
+    pub fn next_delay(&mut self, r: f64) -> Duration {
+        let d = self.current;
+        self.current = (self.current * 2).min(self.max);
+        d.mul_f64(0.5 + 0.5 * r.clamp(0.0, 1.0))
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.min;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_max_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let ceilings: Vec<u64> = (0..10)
+            .map(|_| b.next_delay(0.999_999).as_millis() as u64)
+            .collect();
+        assert_eq!(
+            ceilings,
+            vec![99, 199, 399, 799, 1599, 3199, 4999, 4999, 4999, 4999]
+        );
+        b.reset();
+        assert_eq!(b.next_delay(0.0), Duration::from_millis(50));
+        assert_eq!(b.next_delay(0.0), Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,538 @@
+//! Discovery and load balancing end to end: a real `weft-controller --source dir:TMP`, real
+//! `weft-proxy` processes with `WEFT_PROXY_DESTINATION_ADDR`, and loopback servers whose
+//! request counters show where traffic went.
+//!
+//! Needs `cargo build -p weft-proxy -p weft-controller` first.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use weft_e2e::controller::{Controller, ManifestDir};
+use weft_e2e::servers::{http_server, Stats};
+use weft_e2e::{Proxy, ProxyOpts};
+
+const NS: &str = "shop";
+const SVC_IP: &str = "10.96.0.10";
+
+fn discovery_env(c: &Controller) -> Vec<(String, String)> {
+    vec![
+        c.env(),
+        ("WEFT_PROXY_NAMESPACE".into(), NS.into()),
+        ("WEFT_PROXY_POD_NAME".into(), "client-0".into()),
+        ("WEFT_PROXY_SERVICE_ACCOUNT".into(), "client".into()),
+        // The e2e tests never wait long for a restarted controller.
+        ("WEFT_PROXY_DISCOVERY_BACKOFF_MAX".into(), "1s".into()),
+    ]
+}
+
+struct Servers(Vec<(SocketAddr, Arc<Stats>)>);
+
+impl Servers {
+    async fn start(n: usize) -> Result<Self> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            v.push(http_server().await?);
+        }
+        Ok(Self(v))
+    }
+    fn addrs(&self, idx: &[usize]) -> Vec<SocketAddr> {
+        idx.iter().map(|&i| self.0[i].0).collect()
+    }
+    fn counts(&self) -> Vec<u64> {
+        self.0
+            .iter()
+            .map(|(_, s)| s.requests.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+/// One HTTP connection to the proxy's outbound port.
+enum Conn {
+    H1(http1::SendRequest<Empty<Bytes>>),
+    H2(http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Conn {
+    async fn open(proxy: SocketAddr, h2: bool) -> Result<Self> {
+        let io = TokioIo::new(TcpStream::connect(proxy).await?);
+        Ok(if h2 {
+            let (send, conn) = http2::handshake(TokioExecutor::new(), io).await?;
+            tokio::spawn(conn);
+            Conn::H2(send)
+        } else {
+            let (send, conn) = http1::handshake(io).await?;
+            tokio::spawn(conn);
+            Conn::H1(send)
+        })
+    }
+
+    /// GET `path` with authority `host`: (status, proxy error header, body).
+    async fn get(&mut self, host: &str, path: &str) -> Result<(u16, String, Bytes)> {
+        let rsp = match self {
+            Conn::H1(s) => {
+                s.ready().await?;
+                let req = Request::get(path).header("host", host).body(Empty::new())?;
+                s.send_request(req).await?
+            }
+            Conn::H2(s) => {
+                s.ready().await?;
+                let req = Request::get(format!("http://{host}{path}")).body(Empty::new())?;
+                s.send_request(req).await?
+            }
+        };
+        let status = rsp.status().as_u16();
+        let err = rsp
+            .headers()
+            .get("weft-proxy-error")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        let body = rsp.into_body().collect().await?.to_bytes();
+        Ok((status, err, body))
+    }
+}
+
+/// Steady open-loop-ish load: `conns` connections each sending a GET every `conns/rps`
+/// seconds; every non-200 or error is a failure.
+struct Load {
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    errors: Arc<std::sync::Mutex<Vec<String>>>,
+    stop: tokio_util_stop::Stop,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+mod tokio_util_stop {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    #[derive(Clone, Default)]
+    pub struct Stop(Arc<AtomicBool>);
+    impl Stop {
+        pub fn stop(&self) {
+            self.0.store(true, Ordering::Relaxed)
+        }
+        pub fn stopped(&self) -> bool {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+}
+
+impl Load {
+    async fn start(proxy: SocketAddr, host: &str, h2: bool, rps: u32, conns: u32) -> Result<Self> {
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = tokio_util_stop::Stop::default();
+        let period = Duration::from_secs_f64(f64::from(conns) / f64::from(rps));
+        let mut tasks = Vec::new();
+        for i in 0..conns {
+            let mut conn = Conn::open(proxy, h2).await?;
+            let (ok, failed, errors, stop) =
+                (ok.clone(), failed.clone(), errors.clone(), stop.clone());
+            let host = host.to_string();
+            tasks.push(tokio::spawn(async move {
+                // Spread the connections' ticks over the period.
+                let start = Instant::now() + period.mul_f64(f64::from(i) / f64::from(conns));
+                let mut tick = tokio::time::interval_at(start, period);
+                while !stop.stopped() {
+                    tick.tick().await;
+                    match conn.get(&host, "/load").await {
+                        Ok((200, _, _)) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok((s, e, b)) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            errors
+                                .lock()
+                                .unwrap()
+                                .push(format!("{s} {e} {}", String::from_utf8_lossy(&b)));
+                        }
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            errors.lock().unwrap().push(format!("{e:#}"));
+                            return;
+                        }
+                    }
+                }
+            }));
+        }
+        Ok(Self {
+            ok,
+            failed,
+            errors,
+            stop,
+            tasks,
+        })
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    async fn finish(self) -> Result<u64> {
+        self.stop.stop();
+        for t in self.tasks {
+            t.await?;
+        }
+        let failed = self.failed.load(Ordering::Relaxed);
+        if failed > 0 {
+            bail!(
+                "{failed} requests failed (of {}): {:?}",
+                failed + self.ok.load(Ordering::Relaxed),
+                &self.errors.lock().unwrap()[..]
+            );
+        }
+        Ok(self.ok.load(Ordering::Relaxed))
+    }
+}
+
+/// Polls `f` until true, failing with `what` after `timeout`.
+async fn eventually(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        match f() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last = Some(e),
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not within {timeout:?} (last error: {last:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Waits until traffic goes only to `active` (all of them growing, the rest standing still)
+/// over a window of `window`.
+async fn traffic_moves_to(
+    servers: &Servers,
+    active: &[usize],
+    timeout: Duration,
+) -> Result<BTreeMap<usize, u64>> {
+    let window = Duration::from_millis(400);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let before = servers.counts();
+        tokio::time::sleep(window).await;
+        let after = servers.counts();
+        let delta: BTreeMap<usize, u64> = before
+            .iter()
+            .zip(&after)
+            .enumerate()
+            .map(|(i, (b, a))| (i, a - b))
+            .collect();
+        let good = delta
+            .iter()
+            .all(|(i, d)| if active.contains(i) { *d > 0 } else { *d == 0 });
+        if good {
+            return Ok(delta);
+        }
+        if Instant::now() > deadline {
+            bail!("traffic did not move to {active:?} within {timeout:?}: last window {delta:?}");
+        }
+    }
+}
+
+/// `n` requests at once (each takes 20 ms at the server, so they overlap and the balancer
+/// sees them in flight): one HTTP/2 connection, or one HTTP/1.1 connection per request.
+async fn concurrent_gets(proxy: SocketAddr, h2: bool, host: &str, n: usize) -> Result<()> {
+    let shared = if h2 {
+        Some(Conn::open(proxy, true).await?)
+    } else {
+        None
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let mut conn = match &shared {
+            Some(Conn::H2(s)) => Conn::H2(s.clone()),
+            _ => Conn::open(proxy, false).await?,
+        };
+        let host = host.to_string();
+        tasks.push(tokio::spawn(
+            async move { conn.get(&host, "/slow?ms=20").await },
+        ));
+    }
+    for t in tasks {
+        let (status, err, _) = t.await??;
+        anyhow::ensure!(status == 200 && err.is_empty(), "{host}: {status} {err}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_service_name_and_passes_unknown_names_through() -> Result<()> {
+    let servers = Servers::start(3).await?;
+    let (fallback, fallback_stats) = http_server().await?;
+    let dir = ManifestDir::new("names")?;
+    dir.service(NS, "web", SVC_IP, 80, &servers.addrs(&[0, 1, 2]))?;
+    dir.service(NS, "empty", "10.96.0.11", 80, &[])?;
+    let controller = Controller::start(dir.path())?;
+    let proxy = Proxy::start(ProxyOpts {
+        outbound_target: Some(fallback),
+        env: discovery_env(&controller),
+        ..Default::default()
+    })?;
+
+    for h2 in [false, true] {
+        for host in [
+            "web",
+            "web:80",
+            "web.shop",
+            "web.shop.svc",
+            "web.shop.svc.cluster.local",
+            "web.shop.svc.cluster.local:80",
+            "WEB.Shop:80",
+            SVC_IP,
+        ] {
+            let before = servers.counts();
+            concurrent_gets(proxy.outbound, h2, host, 30).await?;
+            let after = servers.counts();
+            let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+            assert_eq!(delta.iter().sum::<u64>(), 30, "h2={h2} {host}: {delta:?}");
+            assert!(
+                delta.iter().all(|&d| d > 0),
+                "h2={h2} {host}: not spread over all endpoints: {delta:?}"
+            );
+        }
+        assert_eq!(fallback_stats.requests.load(Ordering::Relaxed), 0);
+    }
+
+    // Unknown names and another namespace's short name go to the original destination.
+    let mut conn = Conn::open(proxy.outbound, false).await?;
+    let before = servers.counts();
+    for (i, host) in ["unknown", "web.other", "web:8080", "example.com"]
+        .iter()
+        .enumerate()
+    {
+        let (status, err, _) = conn.get(host, "/").await?;
+        assert_eq!((status, err.as_str()), (200, ""), "{host}");
+        assert_eq!(
+            fallback_stats.requests.load(Ordering::Relaxed),
+            i as u64 + 1,
+            "{host}"
+        );
+    }
+    assert_eq!(servers.counts(), before);
+
+    // A service without endpoints fails fast with the cause.
+    let (status, err, _) = conn.get("empty.shop", "/").await?;
+    assert_eq!((status, err.as_str()), (503, "no-endpoints"));
+
+    let m = proxy.metrics()?;
+    assert!(m.sum("weft_discovery_stream_connects_total", &[]) >= 1.0);
+    assert!(m.sum("weft_discovery_resolutions", &[]) >= 1.0);
+    assert!(
+        m.sum(
+            "weft_outbound_routes_total",
+            &[("protocol", "http"), ("route", "balanced")]
+        ) >= 480.0
+    );
+    assert_eq!(
+        m.sum(
+            "weft_outbound_routes_total",
+            &[("protocol", "http"), ("route", "no-endpoints")]
+        ),
+        1.0
+    );
+    Ok(())
+}
+
+async fn scale_under_load(h2: bool) -> Result<()> {
+    let servers = Servers::start(5).await?;
+    let (fallback, fallback_stats) = http_server().await?;
+    let dir = ManifestDir::new(if h2 { "scale-h2" } else { "scale-h1" })?;
+    dir.service(NS, "web", SVC_IP, 80, &servers.addrs(&[0, 1, 2]))?;
+    let controller = Controller::start(dir.path())?;
+    let proxy = Proxy::start(ProxyOpts {
+        outbound_target: Some(fallback),
+        env: discovery_env(&controller),
+        ..Default::default()
+    })?;
+
+    let load = Load::start(proxy.outbound, "web.shop.svc.cluster.local", h2, 200, 8).await?;
+    traffic_moves_to(&servers, &[0, 1, 2], Duration::from_secs(5)).await?;
+    dir.service(NS, "web", SVC_IP, 80, &servers.addrs(&[2]))?;
+    traffic_moves_to(&servers, &[2], Duration::from_secs(5)).await?;
+    dir.service(NS, "web", SVC_IP, 80, &servers.addrs(&[0, 1, 2, 3, 4]))?;
+    let spread = traffic_moves_to(&servers, &[0, 1, 2, 3, 4], Duration::from_secs(5)).await?;
+    eprintln!("h2={h2}: last window after scaling to 5: {spread:?}");
+    let ok = load.finish().await?;
+    assert!(ok > 200, "only {ok} requests");
+    assert_eq!(fallback_stats.requests.load(Ordering::Relaxed), 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_3_1_5_under_http1_load_fails_nothing() -> Result<()> {
+    scale_under_load(false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_3_1_5_under_http2_load_fails_nothing() -> Result<()> {
+    scale_under_load(true).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_restart_under_load_fails_nothing() -> Result<()> {
+    let servers = Servers::start(4).await?;
+    let (fallback, fallback_stats) = http_server().await?;
+    let dir = ManifestDir::new("outage")?;
+    dir.service(NS, "web", SVC_IP, 80, &servers.addrs(&[0, 1, 2]))?;
+    let mut controller = Controller::start(dir.path())?;
+    let proxy = Proxy::start(ProxyOpts {
+        outbound_target: Some(fallback),
+        env: discovery_env(&controller),
+        ..Default::default()
+    })?;
+    let load = Load::start(proxy.outbound, "web", false, 200, 8).await?;
+    traffic_moves_to(&servers, &[0, 1, 2], Duration::from_secs(5)).await?;
+
+    controller.kill()?;
+    // The proxy notices (its stream fails) and keeps serving from the last known endpoints.
+    eventually("stream error counted", Duration::from_secs(5), || {
+        Ok(proxy
+            .metrics()?
+            .sum("weft_discovery_stream_errors_total", &[])
+            >= 1.0)
+    })
+    .await?;
+    let at_kill = load.ok();
+    eventually(
+        "400 requests with the controller down",
+        Duration::from_secs(10),
+        || Ok(load.ok() >= at_kill + 400),
+    )
+    .await?;
+    traffic_moves_to(&servers, &[0, 1, 2], Duration::from_secs(2)).await?;
+    // A new connection to a known target still works while the controller is down.
+    let mut conn = Conn::open(proxy.outbound, false).await?;
+    assert_eq!(conn.get("web", "/").await?.0, 200);
+
+    let connects = proxy
+        .metrics()?
+        .sum("weft_discovery_stream_connects_total", &[]);
+    controller.restart()?;
+    eventually("stream reconnected", Duration::from_secs(10), || {
+        Ok(proxy
+            .metrics()?
+            .sum("weft_discovery_stream_connects_total", &[])
+            > connects)
+    })
+    .await?;
+    // A change made after the restart is picked up.
+    dir.service(NS, "web", SVC_IP, 80, &servers.addrs(&[3]))?;
+    traffic_moves_to(&servers, &[3], Duration::from_secs(5)).await?;
+    load.finish().await?;
+    assert_eq!(fallback_stats.requests.load(Ordering::Relaxed), 0);
+    Ok(())
+}
+
+/// A TCP echo server counting accepted connections.
+async fn echo_server() -> Result<(SocketAddr, Arc<AtomicU64>)> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok((addr, accepted))
+}
+
+async fn echo(proxy: SocketAddr) -> Result<TcpStream> {
+    let mut s = TcpStream::connect(proxy).await?;
+    s.write_all(b"hello weft\n").await?;
+    let mut buf = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .context("echo timed out")??;
+    assert_eq!(&buf, b"hello weft\n");
+    Ok(s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_to_a_cluster_ip_is_balanced_per_connection() -> Result<()> {
+    let mut echoes = Vec::new();
+    for _ in 0..3 {
+        echoes.push(echo_server().await?);
+    }
+    let (other, other_count) = echo_server().await?;
+    let dir = ManifestDir::new("tcp")?;
+    let addrs: Vec<SocketAddr> = echoes.iter().map(|(a, _)| *a).collect();
+    dir.service(NS, "db", "10.96.0.40", 7000, &addrs)?;
+    let controller = Controller::start(dir.path())?;
+    let mut env = discovery_env(&controller);
+    env.push(("WEFT_PROXY_OPAQUE_PORTS".into(), "7000".into()));
+    let proxy = Proxy::start(ProxyOpts {
+        // The app connected to the ClusterIP; SO_ORIGINAL_DST would say so.
+        outbound_target: Some("10.96.0.40:7000".parse()?),
+        env: env.clone(),
+        ..Default::default()
+    })?;
+    // 30 connections held open at once: p2c over open connections spreads them evenly.
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        held.push(echo(proxy.outbound).await?);
+    }
+    let counts: Vec<u64> = echoes
+        .iter()
+        .map(|(_, c)| c.load(Ordering::Relaxed))
+        .collect();
+    assert_eq!(counts.iter().sum::<u64>(), 30);
+    assert!(
+        counts.iter().all(|&c| (7..=13).contains(&c)),
+        "uneven: {counts:?}"
+    );
+    drop(held);
+    let m = proxy.metrics()?;
+    assert_eq!(
+        m.sum(
+            "weft_outbound_routes_total",
+            &[("protocol", "tcp"), ("route", "balanced")]
+        ),
+        30.0
+    );
+
+    // An address the controller does not know is passed through unchanged.
+    let passthrough = Proxy::start(ProxyOpts {
+        outbound_target: Some(other),
+        env,
+        ..Default::default()
+    })?;
+    drop(echo(passthrough.outbound).await?);
+    assert_eq!(other_count.load(Ordering::Relaxed), 1);
+    Ok(())
+}
