@@ -29,6 +29,23 @@ pub struct Config {
     pub trust_domain: String,
 }
 
+impl Config {
+    /// Every server on an ephemeral 127.0.0.1 port and the default domains:
+    /// for tests and demos that run the controller in-process (read the
+    /// bound addresses from [`Controller`]).
+    pub fn loopback(source: SourceConfig) -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Config {
+            source,
+            destination_addr: any,
+            identity_addr: any,
+            admin_addr: any,
+            cluster_domain: "cluster.local".into(),
+            trust_domain: "cluster.local".into(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("cannot listen on {addr} for the {what} server: {source}; is another process using the port?")]

@@ -22,15 +22,9 @@ use weft_proto::identity::CertifyRequest;
 const WITHIN: Duration = Duration::from_secs(5);
 
 async fn start(dir: &TempDir) -> Controller {
-    let loopback = "127.0.0.1:0".parse().unwrap();
-    let c = Controller::start(Config {
-        source: SourceConfig::Dir(dir.path().to_path_buf()),
-        destination_addr: loopback,
-        identity_addr: loopback,
-        admin_addr: loopback,
-        cluster_domain: "cluster.local".into(),
-        trust_domain: "cluster.local".into(),
-    })
+    let c = Controller::start(Config::loopback(SourceConfig::Dir(
+        dir.path().to_path_buf(),
+    )))
     .await
     .unwrap();
     eventually("source ready", WITHIN, || c.readiness.is_ready()).await;

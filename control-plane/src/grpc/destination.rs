@@ -1,6 +1,10 @@
-//! `Destination.Resolve`: one task per stream that resolves the target
-//! against the index, sends the full answer, then waits for the index
-//! topics the answer depends on and sends the difference.
+//! `Destination.Resolve`. Each distinct target has one *resolver* task,
+//! shared by every stream that asks for it: it resolves the target against
+//! the index, publishes the answer on a `watch` channel, and re-resolves
+//! when an index topic the answer depends on changes. Each stream has a
+//! small task that diffs the latest answer against what that stream was
+//! last sent. So 500 proxies watching one service cost one resolution per
+//! change, not 500; a slow stream simply skips to the latest answer.
 //!
 //! Updates (see `weft.destination.Update` in weft-proto):
 //! - first message: `Add` with every endpoint, or `NoEndpoints{exists}` when
@@ -11,13 +15,14 @@
 //!   Adds are sent before removes so a client never drops to zero
 //!   endpoints in the middle of a replacement.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use futures_util::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status};
 use weft_proto::destination::destination_server::Destination;
 use weft_proto::destination::{
@@ -28,7 +33,7 @@ use weft_proto::destination::{
 use crate::index::resolve::Hint;
 use crate::index::{self, EndpointInfo, Index, Resolution, ResolveConfig};
 use crate::metrics::{Metrics, UpdateLabels};
-use crate::model::names::parse_target;
+use crate::model::names::{parse_target, Target};
 
 /// Settings of the destination service.
 #[derive(Clone, Debug)]
@@ -52,6 +57,7 @@ pub struct DestinationService {
     index: Index,
     config: DestinationConfig,
     metrics: Metrics,
+    resolvers: Arc<Mutex<HashMap<Target, watch::Sender<Arc<Resolution>>>>>,
 }
 
 impl DestinationService {
@@ -60,7 +66,51 @@ impl DestinationService {
             index,
             config,
             metrics,
+            resolvers: Arc::default(),
         }
+    }
+
+    /// The latest answer for `target`, starting its resolver if no stream
+    /// watches it yet. The resolver stops when its last stream is gone.
+    fn watch(&self, target: &Target) -> watch::Receiver<Arc<Resolution>> {
+        let mut resolvers = self.resolvers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = resolvers.get(target) {
+            if !tx.is_closed() {
+                return tx.subscribe();
+            }
+        }
+        let (resolution, mut topics) = self.index.resolve(target, &self.config.resolve);
+        let (tx, rx) = watch::channel(Arc::new(resolution));
+        resolvers.insert(target.clone(), tx.clone());
+        let (index, config, target, registry) = (
+            self.index.clone(),
+            self.config.resolve.clone(),
+            target.clone(),
+            self.resolvers.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    alive = index::changed(&mut topics) => if !alive { break },
+                    () = tx.closed() => break,
+                }
+                let (next, t) = index.resolve(&target, &config);
+                topics = t;
+                tx.send_if_modified(|current| {
+                    if **current == next {
+                        false
+                    } else {
+                        *current = Arc::new(next);
+                        true
+                    }
+                });
+            }
+            let mut resolvers = registry.lock().unwrap_or_else(|e| e.into_inner());
+            if resolvers.get(&target).is_some_and(|t| t.same_channel(&tx)) {
+                resolvers.remove(&target);
+            }
+        });
+        rx
     }
 }
 
@@ -93,15 +143,14 @@ impl Destination for DestinationService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         tracing::debug!(target = %req.target, ?target, caller = ?req.context, "resolve");
         let (tx, rx) = mpsc::channel(8);
-        let index = self.index.clone();
-        let config = self.config.resolve.clone();
+        let mut answers = self.watch(&target);
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
             metrics.resolve_streams.inc();
-            let mut last: Option<Resolution> = None;
-            loop {
-                let (next, mut receivers) = index.resolve(&target, &config);
-                for update in diff(last.as_ref(), &next) {
+            let mut last: Option<Arc<Resolution>> = None;
+            'stream: loop {
+                let next = answers.borrow_and_update().clone();
+                for update in diff(last.as_deref(), &next) {
                     metrics
                         .resolve_updates
                         .get_or_create(&UpdateLabels {
@@ -109,13 +158,12 @@ impl Destination for DestinationService {
                         })
                         .inc();
                     if tx.send(Ok(update)).await.is_err() {
-                        metrics.resolve_streams.dec();
-                        return;
+                        break 'stream;
                     }
                 }
                 last = Some(next);
                 tokio::select! {
-                    alive = index::changed(&mut receivers) => if !alive { break },
+                    changed = answers.changed() => if changed.is_err() { break },
                     () = tx.closed() => break,
                 }
             }

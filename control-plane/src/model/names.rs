@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 /// The namespace a short name resolves in when the caller sent none.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
     /// A Service name in a namespace, with the service port.
     Service {

@@ -10,7 +10,8 @@
 //! completed its first list.
 //!
 //! RBAC: get/list/watch on services, pods, namespaces (core) and
-//! endpointslices (discovery.k8s.io); see `control-plane/rbac/`.
+//! endpointslices (discovery.k8s.io): [`WATCHED_RESOURCES`], granted by
+//! `charts/weft/templates/controller-rbac.yaml`.
 
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,6 +29,16 @@ use super::Readiness;
 use crate::index::{Change, Index};
 use crate::metrics::{KindLabels, Metrics};
 use crate::model::{convert, Kind, Object, ObjectKey};
+
+/// The (API group, resource) pairs the source lists and watches, for RBAC:
+/// `charts/weft/templates/controller-rbac.yaml` grants exactly get/list/watch
+/// on these (checked by `tests/rbac.rs`).
+pub const WATCHED_RESOURCES: &[(&str, &str)] = &[
+    ("", "services"),
+    ("discovery.k8s.io", "endpointslices"),
+    ("", "pods"),
+    ("", "namespaces"),
+];
 
 /// Watches every kind until the process ends.
 pub async fn run(client: Client, index: Index, metrics: Metrics, readiness: Readiness) {

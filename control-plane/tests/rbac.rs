@@ -1,0 +1,64 @@
+//! The shipped ClusterRole grants exactly what the Kubernetes source
+//! watches, and only read verbs.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+
+use serde_yaml_ng::Value;
+use weft_controller::source::kube::WATCHED_RESOURCES;
+
+#[test]
+fn cluster_role_is_read_only_and_covers_the_watched_resources() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/weft/templates/controller-rbac.yaml"
+    );
+    // The only template expression is the release namespace.
+    let text = std::fs::read_to_string(path)
+        .unwrap()
+        .replace("{{ .Release.Namespace }}", "weft");
+    assert!(
+        !text.contains("{{"),
+        "unexpected template expression in {path}"
+    );
+    let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"]
+    );
+    let mut granted = BTreeSet::new();
+    for rule in docs[1]["rules"].as_sequence().unwrap() {
+        let verbs: BTreeSet<&str> = rule["verbs"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            verbs,
+            BTreeSet::from(["get", "list", "watch"]),
+            "{path}: {rule:?}"
+        );
+        for group in rule["apiGroups"].as_sequence().unwrap() {
+            for resource in rule["resources"].as_sequence().unwrap() {
+                granted.insert((
+                    group.as_str().unwrap().to_string(),
+                    resource.as_str().unwrap().to_string(),
+                ));
+            }
+        }
+    }
+    let watched: BTreeSet<(String, String)> = WATCHED_RESOURCES
+        .iter()
+        .map(|(g, r)| (g.to_string(), r.to_string()))
+        .collect();
+    assert_eq!(
+        granted, watched,
+        "{path} must grant exactly what source::kube watches"
+    );
+    assert_eq!(docs[2]["roleRef"]["name"], docs[1]["metadata"]["name"]);
+    assert_eq!(docs[2]["subjects"][0]["name"], docs[0]["metadata"]["name"]);
+}
