@@ -135,6 +135,14 @@ async fn resolve_streams_full_set_then_diffs() {
             "{target}"
         );
     }
+    // Streams for the same target share one resolver, and each gets every
+    // change.
+    let mut web2 = resolve(&mut client, "web.shop:80").await;
+    assert_eq!(
+        added(next(&mut web2).await),
+        set(&["10.1.0.1:8080", "10.1.0.2:8080"])
+    );
+
     // A pod IP: that one endpoint, at the requested port.
     let mut pod = resolve(&mut client, "10.1.0.2:9999").await;
     assert_eq!(added(next(&mut pod).await), set(&["10.1.0.2:9999"]));
@@ -163,6 +171,9 @@ async fn resolve_streams_full_set_then_diffs() {
     );
     assert_eq!(added(next(&mut web).await), set(&["10.1.0.3:8080"]));
     assert_eq!(removed(next(&mut web).await), set(&["10.1.0.1:8080"]));
+    assert_eq!(added(next(&mut web2).await), set(&["10.1.0.3:8080"]));
+    assert_eq!(removed(next(&mut web2).await), set(&["10.1.0.1:8080"]));
+    drop(web2);
 
     // A service that appears later reaches a stream that asked early.
     dir.write(
