@@ -158,3 +158,75 @@ async fn index_follows_list_watch_bookmarks_and_relist() {
         .contains("weft_controller_index_objects{kind=\"Service\"} 3"));
     task.abort();
 }
+
+/// The production path end to end: fake API server → kube source → index →
+/// Resolve stream over gRPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolve_follows_the_api_server() {
+    use weft_controller::runtime::{Config, Controller};
+    use weft_controller::source::SourceConfig;
+    use weft_proto::destination::destination_client::DestinationClient;
+    use weft_proto::destination::{update, CallerContext, ResolveRequest};
+
+    let fake = FakeApiServer::start().await.unwrap();
+    fake.apply(service("shop", "web", "10.96.0.10", json!("http")));
+    fake.apply(pod("shop", "web-a", "10.1.0.1", 8080));
+    fake.apply(slice("shop", "web-1", "web", &[("10.1.0.1", "web-a")]));
+    let controller = Controller::start_with_client(
+        Config::loopback(SourceConfig::Kube),
+        Some(fake.client().unwrap()),
+    )
+    .await
+    .unwrap();
+    eventually("kube source ready", WITHIN, || {
+        controller.readiness.is_ready()
+    })
+    .await;
+    let mut client = DestinationClient::connect(format!("http://{}", controller.destination_addr))
+        .await
+        .unwrap();
+    let mut stream = client
+        .resolve(ResolveRequest {
+            target: "web:80".into(),
+            context: Some(CallerContext {
+                namespace: "shop".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    async fn next(
+        stream: &mut tonic::Streaming<weft_proto::destination::Update>,
+    ) -> update::Update {
+        tokio::time::timeout(WITHIN, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .update
+            .unwrap()
+    }
+    let addrs = |u: update::Update| match u {
+        update::Update::Add(a) => a
+            .endpoints
+            .iter()
+            .map(|e| e.socket_addr().unwrap().to_string())
+            .collect::<Vec<_>>(),
+        other => panic!("expected Add, got {other:?}"),
+    };
+    assert_eq!(addrs(next(&mut stream).await), ["10.1.0.1:8080"]);
+    fake.apply(pod("shop", "web-b", "10.1.0.2", 9090));
+    fake.apply(slice(
+        "shop",
+        "web-1",
+        "web",
+        &[("10.1.0.1", "web-a"), ("10.1.0.2", "web-b")],
+    ));
+    assert_eq!(addrs(next(&mut stream).await), ["10.1.0.2:9090"]);
+    assert!(fake.delete(Resource::Services, "shop", "web"));
+    match next(&mut stream).await {
+        update::Update::NoEndpoints(n) => assert!(!n.exists),
+        other => panic!("expected NoEndpoints, got {other:?}"),
+    }
+}
