@@ -23,6 +23,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+/// The well-known types used in messages (`Duration`, `Timestamp`).
+pub use prost_types;
+
 /// `weft.net`: addresses shared by every API.
 pub mod net {
     include!(concat!(env!("OUT_DIR"), "/weft.net.rs"));
