@@ -40,6 +40,9 @@ pub enum Command {
     Server(ServerArgs),
     /// Run the generator alone against a loopback address and print a summary.
     Load(LoadArgs),
+    /// Balancer quality: three endpoints, one slow, behind a proxy using the controller;
+    /// writes BALANCE.md.
+    Balance(crate::balance::BalanceArgs),
 }
 
 /// Parses "15s", "500ms", "1.5s", "2m" or a bare number of seconds.
@@ -223,6 +226,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Load(args) => execute_load(args),
         Command::Run(args) => execute_run(args),
+        Command::Balance(args) => crate::balance::execute(args),
     }
 }
 

@@ -54,7 +54,9 @@
 //! - [`scenario`]: spawns the server, proxies and HAProxy and runs the
 //!   scenarios; [`report`] turns the results into `RESULTS.md` and JSON.
 //! - [`sys`]: CPU affinity and `/proc` parsers.
+//! - [`balance`]: `weft-bench balance`, the load balancer's quality (BALANCE.md).
 
+pub mod balance;
 pub mod cli;
 pub mod grpc;
 pub mod load;

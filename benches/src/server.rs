@@ -73,9 +73,32 @@ pub async fn handle(
     Ok(response)
 }
 
+/// How a served endpoint behaves beyond its response size.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    pub response_size: usize,
+    /// Every response waits this long first (a slow endpoint for `weft-bench balance`).
+    pub delay: std::time::Duration,
+    /// Counts requests received, when given.
+    pub requests: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+}
+
 /// Accepts connections on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, response_size: usize) -> anyhow::Result<()> {
-    let payload = Bytes::from(vec![b'b'; response_size]);
+    serve_with(
+        listener,
+        ServeOptions {
+            response_size,
+            ..ServeOptions::default()
+        },
+    )
+    .await
+}
+
+/// [`serve`] with a response delay and a request counter.
+pub async fn serve_with(listener: TcpListener, opts: ServeOptions) -> anyhow::Result<()> {
+    let payload = Bytes::from(vec![b'b'; opts.response_size]);
+    let (delay, requests) = (opts.delay, opts.requests);
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -92,8 +115,20 @@ pub async fn serve(listener: TcpListener, response_size: usize) -> anyhow::Resul
         }
         let builder = builder.clone();
         let payload = payload.clone();
+        let requests = requests.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(req, payload.clone()));
+            let service = service_fn(move |req| {
+                if let Some(r) = &requests {
+                    r.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                let payload = payload.clone();
+                async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    handle(req, payload).await
+                }
+            });
             if let Err(e) = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await

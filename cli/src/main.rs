@@ -50,6 +50,9 @@ struct DemoArgs {
     /// The weft-proxy binary [default: weft-proxy next to this weft].
     #[arg(long, value_name = "PATH", env = "WEFT_DEMO_PROXY_BIN")]
     proxy_bin: Option<PathBuf>,
+    /// The weft-controller binary [default: weft-controller next to this weft].
+    #[arg(long, value_name = "PATH", env = "WEFT_DEMO_CONTROLLER_BIN")]
+    controller_bin: Option<PathBuf>,
     /// The proxies' log filter (WEFT_PROXY_LOG) [default: warn, or debug with --verbose].
     #[arg(long, value_name = "FILTER")]
     proxy_log: Option<String>,
@@ -112,8 +115,13 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         Some(p) => p,
         None => demo::proxy::default_proxy_bin()?,
     };
+    let controller_bin = match args.controller_bin {
+        Some(p) => p,
+        None => demo::controller::default_controller_bin()?,
+    };
     let config = DemoConfig {
         proxy_bin,
+        controller_bin,
         rps: args.rps,
         duration: args.duration.map(Duration::from_secs),
         proxy_log: args

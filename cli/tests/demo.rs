@@ -1,8 +1,9 @@
 //! `weft demo --duration 5` end to end: real `weft-proxy` children on
 //! loopback, and the numbers a user reads in the summary.
 //!
-//! Needs the proxy binary next to `weft` in the target directory
-//! (`cargo build -p weft-proxy`; `cargo test --workspace` builds it too).
+//! Needs the proxy and controller binaries next to `weft` in the target
+//! directory (`cargo build -p weft-proxy -p weft-controller`; `cargo test
+//! --workspace` builds them too).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -10,15 +11,38 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-fn proxy_bin() -> PathBuf {
+fn sibling_bin(name: &str) -> PathBuf {
     let weft = PathBuf::from(env!("CARGO_BIN_EXE_weft"));
-    let bin = weft.with_file_name(format!("weft-proxy{}", std::env::consts::EXE_SUFFIX));
+    let bin = weft.with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         bin.is_file(),
-        "{} is missing: run `cargo build -p weft-proxy` (same profile) first",
+        "{} is missing: run `cargo build -p {name}` (same profile) first",
         bin.display()
     );
     bin
+}
+
+fn proxy_bin() -> PathBuf {
+    sibling_bin("weft-proxy")
+}
+
+fn controller_bin() -> PathBuf {
+    sibling_bin("weft-controller")
+}
+
+/// `client proxy routing: N requests balanced over endpoints from the controller (E
+/// endpoint(s) known), P passed through`: (N, E, P).
+fn routing_line(stdout: &str) -> (f64, f64, f64) {
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("client proxy routing:"))
+        .unwrap_or_else(|| panic!("no routing line in output:\n{stdout}"));
+    let numbers: Vec<f64> = line
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(numbers.len(), 3, "{line}");
+    (numbers[0], numbers[1], numbers[2])
 }
 
 /// A data row of the summary table: `PROXY DIRECTION REQ/S SUCCESS P50 P99 TCP`.
@@ -52,6 +76,8 @@ fn demo_runs_traffic_through_both_proxies_and_exits_cleanly() {
     let out = Command::new(env!("CARGO_BIN_EXE_weft"))
         .args(["demo", "--duration", "5", "--proxy-bin"])
         .arg(proxy_bin())
+        .arg("--controller-bin")
+        .arg(controller_bin())
         .output()
         .expect("run weft demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -95,6 +121,16 @@ fn demo_runs_traffic_through_both_proxies_and_exits_cleanly() {
             && stdout.contains("server proxy exited cleanly after SIGTERM"),
         "proxies should stop on SIGTERM: {context}"
     );
+    assert!(
+        stdout.contains("controller exited cleanly after SIGTERM"),
+        "the controller should stop on SIGTERM: {context}"
+    );
+    // Requests went by service name through the controller's answer, none to the
+    // original destination (the books ClusterIP, which nothing serves on loopback).
+    let (balanced, endpoints, passthrough) = routing_line(&stdout);
+    assert!(balanced > 0.0, "nothing routed by discovery: {context}");
+    assert_eq!(endpoints, 1.0, "{context}");
+    assert_eq!(passthrough, 0.0, "{context}");
 }
 
 #[test]
@@ -102,6 +138,8 @@ fn demo_stops_cleanly_on_sigterm() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
         .args(["demo", "--proxy-bin"])
         .arg(proxy_bin())
+        .arg("--controller-bin")
+        .arg(controller_bin())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -220,33 +220,48 @@ async fn eventually(
     }
 }
 
-/// Waits until traffic goes only to `active` (all of them growing, the rest standing still)
-/// over a window of `window`.
+/// Waits until traffic goes only to `active`: every active server has received requests
+/// since the call, and the others none during the last window. (A latency-aware balancer
+/// under light load may leave an equal endpoint idle for a while, so activity is counted
+/// from the call, not per window.)
 async fn traffic_moves_to(
     servers: &Servers,
     active: &[usize],
     timeout: Duration,
 ) -> Result<BTreeMap<usize, u64>> {
+    traffic_within(servers, active, true, timeout).await
+}
+
+/// Like [`traffic_moves_to`]; with `each == false` it is enough that the active servers
+/// together receive traffic (the set is right, the balancer may favour some).
+async fn traffic_within(
+    servers: &Servers,
+    active: &[usize],
+    each: bool,
+    timeout: Duration,
+) -> Result<BTreeMap<usize, u64>> {
     let window = Duration::from_millis(400);
     let deadline = Instant::now() + timeout;
+    let since = servers.counts();
     loop {
         let before = servers.counts();
         tokio::time::sleep(window).await;
         let after = servers.counts();
-        let delta: BTreeMap<usize, u64> = before
-            .iter()
-            .zip(&after)
-            .enumerate()
-            .map(|(i, (b, a))| (i, a - b))
-            .collect();
-        let good = delta
-            .iter()
-            .all(|(i, d)| if active.contains(i) { *d > 0 } else { *d == 0 });
-        if good {
-            return Ok(delta);
+        let idle_quiet = (0..after.len())
+            .filter(|i| !active.contains(i))
+            .all(|i| after[i] == before[i]);
+        let active_busy = if each {
+            active.iter().all(|&i| after[i] > since[i])
+        } else {
+            active.iter().any(|&i| after[i] > since[i])
+        };
+        let total: BTreeMap<usize, u64> =
+            (0..after.len()).map(|i| (i, after[i] - since[i])).collect();
+        if idle_quiet && active_busy {
+            return Ok(total);
         }
         if Instant::now() > deadline {
-            bail!("traffic did not move to {active:?} within {timeout:?}: last window {delta:?}");
+            bail!("traffic did not move to {active:?} within {timeout:?}: since the change {total:?}, last window quiet: {idle_quiet}");
         }
     }
 }
@@ -421,7 +436,8 @@ async fn controller_restart_under_load_fails_nothing() -> Result<()> {
         || Ok(load.ok() >= at_kill + 400),
     )
     .await?;
-    traffic_moves_to(&servers, &[0, 1, 2], Duration::from_secs(2)).await?;
+    // Still the last known endpoints (under light load p2c may favour some of them).
+    traffic_within(&servers, &[0, 1, 2], false, Duration::from_secs(2)).await?;
     // A new connection to a known target still works while the controller is down.
     let mut conn = Conn::open(proxy.outbound, false).await?;
     assert_eq!(conn.get("web", "/").await?.0, 200);

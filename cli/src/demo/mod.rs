@@ -1,23 +1,32 @@
-//! `weft demo`: a two-proxy mesh on loopback, with no root and no cluster.
+//! `weft demo`: a two-proxy mesh with its controller on loopback, with no
+//! root and no cluster.
 //!
 //! ```text
-//!  web ──▶ client proxy ──────────▶ server proxy ──────────▶ books
-//!  (in-process  outbound listener    inbound listener         (in-process
-//!   generator)  fixed target: ───────┘ fixed target: ─────────┘  JSON app)
+//!  web ──▶ client proxy ─────────────────▶ server proxy ──────────▶ books
+//!  (in-process  outbound: routes by Host     inbound listener         (in-process
+//!   generator)  books.demo.svc.cluster.local  fixed target: ──────────┘  JSON app)
+//!                    │ Resolve
+//!                    ▼
+//!               weft-controller --source dir:<log dir>/manifests
+//!               (Service books → endpoint: the server proxy's inbound port)
 //! ```
 //!
 //! In a pod, iptables redirects the app's traffic to the proxy and the proxy
 //! reads the original destination with `SO_ORIGINAL_DST`; both need root.
 //! Here each listener is given a fixed target instead
-//! (`WEFT_PROXY_{OUTBOUND,INBOUND}_FIXED_TARGET`), and `web` connects straight
-//! to the client proxy's outbound port with the Host header a cluster app
-//! would send.
+//! (`WEFT_PROXY_{OUTBOUND,INBOUND}_FIXED_TARGET`): the client proxy's is the
+//! books ClusterIP, what the app would have connected to. `web` connects
+//! straight to the client proxy's outbound port with the Host header a cluster
+//! app would send, and the client proxy routes by that name: it asks the
+//! controller (`WEFT_PROXY_DESTINATION_ADDR`) for the endpoints of
+//! `books.demo.svc.cluster.local:8080` and balances over them.
 //!
 //! Every number in the live table is read from the proxies' `/metrics`
 //! endpoints, never from the generator, so the demo shows what an operator
 //! scraping the mesh would see.
 
 pub mod apps;
+pub mod controller;
 pub mod proxy;
 pub mod table;
 
@@ -33,12 +42,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use self::apps::{BooksConfig, TrafficConfig, TrafficCounts};
+use self::controller::{ControllerAddrs, ControllerProcess, BOOKS_CLUSTER_IP, BOOKS_PORT};
 use self::proxy::{AdminClient, ProxyAddrs, ProxyProcess, ProxySpec};
 use self::table::Row;
 use crate::promtext::Sample;
 use crate::stats::{Direction, DirectionSnapshot, WindowStats};
 
-/// The Host header web sends (the port is books' real port).
+/// The Host header web sends (with the service port, [`BOOKS_PORT`]).
 pub const BOOKS_HOST: &str = "books.demo.svc.cluster.local";
 
 /// How often the table is refreshed.
@@ -48,6 +58,7 @@ pub const REFRESH: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
     pub proxy_bin: PathBuf,
+    pub controller_bin: PathBuf,
     pub rps: u32,
     /// Stop after this long; `None` runs until Ctrl-C or SIGTERM.
     pub duration: Option<Duration>,
@@ -65,6 +76,27 @@ pub enum DemoError {
         "no proxy binary at {0}: build it with `cargo build -p weft-proxy` or pass --proxy-bin"
     )]
     ProxyBinaryMissing(PathBuf),
+    #[error(
+        "no controller binary at {0}: build it with `cargo build -p weft-controller` or pass --controller-bin"
+    )]
+    ControllerBinaryMissing(PathBuf),
+    #[error("could not write the demo manifests in {path}: {source}")]
+    Manifests {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the controller exited unexpectedly ({status}); its log is {log}")]
+    ControllerExited { status: ExitStatus, log: PathBuf },
+    #[error(
+        "the controller did not answer 200 on http://{admin}/ready within {timeout:?} \
+         (last: {last}); its log is {log}"
+    )]
+    ControllerNotReady {
+        admin: SocketAddr,
+        timeout: Duration,
+        last: String,
+        log: PathBuf,
+    },
     #[error("could not start {bin}: {source}")]
     Spawn {
         bin: PathBuf,
@@ -182,6 +214,9 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
     if !config.proxy_bin.is_file() {
         return Err(DemoError::ProxyBinaryMissing(config.proxy_bin));
     }
+    if !config.controller_bin.is_file() {
+        return Err(DemoError::ControllerBinaryMissing(config.controller_bin));
+    }
     let stop = CancellationToken::new();
     spawn_signal_watcher(stop.clone())?;
 
@@ -200,7 +235,7 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
         Duration::from_secs(2),
     ));
 
-    let ports = proxy::free_loopback_ports(6).map_err(DemoError::Ports)?;
+    let ports = proxy::free_loopback_ports(9).map_err(DemoError::Ports)?;
     let client_addrs = ProxyAddrs {
         outbound: ports[0],
         inbound: ports[1],
@@ -211,13 +246,28 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
         inbound: ports[4],
         admin: ports[5],
     };
+    let controller_addrs = ControllerAddrs {
+        destination: ports[6],
+        identity: ports[7],
+        admin: ports[8],
+    };
+    // What the app would have connected to: the service's ClusterIP. The client proxy routes
+    // by Host instead, through the controller.
+    let cluster_ip = SocketAddr::new(
+        BOOKS_CLUSTER_IP
+            .parse()
+            .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
+        BOOKS_PORT,
+    );
     let specs = [
         ProxySpec {
             name: "client",
             addrs: client_addrs,
-            outbound_target: Some(server_addrs.inbound),
+            outbound_target: Some(cluster_ip),
             inbound_target: None,
             log_filter: config.proxy_log.clone(),
+            destination: Some(controller_addrs.destination),
+            namespace: Some(controller::BOOKS_NAMESPACE.into()),
         },
         ProxySpec {
             name: "server",
@@ -225,16 +275,39 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
             outbound_target: None,
             inbound_target: Some(books_addr),
             log_filter: config.proxy_log.clone(),
+            destination: None,
+            namespace: Some(controller::BOOKS_NAMESPACE.into()),
         },
     ];
 
-    let mut proxies: Vec<ProxyProcess> = Vec::with_capacity(2);
-    let started = start_proxies(&config, &specs, &log_dir, &stop, &mut proxies).await;
+    let mut controller = ControllerProcess::spawn(
+        &config.controller_bin,
+        controller_addrs,
+        server_addrs.inbound,
+        if config.proxy_log == "debug" {
+            "debug"
+        } else {
+            "warn"
+        },
+        &log_dir,
+    )?;
     let admin = AdminClient::new(Duration::from_secs(1));
+    let mut proxies: Vec<ProxyProcess> = Vec::with_capacity(2);
+    let started = match controller
+        .wait_ready(
+            &AdminClient::new(Duration::from_millis(500)),
+            config.ready_timeout,
+            &stop,
+        )
+        .await
+    {
+        Ok(()) => start_proxies(&config, &specs, &log_dir, &stop, &mut proxies).await,
+        Err(e) => Err(e),
+    };
     let result = match started {
         Ok(()) => {
-            print_banner(&config, books_addr, &specs, &proxies, &log_dir);
-            run_traffic(&config, books_addr, &admin, &stop, &mut proxies).await
+            print_banner(&config, books_addr, &specs, &proxies, &controller, &log_dir);
+            run_traffic(&config, &admin, &stop, &mut proxies).await
         }
         // Ctrl-C while waiting for the proxies is a request to stop, not a failure.
         Err(DemoError::Interrupted) => Ok("Stopped before the proxies were ready.\n".into()),
@@ -248,6 +321,8 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
         let how = p.terminate(config.shutdown_grace).await;
         endings.push(format!("{} proxy {how}", p.spec.name));
     }
+    let how = controller.terminate(config.shutdown_grace).await;
+    endings.push(format!("controller {how}"));
     shutdown_apps.cancel();
     let _ = books_task.await;
 
@@ -255,7 +330,10 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
     for e in endings {
         text.push_str(&format!("  {e}\n"));
     }
-    text.push_str(&format!("  proxy logs: {}\n", log_dir.display()));
+    text.push_str(&format!(
+        "  proxy and controller logs: {}\n",
+        log_dir.display()
+    ));
     say(&text);
     Ok(())
 }
@@ -288,6 +366,7 @@ fn print_banner(
     books: SocketAddr,
     specs: &[ProxySpec; 2],
     proxies: &[ProxyProcess],
+    controller: &ControllerProcess,
     log_dir: &std::path::Path,
 ) {
     let pid = |i: usize| {
@@ -296,12 +375,18 @@ fn print_banner(
             .and_then(ProxyProcess::pid)
             .map_or_else(|| "?".into(), |p| p.to_string())
     };
-    let mut text = String::from("weft demo: a two-proxy mesh on loopback\n");
+    let mut text = String::from("weft demo: a two-proxy mesh and its controller on loopback\n");
     text.push_str(&format!(
-        "  web           {} req/s to {} with Host: {BOOKS_HOST}:{}\n",
-        config.rps,
-        specs[0].addrs.outbound,
-        books.port()
+        "  web           {} req/s to {} with Host: {BOOKS_HOST}:{BOOKS_PORT}\n",
+        config.rps, specs[0].addrs.outbound,
+    ));
+    text.push_str(&format!(
+        "  controller    pid {:<7} destination {}  manifests {}\n",
+        controller
+            .pid()
+            .map_or_else(|| "?".into(), |p| p.to_string()),
+        controller.addrs.destination,
+        controller.manifests.display()
     ));
     text.push_str(&format!(
         "  client proxy  pid {:<7} outbound {}  admin http://{}/metrics\n",
@@ -316,7 +401,7 @@ fn print_banner(
         specs[1].addrs.admin
     ));
     text.push_str(&format!("  books         {books}\n"));
-    text.push_str(&format!("  proxy logs    {}\n", log_dir.display()));
+    text.push_str(&format!("  logs          {}\n", log_dir.display()));
     text.push_str(&match config.duration {
         Some(d) => format!("Running for {}s (Ctrl-C stops sooner).\n", d.as_secs()),
         None => "Press Ctrl-C to stop.\n".into(),
@@ -335,7 +420,6 @@ fn say(text: &str) {
 /// Send traffic and print the table until told to stop; return the summary.
 async fn run_traffic(
     config: &DemoConfig,
-    books: SocketAddr,
     admin: &AdminClient,
     stop: &CancellationToken,
     proxies: &mut [ProxyProcess],
@@ -351,7 +435,7 @@ async fn run_traffic(
     let traffic = tokio::spawn(apps::generate_traffic(
         TrafficConfig {
             connect_to: client.spec.addrs.outbound,
-            authority: format!("{BOOKS_HOST}:{}", books.port()),
+            authority: format!("{BOOKS_HOST}:{BOOKS_PORT}"),
             rps: config.rps,
             request_timeout: Duration::from_secs(5),
             max_in_flight: 1024,
@@ -403,10 +487,34 @@ async fn run_traffic(
     // The last scrape happens before SIGTERM, while the admin port is up.
     let last = Scrape::take(admin, admins).await;
     let elapsed = last.at.duration_since(start).as_secs_f64();
+    let routed = |s: &Scrape, route: &str| {
+        s.proxies[0].as_ref().map_or(0.0, |samples| {
+            samples
+                .iter()
+                .filter(|x| {
+                    x.name == "weft_outbound_routes_total"
+                        && x.label("protocol") == Some("http")
+                        && x.label("route") == Some(route)
+                })
+                .map(|x| x.value)
+                .sum::<f64>()
+        })
+    };
+    let endpoints = last.proxies[0].as_ref().map_or(0.0, |samples| {
+        samples
+            .iter()
+            .filter(|x| x.name == "weft_balancer_endpoints")
+            .map(|x| x.value)
+            .sum::<f64>()
+    });
     Ok(format!(
-        "\nSummary over {elapsed:.1}s, from the proxies' /metrics (TCP: open at the end):\n{}\n  {}\n",
+        "\nSummary over {elapsed:.1}s, from the proxies' /metrics (TCP: open at the end):\n{}\n  {}\n  \
+         client proxy routing: {:.0} requests balanced over endpoints from the controller \
+         ({endpoints:.0} endpoint(s) known), {:.0} passed through\n",
         table::render(&last.rows_since(&baseline)),
-        counts.summary()
+        counts.summary(),
+        routed(&last, "balanced") - routed(&baseline, "balanced"),
+        routed(&last, "passthrough") - routed(&baseline, "passthrough"),
     ))
 }
 

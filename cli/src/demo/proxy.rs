@@ -30,6 +30,8 @@ pub mod env {
     pub const OUTBOUND_FIXED_TARGET: &str = "WEFT_PROXY_OUTBOUND_FIXED_TARGET";
     pub const INBOUND_FIXED_TARGET: &str = "WEFT_PROXY_INBOUND_FIXED_TARGET";
     pub const LOG: &str = "WEFT_PROXY_LOG";
+    pub const DESTINATION_ADDR: &str = "WEFT_PROXY_DESTINATION_ADDR";
+    pub const NAMESPACE: &str = "WEFT_PROXY_NAMESPACE";
 }
 
 /// The listen addresses of one proxy.
@@ -49,6 +51,10 @@ pub struct ProxySpec {
     pub outbound_target: Option<SocketAddr>,
     pub inbound_target: Option<SocketAddr>,
     pub log_filter: String,
+    /// The controller's destination service: routes outbound HTTP by name.
+    pub destination: Option<SocketAddr>,
+    /// The namespace of the proxy's workload (short names resolve in it).
+    pub namespace: Option<String>,
 }
 
 impl ProxySpec {
@@ -64,6 +70,12 @@ impl ProxySpec {
         }
         if let Some(t) = self.inbound_target {
             vars.push((env::INBOUND_FIXED_TARGET, t.to_string()));
+        }
+        if let Some(d) = self.destination {
+            vars.push((env::DESTINATION_ADDR, d.to_string()));
+        }
+        if let Some(ns) = &self.namespace {
+            vars.push((env::NAMESPACE, ns.clone()));
         }
         vars.push((env::LOG, self.log_filter.clone()));
         vars
@@ -329,6 +341,8 @@ mod tests {
             outbound_target: Some(a(4)),
             inbound_target: None,
             log_filter: "warn".into(),
+            destination: Some(a(5)),
+            namespace: Some("demo".into()),
         };
         assert_eq!(
             spec.env(),
@@ -340,6 +354,8 @@ mod tests {
                     "WEFT_PROXY_OUTBOUND_FIXED_TARGET",
                     "127.0.0.1:4".to_string()
                 ),
+                ("WEFT_PROXY_DESTINATION_ADDR", "127.0.0.1:5".to_string()),
+                ("WEFT_PROXY_NAMESPACE", "demo".to_string()),
                 ("WEFT_PROXY_LOG", "warn".to_string()),
             ]
         );
