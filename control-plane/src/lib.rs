@@ -23,14 +23,21 @@
 //!   against a fake API server (`testing` feature) and the dir source
 //!   against a temporary directory.
 //! - [`grpc`]: the gRPC services on the destination port (8086) and the
-//!   identity port (8080). Only `Destination.Resolve` is implemented; the
-//!   other methods answer `UNIMPLEMENTED` with a message saying so.
+//!   identity port (8080): `Destination.Resolve` and `Identity.Certify`
+//!   are implemented; the other methods answer `UNIMPLEMENTED` with a
+//!   message saying so.
+//! - [`identity`]: workload certificates — SPIFFE IDs, CSR checks, token
+//!   verification (Kubernetes TokenReview or controller-signed local
+//!   tokens), the per-identity rate limit, and the CA behind the
+//!   [`identity::ca::CertificateAuthority`] seam (issuer files reloaded on
+//!   change, or a development CA).
 //! - [`admin`]: `/metrics`, `/ready`, `/live` on port 9990.
 //! - [`runtime`]: wires a source, the index and the servers together; the
 //!   binary is a thin clap wrapper around it.
 
 pub mod admin;
 pub mod grpc;
+pub mod identity;
 pub mod index;
 pub mod metrics;
 pub mod model;

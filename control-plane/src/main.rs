@@ -1,11 +1,21 @@
 //! `weft-controller`: parses flags (with environment fallbacks), starts
 //! logging and the runtime, and calls [`weft_controller::runtime::run`].
+//! Subcommands: `token` mints a local-mode identity token, `dev-ca`
+//! creates a development CA.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+use weft_controller::identity::ca::IssuerFiles;
+use weft_controller::identity::rate::RateConfig;
+use weft_controller::identity::token::LocalTokens;
+use weft_controller::identity::{
+    devca, parse_duration, IdentityConfig, IssuerSource, ServiceAccount, SpiffeId, TokenMode,
+};
 use weft_controller::runtime::{self, Config};
 use weft_controller::source::SourceConfig;
 
@@ -13,9 +23,11 @@ use weft_controller::source::SourceConfig;
 #[command(
     name = "weft-controller",
     version,
-    about = "Weft control plane: destination discovery for Weft proxies"
+    about = "Weft control plane: destination discovery and workload identity for Weft proxies"
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Where cluster state comes from: `kube` (the Kubernetes API) or
     /// `dir:PATH` (a directory of YAML manifests, reloaded on change).
     #[arg(long, env = "WEFT_CONTROLLER_SOURCE", default_value = "kube")]
@@ -65,10 +77,194 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "WEFT_CONTROLLER_LOG_JSON")]
     log_json: bool,
+    /// Issuer certificate (PEM; the issuer first, then any intermediates).
+    /// Reloaded when it changes. With --issuer-key and --trust-anchors;
+    /// without them (and without --dev-ca) no certificates are issued.
+    #[arg(long, env = "WEFT_CONTROLLER_ISSUER_CERT", conflicts_with = "dev_ca")]
+    issuer_cert: Option<PathBuf>,
+    /// Issuer private key (PEM: PKCS#8 PRIVATE KEY or SEC1 EC PRIVATE KEY).
+    #[arg(long, env = "WEFT_CONTROLLER_ISSUER_KEY", conflicts_with = "dev_ca")]
+    issuer_key: Option<PathBuf>,
+    /// Trust-anchor bundle (PEM, one or more roots); the issuer must chain
+    /// to one of them.
+    #[arg(long, env = "WEFT_CONTROLLER_TRUST_ANCHORS", conflicts_with = "dev_ca")]
+    trust_anchors: Option<PathBuf>,
+    /// Development CA directory (local mode; created when missing):
+    /// trust-anchors.pem, issuer.crt, issuer.key, token-key. Not for production.
+    #[arg(long, env = "WEFT_CONTROLLER_DEV_CA")]
+    dev_ca: Option<PathBuf>,
+    /// Local mode: the HMAC key file of controller-signed tokens (default
+    /// with --dev-ca: DIR/token-key). Kube mode uses TokenReview.
+    #[arg(long, env = "WEFT_CONTROLLER_TOKEN_KEY")]
+    token_key: Option<PathBuf>,
+    /// Lifetime of workload certificates.
+    #[arg(long, env = "WEFT_CONTROLLER_CERT_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    cert_lifetime: Duration,
+    /// Certificates one identity may get back to back.
+    #[arg(long, env = "WEFT_CONTROLLER_CERTIFY_BURST", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    certify_burst: u32,
+    /// After the burst: one certificate per identity per this interval.
+    #[arg(long, env = "WEFT_CONTROLLER_CERTIFY_REFILL", default_value = "10s", value_parser = parse_duration)]
+    certify_refill: Duration,
+    /// How often the issuer files are checked for changes.
+    #[arg(long, env = "WEFT_CONTROLLER_ISSUER_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    issuer_reload_interval: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Mints a local-mode identity token for a ServiceAccount and prints it
+    /// (the proxy reads it from WEFT_PROXY_IDENTITY_TOKEN_FILE).
+    Token(TokenArgs),
+    /// Creates a development CA in DIR (if missing) and prints its files.
+    DevCa {
+        /// Directory for trust-anchors.pem, issuer.crt, issuer.key, token-key.
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct TokenArgs {
+    #[arg(long)]
+    namespace: String,
+    #[arg(long)]
+    service_account: String,
+    /// The HMAC key file (as given to the controller's --token-key).
+    #[arg(long, conflicts_with = "dev_ca", required_unless_present = "dev_ca")]
+    token_key: Option<PathBuf>,
+    /// Use DIR/token-key of a development CA (created if missing).
+    #[arg(long)]
+    dev_ca: Option<PathBuf>,
+    /// How long the token is valid.
+    #[arg(long, default_value = "720h", value_parser = parse_duration)]
+    lifetime: Duration,
+    /// Write the token to this file (mode 0600) instead of stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn mint(args: &TokenArgs) -> Result<(), String> {
+    let sa = ServiceAccount::new(args.namespace.clone(), args.service_account.clone());
+    // Validate the names the same way Certify will.
+    SpiffeId::parse(&SpiffeId::new("check", sa.clone()).to_string())
+        .map_err(|e| format!("--namespace / --service-account: {e}"))?;
+    let key = match (&args.token_key, &args.dev_ca) {
+        (Some(k), _) => k.clone(),
+        (None, Some(dir)) => {
+            devca::ensure(dir).map_err(|e| e.to_string())?;
+            dir.join(devca::TOKEN_KEY)
+        }
+        (None, None) => return Err("pass --token-key FILE or --dev-ca DIR".into()),
+    };
+    let tokens = LocalTokens::load(&key).map_err(|e| e.to_string())?;
+    let token = tokens.mint(&sa, args.lifetime);
+    match &args.out {
+        None => println!("{token}"),
+        Some(path) => {
+            use std::io::Write as _;
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                opts.mode(0o600);
+            }
+            opts.open(path)
+                .and_then(|mut f| f.write_all(token.as_bytes()))
+                .map_err(|e| format!("--out {}: {e}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn identity_config(args: &Args) -> Result<Option<IdentityConfig>, String> {
+    let issuer = match (
+        &args.dev_ca,
+        &args.issuer_cert,
+        &args.issuer_key,
+        &args.trust_anchors,
+    ) {
+        (Some(dir), ..) => IssuerSource::DevCa(dir.clone()),
+        (None, Some(cert), Some(key), Some(trust_anchors)) => IssuerSource::Files(IssuerFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            trust_anchors: trust_anchors.clone(),
+        }),
+        (None, None, None, None) => return Ok(None),
+        (None, cert, key, anchors) => {
+            let missing: Vec<&str> = [
+                (cert.is_none(), "--issuer-cert"),
+                (key.is_none(), "--issuer-key"),
+                (anchors.is_none(), "--trust-anchors"),
+            ]
+            .iter()
+            .filter(|(m, _)| *m)
+            .map(|(_, n)| *n)
+            .collect();
+            return Err(format!(
+                "the identity service needs --issuer-cert, --issuer-key and --trust-anchors together; missing {}",
+                missing.join(", ")
+            ));
+        }
+    };
+    if args.cert_lifetime < Duration::from_secs(60) {
+        return Err(format!(
+            "--cert-lifetime {:?} is too short; expected at least 1m",
+            args.cert_lifetime
+        ));
+    }
+    let mut config = IdentityConfig::new(issuer);
+    config.tokens = args.token_key.clone().map(TokenMode::Local);
+    config.cert_lifetime = args.cert_lifetime;
+    config.rate = RateConfig {
+        burst: args.certify_burst,
+        refill: args.certify_refill,
+    };
+    config.reload_interval = args.issuer_reload_interval.max(Duration::from_millis(100));
+    Ok(Some(config))
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    match &args.command {
+        Some(Command::Token(t)) => {
+            return match mint(t) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("weft-controller token: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Some(Command::DevCa { dir }) => {
+            return match devca::ensure(dir) {
+                Ok(created) => {
+                    for f in [
+                        devca::TRUST_ANCHORS,
+                        devca::ISSUER_CERT,
+                        devca::ISSUER_KEY,
+                        devca::TOKEN_KEY,
+                    ] {
+                        println!("{}", dir.join(f).display());
+                    }
+                    eprintln!("weft-controller dev-ca: {created:?} development CA in {} (dev only: keys are unencrypted)", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("weft-controller dev-ca: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        None => {}
+    }
+    let identity = match identity_config(&args) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("weft-controller: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let filter = match EnvFilter::try_new(&args.log) {
         Ok(f) => f,
         Err(e) => {
@@ -94,6 +290,7 @@ fn main() -> ExitCode {
         admin_addr: args.admin_addr,
         cluster_domain: args.cluster_domain,
         trust_domain: args.trust_domain,
+        identity,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,5 +1,6 @@
 //! The controller's Prometheus metrics (served on the admin port).
-//! Labels are bounded: object kind and update type only; file paths of bad
+//! Labels are bounded: object kind, update type and Certify result only
+//! (no identity label: the per-identity view is in the logs); file paths of bad
 //! manifests go to the log, not to labels.
 
 use std::sync::Arc;
@@ -31,6 +32,13 @@ pub struct UpdateLabels {
     pub update: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// A bounded outcome: `ok` or a refusal kind
+    /// (see `identity::decide::RefusalKind::label`).
+    pub result: &'static str,
+}
+
 /// Handles to every metric; clone freely.
 #[derive(Clone)]
 pub struct Metrics {
@@ -51,6 +59,14 @@ pub struct Metrics {
     pub kube_watch_errors: Family<KindLabels, Counter>,
     /// Objects the source could not convert (logged with the field), by kind.
     pub invalid_objects: Family<KindLabels, Counter>,
+    /// Identity.Certify calls by result.
+    pub identity_certify: Family<ResultLabels, Counter>,
+    /// notAfter of the issuer certificate in use (Unix seconds).
+    pub identity_issuer_expiry: Gauge,
+    /// Certificates in the trust-anchor bundle.
+    pub identity_trust_anchors: Gauge,
+    /// Issuer reload attempts after a file change, by result (ok, failed).
+    pub identity_issuer_reloads: Family<ResultLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -109,6 +125,26 @@ impl Metrics {
             "Objects the source could not convert",
             m.invalid_objects.clone(),
         );
+        registry.register(
+            "identity_certify",
+            "Identity.Certify calls by result (ok, invalid_request, unauthenticated, permission_denied, rate_limited, unavailable, not_configured, error)",
+            m.identity_certify.clone(),
+        );
+        registry.register(
+            "identity_issuer_expiry_timestamp_seconds",
+            "notAfter of the issuer certificate in use, Unix seconds",
+            m.identity_issuer_expiry.clone(),
+        );
+        registry.register(
+            "identity_trust_anchors",
+            "Certificates in the trust-anchor bundle",
+            m.identity_trust_anchors.clone(),
+        );
+        registry.register(
+            "identity_issuer_reloads",
+            "Issuer reloads after a file change, by result (ok, failed)",
+            m.identity_issuer_reloads.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             resolve_streams: m.resolve_streams,
@@ -119,6 +155,10 @@ impl Metrics {
             manifest_files_invalid: m.manifest_files_invalid,
             kube_watch_errors: m.kube_watch_errors,
             invalid_objects: m.invalid_objects,
+            identity_certify: m.identity_certify,
+            identity_issuer_expiry: m.identity_issuer_expiry,
+            identity_trust_anchors: m.identity_trust_anchors,
+            identity_issuer_reloads: m.identity_issuer_reloads,
         }
     }
 
@@ -151,4 +191,8 @@ struct MetricsBuilder {
     manifest_files_invalid: Gauge,
     kube_watch_errors: Family<KindLabels, Counter>,
     invalid_objects: Family<KindLabels, Counter>,
+    identity_certify: Family<ResultLabels, Counter>,
+    identity_issuer_expiry: Gauge,
+    identity_trust_anchors: Gauge,
+    identity_issuer_reloads: Family<ResultLabels, Counter>,
 }

@@ -3,6 +3,7 @@
 //! call [`Controller::start`] on loopback ports.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -12,8 +13,13 @@ use weft_proto::policy::policy_server::PolicyServer;
 
 use crate::admin::Admin;
 use crate::grpc::destination::DestinationConfig;
-use crate::grpc::unimplemented::{IdentityService, PolicyService};
-use crate::grpc::DestinationService;
+use crate::grpc::identity::IdentityParts;
+use crate::grpc::unimplemented::PolicyService;
+use crate::grpc::{DestinationService, IdentityService};
+use crate::identity::ca::{CaError, FileCa, IssuerFiles, Reload};
+use crate::identity::devca::{self, DevCaError};
+use crate::identity::token::{LocalTokens, TokenKeyError, TokenReviewVerifier, TokenVerifier};
+use crate::identity::{IdentityConfig, IssuerSource, TokenMode};
 use crate::index::{Index, ResolveConfig};
 use crate::metrics::Metrics;
 use crate::source::dir::{DirError, DirSource};
@@ -27,6 +33,8 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     pub cluster_domain: String,
     pub trust_domain: String,
+    /// The identity service; `None`: Certify answers UNIMPLEMENTED.
+    pub identity: Option<IdentityConfig>,
 }
 
 impl Config {
@@ -42,6 +50,7 @@ impl Config {
             admin_addr: any,
             cluster_domain: "cluster.local".into(),
             trust_domain: "cluster.local".into(),
+            identity: None,
         }
     }
 }
@@ -58,6 +67,14 @@ pub enum RuntimeError {
     Dir(#[from] DirError),
     #[error("cannot build a Kubernetes client (in-cluster config or KUBECONFIG): {0}")]
     Kube(#[from] kube::Error),
+    #[error("identity: {0}")]
+    Ca(#[from] CaError),
+    #[error("identity: {0}")]
+    DevCa(#[from] DevCaError),
+    #[error("identity: {0}")]
+    TokenKey(#[from] TokenKeyError),
+    #[error("identity: {0}")]
+    IdentityConfig(String),
     #[error("{what} server failed: {message}")]
     Server { what: &'static str, message: String },
 }
@@ -71,6 +88,8 @@ pub struct Controller {
     pub index: Index,
     pub metrics: Metrics,
     pub readiness: Readiness,
+    /// The identity service's CA, when configured.
+    pub ca: Option<Arc<FileCa>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -113,6 +132,11 @@ impl Controller {
             (SourceConfig::Kube, Some(c)) => Some(c),
             (SourceConfig::Kube, None) => Some(kube::Client::try_default().await?),
             (SourceConfig::Dir(_), _) => None,
+        };
+        // The issuer is validated before any port is bound, too.
+        let identity_parts = match &config.identity {
+            Some(ic) => Some(identity_parts(ic, &config, client.as_ref())?),
+            None => None,
         };
         let destination = bind("destination", config.destination_addr).await?;
         let identity = bind("identity", config.identity_addr).await?;
@@ -168,11 +192,22 @@ impl Controller {
                 tracing::error!(error = %e, "destination gRPC server stopped");
             }
         }));
+        let (identity_svc, ca) = match identity_parts {
+            Some((parts, ca, interval)) => {
+                tasks.push(tokio::spawn(watch_issuer(
+                    ca.clone(),
+                    interval,
+                    metrics.clone(),
+                )));
+                (IdentityService::new(parts, metrics.clone()), Some(ca))
+            }
+            None => (IdentityService::disabled(metrics.clone()), None),
+        };
         let incoming =
             tonic::transport::server::TcpIncoming::from(identity).with_nodelay(Some(true));
         tasks.push(tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
-                .add_service(IdentityServer::new(IdentityService))
+                .add_service(IdentityServer::new(identity_svc))
                 .serve_with_incoming(incoming)
                 .await;
             if let Err(e) = result {
@@ -195,8 +230,103 @@ impl Controller {
             index,
             metrics,
             readiness,
+            ca,
             tasks,
         })
+    }
+}
+
+/// Loads the issuer and picks the token verifier for `ic`.
+fn identity_parts(
+    ic: &IdentityConfig,
+    config: &Config,
+    client: Option<&kube::Client>,
+) -> Result<(IdentityParts, Arc<FileCa>, std::time::Duration), RuntimeError> {
+    let files = match &ic.issuer {
+        IssuerSource::Files(f) => f.clone(),
+        IssuerSource::DevCa(dir) => {
+            devca::ensure(dir)?;
+            IssuerFiles::in_dir(dir)
+        }
+    };
+    let ca = Arc::new(FileCa::load(files)?);
+    let status = crate::identity::ca::CertificateAuthority::status(&*ca);
+    tracing::info!(
+        issuer = %status.issuer_subject,
+        trust_anchors = status.trust_anchors,
+        cert = %ca.files().cert.display(),
+        "identity issuer loaded"
+    );
+    let tokens: Arc<dyn TokenVerifier> = match (&ic.tokens, client, &ic.issuer) {
+        (Some(TokenMode::Local(path)), _, _) => Arc::new(LocalTokens::load(path)?),
+        (Some(TokenMode::TokenReview) | None, Some(client), _) => {
+            Arc::new(TokenReviewVerifier::new(client.clone()))
+        }
+        (Some(TokenMode::TokenReview), None, _) => {
+            return Err(RuntimeError::IdentityConfig(format!(
+                "TokenReview needs the Kubernetes API (--source kube), but the source is {}",
+                config.source
+            )))
+        }
+        (None, None, IssuerSource::DevCa(dir)) => {
+            Arc::new(LocalTokens::load(&dir.join(devca::TOKEN_KEY))?)
+        }
+        (None, None, IssuerSource::Files(_)) => {
+            return Err(RuntimeError::IdentityConfig(
+                "local mode needs a token key: pass --token-key FILE (or use --dev-ca DIR)".into(),
+            ))
+        }
+    };
+    let parts = IdentityParts {
+        trust_domain: config.trust_domain.clone(),
+        ca: ca.clone(),
+        tokens,
+        cert_lifetime: ic.cert_lifetime,
+        rate: ic.rate,
+    };
+    Ok((parts, ca, ic.reload_interval))
+}
+
+/// Polls the issuer files; publishes issuer expiry and anchor count.
+async fn watch_issuer(ca: Arc<FileCa>, interval: std::time::Duration, metrics: Metrics) {
+    use crate::identity::ca::CertificateAuthority as _;
+    let publish = |ca: &FileCa| {
+        let status = ca.status();
+        let expiry = status
+            .issuer_not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        metrics.identity_issuer_expiry.set(expiry);
+        metrics
+            .identity_trust_anchors
+            .set(i64::try_from(status.trust_anchors).unwrap_or(i64::MAX));
+    };
+    publish(&ca);
+    loop {
+        tokio::time::sleep(interval).await;
+        let reload_ca = ca.clone();
+        let outcome = tokio::task::spawn_blocking(move || reload_ca.reload_if_changed()).await;
+        let result = match outcome {
+            Ok(Reload::Unchanged) => continue,
+            Ok(Reload::Reloaded) => {
+                let status = ca.status();
+                tracing::info!(issuer = %status.issuer_subject, trust_anchors = status.trust_anchors, "identity issuer reloaded");
+                "ok"
+            }
+            Ok(Reload::Failed(e)) => {
+                tracing::warn!(error = %e, "identity issuer files changed but do not load; still signing with the previous issuer");
+                "failed"
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "identity issuer reload task failed");
+                "failed"
+            }
+        };
+        metrics
+            .identity_issuer_reloads
+            .get_or_create(&crate::metrics::ResultLabels { result })
+            .inc();
+        publish(&ca);
     }
 }
 

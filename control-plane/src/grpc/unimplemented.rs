@@ -5,8 +5,6 @@ use std::pin::Pin;
 
 use futures_util::Stream;
 use tonic::{Request, Response, Status};
-use weft_proto::identity::identity_server::Identity;
-use weft_proto::identity::{CertifyRequest, CertifyResponse};
 use weft_proto::policy::policy_server::Policy;
 use weft_proto::policy::{InboundServer, ServerPolicyRequest};
 
@@ -24,22 +22,6 @@ impl Policy for PolicyService {
     ) -> Result<Response<Self::ServerPolicyStream>, Status> {
         Err(Status::unimplemented(
             "weft-controller does not serve Policy.ServerPolicy yet; proxies apply their default inbound policy",
-        ))
-    }
-}
-
-/// `Identity.Certify`: not implemented yet.
-#[derive(Clone, Debug, Default)]
-pub struct IdentityService;
-
-#[tonic::async_trait]
-impl Identity for IdentityService {
-    async fn certify(
-        &self,
-        _req: Request<CertifyRequest>,
-    ) -> Result<Response<CertifyResponse>, Status> {
-        Err(Status::unimplemented(
-            "weft-controller does not issue certificates yet (Identity.Certify); run proxies without WEFT_PROXY_IDENTITY_ADDR",
         ))
     }
 }
