@@ -1,14 +1,16 @@
 //! The shipped ClusterRole grants exactly what the Kubernetes source
-//! watches, and only read verbs.
+//! watches (read verbs only) plus `create` on tokenreviews for the
+//! identity service, nothing more.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
 
 use serde_yaml_ng::Value;
+use weft_controller::identity::token::TOKEN_REVIEW_RBAC;
 use weft_controller::source::kube::WATCHED_RESOURCES;
 
 #[test]
-fn cluster_role_is_read_only_and_covers_the_watched_resources() {
+fn cluster_role_grants_exactly_watch_and_token_review() {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../charts/weft/templates/controller-rbac.yaml"
@@ -30,6 +32,7 @@ fn cluster_role_is_read_only_and_covers_the_watched_resources() {
         ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"]
     );
     let mut granted = BTreeSet::new();
+    let mut token_review = false;
     for rule in docs[1]["rules"].as_sequence().unwrap() {
         let verbs: BTreeSet<&str> = rule["verbs"]
             .as_sequence()
@@ -37,20 +40,41 @@ fn cluster_role_is_read_only_and_covers_the_watched_resources() {
             .iter()
             .map(|v| v.as_str().unwrap())
             .collect();
+        let pairs: Vec<(String, String)> = rule["apiGroups"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .flat_map(|g| {
+                rule["resources"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(move |r| {
+                        (
+                            g.as_str().unwrap().to_string(),
+                            r.as_str().unwrap().to_string(),
+                        )
+                    })
+            })
+            .collect();
+        let (tr_group, tr_resource, tr_verb) = TOKEN_REVIEW_RBAC;
+        if verbs == BTreeSet::from([tr_verb]) {
+            assert_eq!(
+                pairs,
+                [(tr_group.to_string(), tr_resource.to_string())],
+                "{path}: only tokenreviews may be created: {rule:?}"
+            );
+            token_review = true;
+            continue;
+        }
         assert_eq!(
             verbs,
             BTreeSet::from(["get", "list", "watch"]),
             "{path}: {rule:?}"
         );
-        for group in rule["apiGroups"].as_sequence().unwrap() {
-            for resource in rule["resources"].as_sequence().unwrap() {
-                granted.insert((
-                    group.as_str().unwrap().to_string(),
-                    resource.as_str().unwrap().to_string(),
-                ));
-            }
-        }
+        granted.extend(pairs);
     }
+    assert!(token_review, "{path} must allow creating tokenreviews");
     let watched: BTreeSet<(String, String)> = WATCHED_RESOURCES
         .iter()
         .map(|(g, r)| (g.to_string(), r.to_string()))

@@ -172,9 +172,57 @@ pub enum Created {
     Existing,
 }
 
-/// Creates the dev CA in `dir` unless it exists. Idempotent.
+/// Creates the dev CA in `dir` unless it exists. Idempotent, and safe
+/// when several processes call it at once (a controller starting with
+/// `--dev-ca` and `weft-controller token --dev-ca`): creation happens under
+/// an exclusive `DIR/.lock` file.
 pub fn ensure(dir: &Path) -> Result<Created, DevCaError> {
+    let all = [TRUST_ANCHORS, ISSUER_CERT, ISSUER_KEY, TOKEN_KEY];
+    if all.iter().all(|f| dir.join(f).exists()) {
+        return Ok(Created::Existing);
+    }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let _lock = Lock::acquire(&dir.join(".lock"))?;
+    create_missing(dir)
+}
+
+/// An exclusive lock file, removed on drop.
+struct Lock(PathBuf);
+
+impl Lock {
+    fn acquire(path: &Path) -> Result<Self, DevCaError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+            {
+                Ok(_) => return Ok(Lock(path.to_path_buf())),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    if std::time::Instant::now() > deadline {
+                        return Err(DevCaError::Io {
+                            path: path.to_path_buf(),
+                            source: std::io::Error::other(
+                                "held for over 10 s; if no weft-controller is creating the dev CA, remove it",
+                            ),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(io(path)(e)),
+            }
+        }
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn create_missing(dir: &Path) -> Result<Created, DevCaError> {
     let ca_files = [TRUST_ANCHORS, ISSUER_CERT, ISSUER_KEY];
     let (present, missing): (Vec<&str>, Vec<&str>) =
         ca_files.iter().partition(|f| dir.join(f).exists());
@@ -217,6 +265,24 @@ mod tests {
     use crate::identity::ca::{Issuer, IssuerFiles};
 
     #[test]
+    fn concurrent_callers_share_one_ca() {
+        let dir = std::env::temp_dir().join(format!("weft-devca-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let results: Vec<Created> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| ensure(&dir).expect("ensure")))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("join"))
+                .collect()
+        });
+        assert_eq!(results.iter().filter(|c| **c == Created::New).count(), 1);
+        Issuer::load(&IssuerFiles::in_dir(&dir), SystemTime::now()).expect("load");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn creates_once_and_loads() {
         let dir = std::env::temp_dir().join(format!(
             "weft-devca-{}-{:?}",
@@ -252,6 +318,7 @@ mod tests {
         std::fs::remove_file(dir.join(ISSUER_KEY)).expect("rm");
         let err = ensure(&dir).expect_err("incomplete").to_string();
         assert!(err.contains("not issuer.key"), "{err}");
+        assert!(!dir.join(".lock").exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

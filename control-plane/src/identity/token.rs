@@ -26,6 +26,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{ServiceAccount, TOKEN_AUDIENCE};
 
+/// RBAC the TokenReview verifier needs: (API group, resource, verb),
+/// granted by `charts/weft/templates/controller-rbac.yaml` (checked by
+/// `tests/rbac.rs`).
+pub const TOKEN_REVIEW_RBAC: (&str, &str, &str) =
+    ("authentication.k8s.io", "tokenreviews", "create");
+
 /// How long a TokenReview may take before the call answers UNAVAILABLE.
 pub const TOKEN_REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
 

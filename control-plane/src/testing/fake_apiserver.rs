@@ -14,6 +14,15 @@
 //!   `Status` with code 410 (reason `Expired`), and the stream ends, which
 //!   makes kube-rs re-list.
 //!
+//! - `POST /apis/authentication.k8s.io/v1/tokenreviews` answers like the
+//!   real server for the tokens registered with
+//!   [`FakeApiServer::add_token`]: authenticated when the token's
+//!   audiences intersect `spec.audiences` (`status.audiences` is the
+//!   intersection), otherwise `authenticated: false` with the error the
+//!   real server gives. Unknown tokens are not authenticated.
+//!   [`FakeApiServer::fail_token_reviews`] makes it answer 403, as with
+//!   missing RBAC.
+//!
 //! Tests change state with [`FakeApiServer::apply`] / [`FakeApiServer::delete`],
 //! send bookmarks with [`FakeApiServer::bookmark`], and break every watch
 //! with [`FakeApiServer::expire_watches`], which can also change state
@@ -100,6 +109,10 @@ struct State {
     lists: HashMap<Resource, usize>,
     watches: HashMap<Resource, usize>,
     gone: HashMap<Resource, usize>,
+    /// token → (username, audiences)
+    tokens: HashMap<String, (String, Vec<String>)>,
+    token_reviews: usize,
+    fail_token_reviews: bool,
 }
 
 impl State {
@@ -213,8 +226,8 @@ impl FakeApiServer {
                 let state = shared.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let rsp = handle(&state, &req);
-                        async move { Ok::<_, Infallible>(rsp) }
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(route(&state, req).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
@@ -275,6 +288,28 @@ impl FakeApiServer {
         state.compacted = state.rv;
     }
 
+    /// Makes `token` authenticate as `username` (e.g.
+    /// `system:serviceaccount:ns:sa`) for `audiences`.
+    pub fn add_token(&self, token: &str, username: &str, audiences: &[&str]) {
+        self.lock().tokens.insert(
+            token.to_string(),
+            (
+                username.to_string(),
+                audiences.iter().map(|a| a.to_string()).collect(),
+            ),
+        );
+    }
+
+    /// TokenReviews answered so far.
+    pub fn token_reviews(&self) -> usize {
+        self.lock().token_reviews
+    }
+
+    /// While set, TokenReview creation is refused with 403 Forbidden.
+    pub fn fail_token_reviews(&self, fail: bool) {
+        self.lock().fail_token_reviews = fail;
+    }
+
     /// Number of list requests served for a resource.
     pub fn lists(&self, resource: Resource) -> usize {
         self.lock().lists.get(&resource).copied().unwrap_or(0)
@@ -312,6 +347,79 @@ fn json_response(status: StatusCode, body: Value) -> Response<BoxBody<Bytes, Inf
         http::HeaderValue::from_static("application/json"),
     );
     rsp
+}
+
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+async fn route(
+    state: &Mutex<State>,
+    req: Request<Incoming>,
+) -> Response<BoxBody<Bytes, Infallible>> {
+    if req.method() == http::Method::POST && req.uri().path() == TOKEN_REVIEWS {
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    json!({"kind": "Status", "status": "Failure", "message": e.to_string(), "code": 400}),
+                )
+            }
+        };
+        return token_review(state, &body);
+    }
+    handle(state, &req)
+}
+
+fn token_review(state: &Mutex<State>, body: &[u8]) -> Response<BoxBody<Bytes, Infallible>> {
+    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+    state.token_reviews += 1;
+    if state.fail_token_reviews {
+        return json_response(
+            StatusCode::FORBIDDEN,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                   "message": "tokenreviews.authentication.k8s.io is forbidden: User \"system:serviceaccount:weft:weft-controller\" cannot create resource \"tokenreviews\" in API group \"authentication.k8s.io\" at the cluster scope",
+                   "reason": "Forbidden", "code": 403}),
+        );
+    }
+    let Ok(review) = serde_json::from_slice::<Value>(body) else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"kind": "Status", "status": "Failure", "message": "body is not JSON", "code": 400}),
+        );
+    };
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let status = match state.tokens.get(token) {
+        None => {
+            json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"})
+        }
+        Some((user, auds)) => {
+            let both: Vec<&String> = if wanted.is_empty() {
+                auds.iter().collect()
+            } else {
+                auds.iter().filter(|a| wanted.contains(a)).collect()
+            };
+            if both.is_empty() {
+                json!({"authenticated": false,
+                       "error": format!("[invalid bearer token, token audiences {auds:?} is invalid for the target audiences {wanted:?}]")})
+            } else {
+                json!({"authenticated": true, "audiences": both,
+                       "user": {"username": user, "uid": "0000", "groups": ["system:serviceaccounts", "system:authenticated"]}})
+            }
+        }
+    };
+    let mut out = review;
+    out["apiVersion"] = json!("authentication.k8s.io/v1");
+    out["kind"] = json!("TokenReview");
+    out["status"] = status;
+    json_response(StatusCode::CREATED, out)
 }
 
 fn handle(state: &Mutex<State>, req: &Request<Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
