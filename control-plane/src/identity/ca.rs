@@ -45,8 +45,8 @@ pub struct IssuerFiles {
 }
 
 impl IssuerFiles {
-    /// The files of a directory laid out like the dev CA or a
-    /// `kubernetes.io/tls` Secret with `ca.crt`: see [`super::devca`].
+    /// The files of a directory laid out like the dev CA
+    /// (`issuer.crt`, `issuer.key`, `trust-anchors.pem`; see [`super::devca`]).
     pub fn in_dir(dir: &Path) -> Self {
         IssuerFiles {
             cert: dir.join(super::devca::ISSUER_CERT),
