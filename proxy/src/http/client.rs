@@ -278,7 +278,9 @@ impl Endpoint {
         }
         let io = self.connect().await?;
         let mut b = http2::Builder::new(TokioExecutor::new());
-        b.timer(TokioTimer::new()).adaptive_window(true);
+        b.timer(TokioTimer::new())
+            .initial_stream_window_size(super::H2_STREAM_WINDOW)
+            .initial_connection_window_size(super::H2_CONNECTION_WINDOW);
         let (send, conn) = b
             .handshake(io)
             .await
