@@ -29,6 +29,6 @@ stage "cargo build --release -p weft-proxy -p weft-bench"
 cargo build --release -p weft-proxy -p weft-bench
 
 stage "weft-bench run --quick (smoke)"
-"$target_dir/release/weft-bench" run --quick
+"$target_dir/release/weft-bench" run --quick --out-dir "$(mktemp -d)"
 
 stage "all tests passed"
