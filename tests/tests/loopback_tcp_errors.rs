@@ -155,6 +155,20 @@ async fn bad_http_input_gets_clear_errors_and_leaks_nothing() {
             let r = raw_exchange(outbound, big.as_bytes());
             assert!(r.starts_with("HTTP/1.1 431"), "{r}");
             assert!(r.contains("weft-proxy-error: header-too-large"));
+            // The same as the second request of a keep-alive connection: still the proxy's 431.
+            let two = format!(
+                "GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(70_000)
+            );
+            let r = raw_exchange(outbound, two.as_bytes());
+            assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+            let second = r
+                .find("HTTP/1.1 431")
+                .unwrap_or_else(|| panic!("no 431 in {r}"));
+            assert!(
+                r[second..].contains("weft-proxy-error: header-too-large"),
+                "{r}"
+            );
             // Malformed header line: 400.
             let r = raw_exchange(outbound, b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n");
             assert!(r.starts_with("HTTP/1.1 400"), "{r}");
@@ -215,15 +229,16 @@ async fn bad_http_input_gets_clear_errors_and_leaks_nothing() {
     })
     .unwrap();
     let m = proxy.metrics().unwrap();
-    for cause in [
-        "header-too-large",
-        "bad-request",
-        "bad-authority",
-        "header-timeout",
+    // Three rounds; header-too-large twice a round (first and keep-alive request).
+    for (cause, n) in [
+        ("header-too-large", 6.0),
+        ("bad-request", 3.0),
+        ("bad-authority", 3.0),
+        ("header-timeout", 3.0),
     ] {
         assert_eq!(
             m.sum("weft_proxy_errors_total", &[("cause", cause)]),
-            3.0,
+            n,
             "{cause}"
         );
     }

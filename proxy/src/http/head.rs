@@ -8,8 +8,8 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
 
-/// Most headers accepted in one request (hyper is configured with the same bound).
-pub const MAX_HEADERS: usize = 128;
+/// Most headers accepted in one request: hyper's default, which it parses without allocating.
+pub const MAX_HEADERS: usize = 100;
 
 /// Why a request head was refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

@@ -112,9 +112,12 @@ where
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
-        .pipeline_flush(true)
-        .max_headers(head::MAX_HEADERS);
+        // Four times the head limit: a later request on a keep-alive connection whose head is
+        // over the limit but within this buffer reaches `proxy()`, which answers 431 with
+        // `weft-proxy-error`; only heads beyond it get hyper's own bare 431. hyper's default
+        // header count (100, parsed on the stack) is `head::MAX_HEADERS`.
+        .max_buf_size(limits.max_header_bytes.max(16 * 1024) * 4 + 8192)
+        .pipeline_flush(true);
     let conn = b.serve_connection(TokioIo::new(io), svc).with_upgrades();
     tokio::pin!(conn);
     let res = tokio::select! {
