@@ -5,17 +5,14 @@
 //! The manifests stay in the log directory after the demo; while it runs, editing them
 //! changes where the client proxy sends traffic (the controller reloads within a second).
 
-use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use http::StatusCode;
-use tokio::process::{Child, Command};
-use tokio::time::Instant;
+use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
+use super::child::DemoChild;
 use super::proxy::AdminClient;
 use super::DemoError;
 
@@ -61,8 +58,7 @@ pub struct ControllerAddrs {
 pub struct ControllerProcess {
     pub addrs: ControllerAddrs,
     pub manifests: PathBuf,
-    pub log_path: PathBuf,
-    child: Child,
+    pub child: DemoChild,
 }
 
 impl ControllerProcess {
@@ -81,15 +77,6 @@ impl ControllerProcess {
                 path: manifests.clone(),
                 source,
             })?;
-        let log_path = log_dir.join("controller.log");
-        let log = File::create(&log_path).map_err(|source| DemoError::LogFile {
-            path: log_path.clone(),
-            source,
-        })?;
-        let log_err = log.try_clone().map_err(|source| DemoError::LogFile {
-            path: log_path.clone(),
-            source,
-        })?;
         let mut cmd = Command::new(bin);
         cmd.arg("--source")
             .arg(format!("dir:{}", manifests.display()))
@@ -99,99 +86,24 @@ impl ControllerProcess {
             .arg(addrs.identity.to_string())
             .arg("--admin-addr")
             .arg(addrs.admin.to_string())
-            .env("WEFT_CONTROLLER_LOG", log_filter)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log_err))
-            // Own process group: Ctrl-C reaches only `weft demo`, which stops it in order.
-            .process_group(0)
-            .kill_on_drop(true);
-        #[cfg(target_os = "linux")]
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
-        // which is async-signal-safe, allocating nothing.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-        let child = cmd.spawn().map_err(|source| DemoError::Spawn {
-            bin: bin.to_path_buf(),
-            source,
-        })?;
+            .env("WEFT_CONTROLLER_LOG", log_filter);
+        let child = DemoChild::spawn("controller", bin, cmd, log_dir.join("controller.log"))?;
         Ok(Self {
             addrs,
             manifests,
-            log_path,
             child,
         })
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-
-    /// Resolves when the child exits.
-    pub async fn exited(&mut self) -> std::io::Result<ExitStatus> {
-        self.child.wait().await
-    }
-
-    /// Polls `GET /ready` on the admin port until 200, exit, `stop` or `timeout`.
+    /// Polls the controller's `/ready` until 200, exit, `stop` or `timeout`.
     pub async fn wait_ready(
         &mut self,
         admin: &AdminClient,
         timeout: Duration,
         stop: &CancellationToken,
     ) -> Result<(), DemoError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(DemoError::ControllerExited {
-                    status,
-                    log: self.log_path.clone(),
-                });
-            }
-            let last = match admin.get(self.addrs.admin, "/ready").await {
-                Ok((StatusCode::OK, _)) => return Ok(()),
-                Ok((status, _)) => format!("answered {status}"),
-                Err(e) => e,
-            };
-            if Instant::now() >= deadline {
-                return Err(DemoError::ControllerNotReady {
-                    admin: self.addrs.admin,
-                    timeout,
-                    last,
-                    log: self.log_path.clone(),
-                });
-            }
-            tokio::select! {
-                () = stop.cancelled() => return Err(DemoError::Interrupted),
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-        }
-    }
-
-    /// SIGTERM, then SIGKILL after `grace`; how it ended, for the summary.
-    pub async fn terminate(&mut self, grace: Duration) -> String {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return format!("had already exited ({status})");
-        }
-        if let Some(pid) = self.child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
-            // SAFETY: kill(2) on our own child, not yet reaped.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(Ok(status)) if status.success() => "exited cleanly after SIGTERM".into(),
-            Ok(Ok(status)) => format!("exited after SIGTERM with {status}"),
-            Ok(Err(e)) => format!("could not be waited for: {e}"),
-            Err(_) => {
-                let _ = self.child.kill().await;
-                format!("did not exit within {grace:?} of SIGTERM and was killed")
-            }
-        }
+        let addr = self.addrs.admin;
+        self.child.wait_ready(admin, addr, timeout, stop).await
     }
 }
 

@@ -26,6 +26,7 @@
 //! scraping the mesh would see.
 
 pub mod apps;
+pub mod child;
 pub mod controller;
 pub mod proxy;
 pub mod table;
@@ -85,18 +86,6 @@ pub enum DemoError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the controller exited unexpectedly ({status}); its log is {log}")]
-    ControllerExited { status: ExitStatus, log: PathBuf },
-    #[error(
-        "the controller did not answer 200 on http://{admin}/ready within {timeout:?} \
-         (last: {last}); its log is {log}"
-    )]
-    ControllerNotReady {
-        admin: SocketAddr,
-        timeout: Duration,
-        last: String,
-        log: PathBuf,
-    },
     #[error("could not start {bin}: {source}")]
     Spawn {
         bin: PathBuf,
@@ -119,19 +108,19 @@ pub enum DemoError {
     #[error("could not install the SIGTERM handler: {0}")]
     Signal(std::io::Error),
     #[error(
-        "the {name} proxy did not answer 200 on http://{admin}/ready within {timeout:?} \
+        "the {what} did not answer 200 on http://{admin}/ready within {timeout:?} \
          (last: {last}); its log is {log}"
     )]
     NotReady {
-        name: &'static str,
+        what: String,
         admin: SocketAddr,
         timeout: Duration,
         last: String,
         log: PathBuf,
     },
-    #[error("the {name} proxy exited unexpectedly ({status}); its log is {log}")]
-    ProxyExited {
-        name: &'static str,
+    #[error("the {what} exited unexpectedly ({status}); its log is {log}")]
+    Exited {
+        what: String,
         status: ExitStatus,
         log: PathBuf,
     },
@@ -321,7 +310,7 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
         let how = p.terminate(config.shutdown_grace).await;
         endings.push(format!("{} proxy {how}", p.spec.name));
     }
-    let how = controller.terminate(config.shutdown_grace).await;
+    let how = controller.child.terminate(config.shutdown_grace).await;
     endings.push(format!("controller {how}"));
     shutdown_apps.cancel();
     let _ = books_task.await;
@@ -383,6 +372,7 @@ fn print_banner(
     text.push_str(&format!(
         "  controller    pid {:<7} destination {}  manifests {}\n",
         controller
+            .child
             .pid()
             .map_or_else(|| "?".into(), |p| p.to_string()),
         controller.addrs.destination,

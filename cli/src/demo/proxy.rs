@@ -2,10 +2,9 @@
 //! proxy's environment contract), started, watched, scraped and stopped.
 
 use std::ffi::OsString;
-use std::fs::File;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,10 +13,10 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::process::{Child, Command};
-use tokio::time::Instant;
+use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
+use super::child::DemoChild;
 use super::DemoError;
 use crate::promtext::{self, Sample};
 
@@ -99,152 +98,47 @@ pub fn free_loopback_ports(n: usize) -> std::io::Result<Vec<SocketAddr>> {
 #[derive(Debug)]
 pub struct ProxyProcess {
     pub spec: ProxySpec,
-    pub log_path: PathBuf,
-    child: Child,
+    pub child: DemoChild,
 }
 
 impl ProxyProcess {
-    /// Start `bin` with the spec's environment, stdout and stderr appended
-    /// to `<log_dir>/<name>-proxy.log`.
-    ///
-    /// The child gets its own process group so that a Ctrl-C in the terminal
-    /// reaches only `weft demo`, which then stops the proxies in order
-    /// (traffic first, then SIGTERM) instead of all at once.
+    /// Start `bin` with the spec's environment, output in `<log_dir>/<name>-proxy.log`
+    /// (see [`DemoChild`] for the process group and how it is stopped).
     pub fn spawn(bin: &Path, spec: ProxySpec, log_dir: &Path) -> Result<Self, DemoError> {
-        let log_path = log_dir.join(format!("{}-proxy.log", spec.name));
-        let log = File::create(&log_path).map_err(|source| DemoError::LogFile {
-            path: log_path.clone(),
-            source,
-        })?;
-        let log_err = log.try_clone().map_err(|source| DemoError::LogFile {
-            path: log_path.clone(),
-            source,
-        })?;
         let mut cmd = Command::new(bin);
-        cmd.envs(spec.env())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log_err))
-            .process_group(0)
-            // If weft demo itself fails on the way out, the proxies must not
-            // outlive it.
-            .kill_on_drop(true);
-        // kill_on_drop does not run when weft itself is killed or aborts
-        // (release builds abort on panic); have the kernel send SIGTERM then.
-        // The signal fires when the spawning *thread* exits: that is the
-        // thread driving `demo::run` (the runtime's `block_on` thread or a
-        // worker), which lives as long as the demo.
-        #[cfg(target_os = "linux")]
-        // SAFETY: the closure runs in the forked child before exec and only
-        // calls prctl(2), which is async-signal-safe, allocating nothing.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-        let child = cmd.spawn().map_err(|source| DemoError::Spawn {
-            bin: bin.to_path_buf(),
-            source,
-        })?;
-        tracing::debug!(name = spec.name, pid = ?child.id(), ?log_path, "proxy started");
-        Ok(Self {
-            spec,
-            log_path,
-            child,
-        })
+        cmd.envs(spec.env());
+        let log_path = log_dir.join(format!("{}-proxy.log", spec.name));
+        let child = DemoChild::spawn(format!("{} proxy", spec.name), bin, cmd, log_path)?;
+        Ok(Self { spec, child })
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        self.child.pid()
     }
 
     /// Resolves when the child exits (for watching it while the demo runs).
     pub async fn exited(&mut self) -> std::io::Result<ExitStatus> {
-        self.child.wait().await
+        self.child.exited().await
     }
 
-    /// Poll `GET /ready` until it answers 200, the child exits, `stop` fires
-    /// or `timeout` passes.
+    /// Polls the proxy's `/ready` until 200, exit, `stop` or `timeout`.
     pub async fn wait_ready(
         &mut self,
         admin: &AdminClient,
         timeout: Duration,
         stop: &CancellationToken,
     ) -> Result<(), DemoError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(self.exited_early(status));
-            }
-            let last = match admin.get(self.spec.addrs.admin, "/ready").await {
-                Ok((StatusCode::OK, _)) => return Ok(()),
-                Ok((status, _)) => format!("answered {status}"),
-                Err(e) => e,
-            };
-            if Instant::now() >= deadline {
-                return Err(DemoError::NotReady {
-                    name: self.spec.name,
-                    admin: self.spec.addrs.admin,
-                    timeout,
-                    last,
-                    log: self.log_path.clone(),
-                });
-            }
-            tokio::select! {
-                () = stop.cancelled() => return Err(DemoError::Interrupted),
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-        }
+        let addr = self.spec.addrs.admin;
+        self.child.wait_ready(admin, addr, timeout, stop).await
     }
 
     pub fn exited_early(&self, status: ExitStatus) -> DemoError {
-        DemoError::ProxyExited {
-            name: self.spec.name,
-            status,
-            log: self.log_path.clone(),
-        }
+        self.child.exited_early(status)
     }
 
-    /// Ask the proxy to stop with SIGTERM and wait for it; SIGKILL it if it
-    /// has not exited within `grace`. Returns how it ended, for the summary.
+    /// SIGTERM, then SIGKILL after `grace`; how it ended, for the summary.
     pub async fn terminate(&mut self, grace: Duration) -> String {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return format!("had already exited ({status})");
-        }
-        if let Some(pid) = self.child.id() {
-            sigterm(pid);
-        }
-        match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(Ok(status)) if status.success() => "exited cleanly after SIGTERM".into(),
-            Ok(Ok(status)) => format!("exited after SIGTERM with {status}"),
-            Ok(Err(e)) => format!("could not be waited for: {e}"),
-            Err(_) => {
-                tracing::warn!(
-                    name = self.spec.name,
-                    ?grace,
-                    "proxy ignored SIGTERM; killing it"
-                );
-                let _ = self.child.kill().await;
-                format!("did not exit within {grace:?} of SIGTERM and was killed")
-            }
-        }
-    }
-}
-
-fn sigterm(pid: u32) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    // SAFETY: kill(2) has no memory-safety preconditions. The pid is our own
-    // child, not yet reaped (tokio reaps only in wait/try_wait, which have
-    // just reported it running), so it cannot name another process.
-    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-    if rc != 0 {
-        tracing::warn!(pid, error = %std::io::Error::last_os_error(), "could not send SIGTERM");
+        self.child.terminate(grace).await
     }
 }
 
