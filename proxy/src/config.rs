@@ -32,6 +32,11 @@ pub mod env {
     pub const DISCOVERY_IDLE_TIMEOUT: &str = "WEFT_PROXY_DISCOVERY_IDLE_TIMEOUT";
     pub const DISCOVERY_BACKOFF_MAX: &str = "WEFT_PROXY_DISCOVERY_BACKOFF_MAX";
     pub const BALANCER_DECAY: &str = "WEFT_PROXY_BALANCER_DECAY";
+    pub const IDENTITY_ADDR: &str = "WEFT_PROXY_IDENTITY_ADDR";
+    pub const IDENTITY: &str = "WEFT_PROXY_IDENTITY";
+    pub const TRUST_DOMAIN: &str = "WEFT_PROXY_TRUST_DOMAIN";
+    pub const IDENTITY_TOKEN_FILE: &str = "WEFT_PROXY_IDENTITY_TOKEN_FILE";
+    pub const TRUST_ANCHORS: &str = "WEFT_PROXY_TRUST_ANCHORS";
 }
 
 /// Errors in the proxy's environment. Each names the variable, the value and what was expected.
@@ -65,6 +70,12 @@ pub enum ConfigError {
     },
     #[error("{var} is not valid UTF-8")]
     NotUnicode { var: &'static str },
+    #[error("{var} must be set when {because} is set ({why})")]
+    Missing {
+        var: &'static str,
+        because: &'static str,
+        why: &'static str,
+    },
 }
 
 /// How log lines are written.
@@ -105,6 +116,22 @@ pub struct Config {
     pub discovery: Option<DiscoveryConfig>,
     /// The workload this proxy serves (sent to the controller as the caller).
     pub workload: Workload,
+    /// Workload certificates from the controller's identity service; `None` when
+    /// `WEFT_PROXY_IDENTITY_ADDR` is unset (no identity, no mTLS).
+    pub identity: Option<IdentityConfig>,
+}
+
+/// How the proxy obtains its workload certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityConfig {
+    /// `host:port` of the controller's identity gRPC service.
+    pub addr: String,
+    /// `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`: what the certificate must name.
+    pub id: String,
+    /// Token presented to the identity service, re-read on every attempt (kubelet rotates it).
+    pub token_file: std::path::PathBuf,
+    /// PEM bundle of trust anchors the issued chain must verify against.
+    pub trust_anchors: std::path::PathBuf,
 }
 
 /// The pod a proxy serves, from the injector's environment.
@@ -169,6 +196,7 @@ impl Default for Config {
             log_format: LogFormat::Plain,
             discovery: None,
             workload: Workload::default(),
+            identity: None,
         }
     }
 }
@@ -304,7 +332,110 @@ impl Config {
             d.addr = v;
             c.discovery = Some(d);
         }
+        c.identity = parse_identity(&get, &c.workload)?;
         Ok(c)
+    }
+}
+
+/// The identity settings: all or nothing once `WEFT_PROXY_IDENTITY_ADDR` is set. Only the
+/// environment is checked here; the files are read by `identity::TrustAnchors::load` before
+/// any port is bound.
+fn parse_identity(
+    get: &impl Fn(&'static str) -> Result<Option<String>, ConfigError>,
+    workload: &Workload,
+) -> Result<Option<IdentityConfig>, ConfigError> {
+    let Some(addr) = get(env::IDENTITY_ADDR)? else {
+        return Ok(None);
+    };
+    if !is_host_port(&addr) || addr.ends_with(":0") {
+        return Err(ConfigError::HostPort {
+            var: env::IDENTITY_ADDR,
+            value: addr,
+        });
+    }
+    let id = match get(env::IDENTITY)? {
+        Some(id) => {
+            if !is_spiffe_id(&id) {
+                return Err(ConfigError::Invalid {
+                    var: env::IDENTITY,
+                    value: id,
+                    reason: "expected spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>",
+                });
+            }
+            id
+        }
+        None => {
+            let td = get(env::TRUST_DOMAIN)?.unwrap_or_else(|| "cluster.local".to_string());
+            if !is_dns_name(&td) {
+                return Err(ConfigError::Invalid {
+                    var: env::TRUST_DOMAIN,
+                    value: td,
+                    reason: "expected a DNS name such as cluster.local",
+                });
+            }
+            let why = "the identity is derived from namespace and service account unless WEFT_PROXY_IDENTITY is set";
+            for (var, value) in [
+                (env::NAMESPACE, &workload.namespace),
+                (env::SERVICE_ACCOUNT, &workload.service_account),
+            ] {
+                if value.is_empty() {
+                    return Err(ConfigError::Missing {
+                        var,
+                        because: env::IDENTITY_ADDR,
+                        why,
+                    });
+                }
+                if !is_dns_name(value) {
+                    return Err(ConfigError::Invalid {
+                        var,
+                        value: value.clone(),
+                        reason: "not a Kubernetes name (lowercase letters, digits, '-', '.')",
+                    });
+                }
+            }
+            format!(
+                "spiffe://{td}/ns/{}/sa/{}",
+                workload.namespace, workload.service_account
+            )
+        }
+    };
+    let file = |var| -> Result<std::path::PathBuf, ConfigError> {
+        get(var)?.map(Into::into).ok_or(ConfigError::Missing {
+            var,
+            because: env::IDENTITY_ADDR,
+            why: "the identity service needs a token and the proxy needs trust anchors",
+        })
+    };
+    Ok(Some(IdentityConfig {
+        addr,
+        id,
+        token_file: file(env::IDENTITY_TOKEN_FILE)?,
+        trust_anchors: file(env::TRUST_ANCHORS)?,
+    }))
+}
+
+/// Lowercase DNS name: labels of `[a-z0-9-]`, not starting or ending with `-`.
+fn is_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
+}
+
+/// `spiffe://<td>/ns/<ns>/sa/<sa>` with DNS-name parts (the controller checks it strictly).
+fn is_spiffe_id(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix("spiffe://") else {
+        return false;
+    };
+    match rest.split('/').collect::<Vec<_>>().as_slice() {
+        [td, "ns", ns, "sa", sa] => is_dns_name(td) && is_dns_name(ns) && is_dns_name(sa),
+        _ => false,
     }
 }
 
@@ -527,6 +658,87 @@ mod tests {
         assert_eq!(c.workload.service_account, "web");
         for ok in ["127.0.0.1:8086", "[::1]:8086", "ctl:1"] {
             assert!(parse(&[(env::DESTINATION_ADDR, ok)]).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn identity_is_off_unless_an_address_is_given() {
+        assert_eq!(parse(&[(env::TRUST_ANCHORS, "/x")]).unwrap().identity, None);
+        let base = [
+            (env::IDENTITY_ADDR, "weft-controller.weft.svc:8080"),
+            (env::IDENTITY_TOKEN_FILE, "/var/run/weft/token"),
+            (env::TRUST_ANCHORS, "/var/run/weft/ca.pem"),
+            (env::NAMESPACE, "books"),
+            (env::SERVICE_ACCOUNT, "web"),
+        ];
+        let i = parse(&base).unwrap().identity.unwrap();
+        assert_eq!(i.id, "spiffe://cluster.local/ns/books/sa/web");
+        assert_eq!(i.addr, "weft-controller.weft.svc:8080");
+        assert_eq!(
+            i.token_file,
+            std::path::PathBuf::from("/var/run/weft/token")
+        );
+        let mut v = base.to_vec();
+        v.push((env::TRUST_DOMAIN, "example.org"));
+        assert_eq!(
+            parse(&v).unwrap().identity.unwrap().id,
+            "spiffe://example.org/ns/books/sa/web"
+        );
+        v.push((env::IDENTITY, "spiffe://td/ns/a/sa/b"));
+        assert_eq!(
+            parse(&v).unwrap().identity.unwrap().id,
+            "spiffe://td/ns/a/sa/b"
+        );
+    }
+
+    #[test]
+    fn identity_errors_name_the_variable() {
+        let base = [
+            (env::IDENTITY_ADDR, "ctl:8080"),
+            (env::IDENTITY_TOKEN_FILE, "/t"),
+            (env::TRUST_ANCHORS, "/a"),
+            (env::NAMESPACE, "books"),
+            (env::SERVICE_ACCOUNT, "web"),
+        ];
+        let with = |var: &'static str, value: Option<&'static str>| {
+            let mut v: Vec<_> = base.iter().filter(|(k, _)| *k != var).copied().collect();
+            if let Some(value) = value {
+                v.push((var, value));
+            }
+            parse(&v).unwrap_err().to_string()
+        };
+        let cases = [
+            (
+                with(env::IDENTITY_ADDR, Some("ctl")),
+                "WEFT_PROXY_IDENTITY_ADDR=\"ctl\"",
+            ),
+            (
+                with(env::IDENTITY_TOKEN_FILE, None),
+                "WEFT_PROXY_IDENTITY_TOKEN_FILE must be set",
+            ),
+            (
+                with(env::TRUST_ANCHORS, None),
+                "WEFT_PROXY_TRUST_ANCHORS must be set",
+            ),
+            (
+                with(env::SERVICE_ACCOUNT, None),
+                "WEFT_PROXY_SERVICE_ACCOUNT must be set",
+            ),
+            (
+                with(env::NAMESPACE, Some("Books")),
+                "WEFT_PROXY_NAMESPACE=\"Books\"",
+            ),
+            (
+                with(env::TRUST_DOMAIN, Some("a_b")),
+                "WEFT_PROXY_TRUST_DOMAIN=\"a_b\"",
+            ),
+            (
+                with(env::IDENTITY, Some("spiffe://td/ns/a")),
+                "WEFT_PROXY_IDENTITY=\"spiffe://td/ns/a\"",
+            ),
+        ];
+        for (err, expect) in cases {
+            assert!(err.contains(expect), "{err} should contain {expect}");
         }
     }
 

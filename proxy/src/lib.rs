@@ -24,6 +24,7 @@ pub mod balance;
 pub mod config;
 pub mod discovery;
 pub mod http;
+pub mod identity;
 pub mod metrics;
 pub mod serve;
 pub mod tcp;
@@ -56,12 +57,16 @@ pub enum RunError {
     Signal(#[source] std::io::Error),
     #[error(transparent)]
     Discovery(#[from] discovery::DiscoveryError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
 }
 
 /// Bound listeners, before serving (so tests and embedders can learn ephemeral ports).
 #[derive(Debug)]
 pub struct Bound {
     config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    identity: Option<identity::Client>,
     outbound: TcpListener,
     inbound: TcpListener,
     admin: TcpListener,
@@ -81,9 +86,17 @@ async fn bind(var: &'static str, addr: SocketAddr) -> Result<TcpListener, RunErr
 }
 
 impl Bound {
-    /// Binds every listener; fails with the variable and address that could not be bound.
+    /// Checks the identity files (trust anchors, token) and creates the private key, then binds
+    /// every listener; fails with the variable and the file or address at fault.
     pub async fn bind(config: Config) -> Result<Self, RunError> {
+        let metrics = Metrics::new();
+        let identity = match &config.identity {
+            Some(c) => Some(identity::Client::new(c.clone(), metrics.identity.clone())?),
+            None => None,
+        };
         Ok(Self {
+            metrics,
+            identity,
             outbound: bind(env::OUTBOUND_ADDR, config.outbound.addr).await?,
             inbound: bind(env::INBOUND_ADDR, config.inbound.addr).await?,
             admin: bind(env::ADMIN_ADDR, config.admin_addr).await?,
@@ -111,11 +124,19 @@ impl Bound {
     ) -> Result<(), RunError> {
         let Bound {
             config,
+            metrics,
+            identity,
             outbound,
             inbound,
             admin,
         } = self;
-        let metrics = Metrics::new();
+        let identity_state = identity.as_ref().map(identity::Client::subscribe);
+        let identity_task = identity.map(|client| {
+            if let Some(c) = &config.identity {
+                tracing::info!(id = %c.id, addr = %c.addr, anchors = client.trust_anchors().len(), "identity enabled");
+            }
+            tokio::spawn(client.run())
+        });
         let clients = http::client::Clients::new(config.connect_timeout, config.pool_idle_timeout);
         let router = match &config.discovery {
             Some(d) => {
@@ -145,6 +166,7 @@ impl Bound {
             ready: false.into(),
             shutdown: shutdown.clone(),
             logs,
+            identity: identity_state,
         });
         let admin_task = tokio::spawn(admin::serve(admin, admin_state.clone()));
 
@@ -197,6 +219,9 @@ impl Bound {
             tracing::info!("drained");
         }
         admin_task.abort();
+        if let Some(t) = identity_task {
+            t.abort();
+        }
         Ok(())
     }
 }

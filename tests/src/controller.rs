@@ -100,21 +100,35 @@ pub struct Controller {
     dir: PathBuf,
     pub destination: SocketAddr,
     pub admin: SocketAddr,
-    identity: SocketAddr,
+    pub identity: SocketAddr,
+    /// Extra command-line arguments (e.g. `--dev-ca DIR`).
+    args: Vec<String>,
 }
 
 impl Controller {
     /// Starts `weft-controller --source dir:<dir>` on free loopback ports; waits for `/ready`.
     pub fn start(dir: &Path) -> Result<Self> {
-        let mut c = Self {
+        let mut c = Self::prepare(dir, &[])?;
+        c.spawn()?;
+        Ok(c)
+    }
+
+    /// Picks the ports but does not start the process yet ([`Controller::launch`] does), so
+    /// proxies can be pointed at a controller that is not up.
+    pub fn prepare(dir: &Path, args: &[&str]) -> Result<Self> {
+        Ok(Self {
             child: None,
             dir: dir.to_path_buf(),
             destination: free_addr()?,
             admin: free_addr()?,
             identity: free_addr()?,
-        };
-        c.spawn()?;
-        Ok(c)
+            args: args.iter().map(|a| a.to_string()).collect(),
+        })
+    }
+
+    /// Starts a prepared controller and waits for `/ready`.
+    pub fn launch(&mut self) -> Result<()> {
+        self.spawn()
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -127,6 +141,7 @@ impl Controller {
             .arg(self.identity.to_string())
             .arg("--admin-addr")
             .arg(self.admin.to_string())
+            .args(&self.args)
             .env(
                 "WEFT_CONTROLLER_LOG",
                 std::env::var("WEFT_TEST_CONTROLLER_LOG").unwrap_or_else(|_| "warn".into()),
@@ -178,6 +193,23 @@ impl Controller {
             self.destination.to_string(),
         )
     }
+}
+
+/// `weft-controller token --dev-ca DIR --namespace NS --service-account SA --out FILE`.
+pub fn mint_token(dev_ca: &Path, ns: &str, sa: &str, out: &Path) -> Result<()> {
+    let status = Command::new(bin("weft-controller")?)
+        .arg("token")
+        .arg("--dev-ca")
+        .arg(dev_ca)
+        .args(["--namespace", ns, "--service-account", sa, "--out"])
+        .arg(out)
+        .stdin(Stdio::null())
+        .status()
+        .context("running weft-controller token")?;
+    if !status.success() {
+        bail!("weft-controller token failed: {status}");
+    }
+    Ok(())
 }
 
 impl Drop for Controller {

@@ -71,6 +71,13 @@ pub struct ProxyOpts {
 impl Proxy {
     /// Starts a proxy on free loopback ports and waits until `/ready` answers 200.
     pub fn start(opts: ProxyOpts) -> Result<Self> {
+        let mut p = Self::spawn(opts)?;
+        p.wait_ready(Duration::from_secs(10))?;
+        Ok(p)
+    }
+
+    /// Starts a proxy on free loopback ports without waiting for readiness.
+    pub fn spawn(opts: ProxyOpts) -> Result<Self> {
         let outbound = free_addr()?;
         let inbound = free_addr()?;
         let admin = free_addr()?;
@@ -93,21 +100,20 @@ impl Proxy {
             cmd.env(k, v);
         }
         let child = cmd.spawn().context("spawning weft-proxy")?;
-        let mut p = Proxy {
+        Ok(Proxy {
             child,
             outbound,
             inbound,
             admin,
-        };
-        p.wait_ready(Duration::from_secs(10))?;
-        Ok(p)
+        })
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+    /// Polls `/ready` until 200; fails when the process exits or the deadline passes.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {

@@ -28,6 +28,9 @@ pub struct Admin {
     pub ready: AtomicBool,
     pub shutdown: CancellationToken,
     pub logs: LogHandle,
+    /// The identity client's state when identity is configured: not ready without a valid
+    /// certificate.
+    pub identity: Option<tokio::sync::watch::Receiver<crate::identity::CertState>>,
 }
 
 type Body = Full<Bytes>;
@@ -78,13 +81,22 @@ impl Admin {
             (&Method::GET, "/ready") => {
                 if self.shutdown.is_cancelled() {
                     text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-                } else if self.ready.load(Ordering::Acquire) {
-                    text(StatusCode::OK, "ready\n")
-                } else {
+                } else if !self.ready.load(Ordering::Acquire) {
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "not ready: listeners not bound\n",
                     )
+                } else if let Some(Err(why)) = self
+                    .identity
+                    .as_ref()
+                    .map(|rx| rx.borrow().readiness(std::time::SystemTime::now()))
+                {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {why}\n"),
+                    )
+                } else {
+                    text(StatusCode::OK, "ready\n")
                 }
             }
             (&Method::POST, "/shutdown") if local_peer => {

@@ -150,6 +150,35 @@ pub struct DiscoveryMetrics {
     pub routes: Family<RouteLabels, Counter>,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// The identity client: certificate expiry, Certify outcomes, readiness.
+#[derive(Clone, Debug, Default)]
+pub struct IdentityMetrics {
+    /// notAfter of the held certificate, Unix seconds (0 before the first one).
+    pub expiry: Gauge,
+    pub certify: Family<ResultLabels, Counter>,
+    /// 1 while a valid certificate is held.
+    pub ready: Gauge,
+}
+
+impl IdentityMetrics {
+    pub fn ok(&self) {
+        self.certify
+            .get_or_create(&ResultLabels { result: "ok" })
+            .inc();
+    }
+    pub fn error(&self) {
+        self.certify
+            .get_or_create(&ResultLabels { result: "error" })
+            .inc();
+    }
+}
+
 /// Series of one (direction, authority): the request counter, and response counters and
 /// latency histograms created on first use.
 pub struct AuthorityMetrics {
@@ -269,6 +298,7 @@ pub struct Metrics {
     pub detect: Family<DetectLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
     pub discovery: DiscoveryMetrics,
+    pub identity: IdentityMetrics,
     /// Per-direction handles of admitted authorities; see [`Metrics::authority`].
     authorities: Mutex<[HashMap<Arc<str>, Arc<AuthorityMetrics>>; 2]>,
     overflow: [OnceLock<Arc<AuthorityMetrics>>; 2],
@@ -376,6 +406,22 @@ impl Metrics {
             "Outbound HTTP requests and TCP connections by route: balanced, passthrough, no-endpoints",
             discovery.routes.clone(),
         );
+        let identity = IdentityMetrics::default();
+        registry.register(
+            "weft_identity_cert_expiry_timestamp_seconds",
+            "Expiry (notAfter) of the proxy's workload certificate, Unix seconds; 0 before the first",
+            identity.expiry.clone(),
+        );
+        registry.register(
+            "weft_identity_certify",
+            "Certify requests to the identity service by result: ok, error",
+            identity.certify.clone(),
+        );
+        registry.register(
+            "weft_identity_ready",
+            "1 while the proxy holds a valid workload certificate (identity configured), else 0",
+            identity.ready.clone(),
+        );
         registry.register_collector(Box::new(process::ProcessCollector::new()));
         Arc::new(Self {
             registry,
@@ -389,6 +435,7 @@ impl Metrics {
             detect,
             errors,
             discovery,
+            identity,
             authorities: Mutex::new([HashMap::new(), HashMap::new()]),
             overflow: [OnceLock::new(), OnceLock::new()],
         })
