@@ -10,14 +10,17 @@
 //! The tree follows the request path: [`transport`] (listening, original destination, detection),
 //! [`http`] and [`tcp`] (the two ways a connection is forwarded), [`discovery`] (the
 //! controller's `Destination.Resolve` client) and [`balance`] (per-request p2c over peak-EWMA
-//! for HTTP, per-connection for TCP), [`metrics`], [`admin`], [`config`]. [`Bound::serve`]
+//! for HTTP, per-connection for TCP), [`identity`] (the controller's `Identity.Certify` client:
+//! the workload certificate, renewed, held in a watch for the TLS stacks), [`metrics`],
+//! [`admin`], [`config`]. [`Bound::serve`]
 //! wires them together; `main.rs` only parses config and builds the runtime.
 //!
 //! With no control plane configured the proxy is a transparent proxy: every connection goes to
 //! its original destination. With `WEFT_PROXY_DESTINATION_ADDR` set, outbound HTTP is routed
 //! by authority and outbound opaque TCP by original destination to the endpoints the
-//! controller names; unknown targets still go to their original destination. mTLS and policy
-//! arrive with later issues (see DESIGN.md).
+//! controller names; unknown targets still go to their original destination. With
+//! `WEFT_PROXY_IDENTITY_ADDR` set, the proxy obtains a workload certificate and is not ready
+//! without a valid one; mTLS on the data path and policy arrive with later slices (DESIGN.md).
 
 pub mod admin;
 pub mod balance;

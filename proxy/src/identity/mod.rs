@@ -145,12 +145,10 @@ impl Client {
     /// connected channel. Must run inside a tokio runtime.
     pub fn new(config: IdentityConfig, metrics: IdentityMetrics) -> Result<Self, IdentityError> {
         let anchors = TrustAnchors::load(&config.trust_anchors)?;
-        std::fs::metadata(&config.token_file)
-            .and_then(|_| std::fs::File::open(&config.token_file))
-            .map_err(|source| IdentityError::Token {
-                path: config.token_file.clone(),
-                source,
-            })?;
+        std::fs::File::open(&config.token_file).map_err(|source| IdentityError::Token {
+            path: config.token_file.clone(),
+            source,
+        })?;
         let key_err = |reason: String| IdentityError::Key {
             id: config.id.clone(),
             reason,
