@@ -9,9 +9,9 @@
 //!
 //! The current state is published in a [`watch`] channel ([`CertState`]): the TLS stacks read
 //! the [`CertifiedKey`] from it, `/ready` reads why it is not ready. Renewal happens at 70 % of
-//! the lifetime; failures retry with jittered exponential backoff (1 s to 60 s) while the held
-//! certificate keeps serving; once it expires the state turns [`CertState::Expired`] and the
-//! proxy fails closed until a renewal succeeds.
+//! the validity left when the certificate arrived; failures retry with jittered exponential
+//! backoff (1 s to 60 s) while the held certificate keeps serving; once it expires the state
+//! turns [`CertState::Expired`] and the proxy fails closed until a renewal succeeds.
 
 pub mod timing;
 pub mod verify;
@@ -223,8 +223,7 @@ impl Client {
                     tracing::info!(id = %cert.id, expires = %rfc3339(cert.not_after), "certificate obtained");
                     self.tx.send_replace(CertState::Ready(cert.clone()));
                     backoff.reset();
-                    let delay =
-                        timing::renew_delay(SystemTime::now(), cert.not_before, cert.not_after);
+                    let delay = timing::renew_delay(SystemTime::now(), cert.not_after);
                     held = Some(cert);
                     tokio::time::sleep(delay).await;
                 }

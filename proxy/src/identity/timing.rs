@@ -10,19 +10,16 @@ pub const RENEW_FRACTION: f64 = 0.7;
 pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
-/// The instant at which a certificate valid over `[not_before, not_after]` is renewed.
-pub fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
-    let lifetime = not_after
-        .duration_since(not_before)
-        .unwrap_or(Duration::ZERO);
-    not_before + lifetime.mul_f64(RENEW_FRACTION)
-}
-
-/// How long to wait from `now` before renewing; zero when the renewal time has passed.
-pub fn renew_delay(now: SystemTime, not_before: SystemTime, not_after: SystemTime) -> Duration {
-    renew_at(not_before, not_after)
+/// How long to wait from `now` (when the certificate arrived) before renewing: 70 % of the
+/// validity left. Measured from receipt rather than notBefore, which the controller backdates
+/// for clock skew (with a short `--cert-lifetime` the backdated 70 % point is already past);
+/// never less than [`BACKOFF_MIN`], so a leaf capped by an expiring issuer cannot spin.
+pub fn renew_delay(now: SystemTime, not_after: SystemTime) -> Duration {
+    not_after
         .duration_since(now)
         .unwrap_or(Duration::ZERO)
+        .mul_f64(RENEW_FRACTION)
+        .max(BACKOFF_MIN)
 }
 
 /// After a failed attempt: wait the backoff, but while a certificate is held wake no later than
@@ -44,23 +41,18 @@ mod tests {
     }
 
     #[test]
-    fn renews_at_seventy_percent_of_the_lifetime() {
+    fn renews_at_seventy_percent_of_the_validity_left() {
         let day = 24 * 3600;
-        // The controller backdates notBefore by a minute for clock skew.
-        let (nb, na) = (t(1_000_000 - 60), t(1_000_000 + day));
-        let at = renew_at(nb, na);
-        assert_eq!(at, nb + Duration::from_secs_f64((day + 60) as f64 * 0.7));
-        assert_eq!(
-            renew_delay(t(1_000_000), nb, na),
-            at.duration_since(t(1_000_000)).unwrap()
-        );
+        let now = t(1_000_000);
+        let d = renew_delay(now, t(1_000_000 + day));
+        assert_eq!(d, Duration::from_secs_f64(day as f64 * 0.7));
         // About 16.8 h after issuance.
-        let h = renew_delay(t(1_000_000), nb, na).as_secs_f64() / 3600.0;
-        assert!((16.7..16.9).contains(&h), "{h}");
-        // Past the renewal time (e.g. the proxy was suspended): renew now.
-        assert_eq!(renew_delay(t(1_000_000 + day), nb, na), Duration::ZERO);
-        // A certificate whose validity runs backwards renews at once.
-        assert_eq!(renew_at(na, nb), na);
+        assert!((16.7..16.9).contains(&(d.as_secs_f64() / 3600.0)), "{d:?}");
+        // The shortest lifetime the controller allows (60 s) renews after 42 s.
+        assert_eq!(renew_delay(now, t(1_000_060)), Duration::from_secs(42));
+        // Nearly or already expired (a suspended proxy, a capped leaf): soon, never a spin.
+        assert_eq!(renew_delay(now, t(1_000_001)), BACKOFF_MIN);
+        assert_eq!(renew_delay(now, t(999_000)), BACKOFF_MIN);
     }
 
     #[test]
