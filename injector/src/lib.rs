@@ -18,4 +18,5 @@ pub mod init;
 pub mod manifest;
 pub mod patch;
 pub mod ports;
+pub mod telemetry;
 pub mod webhook;

@@ -52,13 +52,10 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(e) = weft_injector::telemetry::init(&args.log) {
+        eprintln!("{}: {e}", env!("CARGO_BIN_NAME"));
+        return ExitCode::from(2);
+    }
     let cfg = InitConfig {
         proxy_uid: args.proxy_uid,
         inbound_port: args.inbound_port,
