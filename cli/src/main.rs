@@ -78,8 +78,17 @@ fn main() -> ExitCode {
     } else {
         cli.log.as_str()
     };
+    let env_filter = match EnvFilter::try_new(filter) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!(
+                "weft: invalid --log / WEFT_LOG filter {filter:?} (expected tracing's EnvFilter syntax, e.g. warn,weft=info): {e}"
+            );
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("warn")))
+        .with_env_filter(env_filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
