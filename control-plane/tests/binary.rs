@@ -2,19 +2,16 @@
 //! port is bound, and a real run in directory mode.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_weft-controller");
+use common::free_port;
 
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
+const BIN: &str = env!("CARGO_BIN_EXE_weft-controller");
 
 #[test]
 fn bad_source_is_rejected_naming_the_value() {

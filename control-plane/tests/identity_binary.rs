@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,14 +13,9 @@ use weft_controller::identity::devca;
 use weft_controller::identity::token::LocalTokens;
 use weft_controller::identity::ServiceAccount;
 
-const BIN: &str = env!("CARGO_BIN_EXE_weft-controller");
+use common::free_port;
 
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
+const BIN: &str = env!("CARGO_BIN_EXE_weft-controller");
 
 #[test]
 fn dev_ca_and_token_subcommands() {

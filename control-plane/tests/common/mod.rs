@@ -7,6 +7,14 @@ use std::time::{Duration, Instant};
 use weft_controller::index::{Index, Resolution, ResolveConfig};
 use weft_controller::model::names::parse_target;
 
+/// A loopback address with a port that was free a moment ago.
+pub fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 /// Polls `check` until it is true or `within` passes; panics with `what`.
 pub async fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
