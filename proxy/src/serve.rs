@@ -183,14 +183,6 @@ async fn serve_http(
     }
 }
 
-/// Connects to `target`, with a timeout.
-async fn connect(s: &ConnShared, target: SocketAddr) -> std::io::Result<TcpStream> {
-    match tokio::time::timeout(s.config.connect_timeout, TcpStream::connect(target)).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-    }
-}
-
 /// What an opaque connection is sent to.
 enum TcpRoute {
     /// The original destination.
@@ -208,11 +200,7 @@ async fn route_tcp(s: &ConnShared, router: &Router, target: SocketAddr) -> TcpRo
     let Some(b) = router.balancer(&target.to_string(), balance::Protocol::Tcp) else {
         return TcpRoute::Forward;
     };
-    let mut pick = b.pick(None);
-    if let Pick::Pending = pick {
-        b.ready().await;
-        pick = b.pick(None);
-    }
+    let mut pick = b.pick_ready().await;
     let mut exclude = None;
     for _ in 0..2 {
         let f = match pick {
@@ -226,7 +214,7 @@ async fn route_tcp(s: &ConnShared, router: &Router, target: SocketAddr) -> TcpRo
             Pick::Forward => return TcpRoute::Forward,
         };
         let addr = f.member().addr;
-        match connect(s, addr).await {
+        match tcp::connect(addr, s.config.connect_timeout).await {
             Ok(stream) => return TcpRoute::Balanced(stream, f),
             Err(e) => {
                 tracing::info!(target = b.target(), endpoint = %addr, error = %e, "tcp connect to endpoint failed");
@@ -259,20 +247,12 @@ async fn forward_tcp(s: &ConnShared, client: TcpStream, prefix: Bytes, target: S
             }
         }
     }
-    let server = match tokio::time::timeout(s.config.connect_timeout, TcpStream::connect(target))
-        .await
-    {
-        Ok(Ok(server)) => server,
-        Ok(Err(e)) => {
+    let server = match tcp::connect(target, s.config.connect_timeout).await {
+        Ok(server) => server,
+        Err(e) => {
             let cause = Cause::of_connect(&e);
             s.metrics.error(s.direction, cause.as_str());
             tracing::info!(%target, cause = cause.as_str(), error = %e, "tcp connect failed; resetting client");
-            tcp::reset(&client);
-            return;
-        }
-        Err(_) => {
-            s.metrics.error(s.direction, Cause::ConnectTimeout.as_str());
-            tracing::info!(%target, "tcp connect timed out; resetting client");
             tcp::reset(&client);
             return;
         }
@@ -280,8 +260,9 @@ async fn forward_tcp(s: &ConnShared, client: TcpStream, prefix: Bytes, target: S
     relay(s, client, prefix, server).await;
 }
 
+/// Relays bytes between `client` and `server` (connected by [`tcp::connect`], so already
+/// TCP_NODELAY).
 async fn relay(s: &ConnShared, client: TcpStream, prefix: Bytes, server: TcpStream) {
-    let _ = server.set_nodelay(true);
     let counters = ByteCounters {
         read: s.tcp.read.clone(),
         write: s.tcp.write.clone(),

@@ -271,6 +271,19 @@ impl Balancer {
         pick
     }
 
+    /// [`Balancer::pick`], first waiting (up to the discovery timeout) for a new target's first
+    /// answer. Still [`Pick::Pending`] after that: the caller forwards to the original
+    /// destination and counts it with [`Balancer::passthrough`].
+    pub async fn pick_ready(&self) -> Pick {
+        match self.pick(None) {
+            Pick::Pending => {
+                self.ready().await;
+                self.pick(None)
+            }
+            pick => pick,
+        }
+    }
+
     /// Counts a request or connection sent to its original destination because the target
     /// was still pending after the discovery timeout.
     pub fn passthrough(&self) {

@@ -341,12 +341,9 @@ impl Endpoint {
 
     async fn connect(&self) -> Result<TokioIo<TcpStream>, ConnectError> {
         let addr = self.addr;
-        let err = |source| ConnectError { addr, source };
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+        let stream = crate::tcp::connect(addr, self.connect_timeout)
             .await
-            .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
-            .map_err(err)?;
-        stream.set_nodelay(true).map_err(err)?;
+            .map_err(|source| ConnectError { addr, source })?;
         Ok(TokioIo::new(stream))
     }
 }

@@ -328,12 +328,7 @@ impl ConnCtx {
         let Some(b) = route else {
             return self.forward(req).await;
         };
-        let mut pick = b.pick(None);
-        if let Pick::Pending = pick {
-            b.ready().await;
-            pick = b.pick(None);
-        }
-        let first = match pick {
+        let first = match b.pick_ready().await {
             Pick::Endpoint(f) => f,
             Pick::NoEndpoints => return Err(SendError::NoEndpoints),
             Pick::Pending => {

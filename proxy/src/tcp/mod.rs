@@ -90,6 +90,16 @@ pub async fn forward(
 }
 
 /// Arranges for `stream` to send RST when dropped.
+/// Connects to `addr` with TCP_NODELAY; a connect slower than `timeout` fails with
+/// `ErrorKind::TimedOut` (which [`crate::http::Cause::of_connect`] maps to `connect-timeout`).
+pub async fn connect(addr: std::net::SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
 pub fn reset(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
