@@ -107,6 +107,24 @@ pub struct Validity {
     pub not_after: SystemTime,
 }
 
+/// Every subject alternative name of `cert`: URIs as text, other kinds in their debug form
+/// (so a refusal can show them). Shared by the check of our own chain and of peers' leaves.
+pub fn san_names(cert: &X509Certificate<'_>) -> Result<Vec<String>, String> {
+    let san = cert.subject_alternative_name().map_err(|e| e.to_string())?;
+    Ok(san
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .map(|n| match n {
+                    GeneralName::URI(u) => (*u).to_string(),
+                    other => format!("{other:?}"),
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// Accepts `leaf` (+ `intermediates`) only if it verifies to `anchors` at `now` for client and
 /// server auth, its only URI SAN is `id` and it holds the public key `spki` (DER
 /// SubjectPublicKeyInfo).
@@ -151,15 +169,7 @@ pub fn check_chain(
     }
     let (_, cert) =
         X509Certificate::from_der(leaf).map_err(|e| ChainError::Parse(e.to_string()))?;
-    let mut names = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for n in &san.value.general_names {
-            names.push(match n {
-                GeneralName::URI(u) => (*u).to_string(),
-                other => format!("{other:?}"),
-            });
-        }
-    }
+    let names = san_names(&cert).map_err(ChainError::Parse)?;
     if names != [id] {
         return Err(ChainError::WrongIdentity {
             expected: id.to_string(),

@@ -41,8 +41,9 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::sync::watch;
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::identity::verify::san_names;
 use crate::identity::{CertState, TrustAnchors};
 
 /// ALPN between proxies: HTTP/2 only on the client; the server also takes HTTP/1.1.
@@ -310,21 +311,7 @@ pub fn peer_identity(conn: &CommonState) -> Result<String, PeerIdError> {
 pub fn leaf_identity(leaf: &CertificateDer<'_>) -> Result<String, PeerIdError> {
     let (_, cert) =
         X509Certificate::from_der(leaf).map_err(|e| PeerIdError::Parse(e.to_string()))?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| PeerIdError::Parse(e.to_string()))?;
-    let names: Vec<String> = san
-        .map(|s| {
-            s.value
-                .general_names
-                .iter()
-                .map(|n| match n {
-                    GeneralName::URI(u) => (*u).to_string(),
-                    other => format!("{other:?}"),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let names = san_names(&cert).map_err(PeerIdError::Parse)?;
     match names.as_slice() {
         [one] if one.starts_with("spiffe://") => Ok(one.clone()),
         _ => Err(PeerIdError::NotOneSpiffeId(names)),
