@@ -20,7 +20,9 @@
 //! by authority and outbound opaque TCP by original destination to the endpoints the
 //! controller names; unknown targets still go to their original destination. With
 //! `WEFT_PROXY_IDENTITY_ADDR` set, the proxy obtains a workload certificate and is not ready
-//! without a valid one; mTLS on the data path and policy arrive with later slices (DESIGN.md).
+//! without a valid one; it then originates mutual TLS to the endpoints the controller marks as
+//! meshed (HTTP carried over HTTP/2 between proxies) and terminates mTLS addressed to its own
+//! identity ([`transport::mesh`]). Authorization policy arrives with a later slice (DESIGN.md).
 
 pub mod admin;
 pub mod balance;
@@ -62,6 +64,11 @@ pub enum RunError {
     Discovery(#[from] discovery::DiscoveryError),
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+    #[error("{var}: {source}", var = env::IDENTITY)]
+    Tls {
+        #[source]
+        source: transport::tls::TlsError,
+    },
 }
 
 /// Bound listeners, before serving (so tests and embedders can learn ephemeral ports).
@@ -70,6 +77,7 @@ pub struct Bound {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     identity: Option<identity::Client>,
+    mesh: Option<Arc<transport::mesh::Mesh>>,
     outbound: TcpListener,
     inbound: TcpListener,
     admin: TcpListener,
@@ -97,9 +105,22 @@ impl Bound {
             Some(c) => Some(identity::Client::new(c.clone(), metrics.identity.clone())?),
             None => None,
         };
+        let mesh = match (&identity, &config.identity) {
+            (Some(client), Some(c)) => Some(
+                transport::mesh::Mesh::new(
+                    &c.id,
+                    client.subscribe(),
+                    client.trust_anchors(),
+                    metrics.tls.clone(),
+                )
+                .map_err(|source| RunError::Tls { source })?,
+            ),
+            _ => None,
+        };
         Ok(Self {
             metrics,
             identity,
+            mesh,
             outbound: bind(env::OUTBOUND_ADDR, config.outbound.addr).await?,
             inbound: bind(env::INBOUND_ADDR, config.inbound.addr).await?,
             admin: bind(env::ADMIN_ADDR, config.admin_addr).await?,
@@ -129,6 +150,7 @@ impl Bound {
             config,
             metrics,
             identity,
+            mesh,
             outbound,
             inbound,
             admin,
@@ -136,11 +158,20 @@ impl Bound {
         let identity_state = identity.as_ref().map(identity::Client::subscribe);
         let identity_task = identity.map(|client| {
             if let Some(c) = &config.identity {
-                tracing::info!(id = %c.id, addr = %c.addr, anchors = client.trust_anchors().len(), "identity enabled");
+                tracing::info!(id = %c.id, addr = %c.addr, anchors = client.trust_anchors().borrow().len(), "identity enabled");
             }
             tokio::spawn(client.run())
         });
-        let clients = http::client::Clients::new(config.connect_timeout, config.pool_idle_timeout);
+        // Outbound connections to original destinations are counted as not meshed; inbound
+        // ones go to the local application.
+        let not_meshed =
+            metrics
+                .tls
+                .connections(Direction::Outbound, metrics::TlsStatus::NotMeshed, "");
+        let clients = |opened| {
+            http::client::Clients::new(config.connect_timeout, config.pool_idle_timeout, opened)
+        };
+        let (outbound_clients, inbound_clients) = (clients(Some(not_meshed)), clients(None));
         let router = match &config.discovery {
             Some(d) => {
                 let resolver = discovery::Resolver::new(
@@ -151,14 +182,18 @@ impl Bound {
                 tracing::info!(addr = %d.addr, namespace = %config.workload.namespace, "discovery enabled");
                 Some(balance::Router::new(
                     resolver,
-                    balance::Settings {
-                        connect_timeout: config.connect_timeout,
-                        pool_idle_timeout: config.pool_idle_timeout,
-                        decay: d.balancer_decay,
-                        discovery_timeout: d.timeout,
-                        idle_timeout: d.idle_timeout,
+                    balance::Context {
+                        settings: balance::Settings {
+                            connect_timeout: config.connect_timeout,
+                            pool_idle_timeout: config.pool_idle_timeout,
+                            decay: d.balancer_decay,
+                            discovery_timeout: d.timeout,
+                            idle_timeout: d.idle_timeout,
+                        },
+                        mesh: mesh.clone(),
+                        tls: metrics.tls.clone(),
+                        metrics: metrics.discovery.clone(),
                     },
-                    metrics.discovery.clone(),
                 ))
             }
             None => None,
@@ -191,12 +226,16 @@ impl Bound {
                 orig_dst,
                 config: config.clone(),
                 metrics: metrics.clone(),
-                clients: clients.clone(),
+                clients: match direction {
+                    Direction::Outbound => outbound_clients.clone(),
+                    Direction::Inbound => inbound_clients.clone(),
+                },
                 // Inbound traffic is already at its pod: only outbound is routed.
                 router: match direction {
                     Direction::Outbound => router.clone(),
                     Direction::Inbound => None,
                 },
+                mesh: mesh.clone(),
                 drain: shutdown.clone(),
                 tracker: tracker.clone(),
             })));

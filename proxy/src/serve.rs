@@ -2,8 +2,16 @@
 //!
 //! accept → original destination (or fixed target) → loop check → opaque port? → detect →
 //! HTTP/1 (first head checked) | HTTP/2 | TLS and opaque → TCP relay.
-//! Inbound and outbound share this path today; they differ by direction label and target
-//! source, and will differ by mTLS and policy once identity and authorization land.
+//!
+//! Inbound, a TLS ClientHello whose SNI names this workload's identity (or another mesh
+//! identity, see [`Mesh::terminates`]) is mesh traffic from a peer proxy: the proxy terminates it ([`Mesh::accept`]), and the negotiated ALPN says what
+//! it carries (HTTP/2, HTTP/1.1 for upgrades, or opaque TCP), which is then served like a
+//! plaintext connection with the client's identity attached. Any other TLS is an
+//! application's own and is relayed untouched. Every inbound connection is counted with its
+//! TLS status (`weft_tls_connections_total`).
+//!
+//! Outbound, connections are accepted in plaintext from the application; the balancer's
+//! endpoints decide whether the connection to the peer is mTLS.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,13 +23,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::balance::{self, InFlight, Pick, Router};
 use crate::config::Config;
 use crate::http::{self, client::Clients, head, Cause, ConnCtx, Limits};
-use crate::metrics::{Direction, Metrics, TcpMetrics};
-use crate::tcp::{self, ByteCounters};
+use crate::metrics::{Direction, Metrics, TcpMetrics, TlsStatus};
+use crate::tcp::{self, ByteCounters, Stream};
 use crate::transport::counting::CountingIo;
 use crate::transport::detect::{self, Detection, Protocol};
+use crate::transport::mesh::{Alpn, Mesh};
 use crate::transport::orig_dst::{self, OrigDst};
 use crate::transport::prefixed::PrefixedIo;
 
@@ -36,8 +47,18 @@ pub struct Listener {
     pub clients: Arc<Clients>,
     /// Discovery-based routing (outbound with a controller); `None`: original destinations.
     pub router: Option<Arc<Router>>,
+    /// This proxy's mesh TLS (identity configured): inbound terminates mTLS addressed to it.
+    pub mesh: Option<Arc<Mesh>>,
     pub drain: CancellationToken,
     pub tracker: TaskTracker,
+}
+
+/// Inbound: counters of accepted connections by TLS status.
+struct InboundTls {
+    /// Plaintext clients (`plaintext`, or `no-identity` without mesh TLS).
+    plain: Counter,
+    /// TLS not addressed to this workload.
+    passthrough: Counter,
 }
 
 struct ConnShared {
@@ -49,13 +70,35 @@ struct ConnShared {
     tcp: TcpMetrics,
     clients: Arc<Clients>,
     router: Option<Arc<Router>>,
+    mesh: Option<Arc<Mesh>>,
+    /// Inbound only.
+    inbound_tls: Option<InboundTls>,
+    /// Outbound: connections to original destinations (`not-meshed`).
+    outbound_plain: Counter,
     drain: CancellationToken,
 }
 
 /// Accepts until drained; each connection runs as a tracked task. Returns when the listener
 /// is closed (dropped), so new connections are refused from then on.
 pub async fn accept_loop(l: Listener) {
+    let tls = &l.metrics.tls;
+    let inbound_tls = (l.direction == Direction::Inbound).then(|| InboundTls {
+        plain: tls.connections(
+            Direction::Inbound,
+            if l.mesh.is_some() {
+                TlsStatus::Plaintext
+            } else {
+                TlsStatus::NoIdentity
+            },
+            "",
+        ),
+        passthrough: tls.connections(Direction::Inbound, TlsStatus::Passthrough, ""),
+    });
+    let outbound_plain = tls.connections(Direction::Outbound, TlsStatus::NotMeshed, "");
     let shared = Arc::new(ConnShared {
+        inbound_tls,
+        outbound_plain,
+        mesh: l.mesh,
         direction: l.direction,
         local: l.local,
         orig_dst: l.orig_dst,
@@ -106,6 +149,7 @@ async fn handle(s: Arc<ConnShared>, mut stream: TcpStream, peer: SocketAddr) {
     }
     if s.config.opaque_ports.contains(target.port()) {
         s.metrics.detected(s.direction, "skipped");
+        s.count_plain();
         forward_tcp(&s, stream, Bytes::new(), target).await;
         return;
     }
@@ -119,6 +163,21 @@ async fn handle(s: Arc<ConnShared>, mut stream: TcpStream, peer: SocketAddr) {
     };
     s.metrics.detected(s.direction, detection.label());
     tracing::debug!(%target, protocol = detection.label(), "detected");
+    if let Detection::Protocol(Protocol::Tls { sni }) = &detection {
+        if let Some(tls) = &s.inbound_tls {
+            match (&s.mesh, sni) {
+                (Some(mesh), Some(sni)) if mesh.terminates(sni) => {
+                    let io = PrefixedIo::new(buf.freeze(), stream);
+                    return terminate(&s, mesh, io, peer, target).await;
+                }
+                _ => {
+                    tls.passthrough.inc();
+                }
+            }
+        }
+    } else {
+        s.count_plain();
+    }
     match detection {
         Detection::Protocol(Protocol::Http1) => {
             let deadline = tokio::time::Instant::now() + s.config.header_read_timeout;
@@ -140,10 +199,12 @@ async fn handle(s: Arc<ConnShared>, mut stream: TcpStream, peer: SocketAddr) {
                 let _ = stream.shutdown().await;
                 return;
             }
-            serve_http(&s, stream, buf.freeze(), target, false).await;
+            let io = PrefixedIo::new(buf.freeze(), stream);
+            serve_http(&s, io, target, false, None).await;
         }
         Detection::Protocol(Protocol::Http2) => {
-            serve_http(&s, stream, buf.freeze(), target, true).await
+            let io = PrefixedIo::new(buf.freeze(), stream);
+            serve_http(&s, io, target, true, None).await
         }
         Detection::Protocol(Protocol::Tls { .. } | Protocol::Opaque)
         | Detection::Timeout
@@ -151,19 +212,59 @@ async fn handle(s: Arc<ConnShared>, mut stream: TcpStream, peer: SocketAddr) {
     }
 }
 
-async fn serve_http(
+impl ConnShared {
+    /// Counts an inbound plaintext connection.
+    fn count_plain(&self) {
+        if let Some(tls) = &self.inbound_tls {
+            tls.plain.inc();
+        }
+    }
+}
+
+/// Terminates mesh TLS from a peer proxy and serves what it carries, with the client's
+/// identity attached. A failed handshake closes the connection (counted by reason).
+async fn terminate(
     s: &ConnShared,
-    stream: TcpStream,
-    prefix: Bytes,
+    mesh: &Mesh,
+    io: PrefixedIo<TcpStream>,
+    peer: SocketAddr,
+    target: SocketAddr,
+) {
+    let (tls, accepted) = match mesh.accept(io).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "mesh TLS refused");
+            return;
+        }
+    };
+    tracing::debug!(%peer, client_id = %accepted.client_id, alpn = ?accepted.alpn, "mesh TLS terminated");
+    let client_id = Some(accepted.client_id);
+    match accepted.alpn {
+        Alpn::H2 => serve_http(s, tls, target, true, client_id).await,
+        Alpn::Http1 => serve_http(s, tls, target, false, client_id).await,
+        Alpn::Opaque => forward_tcp(s, tls, Bytes::new(), target).await,
+    }
+}
+
+/// Serves HTTP on `io`; `client_id`: the peer proxy's verified identity (inbound mTLS).
+async fn serve_http<I>(
+    s: &ConnShared,
+    io: I,
     target: SocketAddr,
     h2: bool,
-) {
+    client_id: Option<Arc<str>>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let ctx = Arc::new(ConnCtx {
         direction: s.direction,
         target,
         h2,
         metrics: s.metrics.clone(),
         client: s.clients.get(target, h2),
+        // A peer proxy carries HTTP/1 clients' requests over HTTP/2.
+        h1_client: (h2 && client_id.is_some()).then(|| s.clients.get(target, false)),
+        client_id,
         router: s.router.clone(),
         limits: Limits {
             max_header_bytes: s.config.max_header_bytes,
@@ -171,11 +272,7 @@ async fn serve_http(
         },
         last_authority: Default::default(),
     });
-    let io = CountingIo::new(
-        PrefixedIo::new(prefix, stream),
-        s.tcp.read.clone(),
-        s.tcp.write.clone(),
-    );
+    let io = CountingIo::new(io, s.tcp.read.clone(), s.tcp.write.clone());
     if h2 {
         http::serve_http2(io, ctx, s.drain.clone()).await
     } else {
@@ -187,8 +284,9 @@ async fn serve_http(
 enum TcpRoute {
     /// The original destination.
     Forward,
-    /// An endpoint discovery chose, with its connection counted until dropped.
-    Balanced(TcpStream, InFlight),
+    /// An endpoint discovery chose, with its connection counted until dropped; mTLS when the
+    /// endpoint is meshed.
+    Balanced(Box<dyn Stream>, InFlight),
     /// Failed: the cause is counted and the client reset.
     Failed(Cause),
 }
@@ -214,13 +312,12 @@ async fn route_tcp(s: &ConnShared, router: &Router, target: SocketAddr) -> TcpRo
             Pick::Forward => return TcpRoute::Forward,
         };
         let addr = f.member().addr;
-        match tcp::connect(addr, s.config.connect_timeout).await {
+        match connect_member(s, f.member()).await {
             Ok(stream) => return TcpRoute::Balanced(stream, f),
-            Err(e) => {
-                tracing::info!(target = b.target(), endpoint = %addr, error = %e, "tcp connect to endpoint failed");
+            Err(cause) => {
                 b.connect_failed(f.member());
                 if exclude.is_some() {
-                    return TcpRoute::Failed(Cause::of_connect(&e));
+                    return TcpRoute::Failed(cause);
                 }
                 exclude = Some(addr);
                 pick = b.pick(exclude);
@@ -230,7 +327,38 @@ async fn route_tcp(s: &ConnShared, router: &Router, target: SocketAddr) -> TcpRo
     TcpRoute::Failed(Cause::ConnectError)
 }
 
-async fn forward_tcp(s: &ConnShared, client: TcpStream, prefix: Bytes, target: SocketAddr) {
+/// Connects to a balanced endpoint: opaque mTLS when it is meshed (never dialled without a
+/// valid local certificate), else plain TCP.
+async fn connect_member(s: &ConnShared, m: &balance::Member) -> Result<Box<dyn Stream>, Cause> {
+    let addr = m.addr;
+    if let Some(t) = &m.mesh {
+        if let Err(e) = t.check_certificate() {
+            tracing::info!(endpoint = %addr, error = %e, "not connecting to a meshed endpoint");
+            return Err(Cause::IdentityUnavailable);
+        }
+    }
+    let tcp = tcp::connect(addr, s.config.connect_timeout)
+        .await
+        .map_err(|e| {
+            tracing::info!(endpoint = %addr, error = %e, "tcp connect to endpoint failed");
+            Cause::of_connect(&e)
+        })?;
+    match &m.mesh {
+        None => {
+            m.plain_connection();
+            Ok(Box::new(tcp))
+        }
+        Some(t) => match t.connect(tcp, Alpn::Opaque).await {
+            Ok(tls) => Ok(Box::new(tls)),
+            Err(e) => {
+                tracing::info!(endpoint = %addr, error = %e, "mTLS to endpoint failed");
+                Err(Cause::TlsHandshake)
+            }
+        },
+    }
+}
+
+async fn forward_tcp<C: Stream>(s: &ConnShared, client: C, prefix: Bytes, target: SocketAddr) {
     if let Some(router) = &s.router {
         match route_tcp(s, router, target).await {
             TcpRoute::Forward => {}
@@ -242,7 +370,7 @@ async fn forward_tcp(s: &ConnShared, client: TcpStream, prefix: Bytes, target: S
             TcpRoute::Failed(cause) => {
                 s.metrics.error(s.direction, cause.as_str());
                 tracing::info!(%target, cause = cause.as_str(), "no endpoint reachable; resetting client");
-                tcp::reset(&client);
+                tcp::reset(client.tcp());
                 return;
             }
         }
@@ -253,16 +381,19 @@ async fn forward_tcp(s: &ConnShared, client: TcpStream, prefix: Bytes, target: S
             let cause = Cause::of_connect(&e);
             s.metrics.error(s.direction, cause.as_str());
             tracing::info!(%target, cause = cause.as_str(), error = %e, "tcp connect failed; resetting client");
-            tcp::reset(&client);
+            tcp::reset(client.tcp());
             return;
         }
     };
+    if s.direction == Direction::Outbound {
+        s.outbound_plain.inc();
+    }
     relay(s, client, prefix, server).await;
 }
 
 /// Relays bytes between `client` and `server` (connected by [`tcp::connect`], so already
 /// TCP_NODELAY).
-async fn relay(s: &ConnShared, client: TcpStream, prefix: Bytes, server: TcpStream) {
+async fn relay<C: Stream, S: Stream>(s: &ConnShared, client: C, prefix: Bytes, server: S) {
     let counters = ByteCounters {
         read: s.tcp.read.clone(),
         write: s.tcp.write.clone(),

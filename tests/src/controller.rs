@@ -93,6 +93,46 @@ pub fn service_yaml(
     out
 }
 
+/// A Service like [`service_yaml`] whose endpoints are meshed pods: each endpoint's slice
+/// entry points (`targetRef`) at a Pod annotated `weft.dev/inject: enabled` running as
+/// ServiceAccount `sa`, so the controller gives it the identity
+/// `spiffe://cluster.local/ns/<ns>/sa/<sa>` and the HTTP/2 hint. `opaque`: the pods list the
+/// endpoint port as opaque.
+pub fn meshed_service_yaml(
+    ns: &str,
+    name: &str,
+    cluster_ip: &str,
+    port: u16,
+    endpoints: &[(SocketAddr, &str)],
+    opaque: bool,
+) -> String {
+    let mut out = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         spec:\n  clusterIP: {cluster_ip}\n  ports: [{{name: http, port: {port}, targetPort: http}}]\n"
+    );
+    for (ep, sa) in endpoints {
+        let (ip, p) = (ep.ip(), ep.port());
+        let family = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+        let pod = format!("{name}-{p}");
+        let opaque_ann = if opaque {
+            format!(", config.weft.dev/opaque-ports: \"{p}\"")
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\n\
+             metadata:\n  name: {pod}\n  namespace: {ns}\n  annotations: {{weft.dev/inject: enabled{opaque_ann}}}\n\
+             spec:\n  serviceAccountName: {sa}\n  containers: [{{name: app, image: app, ports: [{{name: http, containerPort: {p}}}]}}]\n\
+             status: {{podIP: \"{ip}\", phase: Running}}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata:\n  name: {name}-{p}\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {name}}}\n\
+             addressType: {family}\nports: [{{name: http, port: {p}}}]\n\
+             endpoints:\n  - addresses: [\"{ip}\"]\n    conditions: {{ready: true}}\n    targetRef: {{kind: Pod, name: {pod}}}\n"
+        ));
+    }
+    out
+}
+
 /// A running controller, killed on drop.
 #[derive(Debug)]
 pub struct Controller {
@@ -186,6 +226,21 @@ impl Controller {
         self.spawn()
     }
 
+    /// Waits until the index holds at least `n` objects of `kind` (say after writing
+    /// manifests to a running controller's directory).
+    pub fn wait_objects(&self, kind: &str, n: f64) -> Result<()> {
+        let admin = self.admin;
+        crate::eventually(Duration::from_secs(10), || {
+            let (_, body) = admin_get(admin, "/metrics")?;
+            Ok(
+                crate::Metrics::parse(&body)
+                    .sum("weft_controller_index_objects", &[("kind", kind)])
+                    >= n,
+            )
+        })
+        .with_context(|| format!("the controller did not index {n} {kind} objects"))
+    }
+
     /// The proxy's setting for this controller.
     pub fn env(&self) -> (String, String) {
         (
@@ -215,5 +270,72 @@ pub fn mint_token(dev_ca: &Path, ns: &str, sa: &str, out: &Path) -> Result<()> {
 impl Drop for Controller {
     fn drop(&mut self) {
         let _ = self.kill();
+    }
+}
+
+/// A controller issuing certificates from a development CA (`--dev-ca`), with its manifest
+/// directory; mints tokens and writes the proxies' identity settings.
+#[derive(Debug)]
+pub struct DevCa {
+    pub manifests: ManifestDir,
+    pub ca: ManifestDir,
+    pub controller: Controller,
+}
+
+impl DevCa {
+    /// A prepared (not yet started) controller with `--dev-ca` plus `args`; the CA is created
+    /// on disk at once (`weft-controller dev-ca`), so tokens can be minted before launch.
+    pub fn prepare(name: &str, args: &[&str]) -> Result<Self> {
+        let manifests = ManifestDir::new(&format!("{name}-manifests"))?;
+        let ca = ManifestDir::new(&format!("{name}-ca"))?;
+        let ca_dir = ca.path().display().to_string();
+        let mut all = vec!["--dev-ca", ca_dir.as_str()];
+        all.extend_from_slice(args);
+        let controller = Controller::prepare(manifests.path(), &all)?;
+        Ok(Self {
+            manifests,
+            ca,
+            controller,
+        })
+    }
+
+    /// [`DevCa::prepare`] and launch.
+    pub fn start(name: &str, args: &[&str]) -> Result<Self> {
+        let mut s = Self::prepare(name, args)?;
+        s.controller.launch()?;
+        Ok(s)
+    }
+
+    /// The trust-anchor bundle proxies read.
+    pub fn anchors(&self) -> PathBuf {
+        self.ca.path().join("trust-anchors.pem")
+    }
+
+    /// A token for `ns`/`sa`, written to the CA directory.
+    pub fn token(&self, ns: &str, sa: &str) -> Result<PathBuf> {
+        let out = self.ca.path().join(format!("{ns}-{sa}.token"));
+        mint_token(self.ca.path(), ns, sa, &out)?;
+        Ok(out)
+    }
+
+    /// The identity settings of a proxy running as `ns`/`sa` with `token`.
+    pub fn proxy_env(&self, ns: &str, sa: &str, token: &Path) -> Vec<(String, String)> {
+        vec![
+            (
+                "WEFT_PROXY_IDENTITY_ADDR".into(),
+                self.controller.identity.to_string(),
+            ),
+            ("WEFT_PROXY_NAMESPACE".into(), ns.into()),
+            ("WEFT_PROXY_SERVICE_ACCOUNT".into(), sa.into()),
+            ("WEFT_PROXY_POD_NAME".into(), format!("{sa}-0")),
+            (
+                "WEFT_PROXY_IDENTITY_TOKEN_FILE".into(),
+                token.display().to_string(),
+            ),
+            (
+                "WEFT_PROXY_TRUST_ANCHORS".into(),
+                self.anchors().display().to_string(),
+            ),
+        ]
     }
 }

@@ -7,8 +7,10 @@
 //!
 //! The binaries must be built first (`cargo build --bins`); `scripts/test.sh` does that.
 
+pub mod client;
 pub mod controller;
 pub mod netns;
+pub mod pki;
 pub mod servers;
 
 use std::collections::HashMap;

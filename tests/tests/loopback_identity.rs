@@ -10,66 +10,36 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
-use weft_e2e::controller::{mint_token, Controller, ManifestDir};
+use weft_e2e::controller::DevCa;
 use weft_e2e::{admin_get, eventually, Proxy, ProxyOpts};
 
 const NS: &str = "books";
 
-struct Setup {
-    _manifests: ManifestDir,
-    ca: ManifestDir,
-    controller: Controller,
+/// The controller with a dev CA, and the namespace's tokens and settings.
+struct Setup(DevCa);
+
+impl std::ops::Deref for Setup {
+    type Target = DevCa;
+    fn deref(&self) -> &DevCa {
+        &self.0
+    }
 }
 
 impl Setup {
-    /// A prepared (not yet started) controller with a dev CA, which already exists on disk.
     fn prepare(name: &str) -> Result<Self> {
-        let manifests = ManifestDir::new(&format!("{name}-manifests"))?;
-        let ca = ManifestDir::new(&format!("{name}-ca"))?;
-        let ca_dir = ca.path().display().to_string();
-        let controller = Controller::prepare(manifests.path(), &["--dev-ca", &ca_dir])?;
-        Ok(Self {
-            _manifests: manifests,
-            ca,
-            controller,
-        })
+        Ok(Self(DevCa::prepare(name, &[])?))
     }
 
     fn started(name: &str) -> Result<Self> {
-        let mut s = Self::prepare(name)?;
-        s.controller.launch()?;
-        Ok(s)
+        Ok(Self(DevCa::start(name, &[])?))
     }
 
-    /// A token for `sa` in [`NS`], written to the CA directory.
     fn token(&self, sa: &str) -> Result<std::path::PathBuf> {
-        let out = self.ca.path().join(format!("{sa}.token"));
-        mint_token(self.ca.path(), NS, sa, &out)?;
-        Ok(out)
+        self.0.token(NS, sa)
     }
 
     fn proxy_env(&self, sa: &str, token: &Path) -> Vec<(String, String)> {
-        vec![
-            (
-                "WEFT_PROXY_IDENTITY_ADDR".into(),
-                self.controller.identity.to_string(),
-            ),
-            ("WEFT_PROXY_NAMESPACE".into(), NS.into()),
-            ("WEFT_PROXY_SERVICE_ACCOUNT".into(), sa.into()),
-            ("WEFT_PROXY_POD_NAME".into(), format!("{sa}-0")),
-            (
-                "WEFT_PROXY_IDENTITY_TOKEN_FILE".into(),
-                token.display().to_string(),
-            ),
-            (
-                "WEFT_PROXY_TRUST_ANCHORS".into(),
-                self.ca
-                    .path()
-                    .join("trust-anchors.pem")
-                    .display()
-                    .to_string(),
-            ),
-        ]
+        self.0.proxy_env(NS, sa, token)
     }
 }
 
@@ -103,7 +73,14 @@ fn a_certificate_makes_the_proxy_ready() -> Result<()> {
     let token = s.token("web")?;
     let mut p = proxy(s.proxy_env("web", &token))?;
     p.wait_ready(Duration::from_secs(15))?;
-    assert_eq!(admin_get(p.admin, "/ready")?, (200, "ready\n".to_string()));
+    let (status, body) = admin_get(p.admin, "/ready")?;
+    assert_eq!(status, 200);
+    assert!(
+        body.starts_with(
+            "ready: certificate for spiffe://cluster.local/ns/books/sa/web valid until 20"
+        ),
+        "{body:?}"
+    );
 
     let m = p.metrics()?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
@@ -180,7 +157,7 @@ fn a_proxy_started_before_the_controller_becomes_ready_when_it_starts() -> Resul
     )?;
     eprintln!("controller down: {body}");
     assert!(!body.contains("first request not answered yet"), "{body}");
-    s.controller.launch()?;
+    s.0.controller.launch()?;
     // Backoff is 1 s doubling with jitter; a few attempts fit in this deadline.
     p.wait_ready(Duration::from_secs(30))?;
     assert_eq!(p.metrics()?.sum("weft_identity_ready", &[]), 1.0);
@@ -192,18 +169,11 @@ fn a_proxy_started_before_the_controller_becomes_ready_when_it_starts() -> Resul
 #[test]
 #[ignore = "slow: waits for a 60 s certificate to be renewed and then to expire"]
 fn renews_at_seventy_percent_and_fails_closed_at_expiry() -> Result<()> {
-    let manifests = ManifestDir::new("identity-renew-manifests")?;
-    let ca = ManifestDir::new("identity-renew-ca")?;
-    let ca_dir = ca.path().display().to_string();
-    let mut s = Setup {
-        controller: Controller::prepare(
-            manifests.path(),
-            &["--dev-ca", &ca_dir, "--cert-lifetime", "60s"],
-        )?,
-        _manifests: manifests,
-        ca,
-    };
-    s.controller.launch()?;
+    let mut s = Setup(DevCa::prepare(
+        "identity-renew",
+        &["--cert-lifetime", "60s"],
+    )?);
+    s.0.controller.launch()?;
     let token = s.token("web")?;
     let mut p = proxy(s.proxy_env("web", &token))?;
     p.wait_ready(Duration::from_secs(15))?;
@@ -220,7 +190,7 @@ fn renews_at_seventy_percent_and_fails_closed_at_expiry() -> Result<()> {
     })?;
     assert_eq!(admin_get(p.admin, "/ready")?.0, 200);
     // No controller: the renewed certificate expires and the proxy fails closed.
-    s.controller.kill()?;
+    s.0.controller.kill()?;
     let body = wait_not_ready_saying_within(
         &p,
         &["certificate expired at", "renewal failing"],

@@ -96,7 +96,15 @@ impl Admin {
                         format!("not ready: {why}\n"),
                     )
                 } else {
-                    text(StatusCode::OK, "ready\n")
+                    let cert = self.identity.as_ref().and_then(|rx| match &*rx.borrow() {
+                        crate::identity::CertState::Ready(c) => Some(format!(
+                            "ready: certificate for {} valid until {}\n",
+                            c.id,
+                            crate::identity::rfc3339(c.not_after)
+                        )),
+                        _ => None,
+                    });
+                    text(StatusCode::OK, cert.unwrap_or_else(|| "ready\n".into()))
                 }
             }
             (&Method::POST, "/shutdown") if local_peer => {

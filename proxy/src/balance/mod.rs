@@ -25,6 +25,12 @@
 //! failed handshake) never reached the application, and its body was never read, so it is
 //! retried once on another endpoint whatever its method; the failing endpoint's estimate is
 //! raised to the connect timeout so p2c avoids it until the estimate decays.
+//!
+//! An endpoint the controller marks as meshed (it names the identity to expect) is reached
+//! over mutual TLS when this proxy has an identity: HTTP of either version over one HTTP/2
+//! connection (ALPN `h2`), upgrades over HTTP/1.1, TCP as opaque TLS. Endpoints whose port is
+//! opaque on the peer stay plaintext, since the peer's inbound proxy relays such ports
+//! without looking for TLS.
 
 pub mod p2c;
 
@@ -38,9 +44,10 @@ use http::uri::Authority;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 
-use crate::discovery::{Resolution, Resolver};
-use crate::http::client::Endpoint;
-use crate::metrics::{DiscoveryMetrics, RouteLabels};
+use crate::discovery::{EndpointMeta, Resolution, Resolver};
+use crate::http::client::{Endpoint, Transport};
+use crate::metrics::{Direction, DiscoveryMetrics, RouteLabels, TlsMetrics, TlsStatus};
+use crate::transport::mesh::{Mesh, MeshTarget};
 use p2c::PeakEwma;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -75,12 +82,29 @@ pub struct Settings {
     pub idle_timeout: Duration,
 }
 
+/// What every balancer of a proxy shares.
+#[derive(Clone, Debug)]
+pub struct Context {
+    pub settings: Settings,
+    /// This proxy's mesh TLS, when it has an identity.
+    pub mesh: Option<Arc<Mesh>>,
+    pub tls: TlsMetrics,
+    pub metrics: DiscoveryMetrics,
+}
+
 /// One endpoint in a balancer.
 pub struct Member {
     pub addr: SocketAddr,
     weight: u32,
-    /// The connection pool (HTTP balancers only).
+    /// The identity to expect when the endpoint is reached over mTLS.
+    pub mesh: Option<MeshTarget>,
+    /// Plain connections to this endpoint, counted with the reason they are not mTLS.
+    plain: Counter,
+    /// The connection pool (HTTP balancers only): HTTP/2 to a meshed endpoint.
     pub http: Option<Arc<Endpoint>>,
+    /// A meshed endpoint's HTTP/1.1-over-mTLS pool, for upgrades; made on first use.
+    http1: std::sync::OnceLock<Arc<Endpoint>>,
+    settings: Settings,
     /// Requests (HTTP) or connections (TCP) in flight.
     in_flight: AtomicU32,
     rtt: Mutex<PeakEwma>,
@@ -109,6 +133,32 @@ impl Member {
     /// Records a round trip (request sent → response headers).
     pub fn observe(&self, rtt: Duration) {
         lock(&self.rtt).observe(rtt, Instant::now());
+    }
+
+    /// The pool for a request; `h1`: the request must go over HTTP/1.1 (an upgrade), which a
+    /// meshed endpoint serves from a separate HTTP/1.1-over-mTLS pool.
+    pub fn http_endpoint(&self, h1: bool) -> Option<Arc<Endpoint>> {
+        match &self.mesh {
+            Some(t) if h1 => Some(
+                self.http1
+                    .get_or_init(|| {
+                        Endpoint::new(
+                            self.addr,
+                            false,
+                            self.settings.connect_timeout,
+                            self.settings.pool_idle_timeout,
+                            Transport::Mesh(t.clone()),
+                        )
+                    })
+                    .clone(),
+            ),
+            _ => self.http.clone(),
+        }
+    }
+
+    /// Counts a plain (not mTLS) connection to this endpoint.
+    pub fn plain_connection(&self) {
+        self.plain.inc();
     }
 
     /// Requests or connections in flight now.
@@ -172,8 +222,7 @@ struct RouteCounters {
 pub struct Balancer {
     target: Arc<str>,
     protocol: Protocol,
-    settings: Settings,
-    metrics: DiscoveryMetrics,
+    ctx: Context,
     routes: RouteCounters,
     state: Mutex<State>,
 }
@@ -191,10 +240,10 @@ impl Balancer {
     fn new(
         target: Arc<str>,
         protocol: Protocol,
-        settings: Settings,
+        ctx: &Context,
         mut rx: watch::Receiver<Resolution>,
-        metrics: DiscoveryMetrics,
     ) -> Self {
+        let metrics = &ctx.metrics;
         let first = rx.borrow_and_update().clone();
         let route = |route| {
             metrics
@@ -214,8 +263,7 @@ impl Balancer {
         let mut b = Self {
             target,
             protocol,
-            settings,
-            metrics,
+            ctx: ctx.clone(),
             routes,
             state: Mutex::new(State {
                 rx,
@@ -294,7 +342,7 @@ impl Balancer {
     pub async fn ready(&self) {
         let mut rx = lock(&self.state).rx.clone();
         let _ = tokio::time::timeout(
-            self.settings.discovery_timeout,
+            self.ctx.settings.discovery_timeout,
             rx.wait_for(|r| *r != Resolution::Pending),
         )
         .await;
@@ -302,7 +350,7 @@ impl Balancer {
 
     /// Raises a failed endpoint's estimate so that p2c avoids it for a while.
     pub fn connect_failed(&self, member: &Member) {
-        member.observe(self.settings.connect_timeout);
+        member.observe(self.ctx.settings.connect_timeout);
     }
 
     /// The members for resolution `r`, reusing `old` members for addresses that stay.
@@ -331,31 +379,18 @@ impl Balancer {
                 };
                 let members = eps
                     .iter()
-                    .map(|ep| match by_addr.get(&ep.addr) {
-                        Some(m) if m.weight == ep.weight => Arc::clone(m),
-                        found => Arc::new(Member {
-                            addr: ep.addr,
-                            weight: ep.weight.max(1),
-                            http: found.and_then(|m| m.http.clone()).or_else(|| {
-                                let h2 = match self.protocol {
-                                    Protocol::Http1 => false,
-                                    Protocol::Http2 => true,
-                                    Protocol::Tcp => return None,
-                                };
-                                Some(Endpoint::new(
-                                    ep.addr,
-                                    h2,
-                                    self.settings.connect_timeout,
-                                    self.settings.pool_idle_timeout,
-                                ))
-                            }),
-                            in_flight: AtomicU32::new(0),
-                            rtt: Mutex::new(PeakEwma::new(
-                                Duration::from_nanos(initial as u64),
-                                self.settings.decay,
-                                now,
-                            )),
-                        }),
+                    .map(|ep| {
+                        let mesh = self.mesh_target(ep);
+                        let mesh_id = mesh.as_ref().map(|t| &t.id);
+                        match by_addr.get(&ep.addr) {
+                            Some(m)
+                                if m.weight == ep.weight
+                                    && m.mesh.as_ref().map(|t| &t.id) == mesh_id =>
+                            {
+                                Arc::clone(m)
+                            }
+                            found => self.member(ep, mesh, found.copied(), initial, now),
+                        }
                     })
                     .collect::<Vec<_>>();
                 tracing::debug!(target = %self.target, protocol = ?self.protocol, endpoints = members.len(), "balancer updated");
@@ -366,19 +401,93 @@ impl Balancer {
             Members::Ready(m) => m.len(),
             _ => 0,
         };
-        self.metrics
+        self.ctx
+            .metrics
             .endpoints
             .inc_by(new_len as i64 - old_members.len() as i64);
         next
     }
 }
 
+impl Balancer {
+    /// The identity to verify for `ep` over mTLS, when both sides are meshed and the port is
+    /// not opaque on the peer.
+    fn mesh_target(&self, ep: &EndpointMeta) -> Option<MeshTarget> {
+        let (mesh, id) = (self.ctx.mesh.as_ref()?, ep.identity.as_deref()?);
+        if ep.opaque_hint {
+            return None;
+        }
+        match mesh.target(id) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(target = %self.target, endpoint = %ep.addr, error = %e, "endpoint identity unusable; connecting without mTLS");
+                None
+            }
+        }
+    }
+
+    /// A new member for `ep`; an HTTP pool of a previous member with the same transport is
+    /// kept.
+    fn member(
+        &self,
+        ep: &EndpointMeta,
+        mesh: Option<MeshTarget>,
+        previous: Option<&Arc<Member>>,
+        initial: f64,
+        now: Instant,
+    ) -> Arc<Member> {
+        let status = if mesh.is_some() {
+            TlsStatus::Mtls
+        } else if ep.identity.is_some() && self.ctx.mesh.is_none() {
+            TlsStatus::NoIdentity
+        } else {
+            TlsStatus::NotMeshed
+        };
+        let plain = self.ctx.tls.connections(Direction::Outbound, status, "");
+        let same_transport =
+            previous.filter(|m| m.mesh.as_ref().map(|t| &t.id) == mesh.as_ref().map(|t| &t.id));
+        let http = same_transport.and_then(|m| m.http.clone()).or_else(|| {
+            let h2 = match self.protocol {
+                Protocol::Http1 => mesh.is_some(),
+                Protocol::Http2 => true,
+                Protocol::Tcp => return None,
+            };
+            let transport = match &mesh {
+                Some(t) => Transport::Mesh(t.clone()),
+                None => Transport::Plain(Some(plain.clone())),
+            };
+            Some(Endpoint::new(
+                ep.addr,
+                h2,
+                self.ctx.settings.connect_timeout,
+                self.ctx.settings.pool_idle_timeout,
+                transport,
+            ))
+        });
+        Arc::new(Member {
+            addr: ep.addr,
+            weight: ep.weight.max(1),
+            mesh,
+            plain,
+            http,
+            http1: std::sync::OnceLock::new(),
+            settings: self.ctx.settings,
+            in_flight: AtomicU32::new(0),
+            rtt: Mutex::new(PeakEwma::new(
+                Duration::from_nanos(initial as u64),
+                self.ctx.settings.decay,
+                now,
+            )),
+        })
+    }
+}
+
 impl Drop for Balancer {
     fn drop(&mut self) {
-        self.metrics.balancers.dec();
+        self.ctx.metrics.balancers.dec();
         let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         if let Members::Ready(m) = &state.members {
-            self.metrics.endpoints.dec_by(m.len() as i64);
+            self.ctx.metrics.endpoints.dec_by(m.len() as i64);
         }
     }
 }
@@ -399,8 +508,7 @@ type Key = (Arc<str>, Protocol);
 /// Balancers by (target, protocol), shared by all connections; idle ones are dropped.
 pub struct Router {
     resolver: Resolver,
-    settings: Settings,
-    metrics: DiscoveryMetrics,
+    ctx: Context,
     balancers: Mutex<HashMap<Key, (Arc<Balancer>, Instant)>>,
 }
 
@@ -412,14 +520,14 @@ impl std::fmt::Debug for Router {
 
 impl Router {
     /// Builds the router and its sweeper task (which ends when the router is dropped).
-    pub fn new(resolver: Resolver, settings: Settings, metrics: DiscoveryMetrics) -> Arc<Self> {
+    pub fn new(resolver: Resolver, ctx: Context) -> Arc<Self> {
+        let idle = ctx.settings.idle_timeout;
         let router = Arc::new(Self {
             resolver,
-            settings,
-            metrics,
+            ctx,
             balancers: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(sweep(Arc::downgrade(&router), settings.idle_timeout));
+        tokio::spawn(sweep(Arc::downgrade(&router), idle));
         router
     }
 
@@ -434,13 +542,7 @@ impl Router {
             return Some(b.clone());
         }
         let rx = self.resolver.resolve(target)?;
-        let b = Arc::new(Balancer::new(
-            key.0.clone(),
-            protocol,
-            self.settings,
-            rx,
-            self.metrics.clone(),
-        ));
+        let b = Arc::new(Balancer::new(key.0.clone(), protocol, &self.ctx, rx));
         map.insert(key, (b.clone(), Instant::now()));
         Some(b)
     }
@@ -494,6 +596,15 @@ mod tests {
         }
     }
 
+    fn ctx(metrics: DiscoveryMetrics) -> Context {
+        Context {
+            settings: settings(),
+            mesh: None,
+            tls: TlsMetrics::default(),
+            metrics,
+        }
+    }
+
     fn eps(addrs: &[u16]) -> Resolution {
         Resolution::Endpoints(
             addrs
@@ -535,9 +646,8 @@ mod tests {
         let b = Balancer::new(
             Arc::from("web:80"),
             Protocol::Http1,
-            settings(),
+            &ctx(metrics.clone()),
             rx,
-            metrics.clone(),
         );
         assert!(matches!(b.pick(None), Pick::Pending));
         b.ready().await; // times out: still pending
@@ -576,9 +686,8 @@ mod tests {
         let b = Balancer::new(
             Arc::from("web:80"),
             Protocol::Tcp,
-            settings(),
+            &ctx(DiscoveryMetrics::default()),
             rx,
-            DiscoveryMetrics::default(),
         );
         let a = SocketAddr::from(([10, 0, 0, 1], 1));
         for _ in 0..50 {
@@ -588,9 +697,8 @@ mod tests {
         let b = Balancer::new(
             Arc::from("web:80"),
             Protocol::Tcp,
-            settings(),
+            &ctx(DiscoveryMetrics::default()),
             rx,
-            DiscoveryMetrics::default(),
         );
         assert!(matches!(b.pick(Some(a)), Pick::NoEndpoints));
     }
@@ -601,9 +709,8 @@ mod tests {
         let b = Balancer::new(
             Arc::from("10.96.0.1:80"),
             Protocol::Tcp,
-            settings(),
+            &ctx(DiscoveryMetrics::default()),
             rx,
-            DiscoveryMetrics::default(),
         );
         // Hold every connection open: p2c keeps the counts within one of each other... or
         // close (two draws of three cannot always see the least loaded).
@@ -637,9 +744,8 @@ mod tests {
         let b = Balancer::new(
             Arc::from("web:80"),
             Protocol::Http1,
-            settings(),
+            &ctx(DiscoveryMetrics::default()),
             rx,
-            DiscoveryMetrics::default(),
         );
         let mut seen = std::collections::BTreeMap::new();
         for _ in 0..3_000 {

@@ -13,6 +13,12 @@
 //!   the server before it was written is retried once on a fresh connection (hyper returns an
 //!   unsent request to us), so keep-alive races are invisible to clients.
 //! - HTTP/2: one connection shared by all concurrent streams, redialled when it closes.
+//!
+//! An endpoint's [`Transport`] is plain TCP or mutual TLS to a meshed peer proxy. Requests are
+//! put in the form the endpoint's protocol needs just before sending ([`Endpoint::try_request`]):
+//! origin form and `Host` for HTTP/1.1, `:scheme` and `:authority` for HTTP/2. An HTTP/1.x
+//! request sent to a meshed peer over HTTP/2 is marked with [`ORIG_PROTO`] so the peer's
+//! inbound proxy hands it to its application as HTTP/1.1 again.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,15 +28,34 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{BoxBody, BoxError};
+use crate::metrics::Direction;
+use crate::transport::mesh::{self, Alpn, ConnectTlsError, MeshTarget};
+
+/// Set on an HTTP/1.x request carried to a meshed peer over HTTP/2: the peer's inbound proxy
+/// removes it and sends the request to its application as HTTP/1.1.
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("weft-orig-proto");
+const HTTP11: HeaderValue = HeaderValue::from_static("HTTP/1.1");
+
+/// How an endpoint's connections are made.
+#[derive(Clone, Debug)]
+pub enum Transport {
+    /// Plain TCP, each new connection counted in `opened` when given
+    /// (`weft_tls_connections_total` with the reason it is not mTLS).
+    Plain(Option<Counter>),
+    /// Mutual TLS to a meshed peer proxy that must present the target's identity.
+    Mesh(MeshTarget),
+}
 
 /// How many destination endpoints are cached before the cache is cleared.
 const MAX_ENDPOINTS: usize = 4096;
@@ -51,6 +76,12 @@ pub struct ConnectError {
 pub enum ClientError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    #[error("connecting to {addr}: {source}")]
+    Tls {
+        addr: SocketAddr,
+        #[source]
+        source: ConnectTlsError,
+    },
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake {
         addr: SocketAddr,
@@ -95,6 +126,7 @@ struct Idle {
 pub struct Endpoint {
     addr: SocketAddr,
     h2: bool,
+    transport: Transport,
     connect_timeout: Duration,
     idle_timeout: Duration,
     idle: Mutex<Vec<Idle>>,
@@ -108,6 +140,7 @@ impl std::fmt::Debug for Endpoint {
         f.debug_struct("Endpoint")
             .field("addr", &self.addr)
             .field("h2", &self.h2)
+            .field("transport", &self.transport)
             .field("idle", &lock(&self.idle).len())
             .finish()
     }
@@ -119,10 +152,12 @@ impl Endpoint {
         h2: bool,
         connect_timeout: Duration,
         idle_timeout: Duration,
+        transport: Transport,
     ) -> Arc<Self> {
         let ep = Arc::new(Self {
             addr,
             h2,
+            transport,
             connect_timeout,
             idle_timeout,
             idle: Mutex::new(Vec::new()),
@@ -152,18 +187,61 @@ impl Endpoint {
         self.try_request(req).await.map_err(|u| u.error)
     }
 
+    /// Whether this endpoint is a meshed peer reached over mTLS.
+    pub fn is_mesh(&self) -> bool {
+        matches!(self.transport, Transport::Mesh(_))
+    }
+
     /// Like [`Endpoint::request`], but a request that could not be sent because no connection
     /// could be made (connect or handshake failure) comes back unread in the error, so the
     /// caller may send it elsewhere.
     pub async fn try_request(
         self: &Arc<Self>,
-        req: Request<BoxBody>,
+        mut req: Request<BoxBody>,
     ) -> Result<Response<PooledBody>, Unsent> {
         if self.h2 {
+            self.to_h2_form(&mut req);
             self.request_h2(req).await
         } else {
+            to_h1_form(&mut req);
             self.request_h1(req).await
         }
+    }
+
+    /// HTTP/2 needs `:scheme` and `:authority`: a request that came in as HTTP/1 (origin form
+    /// and `Host`) gets them here, and is marked with [`ORIG_PROTO`] for a meshed peer.
+    fn to_h2_form(&self, req: &mut Request<BoxBody>) {
+        let from_h1 = req.version() < Version::HTTP_2;
+        if req.uri().scheme().is_none() || req.uri().authority().is_none() {
+            let mut parts = std::mem::take(req.uri_mut()).into_parts();
+            if parts.scheme.is_none() {
+                parts.scheme = Some(http::uri::Scheme::HTTP);
+            }
+            if parts.authority.is_none() {
+                parts.authority = req
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(|h| h.parse().ok());
+            }
+            if parts.path_and_query.is_none() {
+                parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+            }
+            // The parts came from a valid URI plus a parsed authority, so this cannot fail;
+            // if it did, the request goes as it was and h2 reports the problem.
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+                req.headers_mut().remove(header::HOST);
+            }
+        }
+        if self.is_mesh() {
+            if from_h1 {
+                req.headers_mut().insert(ORIG_PROTO, HTTP11);
+            } else {
+                req.headers_mut().remove(ORIG_PROTO);
+            }
+        }
+        *req.version_mut() = Version::HTTP_2;
     }
 
     async fn request_h1(
@@ -276,7 +354,18 @@ impl Endpoint {
         if let Some(c) = lock(&self.shared_h2).as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let io = self.connect().await?;
+        let send = match self.connect(Alpn::H2).await? {
+            Conn::Plain(tcp) => self.handshake_h2(TokioIo::new(tcp)).await?,
+            Conn::Tls(tls) => self.handshake_h2(TokioIo::new(tls)).await?,
+        };
+        *lock(&self.shared_h2) = Some(send.clone());
+        Ok(send)
+    }
+
+    async fn handshake_h2<I>(&self, io: I) -> Result<http2::SendRequest<BoxBody>, ClientError>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         let mut b = http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
             .initial_stream_window_size(super::H2_STREAM_WINDOW)
@@ -284,18 +373,41 @@ impl Endpoint {
         let (send, conn) = b
             .handshake(io)
             .await
-            .map_err(|source| ClientError::Handshake {
-                addr: self.addr,
-                source,
-            })?;
+            .map_err(|source| self.handshake_error(source))?;
         let addr = self.addr;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, error = %e, "http/2 client connection ended with an error");
             }
         });
-        *lock(&self.shared_h2) = Some(send.clone());
         Ok(send)
+    }
+
+    /// A failed HTTP handshake. On a mesh connection this is usually the peer refusing our
+    /// certificate: with TLS 1.3 its alert arrives after our side finished the handshake, so it
+    /// is counted here.
+    fn handshake_error(&self, source: hyper::Error) -> ClientError {
+        if let Transport::Mesh(t) = &self.transport {
+            let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&source);
+            while let Some(e) = cur {
+                if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                    if io
+                        .get_ref()
+                        .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
+                    {
+                        let reason = mesh::handshake_reason(io);
+                        t.handshake_failed(Direction::Outbound, reason);
+                        tracing::info!(addr = %self.addr, peer = %t.id, reason, error = %io, "meshed peer refused the connection");
+                    }
+                    break;
+                }
+                cur = e.source();
+            }
+        }
+        ClientError::Handshake {
+            addr: self.addr,
+            source,
+        }
     }
 
     fn checkout(&self) -> Option<http1::SendRequest<BoxBody>> {
@@ -322,14 +434,20 @@ impl Endpoint {
     }
 
     async fn dial_h1(&self) -> Result<http1::SendRequest<BoxBody>, ClientError> {
-        let io = self.connect().await?;
+        match self.connect(Alpn::Http1).await? {
+            Conn::Plain(tcp) => self.handshake_h1(TokioIo::new(tcp)).await,
+            Conn::Tls(tls) => self.handshake_h1(TokioIo::new(tls)).await,
+        }
+    }
+
+    async fn handshake_h1<I>(&self, io: I) -> Result<http1::SendRequest<BoxBody>, ClientError>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         let (send, conn) = http1::Builder::new()
             .handshake(io)
             .await
-            .map_err(|source| ClientError::Handshake {
-                addr: self.addr,
-                source,
-            })?;
+            .map_err(|source| self.handshake_error(source))?;
         let addr = self.addr;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
@@ -339,13 +457,55 @@ impl Endpoint {
         Ok(send)
     }
 
-    async fn connect(&self) -> Result<TokioIo<TcpStream>, ConnectError> {
+    /// Dials the endpoint; a meshed one gets mTLS negotiating `alpn`. Without a valid local
+    /// certificate a meshed endpoint is not even dialled (fail closed).
+    async fn connect(&self, alpn: Alpn) -> Result<Conn, ClientError> {
         let addr = self.addr;
-        let stream = crate::tcp::connect(addr, self.connect_timeout)
+        let tls_err = |source| ClientError::Tls { addr, source };
+        if let Transport::Mesh(t) = &self.transport {
+            t.check_certificate().map_err(tls_err)?;
+        }
+        let tcp = crate::tcp::connect(addr, self.connect_timeout)
             .await
             .map_err(|source| ConnectError { addr, source })?;
-        Ok(TokioIo::new(stream))
+        match &self.transport {
+            Transport::Plain(opened) => {
+                if let Some(c) = opened {
+                    c.inc();
+                }
+                Ok(Conn::Plain(tcp))
+            }
+            Transport::Mesh(t) => Ok(Conn::Tls(Box::new(
+                t.connect(tcp, alpn).await.map_err(tls_err)?,
+            ))),
+        }
     }
+}
+
+/// A dialled connection.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// HTTP/1.1 needs the origin form (which every server accepts) and `Host`: a request that came
+/// in as HTTP/2 (`:authority`, absolute form) gets them here.
+fn to_h1_form(req: &mut Request<BoxBody>) {
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        let authority = req.uri().authority().cloned();
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(path);
+        if !req.headers().contains_key(header::HOST) {
+            if let Some(v) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+    }
+    *req.version_mut() = Version::HTTP_11;
 }
 
 /// Closes idle connections older than the idle timeout, until the endpoint is dropped.
@@ -438,14 +598,21 @@ impl Body for PooledBody {
 pub struct Clients {
     connect_timeout: Duration,
     idle_timeout: Duration,
+    /// Counts new connections (outbound: `weft_tls_connections_total{tls="not-meshed"}`).
+    opened: Option<Counter>,
     endpoints: Mutex<HashMap<(SocketAddr, bool), Arc<Endpoint>>>,
 }
 
 impl Clients {
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Arc<Self> {
+    pub fn new(
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        opened: Option<Counter>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             connect_timeout,
             idle_timeout,
+            opened,
             endpoints: Mutex::new(HashMap::new()),
         })
     }
@@ -460,7 +627,13 @@ impl Clients {
             // Idle connections of dropped endpoints close; busy ones finish their requests.
             map.clear();
         }
-        let ep = Endpoint::new(addr, h2, self.connect_timeout, self.idle_timeout);
+        let ep = Endpoint::new(
+            addr,
+            h2,
+            self.connect_timeout,
+            self.idle_timeout,
+            Transport::Plain(self.opened.clone()),
+        );
         map.insert((addr, h2), ep.clone());
         ep
     }
@@ -528,7 +701,13 @@ mod tests {
     #[tokio::test]
     async fn sequential_requests_reuse_one_connection() {
         let (addr, accepted) = server(false).await;
-        let ep = Endpoint::new(addr, false, Duration::from_secs(1), Duration::from_secs(60));
+        let ep = Endpoint::new(
+            addr,
+            false,
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            Transport::Plain(None),
+        );
         for _ in 0..20 {
             ok(&ep).await;
         }
@@ -539,7 +718,13 @@ mod tests {
     #[tokio::test]
     async fn connections_closed_by_the_server_are_replaced_without_failing_requests() {
         let (addr, accepted) = server(true).await;
-        let ep = Endpoint::new(addr, false, Duration::from_secs(1), Duration::from_secs(60));
+        let ep = Endpoint::new(
+            addr,
+            false,
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            Transport::Plain(None),
+        );
         for _ in 0..50 {
             ok(&ep).await;
         }
@@ -554,6 +739,7 @@ mod tests {
             false,
             Duration::from_secs(1),
             Duration::from_millis(200),
+            Transport::Plain(None),
         );
         ok(&ep).await;
         assert_eq!(ep.idle_count(), 1);
@@ -569,7 +755,13 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         drop(l);
-        let ep = Endpoint::new(addr, false, Duration::from_secs(1), Duration::from_secs(60));
+        let ep = Endpoint::new(
+            addr,
+            false,
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            Transport::Plain(None),
+        );
         match ep.request(get()).await {
             Err(ClientError::Connect(e)) => {
                 assert_eq!(e.addr, addr);

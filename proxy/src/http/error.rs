@@ -27,6 +27,10 @@ pub enum Cause {
     BadAuthority,
     /// The destination is a known service with no ready endpoints.
     NoEndpoints,
+    /// The mTLS handshake with a meshed endpoint failed (wrong identity, untrusted, refused).
+    TlsHandshake,
+    /// The endpoint is meshed but this proxy holds no valid certificate (fail closed).
+    IdentityUnavailable,
 }
 
 impl Cause {
@@ -44,6 +48,8 @@ impl Cause {
             Cause::BadRequest => "bad-request",
             Cause::BadAuthority => "bad-authority",
             Cause::NoEndpoints => "no-endpoints",
+            Cause::TlsHandshake => "tls-handshake-failed",
+            Cause::IdentityUnavailable => "identity-unavailable",
         }
     }
 
@@ -54,11 +60,12 @@ impl Cause {
             | Cause::ConnectUnreachable
             | Cause::ConnectError
             | Cause::UpstreamReset
-            | Cause::UpstreamError => StatusCode::BAD_GATEWAY,
+            | Cause::UpstreamError
+            | Cause::TlsHandshake => StatusCode::BAD_GATEWAY,
             Cause::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Cause::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
             Cause::BadRequest | Cause::BadAuthority => StatusCode::BAD_REQUEST,
-            Cause::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
+            Cause::NoEndpoints | Cause::IdentityUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -70,6 +77,8 @@ impl Cause {
                 | Cause::ConnectTimeout
                 | Cause::ConnectUnreachable
                 | Cause::ConnectError
+                | Cause::TlsHandshake
+                | Cause::IdentityUnavailable
         )
     }
 

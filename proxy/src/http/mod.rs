@@ -4,6 +4,12 @@
 //! Per request: authority → metrics labels → header limits → hop-by-hop headers removed →
 //! upstream request → response (or a proxy-made error carrying `weft-proxy-error`).
 //! HTTP/1 upgrades (WebSocket) are joined into a byte relay once both sides switch.
+//!
+//! Between meshed proxies every request travels over one mTLS HTTP/2 connection per endpoint
+//! (see [`client`]); upgrades, which HTTP/2 cannot carry, take an mTLS HTTP/1.1 connection.
+//! On inbound mTLS connections the client's identity is the `client_id` metrics label and is
+//! passed to the application in [`CLIENT_ID`]; the header is removed from every other inbound
+//! request, so applications can trust it.
 
 pub mod body;
 pub mod client;
@@ -17,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -28,9 +34,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::balance::{self, Balancer, InFlight, Pick, Router};
 use crate::metrics::{AuthorityMetrics, Direction, Metrics};
+use crate::transport::mesh::ConnectTlsError;
 use body::{Observed, Recorder};
-use client::{ClientError, Endpoint, PooledBody, Unsent};
+use client::{ClientError, Endpoint, PooledBody, Unsent, ORIG_PROTO};
 pub use error::Cause;
+
+/// The verified SPIFFE ID of an inbound mTLS client, as given to the application.
+pub const CLIENT_ID: HeaderName = HeaderName::from_static("weft-client-id");
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
@@ -58,6 +68,11 @@ pub struct ConnCtx {
     pub metrics: Arc<Metrics>,
     /// The original destination's client: where requests go without discovery.
     pub client: Arc<Endpoint>,
+    /// Inbound mTLS HTTP/2 connections: the original destination over HTTP/1.1, for requests
+    /// a peer proxy carried over HTTP/2 for an HTTP/1 client ([`ORIG_PROTO`]).
+    pub h1_client: Option<Arc<Endpoint>>,
+    /// Inbound mTLS connections: the client's verified identity.
+    pub client_id: Option<Arc<str>>,
     /// Routes requests by authority through discovery (outbound, when a controller is set).
     pub router: Option<Arc<Router>>,
     pub limits: Limits,
@@ -249,8 +264,14 @@ fn headers_size(headers: &HeaderMap) -> usize {
 fn cause_of(err: &(dyn std::error::Error + 'static)) -> Cause {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
-        if let Some(ClientError::Connect(c)) = e.downcast_ref::<ClientError>() {
-            return Cause::of_connect(&c.source);
+        match e.downcast_ref::<ClientError>() {
+            Some(ClientError::Connect(c)) => return Cause::of_connect(&c.source),
+            Some(ClientError::Tls {
+                source: ConnectTlsError::NoCertificate(_),
+                ..
+            }) => return Cause::IdentityUnavailable,
+            Some(ClientError::Tls { .. }) => return Cause::TlsHandshake,
+            _ => {}
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             if matches!(
@@ -271,6 +292,14 @@ fn cause_of(err: &(dyn std::error::Error + 'static)) -> Cause {
 }
 
 impl ConnCtx {
+    fn client_label(&self) -> &Arc<str> {
+        static NONE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+        match &self.client_id {
+            Some(id) => id,
+            None => NONE.get_or_init(|| Arc::from("")),
+        }
+    }
+
     fn last_authority(&self) -> std::sync::MutexGuard<'_, Option<LastAuthority>> {
         match self.last_authority.lock() {
             Ok(l) => l,
@@ -299,7 +328,9 @@ impl ConnCtx {
                 return Ok(l.routed());
             }
         }
-        let metrics = self.metrics.authority(self.direction, authority.as_str());
+        let metrics =
+            self.metrics
+                .authority(self.direction, authority.as_str(), self.client_label());
         let route = self.router.as_ref().and_then(|r| {
             let protocol = if self.h2 {
                 balance::Protocol::Http2
@@ -319,26 +350,29 @@ impl ConnCtx {
         Ok(routed)
     }
 
-    /// Sends `req` to an endpoint of `route`, or to the original destination.
+    /// Sends `req` to an endpoint of `route`, or to the original destination. `h1`: the
+    /// request must go over HTTP/1.1 (an upgrade, or an HTTP/1 request a peer proxy carried
+    /// over HTTP/2).
     async fn send(
         &self,
         route: Option<&Arc<Balancer>>,
         req: Request<BoxBody>,
+        h1: bool,
     ) -> Result<(Response<PooledBody>, Option<InFlight>), SendError> {
         let Some(b) = route else {
-            return self.forward(req).await;
+            return self.forward(req, h1).await;
         };
         let first = match b.pick_ready().await {
             Pick::Endpoint(f) => f,
             Pick::NoEndpoints => return Err(SendError::NoEndpoints),
             Pick::Pending => {
                 b.passthrough();
-                return self.forward(req).await;
+                return self.forward(req, h1).await;
             }
-            Pick::Forward => return self.forward(req).await,
+            Pick::Forward => return self.forward(req, h1).await,
         };
-        let Some(ep) = first.member().http.clone() else {
-            return self.forward(req).await;
+        let Some(ep) = first.member().http_endpoint(h1) else {
+            return self.forward(req, h1).await;
         };
         match ep.try_request(req).await {
             Ok(rsp) => Ok((rsp, Some(first))),
@@ -355,7 +389,7 @@ impl ConnCtx {
                     Pick::Endpoint(f) => f,
                     _ => return Err(SendError::Client(error)),
                 };
-                let Some(ep) = second.member().http.clone() else {
+                let Some(ep) = second.member().http_endpoint(h1) else {
                     return Err(SendError::Client(error));
                 };
                 match ep.try_request(req).await {
@@ -375,8 +409,13 @@ impl ConnCtx {
     async fn forward(
         &self,
         req: Request<BoxBody>,
+        h1: bool,
     ) -> Result<(Response<PooledBody>, Option<InFlight>), SendError> {
-        match self.client.request(req).await {
+        let client = match &self.h1_client {
+            Some(c) if h1 => c,
+            _ => &self.client,
+        };
+        match client.request(req).await {
             Ok(rsp) => Ok((rsp, None)),
             Err(e) => Err(SendError::Client(e)),
         }
@@ -416,7 +455,8 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
                 .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
                 .unwrap_or_default();
             return ctx.error_response(
-                ctx.metrics.authority(ctx.direction, "unknown"),
+                ctx.metrics
+                    .authority(ctx.direction, "unknown", ctx.client_label()),
                 cause,
                 &format!("invalid Host header {host:?}"),
                 start,
@@ -440,41 +480,33 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
     // read, i.e. once the upstream connection is ready), so the upstream never waits for it.
     req.headers_mut().remove(header::EXPECT);
 
-    // HTTP/2 needs the absolute form (`:scheme` and `:authority`); HTTP/1.1 upstreams get the
-    // origin form, which every server accepts, with `Host` set (an HTTP/1.0 client may omit it).
-    let mut parts = std::mem::take(req.uri_mut()).into_parts();
-    if parts.path_and_query.is_none() {
-        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-    }
-    if ctx.h2 {
-        parts.scheme = Some(http::uri::Scheme::HTTP);
-        parts.authority = Some(authority.clone());
-    } else {
-        parts.scheme = None;
-        parts.authority = None;
-        if !req.headers().contains_key(header::HOST) {
-            match HeaderValue::from_str(authority.as_str()) {
-                Ok(v) => {
-                    req.headers_mut().insert(header::HOST, v);
-                }
-                Err(e) => {
-                    return ctx.error_response(label, Cause::BadRequest, &e.to_string(), start)
-                }
+    // The request keeps the form it arrived in; the endpoint's client puts it in the form its
+    // protocol needs (origin form and `Host` for HTTP/1.1, `:authority` for HTTP/2). An
+    // HTTP/1.0 client may omit `Host`: it gets the authority routed on.
+    if !ctx.h2 && !req.headers().contains_key(header::HOST) {
+        match HeaderValue::from_str(authority.as_str()) {
+            Ok(v) => {
+                req.headers_mut().insert(header::HOST, v);
             }
+            Err(e) => return ctx.error_response(label, Cause::BadRequest, &e.to_string(), start),
         }
     }
-    match Uri::from_parts(parts) {
-        Ok(uri) => *req.uri_mut() = uri,
-        Err(e) => return ctx.error_response(label, Cause::BadRequest, &e.to_string(), start),
-    }
-    if !ctx.h2 {
-        // Between hops HTTP/1 stays HTTP/1.1 (an HTTP/1.0 client still gets a 1.0 response).
-        *req.version_mut() = http::Version::HTTP_11;
+    let mut h1 = upgrade;
+    if ctx.direction == Direction::Inbound {
+        // Only a verified peer proxy may say how to hand the request on, or who the client is.
+        let orig_proto = req.headers_mut().remove(ORIG_PROTO);
+        req.headers_mut().remove(CLIENT_ID);
+        if let Some(id) = &ctx.client_id {
+            h1 |= orig_proto.is_some_and(|p| p.as_bytes().starts_with(b"HTTP/1"));
+            if let Ok(v) = HeaderValue::from_str(id) {
+                req.headers_mut().insert(CLIENT_ID, v);
+            }
+        }
     }
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let req = req.map(|b| b.map_err(BoxError::from).boxed());
-    let (mut rsp, in_flight) = match ctx.send(route.as_ref(), req).await {
+    let (mut rsp, in_flight) = match ctx.send(route.as_ref(), req, h1).await {
         Ok(r) => r,
         Err(SendError::Client(e)) => {
             let cause = cause_of(&e);

@@ -12,6 +12,11 @@
 //! the validity left when the certificate arrived; failures retry with jittered exponential
 //! backoff (1 s to 60 s) while the held certificate keeps serving; once it expires the state
 //! turns [`CertState::Expired`] and the proxy fails closed until a renewal succeeds.
+//!
+//! The trust-anchor file is re-read every [`ANCHORS_POLL`]; a changed bundle that parses
+//! replaces the anchors in a second watch, which the TLS configs are rebuilt from (so a root
+//! can be added before the issuer is rotated and removed after). A bundle that does not parse
+//! is reported and counted, and the previous anchors stay in use.
 
 pub mod timing;
 pub mod verify;
@@ -34,6 +39,8 @@ pub use verify::{AnchorsError, ChainError, TrustAnchors};
 
 /// How long one `Certify` call may take before it counts as failed.
 const CERTIFY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the trust-anchor file is checked for changes.
+pub const ANCHORS_POLL: Duration = Duration::from_secs(1);
 
 /// Errors of the identity client. Startup errors stop the proxy; the others are reported by
 /// `/ready` and retried.
@@ -122,7 +129,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 /// creates the key), run by [`Client::run`].
 pub struct Client {
     config: IdentityConfig,
-    anchors: TrustAnchors,
+    anchors: watch::Sender<Arc<TrustAnchors>>,
     signing_key: Arc<dyn SigningKey>,
     spki: Vec<u8>,
     csr: Vec<u8>,
@@ -188,8 +195,9 @@ impl Client {
             .into(),
         });
         metrics.ready.set(0);
+        metrics.anchors.set(anchors.len() as i64);
         Ok(Self {
-            anchors,
+            anchors: watch::Sender::new(Arc::new(anchors)),
             signing_key,
             spki,
             csr,
@@ -205,12 +213,23 @@ impl Client {
         self.tx.subscribe()
     }
 
-    pub fn trust_anchors(&self) -> &TrustAnchors {
-        &self.anchors
+    /// The trust anchors, updated when the file changes.
+    pub fn trust_anchors(&self) -> watch::Receiver<Arc<TrustAnchors>> {
+        self.anchors.subscribe()
     }
 
-    /// Obtains and renews the certificate forever (abort the task to stop).
-    pub async fn run(mut self) {
+    /// Obtains and renews the certificate, and reloads the trust anchors, forever (abort the
+    /// task to stop).
+    pub async fn run(self) {
+        let reload = reload_anchors(
+            self.config.trust_anchors.clone(),
+            self.anchors.clone(),
+            self.metrics.clone(),
+        );
+        tokio::join!(reload, self.renew());
+    }
+
+    async fn renew(mut self) {
         let mut backoff = Backoff::new(timing::BACKOFF_MIN, timing::BACKOFF_MAX);
         let mut held: Option<Arc<Certificate>> = None;
         loop {
@@ -281,10 +300,11 @@ impl Client {
                 message: s.message().to_string(),
             })?
             .into_inner();
+        let anchors = self.anchors.borrow().clone();
         let validity = verify::check_chain(
             &resp.leaf_certificate,
             &resp.intermediate_certificates,
-            &self.anchors,
+            &anchors,
             &self.config.id,
             &self.spki,
             SystemTime::now(),
@@ -299,6 +319,45 @@ impl Client {
             not_before: validity.not_before,
             not_after: validity.not_after,
         })
+    }
+}
+
+/// Re-reads the trust-anchor bundle every [`ANCHORS_POLL`] and publishes it when its bytes
+/// changed and it parses; a bad bundle is logged and counted, and the old anchors stay.
+async fn reload_anchors(
+    path: std::path::PathBuf,
+    tx: watch::Sender<Arc<TrustAnchors>>,
+    metrics: IdentityMetrics,
+) {
+    let mut last = std::fs::read(&path).ok();
+    let mut tick = tokio::time::interval(ANCHORS_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let pem = match std::fs::read(&path) {
+            Ok(pem) => pem,
+            Err(e) => {
+                // Mid-rename, or the volume is being updated: try again on the next tick.
+                tracing::debug!(path = %path.display(), error = %e, "cannot read the trust anchors; keeping the current ones");
+                continue;
+            }
+        };
+        if last.as_deref() == Some(&pem[..]) {
+            continue;
+        }
+        match TrustAnchors::from_pem(&path, &pem) {
+            Ok(anchors) => {
+                tracing::info!(path = %path.display(), anchors = anchors.len(), "trust anchors reloaded");
+                metrics.anchors.set(anchors.len() as i64);
+                metrics.anchors_reloaded("ok");
+                tx.send_replace(Arc::new(anchors));
+            }
+            Err(e) => {
+                tracing::error!("trust anchors not reloaded, keeping the previous ones: {e}");
+                metrics.anchors_reloaded("error");
+            }
+        }
+        last = Some(pem);
     }
 }
 

@@ -92,12 +92,15 @@ pub struct DirLabels {
 pub struct RequestLabels {
     pub direction: Direction,
     pub authority: Arc<str>,
+    /// Inbound: the client's SPIFFE ID when it came over mTLS; empty otherwise.
+    pub client_id: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResponseLabels {
     pub direction: Direction,
     pub authority: Arc<str>,
+    pub client_id: Arc<str>,
     pub status_code: u16,
     pub grpc_status: String,
     pub classification: Class,
@@ -107,6 +110,7 @@ pub struct ResponseLabels {
 pub struct LatencyLabels {
     pub direction: Direction,
     pub authority: Arc<str>,
+    pub client_id: Arc<str>,
     pub classification: Class,
 }
 
@@ -164,6 +168,9 @@ pub struct IdentityMetrics {
     pub certify: Family<ResultLabels, Counter>,
     /// 1 while a valid certificate is held.
     pub ready: Gauge,
+    /// Trust anchors in use.
+    pub anchors: Gauge,
+    pub anchor_reloads: Family<ResultLabels, Counter>,
 }
 
 impl IdentityMetrics {
@@ -177,6 +184,81 @@ impl IdentityMetrics {
             .get_or_create(&ResultLabels { result: "error" })
             .inc();
     }
+    pub fn anchors_reloaded(&self, result: &'static str) {
+        self.anchor_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsLabels {
+    pub direction: Direction,
+    /// `true`, or why the connection is not mesh TLS (see [`TlsStatus`]).
+    pub tls: &'static str,
+    /// The peer's SPIFFE ID when `tls="true"`, else empty.
+    pub peer_id: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeErrorLabels {
+    pub direction: Direction,
+    pub reason: &'static str,
+}
+
+/// A connection's mesh-TLS status: the `tls` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsStatus {
+    /// Mutual TLS between proxies, peer identity verified.
+    Mtls,
+    /// This proxy has no identity (`WEFT_PROXY_IDENTITY_ADDR` unset): no mTLS at all.
+    NoIdentity,
+    /// Outbound: the endpoint (or original destination) is not known to be meshed, or its
+    /// port is opaque on the peer.
+    NotMeshed,
+    /// Inbound: the client did not speak TLS.
+    Plaintext,
+    /// Inbound: TLS not addressed to this workload's identity (an app's own TLS), relayed
+    /// untouched.
+    Passthrough,
+}
+
+impl TlsStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsStatus::Mtls => "true",
+            TlsStatus::NoIdentity => "no-identity",
+            TlsStatus::NotMeshed => "not-meshed",
+            TlsStatus::Plaintext => "plaintext",
+            TlsStatus::Passthrough => "passthrough",
+        }
+    }
+}
+
+/// Mesh TLS: connections by TLS status and peer, and handshake failures.
+#[derive(Clone, Debug, Default)]
+pub struct TlsMetrics {
+    pub connections: Family<TlsLabels, Counter>,
+    pub handshake_errors: Family<HandshakeErrorLabels, Counter>,
+}
+
+impl TlsMetrics {
+    /// The counter of `direction` connections with `status` (and `peer_id` for mTLS).
+    pub fn connections(&self, direction: Direction, status: TlsStatus, peer_id: &str) -> Counter {
+        self.connections
+            .get_or_create(&TlsLabels {
+                direction,
+                tls: status.as_str(),
+                peer_id: Arc::from(peer_id),
+            })
+            .clone()
+    }
+
+    pub fn handshake_error(&self, direction: Direction, reason: &'static str) {
+        self.handshake_errors
+            .get_or_create(&HandshakeErrorLabels { direction, reason })
+            .inc();
+    }
 }
 
 /// Series of one (direction, authority): the request counter, and response counters and
@@ -185,6 +267,7 @@ pub struct AuthorityMetrics {
     metrics: Arc<Metrics>,
     pub direction: Direction,
     pub label: Arc<str>,
+    pub client_id: Arc<str>,
     requests: Counter,
     /// A few (status, grpc-status, class) series: almost every authority sees a handful.
     responses: Mutex<Vec<ResponseSeries>>,
@@ -207,18 +290,25 @@ impl fmt::Debug for AuthorityMetrics {
 }
 
 impl AuthorityMetrics {
-    fn new(metrics: Arc<Metrics>, direction: Direction, label: Arc<str>) -> Arc<Self> {
+    fn new(
+        metrics: Arc<Metrics>,
+        direction: Direction,
+        label: Arc<str>,
+        client_id: Arc<str>,
+    ) -> Arc<Self> {
         let requests = metrics
             .http_requests
             .get_or_create(&RequestLabels {
                 direction,
                 authority: label.clone(),
+                client_id: client_id.clone(),
             })
             .clone();
         Arc::new(Self {
             metrics,
             direction,
             label,
+            client_id,
             requests,
             responses: Mutex::new(Vec::new()),
             latency: [OnceLock::new(), OnceLock::new()],
@@ -249,6 +339,7 @@ impl AuthorityMetrics {
                     .get_or_create(&ResponseLabels {
                         direction: self.direction,
                         authority: self.label.clone(),
+                        client_id: self.client_id.clone(),
                         status_code: status,
                         grpc_status: grpc_status.map(|s| s.to_string()).unwrap_or_default(),
                         classification: class,
@@ -267,6 +358,7 @@ impl AuthorityMetrics {
                     .get_or_create(&LatencyLabels {
                         direction: self.direction,
                         authority: self.label.clone(),
+                        client_id: self.client_id.clone(),
                         classification: class,
                     })
                     .clone()
@@ -285,6 +377,13 @@ fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
 
+/// Admitted authorities of one direction, by client identity ("" without mTLS).
+#[derive(Default)]
+struct AuthoritySet {
+    by_client: HashMap<Arc<str>, HashMap<Arc<str>, Arc<AuthorityMetrics>>>,
+    len: usize,
+}
+
 /// All proxy metrics. Cheap to clone handles out of; shared behind an `Arc`.
 pub struct Metrics {
     registry: Registry,
@@ -299,8 +398,10 @@ pub struct Metrics {
     pub errors: Family<ErrorLabels, Counter>,
     pub discovery: DiscoveryMetrics,
     pub identity: IdentityMetrics,
-    /// Per-direction handles of admitted authorities; see [`Metrics::authority`].
-    authorities: Mutex<[HashMap<Arc<str>, Arc<AuthorityMetrics>>; 2]>,
+    pub tls: TlsMetrics,
+    /// Per-direction handles of admitted (client identity, authority) pairs; see
+    /// [`Metrics::authority`].
+    authorities: Mutex<[AuthoritySet; 2]>,
     overflow: [OnceLock<Arc<AuthorityMetrics>>; 2],
 }
 
@@ -422,6 +523,27 @@ impl Metrics {
             "1 while the proxy holds a valid workload certificate (identity configured), else 0",
             identity.ready.clone(),
         );
+        let tls = TlsMetrics::default();
+        registry.register(
+            "weft_tls_connections",
+            "Connections by mesh-TLS status: tls=\"true\" with the peer's identity, or why not (no-identity, not-meshed, plaintext, passthrough); inbound counts accepted connections, outbound the connections opened to endpoints",
+            tls.connections.clone(),
+        );
+        registry.register(
+            "weft_tls_handshake_errors",
+            "Mesh TLS handshakes that failed, by reason (wrong-identity, untrusted, expired, no-client-certificate, no-local-certificate, peer-refused, timeout, protocol)",
+            tls.handshake_errors.clone(),
+        );
+        registry.register(
+            "weft_identity_trust_anchors",
+            "Trust anchors (roots) the proxy verifies peers and its own certificate against",
+            identity.anchors.clone(),
+        );
+        registry.register(
+            "weft_identity_trust_anchor_reloads",
+            "Reloads of WEFT_PROXY_TRUST_ANCHORS after the file changed, by result: ok, error (the previous anchors stay in use)",
+            identity.anchor_reloads.clone(),
+        );
         registry.register_collector(Box::new(process::ProcessCollector::new()));
         Arc::new(Self {
             registry,
@@ -436,19 +558,22 @@ impl Metrics {
             errors,
             discovery,
             identity,
-            authorities: Mutex::new([HashMap::new(), HashMap::new()]),
+            tls,
+            authorities: Mutex::new([AuthoritySet::default(), AuthoritySet::default()]),
             overflow: [OnceLock::new(), OnceLock::new()],
         })
     }
 
-    /// The metric handles for requests to `authority` in `direction`. Each direction admits
-    /// [`MAX_AUTHORITIES`] distinct values; later ones share the `overflow` handles. The
+    /// The metric handles for requests to `authority` in `direction` from `client_id` (the
+    /// client's SPIFFE ID on inbound mTLS connections, else ""). Each direction admits
+    /// [`MAX_AUTHORITIES`] distinct pairs; later ones share the `overflow` handles. The
     /// handles hold the families' series directly, so recording a request costs no label
     /// hashing (callers cache the `Arc` per connection).
     pub fn authority(
         self: &Arc<Self>,
         direction: Direction,
         authority: &str,
+        client_id: &Arc<str>,
     ) -> Arc<AuthorityMetrics> {
         let idx = direction as usize;
         let mut sets = match self.authorities.lock() {
@@ -456,20 +581,34 @@ impl Metrics {
             Err(poisoned) => poisoned.into_inner(),
         };
         let set = &mut sets[idx];
-        if let Some(a) = set.get(authority) {
+        if let Some(a) = set
+            .by_client
+            .get(&**client_id)
+            .and_then(|m| m.get(authority))
+        {
             return a.clone();
         }
-        if set.len() >= MAX_AUTHORITIES {
+        if set.len >= MAX_AUTHORITIES {
             drop(sets);
             return self.overflow[idx]
                 .get_or_init(|| {
-                    AuthorityMetrics::new(self.clone(), direction, Arc::from("overflow"))
+                    AuthorityMetrics::new(
+                        self.clone(),
+                        direction,
+                        Arc::from("overflow"),
+                        Arc::from(""),
+                    )
                 })
                 .clone();
         }
         let label: Arc<str> = Arc::from(authority);
-        let handles = AuthorityMetrics::new(self.clone(), direction, label.clone());
-        set.insert(label, handles.clone());
+        let handles =
+            AuthorityMetrics::new(self.clone(), direction, label.clone(), client_id.clone());
+        set.by_client
+            .entry(client_id.clone())
+            .or_default()
+            .insert(label, handles.clone());
+        set.len += 1;
         handles
     }
 
@@ -542,18 +681,26 @@ mod tests {
     #[test]
     fn authority_labels_are_bounded() {
         let m = Metrics::new();
+        let none: Arc<str> = Arc::from("");
         for i in 0..MAX_AUTHORITIES {
             assert_eq!(
-                &*m.authority(Direction::Outbound, &format!("a{i}:80")).label,
+                &*m.authority(Direction::Outbound, &format!("a{i}:80"), &none)
+                    .label,
                 format!("a{i}:80")
             );
         }
         assert_eq!(
-            &*m.authority(Direction::Outbound, "new:80").label,
+            &*m.authority(Direction::Outbound, "new:80", &none).label,
             "overflow"
         );
-        assert_eq!(&*m.authority(Direction::Outbound, "a1:80").label, "a1:80");
-        assert_eq!(&*m.authority(Direction::Inbound, "new:80").label, "new:80");
+        assert_eq!(
+            &*m.authority(Direction::Outbound, "a1:80", &none).label,
+            "a1:80"
+        );
+        assert_eq!(
+            &*m.authority(Direction::Inbound, "new:80", &none).label,
+            "new:80"
+        );
     }
 
     #[test]
@@ -568,7 +715,21 @@ mod tests {
     #[test]
     fn encodes_golden_metrics() {
         let m = Metrics::new();
-        let a = m.authority(Direction::Outbound, "web:80");
+        let a = m.authority(Direction::Outbound, "web:80", &Arc::from(""));
+        let b = m.authority(
+            Direction::Inbound,
+            "web:80",
+            &Arc::from("spiffe://cluster.local/ns/a/sa/b"),
+        );
+        b.request();
+        m.tls
+            .connections(
+                Direction::Inbound,
+                TlsStatus::Mtls,
+                "spiffe://cluster.local/ns/a/sa/b",
+            )
+            .inc();
+        m.tls.handshake_error(Direction::Outbound, "wrong-identity");
         a.request();
         a.response(200, None, Class::Success, Duration::from_millis(3));
         a.response(200, None, Class::Success, Duration::from_millis(4));
@@ -576,17 +737,29 @@ mod tests {
         m.error(Direction::Inbound, "connect-refused");
         let om = m.encode_openmetrics().unwrap();
         assert!(
-            om.contains(r#"weft_http_requests_total{direction="outbound",authority="web:80"} 1"#),
+            om.contains(r#"weft_http_requests_total{direction="outbound",authority="web:80",client_id=""} 1"#),
             "{om}"
         );
         assert!(om.contains(
-            r#"weft_http_responses_total{direction="outbound",authority="web:80",status_code="200",grpc_status="",classification="success"} 2"#
+            r#"weft_http_responses_total{direction="outbound",authority="web:80",client_id="",status_code="200",grpc_status="",classification="success"} 2"#
         ), "{om}");
         assert!(om.contains(
-            r#"weft_http_response_duration_seconds_count{direction="outbound",authority="web:80",classification="failure"} 1"#
+            r#"weft_http_response_duration_seconds_count{direction="outbound",authority="web:80",client_id="",classification="failure"} 1"#
         ), "{om}");
         assert!(om
             .contains(r#"weft_proxy_errors_total{direction="inbound",cause="connect-refused"} 1"#));
+        assert!(om.contains(
+            r#"weft_http_requests_total{direction="inbound",authority="web:80",client_id="spiffe://cluster.local/ns/a/sa/b"} 1"#
+        ), "{om}");
+        assert!(om.contains(
+            r#"weft_tls_connections_total{direction="inbound",tls="true",peer_id="spiffe://cluster.local/ns/a/sa/b"} 1"#
+        ), "{om}");
+        assert!(
+            om.contains(
+                r#"weft_tls_handshake_errors_total{direction="outbound",reason="wrong-identity"} 1"#
+            ),
+            "{om}"
+        );
         assert!(om.contains("process_resident_memory_bytes "), "{om}");
         let prom = openmetrics_to_prometheus(&om);
         assert!(prom.contains("# TYPE weft_http_requests_total counter"));

@@ -3,6 +3,9 @@
 //! When one side finishes writing (EOF), the proxy shuts down its write side towards the other
 //! peer and keeps relaying the reply. When one side resets, or a write fails, both sockets are
 //! closed with SO_LINGER 0 so the other peer sees a reset rather than a clean close.
+//!
+//! Either side may be a TLS stream (mesh mTLS terminated or originated by the proxy): a TLS
+//! side's EOF is its peer's close_notify, and its shutdown sends one.
 
 use std::io;
 use std::time::Duration;
@@ -10,8 +13,45 @@ use std::time::Duration;
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use socket2::SockRef;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::transport::prefixed::PrefixedIo;
+
+/// A relayable stream over a TCP socket (which a reset is applied to).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Stream for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl<S: Stream> Stream for PrefixedIo<S> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().tcp()
+    }
+}
+
+impl<S: Stream> Stream for tokio_rustls::client::TlsStream<S> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0.tcp()
+    }
+}
+
+impl<S: Stream> Stream for tokio_rustls::server::TlsStream<S> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0.tcp()
+    }
+}
+
+impl<S: Stream + ?Sized> Stream for Box<S> {
+    fn tcp(&self) -> &TcpStream {
+        (**self).tcp()
+    }
+}
 
 const BUF: usize = 16 * 1024;
 
@@ -32,18 +72,19 @@ pub enum Outcome {
 }
 
 /// Relays `client` ⇄ `server`; `prefix` (bytes read during detection) goes to the server first.
-pub async fn forward(
-    mut client: TcpStream,
+pub async fn forward<C: Stream, S: Stream>(
+    client: C,
     prefix: Bytes,
-    mut server: TcpStream,
+    server: S,
     counters: &ByteCounters,
 ) -> Outcome {
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut sr, mut sw) = tokio::io::split(server);
     let result = async {
         if !prefix.is_empty() {
-            server.write_all(&prefix).await?;
+            sw.write_all(&prefix).await?;
+            sw.flush().await?;
         }
-        let (mut cr, mut cw) = client.split();
-        let (mut sr, mut sw) = server.split();
         let up = async {
             let mut buf = vec![0u8; BUF];
             let mut total = prefix.len() as u64;
@@ -55,6 +96,7 @@ pub async fn forward(
                 }
                 counters.read.inc_by(n as u64);
                 sw.write_all(&buf[..n]).await?;
+                sw.flush().await?;
                 total += n as u64;
             }
         };
@@ -68,6 +110,7 @@ pub async fn forward(
                     return Ok::<_, io::Error>(total);
                 }
                 cw.write_all(&buf[..n]).await?;
+                cw.flush().await?;
                 counters.write.inc_by(n as u64);
                 total += n as u64;
             }
@@ -82,8 +125,8 @@ pub async fn forward(
         },
         Err(e) => {
             tracing::debug!(error = %e, "tcp forward ended by error; resetting both sides");
-            reset(&client);
-            reset(&server);
+            reset(cr.unsplit(cw).tcp());
+            reset(sr.unsplit(sw).tcp());
             Outcome::Reset
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod counting;
 pub mod detect;
+pub mod mesh;
 pub mod orig_dst;
 pub mod prefixed;
 pub mod tls;

@@ -51,7 +51,7 @@ pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 
 /// The label between the ServiceAccount/namespace and the trust domain in a server name.
-const MARKER: &str = ".serviceaccount.identity.";
+pub const MARKER: &str = ".serviceaccount.identity.";
 
 /// Why a TLS config cannot be built (at start, from the trust anchors).
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,204 @@
+//! Clients for the loopback tests: one HTTP connection to a proxy ([`Conn`]), a steady
+//! request load that records every failure ([`Load`]), and a TCP echo server and client.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+/// One HTTP connection to the proxy's outbound port.
+pub enum Conn {
+    H1(http1::SendRequest<Empty<Bytes>>),
+    H2(http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Conn {
+    pub async fn open(proxy: SocketAddr, h2: bool) -> Result<Self> {
+        let io = TokioIo::new(TcpStream::connect(proxy).await?);
+        Ok(if h2 {
+            let (send, conn) = http2::handshake(TokioExecutor::new(), io).await?;
+            tokio::spawn(conn);
+            Conn::H2(send)
+        } else {
+            let (send, conn) = http1::handshake(io).await?;
+            tokio::spawn(conn);
+            Conn::H1(send)
+        })
+    }
+
+    /// GET `path` with authority `host`: (status, proxy error header, body).
+    pub async fn get(&mut self, host: &str, path: &str) -> Result<(u16, String, Bytes)> {
+        let rsp = match self {
+            Conn::H1(s) => {
+                s.ready().await?;
+                let req = Request::get(path).header("host", host).body(Empty::new())?;
+                s.send_request(req).await?
+            }
+            Conn::H2(s) => {
+                s.ready().await?;
+                let req = Request::get(format!("http://{host}{path}")).body(Empty::new())?;
+                s.send_request(req).await?
+            }
+        };
+        let status = rsp.status().as_u16();
+        let err = rsp
+            .headers()
+            .get("weft-proxy-error")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        let body = rsp.into_body().collect().await?.to_bytes();
+        Ok((status, err, body))
+    }
+}
+
+/// Steady open-loop-ish load: `conns` connections each sending a GET every `conns/rps`
+/// seconds; every non-200 or error is a failure.
+pub struct Load {
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    errors: Arc<std::sync::Mutex<Vec<String>>>,
+    stop: tokio_util_stop::Stop,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+mod tokio_util_stop {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    #[derive(Clone, Default)]
+    pub struct Stop(Arc<AtomicBool>);
+    impl Stop {
+        pub fn stop(&self) {
+            self.0.store(true, Ordering::Relaxed)
+        }
+        pub fn stopped(&self) -> bool {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+}
+
+impl Load {
+    pub async fn start(
+        proxy: SocketAddr,
+        host: &str,
+        h2: bool,
+        rps: u32,
+        conns: u32,
+    ) -> Result<Self> {
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = tokio_util_stop::Stop::default();
+        let period = Duration::from_secs_f64(f64::from(conns) / f64::from(rps));
+        let mut tasks = Vec::new();
+        for i in 0..conns {
+            let mut conn = Conn::open(proxy, h2).await?;
+            let (ok, failed, errors, stop) =
+                (ok.clone(), failed.clone(), errors.clone(), stop.clone());
+            let host = host.to_string();
+            tasks.push(tokio::spawn(async move {
+                // Spread the connections' ticks over the period.
+                let start = Instant::now() + period.mul_f64(f64::from(i) / f64::from(conns));
+                let mut tick = tokio::time::interval_at(start, period);
+                while !stop.stopped() {
+                    tick.tick().await;
+                    match conn.get(&host, "/load").await {
+                        Ok((200, _, _)) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok((s, e, b)) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            lock(&errors).push(format!("{s} {e} {}", String::from_utf8_lossy(&b)));
+                        }
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            lock(&errors).push(format!("{e:#}"));
+                            return;
+                        }
+                    }
+                }
+            }));
+        }
+        Ok(Self {
+            ok,
+            failed,
+            errors,
+            stop,
+            tasks,
+        })
+    }
+
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    pub async fn finish(self) -> Result<u64> {
+        self.stop.stop();
+        for t in self.tasks {
+            t.await?;
+        }
+        let failed = self.failed.load(Ordering::Relaxed);
+        if failed > 0 {
+            bail!(
+                "{failed} requests failed (of {}): {:?}",
+                failed + self.ok.load(Ordering::Relaxed),
+                &lock(&self.errors)[..]
+            );
+        }
+        Ok(self.ok.load(Ordering::Relaxed))
+    }
+}
+
+/// A TCP echo server counting accepted connections.
+pub async fn echo_server() -> Result<(SocketAddr, Arc<AtomicU64>)> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok((addr, accepted))
+}
+
+pub async fn echo(proxy: SocketAddr) -> Result<TcpStream> {
+    let mut s = TcpStream::connect(proxy).await?;
+    s.write_all(b"hello weft\n").await?;
+    let mut buf = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .context("echo timed out")??;
+    if &buf != b"hello weft\n" {
+        bail!("echo answered {:?}", String::from_utf8_lossy(&buf));
+    }
+    Ok(s)
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
