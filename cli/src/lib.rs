@@ -1,9 +1,11 @@
 //! `weft`, the command a Weft user types.
 //!
-//! Today it has one subcommand, `weft demo`, which runs a two-proxy mesh on
-//! loopback (two in-process apps, two `weft-proxy` children) and shows live
-//! golden metrics read from the proxies' admin endpoints. `inject`,
-//! `install`, `check`, `stat` and `policy explain` will join it.
+//! `weft demo` runs a two-proxy mesh on loopback (two in-process apps, two
+//! `weft-proxy` children and a `weft-controller` with a development CA, the
+//! proxies talking mutual TLS) and shows live golden metrics and the mesh's
+//! security state read from the proxies' admin endpoints; `weft inject`
+//! patches manifests offline. `install`, `check`, `stat` and `policy explain`
+//! will join them.
 //!
 //! The binary (`src/main.rs`) only parses arguments and sets up logging; the
 //! work lives here:
@@ -13,8 +15,11 @@
 //! - [`promtext`]: a parser for the Prometheus text format the proxies serve.
 //! - [`stats`]: rates, success rates and latency quantiles from two scrapes,
 //!   meant to be shared with a future `weft stat`.
+//! - [`security`]: mTLS connections and peer identities, handshake failures
+//!   and certificate lifetimes from a scrape.
 
 pub mod demo;
 pub mod inject;
 pub mod promtext;
+pub mod security;
 pub mod stats;

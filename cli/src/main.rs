@@ -26,11 +26,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a two-proxy mesh on loopback and watch its golden metrics.
+    /// Run a two-proxy mesh on loopback and watch its golden metrics and mTLS.
     ///
     /// Starts two in-process apps (web, a traffic generator, and books, a
-    /// small JSON service) and two weft-proxy processes between them:
-    /// web → client proxy (outbound) → server proxy (inbound) → books.
+    /// small JSON service), two weft-proxy processes between them and a
+    /// weft-controller with a development CA that certifies both proxies:
+    /// web → client proxy (outbound) → mTLS → server proxy (inbound) → books.
     /// Needs no root and no cluster. Stops on Ctrl-C, SIGTERM or --duration.
     Demo(DemoArgs),
     /// Add the Weft proxy to workloads in Kubernetes manifests (files or stdin) and print them.

@@ -1,5 +1,6 @@
 //! `weft demo --duration 5` end to end: real `weft-proxy` children on
-//! loopback, and the numbers a user reads in the summary.
+//! loopback, and the numbers a user reads in the summary, including that the
+//! proxies talked mutual TLS with the identities the development CA issued.
 //!
 //! Needs the proxy and controller binaries next to `weft` in the target
 //! directory (`cargo build -p weft-proxy -p weft-controller`; `cargo test
@@ -52,11 +53,15 @@ struct Row {
     success_percent: Option<f64>,
 }
 
-fn summary_row(stdout: &str, proxy: &str, direction: &str) -> Row {
-    let summary = stdout
+fn summary(stdout: &str) -> &str {
+    stdout
         .split_once("Summary over")
         .unwrap_or_else(|| panic!("no summary in output:\n{stdout}"))
-        .1;
+        .1
+}
+
+fn summary_row(stdout: &str, proxy: &str, direction: &str) -> Row {
+    let summary = summary(stdout);
     let cols: Vec<&str> = summary
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
@@ -70,8 +75,118 @@ fn summary_row(stdout: &str, proxy: &str, direction: &str) -> Row {
     }
 }
 
+const WEB_ID: &str = "spiffe://cluster.local/ns/demo/sa/web";
+const BOOKS_ID: &str = "spiffe://cluster.local/ns/demo/sa/books";
+
+/// A data row of the summary's security table: `PROXY DIRECTION MTLS PLAIN CERT PEER`.
+#[derive(Debug)]
+struct SecurityRow {
+    mtls: f64,
+    plain: f64,
+    cert: String,
+    peer: String,
+}
+
+fn security_row(stdout: &str, proxy: &str, direction: &str) -> SecurityRow {
+    let summary = summary(stdout);
+    let cols: Vec<&str> = summary
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .skip_while(|c| c.get(..3) != Some(&["PROXY", "DIRECTION", "MTLS"][..]))
+        .find(|c| c.len() >= 6 && c[0] == proxy && c[1] == direction)
+        .unwrap_or_else(|| panic!("no {proxy} {direction} security row in summary:\n{summary}"));
+    let number = |s: &str| {
+        s.parse()
+            .unwrap_or_else(|e| panic!("{proxy} {direction}: {s:?}: {e}\n{summary}"))
+    };
+    SecurityRow {
+        mtls: number(cols[2]),
+        plain: number(cols[3]),
+        cert: cols[4].to_string(),
+        peer: cols[5..].join(" "),
+    }
+}
+
+/// `server proxy inbound requests by client identity: N from <id>, ...`: the N from `id`.
+fn requests_from(stdout: &str, id: &str) -> f64 {
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("requests by client identity:"))
+        .unwrap_or_else(|| panic!("no client identity line in output:\n{stdout}"));
+    let suffix = format!(" from {id}");
+    // After the first ": " (the IDs' own colons are followed by "//").
+    let (_, list) = line
+        .split_once(": ")
+        .unwrap_or_else(|| panic!("no list in {line:?}"));
+    list.split(", ")
+        .find_map(|part| part.strip_suffix(&suffix)?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The log directory the summary names (`proxy and controller logs: <dir>`).
+fn log_dir(stdout: &str) -> PathBuf {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("proxy and controller logs: "))
+        .unwrap_or_else(|| panic!("no log directory in output:\n{stdout}"));
+    PathBuf::from(line)
+}
+
+/// The proxies talked mTLS, with the identities the dev CA issued: what the
+/// server proxy counted inbound, what the client proxy counted outbound, and who
+/// the inbound requests came from.
+fn assert_mtls(stdout: &str, context: &str) {
+    let server = security_row(stdout, "server", "inbound");
+    assert!(
+        server.mtls > 0.0 && server.peer == WEB_ID,
+        "server proxy: no inbound mTLS connections from {WEB_ID}: {server:?}\n{context}"
+    );
+    assert_eq!(
+        server.plain, 0.0,
+        "server proxy: inbound connections without TLS\n{context}"
+    );
+    let client = security_row(stdout, "client", "outbound");
+    assert!(
+        client.mtls > 0.0 && client.peer == BOOKS_ID,
+        "client proxy: no outbound mTLS connections to {BOOKS_ID}: {client:?}\n{context}"
+    );
+    for row in [&server, &client] {
+        // 24 h certificates, issued seconds ago.
+        assert!(
+            row.cert.starts_with("23h"),
+            "certificate time left: {row:?}\n{context}"
+        );
+    }
+    assert!(
+        !summary(stdout).contains("TLS handshake failure"),
+        "handshakes failed\n{context}"
+    );
+    let from_web = requests_from(stdout, WEB_ID);
+    assert!(
+        from_web > 0.0,
+        "server proxy: no inbound requests carried client_id {WEB_ID}\n{context}"
+    );
+    assert!(
+        !stdout.contains("without a client identity"),
+        "server proxy: inbound requests without a client identity\n{context}"
+    );
+    // The CA and the tokens stay where the README says.
+    let dir = log_dir(stdout);
+    for file in [
+        "ca/trust-anchors.pem",
+        "tokens/web.token",
+        "tokens/books.token",
+    ] {
+        assert!(
+            dir.join(file).is_file(),
+            "{file} missing in {}\n{context}",
+            dir.display()
+        );
+    }
+}
+
 #[test]
-fn demo_runs_traffic_through_both_proxies_and_exits_cleanly() {
+fn demo_runs_traffic_over_mtls_through_both_proxies_and_exits_cleanly() {
     let started = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_weft"))
         .args(["demo", "--duration", "5", "--proxy-bin"])
@@ -131,6 +246,7 @@ fn demo_runs_traffic_through_both_proxies_and_exits_cleanly() {
     assert!(balanced > 0.0, "nothing routed by discovery: {context}");
     assert_eq!(endpoints, 1.0, "{context}");
     assert_eq!(passthrough, 0.0, "{context}");
+    assert_mtls(&stdout, &context);
 }
 
 #[test]

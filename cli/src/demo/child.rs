@@ -107,7 +107,8 @@ impl DemoChild {
             }
             let last = match admin.get(admin_addr, "/ready").await {
                 Ok((StatusCode::OK, _)) => return Ok(()),
-                Ok((status, _)) => format!("answered {status}"),
+                // The body says why (a proxy waiting for its certificate names the refusal).
+                Ok((status, body)) => format!("answered {status}: {}", quote_body(&body)),
                 Err(e) => e,
             };
             if Instant::now() >= deadline {
@@ -147,6 +148,19 @@ impl DemoChild {
     }
 }
 
+/// A `/ready` body for an error message: one line, at most 300 characters.
+fn quote_body(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.is_empty() {
+        return "(empty body)".into();
+    }
+    match line.char_indices().nth(300) {
+        Some((cut, _)) => format!("{:?}…", &line[..cut]),
+        None => format!("{line:?}"),
+    }
+}
+
 fn sigterm(pid: u32) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return;
@@ -157,5 +171,66 @@ fn sigterm(pid: u32) {
     let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
     if rc != 0 {
         tracing::warn!(pid, error = %std::io::Error::last_os_error(), "could not send SIGTERM");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    #[test]
+    fn ready_bodies_are_quoted_on_one_line() {
+        assert_eq!(
+            quote_body(b"not ready: no certificate:\n token refused\n"),
+            "\"not ready: no certificate: token refused\""
+        );
+        assert_eq!(quote_body(b"\n"), "(empty body)");
+        let long = "x".repeat(400);
+        assert_eq!(quote_body(long.as_bytes()), format!("{:?}…", &long[..300]));
+    }
+
+    /// A proxy that never becomes ready: the error names what its `/ready` says.
+    #[tokio::test]
+    async fn not_ready_error_quotes_the_ready_body() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let admin_addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf).await;
+                let body = "not ready: no certificate: the identity service refused the token\n";
+                let resp = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(resp.as_bytes()).await;
+            }
+        });
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let log = std::env::temp_dir().join(format!("weft-child-test-{}.log", std::process::id()));
+        let mut child = DemoChild::spawn("server proxy", Path::new("sleep"), cmd, log.clone())
+            .expect("spawn sleep");
+        let err = child
+            .wait_ready(
+                &AdminClient::new(Duration::from_secs(1)),
+                admin_addr,
+                Duration::from_millis(300),
+                &CancellationToken::new(),
+            )
+            .await
+            .expect_err("never ready");
+        child.terminate(Duration::from_secs(1)).await;
+        let _ = std::fs::remove_file(log);
+        let text = err.to_string();
+        assert!(
+            text.contains(
+                "(last: answered 503 Service Unavailable: \"not ready: no certificate: \
+                 the identity service refused the token\")"
+            ),
+            "{text}"
+        );
     }
 }

@@ -1,15 +1,26 @@
 //! `weft demo`: a two-proxy mesh with its controller on loopback, with no
-//! root and no cluster.
+//! root and no cluster, the proxies talking mutual TLS with certificates from
+//! the controller's development CA.
 //!
 //! ```text
-//!  web ──▶ client proxy ─────────────────▶ server proxy ──────────▶ books
-//!  (in-process  outbound: routes by Host     inbound listener         (in-process
-//!   generator)  books.demo.svc.cluster.local  fixed target: ──────────┘  JSON app)
-//!                    │ Resolve
-//!                    ▼
-//!               weft-controller --source dir:<log dir>/manifests
-//!               (Service books → endpoint: the server proxy's inbound port)
+//!  web ──▶ client proxy ═════════ mTLS ═════════▶ server proxy ─────────▶ books
+//!  (in-process  outbound: routes by Host          inbound: terminates     (in-process
+//!   generator)  books.demo.svc.cluster.local,     mTLS (the SNI names      JSON app)
+//!               checks the server is sa/books,    sa/books), HTTP/1.1 to
+//!               HTTP/2 to it                      its fixed target
+//!               identity sa/web                   identity sa/books
+//!                    │ Resolve, Certify                │ Certify
+//!                    ▼                                 ▼
+//!               weft-controller --source dir:<log dir>/manifests --dev-ca <log dir>/ca
+//!               (Service books → endpoint: the server proxy's inbound port, pod books-0,
+//!                meshed, ServiceAccount books: identity and HTTP/2 hint)
 //! ```
+//!
+//! Identities are `spiffe://cluster.local/ns/demo/sa/{web,books}`. Each proxy
+//! proves its ServiceAccount to the controller's identity service with a token
+//! minted by `weft-controller token --dev-ca` into `<log dir>/tokens/`, the
+//! stand-in for a kubelet-projected token, and is ready only once it holds a
+//! certificate; the CA (`<log dir>/ca`) is created by the controller.
 //!
 //! In a pod, iptables redirects the app's traffic to the proxy and the proxy
 //! reads the original destination with `SO_ORIGINAL_DST`; both need root.
@@ -21,9 +32,11 @@
 //! controller (`WEFT_PROXY_DESTINATION_ADDR`) for the endpoints of
 //! `books.demo.svc.cluster.local:8080` and balances over them.
 //!
-//! Every number in the live table is read from the proxies' `/metrics`
+//! Every number in the live tables is read from the proxies' `/metrics`
 //! endpoints, never from the generator, so the demo shows what an operator
-//! scraping the mesh would see.
+//! scraping the mesh would see: golden metrics per proxy and direction, and
+//! the security state (connections with mTLS and their peers' identities,
+//! handshake failures, each certificate's time left).
 
 pub mod apps;
 pub mod child;
@@ -36,17 +49,21 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use self::apps::{BooksConfig, TrafficConfig, TrafficCounts};
-use self::controller::{ControllerAddrs, ControllerProcess, BOOKS_CLUSTER_IP, BOOKS_PORT};
-use self::proxy::{AdminClient, ProxyAddrs, ProxyProcess, ProxySpec};
-use self::table::Row;
+use self::controller::{
+    ControllerAddrs, ControllerProcess, DevCa, BOOKS_CLUSTER_IP, BOOKS_POD, BOOKS_PORT,
+    BOOKS_SERVICE_ACCOUNT, WEB_POD, WEB_SERVICE_ACCOUNT,
+};
+use self::proxy::{AdminClient, ProxyAddrs, ProxyIdentity, ProxyProcess, ProxySpec};
+use self::table::{Row, SecurityRow};
 use crate::promtext::Sample;
+use crate::security::{self, TlsSnapshot};
 use crate::stats::{Direction, DirectionSnapshot, WindowStats};
 
 /// The Host header web sends (with the service port, [`BOOKS_PORT`]).
@@ -101,6 +118,14 @@ pub enum DemoError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "could not mint the identity token of ServiceAccount {service_account} into {path}: {reason}"
+    )]
+    Token {
+        service_account: String,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("could not reserve loopback ports: {0}")]
     Ports(std::io::Error),
     #[error("could not listen on 127.0.0.1 for the books app: {0}")]
@@ -136,10 +161,18 @@ const ROWS: [(usize, &str, Direction); 4] = [
     (1, "server", Direction::Outbound),
 ];
 
+/// Which rows the security table shows: the directions the demo's traffic takes.
+const SECURITY_ROWS: [(usize, &str, Direction); 2] = [
+    (0, "client", Direction::Outbound),
+    (1, "server", Direction::Inbound),
+];
+
 /// One scrape of both proxies.
 #[derive(Debug, Clone)]
 struct Scrape {
     at: Instant,
+    /// Wall-clock time of the scrape, Unix seconds, for certificate expiry.
+    unix: f64,
     proxies: [Result<Vec<Sample>, String>; 2],
 }
 
@@ -148,8 +181,42 @@ impl Scrape {
         let (client, server) = tokio::join!(admin.metrics(addrs[0]), admin.metrics(addrs[1]));
         Self {
             at: Instant::now(),
+            unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
             proxies: [client, server],
         }
+    }
+
+    /// The security rows: TLS connections and handshake failures since `start`, and each
+    /// proxy's certificate time left now.
+    fn security_since(&self, start: &Scrape) -> Vec<SecurityRow> {
+        SECURITY_ROWS
+            .iter()
+            .map(|&(i, proxy, direction)| {
+                let now = self.proxies[i].as_ref().ok();
+                // A failed first scrape counts from zero: the proxies had no traffic yet.
+                let before = start.proxies[i]
+                    .as_ref()
+                    .map(|s| TlsSnapshot::from_samples(s, direction))
+                    .unwrap_or_default();
+                SecurityRow {
+                    proxy,
+                    direction,
+                    tls: now.map(|s| TlsSnapshot::from_samples(s, direction).since(&before)),
+                    cert_left: now.and_then(|s| security::cert_seconds_left(s, self.unix)),
+                }
+            })
+            .collect()
+    }
+
+    /// Both tables for the window from `prev` to `self`, security since `start`.
+    fn render(&self, prev: &Scrape, start: &Scrape) -> String {
+        format!(
+            "{}{SECURITY_CAPTION}\n{}",
+            table::render(&self.rows_since(prev)),
+            table::render_security(&self.security_since(start)),
+        )
     }
 
     /// The table rows for the window from `prev` to `self`.
@@ -174,6 +241,9 @@ impl Scrape {
             .collect()
     }
 }
+
+const SECURITY_CAPTION: &str =
+    "Mesh TLS since the start (connections; CERT: time left on each proxy's certificate)";
 
 /// Writes tables to stdout: in place on a terminal, appended otherwise (so
 /// a log or a test sees every one).
@@ -210,6 +280,7 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
     spawn_signal_watcher(stop.clone())?;
 
     let log_dir = make_log_dir()?;
+    let ca = DevCa::in_log_dir(&log_dir);
     let shutdown_apps = CancellationToken::new();
 
     // books, in-process, on a port it keeps (no reservation race).
@@ -248,6 +319,13 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
             .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
         BOOKS_PORT,
     );
+    let identity = |service_account: &str, pod_name: &str| ProxyIdentity {
+        addr: controller_addrs.identity,
+        service_account: service_account.into(),
+        pod_name: pod_name.into(),
+        token_file: ca.token_file(service_account),
+        trust_anchors: ca.trust_anchors(),
+    };
     let specs = [
         ProxySpec {
             name: "client",
@@ -257,6 +335,7 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
             log_filter: config.proxy_log.clone(),
             destination: Some(controller_addrs.destination),
             namespace: Some(controller::BOOKS_NAMESPACE.into()),
+            identity: Some(identity(WEB_SERVICE_ACCOUNT, WEB_POD)),
         },
         ProxySpec {
             name: "server",
@@ -266,6 +345,7 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
             log_filter: config.proxy_log.clone(),
             destination: None,
             namespace: Some(controller::BOOKS_NAMESPACE.into()),
+            identity: Some(identity(BOOKS_SERVICE_ACCOUNT, BOOKS_POD)),
         },
     ];
 
@@ -273,6 +353,7 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
         &config.controller_bin,
         controller_addrs,
         server_addrs.inbound,
+        &ca,
         if config.proxy_log == "debug" {
             "debug"
         } else {
@@ -282,20 +363,34 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
     )?;
     let admin = AdminClient::new(Duration::from_secs(1));
     let mut proxies: Vec<ProxyProcess> = Vec::with_capacity(2);
-    let started = match controller
-        .wait_ready(
-            &AdminClient::new(Duration::from_millis(500)),
-            config.ready_timeout,
-            &stop,
-        )
-        .await
-    {
-        Ok(()) => start_proxies(&config, &specs, &log_dir, &stop, &mut proxies).await,
-        Err(e) => Err(e),
-    };
+    let started = async {
+        controller
+            .wait_ready(
+                &AdminClient::new(Duration::from_millis(500)),
+                config.ready_timeout,
+                &stop,
+            )
+            .await?;
+        // The CA exists once the controller is ready; each proxy needs its token before it
+        // starts (it checks the file at start-up).
+        for id in specs.iter().filter_map(|s| s.identity.as_ref()) {
+            ca.mint_token(&config.controller_bin, &id.service_account)
+                .await?;
+        }
+        start_proxies(&config, &specs, &log_dir, &stop, &mut proxies).await
+    }
+    .await;
     let result = match started {
         Ok(()) => {
-            print_banner(&config, books_addr, &specs, &proxies, &controller, &log_dir);
+            print_banner(
+                &config,
+                books_addr,
+                &specs,
+                &proxies,
+                &controller,
+                &ca,
+                &log_dir,
+            );
             run_traffic(&config, &admin, &stop, &mut proxies).await
         }
         // Ctrl-C while waiting for the proxies is a request to stop, not a failure.
@@ -356,6 +451,7 @@ fn print_banner(
     specs: &[ProxySpec; 2],
     proxies: &[ProxyProcess],
     controller: &ControllerProcess,
+    ca: &DevCa,
     log_dir: &std::path::Path,
 ) {
     let pid = |i: usize| {
@@ -364,7 +460,9 @@ fn print_banner(
             .and_then(ProxyProcess::pid)
             .map_or_else(|| "?".into(), |p| p.to_string())
     };
-    let mut text = String::from("weft demo: a two-proxy mesh and its controller on loopback\n");
+    let mut text = String::from(
+        "weft demo: a two-proxy mesh and its controller on loopback, mTLS between the proxies\n",
+    );
     text.push_str(&format!(
         "  web           {} req/s to {} with Host: {BOOKS_HOST}:{BOOKS_PORT}\n",
         config.rps, specs[0].addrs.outbound,
@@ -379,16 +477,24 @@ fn print_banner(
         controller.manifests.display()
     ));
     text.push_str(&format!(
-        "  client proxy  pid {:<7} outbound {}  admin http://{}/metrics\n",
-        pid(0),
-        specs[0].addrs.outbound,
-        specs[0].addrs.admin
+        "  identity      dev CA {}  tokens {}  (identity service {})\n",
+        ca.dir.display(),
+        ca.tokens.display(),
+        controller.addrs.identity,
     ));
     text.push_str(&format!(
-        "  server proxy  pid {:<7} inbound  {}  admin http://{}/metrics\n",
+        "  client proxy  pid {:<7} outbound {}  admin http://{}/metrics  sa {}\n",
+        pid(0),
+        specs[0].addrs.outbound,
+        specs[0].addrs.admin,
+        WEB_SERVICE_ACCOUNT,
+    ));
+    text.push_str(&format!(
+        "  server proxy  pid {:<7} inbound  {}  admin http://{}/metrics  sa {}\n",
         pid(1),
         specs[1].addrs.inbound,
-        specs[1].addrs.admin
+        specs[1].addrs.admin,
+        BOOKS_SERVICE_ACCOUNT,
     ));
     text.push_str(&format!("  books         {books}\n"));
     text.push_str(&format!("  logs          {}\n", log_dir.display()));
@@ -463,7 +569,7 @@ async fn run_traffic(
                     now.at.duration_since(start).as_secs_f64(),
                     now.at.duration_since(prev.at).as_secs_f64(),
                 );
-                screen.print_live(&title, &table::render(&now.rows_since(&prev)));
+                screen.print_live(&title, &now.render(&prev, &baseline));
                 prev = now;
             }
         }
@@ -497,12 +603,20 @@ async fn run_traffic(
             .map(|x| x.value)
             .sum::<f64>()
     });
+    let clients = |s: &Scrape| {
+        s.proxies[1]
+            .as_ref()
+            .map(|samples| security::requests_by_client(samples, Direction::Inbound))
+            .unwrap_or_default()
+    };
     Ok(format!(
         "\nSummary over {elapsed:.1}s, from the proxies' /metrics (TCP: open at the end):\n{}\n  {}\n  \
+         server proxy inbound requests by client identity: {}\n  \
          client proxy routing: {:.0} requests balanced over endpoints from the controller \
          ({endpoints:.0} endpoint(s) known), {:.0} passed through\n",
-        table::render(&last.rows_since(&baseline)),
+        last.render(&baseline, &baseline),
         counts.summary(),
+        table::render_clients(&security::counts_since(&clients(&baseline), &clients(&last))),
         routed(&last, "balanced") - routed(&baseline, "balanced"),
         routed(&last, "passthrough") - routed(&baseline, "passthrough"),
     ))

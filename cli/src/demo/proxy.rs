@@ -31,6 +31,11 @@ pub mod env {
     pub const LOG: &str = "WEFT_PROXY_LOG";
     pub const DESTINATION_ADDR: &str = "WEFT_PROXY_DESTINATION_ADDR";
     pub const NAMESPACE: &str = "WEFT_PROXY_NAMESPACE";
+    pub const POD_NAME: &str = "WEFT_PROXY_POD_NAME";
+    pub const SERVICE_ACCOUNT: &str = "WEFT_PROXY_SERVICE_ACCOUNT";
+    pub const IDENTITY_ADDR: &str = "WEFT_PROXY_IDENTITY_ADDR";
+    pub const IDENTITY_TOKEN_FILE: &str = "WEFT_PROXY_IDENTITY_TOKEN_FILE";
+    pub const TRUST_ANCHORS: &str = "WEFT_PROXY_TRUST_ANCHORS";
 }
 
 /// The listen addresses of one proxy.
@@ -54,6 +59,21 @@ pub struct ProxySpec {
     pub destination: Option<SocketAddr>,
     /// The namespace of the proxy's workload (short names resolve in it).
     pub namespace: Option<String>,
+    /// The workload identity the proxy obtains a certificate for and uses for mTLS.
+    pub identity: Option<ProxyIdentity>,
+}
+
+/// A proxy's workload identity: `spiffe://cluster.local/ns/<namespace>/sa/<service account>`
+/// (the proxy derives it; the trust domain is its default), certified by the controller's
+/// identity service on presentation of the ServiceAccount's token.
+#[derive(Debug, Clone)]
+pub struct ProxyIdentity {
+    /// The controller's identity gRPC.
+    pub addr: SocketAddr,
+    pub service_account: String,
+    pub pod_name: String,
+    pub token_file: PathBuf,
+    pub trust_anchors: PathBuf,
 }
 
 impl ProxySpec {
@@ -76,9 +96,25 @@ impl ProxySpec {
         if let Some(ns) = &self.namespace {
             vars.push((env::NAMESPACE, ns.clone()));
         }
+        if let Some(id) = &self.identity {
+            vars.extend([
+                (env::IDENTITY_ADDR, id.addr.to_string()),
+                (env::SERVICE_ACCOUNT, id.service_account.clone()),
+                (env::POD_NAME, id.pod_name.clone()),
+                (env::IDENTITY_TOKEN_FILE, path_text(&id.token_file)),
+                (env::TRUST_ANCHORS, path_text(&id.trust_anchors)),
+            ]);
+        }
         vars.push((env::LOG, self.log_filter.clone()));
         vars
     }
+}
+
+/// A path as an environment value. The demo's paths are under the temporary directory; were
+/// `TMPDIR` not UTF-8, the lossy conversion would make the proxy exit naming a missing file,
+/// which says what is wrong as well as a check here would.
+fn path_text(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
 }
 
 /// Reserve `n` distinct free ports on 127.0.0.1.
@@ -237,6 +273,13 @@ mod tests {
             log_filter: "warn".into(),
             destination: Some(a(5)),
             namespace: Some("demo".into()),
+            identity: Some(ProxyIdentity {
+                addr: a(6),
+                service_account: "web".into(),
+                pod_name: "web-0".into(),
+                token_file: "/tmp/d/tokens/web.token".into(),
+                trust_anchors: "/tmp/d/ca/trust-anchors.pem".into(),
+            }),
         };
         assert_eq!(
             spec.env(),
@@ -250,6 +293,17 @@ mod tests {
                 ),
                 ("WEFT_PROXY_DESTINATION_ADDR", "127.0.0.1:5".to_string()),
                 ("WEFT_PROXY_NAMESPACE", "demo".to_string()),
+                ("WEFT_PROXY_IDENTITY_ADDR", "127.0.0.1:6".to_string()),
+                ("WEFT_PROXY_SERVICE_ACCOUNT", "web".to_string()),
+                ("WEFT_PROXY_POD_NAME", "web-0".to_string()),
+                (
+                    "WEFT_PROXY_IDENTITY_TOKEN_FILE",
+                    "/tmp/d/tokens/web.token".to_string()
+                ),
+                (
+                    "WEFT_PROXY_TRUST_ANCHORS",
+                    "/tmp/d/ca/trust-anchors.pem".to_string()
+                ),
                 ("WEFT_PROXY_LOG", "warn".to_string()),
             ]
         );

@@ -1,9 +1,12 @@
-//! The live table `weft demo` prints: one row per proxy and direction. Pure
-//! string rendering, so its exact shape is pinned by tests (the integration
-//! test reads the same columns).
+//! The live tables `weft demo` prints: golden metrics, one row per proxy and
+//! direction, and under them the mesh's security state. Pure string
+//! rendering, so their exact shape is pinned by tests (the integration test
+//! reads the same columns).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use crate::security::{format_time_left, TlsSnapshot};
 use crate::stats::{Direction, WindowStats};
 
 /// One line of the table.
@@ -51,33 +54,128 @@ pub fn render(rows: &[Row]) -> String {
         lines.push(cells);
     }
 
-    let mut widths = [0usize; HEADER.len()];
-    for line in &lines {
+    // Names left-aligned, numbers right-aligned.
+    let mut out = align(&lines, |i| i < 2);
+    errors.dedup();
+    for e in errors {
+        out.push_str("  ! ");
+        out.push_str(&e);
+        out.push('\n');
+    }
+    out
+}
+
+/// One line of the security table: a proxy's busy direction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecurityRow {
+    pub proxy: &'static str,
+    pub direction: Direction,
+    /// Connections and handshake failures since the demo started; `None` when the scrape
+    /// failed (the golden-metrics table already says why).
+    pub tls: Option<TlsSnapshot>,
+    /// Seconds left on the proxy's certificate; `None` when it has none.
+    pub cert_left: Option<f64>,
+}
+
+pub const SECURITY_HEADER: [&str; 6] = ["PROXY", "DIRECTION", "MTLS", "PLAIN", "CERT", "PEER"];
+
+/// Render the security rows under a header line: connections with and without mTLS, the
+/// proxy's certificate time left and the peers' identities, then a line per row whose TLS
+/// handshakes failed.
+pub fn render_security(rows: &[SecurityRow]) -> String {
+    let mut lines: Vec<Vec<String>> =
+        vec![SECURITY_HEADER.iter().map(|h| (*h).to_string()).collect()];
+    let mut failures = Vec::new();
+    for row in rows {
+        let mut cells = vec![row.proxy.to_string(), row.direction.as_str().to_string()];
+        match &row.tls {
+            Some(tls) => {
+                cells.push(format!("{}", tls.mtls_total().round()));
+                cells.push(format!("{}", tls.plain.round()));
+                let errors = tls.handshake_errors_total();
+                if errors > 0.0 {
+                    let reasons: Vec<String> = tls
+                        .handshake_errors
+                        .iter()
+                        .map(|(reason, n)| format!("{reason} {}", n.round()))
+                        .collect();
+                    failures.push(format!(
+                        "{} {}: {} TLS handshake failure(s): {}",
+                        row.proxy,
+                        row.direction.as_str(),
+                        errors.round(),
+                        reasons.join(", ")
+                    ));
+                }
+            }
+            None => cells.extend(["?".to_string(), "?".to_string()]),
+        }
+        cells.push(row.cert_left.map_or_else(|| "-".into(), format_time_left));
+        cells.push(match row.tls.as_ref().map(|t| &t.mtls) {
+            None => "?".into(),
+            Some(peers) if peers.is_empty() => "-".into(),
+            Some(peers) if peers.len() == 1 => peers.keys().cloned().collect(),
+            Some(peers) => peers
+                .iter()
+                .map(|(id, n)| format!("{id} ({})", n.round()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+        lines.push(cells);
+    }
+    // Names and identities left-aligned, numbers right-aligned.
+    let mut out = align(&lines, |i| i < 2 || i == SECURITY_HEADER.len() - 1);
+    for f in failures {
+        out.push_str("  ! ");
+        out.push_str(&f);
+        out.push('\n');
+    }
+    out
+}
+
+/// Requests by client identity (the inbound `client_id` label), as a phrase:
+/// `250 from spiffe://cluster.local/ns/demo/sa/web, 3 without a client identity`.
+pub fn render_clients(by_client: &BTreeMap<String, f64>) -> String {
+    if by_client.is_empty() {
+        return "none".into();
+    }
+    by_client
+        .iter()
+        .map(|(id, n)| {
+            if id.is_empty() {
+                format!("{n:.0} without a client identity")
+            } else {
+                format!("{n:.0} from {id}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Lay out `lines` in columns two spaces apart, each padded to its widest cell, left-aligned
+/// where `left(column)` says so and right-aligned elsewhere; each line ends in a newline.
+fn align(lines: &[Vec<String>], left: impl Fn(usize) -> bool) -> String {
+    let mut widths: Vec<usize> = Vec::new();
+    for line in lines {
+        widths.resize(widths.len().max(line.len()), 0);
         for (w, cell) in widths.iter_mut().zip(line) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    for line in &lines {
+    for line in lines {
         let mut text = String::new();
-        for (i, (cell, w)) in line.iter().zip(widths).enumerate() {
+        for (i, (cell, &w)) in line.iter().zip(&widths).enumerate() {
             if i > 0 {
                 text.push_str("  ");
             }
-            // Names left-aligned, numbers right-aligned.
-            if i < 2 {
+            if left(i) {
                 let _ = write!(text, "{cell:<w$}");
             } else {
                 let _ = write!(text, "{cell:>w$}");
             }
         }
         out.push_str(text.trim_end());
-        out.push('\n');
-    }
-    errors.dedup();
-    for e in errors {
-        out.push_str("  ! ");
-        out.push_str(&e);
         out.push('\n');
     }
     out
@@ -168,6 +266,68 @@ server  outbound       ?        ?    ?    ?    ?
   ! server proxy: GET http://127.0.0.1:1/metrics: connection refused
 ";
         assert_eq!(render(&rows), want);
+    }
+
+    #[test]
+    fn renders_security_rows_and_handshake_failures() {
+        let web = "spiffe://cluster.local/ns/demo/sa/web";
+        let books = "spiffe://cluster.local/ns/demo/sa/books";
+        let rows = [
+            SecurityRow {
+                proxy: "client",
+                direction: Direction::Outbound,
+                tls: Some(TlsSnapshot {
+                    mtls: [(books.to_string(), 2.0)].into(),
+                    ..TlsSnapshot::default()
+                }),
+                cert_left: Some(86_340.0),
+            },
+            SecurityRow {
+                proxy: "server",
+                direction: Direction::Inbound,
+                tls: Some(TlsSnapshot {
+                    mtls: [
+                        (web.to_string(), 12.0),
+                        ("spiffe://td/ns/a/sa/b".into(), 1.0),
+                    ]
+                    .into(),
+                    plain: 3.0,
+                    handshake_errors: [("bad-certificate".to_string(), 1.0)].into(),
+                }),
+                cert_left: Some(59.0),
+            },
+            SecurityRow {
+                proxy: "server",
+                direction: Direction::Outbound,
+                tls: Some(TlsSnapshot::default()),
+                cert_left: None,
+            },
+            SecurityRow {
+                proxy: "client",
+                direction: Direction::Inbound,
+                tls: None,
+                cert_left: None,
+            },
+        ];
+        let want = "\
+PROXY   DIRECTION  MTLS  PLAIN    CERT  PEER
+client  outbound      2      0  23h59m  spiffe://cluster.local/ns/demo/sa/books
+server  inbound      13      3     59s  spiffe://cluster.local/ns/demo/sa/web (12), spiffe://td/ns/a/sa/b (1)
+server  outbound      0      0       -  -
+client  inbound       ?      ?       -  ?
+  ! server inbound: 1 TLS handshake failure(s): bad-certificate 1
+";
+        assert_eq!(render_security(&rows), want);
+    }
+
+    #[test]
+    fn renders_requests_by_client_identity() {
+        let web = "spiffe://cluster.local/ns/demo/sa/web";
+        assert_eq!(render_clients(&BTreeMap::new()), "none");
+        assert_eq!(
+            render_clients(&[(web.to_string(), 250.0), (String::new(), 3.0)].into()),
+            "3 without a client identity, 250 from spiffe://cluster.local/ns/demo/sa/web"
+        );
     }
 
     #[test]
