@@ -264,6 +264,7 @@ async fn serve_http<I>(
         client: s.clients.get(target, h2),
         // A peer proxy carries HTTP/1 clients' requests over HTTP/2.
         h1_client: (h2 && client_id.is_some()).then(|| s.clients.get(target, false)),
+        mesh: client_id.as_ref().and(s.mesh.clone()),
         client_id,
         router: s.router.clone(),
         limits: Limits {

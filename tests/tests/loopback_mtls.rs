@@ -588,3 +588,63 @@ async fn trust_anchor_rotation_under_load_fails_nothing() -> Result<()> {
     }
     Ok(())
 }
+
+/// Once its certificate has expired (the controller is gone, so it cannot renew), a proxy
+/// neither originates nor accepts mTLS, established connections included: requests get 503
+/// `identity-unavailable` and TLS clients are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_stops_mtls_both_ways() -> Result<()> {
+    let (app, stats) = http_server().await?;
+    let mut ca = DevCa::start("mtls-expiry", &["--cert-lifetime", "60s"])?;
+    let server = server_proxy(&ca, "books", app)?;
+    publish(&ca, ("books", 1), CLUSTER_IP, 8080, &server, "books")?;
+    let client = client_proxy(&ca, &format!("{CLUSTER_IP}:8080"), &[])?;
+    let mut conn = Conn::open(client.outbound, false).await?;
+    assert_eq!(conn.get(HOST, "/uri").await?.0, 200);
+    let prober = Ca::dev_ca_issuer(ca.ca.path())?.valid_leaf(
+        ca.ca.path(),
+        "prober",
+        "spiffe://cluster.local/ns/books/sa/prober",
+    )?;
+    ca.controller.kill()?;
+
+    for p in [&client, &server] {
+        let admin = p.admin;
+        eventually(Duration::from_secs(90), || {
+            let (status, body) = admin_get(admin, "/ready")?;
+            Ok(status == 503 && body.contains("certificate expired"))
+        })?;
+    }
+    // The pooled mTLS connection to the server proxy carries no more requests (the app's
+    // connections share it), and no new one is made.
+    drop(conn);
+    let mut fresh = Conn::open(client.outbound, false).await?;
+    let (status, err, body) = fresh.get(HOST, "/uri").await?;
+    assert_eq!(
+        (status, err.as_str()),
+        (503, "identity-unavailable"),
+        "{body:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&body).contains("certificate expired"),
+        "{body:?}"
+    );
+    let m = client.metrics()?;
+    assert_eq!(tls_connections(&m, "outbound", "true", BOOKS_ID), 1.0);
+    // The server refuses TLS clients it would have accepted before.
+    let out = s_client(
+        server.inbound,
+        BOOKS_SNI,
+        Some(&prober),
+        &ca.anchors(),
+        "http/1.1",
+        GET_HEADERS,
+    )?;
+    assert!(!out.contains("HTTP/1.1 200"), "{out}");
+    let s = server.metrics()?;
+    assert!(handshake_errors(&s, "inbound", "no-local-certificate") >= 1.0);
+    assert_eq!(s.sum("weft_identity_ready", &[]), 0.0);
+    assert_eq!(client.metrics()?.sum("weft_identity_ready", &[]), 0.0);
+    assert_eq!(stats.requests.load(Ordering::Relaxed), 1);
+    Ok(())
+}

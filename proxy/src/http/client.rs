@@ -199,6 +199,18 @@ impl Endpoint {
         self: &Arc<Self>,
         mut req: Request<BoxBody>,
     ) -> Result<Response<PooledBody>, Unsent> {
+        // Fail closed on pooled connections too: an expired identity carries no more requests.
+        if let Transport::Mesh(t) = &self.transport {
+            if let Err(source) = t.certificate_valid() {
+                return Err(Unsent {
+                    error: ClientError::Tls {
+                        addr: self.addr,
+                        source,
+                    },
+                    request: Some(req),
+                });
+            }
+        }
         if self.h2 {
             self.to_h2_form(&mut req);
             self.request_h2(req).await
@@ -696,6 +708,49 @@ mod tests {
         assert_eq!(rsp.status(), 200);
         let body = rsp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
+    }
+
+    fn req(uri: &str, version: Version, host: Option<&str>) -> Request<BoxBody> {
+        let mut b = Request::get(uri).version(version);
+        if let Some(h) = host {
+            b = b.header(header::HOST, h);
+        }
+        b.body(Empty::new().map_err(|e| match e {}).boxed())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn requests_take_the_form_of_the_endpoint_protocol() {
+        // HTTP/1.1 in, HTTP/2 out: `:scheme`/`:authority` from Host.
+        let ep = Endpoint::new(
+            "127.0.0.1:1".parse().unwrap(),
+            true,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            Transport::Plain(None),
+        );
+        let mut r = req("/a?b=1", Version::HTTP_11, Some("web.ns:8080"));
+        ep.to_h2_form(&mut r);
+        assert_eq!(r.uri(), "http://web.ns:8080/a?b=1");
+        assert_eq!(r.version(), Version::HTTP_2);
+        assert!(r.headers().get(header::HOST).is_none());
+        // A plain peer gets no protocol marker.
+        assert!(r.headers().get(ORIG_PROTO).is_none());
+
+        // HTTP/2 in, HTTP/1.1 out: origin form, Host from `:authority`.
+        let mut r = req("http://web.ns:8080/a", Version::HTTP_2, None);
+        to_h1_form(&mut r);
+        assert_eq!(r.uri(), "/a");
+        assert_eq!(r.headers()[header::HOST], "web.ns:8080");
+        assert_eq!(r.version(), Version::HTTP_11);
+        // An existing Host wins; origin-form HTTP/1.0 is upgraded to 1.1 between hops.
+        let mut r = req("/x", Version::HTTP_10, Some("h"));
+        to_h1_form(&mut r);
+        assert_eq!(
+            (r.uri().to_string().as_str(), r.version()),
+            ("/x", Version::HTTP_11)
+        );
+        assert_eq!(r.headers()[header::HOST], "h");
     }
 
     #[tokio::test]

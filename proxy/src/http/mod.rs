@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::balance::{self, Balancer, InFlight, Pick, Router};
 use crate::metrics::{AuthorityMetrics, Direction, Metrics};
-use crate::transport::mesh::ConnectTlsError;
+use crate::transport::mesh::{ConnectTlsError, Mesh};
 use body::{Observed, Recorder};
 use client::{ClientError, Endpoint, PooledBody, Unsent, ORIG_PROTO};
 pub use error::Cause;
@@ -73,6 +73,9 @@ pub struct ConnCtx {
     pub h1_client: Option<Arc<Endpoint>>,
     /// Inbound mTLS connections: the client's verified identity.
     pub client_id: Option<Arc<str>>,
+    /// Inbound mTLS connections: this proxy's mesh TLS, checked per request so that an
+    /// expired certificate stops serving established connections too (fail closed).
+    pub mesh: Option<Arc<Mesh>>,
     /// Routes requests by authority through discovery (outbound, when a controller is set).
     pub router: Option<Arc<Router>>,
     pub limits: Limits,
@@ -464,6 +467,9 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
         }
     };
     label.request();
+    if let Some(why) = ctx.mesh.as_ref().and_then(|m| m.certificate_problem()) {
+        return ctx.error_response(label, Cause::IdentityUnavailable, &why, start);
+    }
 
     let size = headers_size(req.headers());
     if size > ctx.limits.max_header_bytes {

@@ -314,16 +314,22 @@ impl std::fmt::Debug for MeshTarget {
 }
 
 impl MeshTarget {
-    /// Fails at once (before dialling) when this proxy holds no valid certificate.
+    /// Fails at once (before dialling) when this proxy holds no valid certificate; counted
+    /// as a failed handshake.
     pub fn check_certificate(&self) -> Result<(), ConnectTlsError> {
+        self.certificate_valid().inspect_err(|_| {
+            self.mesh
+                .metrics
+                .handshake_error(Direction::Outbound, "no-local-certificate")
+        })
+    }
+
+    /// Whether this proxy may use its identity now (checked per request on established
+    /// connections, so they stop carrying traffic once the certificate expires).
+    pub fn certificate_valid(&self) -> Result<(), ConnectTlsError> {
         match self.mesh.certificate_problem() {
             None => Ok(()),
-            Some(why) => {
-                self.mesh
-                    .metrics
-                    .handshake_error(Direction::Outbound, "no-local-certificate");
-                Err(ConnectTlsError::NoCertificate(why))
-            }
+            Some(why) => Err(ConnectTlsError::NoCertificate(why)),
         }
     }
 
@@ -406,5 +412,97 @@ pub fn handshake_reason(e: &io::Error) -> &'static str {
         rustls::Error::NoCertificatesPresented => "no-client-certificate",
         rustls::Error::AlertReceived(_) => "peer-refused",
         _ => "protocol",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn mesh(id: &str) -> Arc<Mesh> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root = p.self_signed(&key).unwrap().pem();
+        let anchors = TrustAnchors::from_pem(Path::new("a.pem"), root.as_bytes()).unwrap();
+        let (_, anchors) = watch::channel(Arc::new(anchors));
+        let (_, cert) = watch::channel(CertState::Pending {
+            reason: "not yet".into(),
+        });
+        Mesh::new(id, cert, anchors, TlsMetrics::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn terminates_mesh_names_of_its_trust_domain_only() {
+        let m = mesh("spiffe://cluster.local/ns/books/sa/web");
+        assert!(m.is_local_name("web.books.serviceaccount.identity.cluster.local"));
+        assert!(m.terminates("WEB.books.serviceaccount.identity.cluster.local"));
+        // Another workload's name: terminated, so the peer sees the wrong identity.
+        assert!(m.terminates("db.books.serviceaccount.identity.cluster.local"));
+        assert!(!m.is_local_name("db.books.serviceaccount.identity.cluster.local"));
+        // Other trust domains and applications' own names pass through.
+        assert!(!m.terminates("web.books.serviceaccount.identity.other.org"));
+        assert!(!m.terminates("books.example.com"));
+        assert!(!m.terminates("serviceaccount.identity.cluster.local"));
+    }
+
+    #[tokio::test]
+    async fn without_a_certificate_nothing_is_dialled_or_accepted() {
+        let m = mesh("spiffe://cluster.local/ns/books/sa/web");
+        let t = m.target("spiffe://cluster.local/ns/books/sa/db").unwrap();
+        assert!(matches!(
+            t.check_certificate(),
+            Err(ConnectTlsError::NoCertificate(why)) if why.contains("not yet")
+        ));
+        let (a, _b) = tokio::io::duplex(64);
+        assert!(matches!(
+            m.accept(a).await,
+            Err(AcceptTlsError::NoCertificate(_))
+        ));
+        let errors = |direction| {
+            m.metrics()
+                .handshake_errors
+                .get_or_create(&crate::metrics::HandshakeErrorLabels {
+                    direction,
+                    reason: "no-local-certificate",
+                })
+                .get()
+        };
+        assert_eq!(errors(Direction::Outbound), 1);
+        assert_eq!(errors(Direction::Inbound), 1);
+        assert!(m.target("not a spiffe id").is_err());
+    }
+
+    #[test]
+    fn handshake_failures_are_classified() {
+        let tls = |e: rustls::Error| io::Error::new(io::ErrorKind::InvalidData, e);
+        let cert = |c| tls(rustls::Error::InvalidCertificate(c));
+        assert_eq!(
+            handshake_reason(&cert(CertificateError::NotValidForName)),
+            "wrong-identity"
+        );
+        assert_eq!(
+            handshake_reason(&cert(CertificateError::Expired)),
+            "expired"
+        );
+        assert_eq!(
+            handshake_reason(&cert(CertificateError::UnknownIssuer)),
+            "untrusted"
+        );
+        assert_eq!(
+            handshake_reason(&tls(rustls::Error::NoCertificatesPresented)),
+            "no-client-certificate"
+        );
+        assert_eq!(
+            handshake_reason(&tls(rustls::Error::AlertReceived(
+                rustls::AlertDescription::BadCertificate
+            ))),
+            "peer-refused"
+        );
+        assert_eq!(
+            handshake_reason(&io::Error::from(io::ErrorKind::UnexpectedEof)),
+            "protocol"
+        );
     }
 }
