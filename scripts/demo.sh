@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 
-cargo build --release -p weft-proxy -p weft-cli
+cargo build --release -p weft-proxy -p weft-controller -p weft-cli
 exec "$target_dir/release/weft" demo "$@"
