@@ -1,8 +1,9 @@
 //! Golden metrics of the proxy, in one registry served by the admin server.
 //!
-//! Labels are bounded: direction, authority (capped at [`MAX_AUTHORITIES`] distinct values per
-//! direction, then `overflow`), status code, classification, detection result, error cause.
-//! No paths, no per-connection labels.
+//! Labels are bounded: direction, authority and client identity (capped at
+//! [`MAX_AUTHORITIES`] distinct pairs per direction, then `overflow`), status code,
+//! classification, detection result, error cause, TLS status and peer identity (bounded by the
+//! cluster's ServiceAccounts). No paths, no per-connection labels.
 
 mod process;
 mod text;
