@@ -648,3 +648,50 @@ async fn an_expired_certificate_stops_mtls_both_ways() -> Result<()> {
     assert_eq!(stats.requests.load(Ordering::Relaxed), 1);
     Ok(())
 }
+
+/// A WebSocket upgrade cannot ride HTTP/2: between meshed proxies it takes an HTTP/1.1 mTLS
+/// connection (ALPN `http/1.1`), and the upgraded stream is relayed over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_cross_the_mesh_over_http1_mtls() -> Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let app = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let ca = DevCa::start("mtls-websocket", &[])?;
+    let server = server_proxy(&ca, "books", app)?;
+    publish(&ca, ("books", 1), CLUSTER_IP, 8080, &server, "books")?;
+    let client = client_proxy(&ca, &format!("{CLUSTER_IP}:8080"), &[])?;
+    let tcp = TcpStream::connect(client.outbound).await?;
+    let (mut ws, rsp) = tokio_tungstenite::client_async(format!("ws://{HOST}/chat"), tcp).await?;
+    assert_eq!(rsp.status(), 101);
+    for i in 0..5 {
+        ws.send(Message::text(format!("message {i}"))).await?;
+        let echo = ws.next().await.context("closed")??;
+        assert_eq!(echo.into_text()?.as_str(), format!("message {i}"));
+    }
+    ws.close(None).await?;
+    assert_eq!(
+        tls_connections(&client.metrics()?, "outbound", "true", BOOKS_ID),
+        1.0
+    );
+    assert_eq!(
+        tls_connections(&server.metrics()?, "inbound", "true", WEB_ID),
+        1.0
+    );
+    Ok(())
+}
