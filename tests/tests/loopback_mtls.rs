@@ -77,6 +77,15 @@ fn publish(
     ca.controller.wait_objects("EndpointSlice", f64::from(nth))
 }
 
+/// The usual pair: a `books` server proxy in front of `app`, published as the books service
+/// whose pod runs as `endpoint_sa`, and the `web` client proxy calling it.
+fn books_pair(ca: &DevCa, app: SocketAddr, endpoint_sa: &str) -> Result<(Proxy, Proxy)> {
+    let server = server_proxy(ca, "books", app)?;
+    publish(ca, ("books", 1), CLUSTER_IP, 8080, &server, endpoint_sa)?;
+    let client = client_proxy(ca, &format!("{CLUSTER_IP}:8080"), &[])?;
+    Ok((server, client))
+}
+
 fn tls_connections(m: &Metrics, direction: &str, tls: &str, peer: &str) -> f64 {
     m.sum(
         "weft_tls_connections_total",
@@ -110,9 +119,7 @@ async fn raw_get(addr: SocketAddr, path: &str, extra: &str) -> Result<String> {
 async fn http1_and_http2_clients_cross_the_mesh_over_reused_mtls_h2() -> Result<()> {
     let (app, stats) = http_server().await?;
     let ca = DevCa::start("mtls-http", &[])?;
-    let server = server_proxy(&ca, "books", app)?;
-    publish(&ca, ("books", 1), CLUSTER_IP, 8080, &server, "books")?;
-    let client = client_proxy(&ca, &format!("{CLUSTER_IP}:8080"), &[])?;
+    let (server, client) = books_pair(&ca, app, "books")?;
 
     // HTTP/1.1 client: 20 requests on one connection, carried over HTTP/2 between the proxies
     // and handed to the app as HTTP/1.1 again (origin form), with the verified client identity.
@@ -336,10 +343,8 @@ async fn openssl_sees_the_chain_and_spiffe_san_and_bad_clients_are_refused() -> 
 async fn a_peer_with_the_wrong_identity_is_refused_and_counted() -> Result<()> {
     let (app, stats) = http_server().await?;
     let ca = DevCa::start("mtls-wrong-id", &[])?;
-    let server = server_proxy(&ca, "books", app)?;
     // The controller says the endpoint runs as `ledger`; the proxy there is `books`.
-    publish(&ca, ("books", 1), CLUSTER_IP, 8080, &server, "ledger")?;
-    let client = client_proxy(&ca, &format!("{CLUSTER_IP}:8080"), &[])?;
+    let (_server, client) = books_pair(&ca, app, "ledger")?;
     let mut h1 = Conn::open(client.outbound, false).await?;
     let (status, err, body) = h1.get(HOST, "/uri").await?;
     let body = String::from_utf8_lossy(&body);
@@ -596,9 +601,7 @@ async fn trust_anchor_rotation_under_load_fails_nothing() -> Result<()> {
 async fn an_expired_certificate_stops_mtls_both_ways() -> Result<()> {
     let (app, stats) = http_server().await?;
     let mut ca = DevCa::start("mtls-expiry", &["--cert-lifetime", "60s"])?;
-    let server = server_proxy(&ca, "books", app)?;
-    publish(&ca, ("books", 1), CLUSTER_IP, 8080, &server, "books")?;
-    let client = client_proxy(&ca, &format!("{CLUSTER_IP}:8080"), &[])?;
+    let (server, client) = books_pair(&ca, app, "books")?;
     let mut conn = Conn::open(client.outbound, false).await?;
     assert_eq!(conn.get(HOST, "/uri").await?.0, 200);
     let prober = Ca::dev_ca_issuer(ca.ca.path())?.valid_leaf(
@@ -673,9 +676,7 @@ async fn websocket_upgrades_cross_the_mesh_over_http1_mtls() -> Result<()> {
         }
     });
     let ca = DevCa::start("mtls-websocket", &[])?;
-    let server = server_proxy(&ca, "books", app)?;
-    publish(&ca, ("books", 1), CLUSTER_IP, 8080, &server, "books")?;
-    let client = client_proxy(&ca, &format!("{CLUSTER_IP}:8080"), &[])?;
+    let (server, client) = books_pair(&ca, app, "books")?;
     let tcp = TcpStream::connect(client.outbound).await?;
     let (mut ws, rsp) = tokio_tungstenite::client_async(format!("ws://{HOST}/chat"), tcp).await?;
     assert_eq!(rsp.status(), 101);

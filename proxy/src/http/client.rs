@@ -697,6 +697,16 @@ mod tests {
         (addr, accepted)
     }
 
+    fn plain(addr: SocketAddr, h2: bool, idle: Duration) -> Arc<Endpoint> {
+        Endpoint::new(
+            addr,
+            h2,
+            Duration::from_secs(1),
+            idle,
+            Transport::Plain(None),
+        )
+    }
+
     fn get() -> Request<BoxBody> {
         Request::get("http://test/")
             .body(Empty::new().map_err(|e| match e {}).boxed())
@@ -722,13 +732,7 @@ mod tests {
     #[tokio::test]
     async fn requests_take_the_form_of_the_endpoint_protocol() {
         // HTTP/1.1 in, HTTP/2 out: `:scheme`/`:authority` from Host.
-        let ep = Endpoint::new(
-            "127.0.0.1:1".parse().unwrap(),
-            true,
-            Duration::from_secs(1),
-            Duration::from_secs(1),
-            Transport::Plain(None),
-        );
+        let ep = plain("127.0.0.1:1".parse().unwrap(), true, Duration::from_secs(1));
         let mut r = req("/a?b=1", Version::HTTP_11, Some("web.ns:8080"));
         ep.to_h2_form(&mut r);
         assert_eq!(r.uri(), "http://web.ns:8080/a?b=1");
@@ -756,13 +760,7 @@ mod tests {
     #[tokio::test]
     async fn sequential_requests_reuse_one_connection() {
         let (addr, accepted) = server(false).await;
-        let ep = Endpoint::new(
-            addr,
-            false,
-            Duration::from_secs(1),
-            Duration::from_secs(60),
-            Transport::Plain(None),
-        );
+        let ep = plain(addr, false, Duration::from_secs(60));
         for _ in 0..20 {
             ok(&ep).await;
         }
@@ -773,13 +771,7 @@ mod tests {
     #[tokio::test]
     async fn connections_closed_by_the_server_are_replaced_without_failing_requests() {
         let (addr, accepted) = server(true).await;
-        let ep = Endpoint::new(
-            addr,
-            false,
-            Duration::from_secs(1),
-            Duration::from_secs(60),
-            Transport::Plain(None),
-        );
+        let ep = plain(addr, false, Duration::from_secs(60));
         for _ in 0..50 {
             ok(&ep).await;
         }
@@ -789,13 +781,7 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_are_closed_after_the_idle_timeout() {
         let (addr, _) = server(false).await;
-        let ep = Endpoint::new(
-            addr,
-            false,
-            Duration::from_secs(1),
-            Duration::from_millis(200),
-            Transport::Plain(None),
-        );
+        let ep = plain(addr, false, Duration::from_millis(200));
         ok(&ep).await;
         assert_eq!(ep.idle_count(), 1);
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -810,13 +796,7 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         drop(l);
-        let ep = Endpoint::new(
-            addr,
-            false,
-            Duration::from_secs(1),
-            Duration::from_secs(60),
-            Transport::Plain(None),
-        );
+        let ep = plain(addr, false, Duration::from_secs(60));
         match ep.request(get()).await {
             Err(ClientError::Connect(e)) => {
                 assert_eq!(e.addr, addr);
