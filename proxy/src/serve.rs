@@ -4,9 +4,10 @@
 //! HTTP/1 (first head checked) | HTTP/2 | TLS and opaque → TCP relay.
 //!
 //! Inbound, a TLS ClientHello whose SNI names this workload's identity (or another mesh
-//! identity, see [`Mesh::terminates`]) is mesh traffic from a peer proxy: the proxy terminates it ([`Mesh::accept`]), and the negotiated ALPN says what
-//! it carries (HTTP/2, HTTP/1.1 for upgrades, or opaque TCP), which is then served like a
-//! plaintext connection with the client's identity attached. Any other TLS is an
+//! identity, see [`Mesh::terminates`]) is mesh traffic from a peer proxy: the proxy terminates
+//! it ([`Mesh::accept`]), and the negotiated ALPN says what it carries (HTTP/2, HTTP/1.1 for
+//! upgrades, or opaque TCP), which is then served like a plaintext connection with the
+//! client's identity attached. Any other TLS is an
 //! application's own and is relayed untouched. Every inbound connection is counted with its
 //! TLS status (`weft_tls_connections_total`).
 //!
@@ -17,13 +18,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
-
-use prometheus_client::metrics::counter::Counter;
 
 use crate::balance::{self, InFlight, Pick, Router};
 use crate::config::Config;
