@@ -193,6 +193,7 @@ impl Bound {
                         mesh: mesh.clone(),
                         tls: metrics.tls.clone(),
                         metrics: metrics.discovery.clone(),
+                        mesh_pools: Default::default(),
                     },
                 ))
             }

@@ -161,12 +161,12 @@ async fn http1_and_http2_clients_cross_the_mesh_over_reused_mtls_h2() -> Result<
         assert_eq!(&body[..], format!("http://{HOST}/uri").as_bytes());
     }
 
-    // One mTLS connection per balancer (HTTP/1 and HTTP/2 clients), whatever the request count.
+    // One mTLS connection for HTTP/1 and HTTP/2 clients alike, whatever the request count.
     let m = client.metrics()?;
-    assert_eq!(tls_connections(&m, "outbound", "true", BOOKS_ID), 2.0);
+    assert_eq!(tls_connections(&m, "outbound", "true", BOOKS_ID), 1.0);
     assert_eq!(tls_connections(&m, "outbound", "not-meshed", ""), 0.0);
     let s = server.metrics()?;
-    assert_eq!(tls_connections(&s, "inbound", "true", WEB_ID), 2.0);
+    assert_eq!(tls_connections(&s, "inbound", "true", WEB_ID), 1.0);
     assert_eq!(tls_connections(&s, "inbound", "plaintext", ""), 0.0);
     assert_eq!(
         s.sum(

@@ -28,7 +28,8 @@
 //!
 //! An endpoint the controller marks as meshed (it names the identity to expect) is reached
 //! over mutual TLS when this proxy has an identity: HTTP of either version over one HTTP/2
-//! connection (ALPN `h2`), upgrades over HTTP/1.1, TCP as opaque TLS. Endpoints whose port is
+//! connection (ALPN `h2`, shared by the target's HTTP/1 and HTTP/2 balancers through
+//! [`MeshPools`]), upgrades over HTTP/1.1, TCP as opaque TLS. Endpoints whose port is
 //! opaque on the peer stay plaintext, since the peer's inbound proxy relays such ports
 //! without looking for TLS.
 
@@ -90,6 +91,39 @@ pub struct Context {
     pub mesh: Option<Arc<Mesh>>,
     pub tls: TlsMetrics,
     pub metrics: DiscoveryMetrics,
+    pub mesh_pools: Arc<MeshPools>,
+}
+
+/// The HTTP/2 mTLS pools of meshed endpoints, shared by every balancer that reaches the same
+/// endpoint with the same expected identity: HTTP/1 and HTTP/2 clients of a service (two
+/// balancers) ride one connection.
+#[derive(Debug, Default)]
+pub struct MeshPools {
+    pools: Mutex<HashMap<PoolKey, Weak<Endpoint>>>,
+}
+
+/// An endpoint address and the identity it must present.
+type PoolKey = (SocketAddr, Arc<str>);
+
+impl MeshPools {
+    fn h2(&self, addr: SocketAddr, target: &MeshTarget, settings: &Settings) -> Arc<Endpoint> {
+        let mut pools = lock(&self.pools);
+        let key = (addr, target.id.clone());
+        if let Some(ep) = pools.get(&key).and_then(Weak::upgrade) {
+            return ep;
+        }
+        // Pools no member holds any more go when a new one is made.
+        pools.retain(|_, ep| ep.strong_count() > 0);
+        let ep = Endpoint::new(
+            addr,
+            true,
+            settings.connect_timeout,
+            settings.pool_idle_timeout,
+            Transport::Mesh(target.clone()),
+        );
+        pools.insert(key, Arc::downgrade(&ep));
+        ep
+    }
 }
 
 /// One endpoint in a balancer.
@@ -447,22 +481,18 @@ impl Balancer {
         let same_transport =
             previous.filter(|m| m.mesh.as_ref().map(|t| &t.id) == mesh.as_ref().map(|t| &t.id));
         let http = same_transport.and_then(|m| m.http.clone()).or_else(|| {
-            let h2 = match self.protocol {
-                Protocol::Http1 => mesh.is_some(),
-                Protocol::Http2 => true,
-                Protocol::Tcp => return None,
-            };
-            let transport = match &mesh {
-                Some(t) => Transport::Mesh(t.clone()),
-                None => Transport::Plain(Some(plain.clone())),
-            };
-            Some(Endpoint::new(
-                ep.addr,
-                h2,
-                self.ctx.settings.connect_timeout,
-                self.ctx.settings.pool_idle_timeout,
-                transport,
-            ))
+            let settings = &self.ctx.settings;
+            match (&mesh, self.protocol) {
+                (_, Protocol::Tcp) => None,
+                (Some(t), _) => Some(self.ctx.mesh_pools.h2(ep.addr, t, settings)),
+                (None, protocol) => Some(Endpoint::new(
+                    ep.addr,
+                    protocol == Protocol::Http2,
+                    settings.connect_timeout,
+                    settings.pool_idle_timeout,
+                    Transport::Plain(Some(plain.clone())),
+                )),
+            }
         });
         Arc::new(Member {
             addr: ep.addr,
@@ -602,6 +632,7 @@ mod tests {
             mesh: None,
             tls: TlsMetrics::default(),
             metrics,
+            mesh_pools: Arc::default(),
         }
     }
 
