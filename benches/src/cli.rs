@@ -1,5 +1,6 @@
-//! The command line: `run` (the scenarios), `server` (the bench server) and
-//! `load` (the generator alone, against any loopback address).
+//! The command line: `run` (the scenarios), `server` (the bench server),
+//! `load` (the generator alone, against any loopback address), `balance` and
+//! `handshakes` (new mTLS connections per proxy core).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -43,6 +44,9 @@ pub enum Command {
     /// Balancer quality: three endpoints, one slow, behind a proxy using the controller;
     /// writes BALANCE.md.
     Balance(crate::balance::BalanceArgs),
+    /// New inbound connections per second per proxy CPU-second: mutual TLS into
+    /// weft-proxy against plaintext and HAProxy; writes a section of RESULTS.md.
+    Handshakes(crate::handshake::HandshakeArgs),
 }
 
 /// Parses "15s", "500ms", "1.5s", "2m" or a bare number of seconds.
@@ -143,6 +147,10 @@ pub struct RunArgs {
     /// weft-proxy binary [default: next to this executable].
     #[arg(long)]
     pub proxy_bin: Option<PathBuf>,
+    /// weft-controller binary, for weft2-disc and weft2-mtls [default: next to this
+    /// executable].
+    #[arg(long)]
+    pub controller_bin: Option<PathBuf>,
     /// HAProxy binary.
     #[arg(long, default_value = "/usr/sbin/haproxy")]
     pub haproxy_bin: PathBuf,
@@ -202,11 +210,11 @@ pub struct LoadArgs {
 }
 
 /// The directory of this crate's sources, where RESULTS.md lives.
-fn crate_dir() -> &'static Path {
+pub fn crate_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -227,6 +235,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Load(args) => execute_load(args),
         Command::Run(args) => execute_run(args),
         Command::Balance(args) => crate::balance::execute(args),
+        Command::Handshakes(args) => crate::handshake::execute(args),
     }
 }
 
@@ -282,6 +291,10 @@ pub fn run_config(args: &RunArgs, current_exe: &Path) -> anyhow::Result<RunConfi
         Some(p) => p.clone(),
         None => current_exe.with_file_name("weft-proxy"),
     };
+    let controller_bin = match &args.controller_bin {
+        Some(p) => p.clone(),
+        None => current_exe.with_file_name("weft-controller"),
+    };
     Ok(RunConfig {
         scenarios: args.scenarios.clone(),
         protocol: args.shape.protocol,
@@ -298,6 +311,7 @@ pub fn run_config(args: &RunArgs, current_exe: &Path) -> anyhow::Result<RunConfi
         request_size: args.shape.request_size,
         response_size: args.shape.response_size,
         proxy_bin,
+        controller_bin,
         haproxy_bin: args.haproxy_bin.clone(),
         bench_bin: current_exe.to_owned(),
         mesh_cpu: (!args.no_pin).then_some(args.mesh_cpu),
@@ -463,6 +477,7 @@ mod tests {
         assert_eq!(cfg.duration, Duration::from_secs(15));
         assert_eq!(cfg.warmup, Duration::from_secs(2));
         assert_eq!(cfg.proxy_bin, Path::new("/t/release/weft-proxy"));
+        assert_eq!(cfg.controller_bin, Path::new("/t/release/weft-controller"));
         assert_eq!(cfg.mesh_cpu, Some(1));
 
         let cli = Cli::try_parse_from([
@@ -492,6 +507,33 @@ mod tests {
         assert_eq!(
             default_name(cfg.protocol, &cfg.scenarios),
             "grpc-direct-haproxy"
+        );
+    }
+
+    #[test]
+    fn mesh_scenarios_parse() {
+        let cli = Cli::try_parse_from([
+            "weft-bench",
+            "run",
+            "--scenarios",
+            "weft2,weft2-disc,weft2-mtls",
+        ])
+        .expect("parse");
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let cfg = run_config(&args, Path::new("/x/weft-bench")).expect("config");
+        assert_eq!(
+            cfg.scenarios,
+            vec![
+                ScenarioKind::Weft2,
+                ScenarioKind::Weft2Disc,
+                ScenarioKind::Weft2Mtls
+            ]
+        );
+        assert_eq!(
+            default_name(cfg.protocol, &cfg.scenarios),
+            "http1-weft2-weft2-disc-weft2-mtls"
         );
     }
 

@@ -55,10 +55,15 @@
 //!   scenarios; [`report`] turns the results into `RESULTS.md` and JSON.
 //! - [`sys`]: CPU affinity and `/proc` parsers.
 //! - [`balance`]: `weft-bench balance`, the load balancer's quality (BALANCE.md).
+//! - [`handshake`]: `weft-bench handshakes`, new mutual-TLS connections per proxy
+//!   core-second against plaintext and HAProxy.
+//! - [`scenario::mesh`]: a controller with a development CA and the manifests the
+//!   `weft2-disc` / `weft2-mtls` scenarios and `handshakes` share.
 
 pub mod balance;
 pub mod cli;
 pub mod grpc;
+pub mod handshake;
 pub mod load;
 pub mod report;
 pub mod scenario;

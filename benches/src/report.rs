@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::load::stats::fmt_us;
-use crate::scenario::{RunConfig, ScenarioKind, ScenarioReport};
+use crate::scenario::{mesh, RunConfig, ScenarioKind, ScenarioReport};
 
 /// The machine a run was measured on.
 #[derive(Debug, Clone, Serialize)]
@@ -16,12 +16,32 @@ pub struct Machine {
     pub kernel: String,
     pub haproxy: Option<String>,
     pub proxy_bin: String,
+    /// When a scenario ran a controller (weft2-disc, weft2-mtls).
+    pub controller_bin: Option<String>,
     /// Whether this generator was built with optimisations.
     pub release_build: bool,
 }
 
 impl Machine {
     pub fn detect(cfg: &RunConfig) -> Self {
+        let haproxy = cfg
+            .scenarios
+            .contains(&ScenarioKind::Haproxy)
+            .then_some(cfg.haproxy_bin.as_path());
+        let controller = cfg
+            .scenarios
+            .iter()
+            .any(|s| s.uses_controller())
+            .then_some(cfg.controller_bin.as_path());
+        Self::probe(&cfg.proxy_bin, controller, haproxy)
+    }
+
+    /// The machine, and the versions of the binaries a run used.
+    pub fn probe(
+        proxy_bin: &std::path::Path,
+        controller_bin: Option<&std::path::Path>,
+        haproxy_bin: Option<&std::path::Path>,
+    ) -> Self {
         let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|t| {
@@ -34,17 +54,13 @@ impl Machine {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_owned())
             .unwrap_or_default();
-        let haproxy = cfg
-            .scenarios
-            .contains(&ScenarioKind::Haproxy)
-            .then(|| crate::scenario::haproxy::version(&cfg.haproxy_bin))
-            .flatten();
         Machine {
             cpus: crate::sys::affinity::online_cpus(),
             cpu_model,
             kernel,
-            haproxy,
-            proxy_bin: cfg.proxy_bin.display().to_string(),
+            haproxy: haproxy_bin.and_then(crate::scenario::haproxy::version),
+            proxy_bin: proxy_bin.display().to_string(),
+            controller_bin: controller_bin.map(|p| p.display().to_string()),
             release_build: !cfg!(debug_assertions),
         }
     }
@@ -166,7 +182,7 @@ pub fn cpu_per_hop(report: &ScenarioReport, max_run: bool) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
 
-/// Latency added over direct, µs (negative when faster).
+/// Latency added over a baseline (direct, or another scenario), µs (negative when faster).
 pub fn delta_us(report: &ScenarioReport, direct: &ScenarioReport) -> Option<(i64, i64)> {
     let (s, d) = (report.latency.as_ref()?, direct.latency.as_ref()?);
     Some((
@@ -247,9 +263,21 @@ pub fn checks(reports: &[ScenarioReport]) -> Vec<Check> {
         _ => na(target),
     });
 
-    let weft_procs: Vec<_> = [weft1, weft2]
-        .into_iter()
-        .flatten()
+    // Issue 4: mutual TLS between the proxies adds at most 0.1 ms at p50 over plaintext.
+    let mtls = find(reports, ScenarioKind::Weft2Mtls);
+    let target = "weft2-mtls adds ≤ 0.100 ms at p50 over weft2 (plaintext)";
+    out.push(match mtls.zip(weft2).and_then(|(m, w)| delta_us(m, w)) {
+        Some((d50, d99)) => Check {
+            target: target.into(),
+            measured: format!("{} (p99: {})", fmt_delta(d50), fmt_delta(d99)),
+            verdict: Verdict::of(d50 <= 100),
+        },
+        None => na(target),
+    });
+
+    let weft_procs: Vec<_> = reports
+        .iter()
+        .filter(|r| r.scenario.is_weft() && r.error.is_none())
         .flat_map(|r| r.processes.iter().filter(|p| p.kind == "weft"))
         .collect();
     for (target, limit, idle) in [
@@ -393,7 +421,12 @@ pub fn markdown(report: &Report) -> String {
     }
     let _ = writeln!(
         md,
-        "\nCommand (after `cargo build --release -p weft-bench -p weft-proxy`):\n"
+        "\nCommand (after `cargo build --release -p weft-bench -p weft-proxy{}`):\n",
+        if m.controller_bin.is_some() {
+            " -p weft-controller"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(md, "```sh\n{}\n```\n", report.command);
     let streams = if l.protocol == "http1" {
@@ -469,6 +502,7 @@ pub fn markdown(report: &Report) -> String {
             }
         }
     }
+    mtls_section(&mut md, &report.scenarios);
 
     let _ = writeln!(md, "\n## Cost per process\n");
     let _ = writeln!(
@@ -572,6 +606,59 @@ pub fn markdown(report: &Report) -> String {
     md
 }
 
+/// "Mutual TLS": weft2-mtls against the plaintext two-hop scenarios of the same run, and
+/// what the proxies' counters say about its connections.
+fn mtls_section(md: &mut String, reports: &[ScenarioReport]) {
+    let Some(mtls) = find(reports, ScenarioKind::Weft2Mtls) else {
+        return;
+    };
+    let _ = writeln!(md, "\n### Mutual TLS between the proxies\n");
+    let _ = writeln!(
+        md,
+        "| weft2-mtls vs | Δp50 | Δp99 | CPU µs/req per hop | CPU µs/req per hop at max | max req/s |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{a:.1} vs {b:.1} ({:.2}×)", a / b),
+        _ => "–".into(),
+    };
+    let max_rps = |r: &ScenarioReport| r.max_throughput.as_ref().map(|m| m.achieved_rps);
+    for base in [ScenarioKind::Weft2, ScenarioKind::Weft2Disc] {
+        let Some(b) = find(reports, base) else {
+            continue;
+        };
+        let Some((d50, d99)) = delta_us(mtls, b) else {
+            continue;
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            base.name(),
+            fmt_delta(d50),
+            fmt_delta(d99),
+            ratio(cpu_per_hop(mtls, false), cpu_per_hop(b, false)),
+            ratio(cpu_per_hop(mtls, true), cpu_per_hop(b, true)),
+            match (max_rps(mtls), max_rps(b)) {
+                (Some(m), Some(b)) if b > 0.0 => format!("{m:.0} vs {b:.0} ({:.2}×)", m / b),
+                _ => "–".into(),
+            },
+        );
+    }
+    if let Some(c) = &mtls.mesh {
+        let _ = writeln!(
+            md,
+            "\nProxy counters after all runs ({} requests): proxy A opened {} mTLS connection(s) \
+             to `{}`, proxy B accepted {} from `{}`; {} requests were routed through discovery.",
+            c.requests,
+            c.tls_outbound,
+            mesh::spiffe_id(mesh::NAMESPACE, mesh::SERVER_SA),
+            c.tls_inbound,
+            mesh::spiffe_id(mesh::NAMESPACE, mesh::CLIENT_SA),
+            c.routed_by_discovery,
+        );
+    }
+}
+
 fn has_errors(r: &ScenarioReport) -> bool {
     [&r.latency, &r.max_throughput]
         .into_iter()
@@ -655,6 +742,7 @@ mod tests {
             latency: Some(summary(p50, p99, 1000.0)),
             max_throughput: Some(summary(p50, p99, max)),
             processes: procs,
+            mesh: None,
             error: None,
         }
     }
@@ -710,6 +798,10 @@ mod tests {
                 ("weft1 CPU per request per hop ≤ HAProxy's", Verdict::Pass),
                 ("weft2 CPU per request per hop ≤ HAProxy's", Verdict::Miss),
                 ("weft1 max throughput ≥ HAProxy's", Verdict::Miss),
+                (
+                    "weft2-mtls adds ≤ 0.100 ms at p50 over weft2 (plaintext)",
+                    Verdict::NotMeasured
+                ),
                 ("weft RSS ≤ 10 MiB idle", Verdict::Pass),
                 ("weft RSS ≤ 20 MiB under load", Verdict::Miss),
             ]
@@ -729,6 +821,62 @@ mod tests {
         let c = checks(&failed);
         assert_eq!(c[2].verdict, Verdict::NotMeasured);
         assert_eq!(c[0].verdict, Verdict::Pass);
+    }
+
+    fn with_mtls() -> Vec<ScenarioReport> {
+        let mut all = sample();
+        let mut disc = scenario(
+            ScenarioKind::Weft2Disc,
+            200,
+            800,
+            14_000.0,
+            vec![
+                proxy("weft", 25.0, 4000, 6000),
+                proxy("weft", 21.0, 4000, 6000),
+            ],
+        );
+        disc.processes.push(proxy("controller", 1.0, 9000, 9000));
+        let mut mtls = scenario(
+            ScenarioKind::Weft2Mtls,
+            250,
+            1000,
+            12_000.0,
+            vec![
+                proxy("weft", 33.0, 5000, 7000),
+                proxy("weft", 27.0, 5000, 7000),
+            ],
+        );
+        mtls.mesh = Some(crate::scenario::MeshCheck {
+            requests: 20_000,
+            routed_by_discovery: 20_000.0,
+            tls_outbound: 1.0,
+            tls_inbound: 1.0,
+            tls_any: 2.0,
+        });
+        all.push(disc);
+        all.push(mtls);
+        all
+    }
+
+    #[test]
+    fn mtls_is_checked_against_plaintext_weft2() {
+        let reports = with_mtls();
+        let c = checks(&reports);
+        let m = c
+            .iter()
+            .find(|c| c.target.starts_with("weft2-mtls"))
+            .expect("mtls check");
+        // 0.250 − 0.180 ms at p50; 1.000 − 0.700 ms at p99.
+        assert_eq!(m.measured, "+0.070 ms (p99: +0.300 ms)");
+        assert_eq!(m.verdict, Verdict::Pass);
+        // The controller is not a proxy: it is in neither the CPU nor the RSS figures.
+        assert_eq!(cpu_per_hop(&reports[5], false), Some(30.0));
+        let mut slower = reports;
+        slower[5].latency = Some(summary(281, 1000, 1000.0));
+        let c = checks(&slower);
+        assert!(c
+            .iter()
+            .any(|c| c.target.starts_with("weft2-mtls") && c.verdict == Verdict::Miss));
     }
 
     #[test]
@@ -764,6 +912,7 @@ mod tests {
                 kernel: "6".into(),
                 haproxy: None,
                 proxy_bin: "weft-proxy".into(),
+                controller_bin: None,
                 release_build: true,
             },
             load: LoadConfig {
@@ -796,5 +945,24 @@ mod tests {
         assert!(!md.contains("targets are defined for"), "{md}");
         let json = serde_json::to_string(&report).expect("json");
         assert!(json.contains("\"verdict\":\"MISS\""));
+        assert!(!md.contains("Mutual TLS"), "{md}");
+
+        let mut report = report;
+        report.scenarios = with_mtls();
+        report.machine.controller_bin = Some("weft-controller".into());
+        let md = markdown(&report);
+        assert!(md.contains("-p weft-proxy -p weft-controller`"), "{md}");
+        assert!(md.contains("### Mutual TLS between the proxies"), "{md}");
+        assert!(
+            md.contains("| weft2 | +0.070 ms | +0.300 ms | 30.0 vs 22.0 (1.36×) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| weft2-disc | +0.050 ms | +0.200 ms |"),
+            "{md}"
+        );
+        assert!(md.contains("proxy A opened 1 mTLS connection(s)"), "{md}");
+        let json = serde_json::to_string(&report).expect("json");
+        assert!(json.contains("\"scenario\":\"weft2-mtls\""), "{json}");
     }
 }

@@ -177,3 +177,80 @@ fn run_command_writes_reports() {
     }
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `weft2-disc` and `weft2-mtls` end to end with the proxy and controller built next to
+/// `weft-bench` (`cargo build --workspace --bins`): requests are routed by name through the
+/// controller, and in `weft2-mtls` they cross one reused mutual-TLS connection, as the
+/// proxies' own counters must show (the scenario fails otherwise). Skipped when the binaries
+/// are missing, except in CI.
+#[test]
+fn mesh_scenarios_route_by_name_and_use_mtls() {
+    let bench = std::path::Path::new(env!("CARGO_BIN_EXE_weft-bench"));
+    let missing: Vec<_> = ["weft-proxy", "weft-controller"]
+        .into_iter()
+        .filter(|b| !bench.with_file_name(b).is_file())
+        .collect();
+    if !missing.is_empty() {
+        let why = format!(
+            "{missing:?} not built next to {}: run `cargo build --workspace --bins` first",
+            bench.display()
+        );
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("weft-bench-smoke-mesh-{}", std::process::id()));
+    let status = std::process::Command::new(bench)
+        .args(["run", "--quick", "--scenarios", "weft2-disc,weft2-mtls"])
+        .args([
+            "--duration",
+            "1s",
+            "--warmup",
+            "0",
+            "--max-duration",
+            "500ms",
+        ])
+        .args([
+            "--rate",
+            "200",
+            "--connections",
+            "2",
+            "--name",
+            "smoke-mesh",
+        ])
+        .arg("--out-dir")
+        .arg(&out)
+        .env("WEFT_BENCH_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run weft-bench");
+    assert!(status.success(), "weft-bench run failed: {status}");
+    let json = std::fs::read_to_string(out.join("smoke-mesh.json")).expect("smoke-mesh.json");
+    let doc: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+    let runs = doc["scenarios"].as_array().expect("scenarios");
+    assert_eq!(runs.len(), 2);
+    for run in runs {
+        assert!(run["error"].is_null(), "{run}");
+        assert_eq!(run["latency"]["errors"], 0, "{run}");
+        let mesh = &run["mesh"];
+        let requests = mesh["requests"].as_f64().unwrap_or(0.0);
+        assert!(requests >= 190.0, "{run}");
+        assert!(
+            mesh["routed_by_discovery"].as_f64().unwrap_or(0.0) >= requests * 0.99,
+            "{run}"
+        );
+    }
+    let mtls = &runs[1]["mesh"];
+    assert!(
+        mtls["tls_outbound"].as_f64().unwrap_or(0.0) >= 1.0,
+        "{mtls}"
+    );
+    assert!(mtls["tls_inbound"].as_f64().unwrap_or(0.0) >= 1.0, "{mtls}");
+    assert_eq!(
+        runs[0]["mesh"]["tls_any"].as_f64(),
+        Some(0.0),
+        "{}",
+        runs[0]
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

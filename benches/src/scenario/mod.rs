@@ -5,9 +5,18 @@
 //! direct   load ──────────────────────────────────────────▶ server
 //! weft1    load ──▶ weft-proxy (outbound) ────────────────▶ server
 //! weft2    load ──▶ weft-proxy A (outbound) ──▶ weft-proxy B (inbound) ──▶ server
+//! weft2-disc       the same, A routes by Host through the controller; plaintext HTTP/1.1 A → B
+//! weft2-mtls       the same, the endpoint is meshed: one mutual-TLS HTTP/2 connection A → B
 //! haproxy  load ──▶ haproxy (HTTP mode, nbthread 1) ──────▶ server
 //!          CPU 0 │ CPU 1 ...................................................
 //! ```
+//!
+//! `weft2-disc` and `weft2-mtls` also run a `weft-controller` (directory mode, development
+//! CA, see [`mesh`]) and give both proxies a workload identity; they differ only in whether
+//! the server pod is marked meshed, so `weft2-mtls` minus `weft2-disc` is what mutual TLS
+//! costs, and `weft2-mtls` minus `weft2` is what a meshed call costs over a plaintext hop
+//! with a fixed target. After their runs the proxies' `/metrics` must show that the traffic
+//! took the intended path ([`verify_mesh`]); otherwise the scenario fails.
 //!
 //! One bench server child serves every scenario. Each scenario starts its
 //! proxies, waits for them to be ready, records their idle RSS, opens the
@@ -16,7 +25,9 @@
 //! throughput), and stops its proxies with SIGTERM.
 
 pub mod haproxy;
+pub mod mesh;
 pub mod process;
+pub mod prom;
 pub mod weft;
 
 use std::io::BufRead as _;
@@ -43,8 +54,16 @@ pub enum ScenarioKind {
     /// Through one Weft proxy (outbound listener).
     Weft1,
     /// Through a client-side Weft proxy (outbound) and a server-side one
-    /// (inbound): a meshed call.
+    /// (inbound), plaintext, fixed forward targets.
     Weft2,
+    /// Like weft2, but the client proxy routes by Host through a controller (plaintext).
+    #[value(name = "weft2-disc")]
+    #[serde(rename = "weft2-disc")]
+    Weft2Disc,
+    /// Like weft2-disc, with the endpoint meshed: mutual TLS (HTTP/2) between the proxies.
+    #[value(name = "weft2-mtls")]
+    #[serde(rename = "weft2-mtls")]
+    Weft2Mtls,
     /// Through HAProxy in HTTP mode with one thread.
     Haproxy,
 }
@@ -55,6 +74,8 @@ impl ScenarioKind {
             ScenarioKind::Direct => "direct",
             ScenarioKind::Weft1 => "weft1",
             ScenarioKind::Weft2 => "weft2",
+            ScenarioKind::Weft2Disc => "weft2-disc",
+            ScenarioKind::Weft2Mtls => "weft2-mtls",
             ScenarioKind::Haproxy => "haproxy",
         }
     }
@@ -64,12 +85,17 @@ impl ScenarioKind {
         match self {
             ScenarioKind::Direct => 0,
             ScenarioKind::Weft1 | ScenarioKind::Haproxy => 1,
-            ScenarioKind::Weft2 => 2,
+            ScenarioKind::Weft2 | ScenarioKind::Weft2Disc | ScenarioKind::Weft2Mtls => 2,
         }
     }
 
     pub fn is_weft(self) -> bool {
-        matches!(self, ScenarioKind::Weft1 | ScenarioKind::Weft2)
+        !matches!(self, ScenarioKind::Direct | ScenarioKind::Haproxy)
+    }
+
+    /// Whether it runs a controller and routes by name ([`mesh`]).
+    pub fn uses_controller(self) -> bool {
+        matches!(self, ScenarioKind::Weft2Disc | ScenarioKind::Weft2Mtls)
     }
 }
 
@@ -89,6 +115,8 @@ pub struct RunConfig {
     pub request_size: usize,
     pub response_size: usize,
     pub proxy_bin: PathBuf,
+    /// For weft2-disc and weft2-mtls.
+    pub controller_bin: PathBuf,
     pub haproxy_bin: PathBuf,
     /// This executable, started again as `server`.
     pub bench_bin: PathBuf,
@@ -104,7 +132,7 @@ pub struct RunConfig {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ProcessReport {
     pub name: String,
-    /// "weft", "haproxy" or "server".
+    /// "weft", "haproxy", "controller" or "server".
     pub kind: &'static str,
     pub pid: u32,
     pub cpus_allowed: String,
@@ -127,7 +155,7 @@ pub struct ProcessReport {
 
 impl ProcessReport {
     pub fn is_proxy(&self) -> bool {
-        self.kind != "server"
+        matches!(self.kind, "weft" | "haproxy")
     }
 }
 
@@ -145,8 +173,81 @@ pub struct ScenarioReport {
     /// The closed-loop run.
     pub max_throughput: Option<Summary>,
     pub processes: Vec<ProcessReport>,
+    /// weft2-disc and weft2-mtls: what the proxies' metrics say the traffic did.
+    pub mesh: Option<MeshCheck>,
     /// Why the scenario stopped early, if it did.
     pub error: Option<String>,
+}
+
+/// Counters read from the proxies' `/metrics` after a weft2-disc or weft2-mtls scenario
+/// (warm-up, measured and max-throughput runs together).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct MeshCheck {
+    /// Responses the generator got (successes and errors).
+    pub requests: u64,
+    /// HTTP requests proxy A routed through discovery (`weft_outbound_routes_total`,
+    /// `route="balanced"`).
+    pub routed_by_discovery: f64,
+    /// TLS connections proxy A opened to the server identity
+    /// (`weft_tls_connections_total{direction="outbound",tls="true",peer_id=<server>}`).
+    pub tls_outbound: f64,
+    /// TLS connections proxy B accepted from the client identity
+    /// (`weft_tls_connections_total{direction="inbound",tls="true",peer_id=<client>}`).
+    pub tls_inbound: f64,
+    /// TLS connections of any peer, both proxies: must be 0 in weft2-disc.
+    pub tls_any: f64,
+}
+
+pub const TLS_CONNECTIONS: &str = "weft_tls_connections_total";
+pub const OUTBOUND_ROUTES: &str = "weft_outbound_routes_total";
+
+/// Whether the traffic of a weft2-disc / weft2-mtls scenario took the intended path:
+/// routed by discovery (nearly every request), and over mutual TLS with the expected peer
+/// identities on both sides (weft2-mtls) or not at all (weft2-disc). `max_connections`
+/// bounds the TLS connections: reuse means far fewer than one per request.
+pub fn verify_mesh(
+    kind: ScenarioKind,
+    m: &MeshCheck,
+    max_connections: usize,
+) -> Result<(), String> {
+    // Tolerate a few requests taking the passthrough while the first resolution was pending.
+    if m.routed_by_discovery < m.requests as f64 * 0.99 {
+        return Err(format!(
+            "proxy A routed {} of {} requests through discovery ({OUTBOUND_ROUTES}{{route=\"balanced\"}}): the Host did not resolve through the controller",
+            m.routed_by_discovery, m.requests
+        ));
+    }
+    match kind {
+        ScenarioKind::Weft2Mtls => {
+            let client = mesh::spiffe_id(mesh::NAMESPACE, mesh::CLIENT_SA);
+            let server = mesh::spiffe_id(mesh::NAMESPACE, mesh::SERVER_SA);
+            if m.tls_outbound < 1.0 {
+                return Err(format!(
+                    "proxy A's /metrics show no outbound mTLS connection to {server} ({TLS_CONNECTIONS}{{direction=\"outbound\",tls=\"true\",peer_id=\"{server}\"}} is {}): the traffic did not go over mTLS",
+                    m.tls_outbound
+                ));
+            }
+            if m.tls_inbound < 1.0 {
+                return Err(format!(
+                    "proxy B's /metrics show no inbound mTLS connection from {client} ({TLS_CONNECTIONS}{{direction=\"inbound\",tls=\"true\",peer_id=\"{client}\"}} is {}): the traffic did not go over mTLS",
+                    m.tls_inbound
+                ));
+            }
+            let most = m.tls_outbound.max(m.tls_inbound);
+            if most > max_connections as f64 {
+                return Err(format!(
+                    "{most} mTLS connections between the proxies for {} requests (more than {max_connections}): connections are not reused",
+                    m.requests
+                ));
+            }
+            Ok(())
+        }
+        _ if m.tls_any > 0.0 => Err(format!(
+            "{} TLS connections in a plaintext scenario ({TLS_CONNECTIONS}{{tls=\"true\"}})",
+            m.tls_any
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A child the scenario owns, and its row in `processes`.
@@ -166,14 +267,19 @@ fn make_temp_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// Starts `weft-bench server` pinned with the proxies and returns it with
-/// the address it printed.
-async fn start_server(cfg: &RunConfig, tmp: &Path) -> anyhow::Result<(Child, SocketAddr)> {
-    let mut cmd = Command::new(&cfg.bench_bin);
+/// Starts `bench_bin server` (this executable) pinned to `cpu` and returns it with the
+/// address it printed.
+pub async fn start_server(
+    bench_bin: &Path,
+    response_size: usize,
+    cpu: Option<usize>,
+    tmp: &Path,
+) -> anyhow::Result<(Child, SocketAddr)> {
+    let mut cmd = Command::new(bench_bin);
     cmd.args(["server", "--listen", "127.0.0.1:0", "--response-size"])
-        .arg(cfg.response_size.to_string())
+        .arg(response_size.to_string())
         .env("WEFT_BENCH_LOG", "warn");
-    let mut child = Child::spawn_piped("bench server", cmd, cfg.mesh_cpu, &tmp.join("server.log"))?;
+    let mut child = Child::spawn_piped("bench server", cmd, cpu, &tmp.join("server.log"))?;
     let stdout = child
         .stdout()
         .context("bench server stdout was not piped")?;
@@ -207,7 +313,7 @@ async fn start_server(cfg: &RunConfig, tmp: &Path) -> anyhow::Result<(Child, Soc
 
 /// Free loopback addresses, all distinct: the probing listeners are held
 /// until every address is chosen.
-fn free_addrs(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
+pub fn free_addrs(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
     let listeners = (0..n)
         .map(|_| {
             std::net::TcpListener::bind("127.0.0.1:0")
@@ -218,6 +324,10 @@ fn free_addrs(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
         .iter()
         .map(|l| l.local_addr().context("reading a bound address"))
         .collect()
+}
+
+pub fn temp_dir() -> anyhow::Result<PathBuf> {
+    make_temp_dir()
 }
 
 fn add_process(
@@ -238,7 +348,8 @@ fn add_process(
     });
 }
 
-/// Starts the Weft proxies of weft1/weft2; returns the generator's entry.
+/// Starts the Weft proxies of weft1/weft2 (and the controller of weft2-disc/weft2-mtls);
+/// returns the proxies' addresses, the generator's entry first.
 async fn start_weft(
     cfg: &RunConfig,
     kind: ScenarioKind,
@@ -246,7 +357,7 @@ async fn start_weft(
     tmp: &Path,
     owned: &mut Vec<Owned>,
     report: &mut ScenarioReport,
-) -> anyhow::Result<SocketAddr> {
+) -> anyhow::Result<Vec<weft::ProxyAddrs>> {
     if !cfg.proxy_bin.is_file() {
         bail!(
             "weft-proxy not found at {}: build it with `cargo build --release -p weft-proxy`, or pass --proxy-bin",
@@ -264,13 +375,19 @@ async fn start_weft(
         })
         .collect();
     let targets = weft::chain(hops, server, &addrs);
-    for (i, (a, t)) in addrs.iter().zip(&targets).enumerate() {
+    let mesh_env = if kind.uses_controller() {
+        start_controller(cfg, kind, &addrs, tmp, owned, report).await?
+    } else {
+        vec![Vec::new(); addrs.len()]
+    };
+    for (i, ((a, t), extra)) in addrs.iter().zip(&targets).zip(mesh_env).enumerate() {
         let name = match (hops, i) {
             (1, _) => "weft-proxy".to_owned(),
             (_, 0) => "weft-proxy A (client side, outbound)".to_owned(),
             _ => "weft-proxy B (server side, inbound)".to_owned(),
         };
-        let env = weft::proxy_env(a, t);
+        let mut env = weft::proxy_env(a, t);
+        env.extend(extra);
         tracing::debug!(name, ?env, "starting weft-proxy");
         let log = tmp.join(format!("{}-proxy{i}.log", kind.name()));
         let child = Child::spawn(
@@ -281,10 +398,111 @@ async fn start_weft(
         )?;
         add_process(report, owned, child, "weft");
     }
-    for (o, a) in owned.iter_mut().zip(&addrs) {
-        wait_ready(&mut o.child, a.admin, "/ready", Duration::from_secs(10)).await?;
+    // The proxies are the last `hops` children (a controller may come first). With an
+    // identity, ready means holding a certificate.
+    let first = owned.len() - addrs.len();
+    for (o, a) in owned[first..].iter_mut().zip(&addrs) {
+        wait_ready(&mut o.child, a.admin, "/ready", Duration::from_secs(15)).await?;
     }
-    Ok(addrs[0].outbound)
+    Ok(addrs)
+}
+
+/// weft2-disc and weft2-mtls: writes the manifests (the endpoint is proxy B's inbound
+/// port; the pod is meshed for weft2-mtls), starts the controller with a development CA,
+/// mints both proxies' tokens, and returns each proxy's extra environment: discovery for A,
+/// an identity for both (`client`, `server`).
+async fn start_controller(
+    cfg: &RunConfig,
+    kind: ScenarioKind,
+    proxies: &[weft::ProxyAddrs],
+    tmp: &Path,
+    owned: &mut Vec<Owned>,
+    report: &mut ScenarioReport,
+) -> anyhow::Result<Vec<Vec<(&'static str, String)>>> {
+    let [_, b] = proxies else {
+        bail!("{} needs two proxies", kind.name());
+    };
+    let dirs = mesh::MeshDirs::create(&tmp.join(kind.name()))?;
+    mesh::write_atomically(
+        &dirs.manifests.join("bench.yaml"),
+        &mesh::manifests(b.inbound, kind == ScenarioKind::Weft2Mtls),
+    )?;
+    let ports = free_addrs(3)?;
+    let addrs = mesh::ControllerAddrs {
+        destination: ports[0],
+        identity: ports[1],
+        admin: ports[2],
+    };
+    let log = tmp.join(format!("{}-controller.log", kind.name()));
+    let child =
+        mesh::start_controller(&cfg.controller_bin, &dirs, &addrs, cfg.mesh_cpu, &log).await?;
+    add_process(report, owned, child, "controller");
+    let client_token =
+        mesh::mint_token(&cfg.controller_bin, &dirs, mesh::NAMESPACE, mesh::CLIENT_SA)?;
+    let server_token =
+        mesh::mint_token(&cfg.controller_bin, &dirs, mesh::NAMESPACE, mesh::SERVER_SA)?;
+    let client = mesh::Workload {
+        service_account: mesh::CLIENT_SA,
+        pod: "client-0",
+        token: &client_token,
+    };
+    let server = mesh::Workload {
+        service_account: mesh::SERVER_SA,
+        pod: mesh::SERVER_POD,
+        token: &server_token,
+    };
+    Ok(vec![
+        mesh::identity_env(&addrs, &dirs, &client, true),
+        mesh::identity_env(&addrs, &dirs, &server, false),
+    ])
+}
+
+/// Reads the counters [`verify_mesh`] checks from proxies A and B.
+async fn read_mesh_counters(
+    a: SocketAddr,
+    b: SocketAddr,
+    requests: u64,
+) -> anyhow::Result<MeshCheck> {
+    let scrape = |addr: SocketAddr| async move {
+        let (status, body) = process::http_get(addr, "/metrics")
+            .await
+            .with_context(|| format!("reading http://{addr}/metrics"))?;
+        if !status.is_success() {
+            bail!("GET http://{addr}/metrics answered {status}");
+        }
+        anyhow::Ok(prom::parse(&body))
+    };
+    let (a, b) = (scrape(a).await?, scrape(b).await?);
+    let client = mesh::spiffe_id(mesh::NAMESPACE, mesh::CLIENT_SA);
+    let server = mesh::spiffe_id(mesh::NAMESPACE, mesh::SERVER_SA);
+    Ok(MeshCheck {
+        requests,
+        routed_by_discovery: prom::sum(
+            &a,
+            OUTBOUND_ROUTES,
+            &[("protocol", "http"), ("route", "balanced")],
+        ),
+        tls_outbound: prom::sum(
+            &a,
+            TLS_CONNECTIONS,
+            &[
+                ("direction", "outbound"),
+                ("tls", "true"),
+                ("peer_id", &server),
+            ],
+        ),
+        tls_inbound: prom::sum(
+            &b,
+            TLS_CONNECTIONS,
+            &[
+                ("direction", "inbound"),
+                ("tls", "true"),
+                ("peer_id", &client),
+            ],
+        ),
+        tls_any: prom::sum(&a, TLS_CONNECTIONS, &[("tls", "true")])
+            + prom::sum(&b, TLS_CONNECTIONS, &[("tls", "true")]),
+    })
 }
 
 /// Starts HAProxy; returns the generator's entry.
@@ -375,12 +593,17 @@ async fn measure(
     owned: &mut Vec<Owned>,
     report: &mut ScenarioReport,
 ) -> anyhow::Result<()> {
+    let mut proxies = Vec::new();
     let entry = match kind {
         ScenarioKind::Direct => server_addr,
-        ScenarioKind::Weft1 | ScenarioKind::Weft2 => {
-            start_weft(cfg, kind, server_addr, tmp, owned, report).await?
-        }
         ScenarioKind::Haproxy => start_haproxy(cfg, server_addr, tmp, owned, report).await?,
+        _ => {
+            proxies = start_weft(cfg, kind, server_addr, tmp, owned, report).await?;
+            proxies
+                .first()
+                .map(|p| p.outbound)
+                .context("no proxy was started")?
+        }
     };
     report.entry = Some(entry);
     report.processes.push(ProcessReport {
@@ -399,9 +622,15 @@ async fn measure(
         p.cpus_allowed = mem.cpus_allowed;
     }
 
+    // Routed by name through the controller, or to the fixed target whatever the Host.
+    let authority = if kind.uses_controller() {
+        mesh::authority()
+    } else {
+        server_addr.to_string()
+    };
     let spec = LoadSpec {
         connect: entry,
-        authority: server_addr.to_string(),
+        authority,
         protocol: cfg.protocol,
         connections: cfg.connections,
         streams: cfg.streams,
@@ -413,8 +642,11 @@ async fn measure(
         .with_context(|| format!("connecting to {entry}"))?;
     report.slots = load.slots();
     let open = Pacing::Open { rate: cfg.rate };
+    // Responses over every run, for the mesh counters.
+    let mut requests = 0;
     if !cfg.warmup.is_zero() {
         let warm = load.run(open, cfg.warmup).await?;
+        requests += warm.ok + warm.errors;
         tracing::info!(
             scenario = kind.name(),
             "warm-up: {}",
@@ -426,6 +658,7 @@ async fn measure(
     let sampler = RssSampler::start(pids.clone(), Duration::from_millis(100));
     let started = Instant::now();
     let run = load.run(open, cfg.duration).await?;
+    requests += run.ok + run.errors;
     let wall = started.elapsed();
     let peaks = sampler.finish().await;
     let after = read_cpus(&pids)?;
@@ -452,6 +685,7 @@ async fn measure(
         let before = read_cpus(&pids)?;
         let started = Instant::now();
         let run = load.run(Pacing::Closed, cfg.max_duration).await?;
+        requests += run.ok + run.errors;
         let wall = started.elapsed();
         let after = read_cpus(&pids)?;
         for (p, (per_req, util)) in report
@@ -475,6 +709,15 @@ async fn measure(
     for p in &mut report.processes {
         p.hwm_kib = procfs::read_mem(p.pid).map(|m| m.hwm_kib).unwrap_or(0);
     }
+    if let (true, [a, b]) = (kind.uses_controller(), proxies.as_slice()) {
+        let counters = read_mesh_counters(a.admin, b.admin, requests).await?;
+        tracing::info!(scenario = kind.name(), ?counters, "proxy counters");
+        report.mesh = Some(counters.clone());
+        // Reuse: at most one connection per generator connection, far from one per request.
+        verify_mesh(kind, &counters, cfg.connections)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", kind.name()))?;
+    }
+
     for o in owned.iter_mut() {
         o.child.ensure_running()?;
     }
@@ -496,6 +739,7 @@ async fn run_scenario(
         latency: None,
         max_throughput: None,
         processes: Vec::new(),
+        mesh: None,
         error: None,
     };
     let mut owned = Vec::new();
@@ -517,7 +761,8 @@ async fn run_scenario(
 pub async fn run(cfg: &RunConfig) -> anyhow::Result<Vec<ScenarioReport>> {
     let tmp = make_temp_dir()?;
     tracing::info!(dir = %tmp.display(), "configs and logs");
-    let (mut server, server_addr) = start_server(cfg, &tmp).await?;
+    let (mut server, server_addr) =
+        start_server(&cfg.bench_bin, cfg.response_size, cfg.mesh_cpu, &tmp).await?;
     tracing::info!(%server_addr, pid = server.pid(), "bench server ready");
     let mut reports = Vec::new();
     for (i, &kind) in cfg.scenarios.iter().enumerate() {
@@ -550,6 +795,70 @@ mod tests {
         ports.dedup();
         assert_eq!(ports.len(), 6);
         assert!(addrs.iter().all(|a| a.ip().is_loopback()));
+    }
+
+    fn counters(requests: u64, routed: f64, out: f64, inb: f64) -> MeshCheck {
+        MeshCheck {
+            requests,
+            routed_by_discovery: routed,
+            tls_outbound: out,
+            tls_inbound: inb,
+            tls_any: out + inb,
+        }
+    }
+
+    #[test]
+    fn mtls_needs_both_sides_few_connections_and_discovery() {
+        let k = ScenarioKind::Weft2Mtls;
+        assert_eq!(
+            verify_mesh(k, &counters(20_000, 20_000.0, 1.0, 1.0), 16),
+            Ok(())
+        );
+        // A few requests may pass through while the first resolution is pending.
+        assert_eq!(
+            verify_mesh(k, &counters(20_000, 19_990.0, 2.0, 2.0), 16),
+            Ok(())
+        );
+        let no_routes = verify_mesh(k, &counters(20_000, 0.0, 1.0, 1.0), 16);
+        assert!(no_routes.is_err_and(|e| e.contains("0 of 20000 requests")));
+        let plaintext = verify_mesh(k, &counters(20_000, 20_000.0, 0.0, 0.0), 16);
+        assert!(
+            plaintext.is_err_and(|e| e.contains("no outbound mTLS connection")
+                && e.contains("peer_id=\"spiffe://cluster.local/ns/bench/sa/server\""))
+        );
+        let one_sided = verify_mesh(k, &counters(20_000, 20_000.0, 1.0, 0.0), 16);
+        assert!(one_sided.is_err_and(|e| e.contains(
+            "no inbound mTLS connection from spiffe://cluster.local/ns/bench/sa/client"
+        )));
+        let per_request = verify_mesh(k, &counters(20_000, 20_000.0, 20_000.0, 20_000.0), 16);
+        assert!(per_request.is_err_and(|e| e.contains("not reused")));
+        assert!(verify_mesh(k, &counters(100, 100.0, 17.0, 1.0), 16).is_err());
+    }
+
+    #[test]
+    fn plaintext_discovery_must_not_use_tls() {
+        let k = ScenarioKind::Weft2Disc;
+        assert_eq!(
+            verify_mesh(k, &counters(1000, 1000.0, 0.0, 0.0), 16),
+            Ok(())
+        );
+        assert!(verify_mesh(k, &counters(1000, 1000.0, 1.0, 0.0), 16).is_err());
+        assert!(verify_mesh(k, &counters(1000, 10.0, 0.0, 0.0), 16).is_err());
+    }
+
+    #[test]
+    fn scenario_names_round_trip() {
+        use clap::ValueEnum as _;
+        for k in ScenarioKind::value_variants() {
+            assert_eq!(ScenarioKind::from_str(k.name(), false), Ok(*k));
+            assert_eq!(
+                serde_json::to_value(k).expect("json"),
+                serde_json::Value::String(k.name().to_owned())
+            );
+        }
+        assert_eq!(ScenarioKind::Weft2Mtls.hops(), 2);
+        assert!(ScenarioKind::Weft2Disc.is_weft() && ScenarioKind::Weft2Disc.uses_controller());
+        assert!(!ScenarioKind::Weft2.uses_controller());
     }
 
     #[test]

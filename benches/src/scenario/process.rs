@@ -147,6 +147,11 @@ impl Drop for Child {
 
 /// `GET http://addr{path}` over HTTP/1.1; the status.
 pub async fn http_get_status(addr: SocketAddr, path: &str) -> anyhow::Result<StatusCode> {
+    Ok(http_get(addr, path).await?.0)
+}
+
+/// `GET http://addr{path}` over HTTP/1.1; the status and the body as text (lossy UTF-8).
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(StatusCode, String)> {
     let stream = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
@@ -164,8 +169,13 @@ pub async fn http_get_status(addr: SocketAddr, path: &str) -> anyhow::Result<Sta
         .await
         .context("sending the probe")?;
     let status = response.status();
-    let _ = response.into_body().collect().await;
-    Ok(status)
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .with_context(|| format!("reading the body of GET http://{addr}{path}"))?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Polls `GET http://addr{path}` until it answers 200, the child exits, or
