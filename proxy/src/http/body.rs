@@ -122,3 +122,87 @@ where
         self.inner.size_hint()
     }
 }
+
+pin_project_lite::pin_project! {
+    /// A body whose first frame (or its end) was already taken from `inner`, ready, when the
+    /// response head arrived. Handed to hyper's HTTP/2 server together with the head, it lets
+    /// HEADERS and the first DATA frame leave in one write (and one wakeup of the peer)
+    /// instead of two: measured, a third fewer syscalls per request on both proxies of an
+    /// mTLS hop (benches/RESULTS.md).
+    pub struct Prefetched<B> {
+        first: Option<Option<Result<Frame<Bytes>, BoxError>>>,
+        #[pin]
+        inner: B,
+    }
+}
+
+impl<B> Prefetched<B> {
+    pub fn new(first: Option<Result<Frame<Bytes>, BoxError>>, inner: B) -> Self {
+        Self {
+            first: Some(first),
+            inner,
+        }
+    }
+}
+
+impl<B> Body for Prefetched<B>
+where
+    B: Body<Data = Bytes, Error = BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.first.take() {
+            Some(first) => Poll::Ready(first),
+            None => this.inner.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.first {
+            Some(None) => true,
+            Some(Some(_)) => false,
+            None => self.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let first = match &self.first {
+            Some(None) => return SizeHint::with_exact(0),
+            Some(Some(Ok(f))) => f.data_ref().map_or(0, |d| d.len() as u64),
+            _ => 0,
+        };
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + first);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + first);
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod prefetch_tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    #[tokio::test]
+    async fn a_prefetched_frame_comes_first_and_the_hints_add_up() {
+        let inner = Full::new(Bytes::from_static(b"rest")).map_err(|e| match e {});
+        let first = Some(Ok(Frame::data(Bytes::from_static(b"head-"))));
+        let body = Prefetched::new(first, inner);
+        assert!(!body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), Some(9));
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"head-rest");
+
+        let done = Prefetched::new(None, Full::new(Bytes::new()).map_err(|e| match e {}));
+        assert!(done.is_end_stream());
+        assert_eq!(done.size_hint().exact(), Some(0));
+    }
+}
