@@ -556,16 +556,7 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
         failed: false,
         in_flight,
     };
-    let (head, body) = rsp.into_parts();
-    let mut body = Observed::new(body, recorder);
-    if ctx.h2 && !http_body::Body::is_end_stream(&body) {
-        // The first frame is usually here already (read with the head): give it to the HTTP/2
-        // server with the head so that HEADERS and DATA go out together.
-        if let Some(first) = futures_util::FutureExt::now_or_never(body.frame()) {
-            return Response::from_parts(head, body::Prefetched::new(first, body).boxed());
-        }
-    }
-    Response::from_parts(head, body.boxed())
+    rsp.map(|b| Observed::new(b, recorder).boxed())
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
