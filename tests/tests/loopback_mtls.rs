@@ -165,6 +165,11 @@ async fn http1_and_http2_clients_cross_the_mesh_over_reused_mtls_h2() -> Result<
     let m = client.metrics()?;
     assert_eq!(tls_connections(&m, "outbound", "true", BOOKS_ID), 1.0);
     assert_eq!(tls_connections(&m, "outbound", "not-meshed", ""), 0.0);
+    let (_, text) = admin_get(client.admin, "/metrics")?;
+    assert!(
+        !text.contains(r#"tls="true",peer_id="""#),
+        "an mTLS series without a peer"
+    );
     let s = server.metrics()?;
     assert_eq!(tls_connections(&s, "inbound", "true", WEB_ID), 1.0);
     assert_eq!(tls_connections(&s, "inbound", "plaintext", ""), 0.0);

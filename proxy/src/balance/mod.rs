@@ -132,8 +132,9 @@ pub struct Member {
     weight: u32,
     /// The identity to expect when the endpoint is reached over mTLS.
     pub mesh: Option<MeshTarget>,
-    /// Plain connections to this endpoint, counted with the reason they are not mTLS.
-    plain: Counter,
+    /// Plain connections to this endpoint, counted with the reason they are not mTLS (`None`
+    /// for a meshed endpoint, whose connections the mTLS transport counts).
+    plain: Option<Counter>,
     /// The connection pool (HTTP balancers only): HTTP/2 to a meshed endpoint.
     pub http: Option<Arc<Endpoint>>,
     /// A meshed endpoint's HTTP/1.1-over-mTLS pool, for upgrades; made on first use.
@@ -192,7 +193,9 @@ impl Member {
 
     /// Counts a plain (not mTLS) connection to this endpoint.
     pub fn plain_connection(&self) {
-        self.plain.inc();
+        if let Some(c) = &self.plain {
+            c.inc();
+        }
     }
 
     /// Requests or connections in flight now.
@@ -470,14 +473,14 @@ impl Balancer {
         initial: f64,
         now: Instant,
     ) -> Arc<Member> {
-        let status = if mesh.is_some() {
-            TlsStatus::Mtls
-        } else if ep.identity.is_some() && self.ctx.mesh.is_none() {
-            TlsStatus::NoIdentity
-        } else {
-            TlsStatus::NotMeshed
-        };
-        let plain = self.ctx.tls.connections(Direction::Outbound, status, "");
+        let plain = mesh.is_none().then(|| {
+            let status = if ep.identity.is_some() && self.ctx.mesh.is_none() {
+                TlsStatus::NoIdentity
+            } else {
+                TlsStatus::NotMeshed
+            };
+            self.ctx.tls.connections(Direction::Outbound, status, "")
+        });
         let same_transport =
             previous.filter(|m| m.mesh.as_ref().map(|t| &t.id) == mesh.as_ref().map(|t| &t.id));
         let http = same_transport.and_then(|m| m.http.clone()).or_else(|| {
@@ -490,7 +493,7 @@ impl Balancer {
                     protocol == Protocol::Http2,
                     settings.connect_timeout,
                     settings.pool_idle_timeout,
-                    Transport::Plain(Some(plain.clone())),
+                    Transport::Plain(plain.clone()),
                 )),
             }
         });
