@@ -36,6 +36,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use clap::Args;
 
+use crate::cli::{BinArgs, PinArgs};
 use crate::load::stats::fmt_us;
 use crate::load::{LoadGenerator, LoadSpec, Pacing, Protocol, Summary};
 use crate::report;
@@ -83,27 +84,16 @@ pub struct BalanceArgs {
     /// Response body bytes.
     #[arg(long, default_value_t = 1024)]
     pub response_size: usize,
-    /// weft-proxy binary [default: next to this executable].
-    #[arg(long)]
-    pub proxy_bin: Option<PathBuf>,
-    /// weft-controller binary [default: next to this executable].
-    #[arg(long)]
-    pub controller_bin: Option<PathBuf>,
+    #[command(flatten)]
+    pub bins: BinArgs,
     /// Markdown report [default: benches/BALANCE.md].
     #[arg(long)]
     pub results: Option<PathBuf>,
     /// Do not write the markdown report.
     #[arg(long, conflicts_with = "results")]
     pub no_results: bool,
-    /// CPU the load generator runs on.
-    #[arg(long, default_value_t = 0)]
-    pub load_cpu: usize,
-    /// CPU the servers, the controller and the proxy run on.
-    #[arg(long, default_value_t = 1)]
-    pub mesh_cpu: usize,
-    /// Do not pin anything to CPUs.
-    #[arg(long)]
-    pub no_pin: bool,
+    #[command(flatten)]
+    pub pin: PinArgs,
 }
 
 /// One measured run.
@@ -298,14 +288,8 @@ pub struct BalanceReport {
 /// Runs the benchmark and writes the report.
 pub fn execute(args: BalanceArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding this executable")?;
-    let proxy_bin = args
-        .proxy_bin
-        .clone()
-        .unwrap_or_else(|| exe.with_file_name("weft-proxy"));
-    let controller_bin = args
-        .controller_bin
-        .clone()
-        .unwrap_or_else(|| exe.with_file_name("weft-controller"));
+    let proxy_bin = args.bins.proxy(&exe);
+    let controller_bin = args.bins.controller(&exe);
     for (bin, what) in [
         (&proxy_bin, "weft-proxy"),
         (&controller_bin, "weft-controller"),
@@ -328,19 +312,8 @@ pub fn execute(args: BalanceArgs) -> anyhow::Result<()> {
         }
     }
     let cpus = affinity::online_cpus();
-    let pinned = !args.no_pin
-        && cpus >= 2
-        && args.load_cpu < cpus
-        && args.mesh_cpu < cpus
-        && args.load_cpu != args.mesh_cpu;
-    if !args.no_pin && !pinned {
-        tracing::warn!(cpus, "cannot pin as asked; running unpinned");
-    }
-    if pinned {
-        affinity::pin_current_thread(args.load_cpu)
-            .with_context(|| format!("pinning the generator to CPU {}", args.load_cpu))?;
-    }
-    let mesh_cpu = pinned.then_some(args.mesh_cpu);
+    let pinned = args.pin.pin()?;
+    let mesh_cpu = pinned.map(|(_, mesh)| mesh);
     let started = std::time::SystemTime::now();
 
     let delays = [Duration::ZERO, Duration::ZERO, args.slow_delay];
@@ -357,11 +330,7 @@ pub fn execute(args: BalanceArgs) -> anyhow::Result<()> {
         service_yaml("fast", "10.96.0.51", &addrs[..1]),
     )?;
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("building the tokio runtime")?;
-    let result = rt.block_on(run_all(
+    let result = crate::cli::current_thread_runtime()?.block_on(run_all(
         &args,
         &proxy_bin,
         &controller_bin,
@@ -389,16 +358,13 @@ pub fn execute(args: BalanceArgs) -> anyhow::Result<()> {
             .map_or(0, |r| r.summary.p99_us)
     };
     let verdict = verdict(&shares, addrs[2], p99("balanced"), p99("fast alone"));
-    let unix = started
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let unix = report::unix_secs(started);
     let argv: Vec<String> = std::env::args().collect();
     let report = BalanceReport {
         command: report::shell_command(&argv),
         date_utc: report::utc_date(unix),
         cpus,
-        pinned,
+        pinned: pinned.is_some(),
         debug_build: cfg!(debug_assertions),
         args: args.clone(),
         runs,
@@ -544,7 +510,7 @@ pub fn markdown(r: &BalanceReport) -> String {
         if r.pinned {
             format!(
                 "generator on CPU {}, servers+controller+proxy on CPU {}",
-                a.load_cpu, a.mesh_cpu
+                a.pin.load_cpu, a.pin.mesh_cpu
             )
         } else {
             "no".to_owned()

@@ -144,17 +144,94 @@ pub struct RunArgs {
     /// is given.
     #[arg(long)]
     pub quick: bool,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// The Weft binaries a benchmark starts (`run`, `handshakes`, `balance`).
+#[derive(Debug, Clone, Args)]
+pub struct BinArgs {
     /// weft-proxy binary [default: next to this executable].
     #[arg(long)]
     pub proxy_bin: Option<PathBuf>,
-    /// weft-controller binary, for weft2-disc and weft2-mtls [default: next to this
+    /// weft-controller binary, when a scenario or target needs one [default: next to this
     /// executable].
     #[arg(long)]
     pub controller_bin: Option<PathBuf>,
+}
+
+impl BinArgs {
+    /// --proxy-bin, or `weft-proxy` next to `exe`.
+    pub fn proxy(&self, exe: &Path) -> PathBuf {
+        self.proxy_bin
+            .clone()
+            .unwrap_or_else(|| exe.with_file_name("weft-proxy"))
+    }
+
+    /// --controller-bin, or `weft-controller` next to `exe`.
+    pub fn controller(&self, exe: &Path) -> PathBuf {
+        self.controller_bin
+            .clone()
+            .unwrap_or_else(|| exe.with_file_name("weft-controller"))
+    }
+}
+
+/// Which CPU the generator runs on and which one everything it measures shares.
+#[derive(Debug, Clone, Args)]
+pub struct PinArgs {
+    /// CPU the load generator runs on.
+    #[arg(long, default_value_t = 0)]
+    pub load_cpu: usize,
+    /// CPU the bench server(s), the proxies, HAProxy and the controller run on.
+    #[arg(long, default_value_t = 1)]
+    pub mesh_cpu: usize,
+    /// Do not pin anything to CPUs.
+    #[arg(long)]
+    pub no_pin: bool,
+}
+
+impl PinArgs {
+    /// (load CPU, mesh CPU) on a machine with `cpus` online CPUs, or `None` when pinning
+    /// was not asked for or cannot be done as asked.
+    pub fn plan(&self, cpus: usize) -> Option<(usize, usize)> {
+        let possible = cpus >= 2
+            && self.load_cpu < cpus
+            && self.mesh_cpu < cpus
+            && self.load_cpu != self.mesh_cpu;
+        (!self.no_pin && possible).then_some((self.load_cpu, self.mesh_cpu))
+    }
+
+    /// Pins this thread to the load CPU when [`plan`](Self::plan) allows (warning when
+    /// pinning was asked for but cannot be done) and returns the plan. Call it before the
+    /// runtime exists, so that every thread inherits the mask.
+    pub fn pin(&self) -> anyhow::Result<Option<(usize, usize)>> {
+        let cpus = affinity::online_cpus();
+        let plan = self.plan(cpus);
+        match plan {
+            Some((load, _)) => pin_self(load)?,
+            None if !self.no_pin => tracing::warn!(
+                cpus,
+                load_cpu = self.load_cpu,
+                mesh_cpu = self.mesh_cpu,
+                "cannot pin as asked; running unpinned"
+            ),
+            None => {}
+        }
+        Ok(plan)
+    }
+}
+
+/// The flags `run` and `handshakes` share: the binaries they start, where their reports
+/// go, and the CPUs.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    #[command(flatten)]
+    pub bins: BinArgs,
     /// HAProxy binary.
     #[arg(long, default_value = "/usr/sbin/haproxy")]
     pub haproxy_bin: PathBuf,
-    /// Markdown report [default: benches/RESULTS.md, not written with --quick].
+    /// Markdown report to splice a section into [default: benches/RESULTS.md, not written
+    /// by `run --quick`].
     #[arg(long)]
     pub results: Option<PathBuf>,
     /// Do not write the markdown report.
@@ -163,18 +240,69 @@ pub struct RunArgs {
     /// Directory for <name>.json [default: benches/out].
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
-    /// Name of this scenario set [default: <protocol>-<scenarios>].
+    /// Name of the run (JSON file and RESULTS.md section) [default: `run`:
+    /// <protocol>-<scenarios>, `handshakes`: handshakes-<http>].
     #[arg(long)]
     pub name: Option<String>,
-    /// CPU the load generator runs on.
-    #[arg(long, default_value_t = 0)]
-    pub load_cpu: usize,
-    /// CPU the bench server and the proxies run on.
-    #[arg(long, default_value_t = 1)]
-    pub mesh_cpu: usize,
-    /// Do not pin anything to CPUs.
-    #[arg(long)]
-    pub no_pin: bool,
+    #[command(flatten)]
+    pub pin: PinArgs,
+}
+
+impl CommonArgs {
+    /// Writes `<out-dir>/<name>.json` and, unless --no-results (or `no_default_results`
+    /// without --results), splices `section` into the markdown report under `name`; then
+    /// prints `md` and the paths written.
+    pub fn write_reports(
+        &self,
+        name: &str,
+        doc: &impl serde::Serialize,
+        md: &str,
+        section: &str,
+        no_default_results: bool,
+    ) -> anyhow::Result<()> {
+        let out_dir = self
+            .out_dir
+            .clone()
+            .unwrap_or_else(|| crate_dir().join("out"));
+        std::fs::create_dir_all(&out_dir)
+            .with_context(|| format!("creating {}", out_dir.display()))?;
+        let json_path = out_dir.join(format!("{name}.json"));
+        let json = serde_json::to_string_pretty(doc).context("encoding the JSON report")?;
+        std::fs::write(&json_path, json + "\n")
+            .with_context(|| format!("writing {}", json_path.display()))?;
+
+        let results = match (&self.results, no_default_results || self.no_results) {
+            (Some(p), _) => Some(p.clone()),
+            (None, false) => Some(crate_dir().join("RESULTS.md")),
+            (None, true) => None,
+        };
+        if let Some(path) = &results {
+            // One file collects several runs (one section per run name); text outside the
+            // generated sections, such as analysis, is kept.
+            let existing = match std::fs::read_to_string(path) {
+                Ok(s) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            };
+            let updated = report::splice(&existing, name, section);
+            std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))?;
+        }
+        println!("{md}");
+        println!("JSON: {}", json_path.display());
+        if let Some(path) = results {
+            println!("Markdown: {}", path.display());
+        }
+        Ok(())
+    }
+}
+
+/// Figures from a debug build are not worth comparing: say so before measuring.
+pub fn warn_if_debug_build() {
+    if cfg!(debug_assertions) {
+        tracing::warn!(
+            "weft-bench is a debug build: build with --release for figures worth comparing"
+        );
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -287,14 +415,7 @@ pub fn run_config(args: &RunArgs, current_exe: &Path) -> anyhow::Result<RunConfi
             Duration::from_secs(10),
         )
     };
-    let proxy_bin = match &args.proxy_bin {
-        Some(p) => p.clone(),
-        None => current_exe.with_file_name("weft-proxy"),
-    };
-    let controller_bin = match &args.controller_bin {
-        Some(p) => p.clone(),
-        None => current_exe.with_file_name("weft-controller"),
-    };
+    let common = &args.common;
     Ok(RunConfig {
         scenarios: args.scenarios.clone(),
         protocol: args.shape.protocol,
@@ -310,11 +431,11 @@ pub fn run_config(args: &RunArgs, current_exe: &Path) -> anyhow::Result<RunConfi
         max_duration: args.max_duration.unwrap_or(max),
         request_size: args.shape.request_size,
         response_size: args.shape.response_size,
-        proxy_bin,
-        controller_bin,
-        haproxy_bin: args.haproxy_bin.clone(),
+        proxy_bin: common.bins.proxy(current_exe),
+        controller_bin: common.bins.controller(current_exe),
+        haproxy_bin: common.haproxy_bin.clone(),
         bench_bin: current_exe.to_owned(),
-        mesh_cpu: (!args.no_pin).then_some(args.mesh_cpu),
+        mesh_cpu: (!common.pin.no_pin).then_some(common.pin.mesh_cpu),
         timeout: args.shape.timeout,
         settle: Duration::from_millis(500),
     })
@@ -332,33 +453,11 @@ pub fn default_name(protocol: Protocol, scenarios: &[ScenarioKind]) -> String {
 
 fn execute_run(args: RunArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding this executable")?;
-    let cfg = run_config(&args, &exe)?;
-    if cfg!(debug_assertions) {
-        tracing::warn!(
-            "weft-bench is a debug build: build with --release for figures worth comparing"
-        );
-    }
-    let cpus = affinity::online_cpus();
-    let mut cfg = cfg;
-    if !args.no_pin {
-        if cpus < 2
-            || args.load_cpu >= cpus
-            || args.mesh_cpu >= cpus
-            || args.load_cpu == args.mesh_cpu
-        {
-            tracing::warn!(
-                cpus,
-                load_cpu = args.load_cpu,
-                mesh_cpu = args.mesh_cpu,
-                "cannot pin as asked; running unpinned"
-            );
-            cfg.mesh_cpu = None;
-        } else {
-            // Before the runtime exists, so every thread inherits the mask.
-            pin_self(args.load_cpu)?;
-        }
-    }
+    let mut cfg = run_config(&args, &exe)?;
+    warn_if_debug_build();
+    cfg.mesh_cpu = args.common.pin.pin()?.map(|(_, mesh)| mesh);
     let name = args
+        .common
         .name
         .clone()
         .unwrap_or_else(|| default_name(cfg.protocol, &cfg.scenarios));
@@ -366,10 +465,7 @@ fn execute_run(args: RunArgs) -> anyhow::Result<()> {
 
     let scenarios = current_thread_runtime()?.block_on(scenario::run(&cfg))?;
 
-    let unix_time = started
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let unix_time = report::unix_secs(started);
     let argv: Vec<String> = std::env::args().collect();
     let checks = report::checks(&scenarios);
     let report = Report {
@@ -383,42 +479,10 @@ fn execute_run(args: RunArgs) -> anyhow::Result<()> {
         checks,
     };
 
-    let out_dir = args
-        .out_dir
-        .clone()
-        .unwrap_or_else(|| crate_dir().join("out"));
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let json_path = out_dir.join(format!("{name}.json"));
-    let json = serde_json::to_string_pretty(&report).context("encoding the JSON report")?;
-    std::fs::write(&json_path, json + "\n")
-        .with_context(|| format!("writing {}", json_path.display()))?;
-
     let md = report::markdown(&report);
-    let results = match (&args.results, args.quick || args.no_results) {
-        (Some(p), _) => Some(p.clone()),
-        (None, false) => Some(crate_dir().join("RESULTS.md")),
-        (None, true) => None,
-    };
-    if let Some(path) = &results {
-        // One file collects several runs (one section per protocol and scenario set); text
-        // outside the generated sections, such as analysis, is kept.
-        let existing = match std::fs::read_to_string(path) {
-            Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
-        let updated = report::splice(
-            &existing,
-            &name,
-            &report::as_section(&md, &format!("Proxy hops: {name}")),
-        );
-        std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))?;
-    }
-    println!("{md}");
-    println!("JSON: {}", json_path.display());
-    if let Some(path) = results {
-        println!("Markdown: {}", path.display());
-    }
+    let section = report::as_section(&md, &format!("Proxy hops: {name}"));
+    args.common
+        .write_reports(&name, &report, &md, &section, args.quick)?;
     let failed: Vec<_> = report
         .scenarios
         .iter()
@@ -454,13 +518,19 @@ mod tests {
         assert!(parse_loopback("localhost").is_err());
     }
 
-    #[test]
-    fn run_defaults_and_quick() {
-        let cli = Cli::try_parse_from(["weft-bench", "run"]).expect("parse");
+    /// The config of `weft-bench <argv>`, a `run` command, started from `exe`.
+    fn run_cfg(argv: &[&str], exe: &str) -> RunConfig {
+        let cli = Cli::try_parse_from(std::iter::once("weft-bench").chain(argv.iter().copied()))
+            .expect("parse");
         let Command::Run(args) = cli.command else {
             panic!("not run")
         };
-        let cfg = run_config(&args, Path::new("/t/release/weft-bench")).expect("config");
+        run_config(&args, Path::new(exe)).expect("config")
+    }
+
+    #[test]
+    fn run_defaults_and_quick() {
+        let cfg = run_cfg(&["run"], "/t/release/weft-bench");
         assert_eq!(
             cfg.scenarios,
             vec![
@@ -480,22 +550,19 @@ mod tests {
         assert_eq!(cfg.controller_bin, Path::new("/t/release/weft-controller"));
         assert_eq!(cfg.mesh_cpu, Some(1));
 
-        let cli = Cli::try_parse_from([
-            "weft-bench",
-            "run",
-            "--quick",
-            "--scenarios",
-            "direct,haproxy",
-            "--protocol",
-            "grpc",
-            "--duration",
-            "1s",
-        ])
-        .expect("parse");
-        let Command::Run(args) = cli.command else {
-            panic!("not run")
-        };
-        let cfg = run_config(&args, Path::new("/x/weft-bench")).expect("config");
+        let cfg = run_cfg(
+            &[
+                "run",
+                "--quick",
+                "--scenarios",
+                "direct,haproxy",
+                "--protocol",
+                "grpc",
+                "--duration",
+                "1s",
+            ],
+            "/x/weft-bench",
+        );
         assert_eq!(
             cfg.scenarios,
             vec![ScenarioKind::Direct, ScenarioKind::Haproxy]
@@ -512,17 +579,10 @@ mod tests {
 
     #[test]
     fn mesh_scenarios_parse() {
-        let cli = Cli::try_parse_from([
-            "weft-bench",
-            "run",
-            "--scenarios",
-            "weft2,weft2-disc,weft2-mtls",
-        ])
-        .expect("parse");
-        let Command::Run(args) = cli.command else {
-            panic!("not run")
-        };
-        let cfg = run_config(&args, Path::new("/x/weft-bench")).expect("config");
+        let cfg = run_cfg(
+            &["run", "--scenarios", "weft2,weft2-disc,weft2-mtls"],
+            "/x/weft-bench",
+        );
         assert_eq!(
             cfg.scenarios,
             vec![
@@ -535,6 +595,74 @@ mod tests {
             default_name(cfg.protocol, &cfg.scenarios),
             "http1-weft2-weft2-disc-weft2-mtls"
         );
+    }
+
+    #[test]
+    fn shared_flags_parse_for_run_and_handshakes() {
+        let cfg = run_cfg(
+            &[
+                "run",
+                "--proxy-bin",
+                "/p",
+                "--controller-bin",
+                "/c",
+                "--haproxy-bin",
+                "/h",
+                "--no-pin",
+            ],
+            "/x/weft-bench",
+        );
+        assert_eq!(cfg.proxy_bin, Path::new("/p"));
+        assert_eq!(cfg.controller_bin, Path::new("/c"));
+        assert_eq!(cfg.haproxy_bin, Path::new("/h"));
+        assert_eq!(cfg.mesh_cpu, None);
+
+        let cli = Cli::try_parse_from([
+            "weft-bench",
+            "handshakes",
+            "--name",
+            "hs",
+            "--out-dir",
+            "/o",
+            "--no-results",
+            "--load-cpu",
+            "2",
+            "--mesh-cpu",
+            "3",
+        ])
+        .expect("parse");
+        let Command::Handshakes(args) = cli.command else {
+            panic!("not handshakes")
+        };
+        let common = &args.common;
+        assert_eq!(common.name.as_deref(), Some("hs"));
+        assert_eq!(common.out_dir.as_deref(), Some(Path::new("/o")));
+        assert!(common.no_results);
+        assert_eq!(common.haproxy_bin, Path::new("/usr/sbin/haproxy"));
+        assert_eq!((common.pin.load_cpu, common.pin.mesh_cpu), (2, 3));
+        assert!(Cli::try_parse_from([
+            "weft-bench",
+            "handshakes",
+            "--results",
+            "/r.md",
+            "--no-results"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn pins_only_two_distinct_online_cpus() {
+        let pin = |load_cpu, mesh_cpu, no_pin| PinArgs {
+            load_cpu,
+            mesh_cpu,
+            no_pin,
+        };
+        assert_eq!(pin(0, 1, false).plan(2), Some((0, 1)));
+        assert_eq!(pin(2, 3, false).plan(4), Some((2, 3)));
+        assert_eq!(pin(0, 1, true).plan(2), None);
+        assert_eq!(pin(0, 1, false).plan(1), None);
+        assert_eq!(pin(1, 1, false).plan(4), None);
+        assert_eq!(pin(0, 2, false).plan(2), None);
     }
 
     #[test]

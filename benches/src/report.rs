@@ -64,6 +64,20 @@ impl Machine {
             release_build: !cfg!(debug_assertions),
         }
     }
+
+    /// A two-CPU release-build machine without HAProxy, for report tests.
+    #[cfg(test)]
+    pub(crate) fn fixture(controller_bin: Option<&str>) -> Self {
+        Machine {
+            cpus: 2,
+            cpu_model: "test".into(),
+            kernel: "6".into(),
+            haproxy: None,
+            proxy_bin: "weft-proxy".into(),
+            controller_bin: controller_bin.map(str::to_owned),
+            release_build: true,
+        }
+    }
 }
 
 /// The load of a run, for the JSON document.
@@ -314,6 +328,13 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
+/// Seconds since the Unix epoch (0 for a time before it).
+pub fn unix_secs(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// "2026-05-01 12:34 UTC".
 pub fn utc_date(unix: u64) -> String {
     let days = (unix / 86_400) as i64;
@@ -343,7 +364,8 @@ pub fn shell_command(args: &[String]) -> String {
         .join(" ")
 }
 
-fn opt_f(v: Option<f64>, digits: usize) -> String {
+/// `v` with `digits` decimals, or "–".
+pub fn opt_f(v: Option<f64>, digits: usize) -> String {
     v.map(|v| format!("{v:.digits$}"))
         .unwrap_or_else(|| "–".into())
 }
@@ -398,17 +420,14 @@ pub fn splice(existing: &str, key: &str, section: &str) -> String {
     base
 }
 
-/// `RESULTS.md`.
-pub fn markdown(report: &Report) -> String {
-    let mut md = String::new();
-    let l = &report.load;
-    let m = &report.machine;
+/// What a results section says under its heading: when and where it was measured, with
+/// which reference proxy, whether the generator was a debug build, and the command.
+pub fn provenance(md: &mut String, date_utc: &str, m: &Machine, command: &str) {
     // Writing to a String cannot fail.
-    let _ = writeln!(md, "# Weft benchmark results\n");
     let _ = writeln!(
         md,
-        "Measured {} on {} CPUs ({}, Linux {}).",
-        report.date_utc, m.cpus, m.cpu_model, m.kernel
+        "Measured {date_utc} on {} CPUs ({}, Linux {}).",
+        m.cpus, m.cpu_model, m.kernel
     );
     if let Some(v) = &m.haproxy {
         let _ = writeln!(md, "Reference proxy: {v}.");
@@ -428,7 +447,17 @@ pub fn markdown(report: &Report) -> String {
             ""
         }
     );
-    let _ = writeln!(md, "```sh\n{}\n```\n", report.command);
+    let _ = writeln!(md, "```sh\n{command}\n```\n");
+}
+
+/// `RESULTS.md`.
+pub fn markdown(report: &Report) -> String {
+    let mut md = String::new();
+    let l = &report.load;
+    let m = &report.machine;
+    // Writing to a String cannot fail.
+    let _ = writeln!(md, "# Weft benchmark results\n");
+    provenance(&mut md, &report.date_utc, m, &report.command);
     let streams = if l.protocol == "http1" {
         String::new()
     } else {
@@ -906,15 +935,7 @@ mod tests {
             command: "weft-bench run".into(),
             unix_time: 0,
             date_utc: utc_date(0),
-            machine: Machine {
-                cpus: 2,
-                cpu_model: "test".into(),
-                kernel: "6".into(),
-                haproxy: None,
-                proxy_bin: "weft-proxy".into(),
-                controller_bin: None,
-                release_build: true,
-            },
+            machine: Machine::fixture(None),
             load: LoadConfig {
                 protocol: "http1",
                 rate: 1000.0,

@@ -3,6 +3,7 @@
 //! baseline (and HAProxy, when it is installed).
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use weft_bench::load::{LoadGenerator, LoadSpec, Pacing, Protocol};
@@ -119,45 +120,43 @@ async fn wrong_body_length_is_an_error() {
     server.abort();
 }
 
+/// Runs `weft-bench run --quick` on `scenarios` at 200 req/s over 2 connections (1 s
+/// measured, no warm-up, 500 ms at max throughput) and returns its `<out>/<name>.json`.
+fn quick_run(scenarios: &str, name: &str, out: &Path) -> serde_json::Value {
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_weft-bench"))
+        .args(["run", "--quick", "--scenarios", scenarios])
+        .args([
+            "--duration",
+            "1s",
+            "--warmup",
+            "0",
+            "--max-duration",
+            "500ms",
+        ])
+        .args(["--rate", "200", "--connections", "2", "--name", name])
+        .arg("--out-dir")
+        .arg(out)
+        .env("WEFT_BENCH_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run weft-bench");
+    assert!(status.success(), "weft-bench run failed: {status}");
+    let path = out.join(format!("{name}.json"));
+    let json = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&json).expect("valid JSON")
+}
+
 /// `weft-bench run` end to end: server child, pinning, /proc sampling,
 /// report files. HAProxy joins when it is installed.
 #[test]
 fn run_command_writes_reports() {
     let out = std::env::temp_dir().join(format!("weft-bench-smoke-{}", std::process::id()));
     let mut scenarios = "direct".to_owned();
-    if std::path::Path::new("/usr/sbin/haproxy").is_file() {
+    if Path::new("/usr/sbin/haproxy").is_file() {
         scenarios.push_str(",haproxy");
     }
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_weft-bench"))
-        .args([
-            "run",
-            "--quick",
-            "--scenarios",
-            &scenarios,
-            "--duration",
-            "1s",
-            "--warmup",
-            "0",
-        ])
-        .args([
-            "--max-duration",
-            "500ms",
-            "--rate",
-            "200",
-            "--connections",
-            "2",
-            "--name",
-            "smoke",
-        ])
-        .arg("--out-dir")
-        .arg(&out)
-        .env("WEFT_BENCH_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("run weft-bench");
-    assert!(status.success(), "weft-bench run failed: {status}");
-    let json = std::fs::read_to_string(out.join("smoke.json")).expect("smoke.json");
-    let doc: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+    let doc = quick_run(&scenarios, "smoke", &out);
     let runs = doc["scenarios"].as_array().expect("scenarios");
     assert_eq!(runs.len(), scenarios.split(',').count());
     for run in runs {
@@ -185,7 +184,7 @@ fn run_command_writes_reports() {
 /// are missing, except in CI.
 #[test]
 fn mesh_scenarios_route_by_name_and_use_mtls() {
-    let bench = std::path::Path::new(env!("CARGO_BIN_EXE_weft-bench"));
+    let bench = Path::new(env!("CARGO_BIN_EXE_weft-bench"));
     let missing: Vec<_> = ["weft-proxy", "weft-controller"]
         .into_iter()
         .filter(|b| !bench.with_file_name(b).is_file())
@@ -200,33 +199,7 @@ fn mesh_scenarios_route_by_name_and_use_mtls() {
         return;
     }
     let out = std::env::temp_dir().join(format!("weft-bench-smoke-mesh-{}", std::process::id()));
-    let status = std::process::Command::new(bench)
-        .args(["run", "--quick", "--scenarios", "weft2-disc,weft2-mtls"])
-        .args([
-            "--duration",
-            "1s",
-            "--warmup",
-            "0",
-            "--max-duration",
-            "500ms",
-        ])
-        .args([
-            "--rate",
-            "200",
-            "--connections",
-            "2",
-            "--name",
-            "smoke-mesh",
-        ])
-        .arg("--out-dir")
-        .arg(&out)
-        .env("WEFT_BENCH_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("run weft-bench");
-    assert!(status.success(), "weft-bench run failed: {status}");
-    let json = std::fs::read_to_string(out.join("smoke-mesh.json")).expect("smoke-mesh.json");
-    let doc: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+    let doc = quick_run("weft2-disc,weft2-mtls", "smoke-mesh", &out);
     let runs = doc["scenarios"].as_array().expect("scenarios");
     assert_eq!(runs.len(), 2);
     for run in runs {

@@ -48,12 +48,13 @@ use clap::Args;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::cli::CommonArgs;
 use crate::load::stats::fmt_us;
 use crate::report::Machine;
 use crate::scenario::mesh::{self, ControllerAddrs, MeshDirs, Workload};
 use crate::scenario::process::{self, wait_ready, Child};
 use crate::scenario::{self as scn, haproxy, prom, weft};
-use crate::sys::{affinity, procfs};
+use crate::sys::procfs;
 use client::{ChurnStats, Connector, HttpVersion, Wire};
 pub use report::{figures, markdown, ratio, Figures, HandshakeReport, TargetResult};
 
@@ -135,36 +136,8 @@ pub struct HandshakeArgs {
     /// Bound on one whole connection.
     #[arg(long, value_parser = crate::cli::parse_duration, default_value = "5s")]
     pub timeout: Duration,
-    /// weft-proxy binary [default: next to this executable].
-    #[arg(long)]
-    pub proxy_bin: Option<PathBuf>,
-    /// weft-controller binary [default: next to this executable].
-    #[arg(long)]
-    pub controller_bin: Option<PathBuf>,
-    /// HAProxy binary.
-    #[arg(long, default_value = "/usr/sbin/haproxy")]
-    pub haproxy_bin: PathBuf,
-    /// Markdown report to splice a section into [default: benches/RESULTS.md].
-    #[arg(long)]
-    pub results: Option<PathBuf>,
-    /// Do not write the markdown report.
-    #[arg(long, conflicts_with = "results")]
-    pub no_results: bool,
-    /// Directory for <name>.json [default: benches/out].
-    #[arg(long)]
-    pub out_dir: Option<PathBuf>,
-    /// Name of the run (JSON file and RESULTS.md section) [default: handshakes-<http>].
-    #[arg(long)]
-    pub name: Option<String>,
-    /// CPU the generator runs on.
-    #[arg(long, default_value_t = 0)]
-    pub load_cpu: usize,
-    /// CPU the proxy, HAProxy, the bench server and the controller run on.
-    #[arg(long, default_value_t = 1)]
-    pub mesh_cpu: usize,
-    /// Do not pin anything to CPUs.
-    #[arg(long)]
-    pub no_pin: bool,
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 struct Bins {
@@ -188,49 +161,24 @@ pub fn execute(args: HandshakeArgs) -> anyhow::Result<()> {
     if args.targets.is_empty() {
         bail!("--targets is empty");
     }
+    let common = &args.common;
     let exe = std::env::current_exe().context("finding this executable")?;
     let bins = Bins {
-        proxy: args
-            .proxy_bin
-            .clone()
-            .unwrap_or_else(|| exe.with_file_name("weft-proxy")),
-        controller: args
-            .controller_bin
-            .clone()
-            .unwrap_or_else(|| exe.with_file_name("weft-controller")),
-        haproxy: args.haproxy_bin.clone(),
+        proxy: common.bins.proxy(&exe),
+        controller: common.bins.controller(&exe),
+        haproxy: common.haproxy_bin.clone(),
         bench: exe,
     };
-    if cfg!(debug_assertions) {
-        tracing::warn!(
-            "weft-bench is a debug build: build with --release for figures worth comparing"
-        );
-    }
-    let cpus = affinity::online_cpus();
-    let pinned = !args.no_pin
-        && cpus >= 2
-        && args.load_cpu < cpus
-        && args.mesh_cpu < cpus
-        && args.load_cpu != args.mesh_cpu;
-    if !args.no_pin && !pinned {
-        tracing::warn!(cpus, "cannot pin as asked; running unpinned");
-    }
-    if pinned {
-        // Before the runtime exists, so every thread inherits the mask.
-        affinity::pin_current_thread(args.load_cpu)
-            .with_context(|| format!("pinning the generator to CPU {}", args.load_cpu))?;
-    }
-    let mesh_cpu = pinned.then_some(args.mesh_cpu);
+    crate::cli::warn_if_debug_build();
+    let pinned = common.pin.pin()?;
+    let mesh_cpu = pinned.map(|(_, mesh)| mesh);
     let started = std::time::SystemTime::now();
     let results =
         crate::cli::current_thread_runtime()?.block_on(run_targets(&args, &bins, mesh_cpu))?;
 
-    let unix_time = started
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let unix_time = crate::report::unix_secs(started);
     let argv: Vec<String> = std::env::args().collect();
-    let name = args
+    let name = common
         .name
         .clone()
         .unwrap_or_else(|| format!("handshakes-{}", args.http.name()));
@@ -252,39 +200,12 @@ pub fn execute(args: HandshakeArgs) -> anyhow::Result<()> {
         duration_s: args.duration.as_secs_f64(),
         warmup_s: args.warmup.as_secs_f64(),
         response_size: args.response_size,
-        pinned: pinned.then_some((args.load_cpu, args.mesh_cpu)),
+        pinned,
         results,
     };
 
-    let out_dir = args
-        .out_dir
-        .clone()
-        .unwrap_or_else(|| crate::cli::crate_dir().join("out"));
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let json_path = out_dir.join(format!("{name}.json"));
-    let json = serde_json::to_string_pretty(&report).context("encoding the JSON report")?;
-    std::fs::write(&json_path, json + "\n")
-        .with_context(|| format!("writing {}", json_path.display()))?;
     let md = markdown(&report);
-    let results = match (&args.results, args.no_results) {
-        (Some(p), _) => Some(p.clone()),
-        (None, false) => Some(crate::cli::crate_dir().join("RESULTS.md")),
-        (None, true) => None,
-    };
-    if let Some(path) = &results {
-        let existing = match std::fs::read_to_string(path) {
-            Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
-        let updated = crate::report::splice(&existing, &name, &md);
-        std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))?;
-    }
-    println!("{md}");
-    println!("JSON: {}", json_path.display());
-    if let Some(path) = results {
-        println!("Markdown: {}", path.display());
-    }
+    common.write_reports(&name, &report, &md, &md, false)?;
     let failed: Vec<_> = report
         .results
         .iter()

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::client::HttpVersion;
 use super::{Target, BENCH_CLIENT_SA};
 use crate::load::stats::fmt_us;
-use crate::report::Machine;
+use crate::report::{self, opt_f, Machine};
 use crate::scenario::mesh;
 
 /// Throughput and CPU figures of one measured window. Pure.
@@ -113,11 +113,6 @@ pub struct HandshakeReport {
     pub results: Vec<TargetResult>,
 }
 
-fn opt(v: Option<f64>, digits: usize) -> String {
-    v.map(|v| format!("{v:.digits$}"))
-        .unwrap_or_else(|| "–".into())
-}
-
 fn find(results: &[TargetResult], t: Target) -> Option<&TargetResult> {
     results.iter().find(|r| r.target == t && r.error.is_none())
 }
@@ -125,29 +120,11 @@ fn find(results: &[TargetResult], t: Target) -> Option<&TargetResult> {
 /// The RESULTS.md section.
 pub fn markdown(r: &HandshakeReport) -> String {
     use std::fmt::Write as _;
-    let m = &r.machine;
     let mut md = String::new();
     // Writing to a String cannot fail.
     let _ = writeln!(md, "## mTLS handshakes: {}\n", r.name);
-    let _ = writeln!(
-        md,
-        "Measured {} on {} CPUs ({}, Linux {}).",
-        r.date_utc, m.cpus, m.cpu_model, m.kernel
-    );
-    if let Some(v) = &m.haproxy {
-        let _ = writeln!(md, "Reference proxy: {v}.");
-    }
-    if !m.release_build {
-        let _ = writeln!(
-            md,
-            "\n**The generator was a debug build: these figures are not comparable.**"
-        );
-    }
-    let _ = writeln!(
-        md,
-        "\nCommand (after `cargo build --release -p weft-bench -p weft-proxy -p weft-controller`):\n"
-    );
-    let _ = writeln!(md, "```sh\n{}\n```\n", r.command);
+    // The machine always names a controller here, so the build command lists it.
+    report::provenance(&mut md, &r.date_utc, &r.machine, &r.command);
     let http = match r.http {
         HttpVersion::Http1 => "HTTP/1.1 (`Connection: close`)",
         HttpVersion::Http2 => "HTTP/2",
@@ -208,13 +185,13 @@ pub fn markdown(r: &HandshakeReport) -> String {
             f.conns_per_s,
             x.errors,
             f.proxy_cpu_util * 100.0,
-            opt(f.proxy_cpu_us_per_conn, 1),
-            opt(f.conns_per_proxy_core_s, 0),
+            opt_f(f.proxy_cpu_us_per_conn, 1),
+            opt_f(f.conns_per_proxy_core_s, 0),
             vs(Target::WeftPlain),
             vs(Target::HaproxyTls),
             fmt_us(x.conn_p50_us),
             fmt_us(x.conn_p99_us),
-            opt(x.generator_cpu_util.map(|u| u * 100.0), 1),
+            opt_f(x.generator_cpu_util.map(|u| u * 100.0), 1),
         );
     }
     let line = |md: &mut String, a: Target, b: Target| {
@@ -225,11 +202,11 @@ pub fn markdown(r: &HandshakeReport) -> String {
                     "- {} vs {}: {} vs {} connections per proxy core-second ({}×); {} vs {} µs of proxy CPU per connection.",
                     a.name(),
                     b.name(),
-                    opt(fx.conns_per_proxy_core_s, 0),
-                    opt(fy.conns_per_proxy_core_s, 0),
-                    opt(ratio(fx.conns_per_proxy_core_s, fy.conns_per_proxy_core_s), 2),
-                    opt(fx.proxy_cpu_us_per_conn, 1),
-                    opt(fy.proxy_cpu_us_per_conn, 1),
+                    opt_f(fx.conns_per_proxy_core_s, 0),
+                    opt_f(fy.conns_per_proxy_core_s, 0),
+                    opt_f(ratio(fx.conns_per_proxy_core_s, fy.conns_per_proxy_core_s), 2),
+                    opt_f(fx.proxy_cpu_us_per_conn, 1),
+                    opt_f(fy.proxy_cpu_us_per_conn, 1),
                 );
             }
         }
@@ -270,7 +247,6 @@ pub fn markdown(r: &HandshakeReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report;
 
     #[test]
     fn figures_per_connection_and_per_core_second() {
@@ -318,15 +294,7 @@ mod tests {
             command: "weft-bench handshakes".into(),
             unix_time: 0,
             date_utc: report::utc_date(0),
-            machine: Machine {
-                cpus: 2,
-                cpu_model: "test".into(),
-                kernel: "6".into(),
-                haproxy: None,
-                proxy_bin: "weft-proxy".into(),
-                controller_bin: Some("weft-controller".into()),
-                release_build: true,
-            },
+            machine: Machine::fixture(Some("weft-controller")),
             http: HttpVersion::Http1,
             concurrency: 8,
             duration_s: 10.0,
