@@ -365,19 +365,20 @@ mod tests {
         (addr, handshakes)
     }
 
-    fn tls_connector(ca: &pki::DevCa, addr: SocketAddr, expect: &str) -> Arc<Connector> {
+    /// A client expecting the server to run as `bench/<expect_sa>` (the SNI carries it).
+    fn tls_connector(ca: &pki::DevCa, addr: SocketAddr, expect_sa: &str) -> Arc<Connector> {
         let client = ca
             .issue(
                 &mesh::spiffe_id("bench", "bench-client"),
                 Duration::from_secs(3600),
             )
             .expect("client leaf");
-        let config = pki::client_config(ca, &client, expect, b"http/1.1").expect("client config");
+        let config = pki::client_config(ca, &client, b"http/1.1").expect("client config");
         Arc::new(Connector {
             addr,
             wire: Wire::Tls {
                 connector: TlsConnector::from(config),
-                server_name: ServerName::try_from(mesh::server_name("bench", "server"))
+                server_name: ServerName::try_from(mesh::server_name("bench", expect_sa))
                     .expect("server name"),
             },
             http: HttpVersion::Http1,
@@ -392,9 +393,8 @@ mod tests {
         let dir = pki::testing::dev_ca_dir("client-churn");
         let ca = pki::DevCa::load(&dir).expect("ca");
         let (addr, handshakes) = tls_server(&ca, b"http/1.1", b"hello").await;
-        let server_id = mesh::spiffe_id("bench", "server");
         let s = churn(
-            tls_connector(&ca, addr, &server_id),
+            tls_connector(&ca, addr, "server"),
             2,
             Duration::from_millis(300),
         )
@@ -407,7 +407,7 @@ mod tests {
 
         // A server with another identity is refused by the client.
         let s = churn(
-            tls_connector(&ca, addr, &mesh::spiffe_id("bench", "other")),
+            tls_connector(&ca, addr, "other"),
             1,
             Duration::from_millis(50),
         )
@@ -422,7 +422,7 @@ mod tests {
         // A server that does not speak the offered ALPN protocol is an error too.
         let (h2_only, _) = tls_server(&ca, b"h2", b"hello").await;
         let s = churn(
-            tls_connector(&ca, h2_only, &server_id),
+            tls_connector(&ca, h2_only, "server"),
             1,
             Duration::from_millis(50),
         )

@@ -251,12 +251,7 @@ async fn run_targets(
             &mesh::spiffe_id(mesh::NAMESPACE, BENCH_CLIENT_SA),
             Duration::from_secs(86_400),
         )?;
-        let client = pki::client_config(
-            &ca,
-            &leaf,
-            &mesh::spiffe_id(mesh::NAMESPACE, mesh::SERVER_SA),
-            args.http.alpn(),
-        )?;
+        let client = pki::client_config(&ca, &leaf, args.http.alpn())?;
         let server_token =
             mesh::mint_token(&bins.controller, &dirs, mesh::NAMESPACE, mesh::SERVER_SA)?;
         keys = Some(Pki {

@@ -1,9 +1,8 @@
 //! The bench's side of the mesh PKI: certificates signed with the development CA the
 //! controller created (`issuer.crt`, `issuer.key`, `trust-anchors.pem`), and a TLS 1.3 client
-//! that checks a server the way a Weft proxy does: the chain verifies to the trust anchors and
-//! the leaf's only URI SAN is the SPIFFE ID we expect. The server name we send (SNI) encodes
-//! that ID ([`crate::scenario::mesh::server_name`]); it is not a DNS name in the certificate,
-//! so rustls' stock name check does not apply and this verifier replaces it.
+//! that is a Weft proxy's own client config ([`weft_proxy::transport::tls::client_config`]):
+//! the chain must verify to the trust anchors and the leaf's only URI SAN must be the SPIFFE ID
+//! the server name (SNI) encodes ([`crate::scenario::mesh::server_name`]).
 //!
 //! Leaves are shaped like the controller's: ECDSA P-256, an empty subject, one URI SAN,
 //! EKU serverAuth + clientAuth, presented with the issuer behind them.
@@ -17,15 +16,12 @@ use rcgen::{
     CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
-use rustls::server::ParsedCertificate;
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use x509_parser::extensions::GeneralName;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::sync::watch;
+use weft_proxy::identity::{CertState, Certificate, TrustAnchors};
 
 use crate::scenario::mesh;
 
@@ -35,7 +31,7 @@ pub struct DevCa {
     issuer_key_pem: String,
     /// issuer.crt: the issuer first, then any intermediates.
     issuer_chain: Vec<CertificateDer<'static>>,
-    anchors: Vec<CertificateDer<'static>>,
+    anchors: TrustAnchors,
 }
 
 /// A certificate chain (leaf first) and its private key, in DER and PEM.
@@ -44,6 +40,9 @@ pub struct Leaf {
     pub key: PrivatePkcs8KeyDer<'static>,
     /// Leaf, issuer chain, then the PKCS#8 key: the file HAProxy's `crt` takes.
     pub pem_bundle: String,
+    pub spiffe_id: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
 }
 
 fn read(path: &Path) -> anyhow::Result<String> {
@@ -69,7 +68,7 @@ impl DevCa {
         let anchors_pem = read(&anchors_path)?;
         Ok(DevCa {
             issuer_chain: certs(&issuer_pem, &cert_path)?,
-            anchors: certs(&anchors_pem, &anchors_path)?,
+            anchors: TrustAnchors::from_pem(&anchors_path, anchors_pem.as_bytes())?,
             issuer_key_pem: read(&dir.join(mesh::CA_ISSUER_KEY))?,
             issuer_pem,
         })
@@ -98,8 +97,9 @@ impl DevCa {
         ];
         params.use_authority_key_identifier_extension = true;
         let now = SystemTime::now();
-        params.not_before = (now - Duration::from_secs(60)).into();
-        params.not_after = (now + lifetime).into();
+        let (not_before, not_after) = (now - Duration::from_secs(60), now + lifetime);
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
         let cert = params
             .signed_by(&key, &issuer)
             .with_context(|| format!("signing a leaf for {spiffe_id}"))?;
@@ -117,13 +117,16 @@ impl DevCa {
             chain,
             key: PrivatePkcs8KeyDer::from(key.serialize_der()),
             pem_bundle,
+            spiffe_id: spiffe_id.to_owned(),
+            not_before,
+            not_after,
         })
     }
 
     /// The trust anchors as a rustls root store.
     pub fn roots(&self) -> anyhow::Result<RootCertStore> {
         let mut roots = RootCertStore::empty();
-        for (i, a) in self.anchors.iter().enumerate() {
+        for (i, a) in self.anchors.ders().iter().enumerate() {
             roots
                 .add(a.clone())
                 .with_context(|| format!("trust anchor #{i} is not a usable root"))?;
@@ -132,119 +135,24 @@ impl DevCa {
     }
 }
 
-/// The URI SANs of a DER certificate.
-pub fn uri_sans(der: &[u8]) -> Result<Vec<String>, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
-    let san = cert.subject_alternative_name().map_err(|e| e.to_string())?;
-    Ok(san
-        .map(|s| {
-            s.value
-                .general_names
-                .iter()
-                .filter_map(|g| match g {
-                    GeneralName::URI(u) => Some((*u).to_owned()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default())
-}
-
-/// Accepts a server whose chain verifies to `roots` for server auth and whose leaf names
-/// exactly `expected` (one URI SAN).
-#[derive(Debug)]
-pub struct SpiffeServerVerifier {
-    roots: Arc<RootCertStore>,
-    expected: String,
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl SpiffeServerVerifier {
-    pub fn new(roots: RootCertStore, expected: String) -> Self {
-        SpiffeServerVerifier {
-            roots: Arc::new(roots),
-            expected,
-            algs: rustls::crypto::ring::default_provider().signature_verification_algorithms,
-        }
-    }
-}
-
-impl ServerCertVerifier for SpiffeServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
-        let uris = uri_sans(end_entity)
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        if uris != [self.expected.as_str()] {
-            return Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForNameContext {
-                    expected: server_name.to_owned(),
-                    presented: uris,
-                },
-            ));
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
-/// A TLS 1.3 client (ring provider) presenting `client`, offering `alpn`, accepting only a
-/// server that [`SpiffeServerVerifier`] accepts for `expected_server`. No session resumption:
-/// every connection is a full handshake, as between Weft proxies.
-pub fn client_config(
-    ca: &DevCa,
-    client: &Leaf,
-    expected_server: &str,
-    alpn: &[u8],
-) -> anyhow::Result<Arc<ClientConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = SpiffeServerVerifier::new(ca.roots()?, expected_server.to_owned());
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3 with the ring provider")?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_auth_cert(
-            client.chain.clone(),
-            PrivateKeyDer::Pkcs8(client.key.clone_key()),
-        )
-        .context("the client certificate and key do not fit together")?;
+/// A Weft proxy's TLS 1.3 client config presenting `client`, offering `alpn`: it accepts only
+/// a server whose chain verifies to the trust anchors and whose leaf names exactly the
+/// identity encoded in the SNI. No session resumption, so every connection is a full
+/// handshake, as between Weft proxies.
+pub fn client_config(ca: &DevCa, client: &Leaf, alpn: &[u8]) -> anyhow::Result<Arc<ClientConfig>> {
+    let signer =
+        rustls::crypto::ring::sign::any_ecdsa_type(&PrivateKeyDer::Pkcs8(client.key.clone_key()))
+            .context("the client key is not an ECDSA key")?;
+    let held = CertState::Ready(Arc::new(Certificate {
+        key: Arc::new(CertifiedKey::new(client.chain.clone(), signer)),
+        id: client.spiffe_id.as_str().into(),
+        not_before: client.not_before,
+        not_after: client.not_after,
+    }));
+    // The receiver keeps the last value after the sender is gone.
+    let (_, state) = watch::channel(held);
+    let mut config = weft_proxy::transport::tls::client_config(state, &ca.anchors)?;
     config.alpn_protocols = vec![alpn.to_vec()];
-    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
@@ -285,21 +193,9 @@ mod tests {
     use super::testing::dev_ca_dir;
     use super::*;
 
-    fn verify(
-        v: &SpiffeServerVerifier,
-        leaf: &Leaf,
-        name: &str,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let name = ServerName::try_from(name.to_owned()).expect("name");
-        v.verify_server_cert(
-            &leaf.chain[0],
-            &leaf.chain[1..],
-            &name,
-            &[],
-            UnixTime::now(),
-        )
-    }
-
+    /// Leaves are shaped like the controller's; the verification of servers is the proxy's
+    /// own (tested in `weft_proxy::transport::tls`, and end to end by the churn tests in
+    /// `client.rs`: a server with another identity is refused).
     #[test]
     fn leaves_chain_to_the_anchors_and_name_their_identity() {
         let dir = dev_ca_dir("mesh");
@@ -310,56 +206,14 @@ mod tests {
             .expect("issue");
         assert_eq!(leaf.chain.len(), 2);
         assert_eq!(
-            uri_sans(&leaf.chain[0]).expect("sans"),
-            vec![server_id.clone()]
+            weft_proxy::transport::tls::leaf_identity(&leaf.chain[0]).expect("identity"),
+            server_id
         );
         assert_eq!(leaf.pem_bundle.matches("BEGIN CERTIFICATE").count(), 2);
         assert!(leaf.pem_bundle.contains("BEGIN PRIVATE KEY"));
-
-        let sni = mesh::server_name("bench", "server");
-        let v = SpiffeServerVerifier::new(ca.roots().expect("roots"), server_id.clone());
-        assert!(verify(&v, &leaf, &sni).is_ok());
-
-        // Another identity from the same CA is refused, naming what it presented.
-        let other = ca
-            .issue(
-                &mesh::spiffe_id("bench", "other"),
-                Duration::from_secs(3600),
-            )
-            .expect("issue");
-        let err = verify(&v, &other, &sni).expect_err("wrong identity");
-        assert!(
-            err.to_string()
-                .contains("spiffe://cluster.local/ns/bench/sa/other"),
-            "{err}"
-        );
-
-        // Without the issuer the chain does not reach the anchor.
-        let alone = Leaf {
-            chain: leaf.chain[..1].to_vec(),
-            key: leaf.key.clone_key(),
-            pem_bundle: String::new(),
-        };
-        let name = ServerName::try_from(sni.clone()).expect("name");
-        assert!(v
-            .verify_server_cert(&alone.chain[0], &[], &name, &[], UnixTime::now())
-            .is_err());
-
-        // A chain from another CA is refused.
-        let other_dir = dev_ca_dir("stranger");
-        let stranger = DevCa::load(&other_dir).expect("other CA");
-        let foreign = stranger
-            .issue(&server_id, Duration::from_secs(3600))
-            .expect("issue");
-        assert!(verify(&v, &foreign, &sni).is_err());
-
-        assert!(client_config(&ca, &leaf, &server_id, b"h2").is_ok());
+        assert!(leaf.not_before < SystemTime::now() && SystemTime::now() < leaf.not_after);
+        assert_eq!(ca.roots().expect("roots").len(), 1);
+        assert!(client_config(&ca, &leaf, b"h2").is_ok());
         let _ = std::fs::remove_dir_all(&dir);
-        let _ = std::fs::remove_dir_all(&other_dir);
-    }
-
-    #[test]
-    fn uri_sans_of_garbage_is_an_error() {
-        assert!(uri_sans(b"not a certificate").is_err());
     }
 }
