@@ -263,20 +263,45 @@ impl Metrics {
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let mut last = None;
-    loop {
-        match f() {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => last = Some(e),
-        }
-        if Instant::now() > deadline {
-            match last {
-                Some(e) => bail!("condition not met within {timeout:?}; last error: {e:#}"),
-                None => bail!("condition not met within {timeout:?}"),
-            }
-        }
+    while !condition_met(&mut f, &mut last, deadline, timeout)? {
         std::thread::sleep(Duration::from_millis(20));
     }
+    Ok(())
+}
+
+/// [`eventually`] for async tests: waits without blocking the runtime's worker.
+pub async fn eventually_async(
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    while !condition_met(&mut f, &mut last, deadline, timeout)? {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// One poll of an `eventually` condition: Ok(true) when met, an error (with the last error
+/// `f` returned) once `deadline` has passed, else Ok(false).
+fn condition_met(
+    f: &mut impl FnMut() -> Result<bool>,
+    last: &mut Option<anyhow::Error>,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<bool> {
+    match f() {
+        Ok(true) => return Ok(true),
+        Ok(false) => {}
+        Err(e) => *last = Some(e),
+    }
+    if Instant::now() > deadline {
+        match last.take() {
+            Some(e) => bail!("condition not met within {timeout:?}; last error: {e:#}"),
+            None => bail!("condition not met within {timeout:?}"),
+        }
+    }
+    Ok(false)
 }
 
 /// Whether this process runs as root (netns tests need it).

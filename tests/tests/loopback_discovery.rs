@@ -11,12 +11,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use tokio::time::Instant;
 use weft_e2e::client::{echo, echo_server, Conn, Load};
 use weft_e2e::controller::{Controller, ManifestDir};
 use weft_e2e::servers::{http_server, Stats};
-use weft_e2e::{Proxy, ProxyOpts};
+use weft_e2e::{eventually_async, Proxy, ProxyOpts};
 
 const NS: &str = "shop";
 const SVC_IP: &str = "10.96.0.10";
@@ -50,27 +50,6 @@ impl Servers {
             .iter()
             .map(|(_, s)| s.requests.load(Ordering::Relaxed))
             .collect()
-    }
-}
-
-/// Polls `f` until true, failing with `what` after `timeout`.
-async fn eventually(
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> Result<bool>,
-) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    let mut last = None;
-    loop {
-        match f() {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => last = Some(e),
-        }
-        if Instant::now() > deadline {
-            bail!("{what}: not within {timeout:?} (last error: {last:?})");
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
@@ -276,20 +255,18 @@ async fn controller_restart_under_load_fails_nothing() -> Result<()> {
 
     controller.kill()?;
     // The proxy notices (its stream fails) and keeps serving from the last known endpoints.
-    eventually("stream error counted", Duration::from_secs(5), || {
+    eventually_async(Duration::from_secs(5), || {
         Ok(proxy
             .metrics()?
             .sum("weft_discovery_stream_errors_total", &[])
             >= 1.0)
     })
-    .await?;
+    .await
+    .context("stream error counted")?;
     let at_kill = load.ok();
-    eventually(
-        "400 requests with the controller down",
-        Duration::from_secs(10),
-        || Ok(load.ok() >= at_kill + 400),
-    )
-    .await?;
+    eventually_async(Duration::from_secs(10), || Ok(load.ok() >= at_kill + 400))
+        .await
+        .context("400 requests with the controller down")?;
     // Still the last known endpoints (under light load p2c may favour some of them).
     traffic_within(&servers, &[0, 1, 2], false, Duration::from_secs(2)).await?;
     // A new connection to a known target still works while the controller is down.
@@ -300,13 +277,14 @@ async fn controller_restart_under_load_fails_nothing() -> Result<()> {
         .metrics()?
         .sum("weft_discovery_stream_connects_total", &[]);
     controller.restart()?;
-    eventually("stream reconnected", Duration::from_secs(10), || {
+    eventually_async(Duration::from_secs(10), || {
         Ok(proxy
             .metrics()?
             .sum("weft_discovery_stream_connects_total", &[])
             > connects)
     })
-    .await?;
+    .await
+    .context("stream reconnected")?;
     // A change made after the restart is picked up.
     dir.service(NS, "web", SVC_IP, 80, &servers.addrs(&[3]))?;
     traffic_moves_to(&servers, &[3], Duration::from_secs(5)).await?;

@@ -19,7 +19,7 @@ use weft_e2e::client::{echo, echo_server, Conn, Load};
 use weft_e2e::controller::{meshed_service_yaml, DevCa};
 use weft_e2e::pki::{Ca, LeafFiles};
 use weft_e2e::servers::http_server;
-use weft_e2e::{admin_get, eventually, free_addr, Metrics, Proxy, ProxyOpts};
+use weft_e2e::{admin_get, eventually_async, free_addr, Metrics, Proxy, ProxyOpts};
 
 const NS: &str = "books";
 const WEB_ID: &str = "spiffe://cluster.local/ns/books/sa/web";
@@ -410,9 +410,10 @@ async fn tls_not_addressed_to_the_mesh_passes_through_untouched() -> Result<()> 
             .spawn()
             .context("running openssl s_server")?,
     );
-    eventually(Duration::from_secs(10), || {
+    eventually_async(Duration::from_secs(10), || {
         Ok(std::net::TcpStream::connect(app).is_ok())
-    })?;
+    })
+    .await?;
     let server = server_proxy(&ca, "books", app)?;
     let out = s_client(
         server.inbound,
@@ -504,18 +505,19 @@ async fn trust_anchor_rotation_under_load_fails_nothing() -> Result<()> {
     let (new_issuer, new_key) = new_root.intermediate("weft rotation issuer 2")?;
     replace(&ca.anchors(), &format!("{old_root}{}", new_root.cert_pem))?;
     for p in [&books, &db] {
-        eventually(Duration::from_secs(5), || Ok(anchors_of(p)? == 2.0))?;
+        eventually_async(Duration::from_secs(5), || Ok(anchors_of(p)? == 2.0)).await?;
     }
     replace(&dir.join("issuer.key"), &new_key)?;
     replace(&dir.join("issuer.crt"), &new_issuer.cert_pem)?;
     let ctl_admin = ca.controller.admin;
-    eventually(Duration::from_secs(5), || {
+    eventually_async(Duration::from_secs(5), || {
         let (_, body) = admin_get(ctl_admin, "/metrics")?;
         Ok(Metrics::parse(&body).sum(
             "weft_controller_identity_issuer_reloads_total",
             &[("result", "ok")],
         ) >= 1.0)
-    })?;
+    })
+    .await?;
 
     // The client proxy starts now: its certificate comes from the new issuer, while books
     // and db still hold old-issuer ones until they renew.
@@ -558,7 +560,7 @@ async fn trust_anchor_rotation_under_load_fails_nothing() -> Result<()> {
     // 3. Remove the old root.
     replace(&ca.anchors(), &new_root.cert_pem)?;
     for p in [&books, &db, &web, &tcp_web] {
-        eventually(Duration::from_secs(5), || Ok(anchors_of(p)? == 1.0))?;
+        eventually_async(Duration::from_secs(5), || Ok(anchors_of(p)? == 1.0)).await?;
     }
     for _ in 0..10 {
         handshake().await?;
@@ -618,10 +620,11 @@ async fn an_expired_certificate_stops_mtls_both_ways() -> Result<()> {
 
     for p in [&client, &server] {
         let admin = p.admin;
-        eventually(Duration::from_secs(90), || {
+        eventually_async(Duration::from_secs(90), || {
             let (status, body) = admin_get(admin, "/ready")?;
             Ok(status == 503 && body.contains("certificate expired"))
-        })?;
+        })
+        .await?;
     }
     // The pooled mTLS connection to the server proxy carries no more requests (the app's
     // connections share it), and no new one is made.
