@@ -470,6 +470,27 @@ fn anchors_of(p: &Proxy) -> Result<f64> {
     Ok(p.metrics()?.sum("weft_identity_trust_anchors", &[]))
 }
 
+/// The TLS, identity and TCP series of each proxy, for a failure message.
+fn tls_state(admins: &[(&str, SocketAddr)]) -> String {
+    let mut out = String::new();
+    for (name, admin) in admins {
+        match admin_get(*admin, "/metrics") {
+            Ok((_, text)) => {
+                for l in text.lines().filter(|l| {
+                    !l.starts_with('#')
+                        && (l.starts_with("weft_tls_")
+                            || l.starts_with("weft_identity_")
+                            || l.starts_with("weft_tcp_connections"))
+                }) {
+                    out.push_str(&format!("{name}: {l}\n"));
+                }
+            }
+            Err(e) => out.push_str(&format!("{name}: /metrics unreadable: {e:#}\n")),
+        }
+    }
+    out
+}
+
 fn certified(p: &Proxy) -> Result<f64> {
     Ok(p.metrics()?
         .sum("weft_identity_certify_total", &[("result", "ok")]))
@@ -507,17 +528,30 @@ async fn trust_anchor_rotation_under_load_fails_nothing() -> Result<()> {
     for p in [&books, &db] {
         eventually_async(Duration::from_secs(5), || Ok(anchors_of(p)? == 2.0)).await?;
     }
-    replace(&dir.join("issuer.key"), &new_key)?;
-    replace(&dir.join("issuer.crt"), &new_issuer.cert_pem)?;
     let ctl_admin = ca.controller.admin;
-    eventually_async(Duration::from_secs(5), || {
+    let controller = |name: &str, labels: &[(&str, &str)]| -> Result<f64> {
         let (_, body) = admin_get(ctl_admin, "/metrics")?;
-        Ok(Metrics::parse(&body).sum(
+        Ok(Metrics::parse(&body).sum(name, labels))
+    };
+    let reloads_ok = || {
+        controller(
             "weft_controller_identity_issuer_reloads_total",
             &[("result", "ok")],
-        ) >= 1.0)
+        )
+    };
+    // The controller's reload of the bundle counts as an issuer reload too: wait for it, so
+    // that the count below moves only for the new issuer (web and tcp-web, started next,
+    // must get new-issuer certificates).
+    eventually_async(Duration::from_secs(5), || {
+        Ok(controller("weft_controller_identity_trust_anchors", &[])? == 2.0)
     })
     .await?;
+    let before = reloads_ok()?;
+    replace(&dir.join("issuer.key"), &new_key)?;
+    replace(&dir.join("issuer.crt"), &new_issuer.cert_pem)?;
+    // A reload between the two writes (new key, old certificate) fails validation and keeps
+    // the old issuer, so a successful one means both files are in use.
+    eventually_async(Duration::from_secs(5), || Ok(reloads_ok()? > before)).await?;
 
     // The client proxy starts now: its certificate comes from the new issuer, while books
     // and db still hold old-issuer ones until they renew.
@@ -530,9 +564,18 @@ async fn trust_anchor_rotation_under_load_fails_nothing() -> Result<()> {
     let load = Load::start(web.outbound, HOST, false, 200, 4).await?;
     let mut tcp_ok = 0u32;
     let tcp_addr = tcp_web.outbound;
+    let admins = [("tcp-web", tcp_web.admin), ("db", db.admin)];
     let handshake = || async move {
-        drop(echo(tcp_addr).await?);
-        Ok::<_, anyhow::Error>(())
+        match echo(tcp_addr).await {
+            Ok(s) => {
+                drop(s);
+                Ok(())
+            }
+            Err(e) => Err(e.context(format!(
+                "an opaque mTLS connection tcp-web -> db failed; their TLS state:\n{}",
+                tls_state(&admins)
+            ))),
+        }
     };
     // Overlap: new handshakes between a new-issuer client and old-issuer servers.
     for _ in 0..10 {
