@@ -40,6 +40,7 @@ use tokio::time::Instant;
 
 use super::{BoxBody, BoxError};
 use crate::metrics::Direction;
+use crate::transport::coalesce::Coalesce;
 use crate::transport::mesh::{self, Alpn, ConnectTlsError, MeshTarget};
 
 /// Set on an HTTP/1.x request carried to a meshed peer over HTTP/2: the peer's inbound proxy
@@ -366,9 +367,10 @@ impl Endpoint {
         if let Some(c) = lock(&self.shared_h2).as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
+        // Frames written in one turn of the runtime leave in one write (and one TLS record).
         let send = match self.connect(Alpn::H2).await? {
-            Conn::Plain(tcp) => self.handshake_h2(TokioIo::new(tcp)).await?,
-            Conn::Tls(tls) => self.handshake_h2(TokioIo::new(tls)).await?,
+            Conn::Plain(tcp) => self.handshake_h2(TokioIo::new(Coalesce::new(tcp))).await?,
+            Conn::Tls(tls) => self.handshake_h2(TokioIo::new(Coalesce::new(tls))).await?,
         };
         *lock(&self.shared_h2) = Some(send.clone());
         Ok(send)

@@ -2,6 +2,7 @@
 //! destination lookup, protocol detection by buffered peeking, the TLS ClientHello reader, and
 //! the mutual-TLS configs between proxies.
 
+pub mod coalesce;
 pub mod counting;
 pub mod detect;
 pub mod mesh;
