@@ -251,7 +251,9 @@ async fn controller_restart_under_load_fails_nothing() -> Result<()> {
         ..Default::default()
     })?;
     let load = Load::start(proxy.outbound, "web", false, 200, 8).await?;
-    traffic_moves_to(&servers, &[0, 1, 2], Duration::from_secs(5)).await?;
+    // Only the set matters here (the endpoints came from the controller): one slow first
+    // response on a busy machine can keep peak-EWMA off an endpoint for longer than 5 s.
+    traffic_within(&servers, &[0, 1, 2], false, Duration::from_secs(5)).await?;
 
     controller.kill()?;
     // The proxy notices (its stream fails) and keeps serving from the last known endpoints.
