@@ -22,9 +22,9 @@
 //! `WEFT_PROXY_IDENTITY_ADDR` set, the proxy obtains a workload certificate and is not ready
 //! without a valid one; it then originates mutual TLS to the endpoints the controller marks as
 //! meshed (HTTP carried over HTTP/2 between proxies) and terminates mTLS addressed to its own
-//! identity ([`transport::mesh`]). Every HTTP/2 connection, client or server, plaintext or
-//! mTLS, writes through [`transport::coalesce`], so the frames one turn of the runtime produces
-//! (a request's HEADERS and its body) leave in one write. Authorization policy arrives with a
+//! identity ([`transport::mesh`]). HTTP/2 between proxies writes through
+//! [`transport::coalesce`], so the frames one turn of the runtime produces (a request's HEADERS
+//! and its body) leave in one TLS record and one write. Authorization policy arrives with a
 //! later slice (DESIGN.md).
 
 pub mod admin;

@@ -241,7 +241,8 @@ async fn terminate(
     tracing::debug!(%peer, client_id = %accepted.client_id, alpn = ?accepted.alpn, "mesh TLS terminated");
     let client_id = Some(accepted.client_id);
     match accepted.alpn {
-        Alpn::H2 => serve_http(s, tls, target, true, client_id).await,
+        // Frames written in one turn of the runtime leave in one TLS record and one write.
+        Alpn::H2 => serve_http(s, Coalesce::new(tls), target, true, client_id).await,
         Alpn::Http1 => serve_http(s, tls, target, false, client_id).await,
         Alpn::Opaque => forward_tcp(s, tls, Bytes::new(), target).await,
     }
@@ -276,9 +277,7 @@ async fn serve_http<I>(
     });
     let io = CountingIo::new(io, s.tcp.read.clone(), s.tcp.write.clone());
     if h2 {
-        // HTTP/2 frames written in one turn of the runtime leave in one write (and one TLS
-        // record on mTLS).
-        http::serve_http2(Coalesce::new(io), ctx, s.drain.clone()).await
+        http::serve_http2(io, ctx, s.drain.clone()).await
     } else {
         http::serve_http1(io, ctx, s.drain.clone()).await
     }

@@ -367,9 +367,9 @@ impl Endpoint {
         if let Some(c) = lock(&self.shared_h2).as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        // Frames written in one turn of the runtime leave in one write (and one TLS record).
         let send = match self.connect(Alpn::H2).await? {
-            Conn::Plain(tcp) => self.handshake_h2(TokioIo::new(Coalesce::new(tcp))).await?,
+            Conn::Plain(tcp) => self.handshake_h2(TokioIo::new(tcp)).await?,
+            // Frames written in one turn of the runtime leave in one TLS record and one write.
             Conn::Tls(tls) => self.handshake_h2(TokioIo::new(Coalesce::new(tls))).await?,
         };
         *lock(&self.shared_h2) = Some(send.clone());
