@@ -7,11 +7,10 @@
 //! HEADERS leave in one TLS record and write, DATA in a second, and the peer proxy wakes twice.
 //!
 //! [`Coalesce`] sits between `h2` and the TLS stream of every mTLS HTTP/2 connection, outbound
-//! and inbound. Writes go into a buffer of at most
-//! [`MAX_BUFFER`] bytes. The first flush that finds data waiting does not write it: it wakes its
-//! own task and returns `Pending` once, so the tasks already woken on this runtime (the body that
-//! was just granted capacity) run first and add their frames. The next flush writes everything as
-//! one TLS record and one system call. The delay is one pass of the scheduler's run queue, not a
+//! and inbound. Writes go into a buffer of at most [`MAX_BUFFER`] bytes. The first flush that
+//! finds data waiting does not write it: it wakes its own task and returns `Pending` once, so the
+//! tasks already woken on this runtime (the body that was just granted capacity) run first and
+//! add their frames. The next flush writes everything as one TLS record and one system call. The delay is one pass of the scheduler's run queue, not a
 //! timer: on the default single-threaded runtime, the tasks already queued. Shutdown writes what
 //! is buffered without waiting.
 //!
