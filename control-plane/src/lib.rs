@@ -28,7 +28,8 @@
 //!   message saying so.
 //! - [`identity`]: workload certificates — SPIFFE IDs, CSR checks, token
 //!   verification (Kubernetes TokenReview or controller-signed local
-//!   tokens), the per-identity rate limit, and the CA behind the
+//!   tokens), the issuance limits (per pod, plus a controller-wide
+//!   ceiling), and the CA behind the
 //!   [`identity::ca::CertificateAuthority`] seam (issuer files reloaded on
 //!   change, or a development CA).
 //! - [`admin`]: `/metrics`, `/ready`, `/live` on port 9990.

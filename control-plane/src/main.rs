@@ -11,8 +11,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use weft_controller::identity::ca::IssuerFiles;
-use weft_controller::identity::rate::RateConfig;
-use weft_controller::identity::token::LocalTokens;
+use weft_controller::identity::rate::{CeilingConfig, RateConfig};
+use weft_controller::identity::token::{LocalTokens, PodBinding};
 use weft_controller::identity::{
     devca, parse_duration, IdentityConfig, IssuerSource, ServiceAccount, SpiffeId, TokenMode,
 };
@@ -100,12 +100,21 @@ struct Args {
     /// Lifetime of workload certificates.
     #[arg(long, env = "WEFT_CONTROLLER_CERT_LIFETIME", default_value = "24h", value_parser = parse_duration)]
     cert_lifetime: Duration,
-    /// Certificates one identity may get back to back.
+    /// Certificates one pod may get back to back (the per-pod bucket; a
+    /// token bound to no pod gets a bucket of its own).
     #[arg(long, env = "WEFT_CONTROLLER_CERTIFY_BURST", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     certify_burst: u32,
-    /// After the burst: one certificate per identity per this interval.
+    /// After the burst: one certificate per pod per this interval.
     #[arg(long, env = "WEFT_CONTROLLER_CERTIFY_REFILL", default_value = "10s", value_parser = parse_duration)]
     certify_refill: Duration,
+    /// Controller-wide ceiling: certificates per second over all pods,
+    /// sustained (a fraction of what one core signs; see control-plane/README.md).
+    #[arg(long, env = "WEFT_CONTROLLER_CERTIFY_MAX_RATE", default_value_t = CeilingConfig::DEFAULT_RATE, value_parser = parse_rate)]
+    certify_max_rate: f64,
+    /// Controller-wide ceiling: certificates issued back to back over all
+    /// pods (a rollout of this many pods at once sees no refusal).
+    #[arg(long, env = "WEFT_CONTROLLER_CERTIFY_MAX_BURST", default_value_t = CeilingConfig::DEFAULT_BURST, value_parser = clap::value_parser!(u32).range(1..))]
+    certify_max_burst: u32,
     /// How often the issuer files are checked for changes.
     #[arg(long, env = "WEFT_CONTROLLER_ISSUER_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     issuer_reload_interval: Duration,
@@ -129,6 +138,13 @@ struct TokenArgs {
     namespace: String,
     #[arg(long)]
     service_account: String,
+    /// Bind the token to this pod (what a projected token is in a cluster):
+    /// the controller rate-limits issuance per pod.
+    #[arg(long)]
+    pod: Option<String>,
+    /// The pod's UID (with --pod).
+    #[arg(long, requires = "pod")]
+    pod_uid: Option<String>,
     /// The HMAC key file (as given to the controller's --token-key).
     #[arg(long, conflicts_with = "dev_ca", required_unless_present = "dev_ca")]
     token_key: Option<PathBuf>,
@@ -143,11 +159,28 @@ struct TokenArgs {
     out: Option<PathBuf>,
 }
 
+/// A positive, finite number of certificates per second (`0.5`, `200`).
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a positive number of certificates per second (e.g. 200 or 0.5)"
+        )),
+    }
+}
+
 fn mint(args: &TokenArgs) -> Result<(), String> {
     let sa = ServiceAccount::new(args.namespace.clone(), args.service_account.clone());
     // Validate the names the same way Certify will.
     SpiffeId::parse(&SpiffeId::new("check", sa.clone()).to_string())
         .map_err(|e| format!("--namespace / --service-account: {e}"))?;
+    let pod = match &args.pod {
+        Some(name) => Some(
+            PodBinding::new(name.clone(), args.pod_uid.clone())
+                .map_err(|e| format!("--pod / --pod-uid: {e}"))?,
+        ),
+        None => None,
+    };
     let key = match (&args.token_key, &args.dev_ca) {
         (Some(k), _) => k.clone(),
         (None, Some(dir)) => {
@@ -157,7 +190,10 @@ fn mint(args: &TokenArgs) -> Result<(), String> {
         (None, None) => return Err("pass --token-key FILE or --dev-ca DIR".into()),
     };
     let tokens = LocalTokens::load(&key).map_err(|e| e.to_string())?;
-    let token = tokens.mint(&sa, args.lifetime);
+    let token = match &pod {
+        Some(pod) => tokens.mint_for_pod(&sa, pod, args.lifetime),
+        None => tokens.mint(&sa, args.lifetime),
+    };
     match &args.out {
         None => println!("{token}"),
         Some(path) => {
@@ -219,6 +255,10 @@ fn identity_config(args: &Args) -> Result<Option<IdentityConfig>, String> {
     config.rate = RateConfig {
         burst: args.certify_burst,
         refill: args.certify_refill,
+    };
+    config.ceiling = CeilingConfig {
+        rate: args.certify_max_rate,
+        burst: args.certify_max_burst,
     };
     config.reload_interval = args.issuer_reload_interval.max(Duration::from_millis(100));
     Ok(Some(config))

@@ -1,6 +1,7 @@
 //! The controller's Prometheus metrics (served on the admin port).
-//! Labels are bounded: object kind, update type and Certify result only
-//! (no identity label: the per-identity view is in the logs); file paths of bad
+//! Labels are bounded: object kind, update type, Certify result and which
+//! rate limit refused (pod or controller) only (no identity or pod label:
+//! the per-identity view is in the logs); file paths of bad
 //! manifests go to the log, not to labels.
 
 use std::sync::Arc;
@@ -39,6 +40,13 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// Which issuance limit refused: `pod` or `controller`
+    /// (see `identity::rate::Limited::label`).
+    pub limit: &'static str,
+}
+
 /// Handles to every metric; clone freely.
 #[derive(Clone)]
 pub struct Metrics {
@@ -61,6 +69,8 @@ pub struct Metrics {
     pub invalid_objects: Family<KindLabels, Counter>,
     /// Identity.Certify calls by result.
     pub identity_certify: Family<ResultLabels, Counter>,
+    /// Identity.Certify calls refused by a rate limit, by limit (pod, controller).
+    pub identity_certify_rate_limited: Family<LimitLabels, Counter>,
     /// notAfter of the issuer certificate in use (Unix seconds).
     pub identity_issuer_expiry: Gauge,
     /// Certificates in the trust-anchor bundle.
@@ -131,6 +141,11 @@ impl Metrics {
             m.identity_certify.clone(),
         );
         registry.register(
+            "identity_certify_rate_limited",
+            "Identity.Certify calls refused by a rate limit, by limit (pod: the pod's own bucket; controller: the controller-wide ceiling)",
+            m.identity_certify_rate_limited.clone(),
+        );
+        registry.register(
             "identity_issuer_expiry_timestamp_seconds",
             "notAfter of the issuer certificate in use, Unix seconds",
             m.identity_issuer_expiry.clone(),
@@ -156,6 +171,7 @@ impl Metrics {
             kube_watch_errors: m.kube_watch_errors,
             invalid_objects: m.invalid_objects,
             identity_certify: m.identity_certify,
+            identity_certify_rate_limited: m.identity_certify_rate_limited,
             identity_issuer_expiry: m.identity_issuer_expiry,
             identity_trust_anchors: m.identity_trust_anchors,
             identity_issuer_reloads: m.identity_issuer_reloads,
@@ -192,6 +208,7 @@ struct MetricsBuilder {
     kube_watch_errors: Family<KindLabels, Counter>,
     invalid_objects: Family<KindLabels, Counter>,
     identity_certify: Family<ResultLabels, Counter>,
+    identity_certify_rate_limited: Family<LimitLabels, Counter>,
     identity_issuer_expiry: Gauge,
     identity_trust_anchors: Gauge,
     identity_issuer_reloads: Family<ResultLabels, Counter>,

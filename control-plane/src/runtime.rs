@@ -283,6 +283,7 @@ fn identity_parts(
         tokens,
         cert_lifetime: ic.cert_lifetime,
         rate: ic.rate,
+        ceiling: ic.ceiling,
     };
     Ok((parts, ca, ic.reload_interval))
 }

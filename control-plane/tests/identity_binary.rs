@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::TempDir;
 use weft_controller::identity::devca;
-use weft_controller::identity::token::LocalTokens;
+use weft_controller::identity::token::{Authenticated, LocalTokens, PodBinding};
 use weft_controller::identity::ServiceAccount;
 
 use common::free_port;
@@ -58,11 +58,59 @@ fn dev_ca_and_token_subcommands() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
+    let web = ServiceAccount::new("books", "web");
     assert_eq!(
         tokens.verify_at(token.as_bytes(), now),
-        Ok(ServiceAccount::new("books", "web"))
+        Ok(Authenticated::unbound(web.clone()))
     );
     assert!(tokens.verify_at(token.as_bytes(), now + 3601).is_err());
+    // --pod (and --pod-uid) bind the token to a pod.
+    let mint = |extra: &[&str]| {
+        Command::new(BIN)
+            .args([
+                "token",
+                "--dev-ca",
+                ca.to_str().unwrap(),
+                "--namespace",
+                "books",
+                "--service-account",
+                "web",
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for (extra, pod) in [
+        (&["--pod", "web-0"][..], PodBinding::new("web-0", None)),
+        (
+            &["--pod", "web-1", "--pod-uid", "7f3e"][..],
+            PodBinding::new("web-1", Some("7f3e".into())),
+        ),
+    ] {
+        let out = mint(extra);
+        assert!(out.status.success(), "{extra:?}: {out:?}");
+        let token = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(
+            tokens.verify_at(token.as_bytes(), now),
+            Ok(Authenticated {
+                service_account: web.clone(),
+                pod: Some(pod.unwrap()),
+            }),
+            "{extra:?}"
+        );
+    }
+    for (extra, says) in [
+        (&["--pod-uid", "7f3e"][..], "--pod <POD>"),
+        (
+            &["--pod", "Web_0"][..],
+            "--pod / --pod-uid: the token's pod binding is invalid: pod name \"Web_0\"",
+        ),
+    ] {
+        let out = mint(extra);
+        assert!(!out.status.success(), "{extra:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{extra:?}: {stderr}");
+    }
     // --out writes the file the proxy reads.
     let file = dir.path().join("token");
     let out = Command::new(BIN)
@@ -155,6 +203,35 @@ fn identity_flag_errors_come_before_binding() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown unit \"y\""));
+
+    for (flag, value, says) in [
+        (
+            "--certify-max-rate",
+            "0",
+            "not a positive number of certificates per second",
+        ),
+        (
+            "--certify-max-rate",
+            "fast",
+            "not a positive number of certificates per second",
+        ),
+        ("--certify-max-burst", "0", "--certify-max-burst"),
+    ] {
+        let out = Command::new(BIN)
+            .args([
+                "--source",
+                &source,
+                "--dev-ca",
+                ca.to_str().unwrap(),
+                flag,
+                value,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{flag} {value}: {stderr}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,6 +251,10 @@ async fn dev_ca_run_answers_certify() {
             &ident.to_string(),
             "--admin-addr",
             &admin.to_string(),
+            "--certify-max-rate",
+            "50",
+            "--certify-max-burst",
+            "300",
         ])
         .stderr(Stdio::null())
         .spawn()
@@ -187,6 +268,8 @@ async fn dev_ca_run_answers_certify() {
             "books",
             "--service-account",
             "web",
+            "--pod",
+            "web-0",
         ])
         .output()
         .unwrap();

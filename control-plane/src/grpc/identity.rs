@@ -1,9 +1,12 @@
 //! `Identity.Certify`: checks the request ([`decide::check_request`]),
 //! verifies the token (the [`TokenVerifier`] seam), matches the token's
 //! ServiceAccount to the identity ([`decide::authorize`]), applies the
-//! per-identity rate limit, and has the [`CertificateAuthority`] sign a
-//! leaf. Every outcome is counted in `weft_controller_identity_certify_total`
-//! by a bounded `result` label and logged with the identity.
+//! issuance limits (the pod's own bucket, then the controller-wide ceiling:
+//! [`IssuanceLimits`]), and has the [`CertificateAuthority`] sign a leaf.
+//! Every outcome is counted in `weft_controller_identity_certify_total` by
+//! a bounded `result` label (a rate-limit refusal also in
+//! `weft_controller_identity_certify_rate_limited_total{limit="pod|controller"}`)
+//! and logged with the identity and pod.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -14,9 +17,9 @@ use weft_proto::identity::{CertifyRequest, CertifyResponse};
 
 use crate::identity::ca::{CertificateAuthority, LeafRequest};
 use crate::identity::decide::{self, Refusal, RefusalKind};
-use crate::identity::rate::{RateConfig, RateLimiter};
-use crate::identity::token::TokenVerifier;
-use crate::metrics::{Metrics, ResultLabels};
+use crate::identity::rate::{self, CeilingConfig, IssuanceLimits, Limited, RateConfig};
+use crate::identity::token::{Authenticated, TokenVerifier};
+use crate::metrics::{LimitLabels, Metrics, ResultLabels};
 
 /// What the service signs with and how it checks callers.
 pub struct IdentityParts {
@@ -24,7 +27,10 @@ pub struct IdentityParts {
     pub ca: Arc<dyn CertificateAuthority>,
     pub tokens: Arc<dyn TokenVerifier>,
     pub cert_lifetime: Duration,
+    /// The per-pod bucket.
     pub rate: RateConfig,
+    /// The controller-wide ceiling.
+    pub ceiling: CeilingConfig,
 }
 
 struct Inner {
@@ -32,7 +38,9 @@ struct Inner {
     ca: Arc<dyn CertificateAuthority>,
     tokens: Arc<dyn TokenVerifier>,
     cert_lifetime: Duration,
-    limiter: RateLimiter,
+    rate: RateConfig,
+    ceiling: CeilingConfig,
+    limits: IssuanceLimits,
 }
 
 /// The `Identity` gRPC service.
@@ -58,7 +66,9 @@ impl IdentityService {
                 ca: parts.ca,
                 tokens: parts.tokens,
                 cert_lifetime: parts.cert_lifetime,
-                limiter: RateLimiter::new(parts.rate),
+                rate: parts.rate,
+                ceiling: parts.ceiling,
+                limits: IssuanceLimits::new(parts.rate, parts.ceiling),
             })),
             metrics,
         }
@@ -73,7 +83,11 @@ impl IdentityService {
         }
     }
 
-    async fn decide(&self, req: &CertifyRequest) -> Result<CertifyResponse, Refusal> {
+    async fn decide(
+        &self,
+        req: &CertifyRequest,
+        pod: &mut Option<String>,
+    ) -> Result<CertifyResponse, Refusal> {
         let Some(inner) = &self.inner else {
             return Err(Refusal::new(
                 RefusalKind::NotConfigured,
@@ -86,16 +100,17 @@ impl IdentityService {
             &req.certificate_signing_request,
         )?;
         let who = inner.tokens.verify(&req.token).await?;
-        decide::authorize(&checked.identity, &who)?;
-        let key = checked.identity.to_string();
-        if let Err(wait) = inner.limiter.try_acquire(&key, Instant::now()) {
-            return Err(Refusal::new(
-                RefusalKind::RateLimited,
-                format!(
-                    "too many certificates for {key}; retry in {:.1} s",
-                    wait.as_secs_f64()
-                ),
-            ));
+        *pod = who.pod.as_ref().map(|p| p.to_string());
+        decide::authorize(&checked.identity, &who.service_account)?;
+        let key = rate::rate_key(&who, &req.token);
+        if let Err(limited) = inner.limits.admit(&key, Instant::now()) {
+            self.metrics
+                .identity_certify_rate_limited
+                .get_or_create(&LimitLabels {
+                    limit: limited.label(),
+                })
+                .inc();
+            return Err(inner.rate_limited(&checked.identity, &who, limited));
         }
         let issued = inner
             .ca
@@ -114,6 +129,36 @@ impl IdentityService {
     }
 }
 
+impl Inner {
+    /// The refusal of a rate-limited call: which limit, for whom, how long
+    /// to wait, and the flags that set it.
+    fn rate_limited(
+        &self,
+        identity: &crate::identity::SpiffeId,
+        who: &Authenticated,
+        limited: Limited,
+    ) -> Refusal {
+        let wait = limited.wait().as_secs_f64();
+        let message = match limited {
+            Limited::Pod(_) => {
+                let whom = match &who.pod {
+                    Some(pod) => format!("pod {}/{pod}", who.service_account.namespace),
+                    None => "this token (bound to no pod)".to_string(),
+                };
+                format!(
+                    "per-pod rate limit: too many certificates for {whom} of {identity}; retry in {wait:.1} s (--certify-burst {} then one per --certify-refill {:?}; a pod asking this often is likely crash-looping)",
+                    self.rate.burst, self.rate.refill
+                )
+            }
+            Limited::Controller(_) => format!(
+                "controller rate limit: this controller is issuing at its ceiling (--certify-max-burst {} then --certify-max-rate {}/s over all pods); retry in {wait:.1} s",
+                self.ceiling.burst, self.ceiling.rate
+            ),
+        };
+        Refusal::new(RefusalKind::RateLimited, message)
+    }
+}
+
 #[tonic::async_trait]
 impl Identity for IdentityService {
     async fn certify(
@@ -122,7 +167,9 @@ impl Identity for IdentityService {
     ) -> Result<Response<CertifyResponse>, Status> {
         let peer = req.remote_addr();
         let req = req.into_inner();
-        let result = self.decide(&req).await;
+        let mut pod = None;
+        let result = self.decide(&req, &mut pod).await;
+        let pod = pod.as_deref().unwrap_or("-");
         let label = match &result {
             Ok(_) => "ok",
             Err(r) => r.kind.label(),
@@ -133,16 +180,16 @@ impl Identity for IdentityService {
             .inc();
         match result {
             Ok(rsp) => {
-                tracing::info!(identity = %req.identity, ?peer, "issued certificate");
+                tracing::info!(identity = %req.identity, pod, ?peer, "issued certificate");
                 Ok(Response::new(rsp))
             }
             Err(refusal) => {
                 match refusal.kind {
                     RefusalKind::Internal | RefusalKind::Unavailable => {
-                        tracing::warn!(identity = %req.identity, ?peer, result = label, "{refusal}")
+                        tracing::warn!(identity = %req.identity, pod, ?peer, result = label, "{refusal}")
                     }
                     _ => {
-                        tracing::info!(identity = %req.identity, ?peer, result = label, "refused: {refusal}")
+                        tracing::info!(identity = %req.identity, pod, ?peer, result = label, "refused: {refusal}")
                     }
                 }
                 Err(refusal.to_status())

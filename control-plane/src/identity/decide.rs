@@ -16,7 +16,10 @@ pub enum RefusalKind {
     Unauthenticated,
     /// The token or the CSR names another identity: `PERMISSION_DENIED`.
     PermissionDenied,
-    /// Per-identity rate limit: `RESOURCE_EXHAUSTED`.
+    /// A rate limit (the pod's own bucket or the controller-wide ceiling;
+    /// which one is in the message and in
+    /// `weft_controller_identity_certify_rate_limited_total{limit}`):
+    /// `RESOURCE_EXHAUSTED`.
     RateLimited,
     /// The token could not be checked (TokenReview failed): `UNAVAILABLE`.
     Unavailable,

@@ -6,9 +6,11 @@
 //!     │ decide::check_request   (pure) identity string + CSR → SpiffeId, key
 //!     ▼
 //!  token::TokenVerifier         kube: TokenReview │ local: controller-signed token
+//!     │                         → ServiceAccount + the pod the token is bound to
 //!     │ decide::authorize       (pure) token's ServiceAccount == identity's
 //!     ▼
-//!  rate::RateLimiter            (pure, clock passed in) per-identity token bucket
+//!  rate::IssuanceLimits         (pure, clock passed in) per-pod token bucket,
+//!     │                         then the controller-wide ceiling
 //!     ▼
 //!  ca::CertificateAuthority     the seam: FileCa (issuer files, reloaded) │ test CAs
 //! ```
@@ -17,11 +19,12 @@
 //!   each failure maps to (gRPC status + bounded metric label).
 //! - [`csr`]: PKCS#10 parsing and the checks a CSR must pass.
 //! - [`token`]: the [`token::TokenVerifier`] seam, Kubernetes TokenReview
-//!   and local HMAC-signed tokens.
+//!   and local HMAC-signed tokens, and the pod a token is bound to.
 //! - [`ca`]: issuer + trust anchors from PEM files, validated at load,
 //!   reloaded on change; [`ca::CertificateAuthority`] is the seam.
 //! - [`devca`]: a development root and issuer for local mode.
-//! - [`rate`]: the per-identity token bucket.
+//! - [`rate`]: the issuance limits: a token bucket per pod and a
+//!   controller-wide ceiling.
 //!
 //! The gRPC service that strings these together is
 //! [`crate::grpc::identity::IdentityService`].
@@ -47,7 +50,8 @@ pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Leaves start this long before "now", for clocks that lag the controller's.
 pub const BACKDATE: Duration = Duration::from_secs(60);
 
-/// A Kubernetes ServiceAccount: what a token proves.
+/// A Kubernetes ServiceAccount: what a token proves (with, for a
+/// pod-bound token, the pod: [`token::Authenticated`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceAccount {
     pub namespace: String,
@@ -175,14 +179,17 @@ pub enum TokenMode {
 
 /// Everything the identity service needs; `None` in the runtime config
 /// means the controller serves no certificates (Certify → UNIMPLEMENTED).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct IdentityConfig {
     pub issuer: IssuerSource,
     /// `None`: TokenReview with the kube source, and the dev CA's token key
     /// (if any) with the directory source.
     pub tokens: Option<TokenMode>,
     pub cert_lifetime: Duration,
+    /// The per-pod bucket.
     pub rate: rate::RateConfig,
+    /// The controller-wide ceiling.
+    pub ceiling: rate::CeilingConfig,
     /// How often the issuer files are checked for changes.
     pub reload_interval: Duration,
 }
@@ -194,6 +201,7 @@ impl IdentityConfig {
             tokens: None,
             cert_lifetime: DEFAULT_CERT_LIFETIME,
             rate: rate::RateConfig::default(),
+            ceiling: rate::CeilingConfig::default(),
             reload_interval: ca::RELOAD_INTERVAL,
         }
     }

@@ -19,7 +19,11 @@
 //!   [`FakeApiServer::add_token`]: authenticated when the token's
 //!   audiences intersect `spec.audiences` (`status.audiences` is the
 //!   intersection), otherwise `authenticated: false` with the error the
-//!   real server gives. Unknown tokens are not authenticated.
+//!   real server gives. Unknown tokens are not authenticated. A token
+//!   registered with [`FakeApiServer::add_pod_token`] is a projected token
+//!   bound to a pod: `status.user.extra` carries
+//!   `authentication.kubernetes.io/pod-name` and `.../pod-uid` (and a
+//!   node name), as the real server answers.
 //!   [`FakeApiServer::fail_token_reviews`] makes it answer 403, as with
 //!   missing RBAC.
 //!
@@ -97,6 +101,14 @@ impl Resource {
 
 type Key = (String, String);
 
+/// A token the fake TokenReview knows.
+struct FakeToken {
+    username: String,
+    audiences: Vec<String>,
+    /// (pod name, pod UID) of a pod-bound projected token.
+    pod: Option<(String, String)>,
+}
+
 #[derive(Default)]
 struct State {
     rv: u64,
@@ -109,8 +121,7 @@ struct State {
     lists: HashMap<Resource, usize>,
     watches: HashMap<Resource, usize>,
     gone: HashMap<Resource, usize>,
-    /// token → (username, audiences)
-    tokens: HashMap<String, (String, Vec<String>)>,
+    tokens: HashMap<String, FakeToken>,
     token_reviews: usize,
     fail_token_reviews: bool,
 }
@@ -291,12 +302,42 @@ impl FakeApiServer {
     /// Makes `token` authenticate as `username` (e.g.
     /// `system:serviceaccount:ns:sa`) for `audiences`.
     pub fn add_token(&self, token: &str, username: &str, audiences: &[&str]) {
+        self.insert_token(token, username, audiences, None);
+    }
+
+    /// Like [`FakeApiServer::add_token`], for a projected token the kubelet
+    /// minted for pod `pod_name` (UID `pod_uid`): the review's
+    /// `status.user.extra` names the pod.
+    pub fn add_pod_token(
+        &self,
+        token: &str,
+        username: &str,
+        audiences: &[&str],
+        pod_name: &str,
+        pod_uid: &str,
+    ) {
+        self.insert_token(
+            token,
+            username,
+            audiences,
+            Some((pod_name.to_string(), pod_uid.to_string())),
+        );
+    }
+
+    fn insert_token(
+        &self,
+        token: &str,
+        username: &str,
+        audiences: &[&str],
+        pod: Option<(String, String)>,
+    ) {
         self.lock().tokens.insert(
             token.to_string(),
-            (
-                username.to_string(),
-                audiences.iter().map(|a| a.to_string()).collect(),
-            ),
+            FakeToken {
+                username: username.to_string(),
+                audiences: audiences.iter().map(|a| a.to_string()).collect(),
+                pod,
+            },
         );
     }
 
@@ -400,7 +441,11 @@ fn token_review(state: &Mutex<State>, body: &[u8]) -> Response<BoxBody<Bytes, In
         None => {
             json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"})
         }
-        Some((user, auds)) => {
+        Some(FakeToken {
+            username: user,
+            audiences: auds,
+            pod,
+        }) => {
             let both: Vec<&String> = if wanted.is_empty() {
                 auds.iter().collect()
             } else {
@@ -410,8 +455,15 @@ fn token_review(state: &Mutex<State>, body: &[u8]) -> Response<BoxBody<Bytes, In
                 json!({"authenticated": false,
                        "error": format!("[invalid bearer token, token audiences {auds:?} is invalid for the target audiences {wanted:?}]")})
             } else {
-                json!({"authenticated": true, "audiences": both,
-                       "user": {"username": user, "uid": "0000", "groups": ["system:serviceaccounts", "system:authenticated"]}})
+                let mut user = json!({"username": user, "uid": "0000", "groups": ["system:serviceaccounts", "system:authenticated"]});
+                if let Some((name, uid)) = pod {
+                    user["extra"] = json!({
+                        "authentication.kubernetes.io/pod-name": [name],
+                        "authentication.kubernetes.io/pod-uid": [uid],
+                        "authentication.kubernetes.io/node-name": ["fake-node"],
+                    });
+                }
+                json!({"authenticated": true, "audiences": both, "user": user})
             }
         }
     };
