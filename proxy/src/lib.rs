@@ -34,6 +34,7 @@ pub mod discovery;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod resilience;
 pub mod serve;
 pub mod tcp;
 pub mod telemetry;

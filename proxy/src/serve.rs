@@ -318,7 +318,7 @@ async fn route_tcp(s: &ConnShared, router: &Router, target: SocketAddr) -> TcpRo
         match connect_member(s, f.member()).await {
             Ok(stream) => return TcpRoute::Balanced(stream, f),
             Err(cause) => {
-                b.connect_failed(f.member());
+                b.attempt_failed(f.member());
                 if exclude.is_some() {
                     return TcpRoute::Failed(cause);
                 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
+
+use crate::servers::{grpc_frame, grpc_messages};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,8 +20,19 @@ use tokio::time::Instant;
 
 /// One HTTP connection to the proxy's outbound port.
 pub enum Conn {
-    H1(http1::SendRequest<Empty<Bytes>>),
-    H2(http2::SendRequest<Empty<Bytes>>),
+    H1(http1::SendRequest<Full<Bytes>>),
+    H2(http2::SendRequest<Full<Bytes>>),
+}
+
+/// What a [`Load`] speaks to the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    /// HTTP/1.1 GETs.
+    H1,
+    /// HTTP/2 GETs.
+    H2,
+    /// Unary gRPC calls (POST with a message, status in the trailers) over HTTP/2.
+    Grpc,
 }
 
 impl Conn {
@@ -41,12 +54,14 @@ impl Conn {
         let rsp = match self {
             Conn::H1(s) => {
                 s.ready().await?;
-                let req = Request::get(path).header("host", host).body(Empty::new())?;
+                let req = Request::get(path)
+                    .header("host", host)
+                    .body(Full::default())?;
                 s.send_request(req).await?
             }
             Conn::H2(s) => {
                 s.ready().await?;
-                let req = Request::get(format!("http://{host}{path}")).body(Empty::new())?;
+                let req = Request::get(format!("http://{host}{path}")).body(Full::default())?;
                 s.send_request(req).await?
             }
         };
@@ -59,6 +74,56 @@ impl Conn {
         let body = rsp.into_body().collect().await?.to_bytes();
         Ok((status, err, body))
     }
+
+    /// A unary call to the test servers' gRPC echo (HTTP/2 only): Ok when the message came
+    /// back with `grpc-status: 0`, else a description of what came back.
+    pub async fn grpc_echo(
+        &mut self,
+        host: &str,
+        msg: &[u8],
+    ) -> Result<std::result::Result<(), String>> {
+        let Conn::H2(s) = self else {
+            bail!("gRPC needs an HTTP/2 connection");
+        };
+        s.ready().await?;
+        let req = Request::post(format!("http://{host}/weft.test.Echo/Call"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(grpc_frame(msg)))?;
+        let rsp = s.send_request(req).await?;
+        let status = rsp.status().as_u16();
+        let err = rsp
+            .headers()
+            .get("weft-proxy-error")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let body = rsp.into_body().collect().await?;
+        let grpc = body
+            .trailers()
+            .and_then(|t| t.get("grpc-status"))
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let bytes = body.to_bytes();
+        let echoed = grpc_messages(&bytes);
+        if status == 200
+            && grpc.as_deref() == Some("0")
+            && echoed.first().map(|m| &m[..]) == Some(msg)
+        {
+            Ok(Ok(()))
+        } else {
+            Ok(Err(format!(
+                "{status} weft-proxy-error={err:?} grpc-status={grpc:?} body={:?}",
+                String::from_utf8_lossy(&bytes)
+            )))
+        }
+    }
+}
+
+/// A request of a [`Load`] that failed.
+#[derive(Debug, Clone)]
+pub struct Failed {
+    /// When it was sent.
+    pub sent: Instant,
+    /// The status and proxy error, or the client error.
+    pub error: String,
 }
 
 /// Steady open-loop-ish load: `conns` connections each sending a GET every `conns/rps`
@@ -66,7 +131,7 @@ impl Conn {
 pub struct Load {
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
-    errors: Arc<std::sync::Mutex<Vec<String>>>,
+    errors: Arc<std::sync::Mutex<Vec<Failed>>>,
     stop: tokio_util_stop::Stop,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -95,6 +160,18 @@ impl Load {
         rps: u32,
         conns: u32,
     ) -> Result<Self> {
+        let proto = if h2 { Proto::H2 } else { Proto::H1 };
+        Self::start_with(proxy, host, proto, rps, conns).await
+    }
+
+    /// [`Load::start`] speaking `proto`.
+    pub async fn start_with(
+        proxy: SocketAddr,
+        host: &str,
+        proto: Proto,
+        rps: u32,
+        conns: u32,
+    ) -> Result<Self> {
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -102,7 +179,7 @@ impl Load {
         let period = Duration::from_secs_f64(f64::from(conns) / f64::from(rps));
         let mut tasks = Vec::new();
         for i in 0..conns {
-            let mut conn = Conn::open(proxy, h2).await?;
+            let mut conn = Conn::open(proxy, proto != Proto::H1).await?;
             let (ok, failed, errors, stop) =
                 (ok.clone(), failed.clone(), errors.clone(), stop.clone());
             let host = host.to_string();
@@ -112,17 +189,28 @@ impl Load {
                 let mut tick = tokio::time::interval_at(start, period);
                 while !stop.stopped() {
                     tick.tick().await;
-                    match conn.get(&host, "/load").await {
-                        Ok((200, _, _)) => {
+                    let sent = Instant::now();
+                    let outcome = match proto {
+                        Proto::Grpc => conn.grpc_echo(&host, b"load").await,
+                        Proto::H1 | Proto::H2 => conn.get(&host, "/load").await.map(|r| match r {
+                            (200, _, _) => Ok(()),
+                            (s, e, b) => Err(format!("{s} {e} {}", String::from_utf8_lossy(&b))),
+                        }),
+                    };
+                    match outcome {
+                        Ok(Ok(())) => {
                             ok.fetch_add(1, Ordering::Relaxed);
                         }
-                        Ok((s, e, b)) => {
+                        Ok(Err(e)) => {
                             failed.fetch_add(1, Ordering::Relaxed);
-                            lock(&errors).push(format!("{s} {e} {}", String::from_utf8_lossy(&b)));
+                            lock(&errors).push(Failed { sent, error: e });
                         }
                         Err(e) => {
                             failed.fetch_add(1, Ordering::Relaxed);
-                            lock(&errors).push(format!("{e:#}"));
+                            lock(&errors).push(Failed {
+                                sent,
+                                error: format!("{e:#}"),
+                            });
                             return;
                         }
                     }
@@ -140,6 +228,16 @@ impl Load {
 
     pub fn ok(&self) -> u64 {
         self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops the load: the requests that succeeded and every failure.
+    pub async fn stop(self) -> Result<(u64, Vec<Failed>)> {
+        self.stop.stop();
+        for t in self.tasks {
+            t.await?;
+        }
+        let failures = std::mem::take(&mut *lock(&self.errors));
+        Ok((self.ok.load(Ordering::Relaxed), failures))
     }
 
     pub async fn finish(self) -> Result<u64> {

@@ -173,26 +173,77 @@ fn tokio_stream_from<T: Send + 'static>(
 
 /// Starts an HTTP/1.1 + HTTP/2 (prior knowledge) server on a free loopback port.
 pub async fn http_server() -> Result<(SocketAddr, Arc<Stats>)> {
+    let (addr, stats, stop) = killable_http_server(false).await?;
+    // Never killed: the server lives as long as the test's runtime.
+    std::mem::forget(stop);
+    Ok((addr, stats))
+}
+
+/// Stops a [`killable_http_server`] the way a killed process stops: its listener closes and
+/// every connection is dropped at once, whatever it was doing.
+#[derive(Debug)]
+pub struct Kill(tokio::sync::watch::Sender<bool>);
+
+impl Kill {
+    pub fn kill(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+/// Like [`http_server`], with a handle that kills it; `h1_only`: it speaks only HTTP/1.1, as
+/// many applications do (a request in HTTP/2 form gets a 400, as from nginx).
+pub async fn killable_http_server(h1_only: bool) -> Result<(SocketAddr, Arc<Stats>, Kill)> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
     let stats = Arc::new(Stats::default());
     let st = stats.clone();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let killed = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|k| *k).await;
+    };
     tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
+        loop {
+            let s = tokio::select! {
+                _ = killed(rx.clone()) => return,
+                r = l.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(_) => return,
+                },
+            };
             st.connections.fetch_add(1, Ordering::Relaxed);
             let st = st.clone();
+            let rx = rx.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let st = st.clone();
                     async move { Ok::<_, Infallible>(route(req, st).await) }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection_with_upgrades(TokioIo::new(s), svc)
-                    .await;
+                let io = TokioIo::new(s);
+                let conn: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+                    if h1_only {
+                        // hyper-util's `auto::Builder::http1_only` does nothing with upgrades.
+                        let c = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .with_upgrades();
+                        Box::pin(async move {
+                            let _ = c.await;
+                        })
+                    } else {
+                        Box::pin(async move {
+                            let _ =
+                                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                                    .serve_connection_with_upgrades(io, svc)
+                                    .await;
+                        })
+                    };
+                tokio::select! {
+                    _ = conn => {}
+                    _ = killed(rx) => {}
+                }
             });
         }
     });
-    Ok((addr, stats))
+    Ok((addr, stats, Kill(tx)))
 }
 
 /// A TCP server that reads until EOF, then writes back `reply: <bytes received>` and closes.

@@ -37,7 +37,7 @@ pub mod p2c;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -47,7 +47,9 @@ use tokio::sync::watch;
 
 use crate::discovery::{EndpointMeta, Resolution, Resolver};
 use crate::http::client::{Endpoint, Transport};
-use crate::metrics::{Direction, DiscoveryMetrics, RouteLabels, TlsMetrics, TlsStatus};
+use crate::metrics::{
+    Direction, DiscoveryMetrics, RetryLabels, RouteLabels, TlsMetrics, TlsStatus,
+};
 use crate::transport::mesh::{Mesh, MeshTarget};
 use p2c::PeakEwma;
 
@@ -262,6 +264,8 @@ pub struct Balancer {
     ctx: Context,
     routes: RouteCounters,
     state: Mutex<State>,
+    /// How many endpoints `state` holds, readable without its lock.
+    ready: AtomicUsize,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -306,6 +310,7 @@ impl Balancer {
                 rx,
                 members: Members::Pending,
             }),
+            ready: AtomicUsize::new(0),
         };
         let members = b.members_for(&first, &Members::Pending);
         b.state.get_mut().unwrap_or_else(|p| p.into_inner()).members = members;
@@ -386,8 +391,28 @@ impl Balancer {
     }
 
     /// Raises a failed endpoint's estimate so that p2c avoids it for a while.
-    pub fn connect_failed(&self, member: &Member) {
+    pub fn attempt_failed(&self, member: &Member) {
         member.observe(self.ctx.settings.connect_timeout);
+    }
+
+    /// Counts a request sent to a second endpoint, and why that was safe.
+    pub fn retried(&self, why: crate::resilience::Again) {
+        self.ctx
+            .metrics
+            .retries
+            .get_or_create(&RetryLabels {
+                reason: why.as_str(),
+            })
+            .inc();
+    }
+
+    /// Endpoints the last pick chose from (0 while pending or forwarding).
+    pub fn len(&self) -> usize {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// The members for resolution `r`, reusing `old` members for addresses that stay.
@@ -442,6 +467,7 @@ impl Balancer {
             .metrics
             .endpoints
             .inc_by(new_len as i64 - old_members.len() as i64);
+        self.ready.store(new_len, Ordering::Relaxed);
         next
     }
 }

@@ -40,6 +40,7 @@ use tokio::time::Instant;
 
 use super::{BoxBody, BoxError};
 use crate::metrics::Direction;
+use crate::resilience;
 use crate::transport::coalesce::Coalesce;
 use crate::transport::mesh::{self, Alpn, ConnectTlsError, MeshTarget};
 
@@ -195,11 +196,13 @@ impl Endpoint {
 
     /// Like [`Endpoint::request`], but a request that could not be sent because no connection
     /// could be made (connect or handshake failure) comes back unread in the error, so the
-    /// caller may send it elsewhere.
+    /// caller may send it elsewhere. It comes back in the form it arrived in, so another
+    /// endpoint puts it in its own form exactly as if it had been the first.
     pub async fn try_request(
         self: &Arc<Self>,
         mut req: Request<BoxBody>,
     ) -> Result<Response<PooledBody>, Unsent> {
+        let form = ClientForm::of(&req);
         // Fail closed on pooled connections too: an expired identity carries no more requests.
         if let Transport::Mesh(t) = &self.transport {
             if let Err(source) = t.certificate_valid() {
@@ -212,49 +215,19 @@ impl Endpoint {
                 });
             }
         }
-        if self.h2 {
-            self.to_h2_form(&mut req);
+        let sent = if self.h2 {
+            to_h2_form(&mut req, self.is_mesh());
             self.request_h2(req).await
         } else {
             to_h1_form(&mut req);
             self.request_h1(req).await
-        }
-    }
-
-    /// HTTP/2 needs `:scheme` and `:authority`: a request that came in as HTTP/1 (origin form
-    /// and `Host`) gets them here, and is marked with [`ORIG_PROTO`] for a meshed peer.
-    fn to_h2_form(&self, req: &mut Request<BoxBody>) {
-        let from_h1 = req.version() < Version::HTTP_2;
-        if req.uri().scheme().is_none() || req.uri().authority().is_none() {
-            let mut parts = std::mem::take(req.uri_mut()).into_parts();
-            if parts.scheme.is_none() {
-                parts.scheme = Some(http::uri::Scheme::HTTP);
+        };
+        sent.map_err(|mut u| {
+            if let Some(r) = &mut u.request {
+                form.restore(r);
             }
-            if parts.authority.is_none() {
-                parts.authority = req
-                    .headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .and_then(|h| h.parse().ok());
-            }
-            if parts.path_and_query.is_none() {
-                parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-            }
-            // The parts came from a valid URI plus a parsed authority, so this cannot fail;
-            // if it did, the request goes as it was and h2 reports the problem.
-            if let Ok(uri) = Uri::from_parts(parts) {
-                *req.uri_mut() = uri;
-                req.headers_mut().remove(header::HOST);
-            }
-        }
-        if self.is_mesh() {
-            if from_h1 {
-                req.headers_mut().insert(ORIG_PROTO, HTTP11);
-            } else {
-                req.headers_mut().remove(ORIG_PROTO);
-            }
-        }
-        *req.version_mut() = Version::HTTP_2;
+            u
+        })
     }
 
     async fn request_h1(
@@ -332,29 +305,53 @@ impl Endpoint {
         self: &Arc<Self>,
         req: Request<BoxBody>,
     ) -> Result<Response<PooledBody>, Unsent> {
-        let mut conn = match self.h2_conn().await {
-            Ok(c) => c,
-            Err(error) => {
-                return Err(Unsent {
-                    error,
-                    request: Some(req),
-                })
-            }
+        let unsent = |error, req| Unsent {
+            error,
+            request: Some(req),
         };
-        match conn.send_request(req).await {
+        let conn = match self.h2_conn().await {
+            Ok(c) => c,
+            Err(error) => return Err(unsent(error, req)),
+        };
+        match self.send_h2(conn, req).await {
+            // Not sent: the shared connection closed (the peer went away or is draining)
+            // before it took the request. Once more on a new connection.
+            Err(mut e) if e.message().is_some() => {
+                let Some(req) = e.take_message() else {
+                    return Err(self.request_error(e.into_error()).into());
+                };
+                tracing::debug!(addr = %self.addr, error = %e.error(), "http/2 connection closed before the request was sent; retrying on a new one");
+                let conn = match self.h2_conn().await {
+                    Ok(c) => c,
+                    Err(error) => return Err(unsent(error, req)),
+                };
+                match self.send_h2(conn, req).await {
+                    Ok(rsp) => Ok(rsp),
+                    Err(mut e) => match e.take_message() {
+                        Some(req) => Err(unsent(self.request_error(e.into_error()), req)),
+                        None => Err(self.request_error(e.into_error()).into()),
+                    },
+                }
+            }
+            Err(e) => Err(self.request_error(e.into_error()).into()),
+            Ok(rsp) => Ok(rsp),
+        }
+    }
+
+    /// Sends on the shared HTTP/2 connection. A connection that failed or is going away (a
+    /// `GOAWAY` arrived) leaves the pool, so the next request dials a new one.
+    async fn send_h2(
+        &self,
+        mut conn: http2::SendRequest<BoxBody>,
+        req: Request<BoxBody>,
+    ) -> Result<Response<PooledBody>, hyper::client::conn::TrySendError<Request<BoxBody>>> {
+        match conn.try_send_request(req).await {
             Ok(rsp) => Ok(rsp.map(|b| PooledBody::new(b, PoolReturn::None))),
-            Err(source) => {
-                if conn.is_closed() {
-                    let mut shared = lock(&self.shared_h2);
-                    if shared.as_ref().is_some_and(|c| c.is_closed()) {
-                        *shared = None;
-                    }
+            Err(e) => {
+                if e.message().is_some() || conn.is_closed() || resilience::refused(e.error()) {
+                    *lock(&self.shared_h2) = None;
                 }
-                Err(ClientError::Request {
-                    addr: self.addr,
-                    source,
-                }
-                .into())
+                Err(e)
             }
         }
     }
@@ -502,6 +499,69 @@ enum Conn {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+/// HTTP/2 needs `:scheme` and `:authority`: a request that came in as HTTP/1 (origin form and
+/// `Host`) gets them here, and is marked with [`ORIG_PROTO`] for a meshed peer (`mesh`).
+fn to_h2_form(req: &mut Request<BoxBody>, mesh: bool) {
+    let from_h1 = req.version() < Version::HTTP_2;
+    if req.uri().scheme().is_none() || req.uri().authority().is_none() {
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        if parts.scheme.is_none() {
+            parts.scheme = Some(http::uri::Scheme::HTTP);
+        }
+        if parts.authority.is_none() {
+            parts.authority = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse().ok());
+        }
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        // The parts came from a valid URI plus a parsed authority, so this cannot fail;
+        // if it did, the request goes as it was and h2 reports the problem.
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+            req.headers_mut().remove(header::HOST);
+        }
+    }
+    if mesh && from_h1 {
+        req.headers_mut().insert(ORIG_PROTO, HTTP11);
+    } else {
+        req.headers_mut().remove(ORIG_PROTO);
+    }
+    *req.version_mut() = Version::HTTP_2;
+}
+
+/// The parts of a request an endpoint's form changes, as the client sent them: a request
+/// handed back unsent gets them back, so the next endpoint sees what the first one saw.
+struct ClientForm {
+    version: Version,
+    uri: Uri,
+    host: Option<HeaderValue>,
+}
+
+impl ClientForm {
+    fn of<B>(req: &Request<B>) -> Self {
+        ClientForm {
+            version: req.version(),
+            uri: req.uri().clone(),
+            host: req.headers().get(header::HOST).cloned(),
+        }
+    }
+
+    fn restore<B>(self, req: &mut Request<B>) {
+        *req.version_mut() = self.version;
+        *req.uri_mut() = self.uri;
+        let headers = req.headers_mut();
+        match self.host {
+            Some(h) => headers.insert(header::HOST, h),
+            None => headers.remove(header::HOST),
+        };
+        headers.remove(ORIG_PROTO);
+    }
+}
+
 /// HTTP/1.1 needs the origin form (which every server accepts) and `Host`: a request that came
 /// in as HTTP/2 (`:authority`, absolute form) gets them here.
 fn to_h1_form(req: &mut Request<BoxBody>) {
@@ -519,6 +579,7 @@ fn to_h1_form(req: &mut Request<BoxBody>) {
             }
         }
     }
+    req.headers_mut().remove(ORIG_PROTO);
     *req.version_mut() = Version::HTTP_11;
 }
 
@@ -734,9 +795,8 @@ mod tests {
     #[tokio::test]
     async fn requests_take_the_form_of_the_endpoint_protocol() {
         // HTTP/1.1 in, HTTP/2 out: `:scheme`/`:authority` from Host.
-        let ep = plain("127.0.0.1:1".parse().unwrap(), true, Duration::from_secs(1));
         let mut r = req("/a?b=1", Version::HTTP_11, Some("web.ns:8080"));
-        ep.to_h2_form(&mut r);
+        to_h2_form(&mut r, false);
         assert_eq!(r.uri(), "http://web.ns:8080/a?b=1");
         assert_eq!(r.version(), Version::HTTP_2);
         assert!(r.headers().get(header::HOST).is_none());
@@ -757,6 +817,94 @@ mod tests {
             ("/x", Version::HTTP_11)
         );
         assert_eq!(r.headers()[header::HOST], "h");
+    }
+
+    /// What an endpoint receives of a request: everything but the body.
+    fn head(r: &Request<BoxBody>) -> String {
+        let mut headers: Vec<String> = r
+            .headers()
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+            .collect();
+        headers.sort();
+        format!("{} {} {:?} {headers:?}", r.method(), r.uri(), r.version())
+    }
+
+    /// Issue 11: a request handed back unsent (the first endpoint could not be reached) reaches
+    /// the next endpoint exactly as it would have reached it first, for every client protocol
+    /// and every pair of endpoint kinds (plain HTTP/1.1, plain HTTP/2, meshed HTTP/2).
+    #[test]
+    fn a_request_retried_elsewhere_has_the_form_it_would_have_had_first() {
+        #[derive(Clone, Copy, Debug)]
+        enum Kind {
+            PlainH1,
+            PlainH2,
+            Meshed,
+        }
+        fn put(r: &mut Request<BoxBody>, k: Kind) {
+            match k {
+                Kind::PlainH1 => to_h1_form(r),
+                Kind::PlainH2 => to_h2_form(r, false),
+                Kind::Meshed => to_h2_form(r, true),
+            }
+        }
+        let clients: [fn() -> Request<BoxBody>; 4] = [
+            || req("/a?b=1", Version::HTTP_11, Some("web.ns:8080")),
+            || req("/a", Version::HTTP_10, Some("web.ns")),
+            || req("http://web.ns:8080/a", Version::HTTP_2, None),
+            || req("https://web.ns/grpc.Svc/Call", Version::HTTP_2, None),
+        ];
+        let kinds = [Kind::PlainH1, Kind::PlainH2, Kind::Meshed];
+        for client in clients {
+            for first in kinds {
+                for next in kinds {
+                    let mut direct = client();
+                    put(&mut direct, next);
+                    let mut retried = client();
+                    let form = ClientForm::of(&retried);
+                    put(&mut retried, first);
+                    form.restore(&mut retried);
+                    put(&mut retried, next);
+                    assert_eq!(
+                        head(&retried),
+                        head(&direct),
+                        "{first:?} then {next:?}, client {}",
+                        head(&client())
+                    );
+                }
+            }
+        }
+        // The defect itself: an HTTP/1.1 request tried on one meshed endpoint, then another,
+        // still tells the second peer to hand it to its app as HTTP/1.1.
+        let mut r = req("/a", Version::HTTP_11, Some("web.ns"));
+        let form = ClientForm::of(&r);
+        put(&mut r, Kind::Meshed);
+        form.restore(&mut r);
+        put(&mut r, Kind::Meshed);
+        assert_eq!(r.headers()[ORIG_PROTO], "HTTP/1.1");
+        // A plain endpoint never sees the marker, whatever came before.
+        let mut r = req("/a", Version::HTTP_11, Some("web.ns"));
+        put(&mut r, Kind::Meshed);
+        put(&mut r, Kind::PlainH1);
+        assert!(r.headers().get(ORIG_PROTO).is_none());
+    }
+
+    /// The whole path: a request whose meshed endpoint refuses connections comes back from
+    /// `try_request` in the client's form.
+    #[tokio::test]
+    async fn a_request_handed_back_unsent_is_in_the_client_form() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let ep = plain(addr, true, Duration::from_secs(60));
+        let sent = req("/a?b=1", Version::HTTP_11, Some("web.ns:8080"));
+        let before = head(&sent);
+        match ep.try_request(sent).await {
+            Err(Unsent {
+                request: Some(r), ..
+            }) => assert_eq!(head(&r), before),
+            other => panic!("expected the request back unsent, got {other:?}"),
+        }
     }
 
     #[tokio::test]

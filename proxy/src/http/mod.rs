@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::balance::{self, Balancer, InFlight, Pick, Router};
 use crate::metrics::{AuthorityMetrics, Direction, Metrics};
+use crate::resilience::{replay, Again, Resend};
 use crate::transport::mesh::{ConnectTlsError, Mesh};
 use body::{Observed, Recorder};
 use client::{ClientError, Endpoint, PooledBody, Unsent, ORIG_PROTO};
@@ -274,6 +275,11 @@ fn cause_of(err: &(dyn std::error::Error + 'static)) -> Cause {
                 ..
             }) => return Cause::IdentityUnavailable,
             Some(ClientError::Tls { .. }) => return Cause::TlsHandshake,
+            Some(r @ ClientError::Request { .. })
+                if crate::resilience::failure_of(r) != crate::resilience::Failure::Other =>
+            {
+                return Cause::UpstreamReset
+            }
             _ => {}
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
@@ -356,10 +362,14 @@ impl ConnCtx {
     /// Sends `req` to an endpoint of `route`, or to the original destination. `h1`: the
     /// request must go over HTTP/1.1 (an upgrade, or an HTTP/1 request a peer proxy carried
     /// over HTTP/2).
+    ///
+    /// An attempt that fails before the request reached the application (see
+    /// [`crate::resilience`] for exactly when) goes once more to another endpoint, in the
+    /// form the client sent it; the failing endpoint's estimate is raised so p2c avoids it.
     async fn send(
         &self,
         route: Option<&Arc<Balancer>>,
-        req: Request<BoxBody>,
+        mut req: Request<BoxBody>,
         h1: bool,
     ) -> Result<(Response<PooledBody>, Option<InFlight>), SendError> {
         let Some(b) = route else {
@@ -377,35 +387,40 @@ impl ConnCtx {
         let Some(ep) = first.member().http_endpoint(h1) else {
             return self.forward(req, h1).await;
         };
-        match ep.try_request(req).await {
-            Ok(rsp) => Ok((rsp, Some(first))),
+        // An upgrade that left is the client's byte stream now: only an unsent one may move.
+        let resend = (!h1 && b.len() > 1).then(|| Resend::prepare(&mut req, replay::DEFAULT_CAP));
+        let (req, why, error) = match ep.try_request(req).await {
+            Ok(rsp) => return Ok((rsp, Some(first))),
             Err(Unsent {
                 error,
                 request: Some(req),
-            }) => {
-                // Nothing reached the endpoint: try another one, once.
-                b.connect_failed(first.member());
-                let failed = first.member().addr;
-                drop(first);
-                tracing::debug!(target = b.target(), endpoint = %failed, error = %error, "connect failed; retrying on another endpoint");
-                let second = match b.pick(Some(failed)) {
-                    Pick::Endpoint(f) => f,
-                    _ => return Err(SendError::Client(error)),
-                };
-                let Some(ep) = second.member().http_endpoint(h1) else {
-                    return Err(SendError::Client(error));
-                };
-                match ep.try_request(req).await {
-                    Ok(rsp) => Ok((rsp, Some(second))),
-                    Err(u) => {
-                        if u.request.is_some() {
-                            b.connect_failed(second.member());
-                        }
-                        Err(SendError::Client(u.error))
-                    }
-                }
+            }) => (req, Again::Unsent, error),
+            Err(Unsent {
+                error,
+                request: None,
+            }) => match resend.as_ref().and_then(|r| r.after(&error)) {
+                Some((req, why)) => (req, why, error),
+                None => return Err(SendError::Client(error)),
+            },
+        };
+        b.attempt_failed(first.member());
+        let failed = first.member().addr;
+        drop(first);
+        tracing::debug!(target = b.target(), endpoint = %failed, error = %error, reason = why.as_str(), "attempt failed; retrying on another endpoint");
+        let second = match b.pick(Some(failed)) {
+            Pick::Endpoint(f) => f,
+            _ => return Err(SendError::Client(error)),
+        };
+        let Some(ep) = second.member().http_endpoint(h1) else {
+            return Err(SendError::Client(error));
+        };
+        b.retried(why);
+        match ep.try_request(req).await {
+            Ok(rsp) => Ok((rsp, Some(second))),
+            Err(u) => {
+                b.attempt_failed(second.member());
+                Err(SendError::Client(u.error))
             }
-            Err(u) => Err(SendError::Client(u.error)),
         }
     }
 

@@ -153,6 +153,14 @@ pub struct DiscoveryMetrics {
     /// Endpoints across all balancers.
     pub endpoints: Gauge,
     pub routes: Family<RouteLabels, Counter>,
+    /// Requests sent to a second endpoint after an attempt failed, by why that was safe.
+    pub retries: Family<RetryLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    /// `unsent`, `refused` or `connection-lost` ([`crate::resilience::Again`]).
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -507,6 +515,11 @@ impl Metrics {
             "weft_outbound_routes",
             "Outbound HTTP requests and TCP connections by route: balanced, passthrough, no-endpoints",
             discovery.routes.clone(),
+        );
+        registry.register(
+            "weft_outbound_retries",
+            "Outbound HTTP requests sent to another endpoint after an attempt failed before reaching the application, by reason: unsent, refused, connection-lost",
+            discovery.retries.clone(),
         );
         let identity = IdentityMetrics::default();
         registry.register(
