@@ -21,10 +21,11 @@
 //! keep their [`Member`] (pool, estimate, counts); removed ones stop being picked, and
 //! requests already sent finish on connections their response bodies keep alive.
 //!
-//! A request whose connection to the chosen endpoint could not be made (refused, timed out,
-//! failed handshake) never reached the application, and its body was never read, so it is
-//! retried once on another endpoint whatever its method; the failing endpoint's estimate is
-//! raised to the connect timeout so p2c avoids it until the estimate decays.
+//! A request whose attempt failed before it reached the application (no connection could be
+//! made; the peer refused the stream; the connection broke before the response head, for an
+//! idempotent method: [`crate::resilience`]) is retried once on another endpoint; the failing
+//! endpoint's estimate is raised to the connect timeout so p2c avoids it until the estimate
+//! decays.
 //!
 //! An endpoint the controller marks as meshed (it names the identity to expect) is reached
 //! over mutual TLS when this proxy has an identity: HTTP of either version over one HTTP/2
