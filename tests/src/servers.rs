@@ -26,6 +26,9 @@ pub struct Stats {
     pub requests: AtomicU64,
     /// Requests whose body ended in an error (client or proxy went away mid-body).
     pub aborted_bodies: AtomicU64,
+    /// Milliseconds every request waits before it is answered (0: none); set by a test to
+    /// make the server slow for a while.
+    pub delay_ms: AtomicU64,
 }
 
 fn full(b: impl Into<Bytes>) -> Body {
@@ -57,6 +60,10 @@ pub fn grpc_messages(mut buf: &[u8]) -> Vec<Bytes> {
 
 async fn route(req: Request<Incoming>, stats: Arc<Stats>) -> Response<Body> {
     stats.requests.fetch_add(1, Ordering::Relaxed);
+    let delay = stats.delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     match path.as_str() {

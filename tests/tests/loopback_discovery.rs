@@ -238,6 +238,55 @@ async fn scaling_3_1_5_under_http2_load_fails_nothing() -> Result<()> {
     scale_under_load(true).await
 }
 
+/// Issue 12: an endpoint that was slow for a moment (a GC pause, its first connection on a
+/// busy node) is back in rotation within 2 s of answering fast again, instead of being
+/// starved while one slow sample decays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_briefly_slow_endpoint_is_back_in_rotation_within_2s() -> Result<()> {
+    let servers = Servers::start(3).await?;
+    let (fallback, _) = http_server().await?;
+    let dir = ManifestDir::new("briefly-slow")?;
+    dir.service(NS, "web", SVC_IP, 80, &servers.addrs(&[0, 1, 2]))?;
+    let controller = Controller::start(dir.path())?;
+    let proxy = Proxy::start(ProxyOpts {
+        outbound_target: Some(fallback),
+        env: discovery_env(&controller),
+        ..Default::default()
+    })?;
+    let load = Load::start(proxy.outbound, "web", false, 200, 8).await?;
+    traffic_within(&servers, &[0, 1, 2], false, Duration::from_secs(5)).await?;
+
+    // Server 0 answers in 300 ms for a moment: the balancer sees it slow and moves away.
+    let slow = &servers.0[0].1;
+    slow.delay_ms.store(300, Ordering::Relaxed);
+    let at_slow = slow.requests.load(Ordering::Relaxed);
+    eventually_async(Duration::from_secs(5), || {
+        Ok(slow.requests.load(Ordering::Relaxed) >= at_slow + 2)
+    })
+    .await
+    .context("server 0 got requests while slow")?;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    slow.delay_ms.store(0, Ordering::Relaxed);
+
+    // Fast again: within 2 s it carries a share of the traffic again (20 requests is about
+    // a third of a second of its share at 200 req/s over three endpoints).
+    let fast_at = Instant::now();
+    let at_fast = slow.requests.load(Ordering::Relaxed);
+    eventually_async(Duration::from_secs(2), || {
+        Ok(slow.requests.load(Ordering::Relaxed) >= at_fast + 20)
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "server 0 got {} requests in the 2 s after it recovered",
+            slow.requests.load(Ordering::Relaxed) - at_fast
+        )
+    })?;
+    eprintln!("back in rotation after {:?}", fast_at.elapsed());
+    load.finish().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_restart_under_load_fails_nothing() -> Result<()> {
     let servers = Servers::start(4).await?;

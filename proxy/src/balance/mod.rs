@@ -38,7 +38,7 @@ pub mod p2c;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -146,7 +146,23 @@ pub struct Member {
     /// Requests (HTTP) or connections (TCP) in flight.
     in_flight: AtomicU32,
     rtt: Mutex<PeakEwma>,
+    /// When a pick last chose this endpoint ([`since_epoch`]), for probing starved endpoints.
+    last_pick: AtomicU64,
+    /// The last attempt on this endpoint failed; cleared by the next answer. Such an endpoint
+    /// is not probed: it waits for its raised estimate to decay.
+    failed: AtomicBool,
 }
+
+/// Nanoseconds since the first call (a shared origin for members' timestamps in atomics).
+fn since_epoch(now: Instant) -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    now.saturating_duration_since(epoch).as_nanos() as u64
+}
+
+/// An endpoint no pick chose for this long is picked once (when idle) to measure it again:
+/// one slow answer must not keep it out of rotation until its estimate decays.
+pub const PROBE_AFTER: Duration = p2c::STALE_AFTER;
 
 impl std::fmt::Debug for Member {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -171,6 +187,16 @@ impl Member {
     /// Records a round trip (request sent → response headers).
     pub fn observe(&self, rtt: Duration) {
         lock(&self.rtt).observe(rtt, Instant::now());
+        self.failed.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether a pick should choose this endpoint to measure it again: idle, not failing, and
+    /// not chosen for [`PROBE_AFTER`].
+    fn wants_probe(&self, now_ns: u64) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+            && !self.failed.load(Ordering::Relaxed)
+            && now_ns.saturating_sub(self.last_pick.load(Ordering::Relaxed))
+                >= PROBE_AFTER.as_nanos() as u64
     }
 
     /// The pool for a request; `h1`: the request must go over HTTP/1.1 (an upgrade), which a
@@ -267,6 +293,8 @@ pub struct Balancer {
     state: Mutex<State>,
     /// How many endpoints `state` holds, readable without its lock.
     ready: AtomicUsize,
+    /// The endpoint the next pick looks at for a probe (round robin).
+    probe: AtomicUsize,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -312,6 +340,7 @@ impl Balancer {
                 members: Members::Pending,
             }),
             ready: AtomicUsize::new(0),
+            probe: AtomicUsize::new(0),
         };
         let members = b.members_for(&first, &Members::Pending);
         b.state.get_mut().unwrap_or_else(|p| p.into_inner()).members = members;
@@ -347,7 +376,24 @@ impl Balancer {
                     |k| fastrand::usize(..k),
                     |i| m[i].cost(self.protocol, now),
                 ) {
-                    Some(i) => Pick::Endpoint(InFlight::new(m[i].clone())),
+                    Some(i) => {
+                        // Each pick also looks at one endpoint in turn: one that p2c has not
+                        // chosen for a while (it looked slow once) gets this request, so its
+                        // estimate is measured again rather than left to decay.
+                        let now_ns = since_epoch(now);
+                        let c = self.probe.fetch_add(1, Ordering::Relaxed) % m.len();
+                        let i = if self.protocol != Protocol::Tcp
+                            && c != i
+                            && Some(c) != skip
+                            && m[c].wants_probe(now_ns)
+                        {
+                            c
+                        } else {
+                            i
+                        };
+                        m[i].last_pick.store(now_ns, Ordering::Relaxed);
+                        Pick::Endpoint(InFlight::new(m[i].clone()))
+                    }
                     None => Pick::NoEndpoints,
                 }
             }
@@ -393,7 +439,8 @@ impl Balancer {
 
     /// Raises a failed endpoint's estimate so that p2c avoids it for a while.
     pub fn attempt_failed(&self, member: &Member) {
-        member.observe(self.ctx.settings.connect_timeout);
+        lock(&member.rtt).penalize(self.ctx.settings.connect_timeout, Instant::now());
+        member.failed.store(true, Ordering::Relaxed);
     }
 
     /// Counts a request sent to a second endpoint, and why that was safe.
@@ -538,6 +585,8 @@ impl Balancer {
                 self.ctx.settings.decay,
                 now,
             )),
+            last_pick: AtomicU64::new(since_epoch(now)),
+            failed: AtomicBool::new(false),
         })
     }
 }

@@ -41,32 +41,66 @@ pub fn choose(
 ///
 /// Between observations the estimate decays towards zero, so an endpoint that gets no
 /// traffic (because it looked slow) is eventually tried again.
+///
+/// Two bounds keep one sample from starving an endpoint (one slow first response on a busy
+/// machine used to keep an endpoint out of rotation for tens of seconds: the peak set the
+/// estimate, p2c then never picked it, and only the 10 s decay could bring it back):
+/// - a sample counts as at most [`MAX_STEP`] × the current estimate (at least
+///   [`STEP_FLOOR`]), so an endpoint that is really slow is learnt over a few samples while
+///   one outlier only moves it a bounded step;
+/// - an estimate with no sample for [`STALE_AFTER`] is replaced by the next sample instead of
+///   being averaged with it: the balancer probes endpoints it has not picked for that long
+///   (see `balance::Balancer::pick`), and the probe's answer is what counts.
 #[derive(Clone, Debug)]
 pub struct PeakEwma {
     estimate_ns: f64,
+    /// When `estimate_ns` was last decayed.
     stamp: Instant,
+    /// When the last sample arrived.
+    sampled: Instant,
     decay_ns: f64,
 }
+
+/// One sample raises the estimate at most this many times.
+pub const MAX_STEP: f64 = 4.0;
+/// The estimate a sample's bound is computed from is at least this.
+pub const STEP_FLOOR: Duration = Duration::from_millis(1);
+/// After this long without a sample, the estimate is replaced by the next one.
+pub const STALE_AFTER: Duration = Duration::from_millis(500);
 
 impl PeakEwma {
     pub fn new(initial: Duration, decay: Duration, now: Instant) -> Self {
         Self {
             estimate_ns: initial.as_nanos() as f64,
             stamp: now,
+            sampled: now,
             decay_ns: (decay.as_nanos() as f64).max(1.0),
         }
     }
 
-    /// Records one round trip.
+    /// Records one round trip (request written → response head; no connect time).
     pub fn observe(&mut self, rtt: Duration, now: Instant) {
-        let rtt = rtt.as_nanos() as f64;
-        if rtt > self.estimate_ns {
-            self.estimate_ns = rtt;
+        let current = self.estimate_ns * self.weight_of_past(now);
+        let bound = current.max(STEP_FLOOR.as_nanos() as f64) * MAX_STEP;
+        let rtt = (rtt.as_nanos() as f64).min(bound);
+        let stale = now.saturating_duration_since(self.sampled) >= STALE_AFTER;
+        self.estimate_ns = if rtt > current || stale {
+            rtt
         } else {
             let w = self.weight_of_past(now);
-            self.estimate_ns = self.estimate_ns * w + rtt * (1.0 - w);
-        }
+            self.estimate_ns * w + rtt * (1.0 - w)
+        };
         self.stamp = now;
+        self.sampled = now;
+    }
+
+    /// Raises the estimate to at least `rtt` at once, unbounded: an attempt that failed (no
+    /// connection could be made) costs the endpoint the connect timeout.
+    pub fn penalize(&mut self, rtt: Duration, now: Instant) {
+        let current = self.estimate_ns * self.weight_of_past(now);
+        self.estimate_ns = current.max(rtt.as_nanos() as f64);
+        self.stamp = now;
+        self.sampled = now;
     }
 
     /// The estimate at `now`, in nanoseconds, decayed towards zero since the last update.
@@ -173,33 +207,61 @@ mod tests {
         let mut e = PeakEwma::new(Duration::ZERO, decay, t0);
         e.observe(MS, t0);
         assert_eq!(e.estimate(t0), 1e6);
-        // A slower sample is taken as is.
+        // A slower sample is taken as is, up to four times the estimate per sample.
         e.observe(50 * MS, t0 + MS);
-        assert!((e.estimate(t0 + MS) - 50e6).abs() < 1.0);
-        // A faster sample 1 s later moves the estimate by 1 - e^(-1/10) ≈ 9.5 %.
-        let t1 = t0 + MS + Duration::from_secs(1);
+        assert!((e.estimate(t0 + MS) - 4e6).abs() < 1e3);
+        for i in 2..5 {
+            e.observe(50 * MS, t0 + i * MS);
+        }
+        let t = t0 + 4 * MS;
+        assert!((e.estimate(t) - 50e6).abs() < 1.0);
+        // A faster sample a quarter second later moves it by 1 - e^(-0.25/10) ≈ 2.5 %.
+        let t1 = t + Duration::from_millis(250);
         let mut f = e.clone();
         f.observe(MS, t1);
         let v = f.estimate(t1);
-        let expect = 50e6 * (-0.1f64).exp() + 1e6 * (1.0 - (-0.1f64).exp());
+        let w = (-0.025f64).exp();
+        let expect = 50e6 * w + 1e6 * (1.0 - w);
         assert!((v - expect).abs() / expect < 1e-6, "{v} vs {expect}");
         // Fast samples in quick succession barely move it: the decay is in time, not count.
         let mut g = e.clone();
         for i in 0..100u32 {
-            g.observe(MS, t0 + MS + Duration::from_micros(10 * u64::from(i)));
+            g.observe(MS, t + Duration::from_micros(10 * u64::from(i)));
         }
-        assert!(g.estimate(t0 + 2 * MS) > 49e6);
+        assert!(g.estimate(t + MS) > 49e6);
     }
 
     #[test]
     fn peak_ewma_decays_towards_zero_without_samples() {
         let t0 = Instant::now();
         let mut e = PeakEwma::new(Duration::ZERO, Duration::from_secs(10), t0);
-        e.observe(50 * MS, t0);
+        e.penalize(50 * MS, t0);
         let after = e.estimate(t0 + Duration::from_secs(10));
         assert!((after - 50e6 / std::f64::consts::E).abs() < 1e3, "{after}");
         let much_later = e.estimate(t0 + Duration::from_secs(60));
         assert!(much_later < 0.2e6, "{much_later}");
+    }
+
+    /// Issue 12: one slow sample (a first connect on a busy machine, a GC pause) moves the
+    /// estimate a bounded step, and the next sample after [`STALE_AFTER`] without any replaces it.
+    #[test]
+    fn one_slow_sample_is_bounded_and_forgotten_by_the_next_probe() {
+        let t0 = Instant::now();
+        let mut e = PeakEwma::new(Duration::from_micros(300), Duration::from_secs(10), t0);
+        e.observe(Duration::from_millis(500), t0);
+        let after = e.estimate(t0);
+        assert!(
+            after <= 4e6 + 1.0,
+            "one sample raised the estimate to {after} ns"
+        );
+        // Fast samples right after it average in as usual (the peak holds a while)...
+        let mut busy = e.clone();
+        busy.observe(Duration::from_micros(300), t0 + MS);
+        assert!(busy.estimate(t0 + MS) > 3e6);
+        // ...but a probe after half a second of no samples counts as the new estimate.
+        let t1 = t0 + STALE_AFTER;
+        e.observe(Duration::from_micros(300), t1);
+        assert!((e.estimate(t1) - 300e3).abs() < 1.0, "{}", e.estimate(t1));
     }
 
     #[test]

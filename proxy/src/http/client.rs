@@ -234,9 +234,10 @@ impl Endpoint {
         self: &Arc<Self>,
         req: Request<BoxBody>,
     ) -> Result<Response<PooledBody>, Unsent> {
+        let mut dialled = Duration::ZERO;
         let (conn, pooled) = match self.checkout() {
             Some(c) => (c, true),
-            None => match self.dial_h1().await {
+            None => match timed(&mut dialled, self.dial_h1()).await {
                 Ok(c) => (c, false),
                 Err(error) => {
                     return Err(Unsent {
@@ -254,7 +255,7 @@ impl Endpoint {
                     return Err(self.request_error(e.into_error()).into());
                 };
                 tracing::debug!(addr = %self.addr, error = %e.error(), "pooled connection closed before the request was sent; retrying on a new one");
-                let conn = match self.dial_h1().await {
+                let conn = match timed(&mut dialled, self.dial_h1()).await {
                     Ok(c) => c,
                     Err(error) => {
                         return Err(Unsent {
@@ -265,10 +266,11 @@ impl Endpoint {
                 };
                 self.send_h1(conn, req)
                     .await
+                    .map(|r| connected_in(r, dialled))
                     .map_err(|e| self.request_error(e.into_error()).into())
             }
             Err(e) => Err(self.request_error(e.into_error()).into()),
-            Ok(rsp) => Ok(rsp),
+            Ok(rsp) => Ok(connected_in(rsp, dialled)),
         }
     }
 
@@ -309,7 +311,8 @@ impl Endpoint {
             error,
             request: Some(req),
         };
-        let conn = match self.h2_conn().await {
+        let mut dialled = Duration::ZERO;
+        let conn = match timed(&mut dialled, self.h2_conn()).await {
             Ok(c) => c,
             Err(error) => return Err(unsent(error, req)),
         };
@@ -321,12 +324,12 @@ impl Endpoint {
                     return Err(self.request_error(e.into_error()).into());
                 };
                 tracing::debug!(addr = %self.addr, error = %e.error(), "http/2 connection closed before the request was sent; retrying on a new one");
-                let conn = match self.h2_conn().await {
+                let conn = match timed(&mut dialled, self.h2_conn()).await {
                     Ok(c) => c,
                     Err(error) => return Err(unsent(error, req)),
                 };
                 match self.send_h2(conn, req).await {
-                    Ok(rsp) => Ok(rsp),
+                    Ok(rsp) => Ok(connected_in(rsp, dialled)),
                     Err(mut e) => match e.take_message() {
                         Some(req) => Err(unsent(self.request_error(e.into_error()), req)),
                         None => Err(self.request_error(e.into_error()).into()),
@@ -334,7 +337,7 @@ impl Endpoint {
                 }
             }
             Err(e) => Err(self.request_error(e.into_error()).into()),
-            Ok(rsp) => Ok(rsp),
+            Ok(rsp) => Ok(connected_in(rsp, dialled)),
         }
     }
 
@@ -493,6 +496,20 @@ impl Endpoint {
     }
 }
 
+/// Runs `f`, adding the time it took to `spent`.
+async fn timed<T>(spent: &mut Duration, f: impl std::future::Future<Output = T>) -> T {
+    let start = Instant::now();
+    let out = f.await;
+    *spent += start.elapsed();
+    out
+}
+
+/// Records on the response how long this request waited for its connection.
+fn connected_in(mut rsp: Response<PooledBody>, dialled: Duration) -> Response<PooledBody> {
+    rsp.body_mut().connect = dialled;
+    rsp
+}
+
 /// A dialled connection.
 enum Conn {
     Plain(TcpStream),
@@ -609,6 +626,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Incoming,
         back: Option<PoolReturn>,
+        connect: Duration,
     }
 }
 
@@ -623,11 +641,18 @@ impl PooledBody {
         let mut body = Self {
             inner,
             back: Some(back),
+            connect: Duration::ZERO,
         };
         if body.inner.is_end_stream() {
             body.release();
         }
         body
+    }
+
+    /// How long the request waited for a connection to be made (zero on a pooled one): the
+    /// balancer leaves it out of the endpoint's latency estimate.
+    pub fn connect_time(&self) -> Duration {
+        self.connect
     }
 
     fn release(&mut self) {

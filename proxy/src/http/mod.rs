@@ -541,7 +541,10 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
     };
     let latency = start.elapsed();
     if let Some(f) = &in_flight {
-        f.member().observe(latency);
+        // The endpoint's service time: a new connection's dial and handshake are not its
+        // latency.
+        f.member()
+            .observe(latency.saturating_sub(rsp.body().connect_time()));
     }
 
     if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
