@@ -18,7 +18,9 @@
 //! [`crate::http::client`]), and the body is replayed from the record, which holds up to
 //! [`replay::DEFAULT_CAP`] bytes.
 
+pub mod breaker;
 pub mod replay;
+pub mod retry;
 
 use http::{HeaderMap, Method, Request, Uri, Version};
 use http_body::Body as _;
