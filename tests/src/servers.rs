@@ -17,7 +17,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-type Body = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = BoxBody<Bytes, BoxError>;
 
 /// What an HTTP test server has seen.
 #[derive(Debug, Default)]
@@ -29,6 +30,29 @@ pub struct Stats {
     /// Milliseconds every request waits before it is answered (0: none); set by a test to
     /// make the server slow for a while.
     pub delay_ms: AtomicU64,
+    /// Fault injection: of every 1,000 requests, this many are answered 503 (gRPC: status 14
+    /// UNAVAILABLE in a trailers-only answer) instead of being served.
+    pub fail_permille: AtomicU64,
+    /// Requests answered with an injected failure.
+    pub injected: AtomicU64,
+}
+
+impl Stats {
+    /// Makes the server fail `fraction` (0..=1) of its requests from now on.
+    pub fn fail(&self, fraction: f64) {
+        self.fail_permille.store(
+            (fraction.clamp(0.0, 1.0) * 1000.0).round() as u64,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// Whether this request gets an injected failure: exactly `permille` of every 1,000 requests,
+/// spread by a counter (not a random draw), so a test's expected share is exact.
+fn inject(stats: &Stats, n: u64) -> bool {
+    let permille = stats.fail_permille.load(Ordering::Relaxed);
+    // Bresenham over the request count: request n fails when the running share steps up.
+    permille > 0 && (n * permille) / 1000 != ((n - 1) * permille) / 1000
 }
 
 fn full(b: impl Into<Bytes>) -> Body {
@@ -59,10 +83,26 @@ pub fn grpc_messages(mut buf: &[u8]) -> Vec<Bytes> {
 }
 
 async fn route(req: Request<Incoming>, stats: Arc<Stats>) -> Response<Body> {
-    stats.requests.fetch_add(1, Ordering::Relaxed);
+    let n = stats.requests.fetch_add(1, Ordering::Relaxed) + 1;
     let delay = stats.delay_ms.load(Ordering::Relaxed);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if inject(&stats, n) {
+        stats.injected.fetch_add(1, Ordering::Relaxed);
+        return injected_failure(&req);
+    }
+    let query = req.uri().query().unwrap_or("");
+    // Per-request faults: `?hang` never answers; `?reset` answers a head, then fails the
+    // body, which makes hyper reset the HTTP/2 stream or close the HTTP/1.1 connection.
+    if query.split('&').any(|q| q == "hang") {
+        std::future::pending::<()>().await;
+    }
+    if query.split('&').any(|q| q == "reset") {
+        let err = futures_util::stream::once(async {
+            Err::<Frame<Bytes>, BoxError>("injected reset".into())
+        });
+        return Response::new(BodyExt::boxed(StreamBody::new(err)));
     }
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
@@ -70,7 +110,7 @@ async fn route(req: Request<Incoming>, stats: Arc<Stats>) -> Response<Body> {
         // Streams the request body back as it arrives (chunked when the length is unknown).
         "/echo" => {
             let body = req.into_body();
-            Response::new(body.boxed())
+            Response::new(body.map_err(BoxError::from).boxed())
         }
         // Reads the whole body, counting bytes, answers the count.
         "/sink" => {
@@ -117,7 +157,7 @@ async fn route(req: Request<Incoming>, stats: Arc<Stats>) -> Response<Body> {
             let mut t = HeaderMap::new();
             t.insert("x-checksum", HeaderValue::from_static("abc123"));
             let frames = vec![
-                Ok::<_, hyper::Error>(Frame::data(Bytes::from_static(b"payload"))),
+                Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"payload"))),
                 Ok(Frame::trailers(t)),
             ];
             Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
@@ -130,7 +170,7 @@ async fn route(req: Request<Incoming>, stats: Arc<Stats>) -> Response<Body> {
                 .strip_prefix("status=")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(16);
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(16);
             let mut body = req.into_body();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
@@ -170,6 +210,27 @@ async fn route(req: Request<Incoming>, stats: Arc<Stats>) -> Response<Body> {
         }
         _ => Response::new(full(format!("hello from {path}"))),
     }
+}
+
+/// An injected failure: 503 for HTTP, `grpc-status: 14` (trailers-only) for gRPC.
+fn injected_failure(req: &Request<Incoming>) -> Response<Body> {
+    let grpc = req
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let mut r = Response::new(full("injected failure"));
+    if grpc {
+        *r.body_mut() = full(Bytes::new());
+        r.headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/grpc"));
+        r.headers_mut()
+            .insert("grpc-status", HeaderValue::from_static("14"));
+        r.headers_mut()
+            .insert("grpc-message", HeaderValue::from_static("injected"));
+    } else {
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    r
 }
 
 fn tokio_stream_from<T: Send + 'static>(

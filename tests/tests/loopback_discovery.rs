@@ -287,6 +287,58 @@ async fn a_briefly_slow_endpoint_is_back_in_rotation_within_2s() -> Result<()> {
     Ok(())
 }
 
+/// Issue 12: an endpoint that fails every request is ejected by the circuit breaker after
+/// seven consecutive failures (DESIGN.md's default), then only probed with a doubling
+/// ejection time, while its healthy siblings carry the traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_failing_endpoint_is_ejected() -> Result<()> {
+    let servers = Servers::start(3).await?;
+    let (fallback, _) = http_server().await?;
+    let dir = ManifestDir::new("ejection")?;
+    dir.service(NS, "web", SVC_IP, 80, &servers.addrs(&[0, 1, 2]))?;
+    let controller = Controller::start(dir.path())?;
+    let proxy = Proxy::start(ProxyOpts {
+        outbound_target: Some(fallback),
+        env: discovery_env(&controller),
+        ..Default::default()
+    })?;
+    let broken = &servers.0[0].1;
+    broken.fail(1.0);
+    let load = Load::start(proxy.outbound, "web", false, 200, 8).await?;
+    eventually_async(Duration::from_secs(5), || {
+        Ok(proxy.metrics()?.sum("weft_outbound_ejections_total", &[]) >= 1.0)
+    })
+    .await
+    .context("the failing endpoint was ejected")?;
+    // Three more seconds: ejected for 1 s, probed once, ejected for 2 s, probed once.
+    let at = broken.requests.load(Ordering::Relaxed);
+    let ok_at = load.ok();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let probes = broken.requests.load(Ordering::Relaxed) - at;
+    let served = load.ok() - ok_at;
+    let (_, failures) = load.stop().await?;
+    eprintln!(
+        "{} failures in all; {probes} probes while {served} requests succeeded",
+        failures.len()
+    );
+    assert!(served > 300, "only {served} requests in 3 s");
+    assert!(
+        probes <= 3,
+        "{probes} requests reached the ejected endpoint in 3 s"
+    );
+    // Before its ejection, the client saw its seven failures, then about one per probe.
+    assert!(
+        failures.len() <= 7 + 5,
+        "{} failures: {failures:?}",
+        failures.len()
+    );
+    assert!(
+        failures.iter().all(|f| f.error.starts_with("503")),
+        "{failures:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_restart_under_load_fails_nothing() -> Result<()> {
     let servers = Servers::start(4).await?;

@@ -51,6 +51,7 @@ use crate::http::client::{Endpoint, Transport};
 use crate::metrics::{
     Direction, DiscoveryMetrics, RetryLabels, RouteLabels, TlsMetrics, TlsStatus,
 };
+use crate::resilience::breaker::{Breaker, BreakerConfig, Transition};
 use crate::transport::mesh::{Mesh, MeshTarget};
 use p2c::PeakEwma;
 
@@ -151,6 +152,10 @@ pub struct Member {
     /// The last attempt on this endpoint failed; cleared by the next answer. Such an endpoint
     /// is not probed: it waits for its raised estimate to decay.
     failed: AtomicBool,
+    /// The circuit breaker; [`Member::ejected_until`] mirrors its ejection for picks.
+    breaker: Mutex<Breaker>,
+    /// Ejected until this instant ([`since_epoch`]); 0: not ejected.
+    ejected_until: AtomicU64,
 }
 
 /// Nanoseconds since the first call (a shared origin for members' timestamps in atomics).
@@ -174,6 +179,35 @@ impl std::fmt::Debug for Member {
 }
 
 impl Member {
+    /// Whether the breaker holds this endpoint out at `now_ns` ([`since_epoch`]).
+    fn is_ejected(&self, now_ns: u64) -> bool {
+        now_ns < self.ejected_until.load(Ordering::Relaxed)
+    }
+
+    /// Records an answer of this endpoint for its circuit breaker: `ok` is anything but a
+    /// 5xx, a connection failure or a timeout. Returns whether this ejected it.
+    pub fn record(&self, ok: bool, cfg: &BreakerConfig) -> bool {
+        let now = Instant::now();
+        let mut b = lock(&self.breaker);
+        let t = if ok {
+            b.success()
+        } else {
+            b.failure(cfg, now, fastrand::f64())
+        };
+        match t {
+            Transition::Ejected(until) => {
+                self.ejected_until
+                    .store(since_epoch(until).max(1), Ordering::Relaxed);
+                true
+            }
+            Transition::Restored => {
+                self.ejected_until.store(0, Ordering::Relaxed);
+                false
+            }
+            Transition::None => false,
+        }
+    }
+
     fn cost(&self, protocol: Protocol, now: Instant) -> f64 {
         let in_flight = self.in_flight.load(Ordering::Relaxed);
         match protocol {
@@ -295,6 +329,9 @@ pub struct Balancer {
     ready: AtomicUsize,
     /// The endpoint the next pick looks at for a probe (round robin).
     probe: AtomicUsize,
+    /// The circuit breaker settings of this target's endpoints (DESIGN.md defaults until a
+    /// BackendPolicy says otherwise).
+    breaker: BreakerConfig,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -341,6 +378,7 @@ impl Balancer {
             }),
             ready: AtomicUsize::new(0),
             probe: AtomicUsize::new(0),
+            breaker: BreakerConfig::default(),
         };
         let members = b.members_for(&first, &Members::Pending);
         b.state.get_mut().unwrap_or_else(|p| p.into_inner()).members = members;
@@ -370,21 +408,34 @@ impl Balancer {
             Members::Ready(m) => {
                 let skip = exclude.and_then(|a| m.iter().position(|x| x.addr == a));
                 let now = Instant::now();
-                match p2c::choose(
-                    m.len(),
-                    skip,
-                    |k| fastrand::usize(..k),
-                    |i| m[i].cost(self.protocol, now),
-                ) {
+                let now_ns = since_epoch(now);
+                // Ejected endpoints cost infinitely much, so p2c takes them only when both
+                // draws are ejected; then any endpoint that is not wins, and if every one is
+                // ejected the drawn one is still tried rather than failing everything.
+                let cost = |i: usize| {
+                    if m[i].is_ejected(now_ns) {
+                        f64::INFINITY
+                    } else {
+                        m[i].cost(self.protocol, now)
+                    }
+                };
+                match p2c::choose(m.len(), skip, |k| fastrand::usize(..k), cost) {
                     Some(i) => {
+                        let i = if m[i].is_ejected(now_ns) {
+                            (0..m.len())
+                                .find(|&j| Some(j) != skip && !m[j].is_ejected(now_ns))
+                                .unwrap_or(i)
+                        } else {
+                            i
+                        };
                         // Each pick also looks at one endpoint in turn: one that p2c has not
                         // chosen for a while (it looked slow once) gets this request, so its
                         // estimate is measured again rather than left to decay.
-                        let now_ns = since_epoch(now);
                         let c = self.probe.fetch_add(1, Ordering::Relaxed) % m.len();
                         let i = if self.protocol != Protocol::Tcp
                             && c != i
                             && Some(c) != skip
+                            && !m[c].is_ejected(now_ns)
                             && m[c].wants_probe(now_ns)
                         {
                             c
@@ -441,6 +492,15 @@ impl Balancer {
     pub fn attempt_failed(&self, member: &Member) {
         lock(&member.rtt).penalize(self.ctx.settings.connect_timeout, Instant::now());
         member.failed.store(true, Ordering::Relaxed);
+    }
+
+    /// Records an answer of `member` for its circuit breaker (see [`Member::record`]),
+    /// counting ejections.
+    pub fn record(&self, member: &Member, ok: bool) {
+        if member.record(ok, &self.breaker) {
+            self.ctx.metrics.ejections.inc();
+            tracing::info!(target = %self.target, endpoint = %member.addr, "endpoint ejected after consecutive failures");
+        }
     }
 
     /// Counts a request sent to a second endpoint, and why that was safe.
@@ -587,6 +647,8 @@ impl Balancer {
             )),
             last_pick: AtomicU64::new(since_epoch(now)),
             failed: AtomicBool::new(false),
+            breaker: Mutex::new(Breaker::default()),
+            ejected_until: AtomicU64::new(0),
         })
     }
 }
@@ -868,6 +930,51 @@ mod tests {
             *seen.entry(port).or_insert(0) += 1;
         }
         assert!(seen.get(&3).copied().unwrap_or(0) < 30, "{seen:?}");
+    }
+
+    /// Issue 12: consecutive failures eject an endpoint (picks avoid it until its ejection
+    /// ends); with every endpoint ejected, picks still choose one.
+    #[tokio::test]
+    async fn ejected_endpoints_are_skipped_unless_all_are() {
+        let (_tx, rx) = watch::channel(eps(&[1, 2, 3]));
+        let b = Balancer::new(
+            Arc::from("web:80"),
+            Protocol::Http1,
+            &ctx(DiscoveryMetrics::default()),
+            rx,
+        );
+        let cfg = BreakerConfig {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(30),
+            ..BreakerConfig::default()
+        };
+        let member = |port: u16| loop {
+            let m = picked(&b, None).unwrap();
+            if m.addr.port() == port {
+                return m;
+            }
+        };
+        let one = member(1);
+        assert!(!one.record(false, &cfg));
+        assert!(!one.record(false, &cfg));
+        assert!(one.record(false, &cfg), "the third failure ejects");
+        for _ in 0..300 {
+            assert_ne!(picked(&b, None).unwrap().addr.port(), 1);
+        }
+        // All ejected: picks go on (to some endpoint) instead of failing.
+        for port in [2, 3] {
+            let m = member(port);
+            for _ in 0..3 {
+                m.record(false, &cfg);
+            }
+        }
+        assert!(picked(&b, None).is_some());
+        // A success closes the breaker again.
+        one.record(true, &cfg);
+        let ports: std::collections::BTreeSet<u16> = (0..100)
+            .map(|_| picked(&b, None).unwrap().addr.port())
+            .collect();
+        assert_eq!(ports, [1].into());
     }
 
     #[test]

@@ -390,7 +390,10 @@ impl ConnCtx {
         // An upgrade that left is the client's byte stream now: only an unsent one may move.
         let resend = (!h1 && b.len() > 1).then(|| Resend::prepare(&mut req, replay::DEFAULT_CAP));
         let (req, why, error) = match ep.try_request(req).await {
-            Ok(rsp) => return Ok((rsp, Some(first))),
+            Ok(rsp) => {
+                b.record(first.member(), !rsp.status().is_server_error());
+                return Ok((rsp, Some(first)));
+            }
             Err(Unsent {
                 error,
                 request: Some(req),
@@ -400,10 +403,14 @@ impl ConnCtx {
                 request: None,
             }) => match resend.as_ref().and_then(|r| r.after(&error)) {
                 Some((req, why)) => (req, why, error),
-                None => return Err(SendError::Client(error)),
+                None => {
+                    b.record(first.member(), false);
+                    return Err(SendError::Client(error));
+                }
             },
         };
         b.attempt_failed(first.member());
+        b.record(first.member(), false);
         let failed = first.member().addr;
         drop(first);
         tracing::debug!(target = b.target(), endpoint = %failed, error = %error, reason = why.as_str(), "attempt failed; retrying on another endpoint");
@@ -416,9 +423,13 @@ impl ConnCtx {
         };
         b.retried(why);
         match ep.try_request(req).await {
-            Ok(rsp) => Ok((rsp, Some(second))),
+            Ok(rsp) => {
+                b.record(second.member(), !rsp.status().is_server_error());
+                Ok((rsp, Some(second)))
+            }
             Err(u) => {
                 b.attempt_failed(second.member());
+                b.record(second.member(), false);
                 Err(SendError::Client(u.error))
             }
         }

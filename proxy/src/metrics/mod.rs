@@ -155,6 +155,8 @@ pub struct DiscoveryMetrics {
     pub routes: Family<RouteLabels, Counter>,
     /// Requests sent to a second endpoint after an attempt failed, by why that was safe.
     pub retries: Family<RetryLabels, Counter>,
+    /// Endpoints ejected by their circuit breaker.
+    pub ejections: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -515,6 +517,11 @@ impl Metrics {
             "weft_outbound_routes",
             "Outbound HTTP requests and TCP connections by route: balanced, passthrough, no-endpoints",
             discovery.routes.clone(),
+        );
+        registry.register(
+            "weft_outbound_ejections",
+            "Endpoints ejected by the circuit breaker after consecutive failures (5xx, connection errors)",
+            discovery.ejections.clone(),
         );
         registry.register(
             "weft_outbound_retries",
