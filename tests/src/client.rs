@@ -96,11 +96,17 @@ impl Conn {
             .headers()
             .get("weft-proxy-error")
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        // A trailers-only answer (a proxy-made error) carries its status in the head.
+        let head = rsp.headers().clone();
         let body = rsp.into_body().collect().await?;
-        let grpc = body
-            .trailers()
-            .and_then(|t| t.get("grpc-status"))
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let field = |name: &str| {
+            body.trailers()
+                .and_then(|t| t.get(name))
+                .or_else(|| head.get(name))
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        };
+        let grpc = field("grpc-status");
+        let message = field("grpc-message");
         let bytes = body.to_bytes();
         let echoed = grpc_messages(&bytes);
         if status == 200
@@ -110,7 +116,7 @@ impl Conn {
             Ok(Ok(()))
         } else {
             Ok(Err(format!(
-                "{status} weft-proxy-error={err:?} grpc-status={grpc:?} body={:?}",
+                "{status} weft-proxy-error={err:?} grpc-status={grpc:?} grpc-message={message:?} body={:?}",
                 String::from_utf8_lossy(&bytes)
             )))
         }

@@ -339,6 +339,33 @@ async fn a_hard_failing_endpoint_is_ejected() -> Result<()> {
     Ok(())
 }
 
+/// A gRPC client gets the proxy's own answers the gRPC way: `grpc-status` in a trailers-only
+/// response (here 14 UNAVAILABLE for a service with no endpoints), `weft-proxy-error` naming
+/// the cause, and the detail in `grpc-message`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_clients_get_proxy_errors_as_grpc_statuses() -> Result<()> {
+    let (fallback, _) = http_server().await?;
+    let dir = ManifestDir::new("grpc-errors")?;
+    dir.service(NS, "web", SVC_IP, 80, &[])?;
+    let controller = Controller::start(dir.path())?;
+    let proxy = Proxy::start(ProxyOpts {
+        outbound_target: Some(fallback),
+        env: discovery_env(&controller),
+        ..Default::default()
+    })?;
+    let mut conn = Conn::open(proxy.outbound, true).await?;
+    let answer = conn.grpc_echo("web.shop.svc.cluster.local", b"hi").await?;
+    let err = answer.expect_err("a service without endpoints cannot answer");
+    assert!(err.starts_with("200 "), "{err}");
+    assert!(err.contains("grpc-status=Some(\"14\")"), "{err}");
+    assert!(
+        err.contains("weft-proxy-error=Some(\"no-endpoints\")"),
+        "{err}"
+    );
+    assert!(err.contains("has no ready endpoints"), "{err}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_restart_under_load_fails_nothing() -> Result<()> {
     let servers = Servers::start(4).await?;

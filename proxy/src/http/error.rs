@@ -31,6 +31,15 @@ pub enum Cause {
     TlsHandshake,
     /// The endpoint is meshed but this proxy holds no valid certificate (fail closed).
     IdentityUnavailable,
+    /// The service has routes, and none matches the request.
+    NoRoute,
+    /// The route's backend cannot be used (no such service, a reference not allowed), or the
+    /// route has no backend with a weight.
+    InvalidBackend,
+    /// The route's (or the service's) request timeout expired.
+    RequestTimeout,
+    /// The endpoints' concurrency or pending-request limits are reached: failing fast.
+    Overloaded,
 }
 
 impl Cause {
@@ -50,12 +59,19 @@ impl Cause {
             Cause::NoEndpoints => "no-endpoints",
             Cause::TlsHandshake => "tls-handshake-failed",
             Cause::IdentityUnavailable => "identity-unavailable",
+            Cause::NoRoute => "no-route",
+            Cause::InvalidBackend => "invalid-backend",
+            Cause::RequestTimeout => "request-timeout",
+            Cause::Overloaded => "overloaded",
         }
     }
 
     pub fn status(self) -> StatusCode {
         match self {
-            Cause::ConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Cause::ConnectTimeout | Cause::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Cause::NoRoute => StatusCode::NOT_FOUND,
+            Cause::InvalidBackend => StatusCode::INTERNAL_SERVER_ERROR,
+            Cause::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Cause::ConnectRefused
             | Cause::ConnectUnreachable
             | Cause::ConnectError
@@ -95,6 +111,42 @@ impl Cause {
         }
     }
 
+    /// The gRPC status a gRPC client gets for this cause.
+    pub fn grpc_status(self) -> u32 {
+        match self {
+            Cause::RequestTimeout | Cause::ConnectTimeout => 4, // DEADLINE_EXCEEDED
+            Cause::NoRoute => 12,                               // UNIMPLEMENTED
+            Cause::HeaderTooLarge
+            | Cause::HeaderTimeout
+            | Cause::BadRequest
+            | Cause::BadAuthority => 3, // INVALID_ARGUMENT
+            Cause::InvalidBackend => 13,                        // INTERNAL
+            Cause::Overloaded => 8,                             // RESOURCE_EXHAUSTED
+            _ => 14,                                            // UNAVAILABLE
+        }
+    }
+
+    /// A proxy-made response for this cause; a gRPC request (`grpc`) gets a gRPC answer: HTTP
+    /// 200 with the status in `grpc-status` (a trailers-only response), as gRPC clients read it.
+    pub fn response_for(self, grpc: bool, detail: &str) -> Response<BoxBody> {
+        if !grpc {
+            return self.response(detail);
+        }
+        let mut rsp = Response::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed());
+        let h = rsp.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from(self.grpc_status()));
+        let message = format!("weft-proxy: {}: {}", self.as_str(), detail);
+        if let Ok(v) = HeaderValue::from_str(&percent_encode(&message)) {
+            h.insert("grpc-message", v);
+        }
+        h.insert(ERROR_HEADER, HeaderValue::from_static(self.as_str()));
+        rsp
+    }
+
     /// A proxy-made response for this cause.
     pub fn response(self, detail: &str) -> Response<BoxBody> {
         let body = format!("weft-proxy: {}: {}\n", self.as_str(), detail);
@@ -126,6 +178,27 @@ impl Cause {
     }
 }
 
+/// `grpc-message` is percent-encoded (gRPC over HTTP/2: everything outside printable ASCII,
+/// and `%` itself).
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Whether a request is gRPC (its errors are answered the gRPC way).
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +217,22 @@ mod tests {
         assert!(raw.contains("weft-proxy-error: header-too-large\r\n"));
         let (head, body) = raw.split_once("\r\n\r\n").unwrap();
         assert!(head.contains(&format!("content-length: {}", body.len())));
+    }
+
+    #[test]
+    fn grpc_requests_get_a_grpc_status() {
+        let r = Cause::RequestTimeout.response_for(true, "10.0.0.1:80 after 1s\u{e9}");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "4");
+        assert_eq!(r.headers()[ERROR_HEADER], "request-timeout");
+        assert_eq!(r.headers()["content-type"], "application/grpc");
+        let msg = r.headers()["grpc-message"].to_str().unwrap();
+        assert!(msg.ends_with("after 1s%C3%A9"), "{msg}");
+        let r = Cause::RequestTimeout.response_for(false, "x");
+        assert_eq!(r.status(), 504);
+        assert_eq!(Cause::NoRoute.status(), 404);
+        assert_eq!(Cause::Overloaded.status(), 503);
+        assert_eq!(Cause::InvalidBackend.status(), 500);
     }
 
     #[test]

@@ -450,31 +450,36 @@ impl ConnCtx {
         }
     }
 
+    /// A proxy-made answer, counted and logged; `grpc`: the request is gRPC, so the answer
+    /// is too (the cause's `grpc-status` in a trailers-only response).
     fn error_response(
         &self,
         authority: Arc<AuthorityMetrics>,
         cause: Cause,
         detail: &str,
         start: Instant,
+        grpc: bool,
     ) -> Response<BoxBody> {
         self.metrics.error(self.direction, cause.as_str());
         tracing::info!(direction = %self.direction, target = %self.target, cause = cause.as_str(), detail, "proxy answered with an error");
+        let rsp = cause.response_for(grpc, detail);
         Recorder {
             metrics: authority,
-            status: cause.status().as_u16(),
-            grpc_status: None,
+            status: rsp.status().as_u16(),
+            grpc_status: grpc.then(|| cause.grpc_status()),
             latency: start.elapsed(),
             failed: true,
             in_flight: None,
         }
         .record();
-        cause.response(detail)
+        rsp
     }
 }
 
 /// Proxies one request to the connection's destination.
 async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
     let start = Instant::now();
+    let grpc = error::is_grpc(req.headers());
     let (authority, label, route) = match ctx.authority(&req) {
         Ok(a) => a,
         Err(cause) => {
@@ -489,12 +494,13 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
                 cause,
                 &format!("invalid Host header {host:?}"),
                 start,
+                grpc,
             );
         }
     };
     label.request();
     if let Some(why) = ctx.mesh.as_ref().and_then(|m| m.certificate_problem()) {
-        return ctx.error_response(label, Cause::IdentityUnavailable, &why, start);
+        return ctx.error_response(label, Cause::IdentityUnavailable, &why, start, grpc);
     }
 
     let size = headers_size(req.headers());
@@ -503,7 +509,7 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
             "request headers are {size} bytes, limit is {}",
             ctx.limits.max_header_bytes
         );
-        return ctx.error_response(label, Cause::HeaderTooLarge, &detail, start);
+        return ctx.error_response(label, Cause::HeaderTooLarge, &detail, start, grpc);
     }
 
     let upgrade = is_upgrade(&req);
@@ -520,7 +526,9 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
             Ok(v) => {
                 req.headers_mut().insert(header::HOST, v);
             }
-            Err(e) => return ctx.error_response(label, Cause::BadRequest, &e.to_string(), start),
+            Err(e) => {
+                return ctx.error_response(label, Cause::BadRequest, &e.to_string(), start, grpc)
+            }
         }
     }
     let mut h1 = upgrade;
@@ -543,11 +551,11 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
         Err(SendError::Client(e)) => {
             let cause = cause_of(&e);
             let detail = format!("{} ({})", ctx.target, error_chain(&e));
-            return ctx.error_response(label, cause, &detail, start);
+            return ctx.error_response(label, cause, &detail, start, grpc);
         }
         Err(SendError::NoEndpoints) => {
             let detail = format!("{authority} has no ready endpoints");
-            return ctx.error_response(label, Cause::NoEndpoints, &detail, start);
+            return ctx.error_response(label, Cause::NoEndpoints, &detail, start, grpc);
         }
     };
     let latency = start.elapsed();
