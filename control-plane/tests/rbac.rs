@@ -1,16 +1,17 @@
 //! The shipped ClusterRole grants exactly what the Kubernetes source
-//! watches (read verbs only) plus `create` on tokenreviews for the
-//! identity service, nothing more.
+//! watches (read verbs only), update/patch on the status subresources the
+//! controller writes, plus `create` on tokenreviews for the identity
+//! service, nothing more.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
 
 use serde_yaml_ng::Value;
 use weft_controller::identity::token::TOKEN_REVIEW_RBAC;
-use weft_controller::source::kube::WATCHED_RESOURCES;
+use weft_controller::source::kube::{STATUS_RESOURCES, WATCHED_RESOURCES};
 
 #[test]
-fn cluster_role_grants_exactly_watch_and_token_review() {
+fn cluster_role_grants_exactly_watch_status_and_token_review() {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../charts/weft/templates/controller-rbac.yaml"
@@ -32,6 +33,7 @@ fn cluster_role_grants_exactly_watch_and_token_review() {
         ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"]
     );
     let mut granted = BTreeSet::new();
+    let mut status = BTreeSet::new();
     let mut token_review = false;
     for rule in docs[1]["rules"].as_sequence().unwrap() {
         let verbs: BTreeSet<&str> = rule["verbs"]
@@ -67,6 +69,16 @@ fn cluster_role_grants_exactly_watch_and_token_review() {
             token_review = true;
             continue;
         }
+        if verbs == BTreeSet::from(["update", "patch"]) {
+            for (g, r) in &pairs {
+                assert!(
+                    r.ends_with("/status"),
+                    "{path}: only status may be written: {rule:?}"
+                );
+                status.insert((g.clone(), r.clone()));
+            }
+            continue;
+        }
         assert_eq!(
             verbs,
             BTreeSet::from(["get", "list", "watch"]),
@@ -82,6 +94,14 @@ fn cluster_role_grants_exactly_watch_and_token_review() {
     assert_eq!(
         granted, watched,
         "{path} must grant exactly what source::kube watches"
+    );
+    let written: BTreeSet<(String, String)> = STATUS_RESOURCES
+        .iter()
+        .map(|(g, r)| (g.to_string(), r.to_string()))
+        .collect();
+    assert_eq!(
+        status, written,
+        "{path} must grant update/patch on exactly the status the controller writes"
     );
     assert_eq!(docs[2]["roleRef"]["name"], docs[1]["metadata"]["name"]);
     assert_eq!(docs[2]["subjects"][0]["name"], docs[0]["metadata"]["name"]);

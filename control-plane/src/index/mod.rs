@@ -13,6 +13,7 @@
 //! answer, and recomputes its whole answer (cheap: one service) before
 //! diffing against what it last sent.
 
+pub mod outbound;
 pub mod resolve;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -21,7 +22,9 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::watch;
 
-use crate::model::{EndpointSlice, Kind, Namespace, Object, ObjectKey, Pod, Service};
+use crate::model::{
+    EndpointSlice, Kind, Namespace, Object, ObjectKey, Pod, Policy, Route, Service,
+};
 pub use resolve::{EndpointInfo, Resolution, ResolveConfig};
 
 /// What a reader may depend on.
@@ -31,6 +34,9 @@ pub enum Topic {
     Service(ObjectKey),
     /// A Service ClusterIP or a pod IP.
     Ip(IpAddr),
+    /// The routes that name a Service as their parent and the
+    /// BackendPolicies that target it.
+    Policy(ObjectKey),
 }
 
 /// One change from a source.
@@ -55,6 +61,13 @@ pub struct State {
     pub slices_by_service: HashMap<ObjectKey, BTreeSet<String>>,
     /// Pod → slices that point at it.
     pub slices_by_pod: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    pub http_routes: HashMap<ObjectKey, Arc<Route>>,
+    pub grpc_routes: HashMap<ObjectKey, Arc<Route>>,
+    pub policies: HashMap<ObjectKey, Arc<Policy>>,
+    /// Service → the routes (kind, key) that name it as a parent.
+    pub routes_by_parent: HashMap<ObjectKey, BTreeSet<(Kind, ObjectKey)>>,
+    /// Service → the BackendPolicies that target it.
+    pub policies_by_target: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
 }
 
 impl State {
@@ -64,6 +77,18 @@ impl State {
             Kind::EndpointSlice => self.slices.len(),
             Kind::Pod => self.pods.len(),
             Kind::Namespace => self.namespaces.len(),
+            Kind::HttpRoute => self.http_routes.len(),
+            Kind::GrpcRoute => self.grpc_routes.len(),
+            Kind::BackendPolicy => self.policies.len(),
+        }
+    }
+
+    /// A route by kind and key.
+    pub fn route(&self, kind: Kind, key: &ObjectKey) -> Option<&Arc<Route>> {
+        match kind {
+            Kind::HttpRoute => self.http_routes.get(key),
+            Kind::GrpcRoute => self.grpc_routes.get(key),
+            _ => None,
         }
     }
 
@@ -73,6 +98,9 @@ impl State {
             Kind::EndpointSlice => self.slices.contains_key(key),
             Kind::Pod => self.pods.contains_key(key),
             Kind::Namespace => self.namespaces.contains_key(&key.name),
+            Kind::HttpRoute => self.http_routes.contains_key(key),
+            Kind::GrpcRoute => self.grpc_routes.contains_key(key),
+            Kind::BackendPolicy => self.policies.contains_key(key),
         }
     }
 
@@ -86,6 +114,9 @@ impl State {
                 .keys()
                 .map(|n| ObjectKey::new("", n.clone()))
                 .collect(),
+            Kind::HttpRoute => self.http_routes.keys().cloned().collect(),
+            Kind::GrpcRoute => self.grpc_routes.keys().cloned().collect(),
+            Kind::BackendPolicy => self.policies.keys().cloned().collect(),
         }
     }
 
@@ -111,7 +142,91 @@ impl State {
             Change::Delete(Kind::EndpointSlice, key) => self.put_slice(key, None, topics),
             Change::Delete(Kind::Pod, key) => self.put_pod(key, None, topics),
             Change::Delete(Kind::Namespace, key) => self.namespaces.remove(&key.name).is_some(),
+            Change::Upsert(Object::Route(r)) => {
+                self.put_route(r.kind(), r.meta.key.clone(), Some(*r), topics)
+            }
+            Change::Delete(kind @ (Kind::HttpRoute | Kind::GrpcRoute), key) => {
+                self.put_route(kind, key, None, topics)
+            }
+            Change::Upsert(Object::BackendPolicy(p)) => {
+                self.put_policy(p.meta.key.clone(), Some(*p), topics)
+            }
+            Change::Delete(Kind::BackendPolicy, key) => self.put_policy(key, None, topics),
         }
+    }
+
+    fn put_route(
+        &mut self,
+        kind: Kind,
+        key: ObjectKey,
+        new: Option<Route>,
+        topics: &mut HashSet<Topic>,
+    ) -> bool {
+        let map = match kind {
+            Kind::HttpRoute => &mut self.http_routes,
+            _ => &mut self.grpc_routes,
+        };
+        let old = map.get(&key).cloned();
+        if old.as_deref() == new.as_ref() {
+            return false;
+        }
+        let entry = (kind, key.clone());
+        if let Some(old) = &old {
+            for parent in old.parent_services() {
+                topics.insert(Topic::Policy(parent.clone()));
+                remove_from(&mut self.routes_by_parent, &parent, &entry);
+            }
+        }
+        match new {
+            Some(new) => {
+                for parent in new.parent_services() {
+                    topics.insert(Topic::Policy(parent.clone()));
+                    self.routes_by_parent
+                        .entry(parent)
+                        .or_default()
+                        .insert(entry.clone());
+                }
+                map.insert(key, Arc::new(new));
+            }
+            None => {
+                map.remove(&key);
+            }
+        }
+        true
+    }
+
+    fn put_policy(
+        &mut self,
+        key: ObjectKey,
+        new: Option<Policy>,
+        topics: &mut HashSet<Topic>,
+    ) -> bool {
+        let old = self.policies.get(&key).cloned();
+        if old.as_deref() == new.as_ref() {
+            return false;
+        }
+        if let Some(old) = &old {
+            for target in old.target_services() {
+                topics.insert(Topic::Policy(target.clone()));
+                remove_from(&mut self.policies_by_target, &target, &key);
+            }
+        }
+        match new {
+            Some(new) => {
+                for target in new.target_services() {
+                    topics.insert(Topic::Policy(target.clone()));
+                    self.policies_by_target
+                        .entry(target)
+                        .or_default()
+                        .insert(key.clone());
+                }
+                self.policies.insert(key, Arc::new(new));
+            }
+            None => {
+                self.policies.remove(&key);
+            }
+        }
+        true
     }
 
     fn put_service(

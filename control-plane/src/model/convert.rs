@@ -9,10 +9,13 @@ use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::gateway::{GrpcRoute, HttpRoute};
+use super::policy::BackendPolicy;
 use super::{
-    labels_of, parse_inject, AddressType, ContainerPort, EndpointSlice, Kind, Namespace, ObjectKey,
-    Pod, PortSet, Service, ServicePort, SliceEndpoint, SlicePort, TargetPort, INJECT_ANNOTATION,
-    OPAQUE_PORTS_ANNOTATION, PROXY_CONTAINER, SERVICE_NAME_LABEL,
+    labels_of, parse_inject, AddressType, ContainerPort, EndpointSlice, Kind, Meta, Namespace,
+    ObjectKey, Pod, Policy, PortSet, Route, RouteSpec, Service, ServicePort, SliceEndpoint,
+    SlicePort, TargetPort, INJECT_ANNOTATION, OPAQUE_PORTS_ANNOTATION, PROXY_CONTAINER,
+    ROUTE_ANNOTATION_PREFIXES, SERVICE_NAME_LABEL,
 };
 
 /// An object the mesh cannot use, naming the object, the field and the
@@ -292,6 +295,56 @@ pub fn namespace(ns: &core::Namespace) -> Result<Namespace, ConvertError> {
         name: key.name,
         labels: labels_of(ns.metadata.labels.as_ref()),
         inject,
+    })
+}
+
+fn meta(kind: Kind, m: &ObjectMeta, default_namespace: &str) -> Result<Meta, ConvertError> {
+    Ok(Meta {
+        key: key_of(kind, m, default_namespace)?,
+        generation: m.generation,
+        created: m.creation_timestamp.clone(),
+    })
+}
+
+fn route_annotations(m: &ObjectMeta) -> std::collections::BTreeMap<String, String> {
+    m.annotations
+        .iter()
+        .flatten()
+        .filter(|(k, _)| ROUTE_ANNOTATION_PREFIXES.iter().any(|p| k.starts_with(p)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// An HTTPRoute. Its rules are checked when it is compiled into a policy
+/// (an invalid rule makes the route not Accepted; it never fails the load).
+pub fn http_route(route: &HttpRoute, default_namespace: &str) -> Result<Route, ConvertError> {
+    Ok(Route {
+        meta: meta(Kind::HttpRoute, &route.metadata, default_namespace)?,
+        annotations: route_annotations(&route.metadata),
+        spec: RouteSpec::Http(route.spec.clone()),
+        status: route.status.clone(),
+    })
+}
+
+/// A GRPCRoute (see [`http_route`]).
+pub fn grpc_route(route: &GrpcRoute, default_namespace: &str) -> Result<Route, ConvertError> {
+    Ok(Route {
+        meta: meta(Kind::GrpcRoute, &route.metadata, default_namespace)?,
+        annotations: route_annotations(&route.metadata),
+        spec: RouteSpec::Grpc(route.spec.clone()),
+        status: route.status.clone(),
+    })
+}
+
+/// A BackendPolicy (its fields are checked when it is applied).
+pub fn backend_policy(
+    policy: &BackendPolicy,
+    default_namespace: &str,
+) -> Result<Policy, ConvertError> {
+    Ok(Policy {
+        meta: meta(Kind::BackendPolicy, &policy.metadata, default_namespace)?,
+        spec: policy.spec.clone(),
+        status: policy.status.clone(),
     })
 }
 

@@ -4,11 +4,16 @@
 //!
 //! These types keep only what the mesh needs from the API objects; they are
 //! built from `k8s-openapi` objects by [`convert`], the same way for the
-//! Kubernetes source and the directory source.
+//! Kubernetes source and the directory source. Routes and policies keep
+//! their API spec as is ([`gateway`], [`policy`]): the compilation into a
+//! proxy's policy (`index::outbound`) reads them whole.
 
 pub mod convert;
+pub mod duration;
+pub mod gateway;
 pub mod labels;
 pub mod names;
+pub mod policy;
 pub mod ports;
 
 use std::collections::BTreeMap;
@@ -61,14 +66,20 @@ pub enum Kind {
     EndpointSlice,
     Pod,
     Namespace,
+    HttpRoute,
+    GrpcRoute,
+    BackendPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
         Kind::Namespace,
+        Kind::HttpRoute,
+        Kind::GrpcRoute,
+        Kind::BackendPolicy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -77,6 +88,9 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
+            Kind::BackendPolicy => "BackendPolicy",
         }
     }
 }
@@ -202,13 +216,99 @@ pub struct Namespace {
     pub inject: Option<bool>,
 }
 
-/// Any object the index holds.
+/// Annotation prefixes a route may carry for what its kind cannot say
+/// (GRPCRoute has no `retry` or `timeouts`): see `index::outbound`.
+pub const ROUTE_ANNOTATION_PREFIXES: [&str; 2] = ["retry.weft.dev/", "timeout.weft.dev/"];
+
+/// What the API object's metadata says that route and policy precedence
+/// and status need.
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Meta {
+    pub key: ObjectKey,
+    /// `metadata.generation` (status' `observedGeneration`).
+    pub generation: Option<i64>,
+    /// `metadata.creationTimestamp`: older routes win ties. Unset (a
+    /// hand-written manifest) sorts after every set one.
+    pub created: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+}
+
+/// An HTTPRoute or a GRPCRoute.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub meta: Meta,
+    /// Only the `retry.weft.dev/*` and `timeout.weft.dev/*` annotations.
+    pub annotations: BTreeMap<String, String>,
+    pub spec: RouteSpec,
+    pub status: Option<gateway::RouteStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteSpec {
+    Http(gateway::HttpRouteSpec),
+    Grpc(gateway::GrpcRouteSpec),
+}
+
+impl Route {
+    pub fn kind(&self) -> Kind {
+        match self.spec {
+            RouteSpec::Http(_) => Kind::HttpRoute,
+            RouteSpec::Grpc(_) => Kind::GrpcRoute,
+        }
+    }
+
+    pub fn parent_refs(&self) -> &[gateway::ParentReference] {
+        match &self.spec {
+            RouteSpec::Http(s) => &s.parent_refs,
+            RouteSpec::Grpc(s) => &s.parent_refs,
+        }
+    }
+
+    /// The Services this route names as parents (namespace defaulted).
+    pub fn parent_services(&self) -> impl Iterator<Item = ObjectKey> + '_ {
+        self.parent_refs()
+            .iter()
+            .filter(|p| p.is_service())
+            .map(|p| {
+                ObjectKey::new(
+                    p.namespace
+                        .clone()
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| self.meta.key.namespace.clone()),
+                    p.name.clone(),
+                )
+            })
+    }
+}
+
+/// A BackendPolicy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    pub meta: Meta,
+    pub spec: policy::BackendPolicySpec,
+    pub status: Option<policy::BackendPolicyStatus>,
+}
+
+impl Policy {
+    /// The Services the policy targets (its own namespace).
+    pub fn target_services(&self) -> impl Iterator<Item = ObjectKey> + '_ {
+        self.spec
+            .target_refs
+            .iter()
+            .filter(|t| matches!(t.group.as_str(), "" | "core") && t.kind == "Service")
+            .map(|t| ObjectKey::new(self.meta.key.namespace.clone(), t.name.clone()))
+    }
+}
+
+/// Any object the index holds.
+#[derive(Clone, Debug, PartialEq)]
 pub enum Object {
     Service(Service),
     EndpointSlice(EndpointSlice),
     Pod(Pod),
     Namespace(Namespace),
+    /// Boxed: a route is much larger than the other objects.
+    Route(Box<Route>),
+    BackendPolicy(Box<Policy>),
 }
 
 impl Object {
@@ -218,6 +318,8 @@ impl Object {
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::Pod(_) => Kind::Pod,
             Object::Namespace(_) => Kind::Namespace,
+            Object::Route(r) => r.kind(),
+            Object::BackendPolicy(_) => Kind::BackendPolicy,
         }
     }
 
@@ -227,6 +329,8 @@ impl Object {
             Object::EndpointSlice(s) => s.key.clone(),
             Object::Pod(p) => p.key.clone(),
             Object::Namespace(n) => ObjectKey::new("", n.name.clone()),
+            Object::Route(r) => r.meta.key.clone(),
+            Object::BackendPolicy(p) => p.meta.key.clone(),
         }
     }
 }

@@ -12,8 +12,16 @@
 //! A file that fails to parse is reported as `path:line: message` (log at
 //! warn, `weft_controller_manifest_errors_total`), and the objects from its
 //! last good version stay in the index. Deleting a file removes its
-//! objects. Kinds other than Service, EndpointSlice, Pod and Namespace are
-//! ignored with a debug log. Objects without a namespace are in `default`.
+//! objects. Routes and policies are more forgiving, because one bad route
+//! must not freeze a file of many: an HTTPRoute, GRPCRoute or BackendPolicy
+//! document that does not decode is reported once (`path:line: document N:
+//! KIND ns/name: message`, same metric) and skipped, and the rest of the
+//! file loads. One that decodes but cannot be used (a bad regex, an
+//! unsupported filter) loads, and the compilation marks it not Accepted
+//! (see [`crate::status`]). Kinds other than Service, EndpointSlice, Pod,
+//! Namespace, HTTPRoute, GRPCRoute (`gateway.networking.k8s.io/v1`;
+//! HTTPRoute also `v1beta1`) and BackendPolicy
+//! (`policy.weft.dev/v1alpha1`) are ignored with a debug log. Objects without a namespace are in `default`.
 //! When two files define the same object, the file later in path order
 //! wins (logged).
 
@@ -52,9 +60,27 @@ pub struct ManifestError {
 }
 
 /// Parses the objects of one manifest file. Pure, so the webhook and CLI
-/// can validate manifests the same way.
+/// can validate manifests the same way. Route and policy documents that do
+/// not decode are skipped here; [`load_manifests`] returns them.
 pub fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError> {
+    load_manifests(path, text).map(|l| l.objects)
+}
+
+/// What one manifest file yields.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub objects: Vec<Object>,
+    /// Route and policy documents that did not decode (each names the
+    /// object), skipped without failing the file.
+    pub skipped: Vec<ManifestError>,
+}
+
+/// Parses one manifest file: its objects, and the route and policy
+/// documents that were skipped. An error in any other kind fails the
+/// whole file.
+pub fn load_manifests(path: &Path, text: &str) -> Result<Loaded, ManifestError> {
     let mut objects = Vec::new();
+    let mut skipped = Vec::new();
     for (doc_index, (start_line, doc)) in split_documents(text).into_iter().enumerate() {
         let err = |line: usize, message: String| ManifestError {
             path: path.to_path_buf(),
@@ -90,6 +116,43 @@ pub fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Object>, ManifestE
             ("v1", "Namespace") => typed(&doc, start_line, &err, |n| {
                 convert::namespace(n).map(Object::Namespace)
             })?,
+            ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute")
+            | ("gateway.networking.k8s.io/v1", "GRPCRoute")
+            | ("policy.weft.dev/v1alpha1", "BackendPolicy") => {
+                let name = |field: &str| {
+                    value
+                        .get("metadata")
+                        .and_then(|m| m.get(field))
+                        .and_then(|v| v.as_str())
+                        .map(str::to_string)
+                };
+                let object = format!(
+                    "{kind} {}/{}",
+                    name("namespace").unwrap_or_else(|| "default".into()),
+                    name("name").unwrap_or_else(|| "<unnamed>".into())
+                );
+                let named =
+                    |line: usize, message: String| err(line, format!("{object}: {message}"));
+                let parsed = match kind.as_str() {
+                    "HTTPRoute" => typed(&doc, start_line, &named, |r| {
+                        convert::http_route(r, "default").map(|r| Object::Route(Box::new(r)))
+                    }),
+                    "GRPCRoute" => typed(&doc, start_line, &named, |r| {
+                        convert::grpc_route(r, "default").map(|r| Object::Route(Box::new(r)))
+                    }),
+                    _ => typed(&doc, start_line, &named, |p| {
+                        convert::backend_policy(p, "default")
+                            .map(|p| Object::BackendPolicy(Box::new(p)))
+                    }),
+                };
+                match parsed {
+                    Ok(o) => o,
+                    Err(e) => {
+                        skipped.push(e);
+                        continue;
+                    }
+                }
+            }
             _ => {
                 tracing::debug!(path = %path.display(), line = start_line, %api_version, %kind, "ignoring kind the controller does not index");
                 continue;
@@ -97,7 +160,7 @@ pub fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Object>, ManifestE
         };
         objects.push(object);
     }
-    Ok(objects)
+    Ok(Loaded { objects, skipped })
 }
 
 fn typed<T: DeserializeOwned>(
@@ -206,7 +269,7 @@ impl DirSource {
                 continue;
             }
             let parsed = match std::str::from_utf8(&text) {
-                Ok(text) => parse_manifests(&path, text),
+                Ok(text) => load_manifests(&path, text),
                 Err(e) => Err(ManifestError {
                     path: path.clone(),
                     line: 1 + text[..e.valid_up_to()]
@@ -217,8 +280,12 @@ impl DirSource {
                 }),
             };
             match parsed {
-                Ok(objects) => {
-                    tracing::info!(path = %path.display(), objects = objects.len(), "loaded manifests");
+                Ok(Loaded { objects, skipped }) => {
+                    for error in &skipped {
+                        tracing::warn!(%error, "object skipped; the rest of the file is loaded");
+                        self.metrics.manifest_errors.inc();
+                    }
+                    tracing::info!(path = %path.display(), objects = objects.len(), skipped = skipped.len(), "loaded manifests");
                     self.files.insert(
                         path,
                         FileState {
@@ -374,6 +441,30 @@ mod tests {
         let objects = parse_manifests(Path::new("x.yaml"), text).expect("parses");
         assert_eq!(objects.len(), 1);
         assert_eq!(objects[0].kind(), Kind::Namespace);
+    }
+
+    #[test]
+    fn bad_route_is_skipped_and_named_the_rest_loads() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
+apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: bad, namespace: shop}\nspec:\n  rules: nope\n---\n\
+apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: good, namespace: shop}\nspec:\n  parentRefs: [{group: '', kind: Service, name: web}]\n---\n\
+apiVersion: policy.weft.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{group: '', kind: Service, name: web}]\n";
+        let loaded = load_manifests(Path::new("m/routes.yaml"), text).expect("file loads");
+        let kinds: Vec<Kind> = loaded.objects.iter().map(Object::kind).collect();
+        assert_eq!(
+            kinds,
+            [Kind::Namespace, Kind::GrpcRoute, Kind::BackendPolicy]
+        );
+        assert_eq!(loaded.skipped.len(), 1);
+        let e = loaded.skipped[0].to_string();
+        assert!(
+            e.starts_with("m/routes.yaml:9: document 2: HTTPRoute shop/bad: "),
+            "{e}"
+        );
+        assert_eq!(
+            loaded.objects[2].key(),
+            crate::model::ObjectKey::new("default", "p")
+        );
     }
 
     proptest! {

@@ -1,5 +1,6 @@
 //! The Kubernetes source: one kube-rs `watcher` per kind (Services,
-//! EndpointSlices, Pods, Namespaces; all namespaces) feeding the index.
+//! EndpointSlices, Pods, Namespaces, HTTPRoutes, GRPCRoutes,
+//! BackendPolicies; all namespaces) feeding the index.
 //!
 //! Re-list semantics: on `Init` the objects of a kind are buffered until
 //! `InitDone`, then [`Index::reset`] replaces that kind in one batch, so an
@@ -7,11 +8,15 @@
 //! removed, and readers never see a half-listed kind. `Apply`/`Delete`
 //! events apply one by one. Watch errors are logged, counted, and retried
 //! with kube-rs's default backoff. The source is ready once every kind has
-//! completed its first list.
+//! completed its first list. A kind whose CRD is not installed (the first
+//! list answers 404: no Gateway API or no Weft CRDs in the cluster) counts
+//! as listed and empty, with a warning, so the mesh still runs without
+//! routes; the watcher keeps retrying and picks the kind up once the CRD
+//! is installed.
 //!
-//! RBAC: get/list/watch on services, pods, namespaces (core) and
-//! endpointslices (discovery.k8s.io): [`WATCHED_RESOURCES`], granted by
-//! `charts/weft/templates/controller-rbac.yaml`.
+//! RBAC: get/list/watch on [`WATCHED_RESOURCES`], and update/patch on the
+//! status of [`STATUS_RESOURCES`] (written by [`crate::status`]), granted
+//! by `charts/weft/templates/controller-rbac.yaml`.
 
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,6 +33,8 @@ use serde::de::DeserializeOwned;
 use super::Readiness;
 use crate::index::{Change, Index};
 use crate::metrics::{KindLabels, Metrics};
+use crate::model::gateway::{GrpcRoute, HttpRoute};
+use crate::model::policy::BackendPolicy;
 use crate::model::{convert, Kind, Object, ObjectKey};
 
 /// The (API group, resource) pairs the source lists and watches, for RBAC:
@@ -38,6 +45,16 @@ pub const WATCHED_RESOURCES: &[(&str, &str)] = &[
     ("discovery.k8s.io", "endpointslices"),
     ("", "pods"),
     ("", "namespaces"),
+    ("gateway.networking.k8s.io", "httproutes"),
+    ("gateway.networking.k8s.io", "grpcroutes"),
+    ("policy.weft.dev", "backendpolicies"),
+];
+
+/// The status subresources the controller writes (verbs update, patch).
+pub const STATUS_RESOURCES: &[(&str, &str)] = &[
+    ("gateway.networking.k8s.io", "httproutes/status"),
+    ("gateway.networking.k8s.io", "grpcroutes/status"),
+    ("policy.weft.dev", "backendpolicies/status"),
 ];
 
 /// Watches every kind until the process ends.
@@ -62,8 +79,26 @@ pub async fn run(client: Client, index: Index, metrics: Metrics, readiness: Read
         watch_kind::<core::Pod>(Api::all(client.clone()), Kind::Pod, ctx.clone(), |p| {
             convert::pod(p, "default").map(Object::Pod)
         }),
-        watch_kind::<core::Namespace>(Api::all(client), Kind::Namespace, ctx, |n| {
-            convert::namespace(n).map(Object::Namespace)
+        watch_kind::<core::Namespace>(
+            Api::all(client.clone()),
+            Kind::Namespace,
+            ctx.clone(),
+            |n| { convert::namespace(n).map(Object::Namespace) }
+        ),
+        watch_kind::<HttpRoute>(
+            Api::all(client.clone()),
+            Kind::HttpRoute,
+            ctx.clone(),
+            |r| { convert::http_route(r, "default").map(|r| Object::Route(Box::new(r))) }
+        ),
+        watch_kind::<GrpcRoute>(
+            Api::all(client.clone()),
+            Kind::GrpcRoute,
+            ctx.clone(),
+            |r| { convert::grpc_route(r, "default").map(|r| Object::Route(Box::new(r))) }
+        ),
+        watch_kind::<BackendPolicy>(Api::all(client), Kind::BackendPolicy, ctx, |p| {
+            convert::backend_policy(p, "default").map(|p| Object::BackendPolicy(Box::new(p)))
         }),
     );
 }
@@ -98,6 +133,15 @@ async fn watch_kind<K>(
         .boxed();
     let mut buffer: Vec<Object> = Vec::new();
     let mut first_sync = true;
+    let mark_synced = |first_sync: &mut bool| {
+        if *first_sync {
+            *first_sync = false;
+            if ctx.synced.fetch_add(1, Ordering::AcqRel) + 1 == Kind::ALL.len() {
+                tracing::info!("kubernetes source synced; ready");
+                ctx.readiness.set_ready();
+            }
+        }
+    };
     let convert = |obj: &K| match to_model(obj) {
         Ok(o) => Some(o),
         Err(e) => {
@@ -120,13 +164,7 @@ async fn watch_kind<K>(
                 let applied = ctx.index.reset(kind, std::mem::take(&mut buffer));
                 ctx.metrics.index_changes.inc_by(applied.changed as u64);
                 tracing::info!(%kind, changed = applied.changed, "listed");
-                if first_sync {
-                    first_sync = false;
-                    if ctx.synced.fetch_add(1, Ordering::AcqRel) + 1 == Kind::ALL.len() {
-                        tracing::info!("kubernetes source synced; ready");
-                        ctx.readiness.set_ready();
-                    }
-                }
+                mark_synced(&mut first_sync);
             }
             Ok(Event::Apply(obj)) => {
                 // An object that no longer converts keeps its last good
@@ -139,6 +177,12 @@ async fn watch_kind<K>(
             Ok(Event::Delete(obj)) => {
                 let applied = ctx.index.apply([Change::Delete(kind, key_of(kind, &obj))]);
                 ctx.metrics.index_changes.inc_by(applied.changed as u64);
+            }
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                if first_sync && status.code == 404 =>
+            {
+                tracing::warn!(%kind, "the API server does not serve this kind (is its CRD installed?); treating it as empty and retrying");
+                mark_synced(&mut first_sync);
             }
             Err(e) => {
                 ctx.metrics

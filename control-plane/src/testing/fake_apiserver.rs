@@ -14,6 +14,14 @@
 //!   `Status` with code 410 (reason `Expired`), and the stream ends, which
 //!   makes kube-rs re-list.
 //!
+//! - The same for `gateway.networking.k8s.io/v1` `httproutes` and
+//!   `grpcroutes` and `policy.weft.dev/v1alpha1` `backendpolicies`, whose
+//!   status subresource takes `PATCH` (JSON merge patch) and `PUT` at
+//!   `/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}/status`:
+//!   only `status` changes, the resourceVersion is bumped and watchers get
+//!   `MODIFIED`, as on the real server ([`FakeApiServer::status_writes`]
+//!   counts them, [`FakeApiServer::get`] reads an object back).
+//!
 //! - `POST /apis/authentication.k8s.io/v1/tokenreviews` answers like the
 //!   real server for the tokens registered with
 //!   [`FakeApiServer::add_token`]: authenticated when the token's
@@ -58,14 +66,20 @@ pub enum Resource {
     EndpointSlices,
     Pods,
     Namespaces,
+    HttpRoutes,
+    GrpcRoutes,
+    BackendPolicies,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 4] = [
+    pub const ALL: [Resource; 7] = [
         Resource::Services,
         Resource::EndpointSlices,
         Resource::Pods,
         Resource::Namespaces,
+        Resource::HttpRoutes,
+        Resource::GrpcRoutes,
+        Resource::BackendPolicies,
     ];
 
     fn path(self) -> &'static str {
@@ -74,12 +88,17 @@ impl Resource {
             Resource::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
             Resource::Pods => "/api/v1/pods",
             Resource::Namespaces => "/api/v1/namespaces",
+            Resource::HttpRoutes => "/apis/gateway.networking.k8s.io/v1/httproutes",
+            Resource::GrpcRoutes => "/apis/gateway.networking.k8s.io/v1/grpcroutes",
+            Resource::BackendPolicies => "/apis/policy.weft.dev/v1alpha1/backendpolicies",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
             Resource::EndpointSlices => "discovery.k8s.io/v1",
+            Resource::HttpRoutes | Resource::GrpcRoutes => "gateway.networking.k8s.io/v1",
+            Resource::BackendPolicies => "policy.weft.dev/v1alpha1",
             _ => "v1",
         }
     }
@@ -90,6 +109,21 @@ impl Resource {
             Resource::EndpointSlices => "EndpointSlice",
             Resource::Pods => "Pod",
             Resource::Namespaces => "Namespace",
+            Resource::HttpRoutes => "HTTPRoute",
+            Resource::GrpcRoutes => "GRPCRoute",
+            Resource::BackendPolicies => "BackendPolicy",
+        }
+    }
+
+    /// `(api prefix, plural)` of a namespaced custom resource with a
+    /// status subresource.
+    fn status_parts(self) -> Option<(&'static str, &'static str)> {
+        let path = self.path();
+        match self {
+            Resource::HttpRoutes | Resource::GrpcRoutes | Resource::BackendPolicies => {
+                path.rsplit_once('/')
+            }
+            _ => None,
         }
     }
 
@@ -124,6 +158,7 @@ struct State {
     tokens: HashMap<String, FakeToken>,
     token_reviews: usize,
     fail_token_reviews: bool,
+    status_writes: HashMap<Resource, usize>,
 }
 
 impl State {
@@ -351,6 +386,24 @@ impl FakeApiServer {
         self.lock().fail_token_reviews = fail;
     }
 
+    /// Status writes (PATCH or PUT on `/status`) accepted for a resource.
+    pub fn status_writes(&self, resource: Resource) -> usize {
+        self.lock()
+            .status_writes
+            .get(&resource)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The stored object, as a GET would return it.
+    pub fn get(&self, resource: Resource, namespace: &str, name: &str) -> Option<Value> {
+        self.lock()
+            .objects
+            .get(&resource)
+            .and_then(|m| m.get(&(namespace.to_string(), name.to_string())))
+            .cloned()
+    }
+
     /// Number of list requests served for a resource.
     pub fn lists(&self, resource: Resource) -> usize {
         self.lock().lists.get(&resource).copied().unwrap_or(0)
@@ -408,7 +461,126 @@ async fn route(
         };
         return token_review(state, &body);
     }
+    if matches!(*req.method(), http::Method::PATCH | http::Method::PUT)
+        && req.uri().path().ends_with("/status")
+    {
+        return write_status(state, req).await;
+    }
     handle(state, &req)
+}
+
+fn status_error(code: u16, reason: &str, message: String) -> Response<BoxBody<Bytes, Infallible>> {
+    json_response(
+        StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST),
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": message, "reason": reason, "code": code}),
+    )
+}
+
+/// `PATCH` (merge patch) or `PUT` on `{prefix}/namespaces/{ns}/{plural}/{name}/status`.
+async fn write_status(
+    state: &Mutex<State>,
+    req: Request<Incoming>,
+) -> Response<BoxBody<Bytes, Infallible>> {
+    let path = req.uri().path().to_string();
+    let is_patch = req.method() == http::Method::PATCH;
+    let content_type = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let target = Resource::ALL.into_iter().find_map(|r| {
+        let (prefix, plural) = r.status_parts()?;
+        let rest = path.strip_prefix(prefix)?.strip_prefix("/namespaces/")?;
+        let mut parts = rest.split('/');
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some(ns), Some(p), Some(name), Some("status"), None) if p == plural => {
+                Some((r, ns.to_string(), name.to_string()))
+            }
+            _ => None,
+        }
+    });
+    let Some((resource, namespace, name)) = target else {
+        return status_error(
+            404,
+            "NotFound",
+            format!("the fake API server does not serve {path}"),
+        );
+    };
+    if is_patch && content_type != "application/merge-patch+json" {
+        return status_error(
+            415,
+            "UnsupportedMediaType",
+            format!("the fake API server takes merge patches only, not {content_type:?}"),
+        );
+    }
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return status_error(400, "BadRequest", e.to_string()),
+    };
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return status_error(400, "BadRequest", "body is not JSON".into());
+    };
+    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+    let key = (namespace.clone(), name.clone());
+    let Some(current) = state
+        .objects
+        .get(&resource)
+        .and_then(|m| m.get(&key))
+        .cloned()
+    else {
+        return status_error(
+            404,
+            "NotFound",
+            format!("{} {namespace}/{name} not found", resource.kind()),
+        );
+    };
+    let mut next = current.clone();
+    if is_patch {
+        let mut status = current.get("status").cloned().unwrap_or(Value::Null);
+        if let Some(patch) = body.get("status") {
+            json_patch::merge(&mut status, patch);
+        }
+        next["status"] = status;
+    } else {
+        // PUT: optimistic concurrency on resourceVersion, like the real server.
+        let sent = body["metadata"]["resourceVersion"].as_str().unwrap_or("");
+        if !sent.is_empty()
+            && sent
+                != current["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or("")
+        {
+            return status_error(
+                409,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on {} {name:?}: the object has been modified",
+                    resource.kind()
+                ),
+            );
+        }
+        next["status"] = body.get("status").cloned().unwrap_or(Value::Null);
+    }
+    if next == current {
+        return json_response(StatusCode::OK, current);
+    }
+    *state.status_writes.entry(resource).or_default() += 1;
+    state.put(next, true);
+    let stored = state
+        .objects
+        .get(&resource)
+        .and_then(|m| m.get(&key))
+        .cloned()
+        .unwrap_or(Value::Null);
+    json_response(StatusCode::OK, stored)
 }
 
 fn token_review(state: &Mutex<State>, body: &[u8]) -> Response<BoxBody<Bytes, Infallible>> {

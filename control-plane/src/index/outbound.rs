@@ -1,0 +1,1 @@
+//! Placeholder: the compilation of routes into an outbound policy lands next.
