@@ -138,7 +138,7 @@ impl Inner {
         who: &Authenticated,
         limited: Limited,
     ) -> Refusal {
-        let wait = limited.wait().as_secs_f64();
+        let wait = retry_in(limited.wait());
         let message = match limited {
             Limited::Pod(_) => {
                 let whom = match &who.pod {
@@ -146,16 +146,25 @@ impl Inner {
                     None => "this token (bound to no pod)".to_string(),
                 };
                 format!(
-                    "per-pod rate limit: too many certificates for {whom} of {identity}; retry in {wait:.1} s (--certify-burst {} then one per --certify-refill {:?}; a pod asking this often is likely crash-looping)",
+                    "per-pod rate limit: too many certificates for {whom} of {identity}; retry in {wait} (--certify-burst {} then one per --certify-refill {:?}; a pod asking this often is likely crash-looping)",
                     self.rate.burst, self.rate.refill
                 )
             }
             Limited::Controller(_) => format!(
-                "controller rate limit: this controller is issuing at its ceiling (--certify-max-burst {} then --certify-max-rate {}/s over all pods); retry in {wait:.1} s",
+                "controller rate limit: this controller is issuing at its ceiling (--certify-max-burst {} then --certify-max-rate {}/s over all pods); retry in {wait}",
                 self.ceiling.burst, self.ceiling.rate
             ),
         };
         Refusal::new(RefusalKind::RateLimited, message)
+    }
+}
+
+/// `9.8 s`, or `2 ms` below a second (rounded up, so never "0").
+fn retry_in(wait: Duration) -> String {
+    if wait >= Duration::from_secs(1) {
+        format!("{:.1} s", wait.as_secs_f64())
+    } else {
+        format!("{} ms", (wait.as_secs_f64() * 1000.0).ceil().max(1.0))
     }
 }
 
@@ -195,5 +204,18 @@ impl Identity for IdentityService {
                 Err(refusal.to_status())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_in_never_says_zero() {
+        assert_eq!(retry_in(Duration::from_secs_f64(9.84)), "9.8 s");
+        assert_eq!(retry_in(Duration::from_secs(100)), "100.0 s");
+        assert_eq!(retry_in(Duration::from_micros(1500)), "2 ms");
+        assert_eq!(retry_in(Duration::ZERO), "1 ms");
     }
 }
