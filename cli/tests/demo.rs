@@ -174,8 +174,8 @@ fn assert_mtls(stdout: &str, context: &str) {
     let dir = log_dir(stdout);
     for file in [
         "ca/trust-anchors.pem",
-        "tokens/web.token",
-        "tokens/books.token",
+        "tokens/web-0.token",
+        "tokens/books-0.token",
     ] {
         assert!(
             dir.join(file).is_file(),

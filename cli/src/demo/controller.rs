@@ -74,7 +74,7 @@ pub fn books_manifests(endpoint: SocketAddr) -> String {
 
 /// The controller's development CA (`--dev-ca`, created by the controller when missing:
 /// `trust-anchors.pem`, `issuer.crt`, `issuer.key`, `token-key`) and the ServiceAccount tokens
-/// minted with its token key, one file per ServiceAccount.
+/// minted with its token key, one file per pod (each bound to its pod).
 #[derive(Debug, Clone)]
 pub struct DevCa {
     pub dir: PathBuf,
@@ -95,15 +95,22 @@ impl DevCa {
         self.dir.join("trust-anchors.pem")
     }
 
-    /// Where the token of ServiceAccount `sa` (in the demo namespace) is written.
-    pub fn token_file(&self, sa: &str) -> PathBuf {
-        self.tokens.join(format!("{sa}.token"))
+    /// Where the token of pod `pod` (in the demo namespace) is written.
+    pub fn token_file(&self, pod: &str) -> PathBuf {
+        self.tokens.join(format!("{pod}.token"))
     }
 
-    /// `weft-controller token --dev-ca <dir> --namespace demo --service-account <sa> --out
-    /// <token file>`: what a kubelet-projected token is to a pod in a cluster.
-    pub async fn mint_token(&self, controller_bin: &Path, sa: &str) -> Result<(), DemoError> {
-        let out = self.token_file(sa);
+    /// `weft-controller token --dev-ca <dir> --namespace demo --service-account <sa> --pod <pod>
+    /// --out <token file>`: what a kubelet-projected token is to a pod in a cluster. The token
+    /// names its pod, so the controller rate-limits issuance per pod (as it does in a cluster,
+    /// where TokenReview names the pod of a projected token), not per ServiceAccount.
+    pub async fn mint_token(
+        &self,
+        controller_bin: &Path,
+        sa: &str,
+        pod: &str,
+    ) -> Result<(), DemoError> {
+        let out = self.token_file(pod);
         let failed = |reason: String| DemoError::Token {
             service_account: sa.to_string(),
             path: out.clone(),
@@ -111,12 +118,7 @@ impl DevCa {
         };
         std::fs::create_dir_all(&self.tokens).map_err(|e| failed(e.to_string()))?;
         let done = Command::new(controller_bin)
-            .arg("token")
-            .arg("--dev-ca")
-            .arg(&self.dir)
-            .args(["--namespace", BOOKS_NAMESPACE, "--service-account", sa])
-            .arg("--out")
-            .arg(&out)
+            .args(token_args(&self.dir, sa, pod, &out))
             .stdin(Stdio::null())
             .output()
             .await
@@ -128,6 +130,25 @@ impl DevCa {
             Err(failed(format!("{}: {}", done.status, stderr.trim())))
         }
     }
+}
+
+/// The arguments of `weft-controller token` for pod `pod` of ServiceAccount `sa`.
+fn token_args(ca_dir: &Path, sa: &str, pod: &str, out: &Path) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec!["token".into(), "--dev-ca".into()];
+    args.push(ca_dir.into());
+    for a in [
+        "--namespace",
+        BOOKS_NAMESPACE,
+        "--service-account",
+        sa,
+        "--pod",
+        pod,
+        "--out",
+    ] {
+        args.push(a.into());
+    }
+    args.push(out.into());
+    args
 }
 
 /// The controller's three listeners.
@@ -243,8 +264,35 @@ mod tests {
             Path::new("/tmp/weft-demo-1/ca/trust-anchors.pem")
         );
         assert_eq!(
-            ca.token_file("web"),
-            Path::new("/tmp/weft-demo-1/tokens/web.token")
+            ca.token_file("web-0"),
+            Path::new("/tmp/weft-demo-1/tokens/web-0.token")
+        );
+    }
+
+    #[test]
+    fn tokens_are_bound_to_the_pod() {
+        let args = token_args(
+            Path::new("/tmp/d/ca"),
+            WEB_SERVICE_ACCOUNT,
+            WEB_POD,
+            Path::new("/tmp/d/tokens/web-0.token"),
+        );
+        let args: Vec<&str> = args.iter().filter_map(|a| a.to_str()).collect();
+        assert_eq!(
+            args,
+            [
+                "token",
+                "--dev-ca",
+                "/tmp/d/ca",
+                "--namespace",
+                "demo",
+                "--service-account",
+                "web",
+                "--pod",
+                "web-0",
+                "--out",
+                "/tmp/d/tokens/web-0.token"
+            ]
         );
     }
 }

@@ -18,8 +18,9 @@
 //!
 //! Identities are `spiffe://cluster.local/ns/demo/sa/{web,books}`. Each proxy
 //! proves its ServiceAccount to the controller's identity service with a token
-//! minted by `weft-controller token --dev-ca` into `<log dir>/tokens/`, the
-//! stand-in for a kubelet-projected token, and is ready only once it holds a
+//! minted by `weft-controller token --dev-ca --pod <pod>` into
+//! `<log dir>/tokens/<pod>.token`, the stand-in for a kubelet-projected token
+//! (bound to its pod, so issuance is rate-limited per pod), and is ready only once it holds a
 //! certificate; the CA (`<log dir>/ca`) is created by the controller.
 //!
 //! In a pod, iptables redirects the app's traffic to the proxy and the proxy
@@ -323,7 +324,7 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
         addr: controller_addrs.identity,
         service_account: service_account.into(),
         pod_name: pod_name.into(),
-        token_file: ca.token_file(service_account),
+        token_file: ca.token_file(pod_name),
         trust_anchors: ca.trust_anchors(),
     };
     let specs = [
@@ -374,7 +375,7 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
         // The CA exists once the controller is ready; each proxy needs its token before it
         // starts (it checks the file at start-up).
         for id in specs.iter().filter_map(|s| s.identity.as_ref()) {
-            ca.mint_token(&config.controller_bin, &id.service_account)
+            ca.mint_token(&config.controller_bin, &id.service_account, &id.pod_name)
                 .await?;
         }
         start_proxies(&config, &specs, &log_dir, &stop, &mut proxies).await
