@@ -35,6 +35,7 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod resilience;
+pub mod route;
 pub mod serve;
 pub mod tcp;
 pub mod telemetry;
