@@ -33,7 +33,7 @@ use state::StreamState;
 pub const MAX_RESOLUTIONS: usize = 10_000;
 
 /// First reconnect delay; doubles up to the configured maximum.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(100);
 
 /// One endpoint of a target, as the controller described it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,6 +141,12 @@ impl Resolver {
         &self.inner.config
     }
 
+    /// The Destination client on the resolver's channel, for the other streams of the same
+    /// service (`ClientPolicy`), and the caller context they send.
+    pub(crate) fn client(&self) -> (DestinationClient<Channel>, CallerContext) {
+        (self.inner.client.clone(), self.inner.context.clone())
+    }
+
     /// A receiver of `target`'s resolution, starting its stream if nobody watches it yet.
     /// `None` when [`MAX_RESOLUTIONS`] targets are already resolved.
     pub fn resolve(&self, target: &str) -> Option<watch::Receiver<Resolution>> {
@@ -176,7 +182,7 @@ impl Resolver {
 }
 
 /// Resolves when nobody has held a receiver for `idle`.
-async fn idle(tx: &watch::Sender<Resolution>, idle: Duration) {
+pub(crate) async fn idle<T>(tx: &watch::Sender<T>, idle: Duration) {
     loop {
         tx.closed().await;
         tokio::time::sleep(idle).await;

@@ -20,10 +20,12 @@
 //! conformance cases.
 
 pub mod backend;
+pub mod client;
 pub mod filters;
 pub mod matching;
 pub mod policy;
 
+pub use client::Policies;
 pub use matching::{route, Outcome};
 pub use policy::{compile, Compiled, Policy, PolicyError};
 
