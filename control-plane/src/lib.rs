@@ -8,24 +8,29 @@
 //!        ▼
 //!   index (one in-memory State + per-topic change notification)
 //!        │  resolve(target) → endpoints + topics to watch
+//!        │  outbound_policy(target, caller ns) → OutboundPolicy + topics
 //!        ▼
-//!   grpc  (Destination.Resolve streams: full set, then Add/Remove diffs)
+//!   grpc  (Destination.Resolve streams: full set, then Add/Remove diffs;
+//!          Destination.ClientPolicy streams: the whole policy per change)
 //! ```
 //!
-//! - [`model`]: the typed domain (Service, EndpointSlice, Pod, Namespace) and
-//!   the pure functions other Weft crates reuse: label selectors, named-port
-//!   resolution, port lists, target names.
-//! - [`index`]: the single index and the pure resolution of a target
-//!   against it ([`index::resolve`]).
+//! - [`model`]: the typed domain (Service, EndpointSlice, Pod, Namespace,
+//!   Gateway API HTTPRoute/GRPCRoute, the BackendPolicy CRD) and the pure
+//!   functions other Weft crates reuse: label selectors, named-port
+//!   resolution, port lists, target names, Gateway API durations.
+//! - [`index`]: the single index, the pure resolution of a target against
+//!   it ([`index::resolve`]) and the pure compilation of routes and
+//!   policies into a proxy's outbound policy ([`index::outbound`]).
 //! - [`source`]: what feeds the index — [`source::kube`] (kube-rs watchers, the
 //!   production mode) or [`source::dir`] (a directory of manifests, the local
 //!   mode). The index's change API is the seam: tests drive the kube source
 //!   against a fake API server (`testing` feature) and the dir source
 //!   against a temporary directory.
 //! - [`grpc`]: the gRPC services on the destination port (8086) and the
-//!   identity port (8080): `Destination.Resolve` and `Identity.Certify`
-//!   are implemented; the other methods answer `UNIMPLEMENTED` with a
-//!   message saying so.
+//!   identity port (8080): `Destination.Resolve`,
+//!   `Destination.ClientPolicy` and `Identity.Certify` are implemented;
+//!   `Policy.ServerPolicy` answers `UNIMPLEMENTED` with a message saying
+//!   so.
 //! - [`identity`]: workload certificates — SPIFFE IDs, CSR checks, token
 //!   verification (Kubernetes TokenReview or controller-signed local
 //!   tokens), the issuance limits (per pod, plus a controller-wide

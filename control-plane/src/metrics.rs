@@ -55,6 +55,12 @@ pub struct Metrics {
     pub resolve_streams: Gauge,
     /// Updates sent on Resolve streams, by type.
     pub resolve_updates: Family<UpdateLabels, Counter>,
+    /// Open ClientPolicy streams.
+    pub client_policy_streams: Gauge,
+    /// Policies sent on ClientPolicy streams (the first and each change).
+    pub client_policy_updates: Counter,
+    /// Status writes on routes and BackendPolicies (kube source), by result.
+    pub status_writes: Family<ResultLabels, Counter>,
     /// Objects in the index, by kind.
     pub index_objects: Family<KindLabels, Gauge>,
     /// Objects added, changed or deleted in the index by the source.
@@ -104,6 +110,21 @@ impl Metrics {
             "resolve_updates",
             "Updates sent on Resolve streams",
             m.resolve_updates.clone(),
+        );
+        registry.register(
+            "client_policy_streams",
+            "Open Destination.ClientPolicy streams",
+            m.client_policy_streams.clone(),
+        );
+        registry.register(
+            "client_policy_updates",
+            "Policies sent on ClientPolicy streams (the first, then one per change)",
+            m.client_policy_updates.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "Status writes on HTTPRoutes, GRPCRoutes and BackendPolicies, by result (ok, failed)",
+            m.status_writes.clone(),
         );
         registry.register(
             "index_objects",
@@ -164,6 +185,9 @@ impl Metrics {
             registry: Arc::new(registry),
             resolve_streams: m.resolve_streams,
             resolve_updates: m.resolve_updates,
+            client_policy_streams: m.client_policy_streams,
+            client_policy_updates: m.client_policy_updates,
+            status_writes: m.status_writes,
             index_objects: m.index_objects,
             index_changes: m.index_changes,
             manifest_errors: m.manifest_errors,
@@ -201,6 +225,9 @@ impl Metrics {
 struct MetricsBuilder {
     resolve_streams: Gauge,
     resolve_updates: Family<UpdateLabels, Counter>,
+    client_policy_streams: Gauge,
+    client_policy_updates: Counter,
+    status_writes: Family<ResultLabels, Counter>,
     index_objects: Family<KindLabels, Gauge>,
     index_changes: Counter,
     manifest_errors: Counter,

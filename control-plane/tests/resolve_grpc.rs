@@ -230,13 +230,13 @@ async fn bad_requests_and_unimplemented_methods_say_why() {
 
     let err = client
         .client_policy(ClientPolicyRequest {
-            target: "web:80".into(),
+            target: "web".into(),
             context: None,
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unimplemented);
-    assert!(err.message().contains("ClientPolicy"), "{}", err.message());
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("has no port"), "{}", err.message());
 
     let mut identity = IdentityClient::connect(format!("http://{}", controller.identity_addr))
         .await

@@ -14,6 +14,18 @@
 //!   `NoEndpoints` when the set becomes empty or the target disappears.
 //!   Adds are sent before removes so a client never drops to zero
 //!   endpoints in the middle of a replacement.
+//!
+//! `Destination.ClientPolicy`: the target resolves as for Resolve (names in
+//! the caller's namespace, a ClusterIP:port is its service, a pod IP or an
+//! unknown name gets a policy without `service`); the policy is compiled
+//! by [`crate::index::outbound`]. Each stream has one task: it sends the
+//! whole policy first, then waits for a change of any index topic the
+//! policy depends on (the service, its routes and BackendPolicies, each
+//! backend service and its policies), recompiles, and sends the whole
+//! policy again only when it differs from what that stream was last sent.
+//! Unlike Resolve, streams do not share a compiler task: a policy depends
+//! on the caller's namespace (consumer routes), and compiling one is
+//! cheap next to the change that triggers it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -30,6 +42,7 @@ use weft_proto::destination::{
     RemoveEndpoints, ResolveRequest, TlsIdentity, Update,
 };
 
+use crate::index::outbound::OutboundConfig;
 use crate::index::resolve::Hint;
 use crate::index::{self, EndpointInfo, Index, Resolution, ResolveConfig};
 use crate::metrics::{Metrics, UpdateLabels};
@@ -114,11 +127,11 @@ impl DestinationService {
     }
 }
 
-/// The stream handed to tonic: updates produced by the stream's task.
-pub struct UpdateStream(mpsc::Receiver<Result<Update, Status>>);
+/// The stream handed to tonic: messages produced by the stream's task.
+pub struct UpdateStream<T = Update>(mpsc::Receiver<Result<T, Status>>);
 
-impl Stream for UpdateStream {
-    type Item = Result<Update, Status>;
+impl<T> Stream for UpdateStream<T> {
+    type Item = Result<T, Status>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.0.poll_recv(cx)
     }
@@ -174,11 +187,43 @@ impl Destination for DestinationService {
 
     async fn client_policy(
         &self,
-        _req: Request<ClientPolicyRequest>,
+        request: Request<ClientPolicyRequest>,
     ) -> Result<Response<Self::ClientPolicyStream>, Status> {
-        Err(Status::unimplemented(
-            "weft-controller does not serve Destination.ClientPolicy yet; proxies use the default outbound policy",
-        ))
+        let req = request.into_inner();
+        let caller_ns = req
+            .context
+            .as_ref()
+            .map(|c| c.namespace.clone())
+            .unwrap_or_default();
+        let target = parse_target(&req.target, &caller_ns, &self.config.cluster_domain)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::debug!(target = %req.target, ?target, caller = ?req.context, "client policy");
+        let (tx, rx) = mpsc::channel::<Result<OutboundPolicy, Status>>(4);
+        let index = self.index.clone();
+        let config = OutboundConfig {
+            cluster_domain: self.config.cluster_domain.clone(),
+        };
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            metrics.client_policy_streams.inc();
+            let mut last: Option<OutboundPolicy> = None;
+            loop {
+                let (policy, mut topics) = index.outbound_policy(&target, &caller_ns, &config);
+                if last.as_ref() != Some(&policy) {
+                    metrics.client_policy_updates.inc();
+                    if tx.send(Ok(policy.clone())).await.is_err() {
+                        break;
+                    }
+                    last = Some(policy);
+                }
+                tokio::select! {
+                    alive = index::changed(&mut topics) => if !alive { break },
+                    () = tx.closed() => break,
+                }
+            }
+            metrics.client_policy_streams.dec();
+        });
+        Ok(Response::new(Box::pin(UpdateStream(rx))))
     }
 }
 

@@ -1,8 +1,8 @@
-//! The gRPC services proxies talk to. `Destination.Resolve` reads the
-//! index; `Identity.Certify` signs workload certificates ([`identity`]);
-//! the rest of the API (`Destination.ClientPolicy`, `Policy.ServerPolicy`)
-//! is defined in weft-proto and answers `UNIMPLEMENTED` here until the
-//! issues that implement it land.
+//! The gRPC services proxies talk to. `Destination.Resolve` and
+//! `Destination.ClientPolicy` read the index ([`destination`]);
+//! `Identity.Certify` signs workload certificates ([`identity`]);
+//! `Policy.ServerPolicy` is defined in weft-proto and answers
+//! `UNIMPLEMENTED` here until the issue that implements it lands.
 
 pub mod destination;
 pub mod identity;

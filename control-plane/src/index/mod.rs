@@ -506,6 +506,27 @@ impl Index {
         (resolution, receivers)
     }
 
+    /// The outbound policy of `target` for a client in `caller_ns`, and
+    /// receivers for everything it depends on, atomically with respect to
+    /// writers (like [`Index::resolve`]).
+    pub fn outbound_policy(
+        &self,
+        target: &crate::model::names::Target,
+        caller_ns: &str,
+        config: &outbound::OutboundConfig,
+    ) -> (
+        weft_proto::destination::OutboundPolicy,
+        Vec<watch::Receiver<u64>>,
+    ) {
+        let state = self.read();
+        let (policy, mut topics) = outbound::outbound_policy(&state, target, caller_ns, config);
+        let mut seen = HashSet::new();
+        topics.retain(|t| seen.insert(t.clone()));
+        let receivers = self.subscribe(&topics);
+        drop(state);
+        (policy, receivers)
+    }
+
     /// Object counts by kind.
     pub fn counts(&self) -> BTreeMap<Kind, usize> {
         let state = self.read();
