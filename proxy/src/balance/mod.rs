@@ -149,6 +149,11 @@ pub struct Member {
     rtt: Mutex<PeakEwma>,
     /// When a pick last chose this endpoint ([`since_epoch`]), for probing starved endpoints.
     last_pick: AtomicU64,
+    /// How long without a pick before the next probe: [`PROBE_AFTER`], doubled by every probe
+    /// up to [`PROBE_AFTER_MAX`], and back to [`PROBE_AFTER`] once p2c chooses the endpoint on
+    /// its own. A briefly slow endpoint is back after one probe; one that stays slow costs a
+    /// probe every few seconds, not two a second.
+    probe_after: AtomicU64,
     /// The last attempt on this endpoint failed; cleared by the next answer. Such an endpoint
     /// is not probed: it waits for its raised estimate to decay.
     failed: AtomicBool,
@@ -168,6 +173,8 @@ fn since_epoch(now: Instant) -> u64 {
 /// An endpoint no pick chose for this long is picked once (when idle) to measure it again:
 /// one slow answer must not keep it out of rotation until its estimate decays.
 pub const PROBE_AFTER: Duration = p2c::STALE_AFTER;
+/// The longest wait between probes of an endpoint that stays slow.
+pub const PROBE_AFTER_MAX: Duration = Duration::from_secs(8);
 
 impl std::fmt::Debug for Member {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -230,7 +237,7 @@ impl Member {
         self.in_flight.load(Ordering::Relaxed) == 0
             && !self.failed.load(Ordering::Relaxed)
             && now_ns.saturating_sub(self.last_pick.load(Ordering::Relaxed))
-                >= PROBE_AFTER.as_nanos() as u64
+                >= self.probe_after.load(Ordering::Relaxed)
     }
 
     /// The pool for a request; `h1`: the request must go over HTTP/1.1 (an upgrade), which a
@@ -438,8 +445,15 @@ impl Balancer {
                             && !m[c].is_ejected(now_ns)
                             && m[c].wants_probe(now_ns)
                         {
+                            let next = (m[c].probe_after.load(Ordering::Relaxed) * 2)
+                                .min(PROBE_AFTER_MAX.as_nanos() as u64);
+                            m[c].probe_after.store(next, Ordering::Relaxed);
                             c
                         } else {
+                            let base = PROBE_AFTER.as_nanos() as u64;
+                            if m[i].probe_after.load(Ordering::Relaxed) != base {
+                                m[i].probe_after.store(base, Ordering::Relaxed);
+                            }
                             i
                         };
                         m[i].last_pick.store(now_ns, Ordering::Relaxed);
@@ -646,6 +660,7 @@ impl Balancer {
                 now,
             )),
             last_pick: AtomicU64::new(since_epoch(now)),
+            probe_after: AtomicU64::new(PROBE_AFTER.as_nanos() as u64),
             failed: AtomicBool::new(false),
             breaker: Mutex::new(Breaker::default()),
             ejected_until: AtomicU64::new(0),
