@@ -37,6 +37,9 @@
 //!   ceiling), and the CA behind the
 //!   [`identity::ca::CertificateAuthority`] seam (issuer files reloaded on
 //!   change, or a development CA).
+//! - [`status`]: route and BackendPolicy status (`Accepted`,
+//!   `ResolvedRefs`) written through the status subresource in kube mode,
+//!   logged with the file in directory mode.
 //! - [`admin`]: `/metrics`, `/ready`, `/live` on port 9990.
 //! - [`runtime`]: wires a source, the index and the servers together; the
 //!   binary is a thin clap wrapper around it.
@@ -49,5 +52,6 @@ pub mod metrics;
 pub mod model;
 pub mod runtime;
 pub mod source;
+pub mod status;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -161,10 +161,15 @@ impl Controller {
             }
             (None, Some(client)) => {
                 tasks.push(tokio::spawn(crate::source::kube::run(
-                    client,
+                    client.clone(),
                     index.clone(),
                     metrics.clone(),
                     readiness.clone(),
+                )));
+                tasks.push(tokio::spawn(crate::status::run(
+                    client,
+                    index.clone(),
+                    metrics.clone(),
                 )));
             }
             (None, None) => {}

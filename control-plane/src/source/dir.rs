@@ -219,6 +219,8 @@ pub struct DirSource {
     root: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
     metrics: Metrics,
+    /// The verdict last logged per route and policy.
+    logged: HashMap<(Kind, crate::model::ObjectKey), String>,
 }
 
 impl std::fmt::Debug for DirSource {
@@ -241,6 +243,7 @@ impl DirSource {
             root,
             files: BTreeMap::new(),
             metrics,
+            logged: HashMap::new(),
         })
     }
 
@@ -344,13 +347,17 @@ impl DirSource {
     pub async fn run(mut self, index: Index, readiness: Readiness) -> Result<(), DirError> {
         self.scan()?;
         self.publish(&index);
+        self.log_verdicts(&index);
         readiness.set_ready();
         let mut tick = tokio::time::interval(POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             match self.scan() {
-                Ok(true) => self.publish(&index),
+                Ok(true) => {
+                    self.publish(&index);
+                    self.log_verdicts(&index);
+                }
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "scanning the manifest directory failed; serving the last good state")
@@ -365,6 +372,80 @@ impl DirSource {
         self.metrics.observe_index(index);
         if applied.changed > 0 {
             tracing::info!(changed = applied.changed, "index updated from manifests");
+        }
+    }
+}
+
+impl DirSource {
+    /// Logs the status verdict of each route and BackendPolicy whose
+    /// verdict changed (what kube mode writes into `status`), naming the
+    /// file and the object: info when accepted, warn when not.
+    pub fn log_verdicts(&mut self, index: &Index) {
+        use crate::index::outbound::{policy_verdicts, route_verdicts, OutboundConfig};
+        let file_of = |kind: Kind, key: &crate::model::ObjectKey| {
+            self.files
+                .iter()
+                .rev() // the later file wins, as in `objects`
+                .find(|(_, f)| {
+                    f.objects
+                        .iter()
+                        .any(|o| o.kind() == kind && o.key() == *key)
+                })
+                .map(|(p, _)| p.display().to_string())
+                .unwrap_or_default()
+        };
+        let state = index.read();
+        let config = OutboundConfig::default();
+        let mut now: HashMap<(Kind, crate::model::ObjectKey), (String, bool)> = HashMap::new();
+        for route in state.http_routes.values().chain(state.grpc_routes.values()) {
+            let verdicts = route_verdicts(&state, route, &config);
+            let ok = verdicts.iter().all(|v| v.accepted.ok && v.resolved_refs.ok);
+            let text = if verdicts.is_empty() {
+                "no Service parentRef: not a mesh route, ignored".to_string()
+            } else {
+                verdicts
+                    .iter()
+                    .map(|v| {
+                        format!(
+                            "parent Service {}: {}",
+                            v.parent_ref.name,
+                            crate::status::describe(&v.accepted, Some(&v.resolved_refs))
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            };
+            now.insert((route.kind(), route.meta.key.clone()), (text, ok));
+        }
+        for policy in state.policies.values() {
+            let verdicts = policy_verdicts(&state, policy);
+            let ok = verdicts.iter().all(|(_, v)| v.ok);
+            let text = verdicts
+                .iter()
+                .map(|(t, v)| {
+                    format!(
+                        "target Service {}: {}",
+                        t.name,
+                        crate::status::describe(v, None)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" | ");
+            now.insert((Kind::BackendPolicy, policy.meta.key.clone()), (text, ok));
+        }
+        drop(state);
+        self.logged.retain(|k, _| now.contains_key(k));
+        for ((kind, key), (text, ok)) in now {
+            if self.logged.get(&(kind, key.clone())) == Some(&text) {
+                continue;
+            }
+            let file = file_of(kind, &key);
+            if ok {
+                tracing::info!(%file, %kind, object = %key, verdict = %text, "status");
+            } else {
+                tracing::warn!(%file, %kind, object = %key, verdict = %text, "status: not (fully) accepted");
+            }
+            self.logged.insert((kind, key), text);
         }
     }
 }
