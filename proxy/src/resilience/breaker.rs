@@ -21,6 +21,10 @@ pub struct BreakerConfig {
     pub max_ejection: Duration,
     /// Random extra ejection time as a fraction of it, in [0, 1].
     pub jitter: f64,
+    /// Requests in flight per endpoint beyond which requests fail fast; `None`: no limit.
+    pub max_concurrent_requests: Option<u32>,
+    /// Requests waiting for an endpoint beyond which requests fail fast; `None`: no limit.
+    pub max_pending_requests: Option<u32>,
 }
 
 impl Default for BreakerConfig {
@@ -30,6 +34,8 @@ impl Default for BreakerConfig {
             base_ejection: Duration::from_secs(1),
             max_ejection: Duration::from_secs(60),
             jitter: 0.1,
+            max_concurrent_requests: None,
+            max_pending_requests: None,
         }
     }
 }
@@ -113,6 +119,7 @@ mod tests {
             base_ejection: Duration::from_secs(1),
             max_ejection: Duration::from_secs(8),
             jitter: 0.0,
+            ..BreakerConfig::default()
         }
     }
 

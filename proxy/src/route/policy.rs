@@ -225,27 +225,9 @@ pub enum BackendKind {
     Invalid(Arc<str>),
 }
 
-#[derive(Debug, PartialEq)]
-pub struct Retry {
-    /// Retries after the first attempt.
-    pub attempts: u32,
-    /// HTTP statuses that are retried (sorted).
-    pub codes: Vec<StatusCode>,
-    /// gRPC statuses that are retried: bit `n` set for code `n` (codes are 0..=16).
-    pub grpc_codes: u32,
-    /// Before the first retry; doubled per retry, with jitter. `None`: no wait.
-    pub backoff: Option<Duration>,
-}
-
-impl Retry {
-    pub fn retries_status(&self, status: StatusCode) -> bool {
-        self.codes.binary_search(&status).is_ok()
-    }
-
-    pub fn retries_grpc(&self, code: u32) -> bool {
-        code < 32 && self.grpc_codes & (1 << code) != 0
-    }
-}
+/// A route's retry settings: the resilience layer's own type, so what the controller sent is
+/// what the retry loop reads.
+pub use crate::resilience::retry::RetryConfig as Retry;
 
 /// A service's BackendPolicy, or the defaults.
 #[derive(Clone, Debug, PartialEq)]
@@ -274,52 +256,11 @@ impl Default for BackendSettings {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct RetryBudget {
-    /// Retries allowed as a fraction of requests.
-    pub ratio: f64,
-    /// Retries per second allowed regardless of the ratio.
-    pub min_per_second: u32,
-    /// The window the ratio is computed over.
-    pub ttl: Duration,
-}
+/// A BackendPolicy's `retryBudget` (the resilience layer's type).
+pub use crate::resilience::retry::BudgetConfig as RetryBudget;
 
-impl Default for RetryBudget {
-    fn default() -> Self {
-        Self {
-            ratio: 0.2,
-            min_per_second: 10,
-            ttl: Duration::from_secs(10),
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct Breaker {
-    /// Consecutive failures that eject an endpoint; 0: never ejected.
-    pub consecutive_failures: u32,
-    pub base_ejection: Duration,
-    pub max_ejection: Duration,
-    /// Random extra ejection time as a fraction of it, in `[0, 1]`.
-    pub jitter: f64,
-    /// Requests in flight per endpoint beyond which requests fail fast; `None`: no limit.
-    pub max_concurrent_requests: Option<u32>,
-    /// Requests waiting for an endpoint beyond which requests fail fast; `None`: no limit.
-    pub max_pending_requests: Option<u32>,
-}
-
-impl Default for Breaker {
-    fn default() -> Self {
-        Self {
-            consecutive_failures: 7,
-            base_ejection: Duration::from_secs(1),
-            max_ejection: Duration::from_secs(60),
-            jitter: 0.1,
-            max_concurrent_requests: None,
-            max_pending_requests: None,
-        }
-    }
-}
+/// A BackendPolicy's `circuitBreaker` (the resilience layer's type).
+pub use crate::resilience::breaker::BreakerConfig as Breaker;
 
 /// Something in a policy that could not be used, and what was done about it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -695,7 +636,7 @@ fn compile_route(
                     .ok()
                     .and_then(|c| StatusCode::from_u16(c).ok())
                 {
-                    Some(s) => codes.push(s),
+                    Some(s) => codes.push(s.as_u16()),
                     None => {
                         return Err(FieldError::new(
                             "retry.codes",
@@ -722,7 +663,7 @@ fn compile_route(
                 attempts: rt.attempts,
                 codes,
                 grpc_codes,
-                backoff: timeout("retry.backoff", rt.backoff.as_ref())?,
+                backoff: timeout("retry.backoff", rt.backoff.as_ref())?.unwrap_or_default(),
             })
         }
     };
@@ -1288,19 +1229,18 @@ mod tests {
         };
         assert_eq!(m.set[0].0.as_str(), "x-mixed-case");
         let r = b.retry.as_ref().unwrap();
-        assert_eq!(
-            r.codes,
-            vec![
-                StatusCode::INTERNAL_SERVER_ERROR,
-                StatusCode::SERVICE_UNAVAILABLE
-            ]
-        );
-        assert!(r.retries_status(StatusCode::SERVICE_UNAVAILABLE));
-        assert!(!r.retries_status(StatusCode::BAD_GATEWAY));
-        assert!(
-            r.retries_grpc(14) && r.retries_grpc(4) && !r.retries_grpc(2) && !r.retries_grpc(99)
-        );
-        assert_eq!(r.backoff, Some(Duration::from_millis(25)));
+        assert_eq!(r.codes, vec![500, 503]);
+        use crate::resilience::retry::Outcome;
+        let http = |status| Outcome::Answered { status, grpc: None };
+        let grpc = |code| Outcome::Answered {
+            status: 200,
+            grpc: Some(code),
+        };
+        assert!(r.retries(http(503), 0));
+        assert!(!r.retries(http(502), 0));
+        assert!(r.retries(grpc(14), 0) && r.retries(grpc(4), 0));
+        assert!(!r.retries(grpc(2), 0) && !r.retries(grpc(99), 0));
+        assert_eq!(r.backoff, Duration::from_millis(25));
         assert_eq!(&*c.policy.source, "httproute/ns/test");
         assert_eq!(
             c.policy.service,
