@@ -200,6 +200,7 @@ impl Bound {
                         metrics: metrics.discovery.clone(),
                         mesh_pools: Default::default(),
                     },
+                    metrics.policy.clone(),
                 ))
             }
             None => None,

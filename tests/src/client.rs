@@ -51,17 +51,55 @@ impl Conn {
 
     /// GET `path` with authority `host`: (status, proxy error header, body).
     pub async fn get(&mut self, host: &str, path: &str) -> Result<(u16, String, Bytes)> {
+        self.get_with(host, path, &[]).await
+    }
+
+    /// [`Conn::get`] with extra request headers.
+    pub async fn get_with(
+        &mut self,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, String, Bytes)> {
+        let (status, err, _, body) = self.send_get(host, path, headers).await?;
+        Ok((status, err, body))
+    }
+
+    /// [`Conn::get`], returning the response header `name` instead of the body.
+    pub async fn get_header(
+        &mut self,
+        host: &str,
+        path: &str,
+        name: &str,
+    ) -> Result<(u16, String, Option<String>)> {
+        let (status, err, head, _) = self.send_get(host, path, &[]).await?;
+        let v = head
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        Ok((status, err, v))
+    }
+
+    async fn send_get(
+        &mut self,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, String, http::HeaderMap, Bytes)> {
+        let mut b = match self {
+            Conn::H1(_) => Request::get(path).header("host", host),
+            Conn::H2(_) => Request::get(format!("http://{host}{path}")),
+        };
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Full::default())?;
         let rsp = match self {
             Conn::H1(s) => {
                 s.ready().await?;
-                let req = Request::get(path)
-                    .header("host", host)
-                    .body(Full::default())?;
                 s.send_request(req).await?
             }
             Conn::H2(s) => {
                 s.ready().await?;
-                let req = Request::get(format!("http://{host}{path}")).body(Full::default())?;
                 s.send_request(req).await?
             }
         };
@@ -71,8 +109,9 @@ impl Conn {
             .get("weft-proxy-error")
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
             .unwrap_or_default();
+        let head = rsp.headers().clone();
         let body = rsp.into_body().collect().await?.to_bytes();
-        Ok((status, err, body))
+        Ok((status, err, head, body))
     }
 
     /// A unary call to the test servers' gRPC echo (HTTP/2 only): Ok when the message came

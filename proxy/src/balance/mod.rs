@@ -52,6 +52,8 @@ use crate::metrics::{
     Direction, DiscoveryMetrics, RetryLabels, RouteLabels, TlsMetrics, TlsStatus,
 };
 use crate::resilience::breaker::{Breaker, BreakerConfig, Transition};
+use crate::resilience::retry::{Budget, BudgetConfig};
+use crate::route::client::{Policies, PolicyMetrics};
 use crate::transport::mesh::{Mesh, MeshTarget};
 use p2c::PeakEwma;
 
@@ -696,6 +698,10 @@ pub struct Router {
     resolver: Resolver,
     ctx: Context,
     balancers: Mutex<HashMap<Key, (Arc<Balancer>, Instant)>>,
+    /// The ClientPolicy streams, on the same controller channel as the resolutions.
+    policies: Policies,
+    /// Retry budgets by service (`ns/name:port`), kept across policy updates.
+    budgets: Mutex<HashMap<Arc<str>, Arc<Budget>>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -706,12 +712,15 @@ impl std::fmt::Debug for Router {
 
 impl Router {
     /// Builds the router and its sweeper task (which ends when the router is dropped).
-    pub fn new(resolver: Resolver, ctx: Context) -> Arc<Self> {
+    pub fn new(resolver: Resolver, ctx: Context, policy_metrics: PolicyMetrics) -> Arc<Self> {
         let idle = ctx.settings.idle_timeout;
+        let policies = Policies::new(&resolver, policy_metrics);
         let router = Arc::new(Self {
             resolver,
             ctx,
             balancers: Mutex::new(HashMap::new()),
+            policies,
+            budgets: Mutex::new(HashMap::new()),
         });
         tokio::spawn(sweep(Arc::downgrade(&router), idle));
         router
@@ -731,6 +740,26 @@ impl Router {
         let b = Arc::new(Balancer::new(key.0.clone(), protocol, &self.ctx, rx));
         map.insert(key, (b.clone(), Instant::now()));
         Some(b)
+    }
+
+    /// The outbound policy of `target` (an HTTP authority, as for [`Router::balancer`]).
+    pub fn policies(&self) -> &Policies {
+        &self.policies
+    }
+
+    /// The retry budget of the service `key`, made with `config` on first use; a changed
+    /// configuration starts a new budget.
+    pub fn budget(&self, key: &str, config: &BudgetConfig) -> Arc<Budget> {
+        let mut map = lock(&self.budgets);
+        if let Some(b) = map.get(key).filter(|b| b.config() == *config) {
+            return b.clone();
+        }
+        if map.len() >= crate::route::client::MAX_POLICIES {
+            map.clear();
+        }
+        let b = Arc::new(Budget::new(*config));
+        map.insert(Arc::from(key), b.clone());
+        b
     }
 
     /// Balancers alive now.

@@ -15,6 +15,7 @@ pub mod body;
 pub mod client;
 pub mod error;
 pub mod head;
+mod outbound;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -35,10 +36,12 @@ use tokio_util::sync::CancellationToken;
 use crate::balance::{self, Balancer, InFlight, Pick, Router};
 use crate::metrics::{AuthorityMetrics, Direction, Metrics};
 use crate::resilience::{replay, Again, Resend};
+use crate::route::policy::Policy;
 use crate::transport::mesh::{ConnectTlsError, Mesh};
 use body::{Observed, Recorder};
 use client::{ClientError, Endpoint, PooledBody, Unsent, ORIG_PROTO};
 pub use error::Cause;
+use tokio::sync::watch;
 
 /// The verified SPIFFE ID of an inbound mTLS client, as given to the application.
 pub const CLIENT_ID: HeaderName = HeaderName::from_static("weft-client-id");
@@ -93,22 +96,29 @@ pub struct LastAuthority {
     metrics: Arc<AuthorityMetrics>,
     /// The authority's balancer; `None` without discovery (original destination).
     route: Option<Arc<Balancer>>,
+    /// The authority's outbound policy (routes, timeouts, retries); `None` without discovery.
+    policy: Option<watch::Receiver<Arc<Policy>>>,
 }
 
 /// What the request's authority resolved to.
-type Routed = (
-    http::uri::Authority,
-    Arc<AuthorityMetrics>,
-    Option<Arc<Balancer>>,
-);
+struct Routed {
+    authority: http::uri::Authority,
+    metrics: Arc<AuthorityMetrics>,
+    balancer: Option<Arc<Balancer>>,
+    policy: Option<watch::Receiver<Arc<Policy>>>,
+    /// First request of this authority on the connection: wait for its policy's first answer.
+    fresh: bool,
+}
 
 impl LastAuthority {
     fn routed(&self) -> Routed {
-        (
-            self.authority.clone(),
-            self.metrics.clone(),
-            self.route.clone(),
-        )
+        Routed {
+            authority: self.authority.clone(),
+            metrics: self.metrics.clone(),
+            balancer: self.route.clone(),
+            policy: self.policy.clone(),
+            fresh: false,
+        }
     }
 }
 
@@ -116,6 +126,10 @@ impl LastAuthority {
 enum SendError {
     Client(ClientError),
     NoEndpoints,
+    /// The request timeout (the whole request, retries included) expired.
+    Timeout(Duration),
+    /// The per-attempt timeout (`timeouts.backendRequest`) expired on the last attempt.
+    AttemptTimeout(Duration),
 }
 
 /// Serves HTTP/1.1 on `io` until the client closes or the drain signal asks it to stop.
@@ -340,21 +354,30 @@ impl ConnCtx {
         let metrics =
             self.metrics
                 .authority(self.direction, authority.as_str(), self.client_label());
+        let target = balance::http_target(&authority);
         let route = self.router.as_ref().and_then(|r| {
             let protocol = if self.h2 {
                 balance::Protocol::Http2
             } else {
                 balance::Protocol::Http1
             };
-            r.balancer(&balance::http_target(&authority), protocol)
+            r.balancer(&target, protocol)
         });
+        // Outbound only: inbound requests are the local application's, not routed.
+        let policy = self
+            .router
+            .as_ref()
+            .filter(|_| self.direction == Direction::Outbound)
+            .map(|r| r.policies().get(&target));
         let l = LastAuthority {
             host: host.cloned(),
             authority,
             metrics,
             route,
+            policy,
         };
-        let routed = l.routed();
+        let mut routed = l.routed();
+        routed.fresh = true;
         *last = Some(l);
         Ok(routed)
     }
@@ -366,16 +389,28 @@ impl ConnCtx {
     /// An attempt that fails before the request reached the application (see
     /// [`crate::resilience`] for exactly when) goes once more to another endpoint, in the
     /// form the client sent it; the failing endpoint's estimate is raised so p2c avoids it.
+    ///
+    /// `exclude`: an endpoint to avoid if another exists (the one a retry follows); `resend`:
+    /// the caller's replayable copy of the request, if it made one.
     async fn send(
         &self,
         route: Option<&Arc<Balancer>>,
         mut req: Request<BoxBody>,
         h1: bool,
+        exclude: Option<SocketAddr>,
+        resend: Option<&Resend>,
     ) -> Result<(Response<PooledBody>, Option<InFlight>), SendError> {
         let Some(b) = route else {
             return self.forward(req, h1).await;
         };
-        let first = match b.pick_ready().await {
+        let picked = match exclude {
+            Some(addr) => match b.pick(Some(addr)) {
+                Pick::NoEndpoints => b.pick_ready().await,
+                p => p,
+            },
+            None => b.pick_ready().await,
+        };
+        let first = match picked {
             Pick::Endpoint(f) => f,
             Pick::NoEndpoints => return Err(SendError::NoEndpoints),
             Pick::Pending => {
@@ -388,9 +423,19 @@ impl ConnCtx {
             return self.forward(req, h1).await;
         };
         // An upgrade that left is the client's byte stream now: only an unsent one may move.
-        let resend = (!h1 && b.len() > 1).then(|| Resend::prepare(&mut req, replay::DEFAULT_CAP));
+        let own;
+        let resend = match resend {
+            Some(r) => Some(r),
+            None if !h1 && b.len() > 1 => {
+                own = Resend::prepare(&mut req, replay::DEFAULT_CAP);
+                Some(&own)
+            }
+            None => None,
+        };
+        let start = Instant::now();
         let (req, why, error) = match ep.try_request(req).await {
             Ok(rsp) => {
+                observe(first.member(), start, &rsp);
                 b.record(first.member(), !rsp.status().is_server_error());
                 return Ok((rsp, Some(first)));
             }
@@ -401,7 +446,7 @@ impl ConnCtx {
             Err(Unsent {
                 error,
                 request: None,
-            }) => match resend.as_ref().and_then(|r| r.after(&error)) {
+            }) => match resend.and_then(|r| r.after(&error)) {
                 Some((req, why)) => (req, why, error),
                 None => {
                     b.record(first.member(), false);
@@ -422,8 +467,10 @@ impl ConnCtx {
             return Err(SendError::Client(error));
         };
         b.retried(why);
+        let start = Instant::now();
         match ep.try_request(req).await {
             Ok(rsp) => {
+                observe(second.member(), start, &rsp);
                 b.record(second.member(), !rsp.status().is_server_error());
                 Ok((rsp, Some(second)))
             }
@@ -480,7 +527,7 @@ impl ConnCtx {
 async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
     let start = Instant::now();
     let grpc = error::is_grpc(req.headers());
-    let (authority, label, route) = match ctx.authority(&req) {
+    let routed = match ctx.authority(&req) {
         Ok(a) => a,
         Err(cause) => {
             let host = req
@@ -498,6 +545,13 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
             );
         }
     };
+    let Routed {
+        authority,
+        metrics: label,
+        balancer,
+        policy,
+        fresh,
+    } = routed;
     label.request();
     if let Some(why) = ctx.mesh.as_ref().and_then(|m| m.certificate_problem()) {
         return ctx.error_response(label, Cause::IdentityUnavailable, &why, start, grpc);
@@ -545,26 +599,67 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
     }
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    let req = req.map(|b| b.map_err(BoxError::from).boxed());
-    let (mut rsp, in_flight) = match ctx.send(route.as_ref(), req, h1).await {
-        Ok(r) => r,
-        Err(SendError::Client(e)) => {
-            let cause = cause_of(&e);
-            let detail = format!("{} ({})", ctx.target, error_chain(&e));
-            return ctx.error_response(label, cause, &detail, start, grpc);
+    let mut req = req.map(|b| b.map_err(BoxError::from).boxed());
+
+    // The outbound policy: route → filters here, then timeout → retry → balance → breaker →
+    // endpoint in `send_planned` (see `outbound`).
+    let plan = match (policy, &ctx.router) {
+        (Some(mut rx), Some(router)) => {
+            if fresh {
+                rx = router
+                    .policies()
+                    .ready(&balance::http_target(&authority))
+                    .await;
+            }
+            let policy = rx.borrow().clone();
+            match ctx.plan(&policy, &mut req, balancer) {
+                Ok(p) => p,
+                Err(outbound::Early::Error(cause, detail)) => {
+                    return ctx.error_response(label, cause, &detail, start, grpc)
+                }
+                Err(outbound::Early::Redirect(rsp)) => {
+                    Recorder {
+                        metrics: label,
+                        status: rsp.status().as_u16(),
+                        grpc_status: None,
+                        latency: start.elapsed(),
+                        failed: false,
+                        in_flight: None,
+                    }
+                    .record();
+                    return *rsp;
+                }
+            }
         }
-        Err(SendError::NoEndpoints) => {
-            let detail = format!("{authority} has no ready endpoints");
-            return ctx.error_response(label, Cause::NoEndpoints, &detail, start, grpc);
+        (_, _) => outbound::Plan::direct(balancer),
+    };
+    let (mut rsp, in_flight) = match ctx.send_planned(&plan, req, h1).await {
+        Ok(r) => r,
+        Err(e) => {
+            let (cause, detail) = match e {
+                SendError::Client(e) => (
+                    cause_of(&e),
+                    format!("{} ({})", ctx.target, error_chain(&e)),
+                ),
+                SendError::NoEndpoints => (
+                    Cause::NoEndpoints,
+                    format!("{authority} has no ready endpoints"),
+                ),
+                SendError::Timeout(t) => (
+                    Cause::RequestTimeout,
+                    format!("{authority}: no answer within the request timeout of {t:?}"),
+                ),
+                SendError::AttemptTimeout(t) => (
+                    Cause::RequestTimeout,
+                    format!("{authority}: no answer within the backend request timeout of {t:?}"),
+                ),
+            };
+            plan.record(ctx, true);
+            return ctx.error_response(label, cause, &detail, start, grpc);
         }
     };
     let latency = start.elapsed();
-    if let Some(f) = &in_flight {
-        // The endpoint's service time: a new connection's dial and handshake are not its
-        // latency.
-        f.member()
-            .observe(latency.saturating_sub(rsp.body().connect_time()));
-    }
+    plan.filter_response(rsp.headers_mut());
 
     if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(down) = downstream_upgrade {
@@ -585,15 +680,26 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
         strip_hop_by_hop(rsp.headers_mut(), false);
     }
 
+    let grpc_status = body::grpc_status(rsp.headers());
+    plan.record(
+        ctx,
+        rsp.status().is_server_error() || grpc_status.is_some_and(|c| c != 0),
+    );
     let recorder = Recorder {
         metrics: label,
         status: rsp.status().as_u16(),
-        grpc_status: body::grpc_status(rsp.headers()),
+        grpc_status,
         latency,
         failed: false,
         in_flight,
     };
     rsp.map(|b| Observed::new(b, recorder).boxed())
+}
+
+/// Feeds an endpoint's latency estimate with one answer: its service time, from the request
+/// written to the response head (a new connection's dial and handshake are not its latency).
+fn observe(member: &balance::Member, start: Instant, rsp: &Response<PooledBody>) {
+    member.observe(start.elapsed().saturating_sub(rsp.body().connect_time()));
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -159,6 +159,73 @@ pub struct DiscoveryMetrics {
     pub ejections: Counter,
 }
 
+/// Outbound requests routed by a Gateway API route (HTTPRoute/GRPCRoute rule), with bounded
+/// labels: `route="<kind>/<ns>/<name>/<rule>"`, `backend` a service port or `invalid`.
+#[derive(Clone, Debug, Default)]
+pub struct RouteMetrics {
+    pub requests: Family<RouteBackendLabels, Counter>,
+    pub responses: Family<RouteResultLabels, Counter>,
+    /// Retries by why they were made: `status`, `grpc-status`, `timeout`, `failed`.
+    pub retries: Family<RouteReasonLabels, Counter>,
+    /// Retries the budget refused.
+    pub budget_exhausted: Family<RouteLabel, Counter>,
+    /// Timeouts by kind: `request`, `backend-request`.
+    pub timeouts: Family<RouteReasonLabels, Counter>,
+}
+
+impl RouteMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "weft_route_requests",
+            "Outbound requests that matched a route rule, by backend (a service port, or invalid)",
+            self.requests.clone(),
+        );
+        registry.register(
+            "weft_route_responses",
+            "Responses to requests that matched a route rule, by classification (success, failure)",
+            self.responses.clone(),
+        );
+        registry.register(
+            "weft_route_retries",
+            "Retries made by a route's retry policy, by reason: status, grpc-status, timeout, failed",
+            self.retries.clone(),
+        );
+        registry.register(
+            "weft_route_retry_budget_exhausted",
+            "Retries a route's policy wanted that the service's retry budget refused",
+            self.budget_exhausted.clone(),
+        );
+        registry.register(
+            "weft_route_timeouts",
+            "Route timeouts that expired, by kind: request (the whole request), backend-request (one attempt)",
+            self.timeouts.clone(),
+        );
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteBackendLabels {
+    pub route: Arc<str>,
+    pub backend: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteResultLabels {
+    pub route: Arc<str>,
+    pub classification: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteReasonLabels {
+    pub route: Arc<str>,
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RetryLabels {
     /// `unsent`, `refused` or `connection-lost` ([`crate::resilience::Again`]).
@@ -408,6 +475,10 @@ pub struct Metrics {
     pub detect: Family<DetectLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
     pub discovery: DiscoveryMetrics,
+    /// The ClientPolicy streams.
+    pub policy: crate::route::client::PolicyMetrics,
+    /// Requests by route and backend (outbound, routed by a ClientPolicy).
+    pub routes: RouteMetrics,
     pub identity: IdentityMetrics,
     pub tls: TlsMetrics,
     /// Per-direction handles of admitted (client identity, authority) pairs; see
@@ -528,6 +599,10 @@ impl Metrics {
             "Outbound HTTP requests sent to another endpoint after an attempt failed before reaching the application, by reason: unsent, refused, connection-lost",
             discovery.retries.clone(),
         );
+        let policy = crate::route::client::PolicyMetrics::default();
+        policy.register(&mut registry);
+        let routes = RouteMetrics::default();
+        routes.register(&mut registry);
         let identity = IdentityMetrics::default();
         registry.register(
             "weft_identity_cert_expiry_timestamp_seconds",
@@ -578,6 +653,8 @@ impl Metrics {
             detect,
             errors,
             discovery,
+            policy,
+            routes,
             identity,
             tls,
             authorities: Mutex::new([AuthoritySet::default(), AuthoritySet::default()]),

@@ -162,6 +162,12 @@ impl Resend {
     /// does not allow it, or the body cannot be replayed.
     pub fn after(&self, err: &ClientError) -> Option<(Request<BoxBody>, Again)> {
         let why = again(failure_of(err), &self.method)?;
+        Some((self.request()?, why))
+    }
+
+    /// The request again, as the client sent it: `None` while the last attempt still holds
+    /// the body, or when the body cannot be replayed (larger than the cap, or it failed).
+    pub fn request(&self) -> Option<Request<BoxBody>> {
         let body = match &self.body {
             None => empty(),
             Some(r) => r.body()?.boxed(),
@@ -171,7 +177,7 @@ impl Resend {
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
         *req.headers_mut() = self.headers.clone();
-        Some((req, why))
+        Some(req)
     }
 }
 
