@@ -313,6 +313,8 @@ async fn route_tcp(s: &ConnShared, router: &Router, target: SocketAddr) -> TcpRo
                 return TcpRoute::Forward;
             }
             Pick::Forward => return TcpRoute::Forward,
+            // TCP picks set no concurrency limit.
+            Pick::Overloaded => return TcpRoute::Failed(Cause::Overloaded),
         };
         let addr = f.member().addr;
         match connect_member(s, f.member()).await {

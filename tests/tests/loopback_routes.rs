@@ -314,3 +314,80 @@ async fn filters_redirect_and_invalid_backends() -> Result<()> {
     assert_eq!((r[0].0, r[0].1.as_str()), (500, "invalid-backend"), "{r:?}");
     Ok(())
 }
+
+fn backend_policy(spec: &str) -> String {
+    format!(
+        "apiVersion: policy.weft.dev/v1alpha1\nkind: BackendPolicy\n\
+         metadata: {{name: books, namespace: {NS}}}\n\
+         spec:\n  targetRefs: [{{group: \"\", kind: Service, name: books}}]\n{spec}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_and_pending_limits_fail_fast_with_overloaded() -> Result<()> {
+    let w = World::start(
+        "routes-limits",
+        &backend_policy("  circuitBreaker: {maxConcurrentRequests: 1, maxPendingRequests: 1}\n"),
+    )
+    .await?;
+    // Four slow requests at once to a one-endpoint service: one is served, one waits for
+    // it, two are refused at once.
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let addr = w.proxy.outbound;
+        tasks.push(tokio::spawn(async move {
+            let mut c = Conn::open(addr, false).await?;
+            let started = tokio::time::Instant::now();
+            let (s, e, _) = c.get(HOST, "/slow?ms=400").await?;
+            anyhow::Ok((s, e, started.elapsed()))
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await??);
+    }
+    results.sort_by_key(|r| r.0);
+    eprintln!("{results:?}");
+    let ok: Vec<_> = results.iter().filter(|r| r.0 == 200).collect();
+    let refused: Vec<_> = results.iter().filter(|r| r.0 == 503).collect();
+    assert_eq!((ok.len(), refused.len()), (2, 2), "{results:?}");
+    assert!(refused
+        .iter()
+        .all(|r| r.1 == "overloaded" && r.2 < Duration::from_millis(200)));
+    // The one that waited took two service times.
+    assert!(
+        ok.iter().any(|r| r.2 >= Duration::from_millis(750)),
+        "{results:?}"
+    );
+    assert_eq!(w.v1.1.requests.load(Ordering::Relaxed), 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_policy_edit_under_load_fails_nothing() -> Result<()> {
+    let w = World::start(
+        "routes-policy-edit",
+        &backend_policy("  retryBudget: {retryRatio: 0.2}\n"),
+    )
+    .await?;
+    let load = Load::start_with(w.proxy.outbound, HOST, Proto::H2, 200, 4).await?;
+    for i in 0..5u32 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        w.dir.write(
+            "route.yaml",
+            &backend_policy(&format!(
+                "  retryBudget: {{retryRatio: 0.{}}}\n  circuitBreaker: {{consecutiveFailures: {}, maxConcurrentRequests: {}}}\n",
+                i + 1,
+                5 + i,
+                100 + i
+            )),
+        )?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ok = load.finish().await?;
+    let updates = w.metric("weft_policy_updates_total", &[])?;
+    eprintln!("{ok} requests through 5 BackendPolicy edits, none failed; {updates} policy updates");
+    assert!(updates >= 3.0, "the proxy saw {updates} policy updates");
+    Ok(())
+}

@@ -163,6 +163,15 @@ pub struct Member {
     breaker: Mutex<Breaker>,
     /// Ejected until this instant ([`since_epoch`]); 0: not ejected.
     ejected_until: AtomicU64,
+    /// The balancer's requests waiting for capacity, woken when this endpoint frees some.
+    waiters: Arc<Waiters>,
+}
+
+/// Requests waiting for an endpoint below its concurrency limit.
+#[derive(Debug, Default)]
+struct Waiters {
+    pending: AtomicU32,
+    freed: tokio::sync::Notify,
 }
 
 /// Nanoseconds since the first call (a shared origin for members' timestamps in atomics).
@@ -294,6 +303,10 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // Only when someone waits: the common case is one atomic load.
+        if self.0.waiters.pending.load(Ordering::Relaxed) > 0 {
+            self.0.waiters.freed.notify_waiters();
+        }
     }
 }
 
@@ -308,6 +321,8 @@ pub enum Pick {
     NoEndpoints,
     /// No answer from the controller yet: wait with [`Balancer::ready`], or forward.
     Pending,
+    /// Every endpoint is at its concurrency limit: wait for capacity, or fail fast.
+    Overloaded,
 }
 
 enum Members {
@@ -338,9 +353,7 @@ pub struct Balancer {
     ready: AtomicUsize,
     /// The endpoint the next pick looks at for a probe (round robin).
     probe: AtomicUsize,
-    /// The circuit breaker settings of this target's endpoints (DESIGN.md defaults until a
-    /// BackendPolicy says otherwise).
-    breaker: BreakerConfig,
+    waiters: Arc<Waiters>,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -387,7 +400,7 @@ impl Balancer {
             }),
             ready: AtomicUsize::new(0),
             probe: AtomicUsize::new(0),
-            breaker: BreakerConfig::default(),
+            waiters: Arc::default(),
         };
         let members = b.members_for(&first, &Members::Pending);
         b.state.get_mut().unwrap_or_else(|p| p.into_inner()).members = members;
@@ -401,6 +414,12 @@ impl Balancer {
     /// Picks an endpoint, never `exclude` (the one that just failed). Applies a changed
     /// resolution first. Cheap: a mutex, an atomic version check, two draws.
     pub fn pick(&self, exclude: Option<SocketAddr>) -> Pick {
+        self.pick_within(exclude, None)
+    }
+
+    /// [`Balancer::pick`] among endpoints with fewer than `limit` requests in flight
+    /// (BackendPolicy `maxConcurrentRequests`): [`Pick::Overloaded`] when every one is full.
+    pub fn pick_within(&self, exclude: Option<SocketAddr>, limit: Option<u32>) -> Pick {
         let mut state = lock(&self.state);
         if state.rx.has_changed().unwrap_or(false) {
             let r = state.rx.borrow_and_update().clone();
@@ -412,30 +431,43 @@ impl Balancer {
             Members::Forward => Pick::Forward,
             Members::Ready(m) if m.is_empty() => Pick::NoEndpoints,
             Members::Ready(m) if m.len() == 1 && exclude.is_none() => {
+                if limit.is_some_and(|l| m[0].in_flight() >= l) {
+                    return Pick::Overloaded;
+                }
                 Pick::Endpoint(InFlight::new(m[0].clone()))
             }
             Members::Ready(m) => {
                 let skip = exclude.and_then(|a| m.iter().position(|x| x.addr == a));
                 let now = Instant::now();
                 let now_ns = since_epoch(now);
-                // Ejected endpoints cost infinitely much, so p2c takes them only when both
-                // draws are ejected; then any endpoint that is not wins, and if every one is
-                // ejected the drawn one is still tried rather than failing everything.
+                // Ejected and full endpoints cost infinitely much, so p2c takes them only
+                // when both draws are; then any usable endpoint wins. If every endpoint is
+                // ejected, one that is not full is still tried rather than failing
+                // everything; if every one is full, the request waits or fails fast.
+                let full = |i: usize| limit.is_some_and(|l| m[i].in_flight() >= l);
+                let usable = |i: usize| !m[i].is_ejected(now_ns) && !full(i);
                 let cost = |i: usize| {
-                    if m[i].is_ejected(now_ns) {
-                        f64::INFINITY
-                    } else {
+                    if usable(i) {
                         m[i].cost(self.protocol, now)
+                    } else {
+                        f64::INFINITY
                     }
                 };
                 match p2c::choose(m.len(), skip, |k| fastrand::usize(..k), cost) {
                     Some(i) => {
-                        let i = if m[i].is_ejected(now_ns) {
-                            (0..m.len())
-                                .find(|&j| Some(j) != skip && !m[j].is_ejected(now_ns))
-                                .unwrap_or(i)
-                        } else {
+                        let other = |ok: &dyn Fn(usize) -> bool| {
+                            (0..m.len()).find(|&j| Some(j) != skip && ok(j))
+                        };
+                        let i = if usable(i) {
                             i
+                        } else if let Some(j) = other(&usable) {
+                            j
+                        } else if !full(i) {
+                            i
+                        } else if let Some(j) = other(&|j| !full(j)) {
+                            j
+                        } else {
+                            return Pick::Overloaded;
                         };
                         // Each pick also looks at one endpoint in turn: one that p2c has not
                         // chosen for a while (it looked slow once) gets this request, so its
@@ -444,7 +476,7 @@ impl Balancer {
                         let i = if self.protocol != Protocol::Tcp
                             && c != i
                             && Some(c) != skip
-                            && !m[c].is_ejected(now_ns)
+                            && usable(c)
                             && m[c].wants_probe(now_ns)
                         {
                             let next = (m[c].probe_after.load(Ordering::Relaxed) * 2)
@@ -470,7 +502,7 @@ impl Balancer {
             Pick::Endpoint(_) => self.routes.balanced.inc(),
             Pick::Forward => self.routes.passthrough.inc(),
             Pick::NoEndpoints => self.routes.no_endpoints.inc(),
-            Pick::Pending => 0,
+            Pick::Pending | Pick::Overloaded => 0,
         };
         pick
     }
@@ -486,6 +518,40 @@ impl Balancer {
             }
             pick => pick,
         }
+    }
+
+    /// [`Balancer::pick_within`], first waiting for a new target's first answer as
+    /// [`Balancer::pick_ready`] does; `exclude` is avoided when another endpoint exists.
+    pub async fn pick_ready_within(&self, exclude: Option<SocketAddr>, limit: Option<u32>) -> Pick {
+        if exclude.is_some() {
+            match self.pick_within(exclude, limit) {
+                Pick::NoEndpoints | Pick::Pending => {}
+                p => return p,
+            }
+        }
+        match self.pick_within(None, limit) {
+            Pick::Pending => {
+                self.ready().await;
+                self.pick_within(None, limit)
+            }
+            pick => pick,
+        }
+    }
+
+    /// Waits for an endpoint of this balancer to finish a request, when fewer than
+    /// `max_pending` requests already wait (`None`: no limit): `false` means fail fast.
+    pub async fn wait_for_capacity(&self, max_pending: Option<u32>) -> bool {
+        let w = &self.waiters;
+        let waiting = w.pending.fetch_add(1, Ordering::Relaxed);
+        if max_pending.is_some_and(|max| waiting >= max) {
+            w.pending.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        // A short bound as well, in case the request that freed capacity finished between
+        // the pick and this wait.
+        let _ = tokio::time::timeout(Duration::from_millis(50), w.freed.notified()).await;
+        w.pending.fetch_sub(1, Ordering::Relaxed);
+        true
     }
 
     /// Counts a request or connection sent to its original destination because the target
@@ -510,10 +576,10 @@ impl Balancer {
         member.failed.store(true, Ordering::Relaxed);
     }
 
-    /// Records an answer of `member` for its circuit breaker (see [`Member::record`]),
-    /// counting ejections.
-    pub fn record(&self, member: &Member, ok: bool) {
-        if member.record(ok, &self.breaker) {
+    /// Records an answer of `member` for its circuit breaker (see [`Member::record`]) under
+    /// the backend's settings, counting ejections.
+    pub fn record(&self, member: &Member, ok: bool, cfg: &BreakerConfig) {
+        if member.record(ok, cfg) {
             self.ctx.metrics.ejections.inc();
             tracing::info!(target = %self.target, endpoint = %member.addr, "endpoint ejected after consecutive failures");
         }
@@ -666,6 +732,7 @@ impl Balancer {
             failed: AtomicBool::new(false),
             breaker: Mutex::new(Breaker::default()),
             ejected_until: AtomicU64::new(0),
+            waiters: self.waiters.clone(),
         })
     }
 }
@@ -1019,6 +1086,42 @@ mod tests {
             .map(|_| picked(&b, None).unwrap().addr.port())
             .collect();
         assert_eq!(ports, [1].into());
+    }
+
+    /// Issue 12: with a concurrency limit, full endpoints are skipped and, when all are
+    /// full, the pick says so; finishing a request frees capacity.
+    #[tokio::test]
+    async fn concurrency_limits_skip_full_endpoints_then_overload() {
+        let (_tx, rx) = watch::channel(eps(&[1, 2]));
+        let b = Balancer::new(
+            Arc::from("web:80"),
+            Protocol::Http1,
+            &ctx(DiscoveryMetrics::default()),
+            rx,
+        );
+        let take = |b: &Balancer| match b.pick_within(None, Some(2)) {
+            Pick::Endpoint(f) => Some(f),
+            Pick::Overloaded => None,
+            other => panic!("{other:?}"),
+        };
+        let held: Vec<InFlight> = (0..4).map(|_| take(&b).expect("capacity")).collect();
+        let mut per = std::collections::BTreeMap::new();
+        for f in &held {
+            *per.entry(f.member().addr.port()).or_insert(0) += 1;
+        }
+        assert_eq!(per, [(1, 2), (2, 2)].into(), "two per endpoint, no more");
+        assert!(take(&b).is_none(), "every endpoint is full");
+        // Only one request may wait: a second is told to fail fast.
+        let waiter = b.wait_for_capacity(Some(1));
+        tokio::pin!(waiter);
+        assert!(futures_util::poll!(waiter.as_mut()).is_pending());
+        assert!(
+            !b.wait_for_capacity(Some(1)).await,
+            "the pending limit is reached"
+        );
+        drop(held);
+        assert!(waiter.await, "capacity freed");
+        assert!(take(&b).is_some());
     }
 
     #[test]

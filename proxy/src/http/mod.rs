@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::balance::{self, Balancer, InFlight, Pick, Router};
 use crate::metrics::{AuthorityMetrics, Direction, Metrics};
+use crate::resilience::breaker::BreakerConfig;
 use crate::resilience::{replay, Again, Resend};
 use crate::route::policy::Policy;
 use crate::transport::mesh::{ConnectTlsError, Mesh};
@@ -130,6 +131,8 @@ enum SendError {
     Timeout(Duration),
     /// The per-attempt timeout (`timeouts.backendRequest`) expired on the last attempt.
     AttemptTimeout(Duration),
+    /// Every endpoint is at its concurrency limit and the pending limit is reached.
+    Overloaded,
 }
 
 /// Serves HTTP/1.1 on `io` until the client closes or the drain signal asks it to stop.
@@ -399,16 +402,21 @@ impl ConnCtx {
         h1: bool,
         exclude: Option<SocketAddr>,
         resend: Option<&Resend>,
+        breaker: &BreakerConfig,
     ) -> Result<(Response<PooledBody>, Option<InFlight>), SendError> {
         let Some(b) = route else {
             return self.forward(req, h1).await;
         };
-        let picked = match exclude {
-            Some(addr) => match b.pick(Some(addr)) {
-                Pick::NoEndpoints => b.pick_ready().await,
-                p => p,
-            },
-            None => b.pick_ready().await,
+        let limit = breaker.max_concurrent_requests;
+        let picked = loop {
+            match b.pick_ready_within(exclude, limit).await {
+                Pick::Overloaded => {
+                    if !b.wait_for_capacity(breaker.max_pending_requests).await {
+                        return Err(SendError::Overloaded);
+                    }
+                }
+                p => break p,
+            }
         };
         let first = match picked {
             Pick::Endpoint(f) => f,
@@ -418,6 +426,7 @@ impl ConnCtx {
                 return self.forward(req, h1).await;
             }
             Pick::Forward => return self.forward(req, h1).await,
+            Pick::Overloaded => return Err(SendError::Overloaded),
         };
         let Some(ep) = first.member().http_endpoint(h1) else {
             return self.forward(req, h1).await;
@@ -436,7 +445,7 @@ impl ConnCtx {
         let (req, why, error) = match ep.try_request(req).await {
             Ok(rsp) => {
                 observe(first.member(), start, &rsp);
-                b.record(first.member(), !rsp.status().is_server_error());
+                b.record(first.member(), !rsp.status().is_server_error(), breaker);
                 return Ok((rsp, Some(first)));
             }
             Err(Unsent {
@@ -449,13 +458,13 @@ impl ConnCtx {
             }) => match resend.and_then(|r| r.after(&error)) {
                 Some((req, why)) => (req, why, error),
                 None => {
-                    b.record(first.member(), false);
+                    b.record(first.member(), false, breaker);
                     return Err(SendError::Client(error));
                 }
             },
         };
         b.attempt_failed(first.member());
-        b.record(first.member(), false);
+        b.record(first.member(), false, breaker);
         let failed = first.member().addr;
         drop(first);
         tracing::debug!(target = b.target(), endpoint = %failed, error = %error, reason = why.as_str(), "attempt failed; retrying on another endpoint");
@@ -471,12 +480,12 @@ impl ConnCtx {
         match ep.try_request(req).await {
             Ok(rsp) => {
                 observe(second.member(), start, &rsp);
-                b.record(second.member(), !rsp.status().is_server_error());
+                b.record(second.member(), !rsp.status().is_server_error(), breaker);
                 Ok((rsp, Some(second)))
             }
             Err(u) => {
                 b.attempt_failed(second.member());
-                b.record(second.member(), false);
+                b.record(second.member(), false, breaker);
                 Err(SendError::Client(u.error))
             }
         }
@@ -652,6 +661,10 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
                 SendError::AttemptTimeout(t) => (
                     Cause::RequestTimeout,
                     format!("{authority}: no answer within the backend request timeout of {t:?}"),
+                ),
+                SendError::Overloaded => (
+                    Cause::Overloaded,
+                    format!("every endpoint of {authority} is at its concurrency limit and the pending-request limit is reached"),
                 ),
             };
             plan.record(ctx, true);

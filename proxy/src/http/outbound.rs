@@ -44,6 +44,7 @@ use super::client::{ClientError, PooledBody};
 use super::{BoxBody, BoxError, Cause, ConnCtx, SendError};
 use crate::balance::{self, Balancer, InFlight};
 use crate::metrics::{RouteBackendLabels, RouteLabel, RouteReasonLabels, RouteResultLabels};
+use crate::resilience::breaker::BreakerConfig;
 use crate::resilience::replay::DEFAULT_CAP;
 use crate::resilience::retry::{Budget, Outcome, RetryConfig};
 use crate::resilience::{self, Resend};
@@ -56,6 +57,8 @@ pub(super) struct Plan {
     /// Where it goes; `None`: to the original destination (no discovery).
     pub balancer: Option<Arc<Balancer>>,
     pub request_timeout: Option<Duration>,
+    /// The backend's circuit breaker and concurrency limits.
+    breaker: BreakerConfig,
     /// The matched rule, when a route matched.
     rule: Option<Rule>,
 }
@@ -87,6 +90,7 @@ impl Plan {
         Plan {
             balancer,
             request_timeout: None,
+            breaker: BreakerConfig::default(),
             rule: None,
         }
     }
@@ -174,6 +178,7 @@ impl ConnCtx {
                 return Ok(Plan {
                     balancer: authority,
                     request_timeout: policy.settings.request_timeout,
+                    breaker: policy.settings.breaker,
                     rule: None,
                 })
             }
@@ -262,6 +267,7 @@ impl ConnCtx {
         Ok(Plan {
             balancer,
             request_timeout: route.request_timeout,
+            breaker: backend.settings.breaker,
             rule: Some(Rule {
                 policy: policy.clone(),
                 route: index,
@@ -378,7 +384,14 @@ impl ConnCtx {
         resend: Option<&Resend>,
         per_try: Option<Duration>,
     ) -> Result<(Response<PooledBody>, Option<InFlight>), SendError> {
-        let send = self.send(plan.balancer.as_ref(), req, h1, exclude, resend);
+        let send = self.send(
+            plan.balancer.as_ref(),
+            req,
+            h1,
+            exclude,
+            resend,
+            &plan.breaker,
+        );
         match per_try {
             None => send.await,
             Some(t) => match tokio::time::timeout(t, send).await {
