@@ -121,11 +121,22 @@ impl Conn {
         host: &str,
         msg: &[u8],
     ) -> Result<std::result::Result<(), String>> {
+        self.grpc_echo_path(host, "/weft.test.Echo/Call", msg).await
+    }
+
+    /// [`Conn::grpc_echo`] on another path (e.g. `…/Call?status=14`, an echo that ends with
+    /// that status in its trailers).
+    pub async fn grpc_echo_path(
+        &mut self,
+        host: &str,
+        path: &str,
+        msg: &[u8],
+    ) -> Result<std::result::Result<(), String>> {
         let Conn::H2(s) = self else {
             bail!("gRPC needs an HTTP/2 connection");
         };
         s.ready().await?;
-        let req = Request::post(format!("http://{host}/weft.test.Echo/Call"))
+        let req = Request::post(format!("http://{host}{path}"))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
             .body(Full::new(grpc_frame(msg)))?;

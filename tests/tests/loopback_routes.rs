@@ -391,3 +391,94 @@ async fn a_backend_policy_edit_under_load_fails_nothing() -> Result<()> {
     assert!(updates >= 3.0, "the proxy saw {updates} policy updates");
     Ok(())
 }
+
+fn grpc_route(extra_annotations: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\n\
+         metadata:\n  name: echo\n  namespace: {NS}\n  annotations:\n    retry.weft.dev/grpc-codes: unavailable\n    retry.weft.dev/attempts: \"2\"\n{extra_annotations}\
+         spec:\n  parentRefs: [{{group: \"\", kind: Service, name: books, port: 80}}]\n\
+         \x20 rules:\n    - name: echo\n      matches: [{{method: {{service: weft.test.Echo}}}}]\n      backendRefs: [{{name: books, port: 80}}]\n"
+    )
+}
+
+/// gRPC retries are decided by the gRPC status: a trailers-only UNAVAILABLE (the injected
+/// failures) is retried, so a 20 % failing backend looks healthy to the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_retries_follow_the_grpc_status() -> Result<()> {
+    let w = World::start("routes-grpc", &grpc_route("")).await?;
+    w.v1.1.fail(0.2);
+    let load = Load::start_with(w.proxy.outbound, HOST, Proto::Grpc, 100, 4).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ok = load.finish().await?;
+    let retries = w.metric(
+        "weft_route_retries_total",
+        &[
+            ("route", "grpcroute/shop/echo/echo"),
+            ("reason", "grpc-status"),
+        ],
+    )?;
+    let injected = w.v1.1.injected.load(Ordering::Relaxed);
+    eprintln!("{ok} gRPC calls, none failed; {injected} injected, {retries} retried");
+    assert!(injected > 10);
+    assert_eq!(retries, injected as f64);
+    Ok(())
+}
+
+/// A status that arrives in the trailers (after the messages) is read for the decision too,
+/// and the answer reaches the client whole when the retries run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_statuses_in_trailers_are_retried_then_passed_on() -> Result<()> {
+    let w = World::start("routes-grpc-trailers", &grpc_route("")).await?;
+    let mut c = Conn::open(w.proxy.outbound, true).await?;
+    let before = w.v1.1.requests.load(Ordering::Relaxed);
+    // `?status=14`: the echo answers the message, then grpc-status 14 in the trailers.
+    let err = c
+        .grpc_echo(HOST, b"again")
+        .await?
+        .map(|_| "ok".to_string())
+        .unwrap_or_else(|e| e);
+    assert_eq!(err, "ok", "a healthy call passes");
+    let mut c2 = Conn::open(w.proxy.outbound, true).await?;
+    let answer = c2
+        .grpc_echo_path(HOST, "/weft.test.Echo/Call?status=14", b"x")
+        .await?;
+    let e = answer.expect_err("the backend always fails");
+    assert!(e.contains("grpc-status=Some(\"14\")"), "{e}");
+    assert!(
+        e.contains("test%20failure"),
+        "the app's own grpc-message: {e}"
+    );
+    let attempts = w.v1.1.requests.load(Ordering::Relaxed) - before - 1;
+    assert_eq!(attempts, 3, "one call and two retries");
+    Ok(())
+}
+
+/// A hung attempt is cut by `timeouts.backendRequest` and, with 504 retried, tried again.
+/// (Connections lost before the answer are retried by the failover; see loopback_failover.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_attempts_are_cut_and_retried() -> Result<()> {
+    let w = World::start(
+        "routes-hang",
+        &route(
+            "    - name: r\n      backendRefs: [{name: books, port: 80}]\n      timeouts: {request: 3s, backendRequest: 200ms}\n      retry: {codes: [504], attempts: 1}\n",
+        ),
+    )
+    .await?;
+    let started = tokio::time::Instant::now();
+    let r = gets(&w, "/?hang", 1).await?;
+    // Both attempts hang: the second timeout answers.
+    assert_eq!((r[0].0, r[0].1.as_str()), (504, "request-timeout"), "{r:?}");
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    assert_eq!(
+        w.metric(
+            "weft_route_timeouts_total",
+            &[("reason", "backend-request")]
+        )?,
+        2.0
+    );
+    assert_eq!(
+        w.metric("weft_route_retries_total", &[("reason", "timeout")])?,
+        1.0
+    );
+    Ok(())
+}
