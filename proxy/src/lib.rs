@@ -24,8 +24,13 @@
 //! meshed (HTTP carried over HTTP/2 between proxies) and terminates mTLS addressed to its own
 //! identity ([`transport::mesh`]). HTTP/2 between proxies writes through
 //! [`transport::coalesce`], so the frames one turn of the runtime produces (a request's HEADERS
-//! and its body) leave in one TLS record and one write. Authorization policy arrives with a
-//! later slice (DESIGN.md).
+//! and its body) leave in one TLS record and one write.
+//!
+//! Outbound traffic policy: [`route`] (the controller's `Destination.ClientPolicy`: Gateway API
+//! route matching, filters, weighted backends) and [`resilience`] (timeouts, retries with a
+//! budget, the circuit breaker, replayable bodies, failover), put together on the request path
+//! in `http/outbound.rs` in the order route → filters → timeout → retry → balance → breaker →
+//! endpoint. Authorization policy arrives with a later slice (DESIGN.md).
 
 pub mod admin;
 pub mod balance;
