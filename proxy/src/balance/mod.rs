@@ -354,6 +354,10 @@ pub struct Balancer {
     /// The endpoint the next pick looks at for a probe (round robin).
     probe: AtomicUsize,
     waiters: Arc<Waiters>,
+    /// A BackendPolicy's connect and idle timeouts for this target's connection pools, in
+    /// nanoseconds; 0: the proxy's own ([`Balancer::configure`]).
+    connect_timeout: AtomicU64,
+    idle_timeout: AtomicU64,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -401,6 +405,8 @@ impl Balancer {
             ready: AtomicUsize::new(0),
             probe: AtomicUsize::new(0),
             waiters: Arc::default(),
+            connect_timeout: AtomicU64::new(0),
+            idle_timeout: AtomicU64::new(0),
         };
         let members = b.members_for(&first, &Members::Pending);
         b.state.get_mut().unwrap_or_else(|p| p.into_inner()).members = members;
@@ -576,6 +582,41 @@ impl Balancer {
         member.failed.store(true, Ordering::Relaxed);
     }
 
+    /// Applies a BackendPolicy's connect and idle timeouts (`None`: the proxy's own) to this
+    /// target's connection pools, present and future. Two atomic loads when unchanged.
+    pub fn configure(&self, connect: Option<Duration>, idle: Option<Duration>) {
+        let ns =
+            |d: Option<Duration>| d.map_or(0, |d| d.as_nanos().clamp(1, u64::MAX as u128) as u64);
+        let (c, i) = (ns(connect), ns(idle));
+        if self.connect_timeout.load(Ordering::Relaxed) == c
+            && self.idle_timeout.load(Ordering::Relaxed) == i
+        {
+            return;
+        }
+        self.connect_timeout.store(c, Ordering::Relaxed);
+        self.idle_timeout.store(i, Ordering::Relaxed);
+        if let Members::Ready(m) = &lock(&self.state).members {
+            for member in m {
+                self.apply_timeouts(member);
+            }
+        }
+    }
+
+    fn timeouts(&self) -> (Option<Duration>, Option<Duration>) {
+        let d = |a: &AtomicU64| match a.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(Duration::from_nanos(n)),
+        };
+        (d(&self.connect_timeout), d(&self.idle_timeout))
+    }
+
+    fn apply_timeouts(&self, member: &Member) {
+        let (c, i) = self.timeouts();
+        for ep in member.http.iter().chain(member.http1.get()) {
+            ep.set_timeouts(c, i);
+        }
+    }
+
     /// Records an answer of `member` for its circuit breaker (see [`Member::record`]) under
     /// the backend's settings, counting ejections.
     pub fn record(&self, member: &Member, ok: bool, cfg: &BreakerConfig) {
@@ -713,7 +754,7 @@ impl Balancer {
                 )),
             }
         });
-        Arc::new(Member {
+        let member = Arc::new(Member {
             addr: ep.addr,
             weight: ep.weight.max(1),
             mesh,
@@ -733,7 +774,11 @@ impl Balancer {
             breaker: Mutex::new(Breaker::default()),
             ejected_until: AtomicU64::new(0),
             waiters: self.waiters.clone(),
-        })
+        });
+        if self.timeouts() != (None, None) {
+            self.apply_timeouts(&member);
+        }
+        member
     }
 }
 
@@ -1122,6 +1167,37 @@ mod tests {
         drop(held);
         assert!(waiter.await, "capacity freed");
         assert!(take(&b).is_some());
+    }
+
+    /// Issue 12: a BackendPolicy's connect and idle timeouts reach the target's connection
+    /// pools, present and future; `None` puts the proxy's own back.
+    #[tokio::test]
+    async fn backend_policy_timeouts_reach_the_pools() {
+        let (tx, rx) = watch::channel(eps(&[1]));
+        let b = Balancer::new(
+            Arc::from("web:80"),
+            Protocol::Http1,
+            &ctx(DiscoveryMetrics::default()),
+            rx,
+        );
+        let pool = |port: u16| loop {
+            let m = picked(&b, None).unwrap();
+            if m.addr.port() == port {
+                return m.http.clone().unwrap();
+            }
+        };
+        assert_eq!(pool(1).connect_timeout(), Duration::from_secs(1));
+        b.configure(
+            Some(Duration::from_millis(250)),
+            Some(Duration::from_secs(5)),
+        );
+        assert_eq!(pool(1).connect_timeout(), Duration::from_millis(250));
+        assert_eq!(pool(1).idle_timeout(), Duration::from_secs(5));
+        tx.send(eps(&[1, 2])).unwrap();
+        assert_eq!(pool(2).connect_timeout(), Duration::from_millis(250));
+        b.configure(None, None);
+        assert_eq!(pool(2).connect_timeout(), Duration::from_secs(1));
+        assert_eq!(pool(1).idle_timeout(), Duration::from_secs(60));
     }
 
     #[test]

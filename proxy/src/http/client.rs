@@ -23,6 +23,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -129,8 +130,11 @@ pub struct Endpoint {
     addr: SocketAddr,
     h2: bool,
     transport: Transport,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
+    /// The proxy's connect and idle timeouts, unless a BackendPolicy set others
+    /// ([`Endpoint::set_timeouts`]); nanoseconds.
+    defaults: (Duration, Duration),
+    connect_timeout: AtomicU64,
+    idle_timeout: AtomicU64,
     idle: Mutex<Vec<Idle>>,
     shared_h2: Mutex<Option<http2::SendRequest<BoxBody>>>,
     /// Serialises HTTP/2 dials so a burst of first requests opens one connection.
@@ -160,20 +164,37 @@ impl Endpoint {
             addr,
             h2,
             transport,
-            connect_timeout,
-            idle_timeout,
+            defaults: (connect_timeout, idle_timeout),
+            connect_timeout: AtomicU64::new(nanos(connect_timeout)),
+            idle_timeout: AtomicU64::new(nanos(idle_timeout)),
             idle: Mutex::new(Vec::new()),
             shared_h2: Mutex::new(None),
             h2_dial: tokio::sync::Mutex::new(()),
         });
         if !h2 {
-            tokio::spawn(sweep_idle(Arc::downgrade(&ep), idle_timeout));
+            tokio::spawn(sweep_idle(Arc::downgrade(&ep)));
         }
         ep
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// A BackendPolicy's connect and idle timeouts (`None`: the proxy's own).
+    pub fn set_timeouts(&self, connect: Option<Duration>, idle: Option<Duration>) {
+        self.connect_timeout
+            .store(nanos(connect.unwrap_or(self.defaults.0)), Ordering::Relaxed);
+        self.idle_timeout
+            .store(nanos(idle.unwrap_or(self.defaults.1)), Ordering::Relaxed);
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_nanos(self.connect_timeout.load(Ordering::Relaxed))
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_nanos(self.idle_timeout.load(Ordering::Relaxed))
     }
 
     /// Idle HTTP/1.1 connections now in the pool.
@@ -427,7 +448,7 @@ impl Endpoint {
     fn checkout(&self) -> Option<http1::SendRequest<BoxBody>> {
         let mut idle = lock(&self.idle);
         while let Some(i) = idle.pop() {
-            if !i.conn.is_closed() && i.since.elapsed() < self.idle_timeout {
+            if !i.conn.is_closed() && i.since.elapsed() < self.idle_timeout() {
                 return Some(i.conn);
             }
         }
@@ -479,7 +500,7 @@ impl Endpoint {
         if let Transport::Mesh(t) = &self.transport {
             t.check_certificate().map_err(tls_err)?;
         }
-        let tcp = crate::tcp::connect(addr, self.connect_timeout)
+        let tcp = crate::tcp::connect(addr, self.connect_timeout())
             .await
             .map_err(|source| ConnectError { addr, source })?;
         match &self.transport {
@@ -601,13 +622,21 @@ fn to_h1_form(req: &mut Request<BoxBody>) {
 }
 
 /// Closes idle connections older than the idle timeout, until the endpoint is dropped.
-async fn sweep_idle(ep: Weak<Endpoint>, idle_timeout: Duration) {
-    let period = (idle_timeout / 2).max(Duration::from_millis(100));
+async fn sweep_idle(ep: Weak<Endpoint>) {
     loop {
+        let period = match ep.upgrade() {
+            Some(ep) => (ep.idle_timeout() / 2).max(Duration::from_millis(100)),
+            None => return,
+        };
         tokio::time::sleep(period).await;
         let Some(ep) = ep.upgrade() else { return };
+        let idle_timeout = ep.idle_timeout();
         lock(&ep.idle).retain(|i| !i.conn.is_closed() && i.since.elapsed() < idle_timeout);
     }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 enum PoolReturn {

@@ -175,12 +175,18 @@ impl ConnCtx {
         let (route, prefix) = match matching::route(policy, req.method(), req.uri(), req.headers())
         {
             matching::Outcome::Default => {
+                if let Some(b) = &authority {
+                    b.configure(
+                        policy.settings.connect_timeout,
+                        policy.settings.idle_timeout,
+                    );
+                }
                 return Ok(Plan {
                     balancer: authority,
                     request_timeout: policy.settings.request_timeout,
                     breaker: policy.settings.breaker,
                     rule: None,
-                })
+                });
             }
             matching::Outcome::NoRoute => {
                 return Err(Early::Error(
@@ -264,6 +270,12 @@ impl ConnCtx {
         let key = format!("{}/{}:{}", service.namespace, service.name, service.port);
         let budget = router.budget(&key, &policy.settings.budget);
         let balancer = router.balancer(target, protocol);
+        if let Some(b) = &balancer {
+            b.configure(
+                backend.settings.connect_timeout,
+                backend.settings.idle_timeout,
+            );
+        }
         Ok(Plan {
             balancer,
             request_timeout: route.request_timeout,
