@@ -482,3 +482,78 @@ async fn hung_attempts_are_cut_and_retried() -> Result<()> {
     );
     Ok(())
 }
+
+/// GAMMA's attachment rules: a route in the client's own namespace (a consumer route) applies
+/// to that namespace's clients only and replaces the service's own (producer) routes for
+/// them; routes apply to traffic addressed to the Service by name or by its ClusterIP, not
+/// to traffic sent straight to a pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_routes_and_cluster_ips_follow_gamma() -> Result<()> {
+    let v1 = http_server().await?;
+    let v2 = http_server().await?;
+    let (fallback_addr, _) = http_server().await?;
+    let dir = ManifestDir::new("routes-gamma")?;
+    dir.write(
+        "services.yaml",
+        &format!(
+            "{}---\n{}",
+            service_yaml("store", "books", "10.96.0.80", 80, &[v1.0]),
+            service_yaml("store", "books-v2", "10.96.0.81", 80, &[v2.0])
+        ),
+    )?;
+    // The producer (the service's namespace) sends everything to v1; the consumer
+    // namespace `shop` sends its own clients to v2.
+    let rule = |ns: &str, backend: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {{name: books-{ns}, namespace: {ns}}}\n\
+             spec:\n  parentRefs: [{{group: \"\", kind: Service, name: books, namespace: store, port: 80}}]\n\
+             \x20 rules: [{{backendRefs: [{{name: {backend}, namespace: store, port: 80}}]}}]\n"
+        )
+    };
+    dir.write(
+        "routes.yaml",
+        &format!(
+            "{}---\n{}",
+            rule("store", "books"),
+            rule("shop", "books-v2")
+        ),
+    )?;
+    let controller = Controller::start(dir.path())?;
+    controller.wait_objects("EndpointSlice", 2.0)?;
+    let client = |ns: &str, target: SocketAddr| {
+        Proxy::start(ProxyOpts {
+            outbound_target: Some(target),
+            env: vec![controller.env(), ("WEFT_PROXY_NAMESPACE".into(), ns.into())],
+            ..Default::default()
+        })
+    };
+    let shop = client("shop", fallback_addr)?;
+    let elsewhere = client("web", fallback_addr)?;
+    let count = |s: &Arc<Stats>| s.requests.load(Ordering::Relaxed);
+    let get = |p: SocketAddr, host: &'static str| async move {
+        let mut c = Conn::open(p, false).await?;
+        let (s, e, _) = c.get(host, "/").await?;
+        anyhow::ensure!(s == 200, "{host}: {s} {e}");
+        anyhow::Ok(())
+    };
+    // A client in `shop` takes its own consumer route: v2.
+    get(shop.outbound, "books.store.svc.cluster.local:80").await?;
+    assert_eq!((count(&v1.1), count(&v2.1)), (0, 1));
+    // By ClusterIP too.
+    get(shop.outbound, "10.96.0.80:80").await?;
+    assert_eq!((count(&v1.1), count(&v2.1)), (0, 2));
+    // A client elsewhere gets the producer's route: v1.
+    get(elsewhere.outbound, "books.store.svc.cluster.local:80").await?;
+    assert_eq!((count(&v1.1), count(&v2.1)), (1, 2));
+    // Straight to a pod: no route applies (the v1 pod itself answers, even from `shop`).
+    let pod: &'static str = Box::leak(v1.0.to_string().into_boxed_str());
+    let mut c = Conn::open(shop.outbound, false).await?;
+    let _ = c.get(pod, "/").await?;
+    assert_eq!(
+        shop.metrics()?.sum("weft_route_requests_total", &[]),
+        2.0,
+        "the pod-IP request was not routed"
+    );
+    Ok(())
+}
