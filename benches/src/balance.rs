@@ -40,13 +40,12 @@ use crate::cli::{BinArgs, PinArgs};
 use crate::load::stats::fmt_us;
 use crate::load::{LoadGenerator, LoadSpec, Pacing, Protocol, Summary};
 use crate::report;
+use crate::scenario::mesh::service_manifests;
 use crate::scenario::process::{self, Child};
 use crate::scenario::weft::{self, FixedTargets, ProxyAddrs};
-use crate::server::{serve_with, ServeOptions};
+use crate::server::{spawn_thread, ServeOptions};
 use crate::sys::affinity;
 
-/// The service port in the generated manifests.
-const SERVICE_PORT: u16 = 8080;
 const NS: &str = "bench";
 const BALANCED: &str = "bench.bench.svc.cluster.local:8080";
 const FAST: &str = "fast.bench.svc.cluster.local:8080";
@@ -150,26 +149,6 @@ pub fn verdict(shares: &[Share], slow: SocketAddr, balanced_p99: u64, fast_p99: 
     }
 }
 
-/// A Service with a named port and one EndpointSlice per endpoint (they all
-/// share 127.0.0.1 and differ by port).
-fn service_yaml(name: &str, cluster_ip: &str, endpoints: &[SocketAddr]) -> String {
-    let mut out = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\n\
-         spec:\n  clusterIP: {cluster_ip}\n  ports: [{{name: http, port: {SERVICE_PORT}, targetPort: http}}]\n"
-    );
-    for ep in endpoints {
-        out.push_str(&format!(
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-             metadata:\n  name: {name}-{port}\n  namespace: {NS}\n  labels: {{kubernetes.io/service-name: {name}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: {port}}}]\n\
-             endpoints:\n  - addresses: [\"{ip}\"]\n    conditions: {{ready: true}}\n",
-            port = ep.port(),
-            ip = ep.ip(),
-        ));
-    }
-    out
-}
-
 fn free_addrs(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
     let listeners = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
@@ -181,53 +160,26 @@ fn free_addrs(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
         .collect()
 }
 
-/// Starts the three servers on their own thread; returns their addresses and counters.
+/// Starts the three servers on their own thread ([`spawn_thread`]); returns their addresses
+/// and counters.
 fn start_servers(
     delays: [Duration; 3],
     response_size: usize,
     cpu: Option<usize>,
 ) -> anyhow::Result<Vec<(SocketAddr, Arc<AtomicU64>)>> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("bench-servers".into())
-        .spawn(move || {
-            let run = || -> anyhow::Result<()> {
-                if let Some(cpu) = cpu {
-                    affinity::pin_current_thread(cpu)?;
-                }
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                rt.block_on(async {
-                    let mut out = Vec::new();
-                    let mut tasks = Vec::new();
-                    for delay in delays {
-                        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                        let counter = Arc::new(AtomicU64::new(0));
-                        out.push((l.local_addr()?, counter.clone()));
-                        tasks.push(tokio::spawn(serve_with(
-                            l,
-                            ServeOptions {
-                                response_size,
-                                delay,
-                                requests: Some(counter),
-                            },
-                        )));
-                    }
-                    let _ = tx.send(Ok(out));
-                    for t in tasks {
-                        let _ = t.await;
-                    }
-                    Ok(())
-                })
-            };
-            if let Err(e) = run() {
-                let _ = tx.send(Err(e));
-            }
+    let counters: Vec<Arc<AtomicU64>> = delays.iter().map(|_| Arc::default()).collect();
+    let opts = delays
+        .iter()
+        .zip(&counters)
+        .map(|(&delay, counter)| ServeOptions {
+            response_size,
+            delay,
+            requests: Some(counter.clone()),
+            fault: None,
         })
-        .context("starting the server thread")?;
-    rx.recv_timeout(Duration::from_secs(10))
-        .context("the bench servers did not start")?
+        .collect();
+    let addrs = spawn_thread(opts, cpu)?;
+    Ok(addrs.into_iter().zip(counters).collect())
 }
 
 fn counts(servers: &[(SocketAddr, Arc<AtomicU64>)]) -> Vec<u64> {
@@ -323,11 +275,11 @@ pub fn execute(args: BalanceArgs) -> anyhow::Result<()> {
     let addrs: Vec<SocketAddr> = servers.iter().map(|(a, _)| *a).collect();
     std::fs::write(
         dir.join("bench.yaml"),
-        service_yaml("bench", "10.96.0.50", &addrs),
+        service_manifests("bench", "10.96.0.50", &addrs),
     )?;
     std::fs::write(
         dir.join("fast.yaml"),
-        service_yaml("fast", "10.96.0.51", &addrs[..1]),
+        service_manifests("fast", "10.96.0.51", &addrs[..1]),
     )?;
 
     let result = crate::cli::current_thread_runtime()?.block_on(run_all(
@@ -613,20 +565,5 @@ mod tests {
         assert!(!v.p99_ok);
         let v = verdict(&[], slow, 1, 0);
         assert!(!v.slow_ok && !v.p99_ok);
-    }
-
-    #[test]
-    fn manifests_name_each_endpoint_port() {
-        let y = service_yaml(
-            "bench",
-            "10.96.0.50",
-            &[
-                "127.0.0.1:4001".parse().unwrap(),
-                "127.0.0.1:4002".parse().unwrap(),
-            ],
-        );
-        assert!(y.contains("ports: [{name: http, port: 4001}]"));
-        assert!(y.contains("name: bench-4002"));
-        assert!(y.contains("targetPort: http"));
     }
 }

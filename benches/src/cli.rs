@@ -1,6 +1,7 @@
 //! The command line: `run` (the scenarios), `server` (the bench server),
-//! `load` (the generator alone, against any loopback address), `balance` and
-//! `handshakes` (new mTLS connections per proxy core).
+//! `load` (the generator alone, against any loopback address), `balance`,
+//! `handshakes` (new mTLS connections per proxy core), and the traffic-policy benchmarks
+//! `retries`, `ejection` and `routing-cost` ([`crate::policy`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -47,6 +48,15 @@ pub enum Command {
     /// New inbound connections per second per proxy CPU-second: mutual TLS into
     /// weft-proxy against plaintext and HAProxy; writes a section of RESULTS.md.
     Handshakes(crate::handshake::HandshakeArgs),
+    /// Issue 12 (a): a backend failing every 5th request, with and without a route retry;
+    /// client-seen success and extra backend load. Writes a section of RESULTS.md.
+    Retries(crate::policy::PolicyArgs),
+    /// Issue 12 (b): one of three endpoints hard-failing; time to ejection and success after
+    /// it, against three healthy endpoints. Writes a section of RESULTS.md.
+    Ejection(crate::policy::PolicyArgs),
+    /// Issue 12 (c): CPU and latency of a two-hop path with an HTTPRoute of 10 rules and
+    /// retries (none firing) against no route. Writes a section of RESULTS.md.
+    RoutingCost(crate::policy::PolicyArgs),
 }
 
 /// Parses "15s", "500ms", "1.5s", "2m" or a bare number of seconds.
@@ -71,7 +81,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(value * scale))
 }
 
-fn parse_rate(s: &str) -> Result<f64, String> {
+pub(crate) fn parse_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
         _ => Err(format!(
@@ -313,6 +323,10 @@ pub struct ServerArgs {
     /// Response body bytes.
     #[arg(long, default_value_t = 1024)]
     pub response_size: usize,
+    /// Answer every N-th request (by arrival) with 503: 5 fails 20 %, 1 fails every request
+    /// (a hard-failing endpoint), 0 none.
+    #[arg(long, default_value_t = 0)]
+    pub fail_every: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -358,12 +372,20 @@ fn pin_self(cpu: usize) -> anyhow::Result<()> {
 pub fn execute(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Server(args) => {
-            current_thread_runtime()?.block_on(crate::server::run(args.listen, args.response_size))
+            let opts = crate::server::ServeOptions {
+                response_size: args.response_size,
+                fault: (args.fail_every > 0).then(|| crate::server::Fault::every(args.fail_every)),
+                ..Default::default()
+            };
+            current_thread_runtime()?.block_on(crate::server::run(args.listen, opts))
         }
         Command::Load(args) => execute_load(args),
         Command::Run(args) => execute_run(args),
         Command::Balance(args) => crate::balance::execute(args),
         Command::Handshakes(args) => crate::handshake::execute(args),
+        Command::Retries(args) => crate::policy::retries::execute(args),
+        Command::Ejection(args) => crate::policy::ejection::execute(args),
+        Command::RoutingCost(args) => crate::policy::cost::execute(args),
     }
 }
 

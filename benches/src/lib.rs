@@ -57,6 +57,9 @@
 //! - [`balance`]: `weft-bench balance`, the load balancer's quality (BALANCE.md).
 //! - [`handshake`]: `weft-bench handshakes`, new mutual-TLS connections per proxy
 //!   core-second against plaintext and HAProxy.
+//! - [`policy`]: `weft-bench retries`, `ejection` and `routing-cost`, the traffic-policy
+//!   figures of issue 12 (retries within a budget, circuit breaking, the cost of routing),
+//!   each against a baseline in the same run, with fault-injecting servers ([`server::Fault`]).
 //! - [`scenario::mesh`]: a controller with a development CA and the manifests the
 //!   `weft2-disc` / `weft2-mtls` scenarios and `handshakes` share.
 
@@ -65,6 +68,7 @@ pub mod cli;
 pub mod grpc;
 pub mod handshake;
 pub mod load;
+pub mod policy;
 pub mod report;
 pub mod scenario;
 pub mod server;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use hdrhistogram::Histogram;
 use tokio::time::{Duration, Instant};
 
-use super::stats::{new_histogram, RunStats};
+use super::stats::{new_histogram, RunStats, Timeline};
 
 /// A boxed future, so that slots need no generic parameter.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -142,6 +142,8 @@ pub struct SlotStats {
     pub errors: u64,
     pub error_samples: Vec<String>,
     pub last_done: Option<Instant>,
+    /// Outcomes by intended send time: see [`Timeline`].
+    pub timeline: Timeline,
 }
 
 const MAX_ERROR_SAMPLES: usize = 5;
@@ -163,6 +165,7 @@ pub async fn drive_slot(
         errors: 0,
         error_samples: Vec::new(),
         last_done: None,
+        timeline: Timeline::default(),
     };
     while let Some(ticket) = schedule.take(Instant::now()) {
         if ticket.intended > ticket.picked_up {
@@ -172,6 +175,8 @@ pub async fn drive_slot(
         let result = tokio::time::timeout(timeout, transport.call()).await;
         let done = Instant::now();
         stats.last_done = Some(done);
+        let offset = ticket.intended.saturating_duration_since(schedule.start());
+        stats.timeline.record(offset, matches!(result, Ok(Ok(()))));
         let error = match result {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(format!("{e:#}")),

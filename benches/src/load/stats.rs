@@ -30,6 +30,58 @@ pub struct RunStats {
     /// From the run's start to its last response (open loop), or the run's
     /// duration (closed loop).
     pub elapsed: Duration,
+    /// Successes and errors by intended send time.
+    pub timeline: Timeline,
+}
+
+/// Successes and errors of a run by the intended send time of each request, in
+/// [`Timeline::BUCKET`] steps from the run's start: what happened after an instant the run
+/// did not know in advance (an ejection, say) can be read afterwards.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Timeline {
+    /// `[ok, errors]` per bucket.
+    buckets: Vec<[u64; 2]>,
+}
+
+impl Timeline {
+    pub const BUCKET: Duration = Duration::from_millis(10);
+
+    fn index(offset: Duration) -> usize {
+        usize::try_from(offset.as_nanos() / Self::BUCKET.as_nanos()).unwrap_or(usize::MAX)
+    }
+
+    /// Counts one request intended `offset` after the run's start.
+    pub fn record(&mut self, offset: Duration, ok: bool) {
+        // A run longer than ~3 h would not be bucketed sensibly anyway: clamp.
+        let i = Self::index(offset).min(1 << 20);
+        if self.buckets.len() <= i {
+            self.buckets.resize(i + 1, [0, 0]);
+        }
+        self.buckets[i][usize::from(!ok)] += 1;
+    }
+
+    pub fn merge(&mut self, other: &Timeline) {
+        if self.buckets.len() < other.buckets.len() {
+            self.buckets.resize(other.buckets.len(), [0, 0]);
+        }
+        for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
+            a[0] += b[0];
+            a[1] += b[1];
+        }
+    }
+
+    /// `(ok, errors)` of the requests intended at or after `offset`, rounded up to the next
+    /// bucket boundary (so nothing before `offset` is counted).
+    pub fn from(&self, offset: Duration) -> (u64, u64) {
+        let mut first = Self::index(offset);
+        if Self::BUCKET * u32::try_from(first).unwrap_or(u32::MAX) < offset {
+            first = first.saturating_add(1);
+        }
+        self.buckets
+            .iter()
+            .skip(first)
+            .fold((0, 0), |(ok, err), b| (ok + b[0], err + b[1]))
+    }
 }
 
 impl RunStats {
@@ -42,6 +94,7 @@ impl RunStats {
             error_samples: Vec::new(),
             last_done: None,
             elapsed: Duration::ZERO,
+            timeline: Timeline::default(),
         }
     }
 
@@ -52,6 +105,7 @@ impl RunStats {
         self.lag.add(&slot.lag).context("merging lag histograms")?;
         self.ok += slot.ok;
         self.errors += slot.errors;
+        self.timeline.merge(&slot.timeline);
         for e in slot.error_samples {
             if self.error_samples.len() < 5 && !self.error_samples.contains(&e) {
                 self.error_samples.push(e);
@@ -208,6 +262,27 @@ mod tests {
         let mut h = new_histogram();
         h.saturating_record(u64::MAX);
         assert!(h.max() >= MAX_MICROS && h.max() < MAX_MICROS * 2);
+    }
+
+    #[test]
+    fn timeline_counts_what_came_after_an_instant() {
+        let ms = Duration::from_millis;
+        let mut t = Timeline::default();
+        t.record(ms(0), true);
+        t.record(ms(5), false);
+        t.record(ms(10), true);
+        t.record(ms(25), false);
+        t.record(ms(99), true);
+        assert_eq!(t.from(Duration::ZERO), (3, 2));
+        assert_eq!(t.from(ms(10)), (2, 1));
+        // Mid-bucket: that bucket is left out.
+        assert_eq!(t.from(ms(11)), (1, 1));
+        assert_eq!(t.from(ms(30)), (1, 0));
+        assert_eq!(t.from(ms(1000)), (0, 0));
+        let mut u = Timeline::default();
+        u.record(ms(200), false);
+        u.merge(&t);
+        assert_eq!(u.from(Duration::ZERO), (3, 3));
     }
 
     #[test]

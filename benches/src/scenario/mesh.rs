@@ -113,6 +113,28 @@ status:
     )
 }
 
+/// Service `name` in namespace [`NAMESPACE`] with a named port ([`SERVICE_PORT`], `http`) and
+/// one EndpointSlice per endpoint (they may share an IP and differ by port), no pods: the
+/// endpoints are not meshed. `weft-bench balance` and the traffic-policy benchmarks.
+pub fn service_manifests(name: &str, cluster_ip: &str, endpoints: &[SocketAddr]) -> String {
+    let mut out = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\n\
+         spec:\n  clusterIP: {cluster_ip}\n  ports: [{{name: http, port: {SERVICE_PORT}, targetPort: http}}]\n"
+    );
+    for ep in endpoints {
+        let family = if ep.is_ipv4() { "IPv4" } else { "IPv6" };
+        out.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata:\n  name: {name}-{port}\n  namespace: {NAMESPACE}\n  labels: {{kubernetes.io/service-name: {name}}}\n\
+             addressType: {family}\nports: [{{name: http, port: {port}}}]\n\
+             endpoints:\n  - addresses: [\"{ip}\"]\n    conditions: {{ready: true}}\n",
+            port = ep.port(),
+            ip = ep.ip(),
+        ));
+    }
+    out
+}
+
 /// Writes `contents` to `path` through a hidden temporary file and a rename, so the
 /// controller's directory watcher never reads half a file.
 pub fn write_atomically(path: &Path, contents: &str) -> anyhow::Result<()> {
@@ -299,6 +321,23 @@ mod tests {
             plain,
             y.replace("\n  annotations: {weft.dev/inject: enabled}", "")
         );
+    }
+
+    #[test]
+    fn service_manifests_name_each_endpoint_port() {
+        let y = service_manifests(
+            "bench",
+            "10.96.0.50",
+            &[
+                "127.0.0.1:4001".parse().expect("addr"),
+                "127.0.0.1:4002".parse().expect("addr"),
+            ],
+        );
+        assert!(y.contains("ports: [{name: http, port: 4001}]"));
+        assert!(y.contains("name: bench-4002"));
+        assert!(y.contains("targetPort: http"));
+        assert!(y.contains("clusterIP: 10.96.0.50"));
+        assert_eq!(y.matches("\n---\n").count(), 2);
     }
 
     #[test]

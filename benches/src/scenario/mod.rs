@@ -457,21 +457,23 @@ async fn start_controller(
     ])
 }
 
+/// Every sample of `GET http://admin/metrics` (a proxy's or the controller's admin port).
+pub async fn scrape(admin: SocketAddr) -> anyhow::Result<Vec<prom::Sample>> {
+    let (status, body) = process::http_get(admin, "/metrics")
+        .await
+        .with_context(|| format!("reading http://{admin}/metrics"))?;
+    if !status.is_success() {
+        bail!("GET http://{admin}/metrics answered {status}");
+    }
+    Ok(prom::parse(&body))
+}
+
 /// Reads the counters [`verify_mesh`] checks from proxies A and B.
 async fn read_mesh_counters(
     a: SocketAddr,
     b: SocketAddr,
     requests: u64,
 ) -> anyhow::Result<MeshCheck> {
-    let scrape = |addr: SocketAddr| async move {
-        let (status, body) = process::http_get(addr, "/metrics")
-            .await
-            .with_context(|| format!("reading http://{addr}/metrics"))?;
-        if !status.is_success() {
-            bail!("GET http://{addr}/metrics answered {status}");
-        }
-        anyhow::Ok(prom::parse(&body))
-    };
     let (a, b) = (scrape(a).await?, scrape(b).await?);
     let client = mesh::spiffe_id(mesh::NAMESPACE, mesh::CLIENT_SA);
     let server = mesh::spiffe_id(mesh::NAMESPACE, mesh::SERVER_SA);
