@@ -1,9 +1,11 @@
 //! `weft`, the command a Weft user types.
 //!
-//! `weft demo` runs a two-proxy mesh on loopback (two in-process apps, two
-//! `weft-proxy` children and a `weft-controller` with a development CA, the
-//! proxies talking mutual TLS) and shows live golden metrics and the mesh's
-//! security state read from the proxies' admin endpoints; `weft inject`
+//! `weft demo` runs a mesh on loopback (in-process apps: web and two versions
+//! of books, a `weft-proxy` child for each and a `weft-controller` with a
+//! development CA, the proxies talking mutual TLS, web's traffic to books
+//! under an HTTPRoute with retries and a BackendPolicy) and shows live golden
+//! metrics, the route's split and retries, and the mesh's security state read
+//! from the proxies' admin endpoints; `weft inject`
 //! patches manifests offline. `install`, `check`, `stat` and `policy explain`
 //! will join them.
 //!
@@ -15,11 +17,14 @@
 //! - [`promtext`]: a parser for the Prometheus text format the proxies serve.
 //! - [`stats`]: rates, success rates and latency quantiles from two scrapes,
 //!   meant to be shared with a future `weft stat`.
+//! - [`routes`]: a route's split, success after retries, retries and budget
+//!   refusals from a client proxy's scrape.
 //! - [`security`]: mTLS connections and peer identities, handshake failures
 //!   and certificate lifetimes from a scrape.
 
 pub mod demo;
 pub mod inject;
 pub mod promtext;
+pub mod routes;
 pub mod security;
 pub mod stats;

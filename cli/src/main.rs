@@ -26,12 +26,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a two-proxy mesh on loopback and watch its golden metrics and mTLS.
+    /// Run a small mesh on loopback and watch its golden metrics, routes and mTLS.
     ///
-    /// Starts two in-process apps (web, a traffic generator, and books, a
-    /// small JSON service), two weft-proxy processes between them and a
-    /// weft-controller with a development CA that certifies both proxies:
-    /// web → client proxy (outbound) → mTLS → server proxy (inbound) → books.
+    /// Starts in-process apps (web, a traffic generator, and books, a small
+    /// JSON service failing 1 % of requests, in two versions), a weft-proxy
+    /// process for each and a weft-controller with a development CA that
+    /// certifies every proxy: web → web proxy (outbound: HTTPRoute books with
+    /// retries, BackendPolicy retry budget) → mTLS → books proxy (inbound) →
+    /// books, or books-v2 once the route's weights say so. Editing
+    /// manifests/route.yaml in the demo's log directory changes the split live.
     /// Needs no root and no cluster. Stops on Ctrl-C, SIGTERM or --duration.
     Demo(DemoArgs),
     /// Add the Weft proxy to workloads in Kubernetes manifests (files or stdin) and print them.
@@ -63,7 +66,7 @@ struct DemoArgs {
     /// Seconds to wait for each proxy's /ready.
     #[arg(long, value_name = "SECS", default_value_t = 15)]
     ready_timeout: u64,
-    /// Fraction of books' responses that are 500s.
+    /// Fraction of books' responses that are 503s (the route retries them).
     #[arg(long, value_name = "FRACTION", default_value_t = 0.01)]
     failure_rate: f64,
 }

@@ -1,5 +1,6 @@
-//! The two demo workloads, run in-process: `books`, a small JSON service with
-//! a little latency and the odd failure so the proxies' numbers move, and
+//! The demo workloads, run in-process: `books`, a small JSON service with a
+//! little latency and the odd failure (1 % of requests answered 503, which the
+//! route's retries hide from web), served twice (`books` and `books-v2`), and
 //! `web`, its client, an open-loop generator sending a steady request rate.
 
 use std::convert::Infallible;
@@ -28,7 +29,7 @@ use tokio_util::task::TaskTracker;
 pub struct BooksConfig {
     /// Each response waits a uniformly random time in this range (ms).
     pub latency_ms: (u64, u64),
-    /// Fraction of requests answered with a 500.
+    /// Fraction of requests answered with a 503, as an overloaded or restarting app would.
     pub failure_rate: f64,
 }
 
@@ -100,7 +101,7 @@ async fn books_handler(
     tokio::time::sleep(Duration::from_millis(fastrand::u64(lo..=hi.max(lo)))).await;
     if fastrand::f64() < config.failure_rate {
         return Ok(json(
-            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({ "error": "the shelf collapsed (simulated failure)" }),
         ));
     }
@@ -331,7 +332,7 @@ mod tests {
         })
         .await;
         let (status, body) = get(addr, "/books/1").await;
-        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body["error"].is_string());
         stop.cancel();
     }

@@ -1,16 +1,27 @@
 //! The demo's control plane: `weft-controller --source dir:<log dir>/manifests --dev-ca
-//! <log dir>/ca`, with manifests generated for the `books` service, whose one endpoint is the
-//! server proxy's inbound listener (what a meshed pod's IP and port would be in a cluster),
-//! and the development CA that certifies both proxies' workload identities.
+//! <log dir>/ca`, with manifests generated for two deployments of the books app, `books` and
+//! `books-v2` (each its own Service, whose one endpoint is that deployment's server proxy's
+//! inbound listener: what a meshed pod's IP and port would be in a cluster), the traffic policy
+//! of `books`, and the development CA that certifies every proxy's workload identity.
 //!
-//! The endpoint names its pod, `books-0`, which is marked for injection: that is how the
-//! controller knows the endpoint is a Weft proxy with identity
-//! `spiffe://cluster.local/ns/demo/sa/books` that accepts HTTP/2, and tells the client proxy
-//! to originate mutual TLS to it.
+//! Each endpoint names its pod (`books-0`, `books-v2-0`), which is marked for injection: that
+//! is how the controller knows the endpoint is a Weft proxy with identity
+//! `spiffe://cluster.local/ns/demo/sa/books` (both versions run as ServiceAccount `books`, as a
+//! canary of the same app would) that accepts HTTP/2, and tells the client proxy to originate
+//! mutual TLS to it.
+//!
+//! Three files, so that the one a person edits holds nothing else:
+//!
+//! - `books.yaml`: the Namespace, and per deployment its Service, EndpointSlice and Pod.
+//! - `route.yaml`: HTTPRoute `books` (GAMMA: its parentRef is Service `books`, port 8080),
+//!   one rule splitting by weight between `books` (100) and `books-v2` (0) and retrying 500,
+//!   502 and 503 twice (the Gateway API's experimental `retry`).
+//! - `backendpolicy.yaml`: BackendPolicy `books` on both Services: the retry budget (20 % of
+//!   requests plus 10 retries/s over 10 s) and the circuit breaker's defaults, written out.
 //!
 //! The manifests, the CA and the tokens stay in the log directory after the demo; while it
 //! runs, editing the manifests changes where the client proxy sends traffic (the controller
-//! reloads within a second).
+//! polls the directory every 250 ms, the client proxy follows its ClientPolicy stream).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,21 +41,74 @@ pub const BOOKS_SERVICE: &str = "books";
 pub const BOOKS_CLUSTER_IP: &str = "10.96.0.20";
 pub const BOOKS_PORT: u16 = 8080;
 
-/// The workloads' pods and ServiceAccounts: the server proxy serves `books`, the client proxy
-/// `web`. Their SPIFFE IDs are `spiffe://cluster.local/ns/demo/sa/<service account>`.
+/// The workloads' pods and ServiceAccounts: the server proxies serve `books` (both versions),
+/// the client proxy `web`. Their SPIFFE IDs are
+/// `spiffe://cluster.local/ns/demo/sa/<service account>`.
 pub const BOOKS_POD: &str = "books-0";
 pub const BOOKS_SERVICE_ACCOUNT: &str = "books";
 pub const WEB_POD: &str = "web-0";
 pub const WEB_SERVICE_ACCOUNT: &str = "web";
 
-/// The manifests: Service `books` (ClusterIP, named target port `http`), an EndpointSlice
-/// listing `endpoint` as pod `books-0`, and that pod, meshed (`weft.dev/inject: enabled`),
-/// running as ServiceAccount `books` at `endpoint`.
-pub fn books_manifests(endpoint: SocketAddr) -> String {
-    format!(
+/// The route file, in the manifest directory.
+pub const ROUTE_FILE: &str = "route.yaml";
+/// HTTPRoute `books`'s one rule, as the proxies label it in metrics.
+pub const BOOKS_ROUTE_LABEL: &str = "httproute/demo/books/0";
+
+/// One deployment of the books app: its Service (port [`BOOKS_PORT`], named target port
+/// `http`) and its one pod, meshed, running as ServiceAccount [`BOOKS_SERVICE_ACCOUNT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BooksDeployment {
+    pub service: &'static str,
+    pub cluster_ip: &'static str,
+    pub pod: &'static str,
+    /// The pod's `version` label.
+    pub version: &'static str,
+}
+
+impl BooksDeployment {
+    /// The route backend's target as the proxy labels it (`weft_route_requests_total{backend}`).
+    pub fn backend(&self) -> String {
+        format!(
+            "{}.{BOOKS_NAMESPACE}.svc.cluster.local:{BOOKS_PORT}",
+            self.service
+        )
+    }
+}
+
+pub const BOOKS: BooksDeployment = BooksDeployment {
+    service: BOOKS_SERVICE,
+    cluster_ip: BOOKS_CLUSTER_IP,
+    pod: BOOKS_POD,
+    version: "v1",
+};
+
+pub const BOOKS_V2: BooksDeployment = BooksDeployment {
+    service: "books-v2",
+    cluster_ip: "10.96.0.21",
+    pod: "books-v2-0",
+    version: "v2",
+};
+
+/// `books.yaml`: the Namespace, then per deployment its Service (ClusterIP, named target port
+/// `http`), an EndpointSlice listing `endpoint` (its server proxy's inbound listener) as its
+/// pod, and that pod, meshed (`weft.dev/inject: enabled`), running as ServiceAccount `books`
+/// at `endpoint`.
+pub fn books_manifests(deployments: &[(BooksDeployment, SocketAddr)]) -> String {
+    let mut y = format!(
         "# Generated by `weft demo`. Edit while the demo runs: the controller reloads\n\
-         # within a second and the client proxy follows.\n\
-         apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---\n\
+         # within a second and the client proxy follows. The traffic policy is in\n\
+         # {ROUTE_FILE} and backendpolicy.yaml.\n\
+         apiVersion: v1\nkind: Namespace\nmetadata: {{name: {BOOKS_NAMESPACE}}}\n"
+    );
+    for (d, endpoint) in deployments {
+        y.push_str(&deployment_manifests(d, *endpoint));
+    }
+    y
+}
+
+fn deployment_manifests(d: &BooksDeployment, endpoint: SocketAddr) -> String {
+    format!(
+        "---\n\
          apiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: {ns}}}\n\
          spec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: {port}, targetPort: http}}]\n---\n\
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
@@ -55,20 +119,70 @@ pub fn books_manifests(endpoint: SocketAddr) -> String {
          # The pod behind the endpoint. Meshed (its proxy has identity\n\
          # spiffe://cluster.local/ns/{ns}/sa/{sa}): the client proxy talks mTLS to it.\n\
          apiVersion: v1\nkind: Pod\n\
-         metadata:\n  name: {pod}\n  namespace: {ns}\n  labels: {{app: {svc}}}\n\
+         metadata:\n  name: {pod}\n  namespace: {ns}\n  labels: {{app: books, version: {version}}}\n\
          \x20 annotations: {{weft.dev/inject: enabled}}\n\
          spec:\n  serviceAccountName: {sa}\n\
-         \x20 containers:\n    - name: {svc}\n      ports: [{{name: http, containerPort: {ep_port}}}]\n\
+         \x20 containers:\n    - name: books\n      ports: [{{name: http, containerPort: {ep_port}}}]\n\
          status:\n  phase: Running\n  podIP: \"{ep_ip}\"\n",
         ns = BOOKS_NAMESPACE,
-        svc = BOOKS_SERVICE,
-        ip = BOOKS_CLUSTER_IP,
+        svc = d.service,
+        ip = d.cluster_ip,
         port = BOOKS_PORT,
         family = if endpoint.is_ipv4() { "IPv4" } else { "IPv6" },
         ep_port = endpoint.port(),
         ep_ip = endpoint.ip(),
-        pod = BOOKS_POD,
+        pod = d.pod,
+        version = d.version,
         sa = BOOKS_SERVICE_ACCOUNT,
+    )
+}
+
+/// `route.yaml`: HTTPRoute `books` sending `weights.0` parts of the traffic to `books` and
+/// `weights.1` to `books-v2`, retrying 500, 502 and 503 up to twice.
+pub fn route_manifest(weights: (u32, u32)) -> String {
+    format!(
+        "# The books route (Gateway API HTTPRoute; GAMMA: its parentRef is the Service).\n\
+         # Edit the weights and save, e.g. 90 and 10 to send a tenth of the traffic to\n\
+         # books-v2: the controller reloads within a second and the client proxy follows,\n\
+         # without failing a request.\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {{name: {svc}, namespace: {ns}}}\n\
+         spec:\n  parentRefs:\n    - {{group: \"\", kind: Service, name: {svc}, port: {port}}}\n\
+         \x20 rules:\n    - backendRefs:\n\
+         \x20       - {{name: {svc}, port: {port}, weight: {w1}}}\n\
+         \x20       - {{name: {v2}, port: {port}, weight: {w2}}}\n\
+         \x20     # Experimental channel of the Gateway API: books fails 1 % of requests with a\n\
+         \x20     # 503; the client proxy retries them (twice at most, within the retry budget of\n\
+         \x20     # backendpolicy.yaml), so web sees none of them while the books proxy does.\n\
+         \x20     retry:\n        codes: [500, 502, 503]\n        attempts: 2\n",
+        ns = BOOKS_NAMESPACE,
+        svc = BOOKS.service,
+        v2 = BOOKS_V2.service,
+        port = BOOKS_PORT,
+        w1 = weights.0,
+        w2 = weights.1,
+    )
+}
+
+/// `backendpolicy.yaml`: BackendPolicy `books` on both books Services, with DESIGN.md's retry
+/// budget and circuit breaker written out so they can be edited.
+pub fn backend_policy_manifest() -> String {
+    format!(
+        "# Retry budget and circuit breaker of the books Services (policy.weft.dev/v1alpha1,\n\
+         # Gateway API policy attachment). Retries beyond 20 % of requests plus 10 per second\n\
+         # (over 10 s) are refused and counted; 7 consecutive failures eject an endpoint for\n\
+         # 1 s, doubling up to 60 s.\n\
+         apiVersion: policy.weft.dev/v1alpha1\nkind: BackendPolicy\n\
+         metadata: {{name: {svc}, namespace: {ns}}}\n\
+         spec:\n  targetRefs:\n\
+         \x20   - {{group: \"\", kind: Service, name: {svc}}}\n\
+         \x20   - {{group: \"\", kind: Service, name: {v2}}}\n\
+         \x20 retryBudget: {{retryRatio: 0.2, minRetriesPerSecond: 10, ttl: 10s}}\n\
+         \x20 circuitBreaker:\n    consecutiveFailures: 7\n    baseEjectionTime: 1s\n\
+         \x20   maxEjectionTime: 60s\n    jitter: 0.1\n",
+        ns = BOOKS_NAMESPACE,
+        svc = BOOKS.service,
+        v2 = BOOKS_V2.service,
     )
 }
 
@@ -168,19 +282,29 @@ pub struct ControllerProcess {
 }
 
 impl ControllerProcess {
-    /// Writes the manifests under `log_dir/manifests` and starts the controller on them, issuing
-    /// certificates from `ca`.
+    /// Writes the manifests under `log_dir/manifests` (each books deployment's endpoint is its
+    /// server proxy's inbound listener; the route sends everything to `books`) and starts the
+    /// controller on them, issuing certificates from `ca`.
     pub fn spawn(
         bin: &Path,
         addrs: ControllerAddrs,
-        endpoint: SocketAddr,
+        deployments: &[(BooksDeployment, SocketAddr)],
         ca: &DevCa,
         log_filter: &str,
         log_dir: &Path,
     ) -> Result<Self, DemoError> {
         let manifests = log_dir.join("manifests");
+        let files = [
+            ("books.yaml", books_manifests(deployments)),
+            (ROUTE_FILE, route_manifest((100, 0))),
+            ("backendpolicy.yaml", backend_policy_manifest()),
+        ];
         std::fs::create_dir_all(&manifests)
-            .and_then(|()| std::fs::write(manifests.join("books.yaml"), books_manifests(endpoint)))
+            .and_then(|()| {
+                files
+                    .iter()
+                    .try_for_each(|(name, text)| std::fs::write(manifests.join(name), text))
+            })
             .map_err(|source| DemoError::Manifests {
                 path: manifests.clone(),
                 source,
@@ -229,30 +353,85 @@ pub fn default_controller_bin() -> std::io::Result<PathBuf> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn manifests_point_books_at_the_server_proxy() {
-        let y = books_manifests(SocketAddr::from(([127, 0, 0, 1], 41234)));
-        assert!(y.contains("name: books, namespace: demo"));
-        assert!(y.contains("clusterIP: 10.96.0.20"));
-        assert!(y.contains("ports: [{name: http, port: 8080, targetPort: http}]"));
-        assert!(y.contains("ports: [{name: http, port: 41234}]"));
-        assert!(y.contains("addresses: [\"127.0.0.1\"]"));
+    fn two_deployments() -> String {
+        books_manifests(&[
+            (BOOKS, SocketAddr::from(([127, 0, 0, 1], 41234))),
+            (BOOKS_V2, SocketAddr::from(([127, 0, 0, 1], 41235))),
+        ])
     }
 
     #[test]
-    fn manifests_mark_the_books_endpoint_as_a_meshed_pod() {
-        let y = books_manifests(SocketAddr::from(([127, 0, 0, 1], 41234)));
+    fn manifests_point_each_books_service_at_its_server_proxy() {
+        let y = two_deployments();
+        assert_eq!(y.matches("kind: Namespace").count(), 1);
+        assert!(y.contains("name: books, namespace: demo"));
+        assert!(y.contains("clusterIP: 10.96.0.20"));
+        assert!(y.contains("name: books-v2, namespace: demo"));
+        assert!(y.contains("clusterIP: 10.96.0.21"));
+        assert_eq!(
+            y.matches("ports: [{name: http, port: 8080, targetPort: http}]")
+                .count(),
+            2
+        );
         assert!(y.contains(
-            "  - addresses: [\"127.0.0.1\"]\n    conditions: {ready: true}\n    \
-             targetRef: {kind: Pod, name: books-0}\n"
+            "name: books-server-proxy\n  namespace: demo\n  labels: {kubernetes.io/service-name: books}\n\
+             addressType: IPv4\nports: [{name: http, port: 41234}]\n"
         ));
         assert!(y.contains(
-            "kind: Pod\nmetadata:\n  name: books-0\n  namespace: demo\n  labels: {app: books}\n  \
-             annotations: {weft.dev/inject: enabled}\n\
-             spec:\n  serviceAccountName: books\n  containers:\n    - name: books\n      \
-             ports: [{name: http, containerPort: 41234}]\n\
-             status:\n  phase: Running\n  podIP: \"127.0.0.1\"\n"
+            "name: books-v2-server-proxy\n  namespace: demo\n  labels: {kubernetes.io/service-name: books-v2}\n\
+             addressType: IPv4\nports: [{name: http, port: 41235}]\n"
         ));
+    }
+
+    #[test]
+    fn manifests_mark_each_books_endpoint_as_a_meshed_pod() {
+        let y = two_deployments();
+        for (pod, port, version) in [("books-0", 41234, "v1"), ("books-v2-0", 41235, "v2")] {
+            assert!(y.contains(&format!(
+                "  - addresses: [\"127.0.0.1\"]\n    conditions: {{ready: true}}\n    \
+                 targetRef: {{kind: Pod, name: {pod}}}\n"
+            )));
+            assert!(y.contains(&format!(
+                "kind: Pod\nmetadata:\n  name: {pod}\n  namespace: demo\n  \
+                 labels: {{app: books, version: {version}}}\n  \
+                 annotations: {{weft.dev/inject: enabled}}\n\
+                 spec:\n  serviceAccountName: books\n  containers:\n    - name: books\n      \
+                 ports: [{{name: http, containerPort: {port}}}]\n\
+                 status:\n  phase: Running\n  podIP: \"127.0.0.1\"\n"
+            )));
+        }
+    }
+
+    #[test]
+    fn the_route_splits_books_by_weight_and_retries_5xx() {
+        let y = route_manifest((90, 10));
+        assert!(y.contains(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {name: books, namespace: demo}\n\
+             spec:\n  parentRefs:\n    - {group: \"\", kind: Service, name: books, port: 8080}\n\
+             \x20 rules:\n    - backendRefs:\n\
+             \x20       - {name: books, port: 8080, weight: 90}\n\
+             \x20       - {name: books-v2, port: 8080, weight: 10}\n"
+        ));
+        assert!(y.ends_with("      retry:\n        codes: [500, 502, 503]\n        attempts: 2\n"));
+        assert_eq!(
+            BOOKS_V2.backend(),
+            "books-v2.demo.svc.cluster.local:8080",
+            "the proxy's backend label"
+        );
+    }
+
+    #[test]
+    fn the_backend_policy_targets_both_books_services() {
+        let y = backend_policy_manifest();
+        assert!(y.contains(
+            "kind: BackendPolicy\nmetadata: {name: books, namespace: demo}\n\
+             spec:\n  targetRefs:\n\
+             \x20   - {group: \"\", kind: Service, name: books}\n\
+             \x20   - {group: \"\", kind: Service, name: books-v2}\n\
+             \x20 retryBudget: {retryRatio: 0.2, minRetriesPerSecond: 10, ttl: 10s}\n"
+        ));
+        assert!(y.contains("consecutiveFailures: 7\n"));
     }
 
     #[test]

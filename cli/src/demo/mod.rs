@@ -1,19 +1,21 @@
-//! `weft demo`: a two-proxy mesh with its controller on loopback, with no
-//! root and no cluster, the proxies talking mutual TLS with certificates from
-//! the controller's development CA.
+//! `weft demo`: a small mesh with its controller on loopback, with no root and no cluster:
+//! web calls books through a client proxy, books runs in two versions (`books` and
+//! `books-v2`, each behind its own server proxy), the proxies talk mutual TLS with
+//! certificates from the controller's development CA, and web's traffic follows an HTTPRoute
+//! with retries and a BackendPolicy's retry budget.
 //!
 //! ```text
-//!  web ──▶ client proxy ═════════ mTLS ═════════▶ server proxy ─────────▶ books
-//!  (in-process  outbound: routes by Host          inbound: terminates     (in-process
-//!   generator)  books.demo.svc.cluster.local,     mTLS (the SNI names      JSON app)
-//!               checks the server is sa/books,    sa/books), HTTP/1.1 to
-//!               HTTP/2 to it                      its fixed target
-//!               identity sa/web                   identity sa/books
-//!                    │ Resolve, Certify                │ Certify
-//!                    ▼                                 ▼
-//!               weft-controller --source dir:<log dir>/manifests --dev-ca <log dir>/ca
-//!               (Service books → endpoint: the server proxy's inbound port, pod books-0,
-//!                meshed, ServiceAccount books: identity and HTTP/2 hint)
+//!  web ──▶ web proxy ══════ mTLS ═════▶ books proxy ─────▶ books     (in-process JSON app,
+//!          outbound: HTTPRoute books      inbound: mTLS,            1 % of answers 503)
+//!          splits by weight, retries      HTTP/1.1 to its
+//!          503s within the budget,        fixed target
+//!          balances each backend     ═══▶ books-v2 proxy ──▶ books-v2  (the same app)
+//!          identity sa/web                identity sa/books (both versions)
+//!               │ Resolve, ClientPolicy, Certify    │ Certify
+//!               ▼                                   ▼
+//!          weft-controller --source dir:<log dir>/manifests --dev-ca <log dir>/ca
+//!          (Services books and books-v2, each with one endpoint: its server proxy's
+//!           inbound port, a meshed pod; route.yaml; backendpolicy.yaml)
 //! ```
 //!
 //! Identities are `spiffe://cluster.local/ns/demo/sa/{web,books}`. Each proxy
@@ -26,17 +28,24 @@
 //! In a pod, iptables redirects the app's traffic to the proxy and the proxy
 //! reads the original destination with `SO_ORIGINAL_DST`; both need root.
 //! Here each listener is given a fixed target instead
-//! (`WEFT_PROXY_{OUTBOUND,INBOUND}_FIXED_TARGET`): the client proxy's is the
+//! (`WEFT_PROXY_{OUTBOUND,INBOUND}_FIXED_TARGET`): the web proxy's is the
 //! books ClusterIP, what the app would have connected to. `web` connects
-//! straight to the client proxy's outbound port with the Host header a cluster
-//! app would send, and the client proxy routes by that name: it asks the
-//! controller (`WEFT_PROXY_DESTINATION_ADDR`) for the endpoints of
-//! `books.demo.svc.cluster.local:8080` and balances over them.
+//! straight to the web proxy's outbound port with the Host header a cluster
+//! app would send, and the web proxy routes by that name: it asks the
+//! controller (`WEFT_PROXY_DESTINATION_ADDR`) for the ClientPolicy of
+//! `books.demo.svc.cluster.local:8080` (HTTPRoute `books`: which backend, which retries) and
+//! for the endpoints of the backend each request draws, and balances over them.
+//!
+//! The route lives in `<log dir>/manifests/route.yaml`, and the demo says so at start:
+//! editing its weights (say 90/10 to books-v2) moves the traffic within a second, which the
+//! route table's split column shows.
 //!
 //! Every number in the live tables is read from the proxies' `/metrics`
 //! endpoints, never from the generator, so the demo shows what an operator
-//! scraping the mesh would see: golden metrics per proxy and direction, and
-//! the security state (connections with mTLS and their peers' identities,
+//! scraping the mesh would see: golden metrics per proxy and direction; the web
+//! proxy's routes, with the success rate web got (after retries) next to what
+//! the books proxies answered (every attempt), retries, budget refusals and the
+//! split; and the security state (connections with mTLS and their peers' identities,
 //! handshake failures, each certificate's time left).
 
 pub mod apps;
@@ -58,14 +67,16 @@ use tokio_util::sync::CancellationToken;
 
 use self::apps::{BooksConfig, TrafficConfig, TrafficCounts};
 use self::controller::{
-    ControllerAddrs, ControllerProcess, DevCa, BOOKS_CLUSTER_IP, BOOKS_POD, BOOKS_PORT,
-    BOOKS_SERVICE_ACCOUNT, WEB_POD, WEB_SERVICE_ACCOUNT,
+    BooksDeployment, ControllerAddrs, ControllerProcess, DevCa, BOOKS, BOOKS_CLUSTER_IP,
+    BOOKS_PORT, BOOKS_ROUTE_LABEL, BOOKS_SERVICE_ACCOUNT, BOOKS_V2, ROUTE_FILE, WEB_POD,
+    WEB_SERVICE_ACCOUNT,
 };
 use self::proxy::{AdminClient, ProxyAddrs, ProxyIdentity, ProxyProcess, ProxySpec};
-use self::table::{Row, SecurityRow};
+use self::table::{RouteRow, Row, SecurityRow};
 use crate::promtext::Sample;
+use crate::routes::{self, RouteSnapshot};
 use crate::security::{self, TlsSnapshot};
-use crate::stats::{Direction, DirectionSnapshot, WindowStats};
+use crate::stats::{counter_delta, Direction, DirectionSnapshot, WindowStats};
 
 /// The Host header web sends (with the service port, [`BOOKS_PORT`]).
 pub const BOOKS_HOST: &str = "books.demo.svc.cluster.local";
@@ -154,46 +165,55 @@ pub enum DemoError {
     Interrupted,
 }
 
-/// Which rows the table shows, in order: each proxy's busy direction first.
-const ROWS: [(usize, &str, Direction); 4] = [
-    (0, "client", Direction::Outbound),
-    (1, "server", Direction::Inbound),
-    (0, "client", Direction::Inbound),
-    (1, "server", Direction::Outbound),
+/// The demo's proxies, in the order they are stopped: web's first, so its requests in
+/// flight can still reach books. Each name labels its table rows and log file
+/// (`<name>-proxy.log`); a server proxy fronts one books deployment.
+const PROXIES: [(&str, Option<BooksDeployment>); PROXY_COUNT] = [
+    ("web", None),
+    ("books", Some(BOOKS)),
+    ("books-v2", Some(BOOKS_V2)),
+];
+const PROXY_COUNT: usize = 3;
+/// Index of the web (client) proxy in [`PROXIES`].
+const WEB: usize = 0;
+
+/// Which rows both tables show, in order: the directions the demo's traffic takes (the
+/// others stay at zero).
+const ROWS: [(usize, &str, Direction); PROXY_COUNT] = [
+    (WEB, PROXIES[WEB].0, Direction::Outbound),
+    (1, PROXIES[1].0, Direction::Inbound),
+    (2, PROXIES[2].0, Direction::Inbound),
 ];
 
-/// Which rows the security table shows: the directions the demo's traffic takes.
-const SECURITY_ROWS: [(usize, &str, Direction); 2] = [
-    (0, "client", Direction::Outbound),
-    (1, "server", Direction::Inbound),
-];
-
-/// One scrape of both proxies.
+/// One scrape of every proxy.
 #[derive(Debug, Clone)]
 struct Scrape {
     at: Instant,
     /// Wall-clock time of the scrape, Unix seconds, for certificate expiry.
     unix: f64,
-    proxies: [Result<Vec<Sample>, String>; 2],
+    proxies: [Result<Vec<Sample>, String>; PROXY_COUNT],
 }
 
 impl Scrape {
-    async fn take(admin: &AdminClient, addrs: [SocketAddr; 2]) -> Self {
-        let (client, server) = tokio::join!(admin.metrics(addrs[0]), admin.metrics(addrs[1]));
+    async fn take(admin: &AdminClient, addrs: [SocketAddr; PROXY_COUNT]) -> Self {
+        let (web, books, books_v2) = tokio::join!(
+            admin.metrics(addrs[0]),
+            admin.metrics(addrs[1]),
+            admin.metrics(addrs[2])
+        );
         Self {
             at: Instant::now(),
             unix: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
-            proxies: [client, server],
+            proxies: [web, books, books_v2],
         }
     }
 
     /// The security rows: TLS connections and handshake failures since `start`, and each
     /// proxy's certificate time left now.
     fn security_since(&self, start: &Scrape) -> Vec<SecurityRow> {
-        SECURITY_ROWS
-            .iter()
+        ROWS.iter()
             .map(|&(i, proxy, direction)| {
                 let now = self.proxies[i].as_ref().ok();
                 // A failed first scrape counts from zero: the proxies had no traffic yet.
@@ -211,11 +231,12 @@ impl Scrape {
             .collect()
     }
 
-    /// Both tables for the window from `prev` to `self`, security since `start`.
+    /// The three tables for the window from `prev` to `self`, security since `start`.
     fn render(&self, prev: &Scrape, start: &Scrape) -> String {
         format!(
-            "{}{SECURITY_CAPTION}\n{}",
+            "{}{ROUTES_CAPTION}\n{}{SECURITY_CAPTION}\n{}",
             table::render(&self.rows_since(prev)),
+            table::render_routes(self.routes_since(prev).as_deref()),
             table::render_security(&self.security_since(start)),
         )
     }
@@ -241,8 +262,69 @@ impl Scrape {
             })
             .collect()
     }
+
+    /// The web proxy's route rules over the window from `prev` (a failed earlier scrape counts
+    /// from zero); `None` when this scrape of the web proxy failed.
+    fn routes_since(&self, prev: &Scrape) -> Option<Vec<RouteRow>> {
+        let seconds = self.at.duration_since(prev.at).as_secs_f64();
+        let windows = routes::windows_between(&prev.routes(), &self.web_routes()?, seconds);
+        Some(
+            windows
+                .into_iter()
+                .map(|(route, window)| RouteRow {
+                    server_success: self.server_success(prev, window.requests.keys()),
+                    route,
+                    window,
+                })
+                .collect(),
+        )
+    }
+
+    /// The web proxy's route counters; empty when its scrape failed.
+    fn routes(&self) -> std::collections::BTreeMap<String, RouteSnapshot> {
+        self.web_routes().unwrap_or_default()
+    }
+
+    fn web_routes(&self) -> Option<std::collections::BTreeMap<String, RouteSnapshot>> {
+        self.proxies[WEB]
+            .as_ref()
+            .ok()
+            .map(|s| routes::routes_from_samples(s))
+    }
+
+    /// The inbound success rate since `prev` of the server proxies that front `backends`
+    /// (route backend labels), together: every attempt the apps answered, retries included.
+    /// `None` when none of them answered (or none is one of the demo's).
+    fn server_success<'a>(
+        &self,
+        prev: &Scrape,
+        backends: impl Iterator<Item = &'a String>,
+    ) -> Option<f64> {
+        let (mut responses, mut successes) = (0.0, 0.0);
+        for backend in backends {
+            let Some(i) = PROXIES
+                .iter()
+                .position(|(_, d)| d.is_some_and(|d| d.backend() == *backend))
+            else {
+                continue;
+            };
+            let Ok(cur) = &self.proxies[i] else {
+                continue;
+            };
+            let cur = DirectionSnapshot::from_samples(cur, Direction::Inbound);
+            let before = prev.proxies[i]
+                .as_ref()
+                .map(|s| DirectionSnapshot::from_samples(s, Direction::Inbound))
+                .unwrap_or_default();
+            responses += counter_delta(before.responses, cur.responses);
+            successes += counter_delta(before.successes, cur.successes);
+        }
+        (responses > 0.0).then(|| (successes / responses).clamp(0.0, 1.0))
+    }
 }
 
+const ROUTES_CAPTION: &str =
+    "Routes on the web proxy (CLIENT: after retries; SERVER: at the books proxies, every attempt)";
 const SECURITY_CAPTION: &str =
     "Mesh TLS since the start (connections; CERT: time left on each proxy's certificate)";
 
@@ -284,35 +366,38 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
     let ca = DevCa::in_log_dir(&log_dir);
     let shutdown_apps = CancellationToken::new();
 
-    // books, in-process, on a port it keeps (no reservation race).
-    let books_listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(DemoError::BindBooks)?;
-    let books_addr = books_listener.local_addr().map_err(DemoError::BindBooks)?;
-    let books_task = tokio::spawn(apps::serve_books(
-        books_listener,
-        config.books.clone(),
-        shutdown_apps.clone(),
-        Duration::from_secs(2),
-    ));
+    // books, both versions, in-process, on ports they keep (no reservation race).
+    let mut books_addrs = Vec::with_capacity(2);
+    let mut books_tasks = Vec::with_capacity(2);
+    for _ in [BOOKS, BOOKS_V2] {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(DemoError::BindBooks)?;
+        books_addrs.push(listener.local_addr().map_err(DemoError::BindBooks)?);
+        books_tasks.push(tokio::spawn(apps::serve_books(
+            listener,
+            config.books.clone(),
+            shutdown_apps.clone(),
+            Duration::from_secs(2),
+        )));
+    }
 
-    let ports = proxy::free_loopback_ports(9).map_err(DemoError::Ports)?;
-    let client_addrs = ProxyAddrs {
-        outbound: ports[0],
-        inbound: ports[1],
-        admin: ports[2],
-    };
-    let server_addrs = ProxyAddrs {
-        outbound: ports[3],
-        inbound: ports[4],
-        admin: ports[5],
-    };
+    let ports = proxy::free_loopback_ports(3 * PROXY_COUNT + 3).map_err(DemoError::Ports)?;
+    let proxy_addrs: Vec<ProxyAddrs> = ports
+        .chunks(3)
+        .take(PROXY_COUNT)
+        .map(|p| ProxyAddrs {
+            outbound: p[0],
+            inbound: p[1],
+            admin: p[2],
+        })
+        .collect();
     let controller_addrs = ControllerAddrs {
-        destination: ports[6],
-        identity: ports[7],
-        admin: ports[8],
+        destination: ports[3 * PROXY_COUNT],
+        identity: ports[3 * PROXY_COUNT + 1],
+        admin: ports[3 * PROXY_COUNT + 2],
     };
-    // What the app would have connected to: the service's ClusterIP. The client proxy routes
+    // What the app would have connected to: the service's ClusterIP. The web proxy routes
     // by Host instead, through the controller.
     let cluster_ip = SocketAddr::new(
         BOOKS_CLUSTER_IP
@@ -327,33 +412,43 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
         token_file: ca.token_file(pod_name),
         trust_anchors: ca.trust_anchors(),
     };
-    let specs = [
-        ProxySpec {
-            name: "client",
-            addrs: client_addrs,
-            outbound_target: Some(cluster_ip),
-            inbound_target: None,
-            log_filter: config.proxy_log.clone(),
-            destination: Some(controller_addrs.destination),
-            namespace: Some(controller::BOOKS_NAMESPACE.into()),
-            identity: Some(identity(WEB_SERVICE_ACCOUNT, WEB_POD)),
-        },
-        ProxySpec {
-            name: "server",
-            addrs: server_addrs,
-            outbound_target: None,
-            inbound_target: Some(books_addr),
-            log_filter: config.proxy_log.clone(),
-            destination: None,
-            namespace: Some(controller::BOOKS_NAMESPACE.into()),
-            identity: Some(identity(BOOKS_SERVICE_ACCOUNT, BOOKS_POD)),
-        },
-    ];
+    let specs: Vec<ProxySpec> = PROXIES
+        .iter()
+        .zip(&proxy_addrs)
+        .map(|(&(name, books), &addrs)| match books {
+            None => ProxySpec {
+                name,
+                addrs,
+                outbound_target: Some(cluster_ip),
+                inbound_target: None,
+                log_filter: config.proxy_log.clone(),
+                destination: Some(controller_addrs.destination),
+                namespace: Some(controller::BOOKS_NAMESPACE.into()),
+                identity: Some(identity(WEB_SERVICE_ACCOUNT, WEB_POD)),
+            },
+            Some(deployment) => ProxySpec {
+                name,
+                addrs,
+                outbound_target: None,
+                inbound_target: Some(books_addrs[usize::from(deployment == BOOKS_V2)]),
+                log_filter: config.proxy_log.clone(),
+                destination: None,
+                namespace: Some(controller::BOOKS_NAMESPACE.into()),
+                identity: Some(identity(BOOKS_SERVICE_ACCOUNT, deployment.pod)),
+            },
+        })
+        .collect();
+    // Each books Service's endpoint is its server proxy's inbound listener.
+    let deployments: Vec<(BooksDeployment, SocketAddr)> = PROXIES
+        .iter()
+        .zip(&proxy_addrs)
+        .filter_map(|((_, d), addrs)| Some(((*d)?, addrs.inbound)))
+        .collect();
 
     let mut controller = ControllerProcess::spawn(
         &config.controller_bin,
         controller_addrs,
-        server_addrs.inbound,
+        &deployments,
         &ca,
         if config.proxy_log == "debug" {
             "debug"
@@ -363,7 +458,7 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
         &log_dir,
     )?;
     let admin = AdminClient::new(Duration::from_secs(1));
-    let mut proxies: Vec<ProxyProcess> = Vec::with_capacity(2);
+    let mut proxies: Vec<ProxyProcess> = Vec::with_capacity(PROXY_COUNT);
     let started = async {
         controller
             .wait_ready(
@@ -385,7 +480,7 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
         Ok(()) => {
             print_banner(
                 &config,
-                books_addr,
+                &books_addrs,
                 &specs,
                 &proxies,
                 &controller,
@@ -399,8 +494,8 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
         Err(e) => Err(e),
     };
 
-    // Whatever happened, stop the proxies one at a time, client first so its
-    // in-flight requests can still reach the server, and the apps last.
+    // Whatever happened, stop the proxies one at a time, web's first so its
+    // in-flight requests can still reach books, and the apps last.
     let mut endings = Vec::new();
     for p in &mut proxies {
         let how = p.terminate(config.shutdown_grace).await;
@@ -409,7 +504,9 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
     let how = controller.child.terminate(config.shutdown_grace).await;
     endings.push(format!("controller {how}"));
     shutdown_apps.cancel();
-    let _ = books_task.await;
+    for task in books_tasks {
+        let _ = task.await;
+    }
 
     let mut text = result?;
     for e in endings {
@@ -425,12 +522,12 @@ pub async fn run(config: DemoConfig) -> Result<(), DemoError> {
 
 async fn start_proxies(
     config: &DemoConfig,
-    specs: &[ProxySpec; 2],
+    specs: &[ProxySpec],
     log_dir: &std::path::Path,
     stop: &CancellationToken,
     proxies: &mut Vec<ProxyProcess>,
 ) -> Result<(), DemoError> {
-    // Server first: the client's fixed target is its inbound listener.
+    // Server proxies first: web's traffic goes to their inbound listeners.
     for spec in specs.iter().rev() {
         proxies.push(ProxyProcess::spawn(
             &config.proxy_bin,
@@ -446,10 +543,15 @@ async fn start_proxies(
     Ok(())
 }
 
+/// The one-line hint about the live edit, printed under the banner.
+pub const ROUTE_HINT: &str =
+    "edit manifests/route.yaml (e.g. weights 90/10 to books-v2) and save: \
+     the split changes within a second";
+
 fn print_banner(
     config: &DemoConfig,
-    books: SocketAddr,
-    specs: &[ProxySpec; 2],
+    books: &[SocketAddr],
+    specs: &[ProxySpec],
     proxies: &[ProxyProcess],
     controller: &ControllerProcess,
     ca: &DevCa,
@@ -462,14 +564,15 @@ fn print_banner(
             .map_or_else(|| "?".into(), |p| p.to_string())
     };
     let mut text = String::from(
-        "weft demo: a two-proxy mesh and its controller on loopback, mTLS between the proxies\n",
+        "weft demo: web calls books through Weft proxies on loopback, mTLS between the proxies,\n\
+         traffic under an HTTPRoute with retries and a BackendPolicy's retry budget\n",
     );
     text.push_str(&format!(
-        "  web           {} req/s to {} with Host: {BOOKS_HOST}:{BOOKS_PORT}\n",
-        config.rps, specs[0].addrs.outbound,
+        "  web             {} req/s to {} with Host: {BOOKS_HOST}:{BOOKS_PORT}\n",
+        config.rps, specs[WEB].addrs.outbound,
     ));
     text.push_str(&format!(
-        "  controller    pid {:<7} destination {}  manifests {}\n",
+        "  controller      pid {:<7} destination {}  manifests {}\n",
         controller
             .child
             .pid()
@@ -478,27 +581,43 @@ fn print_banner(
         controller.manifests.display()
     ));
     text.push_str(&format!(
-        "  identity      dev CA {}  tokens {}  (identity service {})\n",
+        "  identity        dev CA {}  tokens {}  (identity service {})\n",
         ca.dir.display(),
         ca.tokens.display(),
         controller.addrs.identity,
     ));
+    for (i, spec) in specs.iter().enumerate() {
+        let (direction, listener) = if spec.inbound_target.is_some() {
+            ("inbound ", spec.addrs.inbound)
+        } else {
+            ("outbound", spec.addrs.outbound)
+        };
+        let sa = spec
+            .identity
+            .as_ref()
+            .map_or("-", |id| id.service_account.as_str());
+        text.push_str(&format!(
+            "  {:<15} pid {:<7} {direction} {listener}  admin http://{}/metrics  sa {sa}\n",
+            format!("{} proxy", spec.name),
+            pid(i),
+            spec.addrs.admin,
+        ));
+    }
+    let apps: Vec<String> = PROXIES
+        .iter()
+        .filter_map(|(name, d)| d.map(|_| *name))
+        .zip(books)
+        .map(|(name, addr)| format!("{name} {addr}"))
+        .collect();
+    text.push_str(&format!("  apps            {}\n", apps.join("  ")));
+    text.push_str(&format!("  logs            {}\n", log_dir.display()));
     text.push_str(&format!(
-        "  client proxy  pid {:<7} outbound {}  admin http://{}/metrics  sa {}\n",
-        pid(0),
-        specs[0].addrs.outbound,
-        specs[0].addrs.admin,
-        WEB_SERVICE_ACCOUNT,
+        "  route           {}: HTTPRoute books, 100 % to books, retries 503s twice\n\
+         \x20 policy          {}: retry budget 20 % + 10/s, circuit breaker\n",
+        controller.manifests.join(ROUTE_FILE).display(),
+        controller.manifests.join("backendpolicy.yaml").display(),
     ));
-    text.push_str(&format!(
-        "  server proxy  pid {:<7} inbound  {}  admin http://{}/metrics  sa {}\n",
-        pid(1),
-        specs[1].addrs.inbound,
-        specs[1].addrs.admin,
-        BOOKS_SERVICE_ACCOUNT,
-    ));
-    text.push_str(&format!("  books         {books}\n"));
-    text.push_str(&format!("  logs          {}\n", log_dir.display()));
+    text.push_str(&format!("Live: {ROUTE_HINT}.\n"));
     text.push_str(&match config.duration {
         Some(d) => format!("Running for {}s (Ctrl-C stops sooner).\n", d.as_secs()),
         None => "Press Ctrl-C to stop.\n".into(),
@@ -521,17 +640,15 @@ async fn run_traffic(
     stop: &CancellationToken,
     proxies: &mut [ProxyProcess],
 ) -> Result<String, DemoError> {
-    let [client, server] = proxies else {
-        unreachable!("two proxies are started");
-    };
-    let admins = [client.spec.addrs.admin, server.spec.addrs.admin];
+    assert_eq!(proxies.len(), PROXY_COUNT, "every proxy is started");
+    let admins: [SocketAddr; PROXY_COUNT] = std::array::from_fn(|i| proxies[i].spec.addrs.admin);
     let baseline = Scrape::take(admin, admins).await;
 
     let counts = Arc::new(TrafficCounts::default());
     let stop_traffic = CancellationToken::new();
     let traffic = tokio::spawn(apps::generate_traffic(
         TrafficConfig {
-            connect_to: client.spec.addrs.outbound,
+            connect_to: proxies[WEB].spec.addrs.outbound,
             authority: format!("{BOOKS_HOST}:{BOOKS_PORT}"),
             rps: config.rps,
             request_timeout: Duration::from_secs(5),
@@ -555,12 +672,8 @@ async fn run_traffic(
         tokio::select! {
             () = stop.cancelled() => break,
             () = sleep_until_opt(end) => break,
-            status = client.exited() => {
-                early_exit = Some(status_or_error(client, status));
-                break;
-            }
-            status = server.exited() => {
-                early_exit = Some(status_or_error(server, status));
+            e = first_exit(proxies) => {
+                early_exit = Some(e);
                 break;
             }
             _ = ticker.tick() => {
@@ -584,43 +697,111 @@ async fn run_traffic(
     // The last scrape happens before SIGTERM, while the admin port is up.
     let last = Scrape::take(admin, admins).await;
     let elapsed = last.at.duration_since(start).as_secs_f64();
-    let routed = |s: &Scrape, route: &str| {
-        s.proxies[0].as_ref().map_or(0.0, |samples| {
+    let web_sum = |s: &Scrape, keep: &dyn Fn(&Sample) -> bool| {
+        s.proxies[WEB].as_ref().map_or(0.0, |samples| {
             samples
                 .iter()
-                .filter(|x| {
-                    x.name == "weft_outbound_routes_total"
-                        && x.label("protocol") == Some("http")
-                        && x.label("route") == Some(route)
-                })
-                .map(|x| x.value)
-                .sum::<f64>()
+                .filter(|x| keep(x))
+                .fold(0.0, |sum, x| sum + x.value)
         })
     };
-    let endpoints = last.proxies[0].as_ref().map_or(0.0, |samples| {
-        samples
-            .iter()
-            .filter(|x| x.name == "weft_balancer_endpoints")
-            .map(|x| x.value)
-            .sum::<f64>()
-    });
+    let routed = |s: &Scrape, route: &str| {
+        web_sum(s, &|x| {
+            x.name == "weft_outbound_routes_total"
+                && x.label("protocol") == Some("http")
+                && x.label("route") == Some(route)
+        })
+    };
+    let endpoints = web_sum(&last, &|x| x.name == "weft_balancer_endpoints");
+    // Requests by client identity, over every books proxy.
     let clients = |s: &Scrape| {
-        s.proxies[1]
-            .as_ref()
-            .map(|samples| security::requests_by_client(samples, Direction::Inbound))
-            .unwrap_or_default()
+        let mut by = std::collections::BTreeMap::new();
+        for (i, _) in PROXIES.iter().enumerate().filter(|(_, (_, d))| d.is_some()) {
+            if let Ok(samples) = &s.proxies[i] {
+                for (id, n) in security::requests_by_client(samples, Direction::Inbound) {
+                    *by.entry(id).or_insert(0.0) += n;
+                }
+            }
+        }
+        by
     };
     Ok(format!(
         "\nSummary over {elapsed:.1}s, from the proxies' /metrics (TCP: open at the end):\n{}\n  {}\n  \
-         server proxy inbound requests by client identity: {}\n  \
-         client proxy routing: {:.0} requests balanced over endpoints from the controller \
-         ({endpoints:.0} endpoint(s) known), {:.0} passed through\n",
+         books proxies' inbound requests by client identity: {}\n  \
+         web proxy routing: {:.0} requests balanced over endpoints from the controller \
+         ({endpoints:.0} endpoint(s) known), {:.0} passed through\n{}",
         last.render(&baseline, &baseline),
         counts.summary(),
         table::render_clients(&security::counts_since(&clients(&baseline), &clients(&last))),
         routed(&last, "balanced") - routed(&baseline, "balanced"),
         routed(&last, "passthrough") - routed(&baseline, "passthrough"),
+        route_summary(&baseline.routes(), &last.routes()),
     ))
+}
+
+/// One line per route rule of the web proxy over the run: requests by backend, retries by
+/// reason and budget refusals, e.g. `route httproute/demo/books/0 on the web proxy: 250
+/// requests (books 250), 3 retries (status 3), 0 refused by the retry budget`.
+fn route_summary(
+    baseline: &std::collections::BTreeMap<String, RouteSnapshot>,
+    last: &std::collections::BTreeMap<String, RouteSnapshot>,
+) -> String {
+    let mut text = String::new();
+    if !last.contains_key(BOOKS_ROUTE_LABEL) {
+        text.push_str(&format!(
+            "  route {BOOKS_ROUTE_LABEL}: no request matched it (was {ROUTE_FILE} edited?)\n"
+        ));
+    }
+    for (route, w) in routes::windows_between(baseline, last, 1.0) {
+        let list = |m: &std::collections::BTreeMap<String, f64>| {
+            m.iter()
+                .map(|(k, n)| format!("{k} {n:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let retries = if w.retries.is_empty() {
+            "0 retries".to_string()
+        } else {
+            format!("{:.0} retries ({})", w.total_retries(), list(&w.retries))
+        };
+        let split = w
+            .shares()
+            .iter()
+            .map(|(backend, _)| {
+                let n = w.requests.get(*backend).copied().unwrap_or(0.0);
+                format!("{} {n:.0}", routes::short_backend(backend))
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        text.push_str(&format!(
+            "  route {route} on the web proxy: {:.0} requests ({split}), {retries}, {:.0} refused by the retry budget\n",
+            w.total_requests(),
+            w.budget_exhausted,
+        ));
+    }
+    text
+}
+
+/// Resolves when the first proxy exits, with the error naming it and its log.
+async fn first_exit(proxies: &mut [ProxyProcess]) -> DemoError {
+    let mut exits: Vec<_> = proxies
+        .iter_mut()
+        .map(|p| {
+            Box::pin(async move {
+                let status = p.exited().await;
+                status_or_error(p, status)
+            })
+        })
+        .collect();
+    std::future::poll_fn(|cx| {
+        for exit in &mut exits {
+            if let std::task::Poll::Ready(e) = std::future::Future::poll(exit.as_mut(), cx) {
+                return std::task::Poll::Ready(e);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 fn status_or_error(p: &ProxyProcess, status: std::io::Result<ExitStatus>) -> DemoError {

@@ -1,11 +1,13 @@
 //! The live tables `weft demo` prints: golden metrics, one row per proxy and
-//! direction, and under them the mesh's security state. Pure string
-//! rendering, so their exact shape is pinned by tests (the integration test
-//! reads the same columns).
+//! direction; the client proxy's routes (success before and after retries,
+//! retries, budget refusals, the split); and the mesh's security state. Pure
+//! string rendering, so their exact shape is pinned by tests (the integration
+//! test reads the same columns).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use crate::routes::{short_backend, RouteWindow};
 use crate::security::{format_time_left, TlsSnapshot};
 use crate::stats::{Direction, WindowStats};
 
@@ -39,8 +41,7 @@ pub fn render(rows: &[Row]) -> String {
         match &row.stats {
             Ok(s) => cells.extend([
                 format!("{:.1}", s.requests_per_sec),
-                s.success_rate
-                    .map_or_else(|| "-".into(), |r| format!("{:.2}%", r * 100.0)),
+                percent(s.success_rate),
                 s.p50.map_or_else(|| "-".into(), format_seconds),
                 s.p99.map_or_else(|| "-".into(), format_seconds),
                 s.tcp_open
@@ -63,6 +64,63 @@ pub fn render(rows: &[Row]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// One line of the route table: a route rule on the client proxy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteRow {
+    /// `httproute/<ns>/<name>/<rule>`.
+    pub route: String,
+    pub window: RouteWindow,
+    /// What the rule's backends' server proxies answered (inbound, every attempt, retries
+    /// included): the apps' own success rate. `None` when unknown.
+    pub server_success: Option<f64>,
+}
+
+pub const ROUTE_HEADER: [&str; 7] = [
+    "ROUTE", "REQ/S", "CLIENT", "SERVER", "RETRY/S", "REFUSED", "SPLIT",
+];
+
+/// Render the route rows under a header line: requests per second, success as the client got
+/// it (after retries) and as the servers answered, retries per second, retries the budget
+/// refused, and each backend's share of the requests. `None`: the client proxy's scrape
+/// failed (the golden-metrics table says why).
+pub fn render_routes(rows: Option<&[RouteRow]>) -> String {
+    let rows = match rows {
+        None => return "  ? (no scrape of the client proxy)\n".into(),
+        Some([]) => return "  none: no request has matched a route yet\n".into(),
+        Some(rows) => rows,
+    };
+    let mut lines: Vec<Vec<String>> = vec![ROUTE_HEADER.iter().map(|h| (*h).to_string()).collect()];
+    for row in rows {
+        let w = &row.window;
+        let shares = w.shares();
+        lines.push(vec![
+            row.route.clone(),
+            format!("{:.1}", w.requests_per_sec),
+            percent(w.success_rate),
+            percent(row.server_success),
+            format!("{:.1}", w.retries_per_sec),
+            format!("{}", w.budget_exhausted.round()),
+            if shares.is_empty() {
+                "-".into()
+            } else {
+                shares
+                    .iter()
+                    .map(|(backend, share)| {
+                        format!("{} {:.0}%", short_backend(backend), share * 100.0)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            },
+        ]);
+    }
+    // Route and split left-aligned, numbers right-aligned.
+    align(&lines, |i| i == 0 || i == ROUTE_HEADER.len() - 1)
+}
+
+fn percent(rate: Option<f64>) -> String {
+    rate.map_or_else(|| "-".into(), |r| format!("{:.2}%", r * 100.0))
 }
 
 /// One line of the security table: a proxy's busy direction.
@@ -318,6 +376,46 @@ client  inbound       ?      ?       -  ?
   ! server inbound: 1 TLS handshake failure(s): bad-certificate 1
 ";
         assert_eq!(render_security(&rows), want);
+    }
+
+    #[test]
+    fn renders_route_rows_with_the_split() {
+        let books = "books.demo.svc.cluster.local:8080";
+        let v2 = "books-v2.demo.svc.cluster.local:8080";
+        let rows = [
+            RouteRow {
+                route: "httproute/demo/books/0".into(),
+                window: RouteWindow {
+                    requests: [(books.to_string(), 90.0), (v2.to_string(), 10.0)].into(),
+                    requests_per_sec: 50.0,
+                    success_rate: Some(1.0),
+                    retries: [("status".to_string(), 1.0)].into(),
+                    retries_per_sec: 0.5,
+                    budget_exhausted: 0.0,
+                },
+                server_success: Some(0.9901),
+            },
+            RouteRow {
+                route: "httproute/demo/idle/0".into(),
+                window: RouteWindow {
+                    requests: [(books.to_string(), 0.0)].into(),
+                    ..RouteWindow::default()
+                },
+                server_success: None,
+            },
+        ];
+        let want = "\
+ROUTE                   REQ/S   CLIENT  SERVER  RETRY/S  REFUSED  SPLIT
+httproute/demo/books/0   50.0  100.00%  99.01%      0.5        0  books 90% books-v2 10%
+httproute/demo/idle/0     0.0        -       -      0.0        0  -
+";
+        assert_eq!(render_routes(Some(&rows)), want);
+        assert!(want.lines().all(|l| l.len() <= 100));
+        assert_eq!(
+            render_routes(Some(&[])),
+            "  none: no request has matched a route yet\n"
+        );
+        assert_eq!(render_routes(None), "  ? (no scrape of the client proxy)\n");
     }
 
     #[test]
