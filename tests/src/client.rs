@@ -79,20 +79,44 @@ impl Conn {
         Ok((status, err, v))
     }
 
+    /// POST `body` to `path`: (status, proxy error header, response body).
+    pub async fn post(
+        &mut self,
+        host: &str,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(u16, String, Bytes)> {
+        let (status, err, _, body) = self.send(http::Method::POST, host, path, &[], body).await?;
+        Ok((status, err, body))
+    }
+
     async fn send_get(
         &mut self,
         host: &str,
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<(u16, String, http::HeaderMap, Bytes)> {
+        self.send(http::Method::GET, host, path, headers, Bytes::new())
+            .await
+    }
+
+    async fn send(
+        &mut self,
+        method: http::Method,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<(u16, String, http::HeaderMap, Bytes)> {
         let mut b = match self {
-            Conn::H1(_) => Request::get(path).header("host", host),
-            Conn::H2(_) => Request::get(format!("http://{host}{path}")),
-        };
+            Conn::H1(_) => Request::builder().uri(path).header("host", host),
+            Conn::H2(_) => Request::builder().uri(format!("http://{host}{path}")),
+        }
+        .method(method);
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        let req = b.body(Full::default())?;
+        let req = b.body(Full::new(body))?;
         let rsp = match self {
             Conn::H1(s) => {
                 s.ready().await?;

@@ -336,6 +336,8 @@ async fn a_hard_failing_endpoint_is_ejected() -> Result<()> {
         failures.iter().all(|f| f.error.starts_with("503")),
         "{failures:?}"
     );
+    let ejected = proxy.metrics()?.sum("weft_outbound_endpoints_ejected", &[]);
+    assert_eq!(ejected, 1.0, "one endpoint is out");
     Ok(())
 }
 

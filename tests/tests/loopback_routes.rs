@@ -557,3 +557,76 @@ async fn consumer_routes_and_cluster_ips_follow_gamma() -> Result<()> {
     );
     Ok(())
 }
+
+/// A retry goes to another endpoint when there is one: with one of two endpoints failing
+/// every request (and ejection off, so only the retry can help), every request succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_goes_to_another_endpoint() -> Result<()> {
+    let w = World::start(
+        "routes-retry-elsewhere",
+        &format!(
+            "{}---\n{}",
+            route(
+                "    - name: r\n      backendRefs: [{name: books, port: 80}]\n      retry: {codes: [503], attempts: 1}\n"
+            ),
+            backend_policy("  circuitBreaker: {consecutiveFailures: 0}\n")
+        ),
+    )
+    .await?;
+    // books gets a second endpoint that always fails.
+    let (bad, bad_stats) = http_server().await?;
+    bad_stats.fail(1.0);
+    w.dir.write(
+        "services.yaml",
+        &format!(
+            "{}---\n{}",
+            service_yaml(NS, "books", "10.96.0.70", 80, &[w.v1.0, bad]),
+            service_yaml(NS, "books-v2", "10.96.0.71", 80, &[w.v2.0])
+        ),
+    )?;
+    w._controller.wait_objects("EndpointSlice", 3.0)?;
+    let r = gets(&w, "/", 200).await?;
+    let failed: Vec<_> = r.iter().filter(|x| x.0 != 200).collect();
+    let bad_hits = bad_stats.requests.load(Ordering::Relaxed);
+    eprintln!(
+        "{} of 200 failed; the failing endpoint saw {bad_hits}",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(
+        bad_hits > 0,
+        "the failing endpoint was never tried: the test proves nothing"
+    );
+    Ok(())
+}
+
+/// Bodies up to 64 KiB are replayed for a retry; a larger one is sent once, whole, and its
+/// failure reaches the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_bodies_within_the_buffer_cap_are_retried() -> Result<()> {
+    let w = World::start(
+        "routes-body-cap",
+        &route(
+            "    - name: r\n      backendRefs: [{name: books, port: 80}]\n      retry: {codes: [503], attempts: 1}\n",
+        ),
+    )
+    .await?;
+    w.v1.1.fail(1.0);
+    let mut c = Conn::open(w.proxy.outbound, false).await?;
+    let attempts = |w: &World| w.v1.1.requests.load(Ordering::Relaxed);
+    let (s, _, _) = c
+        .post(HOST, "/sink", bytes::Bytes::from(vec![7u8; 60 * 1024]))
+        .await?;
+    assert_eq!((s, attempts(&w)), (503, 2), "a 60 KiB body is retried once");
+    let (s, _, _) = c
+        .post(HOST, "/sink", bytes::Bytes::from(vec![7u8; 100 * 1024]))
+        .await?;
+    assert_eq!((s, attempts(&w)), (503, 3), "a 100 KiB body is not retried");
+    // And a retried body arrives whole: with the failure gone, the sink counts every byte.
+    w.v1.1.fail(0.0);
+    let (s, _, body) = c
+        .post(HOST, "/sink", bytes::Bytes::from(vec![7u8; 60 * 1024]))
+        .await?;
+    assert_eq!((s, &body[..]), (200, format!("{}", 60 * 1024).as_bytes()));
+    Ok(())
+}

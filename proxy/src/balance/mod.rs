@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use http::uri::Authority;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
 use crate::discovery::{EndpointMeta, Resolution, Resolver};
@@ -165,6 +166,18 @@ pub struct Member {
     ejected_until: AtomicU64,
     /// The balancer's requests waiting for capacity, woken when this endpoint frees some.
     waiters: Arc<Waiters>,
+    /// Counted in `weft_outbound_endpoints_ejected` (ejected, or on probation after it).
+    ejected_gauge: Option<Gauge>,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if self.ejected_until.load(Ordering::Relaxed) != 0 {
+            if let Some(g) = &self.ejected_gauge {
+                g.dec();
+            }
+        }
+    }
 }
 
 /// Requests waiting for an endpoint below its concurrency limit.
@@ -214,12 +227,22 @@ impl Member {
         };
         match t {
             Transition::Ejected(until) => {
-                self.ejected_until
-                    .store(since_epoch(until).max(1), Ordering::Relaxed);
+                let was = self
+                    .ejected_until
+                    .swap(since_epoch(until).max(1), Ordering::Relaxed);
+                if was == 0 {
+                    if let Some(g) = &self.ejected_gauge {
+                        g.inc();
+                    }
+                }
                 true
             }
             Transition::Restored => {
-                self.ejected_until.store(0, Ordering::Relaxed);
+                if self.ejected_until.swap(0, Ordering::Relaxed) != 0 {
+                    if let Some(g) = &self.ejected_gauge {
+                        g.dec();
+                    }
+                }
                 false
             }
             Transition::None => false,
@@ -774,6 +797,7 @@ impl Balancer {
             breaker: Mutex::new(Breaker::default()),
             ejected_until: AtomicU64::new(0),
             waiters: self.waiters.clone(),
+            ejected_gauge: Some(self.ctx.metrics.ejected.clone()),
         });
         if self.timeouts() != (None, None) {
             self.apply_timeouts(&member);
@@ -1093,10 +1117,11 @@ mod tests {
     #[tokio::test]
     async fn ejected_endpoints_are_skipped_unless_all_are() {
         let (_tx, rx) = watch::channel(eps(&[1, 2, 3]));
+        let metrics = DiscoveryMetrics::default();
         let b = Balancer::new(
             Arc::from("web:80"),
             Protocol::Http1,
-            &ctx(DiscoveryMetrics::default()),
+            &ctx(metrics.clone()),
             rx,
         );
         let cfg = BreakerConfig {
@@ -1114,6 +1139,7 @@ mod tests {
         assert!(!one.record(false, &cfg));
         assert!(!one.record(false, &cfg));
         assert!(one.record(false, &cfg), "the third failure ejects");
+        assert_eq!(metrics.ejected.get(), 1);
         for _ in 0..300 {
             assert_ne!(picked(&b, None).unwrap().addr.port(), 1);
         }
@@ -1125,12 +1151,17 @@ mod tests {
             }
         }
         assert!(picked(&b, None).is_some());
+        assert_eq!(metrics.ejected.get(), 3);
         // A success closes the breaker again.
         one.record(true, &cfg);
+        assert_eq!(metrics.ejected.get(), 2);
         let ports: std::collections::BTreeSet<u16> = (0..100)
             .map(|_| picked(&b, None).unwrap().addr.port())
             .collect();
         assert_eq!(ports, [1].into());
+        // Endpoints that leave the balancer leave the gauge.
+        drop((b, one));
+        assert_eq!(metrics.ejected.get(), 0);
     }
 
     /// Issue 12: with a concurrency limit, full endpoints are skipped and, when all are

@@ -157,6 +157,8 @@ pub struct DiscoveryMetrics {
     pub retries: Family<RetryLabels, Counter>,
     /// Endpoints ejected by their circuit breaker.
     pub ejections: Counter,
+    /// Endpoints ejected now, or back on probation and not yet restored by a success.
+    pub ejected: Gauge,
 }
 
 /// Outbound requests routed by a Gateway API route (HTTPRoute/GRPCRoute rule), with bounded
@@ -593,6 +595,11 @@ impl Metrics {
             "weft_outbound_ejections",
             "Endpoints ejected by the circuit breaker after consecutive failures (5xx, connection errors)",
             discovery.ejections.clone(),
+        );
+        registry.register(
+            "weft_outbound_endpoints_ejected",
+            "Endpoints ejected by their circuit breaker now, or probed after it and not yet restored by a success",
+            discovery.ejected.clone(),
         );
         registry.register(
             "weft_outbound_retries",
