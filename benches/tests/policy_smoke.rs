@@ -151,7 +151,7 @@ fn routing_cost_reports_cpu_and_latency() {
         return;
     };
     let runs = doc["runs"].as_array().expect("runs");
-    assert_eq!(runs.len(), 3, "{doc}");
+    assert_eq!(runs.len(), 4, "{doc}");
     for run in runs {
         assert!(number(&run["requests"]) > 0.0, "{run}");
         number(&run["p50_us"]);

@@ -24,6 +24,9 @@ use crate::scenario::{mesh, prom};
 
 pub const BASELINE: &str = "noroute";
 pub const SUBJECT: &str = "routed";
+/// The same ten rules without retry: splits the subject's cost between matching and the
+/// retry machinery (budget deposit, the replayable body).
+pub const NO_RETRY: &str = "routed-noretry";
 pub const DIRECT: &str = "direct";
 pub const ROUTE_REQUESTS: &str = "weft_route_requests_total";
 pub const RETRIES: &str = "weft_route_retries_total";
@@ -79,8 +82,11 @@ pub struct Report {
     pub direct: PathFigures,
     pub baseline: PathFigures,
     pub subject: PathFigures,
+    pub no_retry: PathFigures,
     /// Per round: A's CPU per request routed ÷ no route.
     pub cpu_ratio: Option<Spread>,
+    /// Per round: the same for the ten rules without retry.
+    pub no_retry_cpu_ratio: Option<Spread>,
     pub cpu_ok: bool,
     /// Routed minus no-route medians, and the no-route runs' own range (max − min).
     pub p50_diff_us: Option<f64>,
@@ -92,20 +98,24 @@ pub struct Report {
 
 pub fn report(meta: Meta, runs: Vec<Run>) -> Report {
     let rounds = runs.iter().map(|r| r.round).max().map_or(0, |m| m + 1);
-    let ratios: Vec<f64> = (0..rounds)
-        .filter_map(|round| {
-            let cpu = |path| {
-                runs.iter()
-                    .find(|r| r.round == round && r.path == path)
-                    .and_then(|r| r.a_cpu_us_per_req)
-            };
-            match (cpu(SUBJECT), cpu(BASELINE)) {
-                (Some(s), Some(b)) if b > 0.0 => Some(s / b),
-                _ => None,
-            }
-        })
-        .collect();
-    let cpu_ratio = spread(&ratios);
+    let ratios = |subject: &str| -> Vec<f64> {
+        (0..rounds)
+            .filter_map(|round| {
+                let cpu = |path: &str| {
+                    runs.iter()
+                        .find(|r| r.round == round && r.path == path)
+                        .and_then(|r| r.a_cpu_us_per_req)
+                };
+                match (cpu(subject), cpu(BASELINE)) {
+                    (Some(s), Some(b)) if b > 0.0 => Some(s / b),
+                    _ => None,
+                }
+            })
+            .collect()
+    };
+    let cpu_ratio = spread(&ratios(SUBJECT));
+    let no_retry_cpu_ratio = spread(&ratios(NO_RETRY));
+    let no_retry = figures(&runs, NO_RETRY);
     let (direct, baseline, subject) = (
         figures(&runs, DIRECT),
         figures(&runs, BASELINE),
@@ -126,7 +136,9 @@ pub fn report(meta: Meta, runs: Vec<Run>) -> Report {
         direct,
         baseline,
         subject,
+        no_retry,
         cpu_ratio,
+        no_retry_cpu_ratio,
         p50_diff_us,
         p99_diff_us,
         p50_noise_us,
@@ -138,7 +150,9 @@ fn yaml(b_inbound: std::net::SocketAddr) -> String {
     manifests::join(&[
         mesh::service_manifests(BASELINE, "10.96.0.81", &[b_inbound]),
         mesh::service_manifests(SUBJECT, "10.96.0.82", &[b_inbound]),
-        manifests::http_route(SUBJECT, &manifests::ten_rules()),
+        mesh::service_manifests(NO_RETRY, "10.96.0.83", &[b_inbound]),
+        manifests::http_route(SUBJECT, &manifests::ten_rules(Some(manifests::RETRY_503))),
+        manifests::http_route(NO_RETRY, &manifests::ten_rules(None)),
     ])
 }
 
@@ -176,11 +190,12 @@ async fn measure(s: &Settings) -> anyhow::Result<Vec<Run>> {
             load(s, server, server.to_string()).await?,
             h.load_to(s, BASELINE).await?,
             h.load_to(s, SUBJECT).await?,
+            h.load_to(s, NO_RETRY).await?,
         ];
         let mut runs = Vec::new();
         for round in 0..s.rounds {
-            for i in order(&[0usize, 1, 2], round) {
-                let path = [DIRECT, BASELINE, SUBJECT][i];
+            for i in order(&[0usize, 1, 2, 3], round) {
+                let path = [DIRECT, BASELINE, SUBJECT, NO_RETRY][i];
                 let w = window(s, &h, &mut loads[i], || {}).await?;
                 let summary = w.stats.summary();
                 let proxied = i > 0;
@@ -194,7 +209,7 @@ async fn measure(s: &Settings) -> anyhow::Result<Vec<Run>> {
                     p999_us: summary.p999_us,
                     a_cpu_us_per_req: proxied.then(|| w.cpu_us_per_req[0]),
                     b_cpu_us_per_req: proxied.then(|| w.cpu_us_per_req.get(1).copied()).flatten(),
-                    route: (path == SUBJECT)
+                    route: (path == SUBJECT || path == NO_RETRY)
                         .then(|| busiest_route(&w.before, &w.after))
                         .flatten(),
                     retries: w.delta(RETRIES),
@@ -254,7 +269,9 @@ pub fn markdown(r: &Report, name: &str) -> String {
          the controller) → weft-proxy B (inbound) → server. `{BASELINE}`: Service without \
          HTTPRoute. `{SUBJECT}`: an HTTPRoute of ten rules, each with `retry: {{codes: [503], \
          attempts: 2}}`; the load's `/` takes the last (after five longer path prefixes and \
-         four header matches). `{DIRECT}`: the load straight to the server. CPU: proxy A's \
+         four header matches). `{NO_RETRY}`: the same ten rules without retry (how the \
+         subject's cost splits between matching and retries). `{DIRECT}`: the load straight \
+         to the server. CPU: proxy A's \
          utime+stime per request over the window (±0.7 µs/req from the 10 ms clock tick on a \
          15 s window).\n"
     );
@@ -266,6 +283,7 @@ pub fn markdown(r: &Report, name: &str) -> String {
         (DIRECT, &r.direct),
         (BASELINE, &r.baseline),
         (SUBJECT, &r.subject),
+        (NO_RETRY, &r.no_retry),
     ] {
         let delta = |a: Option<Spread>, d: Option<Spread>| match (a, d) {
             (Some(a), Some(d)) if path != DIRECT => signed_ms(a.median - d.median),
@@ -309,11 +327,13 @@ pub fn markdown(r: &Report, name: &str) -> String {
     let opt = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), signed_ms);
     let _ = writeln!(
         md,
-        "- **{}** proxy A CPU per request, routed ÷ no route ≤ 1.10: {} (per-round ratios)\n\
+        "- **{}** proxy A CPU per request, routed ÷ no route ≤ 1.10: {} (per-round ratios; \
+         ten rules without retry: {})\n\
          - **{}** two-hop latency with the route no worse than without (routed − no-route \
          medians within the no-route runs' own range): p50 {} (range {}), p99 {} (range {})",
         mark(r.cpu_ok),
         show(r.cpu_ratio, |v| format!("{v:.3}×")),
+        show(r.no_retry_cpu_ratio, |v| format!("{v:.3}×")),
         mark(r.latency_ok),
         opt(r.p50_diff_us),
         opt(r.p50_noise_us),
@@ -358,11 +378,13 @@ mod tests {
             run(1, DIRECT, 210, 950, None),
             run(1, BASELINE, 380, 1300, Some(50.0)),
             run(1, SUBJECT, 370, 1200, Some(60.0)),
+            run(1, NO_RETRY, 370, 1200, Some(55.0)),
         ];
         let r = report(meta, runs);
         // Ratios 1.05 and 1.2: median 1.125.
         assert!((r.cpu_ratio.expect("ratio").median - 1.125).abs() < 1e-9);
         assert!(!r.cpu_ok);
+        assert_eq!(r.no_retry_cpu_ratio.map(|x| x.median), Some(1.1));
         assert_eq!(r.p50_diff_us, Some(0.0));
         assert_eq!(r.p99_noise_us, Some(300.0));
         assert!(r.latency_ok);

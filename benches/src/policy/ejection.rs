@@ -49,6 +49,9 @@ pub struct Run {
     pub success: f64,
     /// Subject: from the window's start to the scrape that first showed an ejection.
     pub time_to_ejection_ms: Option<f64>,
+    /// Subject: from the window's start to the failing server's last request before that
+    /// scrape (the failure that ejected it), ±5 ms.
+    pub last_failure_ms: Option<f64>,
     /// Subject: requests intended after that instant, and how many of them succeeded.
     pub after_requests: u64,
     pub after_ok: u64,
@@ -124,23 +127,56 @@ fn yaml(servers: &[std::net::SocketAddr], rounds: usize) -> String {
     manifests::join(&docs)
 }
 
-/// Polls `admin` until `EJECTIONS` exceeds `base` or `limit` passes; the time since
-/// `started` and the failing server's count at that scrape.
+/// What the poller saw.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Seen {
+    /// When a scrape first showed the ejection.
+    at: Duration,
+    /// The failing server's request count then.
+    failing: u64,
+    /// When that count was first reached (checked every [`TICK`]): when the failure that
+    /// ejected it happened, give or take a tick.
+    last_failure: Duration,
+}
+
+/// How often the poller looks at the failing server's counter.
+const TICK: Duration = Duration::from_millis(5);
+
+/// Scrapes `admin` every [`POLL`] until `EJECTIONS` exceeds `base` or `limit` passes,
+/// watching the failing server's counter every [`TICK`] meanwhile.
 async fn poll_ejection(
     admin: std::net::SocketAddr,
     base: f64,
     started: Instant,
     limit: Duration,
     failing: Arc<std::sync::atomic::AtomicU64>,
-) -> Option<(Duration, u64)> {
+) -> Option<Seen> {
+    let count = || failing.load(std::sync::atomic::Ordering::Relaxed);
+    let (mut last, mut changed) = (count(), Duration::ZERO);
+    let mut next_scrape = started;
     while started.elapsed() < limit {
-        if let Ok(samples) = scrape(admin).await {
-            if prom::sum(&samples, EJECTIONS, &[]) > base {
-                let seen = started.elapsed();
-                return Some((seen, failing.load(std::sync::atomic::Ordering::Relaxed)));
+        let now = count();
+        if now != last {
+            (last, changed) = (now, started.elapsed());
+        }
+        if Instant::now() >= next_scrape {
+            next_scrape += POLL;
+            if let Ok(samples) = scrape(admin).await {
+                if prom::sum(&samples, EJECTIONS, &[]) > base {
+                    let at = started.elapsed();
+                    let now = count();
+                    if now != last {
+                        (last, changed) = (now, at);
+                    }
+                    return Some(Seen {
+                        at,
+                        failing: last,
+                        last_failure: changed,
+                    });
+                }
             }
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(TICK).await;
     }
     None
 }
@@ -166,6 +202,7 @@ async fn measure(s: &Settings) -> anyhow::Result<Vec<Run>> {
                         ok: w.stats.ok,
                         success: w.success(),
                         time_to_ejection_ms: None,
+                        last_failure_ms: None,
                         after_requests: 0,
                         after_ok: 0,
                         success_after: None,
@@ -222,7 +259,7 @@ async fn subject_window(s: &Settings, h: &Harness, round: usize) -> anyhow::Resu
         None => None,
     };
     let failing_end = failing_at_start + w.backend[3 * (round + 1) + 2];
-    let (after_ok, after_err) = seen.map_or((0, 0), |(t, _)| w.stats.timeline.from(t));
+    let (after_ok, after_err) = seen.map_or((0, 0), |t| w.stats.timeline.from(t.at));
     let summary = w.stats.summary();
     Ok(Run {
         round,
@@ -230,12 +267,13 @@ async fn subject_window(s: &Settings, h: &Harness, round: usize) -> anyhow::Resu
         client_requests: w.client_requests(),
         ok: w.stats.ok,
         success: w.success(),
-        time_to_ejection_ms: seen.map(|(t, _)| t.as_secs_f64() * 1e3),
+        time_to_ejection_ms: seen.map(|t| t.at.as_secs_f64() * 1e3),
+        last_failure_ms: seen.map(|t| t.last_failure.as_secs_f64() * 1e3),
         after_requests: after_ok + after_err,
         after_ok,
         success_after: seen.map(|_| ratio(after_ok, after_ok + after_err)),
-        failing_before: seen.map_or(0, |(_, n)| n - failing_at_start),
-        failing_after: seen.map_or(0, |(_, n)| failing_end.saturating_sub(n)),
+        failing_before: seen.map_or(0, |t| t.failing - failing_at_start),
+        failing_after: seen.map_or(0, |t| failing_end.saturating_sub(t.failing)),
         ejections: w.delta(EJECTIONS),
         p50_us: summary.p50_us,
         p99_us: summary.p99_us,
@@ -270,8 +308,10 @@ pub fn markdown(r: &Report, name: &str) -> String {
          servers. Subject `eject-<round>` (fresh servers and breaker state each round): the \
          third server answers 503 to every request from the first request of the measured \
          window. Time to ejection: window start to the first scrape of proxy A's `/metrics` \
-         (polled every 50 ms) with `{EJECTIONS}` ≥ 1 more than before. Success after ejection: \
-         the requests intended after that instant.\n"
+         (polled every 50 ms) with `{EJECTIONS}` ≥ 1 more than before; \"last 503 before \
+         it\": when the failing server's counter (watched every 5 ms) last moved before that \
+         scrape, i.e. when the ejecting failure happened. Success after ejection: the requests \
+         intended after the scrape.\n"
     );
     let _ = writeln!(
         md,
@@ -287,19 +327,21 @@ pub fn markdown(r: &Report, name: &str) -> String {
     );
     let _ = writeln!(
         md,
-        "\n| round | service | requests | success (window) | ejected after | 503s before | requests after ejection | success after | failing server's requests after | ejections in window | p50 | p99 |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "\n| round | service | requests | success (window) | ejected after | last 503 before it at | 503s before | requests after ejection | success after | failing server's requests after | ejections in window | p50 | p99 |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for run in &r.runs {
         let subject = run.service != BASELINE;
         let dash = || "–".to_owned();
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             run.round + 1,
             run.service,
             run.client_requests,
             pct(run.success),
             run.time_to_ejection_ms
+                .map_or_else(dash, |t| format!("{t:.0} ms")),
+            run.last_failure_ms
                 .map_or_else(dash, |t| format!("{t:.0} ms")),
             if subject {
                 run.failing_before.to_string()
@@ -348,6 +390,7 @@ mod tests {
             ok: 14990,
             success: 0.9993,
             time_to_ejection_ms: ejected,
+            last_failure_ms: ejected.map(|t| t - 40.0),
             after_requests: 14900,
             after_ok: 14899,
             success_after: after,

@@ -92,29 +92,29 @@ pub fn single_rule(retry: Option<Retry>) -> Vec<Rule> {
     }]
 }
 
-/// Ten rules, each with [`RETRY_503`]: five on path prefixes `/r1`…`/r5`, four on
+/// Ten rules, each with `retry`: five on path prefixes `/r1`…`/r5`, four on
 /// `PathPrefix: /` plus a header, and last in Gateway API precedence `PathPrefix: /`, the
 /// one the load's `/` requests take. Every request is tested against the nine others first.
-pub fn ten_rules() -> Vec<Rule> {
+pub fn ten_rules(retry: Option<Retry>) -> Vec<Rule> {
     let mut rules = Vec::with_capacity(10);
     for i in 1..=5 {
         rules.push(Rule {
             name: format!("r{i}"),
             matches: Match::PathPrefix(format!("/r{i}")),
-            retry: Some(RETRY_503),
+            retry,
         });
     }
     for i in 6..=9 {
         rules.push(Rule {
             name: format!("r{i}"),
             matches: Match::Header(format!("{i}")),
-            retry: Some(RETRY_503),
+            retry,
         });
     }
     rules.push(Rule {
         name: "r10".into(),
         matches: Match::PathPrefix("/".into()),
-        retry: Some(RETRY_503),
+        retry,
     });
     rules
 }
@@ -163,7 +163,8 @@ mod tests {
 
     #[test]
     fn ten_rules_end_with_the_catch_all() {
-        let rules = ten_rules();
+        assert!(ten_rules(None).iter().all(|r| r.retry.is_none()));
+        let rules = ten_rules(Some(RETRY_503));
         assert_eq!(rules.len(), 10);
         assert!(rules.iter().all(|r| r.retry == Some(RETRY_503)));
         assert_eq!(rules[9].matches, Match::PathPrefix("/".into()));

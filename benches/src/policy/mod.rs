@@ -410,8 +410,22 @@ impl Window {
 
     /// Growth of `name` (all series summed) on proxy A over the window.
     pub fn delta(&self, name: &str) -> f64 {
-        let sum = |s: &[Sample]| crate::scenario::prom::sum(s, name, &[]);
+        self.delta_with(name, &[])
+    }
+
+    /// Growth of the series of `name` carrying every label of `labels` on proxy A.
+    pub fn delta_with(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let sum = |s: &[Sample]| crate::scenario::prom::sum(s, name, labels);
         sum(&self.after) - sum(&self.before)
+    }
+
+    /// Connections proxy A opened to endpoints in the window (`weft_tls_connections_total`
+    /// counts every outbound connection, with `tls` saying why it is plaintext).
+    pub fn upstream_connections(&self) -> f64 {
+        self.delta_with(
+            crate::scenario::TLS_CONNECTIONS,
+            &[("direction", "outbound")],
+        )
     }
 }
 

@@ -44,6 +44,8 @@ pub struct Run {
     pub extra_load: f64,
     pub retries: f64,
     pub budget_exhausted: f64,
+    /// Connections proxy A opened to the server in the window.
+    pub upstream_connections: f64,
     pub p50_us: u64,
     pub p99_us: u64,
     pub error_samples: Vec<String>,
@@ -150,6 +152,7 @@ async fn measure(s: &Settings) -> anyhow::Result<Vec<Run>> {
                     extra_load: ratio(backend, client) - 1.0,
                     retries: w.delta(RETRIES),
                     budget_exhausted: w.delta(BUDGET_EXHAUSTED),
+                    upstream_connections: w.upstream_connections(),
                     p50_us: summary.p50_us,
                     p99_us: summary.p99_us,
                     error_samples: summary.error_samples.clone(),
@@ -216,19 +219,22 @@ pub fn markdown(r: &Report, name: &str) -> String {
     }
     let _ = writeln!(
         md,
-        "\n<details><summary>Every window</summary>\n\n| round | service | client requests | ok | backend requests | retries | budget refusals |\n|---:|---|---:|---:|---:|---:|---:|"
+        "\n<details><summary>Every window</summary>\n\n| round | service | client requests | ok | backend requests | retries | budget refusals | connections A opened | p50 | p99 |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for run in &r.runs {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             run.round + 1,
             run.service,
             run.client_requests,
             run.ok,
             run.backend_requests,
             run.retries,
-            run.budget_exhausted
+            run.budget_exhausted,
+            run.upstream_connections,
+            ms(run.p50_us as f64),
+            ms(run.p99_us as f64),
         );
     }
     let _ = writeln!(md, "\n</details>\n");
@@ -261,6 +267,7 @@ mod tests {
             extra_load: extra,
             retries: extra * 1000.0,
             budget_exhausted: 3.0,
+            upstream_connections: 1.0,
             p50_us: 300,
             p99_us: 900,
             error_samples: Vec::new(),
