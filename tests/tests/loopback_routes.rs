@@ -219,6 +219,13 @@ async fn retries_hide_a_failing_fraction_within_the_budget() -> Result<()> {
         retries, injected as f64,
         "every injected failure was retried once"
     );
+    // A failed answer is read to its end before the retry, so its connection is reused:
+    // retries open no connections of their own.
+    let conns = w.v1.1.connections.load(Ordering::Relaxed);
+    assert!(
+        conns <= 8,
+        "{conns} upstream connections for {retries} retries"
+    );
     Ok(())
 }
 
@@ -559,7 +566,8 @@ async fn consumer_routes_and_cluster_ips_follow_gamma() -> Result<()> {
 }
 
 /// A retry goes to another endpoint when there is one: with one of two endpoints failing
-/// every request (and ejection off, so only the retry can help), every request succeeds.
+/// every request (ejection off and a budget that covers every request, so only the choice of
+/// endpoint decides), every request succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_goes_to_another_endpoint() -> Result<()> {
     let w = World::start(
@@ -569,7 +577,9 @@ async fn a_retry_goes_to_another_endpoint() -> Result<()> {
             route(
                 "    - name: r\n      backendRefs: [{name: books, port: 80}]\n      retry: {codes: [503], attempts: 1}\n"
             ),
-            backend_policy("  circuitBreaker: {consecutiveFailures: 0}\n")
+            backend_policy(
+                "  circuitBreaker: {consecutiveFailures: 0}\n  retryBudget: {retryRatio: 1.0, minRetriesPerSecond: 100}\n"
+            )
         ),
     )
     .await?;
@@ -585,17 +595,19 @@ async fn a_retry_goes_to_another_endpoint() -> Result<()> {
         ),
     )?;
     w._controller.wait_objects("EndpointSlice", 3.0)?;
-    let r = gets(&w, "/", 200).await?;
-    let failed: Vec<_> = r.iter().filter(|x| x.0 != 200).collect();
+    // Until the failing endpoint has been tried a few times (p2c may favour the other).
+    let mut sent = 0;
+    while bad_stats.requests.load(Ordering::Relaxed) < 5 && sent < 4000 {
+        let r = gets(&w, "/", 100).await?;
+        sent += r.len();
+        let failed: Vec<_> = r.iter().filter(|x| x.0 != 200).collect();
+        assert!(failed.is_empty(), "{failed:?}");
+    }
     let bad_hits = bad_stats.requests.load(Ordering::Relaxed);
-    eprintln!(
-        "{} of 200 failed; the failing endpoint saw {bad_hits}",
-        failed.len()
-    );
-    assert!(failed.is_empty(), "{failed:?}");
+    eprintln!("none of {sent} failed; the failing endpoint saw {bad_hits}");
     assert!(
-        bad_hits > 0,
-        "the failing endpoint was never tried: the test proves nothing"
+        bad_hits >= 5,
+        "the failing endpoint was hardly tried: the test proves nothing"
     );
     Ok(())
 }

@@ -74,7 +74,8 @@ struct Rule {
     route: usize,
     backend: usize,
     label: Arc<str>,
-    budget: Arc<Budget>,
+    /// The service's retry budget, when the rule retries.
+    budget: Option<Arc<Budget>>,
 }
 
 impl Rule {
@@ -114,14 +115,20 @@ impl Plan {
     /// Counts the response of a routed request.
     pub fn record(&self, ctx: &ConnCtx, failed: bool) {
         if let Some(r) = &self.rule {
-            ctx.metrics
-                .routes
-                .responses
-                .get_or_create(&RouteResultLabels {
-                    route: r.label.clone(),
-                    classification: if failed { "failure" } else { "success" },
-                })
-                .inc();
+            let counters = r.route().cache.responses.get_or_init(|| {
+                let c = |classification| {
+                    ctx.metrics
+                        .routes
+                        .responses
+                        .get_or_create(&RouteResultLabels {
+                            route: r.label.clone(),
+                            classification,
+                        })
+                        .clone()
+                };
+                [c("success"), c("failure")]
+            });
+            counters[usize::from(failed)].inc();
         }
     }
 }
@@ -231,27 +238,36 @@ impl ConnCtx {
         let picked = backend
             .and_then(|b| route.backends.iter().position(|x| std::ptr::eq(x, b)))
             .unwrap_or_default();
-        let backend_label: Arc<str> = match backend.map(|b| &b.kind) {
-            Some(BackendKind::Service(t)) => t.clone(),
-            _ => Arc::from("invalid"),
+        let requests = |backend: Arc<str>| {
+            self.metrics
+                .routes
+                .requests
+                .get_or_create(&RouteBackendLabels {
+                    route: label.clone(),
+                    backend,
+                })
+                .clone()
         };
-        self.metrics
-            .routes
-            .requests
-            .get_or_create(&RouteBackendLabels {
-                route: label.clone(),
-                backend: backend_label,
-            })
-            .inc();
         let backend = match backend {
             None => {
+                requests(Arc::from("invalid")).inc();
                 return Err(Early::Error(
                     Cause::InvalidBackend,
                     format!("route {label} has no backend with a weight"),
-                ))
+                ));
             }
             Some(b) => b,
         };
+        backend
+            .cache
+            .requests
+            .get_or_init(|| {
+                requests(match &backend.kind {
+                    BackendKind::Service(t) => t.clone(),
+                    BackendKind::Invalid(_) => Arc::from("invalid"),
+                })
+            })
+            .inc();
         let target = match &backend.kind {
             BackendKind::Invalid(why) => {
                 return Err(Early::Error(
@@ -272,9 +288,19 @@ impl ConnCtx {
         } else {
             balance::Protocol::Http1
         };
-        let key = format!("{}/{}:{}", service.namespace, service.name, service.port);
-        let budget = router.budget(&key, &policy.settings.budget);
-        let balancer = router.balancer(target, protocol);
+        let budget = route.retry.is_some().then(|| {
+            route
+                .cache
+                .budget
+                .get_or_init(|| {
+                    let key = format!("{}/{}:{}", service.namespace, service.name, service.port);
+                    router.budget(&key, &policy.settings.budget)
+                })
+                .clone()
+        });
+        let balancer = backend.cache.balancers[usize::from(protocol == balance::Protocol::Http2)]
+            .get_or_init(|| router.balancer(target, protocol))
+            .clone();
         if let Some(b) = &balancer {
             b.configure(
                 backend.settings.connect_timeout,
@@ -331,13 +357,15 @@ impl ConnCtx {
         let retry = rule
             .and_then(|r| r.route().retry.as_ref())
             .filter(|r| r.attempts > 0 && !h1 && plan.balancer.is_some());
-        let (Some(retry), Some(rule)) = (retry, rule) else {
+        let (Some(retry), Some(rule), Some(budget)) =
+            (retry, rule, rule.and_then(|r| r.budget.as_ref()))
+        else {
             return self
                 .attempt(plan, req, h1, None, None, per_try)
                 .await
                 .map(|(r, f)| (r.map(UpBody::Pooled), f));
         };
-        rule.budget.deposit();
+        budget.deposit();
         let resend = Resend::prepare(&mut req, DEFAULT_CAP);
         let mut done = 0u32;
         let mut exclude = None;
@@ -350,7 +378,7 @@ impl ConnCtx {
             let Some(outcome) = outcome.filter(|o| retry.retries(*o, done)) else {
                 return sent;
             };
-            if !rule.budget.withdraw() {
+            if !budget.withdraw() {
                 self.metrics
                     .routes
                     .budget_exhausted
@@ -372,7 +400,14 @@ impl ConnCtx {
                     }
                 }
             };
-            drop(sent);
+            // Read what is left of the failed answer, so its HTTP/1.1 connection goes back to
+            // the pool instead of being closed and dialled again for the retry. Only when the
+            // request had no body: a server that answered before reading a body closes the
+            // connection after its answer, and the retry must not be sent on it.
+            match sent {
+                Ok((rsp, _)) if resend.body_is_empty() => drain(rsp.into_body()).await,
+                other => drop(other),
+            }
             self.metrics
                 .routes
                 .retries
@@ -420,6 +455,20 @@ impl ConnCtx {
             },
         }
     }
+}
+
+/// Reads a discarded answer's body to its end, up to [`DEFAULT_CAP`] bytes and 100 ms.
+async fn drain(mut body: UpBody) {
+    let read = async {
+        let mut size = 0usize;
+        while let Some(Ok(f)) = body.frame().await {
+            size += f.data_ref().map_or(0, |d| d.len());
+            if size > DEFAULT_CAP {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(100), read).await;
 }
 
 fn empty() -> BoxBody {

@@ -165,6 +165,11 @@ impl Resend {
         Some((self.request()?, why))
     }
 
+    /// Whether the request has no body.
+    pub fn body_is_empty(&self) -> bool {
+        self.body.is_none()
+    }
+
     /// The request again, as the client sent it: `None` while the last attempt still holds
     /// the body, or when the body cannot be replayed (larger than the cap, or it failed).
     pub fn request(&self) -> Option<Request<BoxBody>> {

@@ -48,6 +48,7 @@ mod tests {
                 weight,
                 filters: Vec::new(),
                 settings: Arc::default(),
+                cache: Default::default(),
             })
             .collect()
     }

@@ -18,8 +18,13 @@
 //! `max_pending_requests` 0 mean no limit). An unset message or `Duration` takes its
 //! defaults.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+
+use crate::balance::Balancer;
+use crate::resilience::retry::Budget;
 
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use regex::bytes::{Regex, RegexBuilder};
@@ -90,6 +95,26 @@ pub struct Route {
     pub backend_request_timeout: Option<Duration>,
     /// `None`: not retried (beyond the failover of requests that never reached an endpoint).
     pub retry: Option<Retry>,
+    /// What the request path looks up once per policy rather than per request.
+    pub cache: RouteCache,
+}
+
+/// A rule's handles, made on first use: its service's retry budget and its response
+/// counters. They live as long as this compiled policy; a new policy looks them up again.
+#[derive(Debug, Default)]
+pub struct RouteCache {
+    pub budget: OnceLock<Arc<Budget>>,
+    /// `weft_route_responses_total{classification="success"|"failure"}`.
+    pub responses: OnceLock<[Counter; 2]>,
+}
+
+/// A backend's handles, made on first use: its balancer per protocol (HTTP/1, HTTP/2) and its
+/// request counter.
+#[derive(Debug, Default)]
+pub struct BackendCache {
+    pub balancers: [OnceLock<Option<Arc<Balancer>>>; 2],
+    /// `weft_route_requests_total{backend}`.
+    pub requests: OnceLock<Counter>,
 }
 
 /// One entry of [`Policy::matches`]: all its conditions must hold (AND).
@@ -215,6 +240,7 @@ pub struct Backend {
     pub filters: Vec<Filter>,
     /// The backend service's BackendPolicy or the defaults.
     pub settings: Arc<BackendSettings>,
+    pub cache: BackendCache,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -621,6 +647,7 @@ fn compile_route(
             filters: compile_filters(&b.filters, prefix_only, false)
                 .map_err(|e| e.within(&field))?,
             settings,
+            cache: BackendCache::default(),
         });
     }
     let request_timeout = match &r.request_timeout {
@@ -677,6 +704,7 @@ fn compile_route(
             r.backend_request_timeout.as_ref(),
         )?,
         retry,
+        cache: RouteCache::default(),
     })
 }
 
