@@ -90,7 +90,12 @@ async fn route(req: Request<Incoming>, stats: Arc<Stats>) -> Response<Body> {
     }
     if inject(&stats, n) {
         stats.injected.fetch_add(1, Ordering::Relaxed);
-        return injected_failure(&req);
+        let rsp = injected_failure(&req);
+        // Read the request first, as an application that fails after reading it does: a
+        // server that answers before reading a large body and closes races the client's
+        // writes (a reset may destroy the answer).
+        let _ = req.into_body().collect().await;
+        return rsp;
     }
     let query = req.uri().query().unwrap_or("");
     // Per-request faults: `?hang` never answers; `?reset` answers a head, then fails the

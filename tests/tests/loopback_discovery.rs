@@ -238,14 +238,12 @@ async fn scaling_3_1_5_under_http2_load_fails_nothing() -> Result<()> {
     scale_under_load(true).await
 }
 
-/// Issue 12: an endpoint that was slow for a moment (a GC pause, its first connection on a
-/// busy node) is back in rotation within 2 s of answering fast again, instead of being
-/// starved while one slow sample decays.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_briefly_slow_endpoint_is_back_in_rotation_within_2s() -> Result<()> {
+/// Service `web` with three endpoints (the servers) and a proxy routing to it by name; the
+/// proxy's original destination is a server that must see nothing.
+async fn three_endpoints(name: &str) -> Result<(Servers, ManifestDir, Controller, Proxy)> {
     let servers = Servers::start(3).await?;
     let (fallback, _) = http_server().await?;
-    let dir = ManifestDir::new("briefly-slow")?;
+    let dir = ManifestDir::new(name)?;
     dir.service(NS, "web", SVC_IP, 80, &servers.addrs(&[0, 1, 2]))?;
     let controller = Controller::start(dir.path())?;
     let proxy = Proxy::start(ProxyOpts {
@@ -253,6 +251,15 @@ async fn a_briefly_slow_endpoint_is_back_in_rotation_within_2s() -> Result<()> {
         env: discovery_env(&controller),
         ..Default::default()
     })?;
+    Ok((servers, dir, controller, proxy))
+}
+
+/// Issue 12: an endpoint that was slow for a moment (a GC pause, its first connection on a
+/// busy node) is back in rotation within 2 s of answering fast again, instead of being
+/// starved while one slow sample decays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_briefly_slow_endpoint_is_back_in_rotation_within_2s() -> Result<()> {
+    let (servers, _dir, _controller, proxy) = three_endpoints("briefly-slow").await?;
     let load = Load::start(proxy.outbound, "web", false, 200, 8).await?;
     traffic_within(&servers, &[0, 1, 2], false, Duration::from_secs(5)).await?;
 
@@ -292,16 +299,7 @@ async fn a_briefly_slow_endpoint_is_back_in_rotation_within_2s() -> Result<()> {
 /// ejection time, while its healthy siblings carry the traffic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hard_failing_endpoint_is_ejected() -> Result<()> {
-    let servers = Servers::start(3).await?;
-    let (fallback, _) = http_server().await?;
-    let dir = ManifestDir::new("ejection")?;
-    dir.service(NS, "web", SVC_IP, 80, &servers.addrs(&[0, 1, 2]))?;
-    let controller = Controller::start(dir.path())?;
-    let proxy = Proxy::start(ProxyOpts {
-        outbound_target: Some(fallback),
-        env: discovery_env(&controller),
-        ..Default::default()
-    })?;
+    let (servers, _dir, _controller, proxy) = three_endpoints("ejection").await?;
     let broken = &servers.0[0].1;
     broken.fail(1.0);
     let load = Load::start(proxy.outbound, "web", false, 200, 8).await?;
