@@ -540,13 +540,7 @@ impl Balancer {
     /// answer. Still [`Pick::Pending`] after that: the caller forwards to the original
     /// destination and counts it with [`Balancer::passthrough`].
     pub async fn pick_ready(&self) -> Pick {
-        match self.pick(None) {
-            Pick::Pending => {
-                self.ready().await;
-                self.pick(None)
-            }
-            pick => pick,
-        }
+        self.pick_ready_within(None, None).await
     }
 
     /// [`Balancer::pick_within`], first waiting for a new target's first answer as

@@ -621,7 +621,10 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
                     .await;
             }
             let policy = rx.borrow().clone();
-            match ctx.plan(&policy, &mut req, balancer) {
+            let (mut parts, body) = req.into_parts();
+            let planned = ctx.plan(&policy, &mut parts, balancer);
+            req = Request::from_parts(parts, body);
+            match planned {
                 Ok(p) => p,
                 Err(outbound::Early::Error(cause, detail)) => {
                     return ctx.error_response(label, cause, &detail, start, grpc)

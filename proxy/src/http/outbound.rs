@@ -173,55 +173,55 @@ impl Body for UpBody {
 type Sent = Result<(Response<UpBody>, Option<InFlight>), SendError>;
 
 impl ConnCtx {
-    /// Route → filters: what `policy` says about `req` (whose request filters are applied
-    /// here). `authority`: the balancer of the request's authority, for the default route.
+    /// Route → filters: what `policy` says about the request whose head is `parts` (its
+    /// request filters are applied here). `authority`: the balancer of the request's
+    /// authority, for the default route.
     pub(super) fn plan(
         &self,
         policy: &Arc<Policy>,
-        req: &mut Request<BoxBody>,
+        parts: &mut http::request::Parts,
         authority: Option<Arc<Balancer>>,
     ) -> Result<Plan, Early> {
         let (Some(service), Some(router)) = (&policy.service, &self.router) else {
             return Ok(Plan::direct(authority));
         };
-        let (route, prefix) = match matching::route(policy, req.method(), req.uri(), req.headers())
-        {
-            matching::Outcome::Default => {
-                if let Some(b) = &authority {
-                    b.configure(
-                        policy.settings.connect_timeout,
-                        policy.settings.idle_timeout,
-                    );
+        let (route, prefix) =
+            match matching::route(policy, &parts.method, &parts.uri, &parts.headers) {
+                matching::Outcome::Default => {
+                    if let Some(b) = &authority {
+                        b.configure(
+                            policy.settings.connect_timeout,
+                            policy.settings.idle_timeout,
+                        );
+                    }
+                    return Ok(Plan {
+                        balancer: authority,
+                        request_timeout: policy.settings.request_timeout,
+                        breaker: policy.settings.breaker,
+                        rule: None,
+                    });
                 }
-                return Ok(Plan {
-                    balancer: authority,
-                    request_timeout: policy.settings.request_timeout,
-                    breaker: policy.settings.breaker,
-                    rule: None,
-                });
-            }
-            matching::Outcome::NoRoute => {
-                return Err(Early::Error(
-                    Cause::NoRoute,
-                    format!(
-                        "no route of {}/{}:{} matches {} {}",
-                        service.namespace,
-                        service.name,
-                        service.port,
-                        req.method(),
-                        req.uri().path()
-                    ),
-                ))
-            }
-            matching::Outcome::Matched { route, prefix } => (route, prefix),
-        };
+                matching::Outcome::NoRoute => {
+                    return Err(Early::Error(
+                        Cause::NoRoute,
+                        format!(
+                            "no route of {}/{}:{} matches {} {}",
+                            service.namespace,
+                            service.name,
+                            service.port,
+                            parts.method,
+                            parts.uri.path()
+                        ),
+                    ))
+                }
+                matching::Outcome::Matched { route, prefix } => (route, prefix),
+            };
         let index = policy
             .routes
             .iter()
             .position(|r| std::ptr::eq(r, route))
             .unwrap_or_default();
         let label = route.label.clone();
-        let (mut parts, body) = std::mem::replace(req, Request::new(empty())).into_parts();
         let redirect = match filters::apply_request(
             &route.filters,
             prefix,
@@ -282,7 +282,6 @@ impl ConnCtx {
         {
             return Err(Early::Redirect(Box::new(r.response(empty()))));
         }
-        *req = Request::from_parts(parts, body);
         let protocol = if self.h2 {
             balance::Protocol::Http2
         } else {
