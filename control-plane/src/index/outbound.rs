@@ -637,17 +637,9 @@ fn header_matches(field: &str, ms: &[ValueMatch]) -> Result<Vec<pb::HeaderMatch>
         if !seen.insert(name.clone()) {
             continue; // the first of equal names counts
         }
-        let value = match m.type_.as_deref().unwrap_or("Exact") {
-            "Exact" => pb::header_match::Value::Exact(m.value.clone()),
-            "RegularExpression" => {
-                check_regex(&format!("{field}[{k}].value"), &m.value)?;
-                pb::header_match::Value::Regex(m.value.clone())
-            }
-            other => {
-                return Err(unsupported(format!(
-                    "{field}[{k}].type is {other:?}; expected Exact or RegularExpression"
-                )))
-            }
+        let value = match value_match(field, k, m)? {
+            Matched::Exact(v) => pb::header_match::Value::Exact(v),
+            Matched::Regex(v) => pb::header_match::Value::Regex(v),
         };
         out.push(pb::HeaderMatch {
             name,
@@ -655,6 +647,26 @@ fn header_matches(field: &str, ms: &[ValueMatch]) -> Result<Vec<pb::HeaderMatch>
         });
     }
     Ok(out)
+}
+
+/// A header or query parameter match's value: `Exact` (the default) or a checked
+/// `RegularExpression`; `field[k]` names it in errors.
+enum Matched {
+    Exact(String),
+    Regex(String),
+}
+
+fn value_match(field: &str, k: usize, m: &ValueMatch) -> Result<Matched, RouteError> {
+    match m.type_.as_deref().unwrap_or("Exact") {
+        "Exact" => Ok(Matched::Exact(m.value.clone())),
+        "RegularExpression" => {
+            check_regex(&format!("{field}[{k}].value"), &m.value)?;
+            Ok(Matched::Regex(m.value.clone()))
+        }
+        other => Err(unsupported(format!(
+            "{field}[{k}].type is {other:?}; expected Exact or RegularExpression"
+        ))),
+    }
 }
 
 fn query_matches(field: &str, ms: &[ValueMatch]) -> Result<Vec<pb::QueryParamMatch>, RouteError> {
@@ -667,17 +679,9 @@ fn query_matches(field: &str, ms: &[ValueMatch]) -> Result<Vec<pb::QueryParamMat
         if !seen.insert(m.name.clone()) {
             continue;
         }
-        let value = match m.type_.as_deref().unwrap_or("Exact") {
-            "Exact" => pb::query_param_match::Value::Exact(m.value.clone()),
-            "RegularExpression" => {
-                check_regex(&format!("{field}[{k}].value"), &m.value)?;
-                pb::query_param_match::Value::Regex(m.value.clone())
-            }
-            other => {
-                return Err(unsupported(format!(
-                    "{field}[{k}].type is {other:?}; expected Exact or RegularExpression"
-                )))
-            }
+        let value = match value_match(field, k, m)? {
+            Matched::Exact(v) => pb::query_param_match::Value::Exact(v),
+            Matched::Regex(v) => pb::query_param_match::Value::Regex(v),
         };
         out.push(pb::QueryParamMatch {
             name: m.name.clone(),
