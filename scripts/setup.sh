@@ -22,13 +22,21 @@ checks=(
   "setpriv:util-linux"
   "pkill:procps"
   "python3:python3"
+  # The eBPF datapath (cni/bpf/*.c): Debian's clang with -target bpf and libbpf's headers.
+  "clang:clang"
+  "/usr/include/bpf/bpf_helpers.h:libbpf-dev"
+  "bpftool:bpftool"
+  # The CNI plugin's tests delegate addresses to the reference host-local IPAM plugin.
+  "/usr/lib/cni/host-local:containernetworking-plugins"
+  "iperf3:iperf3"
 )
 
 missing=()
 for entry in "${checks[@]}"; do
   cmd="${entry%%:*}"
   pkg="${entry#*:}"
-  if ! command -v "$cmd" >/dev/null 2>&1; then
+  # An entry is either a command on PATH or an absolute path to a file the package installs.
+  if { [[ "$cmd" == /* ]] && [ ! -e "$cmd" ]; } || { [[ "$cmd" != /* ]] && ! command -v "$cmd" >/dev/null 2>&1; }; then
     case " ${missing[*]-} " in
       *" $pkg "*) ;;
       *) missing+=("$pkg") ;;
