@@ -14,10 +14,12 @@
 //!          Destination.ClientPolicy streams: the whole policy per change)
 //! ```
 //!
-//! - [`model`]: the typed domain (Service, EndpointSlice, Pod, Namespace,
-//!   Gateway API HTTPRoute/GRPCRoute, the BackendPolicy CRD) and the pure
-//!   functions other Weft crates reuse: label selectors, named-port
-//!   resolution, port lists, target names, Gateway API durations.
+//! - [`model`]: the `weft-model` crate, re-exported: the typed domain
+//!   (Service, EndpointSlice, Pod, Namespace, Gateway API
+//!   HTTPRoute/GRPCRoute, the BackendPolicy CRD, NetworkPolicy) and the pure
+//!   functions every Weft crate reuses: label selectors, named-port
+//!   resolution, port lists, target names, Gateway API durations,
+//!   NetworkPolicy evaluation.
 //! - [`index`]: the single index, the pure resolution of a target against
 //!   it ([`index::resolve`]) and the pure compilation of routes and
 //!   policies into a proxy's outbound policy ([`index::outbound`]).
@@ -49,7 +51,9 @@ pub mod grpc;
 pub mod identity;
 pub mod index;
 pub mod metrics;
-pub mod model;
+/// The shared model lives in its own crate (`weft-model`); this path keeps
+/// `crate::model::...` and `weft_controller::model::...` working.
+pub use weft_model as model;
 pub mod runtime;
 pub mod source;
 pub mod status;

@@ -20,7 +20,7 @@ fn backend_policy_crd_matches_the_types() {
     let have = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         have == want,
-        "{} differs from what control-plane/src/model/policy.rs generates; \
+        "{} differs from what model/src/policy.rs (weft-model) generates; \
          regenerate it with `WEFT_UPDATE_CRDS=1 cargo test -p weft-controller --test crds` \
          and commit the result",
         path.display()

@@ -13,7 +13,7 @@
 //! - enumerations (`type`, `method`, `scheme`) are strings: the spec asks
 //!   implementations to answer an unknown value with `Accepted=False`,
 //!   reason `UnsupportedValue`, not to crash or drop the object; the
-//!   compilation ([`crate::index::outbound`]) checks them;
+//!   compilation (the controller's `index::outbound`) checks them;
 //! - filters Weft does not implement (`requestMirror`, `cors`,
 //!   `externalAuth`, `extensionRef`) are kept as raw JSON so the route can
 //!   be rejected with a message naming them;
@@ -27,7 +27,7 @@
 //! kinds and writes their status (`schema = "disabled"`: no schema is
 //! generated for them).
 
-use kube::CustomResource;
+use kube_derive::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +39,7 @@ pub const CONTROLLER_NAME: &str = "weft.dev/controller";
 /// `HTTPRoute.spec`.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[kube(
+    crates(kube_core = ::kube_core),
     group = "gateway.networking.k8s.io",
     version = "v1",
     kind = "HTTPRoute",
@@ -248,6 +249,7 @@ pub struct HttpRouteRetry {
 /// `GRPCRoute.spec`.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[kube(
+    crates(kube_core = ::kube_core),
     group = "gateway.networking.k8s.io",
     version = "v1",
     kind = "GRPCRoute",

@@ -18,7 +18,8 @@
 
 use std::time::Duration;
 
-use kube::{CustomResource, CustomResourceExt as _};
+use kube_core::CustomResourceExt as _;
+use kube_derive::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +48,7 @@ pub mod defaults {
 /// `BackendPolicy.spec`.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
+    crates(kube_core = ::kube_core),
     group = "policy.weft.dev",
     version = "v1alpha1",
     kind = "BackendPolicy",

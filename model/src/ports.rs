@@ -125,7 +125,7 @@ impl FromStr for PortSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{AddressType, ObjectKey, SlicePort};
+    use crate::{AddressType, ObjectKey, SlicePort};
     use proptest::prelude::*;
 
     fn pod(ports: &[(&str, u16)]) -> Pod {
