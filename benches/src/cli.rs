@@ -50,7 +50,7 @@ pub enum Command {
     Handshakes(crate::handshake::HandshakeArgs),
     /// Issue 12 (a): a backend failing every 5th request, with and without a route retry;
     /// client-seen success and extra backend load. Writes a section of RESULTS.md.
-    Retries(crate::policy::PolicyArgs),
+    Retries(crate::policy::retries::RetriesArgs),
     /// Issue 12 (b): one of three endpoints hard-failing; time to ejection and success after
     /// it, against three healthy endpoints. Writes a section of RESULTS.md.
     Ejection(crate::policy::PolicyArgs),

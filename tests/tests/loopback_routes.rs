@@ -640,5 +640,9 @@ async fn only_bodies_within_the_buffer_cap_are_retried() -> Result<()> {
         .post(HOST, "/sink", bytes::Bytes::from(vec![7u8; 60 * 1024]))
         .await?;
     assert_eq!((s, &body[..]), (200, format!("{}", 60 * 1024).as_bytes()));
+    // The failed attempts wrote their bodies whole, so their answers were read and their
+    // connection kept: the retries of requests with a body dial nothing either.
+    let conns = w.v1.1.connections.load(Ordering::Relaxed);
+    assert_eq!(conns, 1, "{conns} upstream connections for 4 attempts");
     Ok(())
 }

@@ -119,15 +119,34 @@ pub fn ten_rules(retry: Option<Retry>) -> Vec<Rule> {
     rules
 }
 
+/// A retry budget (BackendPolicy `retryBudget`, ttl 10 s).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Budget {
+    pub ratio: f64,
+    pub min_per_second: u32,
+}
+
+/// DESIGN.md's default budget: 20 % of requests plus 10 retries a second.
+pub const DEFAULT_BUDGET: Budget = Budget {
+    ratio: 0.2,
+    min_per_second: 10,
+};
+
 /// A BackendPolicy on Service `service` spelling out DESIGN.md's defaults: retry budget
 /// 20 % + 10/s over 10 s; 7 consecutive failures eject for 1 s doubling to 60 s.
 pub fn default_backend_policy(service: &str) -> String {
+    backend_policy(service, DEFAULT_BUDGET)
+}
+
+/// [`default_backend_policy`] with another retry budget.
+pub fn backend_policy(service: &str, budget: Budget) -> String {
     format!(
         "apiVersion: policy.weft.dev/v1alpha1\nkind: BackendPolicy\n\
          metadata: {{name: {service}, namespace: {NAMESPACE}}}\nspec:\n  targetRefs:\n    \
          - {{group: \"\", kind: Service, name: {service}}}\n  \
-         retryBudget: {{retryRatio: 0.2, minRetriesPerSecond: 10, ttl: 10s}}\n  \
-         circuitBreaker: {{consecutiveFailures: 7, baseEjectionTime: 1s, maxEjectionTime: 60s}}\n"
+         retryBudget: {{retryRatio: {}, minRetriesPerSecond: {}, ttl: 10s}}\n  \
+         circuitBreaker: {{consecutiveFailures: 7, baseEjectionTime: 1s, maxEjectionTime: 60s}}\n",
+        budget.ratio, budget.min_per_second
     )
 }
 

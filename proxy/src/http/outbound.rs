@@ -389,10 +389,12 @@ impl ConnCtx {
             }
             // The copy needs the body back from the last attempt; the connection's task may
             // drop it a moment after the answer, so give it one turn.
+            let mut whole = resend.sent_whole();
             let next = match resend.request() {
                 Some(r) => r,
                 None => {
                     tokio::task::yield_now().await;
+                    whole = resend.sent_whole();
                     match resend.request() {
                         Some(r) => r,
                         None => return sent,
@@ -401,10 +403,11 @@ impl ConnCtx {
             };
             // Read what is left of the failed answer, so its HTTP/1.1 connection goes back to
             // the pool instead of being closed and dialled again for the retry. Only when the
-            // request had no body: a server that answered before reading a body closes the
-            // connection after its answer, and the retry must not be sent on it.
+            // attempt wrote the whole request: a server that answered before the body reached
+            // it closes the connection after its answer, and the retry must not be sent on it.
+            // (Checked before `next` takes the body.)
             match sent {
-                Ok((rsp, _)) if resend.body_is_empty() => drain(rsp.into_body()).await,
+                Ok((rsp, _)) if whole => drain(rsp.into_body()).await,
                 other => drop(other),
             }
             self.metrics

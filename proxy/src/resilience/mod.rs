@@ -165,9 +165,10 @@ impl Resend {
         Some((self.request()?, why))
     }
 
-    /// Whether the request has no body.
-    pub fn body_is_empty(&self) -> bool {
-        self.body.is_none()
+    /// Whether the last attempt wrote the whole request, body included (always, for a request
+    /// without a body); `false` while that attempt still holds the body.
+    pub fn sent_whole(&self) -> bool {
+        self.body.as_ref().is_none_or(Replay::sent_whole)
     }
 
     /// The request again, as the client sent it: `None` while the last attempt still holds

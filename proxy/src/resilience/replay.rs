@@ -41,6 +41,9 @@ struct State {
     trailers: Option<HeaderMap>,
     /// Recording stopped: the body outgrew the cap or failed, so it cannot be replayed.
     spoiled: bool,
+    /// The copy that last held the state gave out the whole body, to its end: the connection
+    /// it was written on carried the request whole (so it may carry another).
+    finished: bool,
 }
 
 struct Shared {
@@ -72,6 +75,7 @@ impl Replay {
                 rest: Some(body),
                 trailers: None,
                 spoiled: false,
+                finished: false,
             })),
             cap,
         });
@@ -85,6 +89,12 @@ impl Replay {
             Some(s) if !s.spoiled => Some(ReplayBody::new(self.0.clone())),
             _ => None,
         }
+    }
+
+    /// Whether the last copy gave out the whole body before it was dropped; `false` while a
+    /// copy still holds the body.
+    pub fn sent_whole(&self) -> bool {
+        lock(&self.0.slot).as_ref().is_some_and(|s| s.finished)
     }
 }
 
@@ -122,7 +132,10 @@ impl ReplayBody {
 
 impl Drop for ReplayBody {
     fn drop(&mut self) {
-        if let Some(s) = self.state.take() {
+        // hyper stops polling once `is_end_stream` is true, so "whole" is decided here.
+        let whole = self.is_end_stream();
+        if let Some(mut s) = self.state.take() {
+            s.finished = whole;
             *lock(&self.shared.slot) = Some(s);
         }
     }
@@ -270,6 +283,31 @@ mod tests {
         let (bytes, _) = read_all(first).await;
         assert_eq!(bytes, b"0123456789abcdef");
         assert!(replay.body().is_none());
+    }
+
+    #[tokio::test]
+    async fn only_a_copy_that_gave_out_everything_counts_as_sent_whole() {
+        let (first, replay) = Replay::new(chunks(&[b"ab", b"cd"], None), 1024);
+        assert!(!replay.sent_whole(), "held by the first copy");
+        let mut first = first;
+        assert!(first.frame().await.is_some());
+        drop(first);
+        assert!(!replay.sent_whole(), "one chunk of two was given out");
+        // A copy read until `is_end_stream` (hyper stops there, without polling for the end).
+        let mut copy = replay.body().expect("copy");
+        while !copy.is_end_stream() {
+            if copy.frame().await.is_none() {
+                break;
+            }
+        }
+        drop(copy);
+        assert!(replay.sent_whole());
+        // A new copy that gives out only part of the body clears it again.
+        let mut copy = replay.body().expect("copy");
+        assert!(copy.frame().await.is_some());
+        assert!(!replay.sent_whole(), "held by the new copy");
+        drop(copy);
+        assert!(!replay.sent_whole());
     }
 
     #[tokio::test]
