@@ -44,6 +44,7 @@ fn examples_load_and_are_accepted() {
     for want in [
         "backendpolicy.yaml",
         "grpcroute-retry.yaml",
+        "httproute-mirror.yaml",
         "httproute-split.yaml",
     ] {
         assert!(

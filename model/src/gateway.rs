@@ -14,9 +14,9 @@
 //!   implementations to answer an unknown value with `Accepted=False`,
 //!   reason `UnsupportedValue`, not to crash or drop the object; the
 //!   compilation (the controller's `index::outbound`) checks them;
-//! - filters Weft does not implement (`requestMirror`, `cors`,
-//!   `externalAuth`, `extensionRef`) are kept as raw JSON so the route can
-//!   be rejected with a message naming them;
+//! - filters Weft does not implement (`cors`, `externalAuth`,
+//!   `extensionRef`) are kept as raw JSON so the route can be rejected with
+//!   a message naming them;
 //! - unknown fields are ignored (newer API versions add fields);
 //! - the kubebuilder defaults (path `PathPrefix /`, header match `Exact`,
 //!   weight 1, redirect status 302, backend kind `Service`) are applied by
@@ -132,9 +132,8 @@ pub struct RouteFilter {
     pub request_redirect: Option<RequestRedirectFilter>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_rewrite: Option<UrlRewriteFilter>,
-    /// Not implemented by Weft (the route is not accepted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_mirror: Option<serde_json::Value>,
+    pub request_mirror: Option<RequestMirrorFilter>,
     /// Not implemented by Weft (the route is not accepted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors: Option<serde_json::Value>,
@@ -178,6 +177,29 @@ pub struct RequestRedirectFilter {
     /// Default 302.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_code: Option<i32>,
+}
+
+/// `RequestMirror`: a copy of a share of the requests goes to `backendRef`
+/// too (its answer is discarded).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestMirrorFilter {
+    /// A Service (`weight` and `filters` do not apply to a mirror).
+    pub backend_ref: BackendRef,
+    /// 0-100; at most one of `percent` and `fraction`; neither: 100 %.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<Fraction>,
+}
+
+/// `numerator / denominator` (denominator default 100).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Fraction {
+    pub numerator: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denominator: Option<i32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -35,6 +35,10 @@ pub struct Stats {
     pub fail_permille: AtomicU64,
     /// Requests answered with an injected failure.
     pub injected: AtomicU64,
+    /// Bytes of the `/sink` bodies read whole.
+    pub sunk_bytes: AtomicU64,
+    /// The `x-tag` header of every request that had one, in arrival order.
+    pub tags: std::sync::Mutex<Vec<String>>,
 }
 
 impl Stats {
@@ -84,6 +88,11 @@ pub fn grpc_messages(mut buf: &[u8]) -> Vec<Bytes> {
 
 async fn route(req: Request<Incoming>, stats: Arc<Stats>) -> Response<Body> {
     let n = stats.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    if let Some(tag) = req.headers().get("x-tag") {
+        if let Ok(mut tags) = stats.tags.lock() {
+            tags.push(String::from_utf8_lossy(tag.as_bytes()).into_owned());
+        }
+    }
     let delay = stats.delay_ms.load(Ordering::Relaxed);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -134,6 +143,7 @@ async fn route(req: Request<Incoming>, stats: Arc<Stats>) -> Response<Body> {
                     }
                 }
             }
+            stats.sunk_bytes.fetch_add(n, Ordering::Relaxed);
             Response::new(full(n.to_string()))
         }
         "/slow" => {

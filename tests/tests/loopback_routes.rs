@@ -646,3 +646,99 @@ async fn only_bodies_within_the_buffer_cap_are_retried() -> Result<()> {
     assert_eq!(conns, 1, "{conns} upstream connections for 4 attempts");
     Ok(())
 }
+
+/// RequestMirror (the mesh conformance suite's MeshGRPCRouteRequestMirror, for HTTPRoute and
+/// GRPCRoute alike): every request the rule takes is also sent, as the rule's header filters
+/// left it and with its body, to the mirror's service; the client sees only the real
+/// backend's answers, and a mirror that fails or hangs changes nothing for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_mirrors_copy_requests_without_touching_the_answers() -> Result<()> {
+    let mirror_rule = |percent: &str| {
+        route(&format!(
+            "    - name: mirrored\n      filters:\n        - {{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: x-tag, value: rule}}]}}}}\n        - {{type: RequestMirror, requestMirror: {{backendRef: {{name: books-v2, port: 80}}{percent}}}}}\n      backendRefs: [{{name: books, port: 80}}]\n"
+        ))
+    };
+    let w = World::start("routes-mirror", &mirror_rule("")).await?;
+    let mirrored = |w: &World, result: &str| {
+        w.metric(
+            "weft_route_mirrors_total",
+            &[
+                ("route", "httproute/shop/books/mirrored"),
+                ("backend", "books-v2.shop.svc.cluster.local:80"),
+                ("result", result),
+            ],
+        )
+    };
+    let mut c = Conn::open(w.proxy.outbound, false).await?;
+    for _ in 0..20 {
+        let (s, _, body) = c.get_with(HOST, "/uri", &[("x-tag", "client")]).await?;
+        assert_eq!((s, &body[..]), (200, &b"/uri"[..]));
+    }
+    let body = bytes::Bytes::from(vec![5u8; 10 * 1024]);
+    for _ in 0..5 {
+        let (s, _, answer) = c.post(HOST, "/sink", body.clone()).await?;
+        assert_eq!((s, &answer[..]), (200, &b"10240"[..]));
+    }
+    eventually_async(Duration::from_secs(5), || {
+        let v2 = w.v2.1.requests.load(Ordering::Relaxed);
+        let sunk = w.v2.1.sunk_bytes.load(Ordering::Relaxed);
+        anyhow::ensure!(
+            v2 == 25 && sunk == 5 * 10240,
+            "mirror saw {v2} requests, {sunk} bytes"
+        );
+        Ok(true)
+    })
+    .await?;
+    assert_eq!(w.v1.1.requests.load(Ordering::Relaxed), 25);
+    let tags = w.v2.1.tags.lock().map(|t| t.clone()).unwrap_or_default();
+    assert_eq!(tags.len(), 25, "{tags:?}");
+    assert!(
+        tags.iter().all(|t| t == "rule"),
+        "copies carry the rule's header edits: {tags:?}"
+    );
+    eventually_async(Duration::from_secs(2), || {
+        Ok(mirrored(&w, "answered")? == 25.0)
+    })
+    .await?;
+
+    // A mirror that fails every request, then one that does not answer for a minute: the
+    // client's requests are answered by books as before.
+    w.v2.1.fail(1.0);
+    for _ in 0..10 {
+        let (s, _, _) = c.get(HOST, "/uri").await?;
+        assert_eq!(s, 200);
+    }
+    w.v2.1.fail(0.0);
+    w.v2.1.delay_ms.store(60_000, Ordering::Relaxed);
+    let mut fresh = Conn::open(w.proxy.outbound, true).await?;
+    for _ in 0..10 {
+        let (s, _, answer) = tokio::time::timeout(
+            Duration::from_secs(5),
+            fresh.post(HOST, "/sink", body.clone()),
+        )
+        .await
+        .context("a hung mirror held the request back")??;
+        assert_eq!((s, &answer[..]), (200, &b"10240"[..]));
+    }
+    w.v2.1.delay_ms.store(0, Ordering::Relaxed);
+    assert_eq!(w.v1.1.requests.load(Ordering::Relaxed), 45);
+    assert_eq!(w.fallback.requests.load(Ordering::Relaxed), 0);
+
+    // A share: percent 50 mirrors about half (binomial: ±8 % of 400 is over 3 sd).
+    let before = w.v2.1.requests.load(Ordering::Relaxed);
+    let updates = w.metric("weft_policy_updates_total", &[])?;
+    w.dir.write("route.yaml", &mirror_rule(", percent: 50"))?;
+    eventually_async(Duration::from_secs(3), || {
+        Ok(w.metric("weft_policy_updates_total", &[])? > updates)
+    })
+    .await?;
+    let r = gets(&w, "/uri", 400).await?;
+    assert!(r.iter().all(|x| x.0 == 200));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let share = (w.v2.1.requests.load(Ordering::Relaxed) - before) as f64 / 400.0;
+    assert!(
+        (0.42..=0.58).contains(&share),
+        "percent 50 mirrored {share:.3} of the requests"
+    );
+    Ok(())
+}

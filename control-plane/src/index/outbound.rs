@@ -54,7 +54,7 @@
 //!   `timeout.weft.dev/request`, `timeout.weft.dev/backend-request`
 //!   (Gateway API durations);
 //! - a route with anything that cannot be applied (bad regex or path,
-//!   unknown match type or method, unsupported filter such as RequestMirror,
+//!   unknown match type or method, unsupported filter such as CORS,
 //!   redirect together with rewrite, bad duration or annotation) is left
 //!   out whole and reported `Accepted=False`; the other routes still apply.
 //!
@@ -74,7 +74,7 @@ use weft_proto::prost_types;
 use super::{State, Topic};
 use crate::model::gateway::{
     BackendRef, GrpcRouteRule, HeaderFilter, HttpRouteRule, ParentReference, PathModifier,
-    RouteFilter, ValueMatch,
+    RequestMirrorFilter, RouteFilter, ValueMatch,
 };
 use crate::model::names::Target;
 use crate::model::policy::{self, Settings};
@@ -468,7 +468,18 @@ fn http_rule(
             },
         ));
     }
-    let filters = rule_filters(&field, &rule.filters, false, all_prefix)?;
+    let mut filters = rule_filters(&field, &rule.filters, false, all_prefix)?;
+    mirror_backends(
+        state,
+        route,
+        &field,
+        &rule.filters,
+        &mut filters,
+        port,
+        false,
+        config,
+        topics,
+    )?;
     let backends = backends(
         state,
         route,
@@ -775,9 +786,22 @@ fn convert_filter(
     header_only: bool,
     kind_name: &str,
     all_prefix: bool,
+    rule: bool,
 ) -> Result<pb::Filter, RouteError> {
     use pb::filter::Kind as F;
     let kind = match f.type_.as_str() {
+        // The backend is resolved by the caller ([`mirror_backends`]), which has the index.
+        "RequestMirror" if rule => {
+            let Some(m) = &f.request_mirror else {
+                return Err(unsupported(format!("{field}.requestMirror is missing")));
+            };
+            let (numerator, denominator) = mirror_share(&format!("{field}.requestMirror"), m)?;
+            F::RequestMirror(pb::RequestMirror {
+                backend: None,
+                numerator,
+                denominator,
+            })
+        }
         "RequestHeaderModifier" => F::RequestHeaderModifier(header_modifier(
             &format!("{field}.requestHeaderModifier"),
             f.request_header_modifier.as_ref(),
@@ -845,7 +869,7 @@ fn convert_filter(
                     .transpose()?,
             })
         }
-        other @ ("RequestMirror" | "CORS" | "ExternalAuth" | "ExtensionRef") => {
+        other @ ("CORS" | "ExternalAuth" | "ExtensionRef") => {
             return Err(unsupported(format!(
                 "{field}.type is {other}: Weft does not implement this filter"
             )))
@@ -857,6 +881,66 @@ fn convert_filter(
         }
     };
     Ok(pb::Filter { kind: Some(kind) })
+}
+
+/// A RequestMirror's share as numerator / denominator (`percent` is n/100).
+fn mirror_share(field: &str, m: &RequestMirrorFilter) -> Result<(u32, u32), RouteError> {
+    let share = match (m.percent, &m.fraction) {
+        (Some(_), Some(_)) => {
+            return Err(unsupported(format!(
+                "{field} sets both percent and fraction; set at most one"
+            )))
+        }
+        (None, None) => (1, 1),
+        (Some(p), None) => (p, 100),
+        (None, Some(f)) => (f.numerator, f.denominator.unwrap_or(100)),
+    };
+    match share {
+        (n, d) if d > 0 && (0..=d).contains(&n) => Ok((n.unsigned_abs(), d.unsigned_abs())),
+        (n, d) => Err(unsupported(format!(
+            "{field} mirrors {n}/{d} of the requests; expected a share between 0 and 1 with a positive denominator"
+        ))),
+    }
+}
+
+/// Resolves the backend of each RequestMirror among `out` (converted from `src`), as
+/// backendRefs are resolved: a Service that does not exist mirrors nothing.
+#[allow(clippy::too_many_arguments)]
+fn mirror_backends(
+    state: &State,
+    route: &Route,
+    field: &str,
+    src: &[RouteFilter],
+    out: &mut [pb::Filter],
+    port: Option<u16>,
+    grpc: bool,
+    config: &OutboundConfig,
+    topics: &mut Vec<Topic>,
+) -> Result<(), RouteError> {
+    for (k, (f, pb_filter)) in src.iter().zip(out.iter_mut()).enumerate() {
+        let (Some(m), Some(pb::filter::Kind::RequestMirror(mirror))) =
+            (&f.request_mirror, pb_filter.kind.as_mut())
+        else {
+            continue;
+        };
+        let backend_ref = BackendRef {
+            weight: None,
+            filters: Vec::new(),
+            ..m.backend_ref.clone()
+        };
+        mirror.backend = backends(
+            state,
+            route,
+            &format!("{field}.filters[{k}].requestMirror"),
+            std::slice::from_ref(&backend_ref),
+            port,
+            grpc,
+            config,
+            topics,
+        )?
+        .pop();
+    }
+    Ok(())
 }
 
 fn rule_filters(
@@ -876,6 +960,7 @@ fn rule_filters(
                 grpc,
                 kind_name,
                 all_prefix,
+                true,
             )
         })
         .collect::<Result<_, _>>()?;
@@ -930,6 +1015,7 @@ fn backends(
                     x,
                     true,
                     if grpc { "GRPCRoute" } else { "HTTPRoute" },
+                    false,
                     false,
                 )
             })
@@ -1208,7 +1294,18 @@ fn grpc_rule(
             },
         ));
     }
-    let filters = rule_filters(&field, &rule.filters, true, false)?;
+    let mut filters = rule_filters(&field, &rule.filters, true, false)?;
+    mirror_backends(
+        state,
+        route,
+        &field,
+        &rule.filters,
+        &mut filters,
+        port,
+        true,
+        config,
+        topics,
+    )?;
     let backends = backends(
         state,
         route,
@@ -1460,10 +1557,23 @@ fn conflicting_grpc_route(
 }
 
 fn resolved_refs(state: &State, route: &Route, port: Option<u16>) -> Verdict {
-    let refs: Vec<&BackendRef> = match &route.spec {
-        RouteSpec::Http(s) => s.rules.iter().flat_map(|r| &r.backend_refs).collect(),
-        RouteSpec::Grpc(s) => s.rules.iter().flat_map(|r| &r.backend_refs).collect(),
+    // A RequestMirror's backendRef counts too (the Gateway API's ResolvedRefs covers every
+    // reference a route makes).
+    let (backend_refs, filters): (Vec<&BackendRef>, Vec<&RouteFilter>) = match &route.spec {
+        RouteSpec::Http(s) => (
+            s.rules.iter().flat_map(|r| &r.backend_refs).collect(),
+            s.rules.iter().flat_map(|r| &r.filters).collect(),
+        ),
+        RouteSpec::Grpc(s) => (
+            s.rules.iter().flat_map(|r| &r.backend_refs).collect(),
+            s.rules.iter().flat_map(|r| &r.filters).collect(),
+        ),
     };
+    let refs = backend_refs.into_iter().chain(
+        filters
+            .into_iter()
+            .filter_map(|f| f.request_mirror.as_ref().map(|m| &m.backend_ref)),
+    );
     let problems: Vec<BackendProblem> = refs
         .into_iter()
         .filter_map(|b| resolve_backend(state, route, b, port, &mut Vec::new()).err())

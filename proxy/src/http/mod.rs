@@ -15,6 +15,7 @@ pub mod body;
 pub mod client;
 pub mod error;
 pub mod head;
+mod mirror;
 mod outbound;
 
 use std::convert::Infallible;
@@ -645,6 +646,11 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
         }
         (_, _) => outbound::Plan::direct(balancer),
     };
+    // RequestMirror copies start here, sent beside the request (never an upgrade).
+    let mut plan = plan;
+    if !plan.mirrors.is_empty() && !h1 {
+        req = mirror::start(std::mem::take(&mut plan.mirrors), req);
+    }
     let (mut rsp, in_flight) = match ctx.send_planned(&plan, req, h1).await {
         Ok(r) => r,
         Err(e) => {

@@ -48,14 +48,16 @@ use http_body_util::BodyExt;
 use super::client::{ClientError, PooledBody};
 use super::{BoxBody, BoxError, Cause, ConnCtx, SendError};
 use crate::balance::{self, Balancer, InFlight};
-use crate::metrics::{RouteBackendLabels, RouteLabel, RouteReasonLabels, RouteResultLabels};
+use crate::metrics::{
+    MirrorLabels, RouteBackendLabels, RouteLabel, RouteReasonLabels, RouteResultLabels,
+};
 use crate::resilience::breaker::BreakerConfig;
 use crate::resilience::replay::DEFAULT_CAP;
 use crate::resilience::retry::{Budget, Outcome, RetryConfig};
 use crate::resilience::{self, Resend};
 use crate::route::filters::{self, Action};
 use crate::route::matching;
-use crate::route::policy::{BackendKind, Policy};
+use crate::route::policy::{BackendKind, Filter, Policy};
 
 /// What the policy decided for one request before it is sent.
 pub(super) struct Plan {
@@ -66,6 +68,8 @@ pub(super) struct Plan {
     breaker: BreakerConfig,
     /// The matched rule, when a route matched.
     rule: Option<Rule>,
+    /// RequestMirror copies this request makes (taken by the caller).
+    pub mirrors: Vec<super::mirror::Mirrored>,
 }
 
 /// A matched route rule and its chosen backend.
@@ -98,6 +102,7 @@ impl Plan {
             request_timeout: None,
             breaker: BreakerConfig::default(),
             rule: None,
+            mirrors: Vec::new(),
         }
     }
 
@@ -199,6 +204,7 @@ impl ConnCtx {
                         request_timeout: policy.settings.request_timeout,
                         breaker: policy.settings.breaker,
                         rule: None,
+                        mirrors: Vec::new(),
                     });
                 }
                 matching::Outcome::NoRoute => {
@@ -234,6 +240,12 @@ impl ConnCtx {
         if let Some(r) = redirect {
             return Err(Early::Redirect(Box::new(r.response(empty()))));
         }
+        let protocol = if self.h2 {
+            balance::Protocol::Http2
+        } else {
+            balance::Protocol::Http1
+        };
+        let mirrors = self.mirrors(route, router, protocol);
         let backend = crate::route::backend::pick_random(&route.backends);
         let picked = backend
             .and_then(|b| route.backends.iter().position(|x| std::ptr::eq(x, b)))
@@ -282,11 +294,6 @@ impl ConnCtx {
         {
             return Err(Early::Redirect(Box::new(r.response(empty()))));
         }
-        let protocol = if self.h2 {
-            balance::Protocol::Http2
-        } else {
-            balance::Protocol::Http1
-        };
         let budget = route.retry.is_some().then(|| {
             route
                 .cache
@@ -317,7 +324,52 @@ impl ConnCtx {
                 label,
                 budget,
             }),
+            mirrors,
         })
+    }
+
+    /// The RequestMirror copies `route` makes of this request (sampled by their share).
+    fn mirrors(
+        &self,
+        route: &crate::route::policy::Route,
+        router: &super::Router,
+        protocol: balance::Protocol,
+    ) -> Vec<super::mirror::Mirrored> {
+        let mut out = Vec::new();
+        for f in &route.filters {
+            let Filter::Mirror(m) = f else { continue };
+            let BackendKind::Service(target) = &m.backend.kind else {
+                continue;
+            };
+            if !m.samples(fastrand::f64()) {
+                continue;
+            }
+            let Some(balancer) = m.backend.cache.balancers
+                [usize::from(protocol == balance::Protocol::Http2)]
+            .get_or_init(|| router.balancer(target, protocol))
+            .clone() else {
+                continue;
+            };
+            let counters = m
+                .counters
+                .get_or_init(|| {
+                    let c = |result| {
+                        self.metrics
+                            .routes
+                            .mirrors
+                            .get_or_create(&MirrorLabels {
+                                route: route.label.clone(),
+                                backend: target.clone(),
+                                result,
+                            })
+                            .clone()
+                    };
+                    [c("answered"), c("failed"), c("skipped")]
+                })
+                .clone();
+            out.push(super::mirror::Mirrored { balancer, counters });
+        }
+        out
     }
 
     /// Timeout → retry → balance → breaker → endpoint.

@@ -173,6 +173,8 @@ pub struct RouteMetrics {
     pub budget_exhausted: Family<RouteLabel, Counter>,
     /// Timeouts by kind: `request`, `backend-request`.
     pub timeouts: Family<RouteReasonLabels, Counter>,
+    /// RequestMirror copies by result: `answered`, `failed`, `skipped`.
+    pub mirrors: Family<MirrorLabels, Counter>,
 }
 
 impl RouteMetrics {
@@ -202,6 +204,11 @@ impl RouteMetrics {
             "Route timeouts that expired, by kind: request (the whole request), backend-request (one attempt)",
             self.timeouts.clone(),
         );
+        registry.register(
+            "weft_route_mirrors",
+            "Copies of requests sent by a route's RequestMirror, by mirror backend and result: answered (any status), failed (error, timeout, or cut off for falling behind the request's body), skipped (no ready endpoint)",
+            self.mirrors.clone(),
+        );
     }
 }
 
@@ -214,6 +221,13 @@ pub struct RouteLabel {
 pub struct RouteBackendLabels {
     pub route: Arc<str>,
     pub backend: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    pub route: Arc<str>,
+    pub backend: Arc<str>,
+    pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -50,7 +50,7 @@ pub fn apply_request(
     for f in filters {
         match f {
             Filter::RequestHeaders(m) => modify_headers(m, headers),
-            Filter::ResponseHeaders(_) => {}
+            Filter::ResponseHeaders(_) | Filter::Mirror(_) => {}
             Filter::Rewrite(r) => rewrite(r, prefix, uri, headers),
             Filter::Redirect(r) => {
                 return Action::Redirect(Redirected {

@@ -173,6 +173,27 @@ pub enum Filter {
     ResponseHeaders(HeaderModifier),
     Redirect(Redirect),
     Rewrite(Rewrite),
+    /// Rule filters only: the request, as the rule's other filters leave it, is copied to
+    /// another service too (`http::mirror`).
+    Mirror(Mirror),
+}
+
+/// A RequestMirror: `numerator / denominator` of the requests are copied to `backend`.
+#[derive(Debug)]
+pub struct Mirror {
+    /// Weight and filters unused.
+    pub backend: Backend,
+    pub numerator: u32,
+    pub denominator: u32,
+    /// `weft_route_mirrors_total{result="answered"|"failed"|"skipped"}`, made on first use.
+    pub counters: OnceLock<[Counter; 3]>,
+}
+
+impl Mirror {
+    /// Whether this request is mirrored, given a uniform `draw` in [0, 1).
+    pub fn samples(&self, draw: f64) -> bool {
+        self.denominator > 0 && draw * f64::from(self.denominator) < f64::from(self.numerator)
+    }
 }
 
 /// Header edits, applied set, then add, then remove. Names are lower case.
@@ -617,7 +638,7 @@ fn compile_route(
     prefix_only: bool,
     problems: &mut Vec<PolicyError>,
 ) -> Result<Route, FieldError> {
-    let filters = compile_filters(&r.filters, prefix_only, true)?;
+    let filters = compile_filters(&r.filters, prefix_only, Some((defaults, &mut *problems)))?;
     let redirects = filters.iter().any(|f| matches!(f, Filter::Redirect(_)));
     if redirects && filters.iter().any(|f| matches!(f, Filter::Rewrite(_))) {
         return Err(FieldError::new(
@@ -628,27 +649,10 @@ fn compile_route(
     }
     let mut backends = Vec::with_capacity(r.backends.len());
     for (i, b) in r.backends.iter().enumerate() {
-        let field = format!("backends[{i}].");
-        use pb::backend::Kind;
-        let kind = match &b.kind {
-            Some(Kind::Target(t)) if !t.is_empty() => BackendKind::Service(Arc::from(t.as_str())),
-            Some(Kind::Target(_)) | None => {
-                BackendKind::Invalid(Arc::from("backend names no service"))
-            }
-            Some(Kind::Invalid(why)) => BackendKind::Invalid(Arc::from(why.as_str())),
-        };
-        let settings = match &b.settings {
-            Some(s) => Arc::new(settings(Some(s), problems)),
-            None => defaults.clone(),
-        };
-        backends.push(Backend {
-            kind,
-            weight: b.weight,
-            filters: compile_filters(&b.filters, prefix_only, false)
-                .map_err(|e| e.within(&field))?,
-            settings,
-            cache: BackendCache::default(),
-        });
+        let mut backend = compile_backend(b, defaults, problems);
+        backend.filters = compile_filters(&b.filters, prefix_only, None)
+            .map_err(|e| e.within(&format!("backends[{i}].")))?;
+        backends.push(backend);
     }
     let request_timeout = match &r.request_timeout {
         Some(d) => timeout("request_timeout", Some(d))?,
@@ -708,10 +712,37 @@ fn compile_route(
     })
 }
 
+/// A backend without its filters.
+fn compile_backend(
+    b: &pb::Backend,
+    defaults: &Arc<BackendSettings>,
+    problems: &mut Vec<PolicyError>,
+) -> Backend {
+    use pb::backend::Kind;
+    let kind = match &b.kind {
+        Some(Kind::Target(t)) if !t.is_empty() => BackendKind::Service(Arc::from(t.as_str())),
+        Some(Kind::Target(_)) | None => BackendKind::Invalid(Arc::from("backend names no service")),
+        Some(Kind::Invalid(why)) => BackendKind::Invalid(Arc::from(why.as_str())),
+    };
+    let settings = match &b.settings {
+        Some(s) => Arc::new(settings(Some(s), problems)),
+        None => defaults.clone(),
+    };
+    Backend {
+        kind,
+        weight: b.weight,
+        filters: Vec::new(),
+        settings,
+        cache: BackendCache::default(),
+    }
+}
+
+/// `rule`: a rule's filters, with what a mirror's backend needs (a backend's filters: `None`,
+/// header modifiers only).
 fn compile_filters(
     fs: &[pb::Filter],
     prefix_only: bool,
-    rule: bool,
+    mut rule: Option<(&Arc<BackendSettings>, &mut Vec<PolicyError>)>,
 ) -> Result<Vec<Filter>, FieldError> {
     use pb::filter::Kind;
     let mut out = Vec::with_capacity(fs.len());
@@ -724,17 +755,42 @@ fn compile_filters(
             Some(Kind::ResponseHeaderModifier(m)) => Filter::ResponseHeaders(
                 modifier(m).map_err(|e| e.within(&format!("{field}response_header_modifier.")))?,
             ),
-            Some(Kind::RequestRedirect(r)) if rule => Filter::Redirect(
+            Some(Kind::RequestRedirect(r)) if rule.is_some() => Filter::Redirect(
                 redirect(r, prefix_only)
                     .map_err(|e| e.within(&format!("{field}request_redirect.")))?,
             ),
-            Some(Kind::UrlRewrite(r)) if rule => Filter::Rewrite(
+            Some(Kind::UrlRewrite(r)) if rule.is_some() => Filter::Rewrite(
                 rewrite(r, prefix_only).map_err(|e| e.within(&format!("{field}url_rewrite.")))?,
             ),
-            Some(Kind::RequestRedirect(_) | Kind::UrlRewrite(_)) => {
+            Some(Kind::RequestMirror(m)) if rule.is_some() => {
+                let Some((defaults, problems)) = rule.as_mut() else {
+                    continue;
+                };
+                if m.denominator == 0 || m.numerator > m.denominator {
+                    return Err(FieldError::new(
+                        format!("{field}request_mirror"),
+                        format!("{}/{}", m.numerator, m.denominator),
+                        "not a share between 0 and 1",
+                    ));
+                }
+                let Some(b) = &m.backend else {
+                    return Err(FieldError::new(
+                        format!("{field}request_mirror.backend"),
+                        "",
+                        "missing",
+                    ));
+                };
+                Filter::Mirror(Mirror {
+                    backend: compile_backend(b, defaults, problems),
+                    numerator: m.numerator,
+                    denominator: m.denominator,
+                    counters: OnceLock::new(),
+                })
+            }
+            Some(Kind::RequestRedirect(_) | Kind::UrlRewrite(_) | Kind::RequestMirror(_)) => {
                 return Err(FieldError::new(
                     field.trim_end_matches('.'),
-                    "request_redirect/url_rewrite",
+                    "request_redirect/url_rewrite/request_mirror",
                     "a backend's filters may only modify headers",
                 ))
             }
@@ -1141,7 +1197,20 @@ mod tests {
                     }]
                 }),
                 "backends[0].filters[0]",
-                "request_redirect/url_rewrite",
+                "request_redirect/url_rewrite/request_mirror",
+            ),
+            (
+                Box::new(|p| {
+                    p.routes[1].filters = vec![pb::Filter {
+                        kind: Some(pb::filter::Kind::RequestMirror(pb::RequestMirror {
+                            backend: None,
+                            numerator: 3,
+                            denominator: 2,
+                        })),
+                    }]
+                }),
+                "filters[0].request_mirror",
+                "3/2",
             ),
             (
                 Box::new(|p| p.routes[1].filters = vec![pb::Filter { kind: None }]),
@@ -1183,6 +1252,25 @@ mod tests {
                 "{msg}"
             );
         }
+    }
+
+    #[test]
+    fn a_mirror_samples_its_share() {
+        let m = |numerator, denominator| Mirror {
+            backend: compile_backend(
+                &pb::Backend::default(),
+                &Arc::default(),
+                &mut Vec::new(),
+            ),
+            numerator,
+            denominator,
+            counters: OnceLock::new(),
+        };
+        let share = |m: &Mirror| (0..1000).filter(|i| m.samples(*i as f64 / 1000.0)).count();
+        assert_eq!(share(&m(1, 1)), 1000);
+        assert_eq!(share(&m(0, 100)), 0);
+        assert_eq!(share(&m(25, 100)), 250);
+        assert_eq!(share(&m(1, 3)), 334);
     }
 
     #[test]

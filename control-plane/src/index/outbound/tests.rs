@@ -477,9 +477,24 @@ fn invalid_routes_are_left_out_with_a_reason() {
             "headers[0].type is \"Fuzzy\"",
         ),
         (
-            "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo-v2, port: 80}}}]",
+            "  - filters: [{type: CORS, cors: {allowOrigins: [\"*\"]}}]",
             "UnsupportedValue",
-            "spec.rules[0].filters[0].type is RequestMirror: Weft does not implement this filter",
+            "spec.rules[0].filters[0].type is CORS: Weft does not implement this filter",
+        ),
+        (
+            "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo-v2, port: 80}, percent: 5, fraction: {numerator: 1}}}]",
+            "UnsupportedValue",
+            "spec.rules[0].filters[0].requestMirror sets both percent and fraction",
+        ),
+        (
+            "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo-v2, port: 80}, percent: 120}}]",
+            "UnsupportedValue",
+            "mirrors 120/100 of the requests",
+        ),
+        (
+            "  - backendRefs: [{name: echo-v2, port: 80, filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo-v2, port: 80}}}]}]",
+            "UnsupportedValue",
+            "not a filter HTTPRoute supports here",
         ),
         (
             "  - filters: [{type: Teleport}]",
@@ -826,4 +841,75 @@ fn grpc_code_names() {
     ] {
         assert_eq!(grpc_code(name), code, "{name}");
     }
+}
+
+#[test]
+fn request_mirrors_resolve_their_service_like_a_backend() {
+    let yaml = http_route(
+        "mesh",
+        "m",
+        "{group: '', kind: Service, name: echo}",
+        "  - matches: [{headers: [{name: x-mirror, value: 'true'}]}]\n    filters:\n    - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-a, value: '1'}]}}\n    - {type: RequestMirror, requestMirror: {backendRef: {name: echo-v2, port: 80}, percent: 25}}\n    - {type: RequestMirror, requestMirror: {backendRef: {name: nowhere, port: 80}, fraction: {numerator: 1, denominator: 3}}}\n    backendRefs: [{name: echo-v1, port: 80}]",
+    );
+    let p = policy(&index(&yaml), "echo.mesh:80", "mesh");
+    let filters = &p.routes[0].filters;
+    assert_eq!(filters.len(), 3, "{filters:?}");
+    let mirror = |i: usize| match &filters[i].kind {
+        Some(pb::filter::Kind::RequestMirror(m)) => m.clone(),
+        other => panic!("filter {i}: {other:?}"),
+    };
+    let m = mirror(1);
+    assert_eq!((m.numerator, m.denominator), (25, 100));
+    let b = m.backend.expect("backend");
+    assert_eq!(
+        b.kind,
+        Some(pb::backend::Kind::Target(
+            "echo-v2.mesh.svc.cluster.local:80".into()
+        ))
+    );
+    assert!(b.settings.is_some(), "the mirror's service settings");
+    // A Service that does not exist mirrors nothing; the route still applies.
+    let m = mirror(2);
+    assert_eq!((m.numerator, m.denominator), (1, 3));
+    assert!(
+        matches!(
+            m.backend.and_then(|b| b.kind),
+            Some(pb::backend::Kind::Invalid(why)) if why.contains("nowhere")
+        ),
+        "an unknown mirror service is sent as invalid"
+    );
+    // ... and reported in the route's ResolvedRefs.
+    let idx = index(&yaml);
+    let state = idx.read();
+    let v = route_verdicts(
+        &state,
+        state
+            .http_routes
+            .get(&ObjectKey::new("mesh", "m"))
+            .expect("route"),
+        &OutboundConfig::default(),
+    );
+    let text = format!("{v:?}");
+    assert!(
+        text.contains("BackendNotFound") && text.contains("nowhere"),
+        "{text}"
+    );
+
+    // GRPCRoute rules mirror too (the mesh conformance suite's MeshGRPCRouteRequestMirror).
+    let yaml = grpc_route(
+        "gm",
+        "",
+        "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo-v2, port: 7070}}}]\n    backendRefs: [{name: echo-v1, port: 7070}]",
+    );
+    let p = policy(&index(&yaml), "echo.mesh:7070", "mesh");
+    let Some(pb::filter::Kind::RequestMirror(m)) = &p.routes[0].filters[0].kind else {
+        panic!("{:?}", p.routes[0].filters)
+    };
+    assert_eq!((m.numerator, m.denominator), (1, 1));
+    assert_eq!(
+        m.backend.as_ref().and_then(|b| b.kind.clone()),
+        Some(pb::backend::Kind::Target(
+            "echo-v2.mesh.svc.cluster.local:7070".into()
+        ))
+    );
 }
