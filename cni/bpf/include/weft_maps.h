@@ -1,0 +1,165 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Weft datapath ABI: every map key and value, the flow event, and the constants
+ * both sides agree on. This header is the single source of truth for those
+ * layouts; cni/datapath/src/abi.rs mirrors each struct with #[repr(C)] and a
+ * test there compares sizes and field offsets against the BTF that clang emits
+ * for the compiled object.
+ *
+ * Byte order, field by field:
+ *   - addresses are always in network byte order (as on the wire);
+ *   - weft_policy{4,6}_key.ep_id is network byte order (LPM tries compare key
+ *     bytes most-significant first; the ep_id/direction/proto bytes are always
+ *     inside the matched prefix, so the choice only has to be consistent);
+ *   - conntrack ports are network byte order (copied from the packet);
+ *   - port ranges in policy values and ports in flow events are host order;
+ *   - everything else is host order.
+ *
+ * Changing a layout changes the object hash: Datapath::open then replaces the
+ * programs, and replaces any pinned map whose key/value size no longer fits.
+ */
+#ifndef WEFT_MAPS_H
+#define WEFT_MAPS_H
+
+#include <linux/types.h>
+
+/* weft_endpoint.flags */
+#define WEFT_EP_INGRESS_ISOLATED 1u
+#define WEFT_EP_EGRESS_ISOLATED 2u
+
+/* Directions, from the pod's point of view. */
+#define WEFT_DIR_INGRESS 0 /* into the pod: tc egress on the host veth  */
+#define WEFT_DIR_EGRESS 1  /* out of the pod: tc ingress on the host veth */
+
+/* Policy key proto: 6, 17, 132, or this for every other protocol. */
+#define WEFT_PROTO_ANY 0
+
+#define WEFT_MAX_PORT_RANGES 32
+
+/* LPM prefix bits that always match: ep_id (32) + direction, proto, pad (32). */
+#define WEFT_POLICY_FIXED_PREFIX 64
+
+/* Map sizes. Changing one makes the pinned map incompatible (it is recreated). */
+#define WEFT_ENDPOINTS_MAX 16384
+#define WEFT_POLICY_MAX 65536
+#define WEFT_CT_MAX 131072
+#define WEFT_COUNTERS_MAX 16384
+#define WEFT_DROPS_MAX 32768
+#define WEFT_FLOWS_RINGBUF_BYTES (256 * 1024)
+
+/* Flow event verdicts. */
+#define WEFT_VERDICT_ALLOWED 1
+#define WEFT_VERDICT_DENIED 2
+
+/* Flow event reasons: why the verdict is what it is. */
+#define WEFT_REASON_NOT_ISOLATED 0  /* direction not isolated: allowed, policy 0 */
+#define WEFT_REASON_POLICY 1        /* a policy entry's port range matched */
+#define WEFT_REASON_NO_PEER 2       /* no policy entry covers the peer address */
+#define WEFT_REASON_NO_PORT 3       /* the peer's entry has no range with this port */
+#define WEFT_REASON_UNPARSEABLE 4   /* headers could not be parsed (fail safe: deny) */
+
+/* Conntrack value flags. */
+#define WEFT_CT_FIN_ORIG 1u  /* FIN seen from the connection's originator */
+#define WEFT_CT_FIN_REPLY 2u /* FIN seen from the replier */
+#define WEFT_CT_RST 4u       /* RST seen either way */
+
+/* weft_endpoints: key = host-veth ifindex (__u32). */
+struct weft_endpoint {
+	__u32 ep_id;
+	__u32 flags; /* WEFT_EP_*_ISOLATED */
+};
+
+/* weft_policy4: LPM trie, prefixlen = WEFT_POLICY_FIXED_PREFIX + CIDR length. */
+struct weft_policy4_key {
+	__u32 prefixlen;
+	__u32 ep_id; /* network byte order */
+	__u8 direction;
+	__u8 proto;
+	__u16 pad;
+	__u8 addr[4];
+};
+
+/* weft_policy6: as weft_policy4, IPv6 addresses. */
+struct weft_policy6_key {
+	__u32 prefixlen;
+	__u32 ep_id; /* network byte order */
+	__u8 direction;
+	__u8 proto;
+	__u16 pad;
+	__u8 addr[16];
+};
+
+struct weft_port_range {
+	__u16 lo; /* host byte order, inclusive */
+	__u16 hi; /* host byte order, inclusive */
+	__u32 policy;
+};
+
+/*
+ * The value of both policy tries. The entry for a prefix must hold every range
+ * allowed for addresses in it, including ranges of covering shorter prefixes:
+ * the datapath only consults the longest matching prefix. count == 0 is a hole
+ * (ipBlock except). With proto WEFT_PROTO_ANY ports are ignored: count > 0
+ * allows and ranges[0].policy decides.
+ */
+struct weft_policy_value {
+	__u32 count;
+	struct weft_port_range ranges[WEFT_MAX_PORT_RANGES];
+};
+
+/*
+ * weft_ct: LRU hash. One entry per (endpoint, direction, tuple) of an allowed
+ * new connection, as seen at that check point. IPv4 addresses use the first 4
+ * bytes of saddr/daddr, the rest zero. ICMP echo uses the identifier as both
+ * ports.
+ */
+struct weft_ct_key {
+	__u32 ep_id;
+	__u8 direction;
+	__u8 proto;  /* IP protocol number */
+	__u8 family; /* 4 or 6 */
+	__u8 pad;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport; /* network byte order */
+	__u16 dport; /* network byte order */
+};
+
+struct weft_ct_value {
+	__u64 created_ns;   /* bpf_ktime_get_boot_ns() */
+	__u64 last_seen_ns; /* refreshed at most once a second */
+	__u32 policy;       /* the deciding policy id (0: not isolated) */
+	__u32 flags;        /* WEFT_CT_* */
+};
+
+/* weft_counters: per-CPU hash, key = policy id (__u32). */
+struct weft_policy_counters {
+	__u64 allowed_conns;   /* new connections this policy allowed */
+	__u64 allowed_packets; /* packets of those connections, both ways */
+};
+
+/* weft_drops: per-CPU hash; value = denied new connections (__u64). */
+struct weft_drop_key {
+	__u32 ep_id;
+	__u8 direction;
+	__u8 pad[3];
+};
+
+/* weft_flows: ring buffer of these, one per new-connection decision. */
+struct weft_flow_event {
+	__u64 ts_ns; /* bpf_ktime_get_boot_ns() (CLOCK_BOOTTIME) */
+	__u32 ep_id;
+	__u32 policy;
+	__u8 direction;
+	__u8 verdict; /* WEFT_VERDICT_* */
+	__u8 proto;
+	__u8 family; /* 4 or 6 */
+	__u16 sport; /* host byte order */
+	__u16 dport; /* host byte order */
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u8 reason; /* WEFT_REASON_* */
+	__u8 pad[7];
+};
+
+#endif /* WEFT_MAPS_H */

@@ -1,0 +1,79 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The maps, declared once. Every map is pinned by name (LIBBPF_PIN_BY_NAME)
+ * under the loader's pin directory (default /sys/fs/bpf/weft/), so an agent
+ * restart reuses them and no policy is dropped. Layouts: include/weft_maps.h.
+ */
+#ifndef WEFT_LIB_MAPS_H
+#define WEFT_LIB_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "weft_maps.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32); /* host-veth ifindex */
+	__type(value, struct weft_endpoint);
+	__uint(max_entries, WEFT_ENDPOINTS_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct weft_policy4_key);
+	__type(value, struct weft_policy_value);
+	__uint(max_entries, WEFT_POLICY_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_policy4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct weft_policy6_key);
+	__type(value, struct weft_policy_value);
+	__uint(max_entries, WEFT_POLICY_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_policy6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct weft_ct_key);
+	__type(value, struct weft_ct_value);
+	__uint(max_entries, WEFT_CT_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__type(key, __u32); /* policy id */
+	__type(value, struct weft_policy_counters);
+	__uint(max_entries, WEFT_COUNTERS_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__type(key, struct weft_drop_key);
+	__type(value, __u64); /* denied new connections */
+	__uint(max_entries, WEFT_DROPS_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_drops SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, WEFT_FLOWS_RINGBUF_BYTES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64); /* flow events dropped because weft_flows was full */
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_flow_lost SEC(".maps");
+
+#endif /* WEFT_LIB_MAPS_H */

@@ -1,0 +1,212 @@
+//! `#[repr(C)]` mirrors of the map keys, values and the flow event declared in
+//! `cni/bpf/include/weft_maps.h`, and the constants both sides share. The test at the bottom
+//! checks every size and field offset against the BTF clang emitted for the compiled object,
+//! so a change on one side without the other fails `cargo test`.
+
+/// `weft_endpoint.flags`: the pod's ingress is isolated (a policy selects it for ingress).
+pub const EP_INGRESS_ISOLATED: u32 = 1;
+/// `weft_endpoint.flags`: the pod's egress is isolated.
+pub const EP_EGRESS_ISOLATED: u32 = 2;
+
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+
+pub const PROTO_ANY: u8 = 0;
+pub const MAX_PORT_RANGES: usize = 32;
+/// LPM prefix bits always matched: ep_id, direction, proto and pad.
+pub const POLICY_FIXED_PREFIX: u32 = 64;
+
+pub const VERDICT_ALLOWED: u8 = 1;
+pub const VERDICT_DENIED: u8 = 2;
+
+pub const REASON_NOT_ISOLATED: u8 = 0;
+pub const REASON_POLICY: u8 = 1;
+pub const REASON_NO_PEER: u8 = 2;
+pub const REASON_NO_PORT: u8 = 3;
+pub const REASON_UNPARSEABLE: u8 = 4;
+
+pub const CT_FIN_ORIG: u32 = 1;
+pub const CT_FIN_REPLY: u32 = 2;
+pub const CT_RST: u32 = 4;
+
+/// Map names (and pin file names under the pin directory).
+pub mod map {
+    pub const ENDPOINTS: &str = "weft_endpoints";
+    pub const POLICY4: &str = "weft_policy4";
+    pub const POLICY6: &str = "weft_policy6";
+    pub const CT: &str = "weft_ct";
+    pub const COUNTERS: &str = "weft_counters";
+    pub const DROPS: &str = "weft_drops";
+    pub const FLOWS: &str = "weft_flows";
+    pub const FLOW_LOST: &str = "weft_flow_lost";
+    /// Every map of the object.
+    pub const ALL: [&str; 8] = [
+        ENDPOINTS, POLICY4, POLICY6, CT, COUNTERS, DROPS, FLOWS, FLOW_LOST,
+    ];
+}
+
+/// Value of `weft_endpoints` (key: host-veth ifindex, `u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointValue {
+    pub ep_id: u32,
+    pub flags: u32,
+}
+
+/// Key of `weft_policy4` without its leading `prefixlen` (aya's `lpm_trie::Key` adds it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Policy4KeyData {
+    /// Network byte order.
+    pub ep_id_be: u32,
+    pub direction: u8,
+    pub proto: u8,
+    pub pad: u16,
+    pub addr: [u8; 4],
+}
+
+/// Key of `weft_policy6` without its leading `prefixlen`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Policy6KeyData {
+    /// Network byte order.
+    pub ep_id_be: u32,
+    pub direction: u8,
+    pub proto: u8,
+    pub pad: u16,
+    pub addr: [u8; 16],
+}
+
+/// The whole `weft_policy4_key` (what the kernel sees: `prefixlen` then the data).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Policy4Key {
+    pub prefixlen: u32,
+    pub data: Policy4KeyData,
+}
+
+/// The whole `weft_policy6_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Policy6Key {
+    pub prefixlen: u32,
+    pub data: Policy6KeyData,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRangeValue {
+    /// Host byte order, inclusive.
+    pub lo: u16,
+    /// Host byte order, inclusive.
+    pub hi: u16,
+    pub policy: u32,
+}
+
+/// Value of both policy tries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub count: u32,
+    pub ranges: [PortRangeValue; MAX_PORT_RANGES],
+}
+
+impl Default for PolicyValue {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            ranges: [PortRangeValue::default(); MAX_PORT_RANGES],
+        }
+    }
+}
+
+/// Key of `weft_ct`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub ep_id: u32,
+    pub direction: u8,
+    pub proto: u8,
+    pub family: u8,
+    pub pad: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+}
+
+/// Value of `weft_ct`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub policy: u32,
+    pub flags: u32,
+}
+
+/// Per-CPU value of `weft_counters` (key: policy id, `u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyCountersValue {
+    pub allowed_conns: u64,
+    pub allowed_packets: u64,
+}
+
+/// Key of `weft_drops` (value: per-CPU `u64`, denied new connections).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DropKey {
+    pub ep_id: u32,
+    pub direction: u8,
+    pub pad: [u8; 3],
+}
+
+/// A record of `weft_flows`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEventRaw {
+    pub ts_ns: u64,
+    pub ep_id: u32,
+    pub policy: u32,
+    pub direction: u8,
+    pub verdict: u8,
+    pub proto: u8,
+    pub family: u8,
+    /// Host byte order.
+    pub sport: u16,
+    /// Host byte order.
+    pub dport: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub reason: u8,
+    pub pad: [u8; 7],
+}
+
+// SAFETY: all of these are #[repr(C)] plain integers and arrays, padding-free (checked by the
+// layout test), valid for any bit pattern.
+unsafe impl aya::Pod for EndpointValue {}
+unsafe impl aya::Pod for Policy4KeyData {}
+unsafe impl aya::Pod for Policy6KeyData {}
+unsafe impl aya::Pod for PolicyValue {}
+unsafe impl aya::Pod for CtKey {}
+unsafe impl aya::Pod for CtValue {}
+unsafe impl aya::Pod for PolicyCountersValue {}
+unsafe impl aya::Pod for DropKey {}
+
+impl FlowEventRaw {
+    /// Reads a ring buffer record; `None` when it is shorter than the struct.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < std::mem::size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: the length is checked above, the type is plain data valid for any bit
+        // pattern, and read_unaligned copes with the record's alignment.
+        Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+    }
+}
+
+#[cfg(test)]
+mod tests;
