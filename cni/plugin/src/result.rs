@@ -1,5 +1,9 @@
 //! The spec's result types (section 5): what ADD prints, what an IPAM plugin
 //! returns, what `prevResult` holds. 1.0.0 and 1.1.0 share this format.
+//!
+//! [`IpNet`] is written here rather than taken from the `ipnet` crate: the
+//! plugin needs parse, print and a network mask, a few dozen lines, and the
+//! type's serde form must be the spec's CIDR string.
 
 use std::fmt;
 use std::net::IpAddr;

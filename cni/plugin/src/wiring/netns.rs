@@ -5,6 +5,10 @@
 //! namespace and nothing has to be switched back on an error path. Netlink
 //! sockets opened on that thread talk to the pod's namespace for their whole
 //! life.
+//!
+//! Entering is one `setns` call through `libc`: rtnetlink's
+//! `NetworkNamespace` helpers create and delete named namespaces (by forking),
+//! which the plugin never does; the runtime owns the pod's namespace.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
