@@ -144,9 +144,11 @@ fn pod(s: usize, name: &str, ip: IpAddr) -> Object {
             name: Some("http".into()),
             port: 8080,
             protocol: "TCP".into(),
+            container: "app".into(),
         }],
         opaque_ports: PortSet::default(),
         terminated: false,
+        proxy_inbound_port: weft_controller::model::DEFAULT_PROXY_INBOUND_PORT,
     })
 }
 

@@ -14,8 +14,9 @@ use super::policy::BackendPolicy;
 use super::{
     labels_of, parse_inject, AddressType, ContainerPort, EndpointSlice, Kind, Meta, Namespace,
     ObjectKey, Pod, Policy, PortSet, Route, RouteSpec, Service, ServicePort, SliceEndpoint,
-    SlicePort, TargetPort, INJECT_ANNOTATION, OPAQUE_PORTS_ANNOTATION, PROXY_CONTAINER,
-    ROUTE_ANNOTATION_PREFIXES, SERVICE_NAME_LABEL,
+    SlicePort, TargetPort, DEFAULT_PROXY_INBOUND_PORT, INJECT_ANNOTATION, NAMESPACE_NAME_LABEL,
+    OPAQUE_PORTS_ANNOTATION, PROXY_CONTAINER, PROXY_INBOUND_ADDR_ENV, ROUTE_ANNOTATION_PREFIXES,
+    SERVICE_NAME_LABEL,
 };
 
 /// An object the mesh cannot use, naming the object, the field and the
@@ -261,9 +262,11 @@ pub fn pod(pod: &core::Pod, default_namespace: &str) -> Result<Pod, ConvertError
                     p.container_port,
                 )?,
                 protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                container: c.name.clone(),
             });
         }
     }
+    let proxy_inbound_port = proxy_inbound_port(&key, &spec)?;
     let service_account = spec
         .service_account_name
         .clone()
@@ -278,10 +281,52 @@ pub fn pod(pod: &core::Pod, default_namespace: &str) -> Result<Pod, ConvertError
         container_ports,
         opaque_ports,
         terminated: matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")),
+        proxy_inbound_port,
     })
 }
 
-/// A Namespace.
+/// The port of the proxy container's `WEFT_PROXY_INBOUND_ADDR` (a literal
+/// `host:port`; a value from a reference cannot be known here and leaves
+/// the default).
+fn proxy_inbound_port(key: &ObjectKey, spec: &core::PodSpec) -> Result<u16, ConvertError> {
+    let containers = spec
+        .containers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("spec.containers[{i}]"), c))
+        .chain(
+            spec.init_containers
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, c)| (format!("spec.initContainers[{i}]"), c)),
+        );
+    for (path, c) in containers.filter(|(_, c)| c.name == PROXY_CONTAINER) {
+        let value = c
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == PROXY_INBOUND_ADDR_ENV)
+            .and_then(|e| e.value.as_deref());
+        let Some(value) = value else { continue };
+        let port = value
+            .trim()
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .filter(|p| *p > 0);
+        return port.ok_or_else(|| ConvertError {
+            kind: Kind::Pod,
+            object: key.to_string(),
+            field: format!("{path}.env[{PROXY_INBOUND_ADDR_ENV}]"),
+            value: value.to_string(),
+            reason: "expected host:port with a port 1-65535, like 0.0.0.0:4143".into(),
+        });
+    }
+    Ok(DEFAULT_PROXY_INBOUND_PORT)
+}
+
+/// A Namespace, with the `kubernetes.io/metadata.name` label set to its
+/// name as the API server does.
 pub fn namespace(ns: &core::Namespace) -> Result<Namespace, ConvertError> {
     let key = key_of(Kind::Namespace, &ns.metadata, "")?;
     let inject = parse_inject(
@@ -291,9 +336,13 @@ pub fn namespace(ns: &core::Namespace) -> Result<Namespace, ConvertError> {
             .and_then(|a| a.get(INJECT_ANNOTATION))
             .map(String::as_str),
     );
+    let mut labels = labels_of(ns.metadata.labels.as_ref());
+    // The API server sets this label on every namespace; manifests from the
+    // directory source may lack it.
+    labels.insert(NAMESPACE_NAME_LABEL.to_string(), key.name.clone());
     Ok(Namespace {
         name: key.name,
-        labels: labels_of(ns.metadata.labels.as_ref()),
+        labels,
         inject,
     })
 }
@@ -436,6 +485,50 @@ mod tests {
         let a = pod(&annotated, "default").expect("converts");
         assert!(a.meshed && a.terminated);
         assert_eq!(a.service_account, "api");
+        assert_eq!(m.proxy_inbound_port, DEFAULT_PROXY_INBOUND_PORT);
+        assert_eq!(m.container_ports[0].container, "app");
+        assert_eq!(m.app_ports().collect::<Vec<_>>(), vec![8080]);
+    }
+
+    #[test]
+    fn proxy_inbound_port_from_the_proxy_environment() {
+        let with = |addr: &str| -> core::Pod {
+            from_json(serde_json::json!({
+                "metadata": {"name": "web-1", "namespace": "shop"},
+                "spec": {"containers": [
+                    {"name": "app", "ports": [{"containerPort": 8080}]},
+                    {"name": "weft-proxy",
+                     "env": [{"name": "WEFT_PROXY_INBOUND_ADDR", "value": addr}],
+                     "ports": [{"name": "weft-inbound", "containerPort": 4150}]}
+                ]}
+            }))
+        };
+        let m = pod(&with("0.0.0.0:4150"), "default").expect("converts");
+        assert_eq!(m.proxy_inbound_port, 4150);
+        // The proxy's own ports are not the app's.
+        assert_eq!(m.app_ports().collect::<Vec<_>>(), vec![8080]);
+        assert_eq!(
+            pod(&with("[::]:4151"), "default")
+                .expect("converts")
+                .proxy_inbound_port,
+            4151
+        );
+        let err = pod(&with("0.0.0.0"), "default").expect_err("no port");
+        assert_eq!(err.field, "spec.containers[1].env[WEFT_PROXY_INBOUND_ADDR]");
+        assert_eq!(err.value, "0.0.0.0");
+    }
+
+    #[test]
+    fn namespaces_carry_their_name_label() {
+        let ns: core::Namespace = from_json(serde_json::json!({
+            "metadata": {"name": "shop", "labels": {"team": "a"}}
+        }));
+        let m = namespace(&ns).expect("converts");
+        assert_eq!(
+            m.labels.get(NAMESPACE_NAME_LABEL).map(String::as_str),
+            Some("shop")
+        );
+        assert_eq!(m.labels.get("team").map(String::as_str), Some("a"));
     }
 
     #[test]

@@ -12,6 +12,11 @@
 //!   admission webhook. Routes and policies keep their API spec as is
 //!   ([`gateway`], [`policy`]): the controller's compilation into a proxy's
 //!   policy (`index::outbound`) reads them whole.
+//! - Kubernetes NetworkPolicy ([`netpol`]): the typed policy with its
+//!   validation, the reference evaluator (a connection → a verdict and the
+//!   deciding policy and rule, for `weft policy explain`) and the compiler
+//!   to the eBPF datapath's longest-prefix-match entries, with a simulation
+//!   of the datapath's lookup that property tests hold to the evaluator.
 //!
 //! The controller re-exports this crate as `weft_controller::model`.
 
@@ -20,6 +25,7 @@ pub mod duration;
 pub mod gateway;
 pub mod labels;
 pub mod names;
+pub mod netpol;
 pub mod policy;
 pub mod ports;
 
@@ -34,10 +40,18 @@ pub use ports::{PortSet, TargetPort};
 pub const INJECT_ANNOTATION: &str = "weft.dev/inject";
 /// Name of the proxy container the injector adds.
 pub const PROXY_CONTAINER: &str = "weft-proxy";
+/// The proxy container's variable naming its inbound listener
+/// (`host:port`); the port is [`Pod::proxy_inbound_port`].
+pub const PROXY_INBOUND_ADDR_ENV: &str = "WEFT_PROXY_INBOUND_ADDR";
+/// The proxy's inbound port when the pod does not say otherwise.
+pub const DEFAULT_PROXY_INBOUND_PORT: u16 = 4143;
 /// Pod annotation listing ports whose traffic is opaque TCP.
 pub const OPAQUE_PORTS_ANNOTATION: &str = "config.weft.dev/opaque-ports";
 /// Label an EndpointSlice carries to name its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label the API server puts on every Namespace, set to its name
+/// (NetworkPolicy namespace selectors rely on it).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// Namespace and name of a namespaced object; `namespace` is empty for
 /// cluster-scoped objects (Namespace).
@@ -205,13 +219,33 @@ pub struct Pod {
     pub opaque_ports: PortSet,
     /// Phase Succeeded or Failed: the pod will not serve again.
     pub terminated: bool,
+    /// The port the pod's proxy accepts inbound connections on: the port of
+    /// the `weft-proxy` container's `WEFT_PROXY_INBOUND_ADDR`, else
+    /// [`DEFAULT_PROXY_INBOUND_PORT`]. Meaningful only when `meshed`.
+    pub proxy_inbound_port: u16,
+}
+
+impl Pod {
+    /// The ports the pod's applications serve: its TCP container ports
+    /// outside the proxy container, without the proxy's inbound port.
+    /// Ports a container does not declare are not known here.
+    pub fn app_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.container_ports
+            .iter()
+            .filter(|c| c.container != PROXY_CONTAINER && c.protocol.eq_ignore_ascii_case("TCP"))
+            .map(|c| c.port)
+            .filter(|p| *p != self.proxy_inbound_port)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ContainerPort {
     pub name: Option<String>,
     pub port: u16,
+    /// As written in the pod spec (`TCP` when unset).
     pub protocol: String,
+    /// Name of the container that declares the port.
+    pub container: String,
 }
 
 /// A Namespace: kept for namespace-wide settings (`weft.dev/inject`).

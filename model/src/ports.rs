@@ -141,10 +141,12 @@ mod tests {
                     name: Some(n.to_string()),
                     port: *p,
                     protocol: "TCP".into(),
+                    container: "app".into(),
                 })
                 .collect(),
             opaque_ports: PortSet::default(),
             terminated: false,
+            proxy_inbound_port: crate::DEFAULT_PROXY_INBOUND_PORT,
         }
     }
 

@@ -324,10 +324,12 @@ mod tests {
                     name: Some(n.to_string()),
                     port: *p,
                     protocol: "TCP".into(),
+                    container: "app".into(),
                 })
                 .collect(),
             opaque_ports: "3306".parse().unwrap_or(PortSet::default()),
             terminated: false,
+            proxy_inbound_port: crate::model::DEFAULT_PROXY_INBOUND_PORT,
         })
     }
 
