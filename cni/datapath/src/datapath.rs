@@ -723,3 +723,15 @@ fn load_and_pin(pin_dir: &Path, progs: &Path) -> Result<(SchedClassifier, SchedC
     };
     Ok((open(PROG_FROM_POD)?, open(PROG_TO_POD)?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_datapath_can_move_between_threads() {
+        fn send<T: Send>() {}
+        send::<Datapath>();
+        send::<FlowReader>();
+    }
+}

@@ -606,6 +606,84 @@ fn a_restart_keeps_policy_and_reattaching_does_not_duplicate() -> Result<()> {
     a.expect("a -> b:8081 under the new policy", || {
         a.tcp_ok(b.addr(false, 8081))
     })?;
+
+    // A new build of the programs (here: their pins removed, so open loads them again) is
+    // swapped into the existing links by attach: still one program per hook, the new one.
+    drop(dp);
+    let progs = node.pin_dir.join("progs").join(weft_datapath::OBJECT_HASH);
+    let old_id = program_id(&progs.join("to_pod"))?;
+    for p in ["from_pod", "to_pod"] {
+        std::fs::remove_file(progs.join(p))?;
+    }
+    let mut dp = Datapath::open(&node.pin_dir)?;
+    let new_id = program_id(&progs.join("to_pod"))?;
+    ensure!(new_id != old_id, "reloaded");
+    node.run(|| dp.attach(b.ifindex))??;
+    ensure!(
+        node.tcx_programs(&b.host_if)? == (1, 1),
+        "one program per hook after the swap"
+    );
+    let attached = node.run(|| -> Result<Vec<u32>> {
+        let (_, progs) = aya::programs::SchedClassifier::query_tcx(
+            &b.host_if,
+            aya::programs::TcAttachType::Egress,
+        )?;
+        Ok(progs.iter().map(|p| p.id()).collect())
+    })??;
+    ensure!(
+        attached == vec![new_id],
+        "the new to_pod runs: {attached:?} (new {new_id})"
+    );
+    a.expect("a -> b:8081 through the new program", || {
+        a.tcp_ok(b.addr(false, 8081))
+    })?;
+    a.expect_dropped("a -> b:8080 through the new program", || {
+        a.tcp_ok(b.addr(false, 8080))
+    })?;
+    Ok(())
+}
+
+fn program_id(pin: &std::path::Path) -> Result<u32> {
+    Ok(aya::programs::SchedClassifier::from_pin(pin)?.info()?.id())
+}
+
+#[test]
+fn an_incompatible_pinned_map_is_replaced() -> Result<()> {
+    root_or_skip!("an_incompatible_pinned_map_is_replaced");
+    let node = Node::new("compat", 1)?;
+    std::fs::create_dir_all(&node.pin_dir)?;
+    // What an older build might have left: weft_drops with another value size.
+    let pin = node.pin_dir.join("weft_drops");
+    let pin_str = pin.to_str().context("pin path")?;
+    let out = std::process::Command::new("bpftool")
+        .args([
+            "map",
+            "create",
+            pin_str,
+            "type",
+            "percpu_hash",
+            "key",
+            "8",
+            "value",
+            "16",
+        ])
+        .args(["entries", "16", "name", "weft_drops"])
+        .output()
+        .context("running bpftool (scripts/setup.sh installs it)")?;
+    ensure!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dp = Datapath::open(&node.pin_dir)?;
+    let info = aya::maps::MapInfo::from_pin(&pin)?;
+    ensure!(
+        info.value_size() == 8,
+        "replaced: value size {}",
+        info.value_size()
+    );
+    ensure!(dp.drops()?.is_empty(), "and readable");
     Ok(())
 }
 
