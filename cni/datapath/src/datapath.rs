@@ -27,6 +27,9 @@ pub const PROG_FROM_POD: &str = "from_pod";
 /// The program for packets entering the pod (tc egress of the host veth): ingress policy.
 pub const PROG_TO_POD: &str = "to_pod";
 
+/// Policy entries per endpoint, as this writer installed them.
+type Installed = BTreeMap<u32, BTreeMap<PolicyKey, PolicyValue>>;
+
 #[derive(Clone, Copy, Debug)]
 enum Hook {
     FromPod,
@@ -73,7 +76,8 @@ impl Hook {
 /// the maps is never dropped by a restart.
 ///
 /// One process should write policy at a time (the agent): the writer keeps an index of the
-/// entries it installed, read from the maps when it opens them.
+/// entries it installed, read back from the maps the first time it changes policy (so that
+/// a short-lived opener, like the CNI plugin attaching an interface, does not pay for it).
 pub struct Datapath {
     pin_dir: PathBuf,
     from_pod: SchedClassifier,
@@ -86,7 +90,7 @@ pub struct Datapath {
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     flow_lost: PerCpuArray<MapData, u64>,
     /// What this writer believes each endpoint's policy is (key → value).
-    installed: BTreeMap<u32, BTreeMap<PolicyKey, PolicyValue>>,
+    installed: Option<Installed>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -130,7 +134,7 @@ impl Datapath {
         }
         drop(lock);
 
-        let mut dp = Datapath {
+        Ok(Datapath {
             endpoints: typed(&pin_dir, abi::map::ENDPOINTS)?,
             policy4: typed(&pin_dir, abi::map::POLICY4)?,
             policy6: typed(&pin_dir, abi::map::POLICY6)?,
@@ -140,11 +144,9 @@ impl Datapath {
             flow_lost: typed(&pin_dir, abi::map::FLOW_LOST)?,
             from_pod,
             to_pod,
-            installed: BTreeMap::new(),
+            installed: None,
             pin_dir,
-        };
-        dp.index_installed()?;
-        Ok(dp)
+        })
     }
 
     /// The directory everything is pinned under.
@@ -178,10 +180,23 @@ impl Datapath {
         }
     }
 
-    fn index_installed(&mut self) -> Result<(), Error> {
-        let mut installed: BTreeMap<u32, BTreeMap<PolicyKey, PolicyValue>> = BTreeMap::new();
+    /// What is installed per endpoint, read from the tries on first use.
+    fn installed(&mut self) -> Result<&mut Installed, Error> {
+        if self.installed.is_none() {
+            let read = self.read_installed()?;
+            self.installed = Some(read);
+        }
+        Ok(self.installed.get_or_insert_with(BTreeMap::new))
+    }
+
+    fn read_installed(&self) -> Result<Installed, Error> {
+        let mut installed: Installed = BTreeMap::new();
         for item in self.policy4.iter() {
-            let (k, v) = item.map_err(self.map_error(abi::map::POLICY4, "reading entries"))?;
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                Err(e) if is_not_found(&e) => continue, // deleted meanwhile
+                Err(e) => return Err(self.map_error(abi::map::POLICY4, "reading entries")(e)),
+            };
             let key = PolicyKey::V4 {
                 prefix_len: k.prefix_len(),
                 data: k.data(),
@@ -189,15 +204,18 @@ impl Datapath {
             installed.entry(key.ep_id()).or_default().insert(key, v);
         }
         for item in self.policy6.iter() {
-            let (k, v) = item.map_err(self.map_error(abi::map::POLICY6, "reading entries"))?;
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                Err(e) if is_not_found(&e) => continue, // deleted meanwhile
+                Err(e) => return Err(self.map_error(abi::map::POLICY6, "reading entries")(e)),
+            };
             let key = PolicyKey::V6 {
                 prefix_len: k.prefix_len(),
                 data: k.data(),
             };
             installed.entry(key.ep_id()).or_default().insert(key, v);
         }
-        self.installed = installed;
-        Ok(())
+        Ok(installed)
     }
 
     fn program_mut(&mut self, hook: Hook) -> &mut SchedClassifier {
@@ -483,7 +501,7 @@ impl PolicyMaps for Datapath {
 
     fn replace_policy(&mut self, ep_id: u32, entries: &[Entry]) -> Result<(), Error> {
         let wanted = encode_all(ep_id, entries)?;
-        let mut current = self.installed.remove(&ep_id).unwrap_or_default();
+        let mut current = self.installed()?.remove(&ep_id).unwrap_or_default();
         // New and changed entries first: an LPM update replaces a value atomically, so a
         // lookup sees the old or the new entry, never none.
         let mut result = Ok(());
@@ -514,7 +532,7 @@ impl PolicyMaps for Datapath {
             }
         }
         if !current.is_empty() {
-            self.installed.insert(ep_id, current);
+            self.installed()?.insert(ep_id, current);
         }
         result
     }
