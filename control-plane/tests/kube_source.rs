@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{endpoints, eventually, strings};
 use serde_json::{json, Value};
 use weft_controller::index::Index;
-use weft_controller::metrics::Metrics;
+use weft_controller::metrics::{KindLabels, Metrics};
 use weft_controller::model::{Kind, ObjectKey};
 use weft_controller::source::Readiness;
 use weft_controller::testing::fake_apiserver::{FakeApiServer, Resource};
@@ -229,4 +229,72 @@ async fn resolve_follows_the_api_server() {
         update::Update::NoEndpoints(n) => assert!(!n.exists),
         other => panic!("expected NoEndpoints, got {other:?}"),
     }
+}
+
+/// What the CNI agent watches: pods, namespaces and NetworkPolicies only
+/// (`run_kinds`), ready once those three have listed; a policy's edits and
+/// deletion reach the index, and one the model cannot use is counted, not
+/// indexed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_policies_follow_the_api_server() {
+    let fake = FakeApiServer::start().await.unwrap();
+    fake.apply(json!({"kind": "Namespace", "metadata": {"name": "shop"}}));
+    fake.apply(pod("shop", "web-a", "10.1.0.1", 8080));
+    let deny = |name: &str, cidr: &str| {
+        json!({"kind": "NetworkPolicy", "metadata": {"name": name, "namespace": "shop"},
+               "spec": {"podSelector": {}, "policyTypes": ["Ingress"],
+                        "ingress": [{"from": [{"ipBlock": {"cidr": cidr}}]}]}})
+    };
+    fake.apply(deny("allow-lan", "10.0.0.0/8"));
+
+    let index = Index::new();
+    let readiness = Readiness::default();
+    let metrics = Metrics::new();
+    let task = tokio::spawn(weft_controller::source::kube::run_kinds(
+        fake.client().unwrap(),
+        index.clone(),
+        metrics.clone(),
+        readiness.clone(),
+        &[Kind::Pod, Kind::Namespace, Kind::NetworkPolicy],
+    ));
+    eventually("first sync", WITHIN, || readiness.is_ready()).await;
+    let key = ObjectKey::new("shop", "allow-lan");
+    assert!(index.read().network_policies.contains_key(&key));
+    assert_eq!(fake.lists(Resource::Services), 0, "only the asked kinds");
+    // The namespace carries its automatic name label.
+    assert_eq!(
+        index.read().namespaces["shop"]
+            .labels
+            .get("kubernetes.io/metadata.name")
+            .map(String::as_str),
+        Some("shop")
+    );
+
+    fake.apply(deny("allow-lan", "192.168.0.0/16"));
+    eventually("modified policy", WITHIN, || {
+        index.read().network_policies[&key].ingress[0]
+            .peers
+            .iter()
+            .any(|p| format!("{p:?}").contains("192.168"))
+    })
+    .await;
+    // A policy the model refuses (except outside its cidr) is counted and
+    // its last good state kept.
+    fake.apply(json!({"kind": "NetworkPolicy", "metadata": {"name": "allow-lan", "namespace": "shop"},
+                      "spec": {"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.1.0.0/16"]}}]}]}}));
+    eventually("invalid counted", WITHIN, || {
+        metrics
+            .invalid_objects
+            .get_or_create(&KindLabels::from(Kind::NetworkPolicy))
+            .get()
+            == 1
+    })
+    .await;
+    assert!(format!("{:?}", index.read().network_policies[&key]).contains("192.168"));
+    assert!(fake.delete(Resource::NetworkPolicies, "shop", "allow-lan"));
+    eventually("deleted policy", WITHIN, || {
+        !index.read().network_policies.contains_key(&key)
+    })
+    .await;
+    task.abort();
 }

@@ -397,6 +397,20 @@ pub fn backend_policy(
     })
 }
 
+/// A NetworkPolicy ([`crate::netpol::network_policy`]), its error in this module's terms.
+pub fn network_policy(
+    policy: &k8s_openapi::api::networking::v1::NetworkPolicy,
+    default_namespace: &str,
+) -> Result<crate::netpol::NetworkPolicy, ConvertError> {
+    crate::netpol::network_policy(policy, default_namespace).map_err(|e| ConvertError {
+        kind: Kind::NetworkPolicy,
+        object: e.policy,
+        field: e.field,
+        value: e.value,
+        reason: e.reason,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -90,10 +90,11 @@ pub enum Kind {
     HttpRoute,
     GrpcRoute,
     BackendPolicy,
+    NetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
@@ -101,6 +102,7 @@ impl Kind {
         Kind::HttpRoute,
         Kind::GrpcRoute,
         Kind::BackendPolicy,
+        Kind::NetworkPolicy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -112,6 +114,7 @@ impl Kind {
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
             Kind::BackendPolicy => "BackendPolicy",
+            Kind::NetworkPolicy => "NetworkPolicy",
         }
     }
 }
@@ -350,6 +353,7 @@ pub enum Object {
     /// Boxed: a route is much larger than the other objects.
     Route(Box<Route>),
     BackendPolicy(Box<Policy>),
+    NetworkPolicy(Box<netpol::NetworkPolicy>),
 }
 
 impl Object {
@@ -361,6 +365,7 @@ impl Object {
             Object::Namespace(_) => Kind::Namespace,
             Object::Route(r) => r.kind(),
             Object::BackendPolicy(_) => Kind::BackendPolicy,
+            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
         }
     }
 
@@ -372,6 +377,7 @@ impl Object {
             Object::Namespace(n) => ObjectKey::new("", n.name.clone()),
             Object::Route(r) => r.meta.key.clone(),
             Object::BackendPolicy(p) => p.meta.key.clone(),
+            Object::NetworkPolicy(p) => p.key.clone(),
         }
     }
 }

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::watch;
 
+use crate::model::netpol::NetworkPolicy;
 use crate::model::{
     EndpointSlice, Kind, Namespace, Object, ObjectKey, Pod, Policy, Route, Service,
 };
@@ -68,6 +69,9 @@ pub struct State {
     pub routes_by_parent: HashMap<ObjectKey, BTreeSet<(Kind, ObjectKey)>>,
     /// Service → the BackendPolicies that target it.
     pub policies_by_target: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// Kubernetes NetworkPolicies, for the CNI agent and `weft policy explain` (the
+    /// controller's services do not read them; a reader follows [`Index::generation`]).
+    pub network_policies: HashMap<ObjectKey, Arc<NetworkPolicy>>,
 }
 
 impl State {
@@ -80,6 +84,7 @@ impl State {
             Kind::HttpRoute => self.http_routes.len(),
             Kind::GrpcRoute => self.grpc_routes.len(),
             Kind::BackendPolicy => self.policies.len(),
+            Kind::NetworkPolicy => self.network_policies.len(),
         }
     }
 
@@ -101,6 +106,7 @@ impl State {
             Kind::HttpRoute => self.http_routes.contains_key(key),
             Kind::GrpcRoute => self.grpc_routes.contains_key(key),
             Kind::BackendPolicy => self.policies.contains_key(key),
+            Kind::NetworkPolicy => self.network_policies.contains_key(key),
         }
     }
 
@@ -117,6 +123,7 @@ impl State {
             Kind::HttpRoute => self.http_routes.keys().cloned().collect(),
             Kind::GrpcRoute => self.grpc_routes.keys().cloned().collect(),
             Kind::BackendPolicy => self.policies.keys().cloned().collect(),
+            Kind::NetworkPolicy => self.network_policies.keys().cloned().collect(),
         }
     }
 
@@ -152,6 +159,16 @@ impl State {
                 self.put_policy(p.meta.key.clone(), Some(*p), topics)
             }
             Change::Delete(Kind::BackendPolicy, key) => self.put_policy(key, None, topics),
+            Change::Upsert(Object::NetworkPolicy(p)) => {
+                let new = Arc::new(*p);
+                match self.network_policies.insert(new.key.clone(), new.clone()) {
+                    Some(old) => *old != *new,
+                    None => true,
+                }
+            }
+            Change::Delete(Kind::NetworkPolicy, key) => {
+                self.network_policies.remove(&key).is_some()
+            }
         }
     }
 

@@ -18,10 +18,13 @@
 //! KIND ns/name: message`, same metric) and skipped, and the rest of the
 //! file loads. One that decodes but cannot be used (a bad regex, an
 //! unsupported filter) loads, and the compilation marks it not Accepted
-//! (see [`crate::status`]). Kinds other than Service, EndpointSlice, Pod,
-//! Namespace, HTTPRoute, GRPCRoute (`gateway.networking.k8s.io/v1`;
-//! HTTPRoute also `v1beta1`) and BackendPolicy
-//! (`policy.weft.dev/v1alpha1`) are ignored with a debug log. Objects without a namespace are in `default`.
+//! (see [`crate::status`]). A NetworkPolicy that does not convert fails
+//! its file like a bad Pod (the last good version stays), since dropping
+//! it alone would lift the isolation it gave. Kinds other than Service,
+//! EndpointSlice, Pod, Namespace, NetworkPolicy
+//! (`networking.k8s.io/v1`), HTTPRoute, GRPCRoute
+//! (`gateway.networking.k8s.io/v1`; HTTPRoute also `v1beta1`) and
+//! BackendPolicy (`policy.weft.dev/v1alpha1`) are ignored with a debug log. Objects without a namespace are in `default`.
 //! When two files define the same object, the file later in path order
 //! wins (logged).
 
@@ -115,6 +118,12 @@ pub fn load_manifests(path: &Path, text: &str) -> Result<Loaded, ManifestError> 
             })?,
             ("v1", "Namespace") => typed(&doc, start_line, &err, |n| {
                 convert::namespace(n).map(Object::Namespace)
+            })?,
+            // A policy that does not convert keeps the whole file at its last good state
+            // (as a bad Pod does): dropping only the bad policy would lift the isolation it
+            // gave, which the API server's validation would never let happen.
+            ("networking.k8s.io/v1", "NetworkPolicy") => typed(&doc, start_line, &err, |p| {
+                convert::network_policy(p, "default").map(|p| Object::NetworkPolicy(Box::new(p)))
             })?,
             ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute")
             | ("gateway.networking.k8s.io/v1", "GRPCRoute")
@@ -545,6 +554,31 @@ apiVersion: policy.weft.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {name: p}\n
         assert_eq!(
             loaded.objects[2].key(),
             crate::model::ObjectKey::new("default", "p")
+        );
+    }
+
+    #[test]
+    fn network_policies_load_and_a_bad_one_fails_its_file() {
+        let good = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: shop}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n";
+        let loaded = load_manifests(Path::new("m/np.yaml"), good).expect("loads");
+        assert_eq!(loaded.objects.len(), 1);
+        assert_eq!(loaded.objects[0].kind(), Kind::NetworkPolicy);
+        assert_eq!(
+            loaded.objects[0].key(),
+            crate::model::ObjectKey::new("shop", "deny")
+        );
+        let bad = format!(
+            "{good}---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: lan, namespace: shop}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - from: [{{ipBlock: {{cidr: 10.0.0.0/16, except: [10.1.0.0/16]}}}}]\n"
+        );
+        let e = load_manifests(Path::new("m/np.yaml"), &bad)
+            .expect_err("a policy that cannot be enforced as written fails the file")
+            .to_string();
+        assert!(
+            e.starts_with("m/np.yaml:8: ")
+                && e.contains("shop/lan")
+                && e.contains("spec.ingress[0].from[0].ipBlock.except[0]")
+                && e.contains("10.1.0.0/16"),
+            "{e}"
         );
     }
 

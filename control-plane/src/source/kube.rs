@@ -25,6 +25,7 @@ use std::sync::Arc;
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::api::networking::v1 as networking;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt as _;
 use kube::{Api, Client, Resource, ResourceExt as _};
@@ -48,6 +49,7 @@ pub const WATCHED_RESOURCES: &[(&str, &str)] = &[
     ("gateway.networking.k8s.io", "httproutes"),
     ("gateway.networking.k8s.io", "grpcroutes"),
     ("policy.weft.dev", "backendpolicies"),
+    ("networking.k8s.io", "networkpolicies"),
 ];
 
 /// The status subresources the controller writes (verbs update, patch).
@@ -59,47 +61,76 @@ pub const STATUS_RESOURCES: &[(&str, &str)] = &[
 
 /// Watches every kind until the process ends.
 pub async fn run(client: Client, index: Index, metrics: Metrics, readiness: Readiness) {
+    run_kinds(client, index, metrics, readiness, &Kind::ALL).await
+}
+
+/// Watches `kinds` until the process ends (the CNI agent needs only pods, namespaces and
+/// NetworkPolicies); ready once each of them has been listed.
+pub async fn run_kinds(
+    client: Client,
+    index: Index,
+    metrics: Metrics,
+    readiness: Readiness,
+    kinds: &[Kind],
+) {
     let synced = Arc::new(AtomicUsize::new(0));
     let ctx = Ctx {
         index,
         metrics,
         readiness,
         synced,
+        wanted: kinds.len(),
     };
+    let on = |kind: Kind| kinds.contains(&kind);
+    macro_rules! watch {
+        ($ty:ty, $kind:expr, $api:expr, $conv:expr) => {
+            async {
+                if on($kind) {
+                    watch_kind::<$ty>($api, $kind, ctx.clone(), $conv).await
+                }
+            }
+        };
+    }
     tokio::join!(
-        watch_kind::<core::Service>(Api::all(client.clone()), Kind::Service, ctx.clone(), |s| {
-            convert::service(s, "default").map(Object::Service)
-        }),
-        watch_kind::<discovery::EndpointSlice>(
+        watch!(
+            core::Service,
+            Kind::Service,
             Api::all(client.clone()),
-            Kind::EndpointSlice,
-            ctx.clone(),
-            |s| { convert::endpoint_slice(s, "default").map(Object::EndpointSlice) }
+            |s| convert::service(s, "default").map(Object::Service)
         ),
-        watch_kind::<core::Pod>(Api::all(client.clone()), Kind::Pod, ctx.clone(), |p| {
+        watch!(
+            discovery::EndpointSlice,
+            Kind::EndpointSlice,
+            Api::all(client.clone()),
+            |s| convert::endpoint_slice(s, "default").map(Object::EndpointSlice)
+        ),
+        watch!(core::Pod, Kind::Pod, Api::all(client.clone()), |p| {
             convert::pod(p, "default").map(Object::Pod)
         }),
-        watch_kind::<core::Namespace>(
-            Api::all(client.clone()),
+        watch!(
+            core::Namespace,
             Kind::Namespace,
-            ctx.clone(),
-            |n| { convert::namespace(n).map(Object::Namespace) }
-        ),
-        watch_kind::<HttpRoute>(
             Api::all(client.clone()),
-            Kind::HttpRoute,
-            ctx.clone(),
-            |r| { convert::http_route(r, "default").map(|r| Object::Route(Box::new(r))) }
+            |n| convert::namespace(n).map(Object::Namespace)
         ),
-        watch_kind::<GrpcRoute>(
-            Api::all(client.clone()),
-            Kind::GrpcRoute,
-            ctx.clone(),
-            |r| { convert::grpc_route(r, "default").map(|r| Object::Route(Box::new(r))) }
-        ),
-        watch_kind::<BackendPolicy>(Api::all(client), Kind::BackendPolicy, ctx, |p| {
-            convert::backend_policy(p, "default").map(|p| Object::BackendPolicy(Box::new(p)))
+        watch!(HttpRoute, Kind::HttpRoute, Api::all(client.clone()), |r| {
+            convert::http_route(r, "default").map(|r| Object::Route(Box::new(r)))
         }),
+        watch!(GrpcRoute, Kind::GrpcRoute, Api::all(client.clone()), |r| {
+            convert::grpc_route(r, "default").map(|r| Object::Route(Box::new(r)))
+        }),
+        watch!(
+            BackendPolicy,
+            Kind::BackendPolicy,
+            Api::all(client.clone()),
+            |p| convert::backend_policy(p, "default").map(|p| Object::BackendPolicy(Box::new(p)))
+        ),
+        watch!(
+            networking::NetworkPolicy,
+            Kind::NetworkPolicy,
+            Api::all(client.clone()),
+            |p| convert::network_policy(p, "default").map(|p| Object::NetworkPolicy(Box::new(p)))
+        ),
     );
 }
 
@@ -109,6 +140,8 @@ struct Ctx {
     metrics: Metrics,
     readiness: Readiness,
     synced: Arc<AtomicUsize>,
+    /// How many kinds must list before the source is ready.
+    wanted: usize,
 }
 
 fn key_of<K: Resource>(kind: Kind, obj: &K) -> ObjectKey {
@@ -136,7 +169,7 @@ async fn watch_kind<K>(
     let mark_synced = |first_sync: &mut bool| {
         if *first_sync {
             *first_sync = false;
-            if ctx.synced.fetch_add(1, Ordering::AcqRel) + 1 == Kind::ALL.len() {
+            if ctx.synced.fetch_add(1, Ordering::AcqRel) + 1 == ctx.wanted {
                 tracing::info!("kubernetes source synced; ready");
                 ctx.readiness.set_ready();
             }

@@ -69,10 +69,11 @@ pub enum Resource {
     HttpRoutes,
     GrpcRoutes,
     BackendPolicies,
+    NetworkPolicies,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 7] = [
+    pub const ALL: [Resource; 8] = [
         Resource::Services,
         Resource::EndpointSlices,
         Resource::Pods,
@@ -80,6 +81,7 @@ impl Resource {
         Resource::HttpRoutes,
         Resource::GrpcRoutes,
         Resource::BackendPolicies,
+        Resource::NetworkPolicies,
     ];
 
     fn path(self) -> &'static str {
@@ -91,6 +93,7 @@ impl Resource {
             Resource::HttpRoutes => "/apis/gateway.networking.k8s.io/v1/httproutes",
             Resource::GrpcRoutes => "/apis/gateway.networking.k8s.io/v1/grpcroutes",
             Resource::BackendPolicies => "/apis/policy.weft.dev/v1alpha1/backendpolicies",
+            Resource::NetworkPolicies => "/apis/networking.k8s.io/v1/networkpolicies",
         }
     }
 
@@ -99,6 +102,7 @@ impl Resource {
             Resource::EndpointSlices => "discovery.k8s.io/v1",
             Resource::HttpRoutes | Resource::GrpcRoutes => "gateway.networking.k8s.io/v1",
             Resource::BackendPolicies => "policy.weft.dev/v1alpha1",
+            Resource::NetworkPolicies => "networking.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -112,6 +116,7 @@ impl Resource {
             Resource::HttpRoutes => "HTTPRoute",
             Resource::GrpcRoutes => "GRPCRoute",
             Resource::BackendPolicies => "BackendPolicy",
+            Resource::NetworkPolicies => "NetworkPolicy",
         }
     }
 
