@@ -69,6 +69,8 @@ pub mod eval;
 
 #[cfg(test)]
 mod proptests;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 #[cfg(test)]
 mod tests;
 
