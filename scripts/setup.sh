@@ -18,6 +18,7 @@ checks=(
   "curl:curl"
   "openssl:openssl"
   "promtool:prometheus"
+  "prometheus:prometheus"
   "haproxy:haproxy"
   "setpriv:util-linux"
   "pkill:procps"

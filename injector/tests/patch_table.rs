@@ -313,6 +313,55 @@ fn cni_mode_adds_no_init_container() {
     assert_eq!(names(&out["spec"]["volumes"]), [TOKEN_VOLUME]);
 }
 
+/// What Prometheus keys on (charts/weft/templates/prometheus-scrape-config.yaml and
+/// podmonitor.yaml, docs/observability.md): the container `weft-proxy` declares its admin port
+/// under the name `weft-admin`, as a regular or a native sidecar and whatever its number, and
+/// the prometheus.io annotations name the same port.
+#[test]
+fn the_admin_port_is_named_weft_admin_for_scrapers() {
+    let admin_port = |proxy: &Value| -> i64 {
+        let ports = proxy["ports"].as_array().unwrap();
+        let named: Vec<&Value> = ports.iter().filter(|p| p["name"] == "weft-admin").collect();
+        assert_eq!(named.len(), 1, "{ports:?}");
+        assert_eq!(named[0]["protocol"], "TCP");
+        named[0]["containerPort"].as_i64().unwrap()
+    };
+
+    let out = injected(&web_pod(), &InjectConfig::default());
+    let proxy = container(&out["spec"]["containers"], PROXY_CONTAINER);
+    assert_eq!(admin_port(proxy), 4191);
+    assert_eq!(out["metadata"]["annotations"]["prometheus.io/port"], "4191");
+
+    let cfg = InjectConfig {
+        native_sidecar: true,
+        admin_port: 9191,
+        ..Default::default()
+    };
+    let out = injected(&web_pod(), &cfg);
+    let proxy = container(&out["spec"]["initContainers"], PROXY_CONTAINER);
+    assert_eq!(admin_port(proxy), 9191);
+    assert_eq!(env_value(proxy, "WEFT_PROXY_ADMIN_ADDR"), Some("[::]:9191"));
+    assert_eq!(out["metadata"]["annotations"]["prometheus.io/port"], "9191");
+    assert_eq!(
+        out["metadata"]["annotations"]["prometheus.io/scrape"],
+        "true"
+    );
+
+    // The chart's scrape config and PodMonitor key on these very names.
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/weft/templates/");
+    let scrape = std::fs::read_to_string(format!("{chart}prometheus-scrape-config.yaml")).unwrap();
+    assert!(
+        scrape.contains(&format!("regex: {PROXY_CONTAINER};weft-admin")),
+        "prometheus-scrape-config.yaml does not keep {PROXY_CONTAINER};weft-admin"
+    );
+    let monitor = std::fs::read_to_string(format!("{chart}podmonitor.yaml")).unwrap();
+    assert!(monitor.contains("- port: weft-admin"), "podmonitor.yaml");
+    assert!(
+        monitor.contains(&format!("regex: {PROXY_CONTAINER}\n")),
+        "podmonitor.yaml does not keep container {PROXY_CONTAINER}"
+    );
+}
+
 #[test]
 fn port_and_resource_annotations_reach_the_proxy_and_weft_init() {
     let mut pod = web_pod();
