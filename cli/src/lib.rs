@@ -14,6 +14,8 @@
 //!
 //! - [`demo`]: the demo's apps, proxy processes and live table.
 //! - [`inject`]: `weft inject`, the injector's patch over manifests, offline.
+//! - [`policy`]: `weft policy explain`, NetworkPolicy verdicts from the
+//!   model's reference evaluator over the controller's sources.
 //! - [`promtext`]: a parser for the Prometheus text format the proxies serve.
 //! - [`stats`]: rates, success rates and latency quantiles from two scrapes,
 //!   meant to be shared with a future `weft stat`.
@@ -24,6 +26,7 @@
 
 pub mod demo;
 pub mod inject;
+pub mod policy;
 pub mod promtext;
 pub mod routes;
 pub mod security;

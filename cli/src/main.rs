@@ -41,6 +41,8 @@ enum Command {
     ///
     /// The same patch the admission webhook applies, for `weft inject app.yaml | kubectl apply -f -`.
     Inject(weft_cli::inject::InjectArgs),
+    /// Ask why Kubernetes NetworkPolicies allow or deny a connection (exit 0 allowed, 1 denied, 2 error).
+    Policy(weft_cli::policy::PolicyArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Command::Demo(args) => args,
         Command::Inject(args) => return run_inject(&args),
+        Command::Policy(args) => return weft_cli::policy::run(&args),
     };
     let filter = if args.verbose {
         "info,weft=debug,weft_cli=debug"

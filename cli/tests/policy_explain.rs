@@ -1,0 +1,534 @@
+//! `weft policy explain` end to end: the real `weft` binary against manifest
+//! directories the tests write (and once against the fake Kubernetes API
+//! server through a kubeconfig), checking the text a user reads, the JSON a
+//! script reads and the exit status (0 allowed, 1 denied, 2 error).
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::{json, Value};
+
+/// Namespaces `shop` (team=shop), `ops` (team=ops) and `other`; pods
+/// `shop/web` (meshed, port `http` 8080), `shop/client`, `shop/db` (port
+/// 5432), `ops/monitor` and `other/free`; in `shop`: a default deny for
+/// ingress, web allowed from client pods (by podSelector) on 8080 and from
+/// the ops namespace (by namespaceSelector) on the named port `http`, db
+/// allowed from a LAN ipBlock with an except, and client's egress isolated
+/// to web on 8080.
+const WORLD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {team: shop}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: ops, labels: {team: ops}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: other}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec:
+  containers:
+  - name: app
+    ports: [{name: http, containerPort: 8080}]
+  - name: weft-proxy
+status: {phase: Running, podIP: 10.1.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec: {containers: [{name: app}]}
+status: {phase: Running, podIP: 10.1.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, labels: {app: db}}
+spec: {containers: [{name: db, ports: [{name: pg, containerPort: 5432}]}]}
+status: {phase: Running, podIP: 10.1.0.4}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: monitor, namespace: ops, labels: {app: monitor}}
+spec: {containers: [{name: app}]}
+status: {phase: Running, podIP: 10.1.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: free, namespace: other, labels: {app: free}}
+spec: {containers: [{name: app, ports: [{name: dns, containerPort: 53, protocol: UDP}]}]}
+status: {phase: Running, podIP: 10.1.2.2}
+"#;
+
+const POLICIES: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny, namespace: shop}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-client, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: client}}}]
+    ports: [{port: 8080}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-ops, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {team: ops}}}]
+    ports: [{port: http, protocol: TCP}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-lan, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{ipBlock: {cidr: 192.168.0.0/16, except: [192.168.1.0/24]}}]
+    ports: [{port: 5432}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: client-egress, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: web}}}]
+    ports: [{port: 8080}]
+"#;
+
+/// A directory holding the world in two files (one in a subdirectory).
+fn world_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("world.yaml"), WORLD).unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/netpol.yaml"), POLICIES).unwrap();
+    dir
+}
+
+fn weft(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_weft"));
+    cmd.arg("policy").arg("explain").args(args);
+    // Never read the developer's cluster.
+    cmd.env_remove("KUBECONFIG").env("HOME", "/nonexistent");
+    cmd.env_remove("KUBERNETES_SERVICE_HOST");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+/// Runs against `dir`; returns (exit code, stdout, stderr).
+fn explain(dir: &Path, from: &str, to: &str, port: &str, json: bool) -> (i32, String, String) {
+    let mut args = vec![
+        "--manifests",
+        dir.to_str().unwrap(),
+        "--from",
+        from,
+        "--to",
+        to,
+        "--port",
+        port,
+    ];
+    if json {
+        args.extend(["-o", "json"]);
+    }
+    let out = weft(&args, &[]);
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// The text report and the JSON document of one connection, with the exit
+/// status each run returned (the same for both).
+fn both(dir: &Path, from: &str, to: &str, port: &str) -> (i32, String, Value) {
+    let (code, text, err) = explain(dir, from, to, port, false);
+    assert!(err.is_empty(), "stderr: {err}");
+    let (jcode, json, err) = explain(dir, from, to, port, true);
+    assert!(err.is_empty(), "stderr: {err}");
+    assert_eq!(code, jcode);
+    (code, text, serde_json::from_str(&json).unwrap())
+}
+
+fn direction(
+    decision: &str,
+    policy: Option<&str>,
+    rule: Option<u64>,
+    isolated_by: &[&str],
+) -> Value {
+    json!({"decision": decision, "policy": policy, "rule": rule,
+           "isolated_by": isolated_by, "proxy_inbound_port_for": null})
+}
+
+#[test]
+fn allowed_by_pod_selector_with_egress_isolation() {
+    let dir = world_dir();
+    let (code, text, json) = both(dir.path(), "shop/client", "shop/web", "8080");
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        text,
+        "allowed: shop/client (10.1.0.3) -> shop/web (10.1.0.2), port 8080/TCP\n\
+         \x20 egress: allowed by shop/client-egress spec.egress[0] (shop/client is isolated by shop/client-egress)\n\
+         \x20 ingress: allowed by shop/allow-client spec.ingress[0] (shop/web is isolated by shop/allow-client, shop/allow-ops, shop/default-deny)\n"
+    );
+    assert_eq!(json["verdict"], "allowed");
+    assert_eq!(json["allowed"], true);
+    assert_eq!(
+        json["from"],
+        json!({"pod": "shop/client", "ip": "10.1.0.3"})
+    );
+    assert_eq!(json["to"], json!({"pod": "shop/web", "ip": "10.1.0.2"}));
+    assert_eq!(json["port"], 8080);
+    assert_eq!(json["protocol"], "TCP");
+    assert_eq!(json["named_port"], Value::Null);
+    assert_eq!(
+        json["egress"],
+        direction(
+            "allowed",
+            Some("shop/client-egress"),
+            Some(0),
+            &["shop/client-egress"]
+        )
+    );
+    assert_eq!(
+        json["ingress"],
+        direction(
+            "allowed",
+            Some("shop/allow-client"),
+            Some(0),
+            &["shop/allow-client", "shop/allow-ops", "shop/default-deny"]
+        )
+    );
+}
+
+#[test]
+fn denied_by_egress_isolation_and_by_ingress_default_deny() {
+    let dir = world_dir();
+    // client's egress allows only web on 8080; free is not isolated.
+    let (code, text, json) = both(dir.path(), "shop/client", "other/free", "53/UDP");
+    assert_eq!(code, 1, "{text}");
+    assert_eq!(
+        text,
+        "denied: shop/client (10.1.0.3) -> other/free (10.1.2.2), port 53/UDP\n\
+         \x20 egress: denied: shop/client is isolated by shop/client-egress and no egress rule of it allows other/free (10.1.2.2) on port 53/UDP\n\
+         \x20 ingress: allowed: no NetworkPolicy isolates other/free for ingress\n"
+    );
+    assert_eq!(json["verdict"], "denied");
+    assert_eq!(
+        json["egress"],
+        direction("denied", None, None, &["shop/client-egress"])
+    );
+    assert_eq!(json["ingress"], direction("not_isolated", None, None, &[]));
+
+    // free is in neither the client pods nor the ops namespace.
+    let (code, text, json) = both(dir.path(), "other/free", "shop/web", "8080/TCP");
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.ends_with("  ingress: denied: shop/web is isolated by shop/allow-client, shop/allow-ops, shop/default-deny and no ingress rule of them allows other/free (10.1.2.2) on port 8080/TCP\n"),
+        "{text}"
+    );
+    assert_eq!(
+        json["ingress"]["isolated_by"],
+        json!(["shop/allow-client", "shop/allow-ops", "shop/default-deny"])
+    );
+    assert_eq!(json["egress"]["decision"], "not_isolated");
+}
+
+#[test]
+fn allowed_by_namespace_selector_on_a_named_port() {
+    let dir = world_dir();
+    let (code, text, json) = both(dir.path(), "ops/monitor", "shop/web", "http/TCP");
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        text,
+        "allowed: ops/monitor (10.1.1.2) -> shop/web (10.1.0.2), port 8080/TCP (port http of shop/web)\n\
+         \x20 egress: allowed: no NetworkPolicy isolates ops/monitor for egress\n\
+         \x20 ingress: allowed by shop/allow-ops spec.ingress[0] (shop/web is isolated by shop/allow-client, shop/allow-ops, shop/default-deny)\n"
+    );
+    assert_eq!(json["port"], 8080);
+    assert_eq!(json["named_port"], "http");
+    assert_eq!(json["ingress"]["policy"], "shop/allow-ops");
+    // The same port by number decides the same way.
+    let (code, _, by_number) = both(dir.path(), "ops/monitor", "shop/web", "8080");
+    assert_eq!(code, 0);
+    assert_eq!(by_number["ingress"], json["ingress"]);
+}
+
+#[test]
+fn meshed_pod_proxy_inbound_port_is_allowed_with_its_app_port() {
+    let dir = world_dir();
+    let (code, text, json) = both(dir.path(), "ops/monitor", "shop/web", "4143");
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("  ingress: allowed by shop/allow-ops spec.ingress[0]")
+            && text.contains("    note: 4143/TCP is the Weft proxy's inbound port on meshed pod shop/web; it is allowed wherever a rule allows one of the pod's app ports (here 8080)\n"),
+        "{text}"
+    );
+    assert_eq!(json["ingress"]["proxy_inbound_port_for"], 8080);
+}
+
+#[test]
+fn ip_block_with_except_from_an_ip_source() {
+    let dir = world_dir();
+    let (code, text, json) = both(dir.path(), "192.168.2.7", "shop/db", "5432");
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        text,
+        "allowed: 192.168.2.7 -> shop/db (10.1.0.4), port 5432/TCP\n\
+         \x20 egress: allowed: 192.168.2.7 is not a pod in the cluster, so no egress policy applies\n\
+         \x20 ingress: allowed by shop/allow-lan spec.ingress[0] (shop/db is isolated by shop/allow-lan, shop/default-deny)\n"
+    );
+    assert_eq!(json["from"], json!({"pod": null, "ip": "192.168.2.7"}));
+    assert_eq!(json["egress"], direction("not_a_pod", None, None, &[]));
+
+    let (code, text, json) = both(dir.path(), "192.168.1.7", "shop/db", "5432");
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.starts_with("denied: 192.168.1.7 -> shop/db (10.1.0.4), port 5432/TCP\n"),
+        "{text}"
+    );
+    assert_eq!(
+        json["ingress"],
+        direction(
+            "denied",
+            None,
+            None,
+            &["shop/allow-lan", "shop/default-deny"]
+        )
+    );
+    // A pod's IP as the destination is that pod.
+    let (code, _, json) = both(dir.path(), "192.168.2.7", "10.1.0.4", "5432");
+    assert_eq!(code, 0);
+    assert_eq!(json["to"], json!({"pod": "shop/db", "ip": "10.1.0.4"}));
+}
+
+#[test]
+fn not_isolated_at_either_end() {
+    let dir = world_dir();
+    let (code, text, json) = both(dir.path(), "ops/monitor", "other/free", "dns/UDP");
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        text,
+        "allowed: ops/monitor (10.1.1.2) -> other/free (10.1.2.2), port 53/UDP (port dns of other/free)\n\
+         \x20 egress: allowed: no NetworkPolicy isolates ops/monitor for egress\n\
+         \x20 ingress: allowed: no NetworkPolicy isolates other/free for ingress\n"
+    );
+    assert_eq!(json["egress"], direction("not_isolated", None, None, &[]));
+    assert_eq!(json["ingress"], direction("not_isolated", None, None, &[]));
+    assert_eq!(json["protocol"], "UDP");
+    assert!(json["summary"].as_str().unwrap().starts_with("allowed: "));
+}
+
+#[test]
+fn a_bad_manifest_fails_with_path_and_line() {
+    let dir = world_dir();
+    let bad = dir.path().join("policies/bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: lan, namespace: shop}\nspec:\n  podSelector: {}\n  ingress:\n  - from: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/16]}}]\n",
+    )
+    .unwrap();
+    let (code, out, err) = explain(dir.path(), "shop/client", "shop/web", "8080", false);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(out.is_empty(), "{out}");
+    let want = format!("weft policy explain: {}:1: document 1: ", bad.display());
+    assert!(
+        err.starts_with(&want) && err.contains("shop/lan") && err.contains("10.1.0.0/16"),
+        "{err}"
+    );
+
+    std::fs::write(
+        &bad,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: [unclosed\n",
+    )
+    .unwrap();
+    let (code, _, err) = explain(dir.path(), "shop/client", "shop/web", "8080", false);
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with(&format!("weft policy explain: {}:", bad.display())),
+        "{err}"
+    );
+
+    let (code, _, err) = explain(&dir.path().join("missing"), "a/b", "c/d", "80", false);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("missing") && err.contains("manifest directory"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_pods_and_bad_ports_are_errors() {
+    let dir = world_dir();
+    let (code, _, err) = explain(dir.path(), "shop/client", "shop/wbe", "8080", false);
+    assert_eq!(code, 2);
+    assert_eq!(
+        err,
+        "weft policy explain: no pod shop/wbe in the cluster state; did you mean shop/web?\n"
+    );
+    let (code, _, err) = explain(dir.path(), "default/monitor", "shop/web", "8080", false);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("no pod default/monitor") && err.contains("ops/monitor"),
+        "{err}"
+    );
+    let (code, _, err) = explain(dir.path(), "shop/client", "shop/nothing-like", "80", false);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("(is it running, and in the namespace you meant?)"),
+        "{err}"
+    );
+
+    // Named ports: the destination must be a pod that declares it.
+    let (code, _, err) = explain(dir.path(), "shop/client", "shop/web", "metrics/TCP", false);
+    assert_eq!(code, 2);
+    assert_eq!(err, "weft policy explain: pod shop/web has no container port named metrics with protocol TCP (its named ports: http=8080/TCP)\n");
+    let (code, _, err) = explain(dir.path(), "shop/client", "shop/web", "http/UDP", false);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = explain(dir.path(), "shop/client", "192.168.9.9", "http", false);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(
+            "named port http/TCP needs a pod as the destination, and 192.168.9.9 is not one"
+        ),
+        "{err}"
+    );
+
+    for bad in ["80/ICMP", "0", "70000", "HTTP"] {
+        let (code, _, err) = explain(dir.path(), "shop/client", "shop/web", bad, false);
+        assert_eq!(code, 2, "{bad}");
+        assert!(
+            err.contains(&format!("{bad:?} is not a port")) && err.contains("--port"),
+            "{err}"
+        );
+    }
+    let (code, _, err) = explain(dir.path(), "client", "shop/web", "80", false);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("\"client\" is neither namespace/pod nor an IP address"),
+        "{err}"
+    );
+}
+
+fn kubeconfig(dir: &Path, server: &str) -> String {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{server}\"}}\n\
+users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: fake\n"
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_the_cluster_through_a_kubeconfig() {
+    use weft_controller::testing::fake_apiserver::FakeApiServer;
+
+    let fake = FakeApiServer::start().await.unwrap();
+    for doc in WORLD.split("\n---\n").chain(POLICIES.split("\n---\n")) {
+        let value: Value = serde_yaml_to_json(doc);
+        fake.apply(value);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(dir.path(), &format!("http://{}", fake.addr()));
+    let run = |args: Vec<&'static str>, config: String| {
+        tokio::task::spawn_blocking(move || weft(&args, &[("KUBECONFIG", config.as_str())]))
+    };
+    let out = run(
+        vec![
+            "--from",
+            "ops/monitor",
+            "--to",
+            "shop/web",
+            "--port",
+            "http",
+            "-o",
+            "json",
+        ],
+        config.clone(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["ingress"]["policy"], "shop/allow-ops");
+    assert_eq!(json["port"], 8080);
+
+    let out = run(
+        vec!["--from", "other/free", "--to", "shop/web", "--port", "8080"],
+        config,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("denied: other/free"));
+
+    // Nothing listens: a clear error, quickly.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let config = kubeconfig(dir.path(), &format!("http://{addr}"));
+    let started = std::time::Instant::now();
+    let out = run(
+        vec![
+            "--from",
+            "a/b",
+            "--to",
+            "c/d",
+            "--port",
+            "80",
+            "--timeout",
+            "5",
+        ],
+        config,
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "weft policy explain: cannot list namespaces from the Kubernetes API server at http://{addr}/"
+        )),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+
+    // No configuration at all.
+    let out = tokio::task::spawn_blocking(|| {
+        weft(&["--from", "a/b", "--to", "c/d", "--port", "80"], &[])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no Kubernetes configuration"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The fake API server takes JSON; the manifests above are YAML.
+fn serde_yaml_to_json(doc: &str) -> Value {
+    let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(doc).unwrap();
+    serde_json::to_value(value).unwrap()
+}
