@@ -1,1 +1,30 @@
-//! The CNI node agent: fills the datapath's maps from Pods, Namespaces and NetworkPolicies
+//! The CNI node agent (`weft-cni-agent`): registers the pods the `weft-cni` plugin wires,
+//! keeps each one's NetworkPolicy in the eBPF datapath's maps, and serves metrics and a live
+//! flow stream.
+//!
+//! ```text
+//!  weft-cni (ADD/DEL/CHECK/GC) ──unix socket──▶ agent::Agent ──▶ endpoints::Core ──▶ datapath maps
+//!  source (kube | dir:) ──▶ Index ──generation──▶ sync loop ─────────┘   (+ attach/detach)
+//!  weft_flows ring buffer ──▶ flows::run_reader ──broadcast──▶ GET /flows (loopback)
+//!  weft_counters, weft_drops ──(at scrape)──▶ metrics ──▶ GET /metrics
+//! ```
+//!
+//! - [`policy`]: pure: the World with the local endpoints overlaid, stable policy ids, the
+//!   compiled entries plus the node's own addresses.
+//! - [`registry`]: the endpoints and policy ids, persisted atomically in `--state-dir`.
+//! - [`endpoints`]: ADD/DEL/CHECK/GC and the sync, generic over [`dataplane::Dataplane`]
+//!   (the real datapath, or [`dataplane::FakeDataplane`] in tests).
+//! - [`agent`], [`http`], [`flows`], [`metrics`], [`run`]: the process around it.
+
+pub mod agent;
+pub mod config;
+pub mod dataplane;
+pub mod endpoints;
+pub mod flows;
+pub mod http;
+pub mod metrics;
+pub mod policy;
+pub mod registry;
+pub mod run;
+
+pub use config::Config;

@@ -1,0 +1,130 @@
+//! The metrics server (`--metrics-addr`, default 0.0.0.0:9964): `/metrics` (OpenMetrics
+//! text), `/ready` (200 once the source has synced and the datapath is open), and `/flows`
+//! (the live NDJSON flow stream, see [`crate::flows`]) for loopback clients only: flows name
+//! pods and addresses, which the metrics port does not otherwise expose.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::agent::Agent;
+use crate::dataplane::Dataplane;
+use crate::flows::FlowHub;
+use crate::metrics::LOST_SLOW_READER;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+pub struct Server<D: Dataplane> {
+    pub agent: Arc<Agent<D>>,
+    pub hub: FlowHub,
+    pub source_metrics: Option<weft_controller::metrics::Metrics>,
+}
+
+impl<D: Dataplane> Clone for Server<D> {
+    fn clone(&self) -> Self {
+        Server {
+            agent: self.agent.clone(),
+            hub: self.hub.clone(),
+            source_metrics: self.source_metrics.clone(),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    let mut rsp = Response::new(Full::new(Bytes::from(body.into())).boxed());
+    *rsp.status_mut() = status;
+    rsp
+}
+
+impl<D: Dataplane> Server<D> {
+    pub fn respond(&self, method: &Method, path: &str, peer: SocketAddr) -> Response<Body> {
+        if method != Method::GET && method != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+        }
+        match path {
+            "/metrics" => {
+                let mut rsp = text(
+                    StatusCode::OK,
+                    self.agent.metrics_text(self.source_metrics.as_ref()),
+                );
+                rsp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                rsp
+            }
+            "/ready" if self.agent.is_ready() => text(StatusCode::OK, "ready\n"),
+            "/ready" => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the cluster source has not synced yet\n",
+            ),
+            "/flows" if !peer.ip().is_loopback() => text(
+                StatusCode::FORBIDDEN,
+                "/flows is served to loopback clients only (run weft cni flows on the node, or \
+                 port-forward)\n",
+            ),
+            "/flows" => self.flows(),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found; try /metrics, /ready or /flows\n",
+            ),
+        }
+    }
+
+    fn flows(&self) -> Response<Body> {
+        let rx = self.hub.subscribe();
+        let hub = self.hub.clone();
+        let stream = futures_util::stream::unfold((rx, hub), |(mut rx, hub)| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(line) => return Some((Ok(Frame::data(line)), (rx, hub))),
+                    Err(RecvError::Lagged(n)) => hub.metrics.lost(LOST_SLOW_READER, n),
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        });
+        let mut rsp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+        rsp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/x-ndjson"),
+        );
+        rsp
+    }
+
+    /// Serves until the task is dropped.
+    pub async fn serve(self, listener: TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics server: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let server = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let rsp = server.respond(req.method(), req.uri().path(), peer);
+                    async move { Ok::<_, Infallible>(rsp) }
+                });
+                if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await
+                {
+                    tracing::debug!(error = %e, "metrics connection ended");
+                }
+            });
+        }
+    }
+}

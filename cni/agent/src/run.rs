@@ -1,0 +1,185 @@
+//! Start-up in order: check the configuration, open the datapath (pins), load the registry
+//! and collect what vanished while the agent was down, start the source, then bind the
+//! plugin's socket and the metrics server, and serve.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use weft_controller::index::Index;
+use weft_controller::model::Kind;
+use weft_controller::source::dir::DirSource;
+use weft_controller::source::{Readiness, SourceConfig};
+use weft_datapath::Datapath;
+
+use crate::agent::Agent;
+use crate::config::Config;
+use crate::endpoints::Core;
+use crate::flows::FlowHub;
+use crate::http::Server;
+use crate::metrics::Metrics;
+use crate::registry::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("--source {source_flag}: {message}")]
+    Source {
+        source_flag: String,
+        message: String,
+    },
+    #[error("--pin-dir {}: {source}", .path.display())]
+    Datapath {
+        path: std::path::PathBuf,
+        source: weft_datapath::Error,
+    },
+    #[error("--state-dir: {0}")]
+    State(#[from] crate::registry::StateError),
+    #[error("recovering endpoints after a restart: {0}")]
+    Recover(#[from] crate::endpoints::EndpointsError),
+    #[error("--socket {}: cannot listen: {source}", .path.display())]
+    Socket {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--metrics-addr {addr}: cannot listen: {source}; is another process using the port?")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the plugin socket stopped serving: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Runs the agent until the socket server fails or the process is stopped.
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let source_metrics = weft_controller::metrics::Metrics::new();
+    // Validate the source before touching the node.
+    let dir = match &config.source {
+        SourceConfig::Dir(path) => Some(
+            DirSource::new(path.clone(), source_metrics.clone()).map_err(|e| RunError::Source {
+                source_flag: config.source.to_string(),
+                message: e.to_string(),
+            })?,
+        ),
+        SourceConfig::Kube => None,
+    };
+    let client = match &config.source {
+        SourceConfig::Kube => {
+            Some(
+                kube::Client::try_default()
+                    .await
+                    .map_err(|e| RunError::Source {
+                        source_flag: "kube".into(),
+                        message: format!(
+                    "cannot build a Kubernetes client (in-cluster config or KUBECONFIG): {e}"
+                ),
+                    })?,
+            )
+        }
+        SourceConfig::Dir(_) => None,
+    };
+    let store = Store::open(&config.state_dir)?;
+    let datapath = Datapath::open(&config.pin_dir).map_err(|source| RunError::Datapath {
+        path: config.pin_dir.clone(),
+        source,
+    })?;
+    let flow_reader = datapath.flows().map_err(|source| RunError::Datapath {
+        path: config.pin_dir.clone(),
+        source,
+    })?;
+
+    let metrics = Metrics::new();
+    let mut core = Core::new(datapath, store, metrics.clone())?;
+    let gone = core.recover()?;
+    tracing::info!(
+        node = %config.node,
+        endpoints = core.state().endpoints.len(),
+        collected = gone.len(),
+        pin_dir = %config.pin_dir.display(),
+        "datapath open, registry loaded"
+    );
+    let names = core.names();
+
+    let index = Index::new();
+    let readiness = Readiness::default();
+    let mut tasks = Vec::new();
+    match (dir, client) {
+        (Some(dir), _) => {
+            let (index, readiness) = (index.clone(), readiness.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = dir.run(index, readiness).await {
+                    tracing::error!(error = %e, "directory source stopped");
+                }
+            }));
+        }
+        (None, Some(client)) => {
+            tasks.push(tokio::spawn(weft_controller::source::kube::run_kinds(
+                client,
+                index.clone(),
+                source_metrics.clone(),
+                readiness.clone(),
+                &[Kind::Pod, Kind::Namespace, Kind::NetworkPolicy],
+            )));
+        }
+        (None, None) => {}
+    }
+
+    let agent = Agent::new(
+        core,
+        index,
+        readiness,
+        metrics.clone(),
+        config.node_ips.clone(),
+    );
+    let hub = FlowHub::new(metrics);
+    tasks.push(tokio::spawn(crate::flows::run_reader(
+        flow_reader,
+        names,
+        hub.clone(),
+    )));
+    tasks.push(tokio::spawn(agent.clone().run_sync(config.debounce())));
+
+    let socket =
+        weft_cni::agent_proto::bind(&config.socket).map_err(|source| RunError::Socket {
+            path: config.socket.clone(),
+            source,
+        })?;
+    let listener = TcpListener::bind(config.metrics_addr)
+        .await
+        .map_err(|source| RunError::Metrics {
+            addr: config.metrics_addr,
+            source,
+        })?;
+    tracing::info!(socket = %config.socket.display(), metrics = %config.metrics_addr, "serving");
+    let server = Server {
+        agent: agent.clone(),
+        hub,
+        source_metrics: Some(source_metrics),
+    };
+    tasks.push(tokio::spawn(server.serve(listener)));
+    let result = weft_cni::agent_proto::serve(socket, agent).await;
+    for t in tasks {
+        t.abort();
+    }
+    result.map_err(RunError::Serve)
+}
+
+/// One tracing init for the binary: `--log` filter, plain or JSON.
+pub fn init_tracing(filter: &str, format: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| format!("--log {filter:?}: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    result.map_err(|e| format!("initialising logging: {e}"))
+}
+
+/// Keeps the compiler honest about the handler being shareable across tasks.
+#[allow(dead_code)]
+fn assert_send_sync(a: Arc<Agent<Datapath>>) -> impl Send + Sync {
+    a
+}
