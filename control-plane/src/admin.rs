@@ -1,4 +1,5 @@
-//! The admin server (port 9990): `/metrics` (Prometheus text), `/ready`
+//! The admin server (port 9990): `/metrics` (Prometheus text, or OpenMetrics when asked;
+//! [`weft_proto::exposition`]), `/ready`
 //! (200 once the source has a full view of the cluster, else 503) and
 //! `/live` (200 while the process serves).
 
@@ -10,6 +11,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
+
+use weft_proto::exposition;
 
 use crate::index::Index;
 use crate::metrics::Metrics;
@@ -23,8 +26,14 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// Answers one admin request. Pure apart from reading metrics.
-    pub fn respond(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    /// Answers one admin request (`accept`: its `Accept` header). Pure apart from reading
+    /// metrics.
+    pub fn respond(
+        &self,
+        method: &Method,
+        path: &str,
+        accept: Option<&str>,
+    ) -> Response<Full<Bytes>> {
         let text = |status: StatusCode, body: String| {
             let mut rsp = Response::new(Full::new(Bytes::from(body)));
             *rsp.status_mut() = status;
@@ -36,12 +45,11 @@ impl Admin {
         match path {
             "/metrics" => {
                 self.metrics.observe_index(&self.index);
-                let mut rsp = text(StatusCode::OK, self.metrics.encode());
+                let (body, content_type) = exposition::negotiate(accept, self.metrics.encode());
+                let mut rsp = text(StatusCode::OK, body);
                 rsp.headers_mut().insert(
                     http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
+                    http::HeaderValue::from_static(content_type),
                 );
                 rsp
             }
@@ -72,7 +80,11 @@ impl Admin {
             let admin = self.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let rsp = admin.respond(req.method(), req.uri().path());
+                    let accept = req
+                        .headers()
+                        .get(http::header::ACCEPT)
+                        .and_then(|v| v.to_str().ok());
+                    let rsp = admin.respond(req.method(), req.uri().path(), accept);
                     async move { Ok::<_, Infallible>(rsp) }
                 });
                 if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())

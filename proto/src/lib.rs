@@ -26,6 +26,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 /// The well-known types used in messages (`Duration`, `Timestamp`).
 pub use prost_types;
 
+pub mod exposition;
+
 /// `weft.net`: addresses shared by every API.
 pub mod net {
     include!(concat!(env!("OUT_DIR"), "/weft.net.rs"));

@@ -889,34 +889,6 @@ fn unix_now() -> f64 {
         .as_secs_f64()
 }
 
-/// OpenMetrics → Prometheus text 0.0.4, as the proxy's admin server converts for scrapers
-/// that do not ask for OpenMetrics (proxy/src/metrics/text.rs): a counter family `x` becomes
-/// `x_total`, `# EOF` and `# UNIT` go. Text already in 0.0.4 passes unchanged.
-fn to_prometheus_text(om: &str) -> String {
-    let counters: Vec<&str> = om
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .filter(|name| !name.ends_with("_total"))
-        .collect();
-    let mut out = String::new();
-    for line in om.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let mut line = line.to_string();
-        for c in &counters {
-            for prefix in ["# TYPE ", "# HELP "] {
-                if let Some(rest) = line.strip_prefix(&format!("{prefix}{c} ")) {
-                    line = format!("{prefix}{c}_total {rest}");
-                }
-            }
-        }
-        out.push_str(&line);
-        out.push('\n');
-    }
-    out
-}
-
 fn promtool_check_metrics(promtool: &Path, what: &str, text: &str) -> Result<()> {
     let mut child = Command::new(promtool)
         .args(["check", "metrics"])
@@ -1142,7 +1114,7 @@ async fn prometheus_scrapes_the_mesh_and_records_the_golden_signals() -> Result<
     .await
     .with_context(|| format!("{index} never reached 2 in Prometheus"))?;
     let (_, text) = admin_get(controller.admin, "/metrics")?;
-    promtool_check_metrics(&promtool, "controller", &to_prometheus_text(&text))?;
+    promtool_check_metrics(&promtool, "controller", &text)?;
     for (what, p) in [("web proxy", &web), ("books proxy", &books)] {
         let (_, text) = admin_get(p.admin, "/metrics")?;
         promtool_check_metrics(&promtool, what, &text)?;

@@ -18,7 +18,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{openmetrics_to_prometheus, Metrics};
+use weft_proto::exposition;
+
+use crate::metrics::Metrics;
 use crate::telemetry::LogHandle;
 
 /// Shared state the admin endpoints read.
@@ -45,8 +47,6 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     r
 }
 
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-const PROM_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 impl Admin {
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
@@ -62,16 +62,11 @@ impl Admin {
                         )
                     }
                 };
-                let wants_om = req
+                let accept = req
                     .headers()
                     .get(header::ACCEPT)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| v.contains("application/openmetrics-text"));
-                let (body, ct) = if wants_om {
-                    (om, OPENMETRICS)
-                } else {
-                    (openmetrics_to_prometheus(&om), PROM_TEXT)
-                };
+                    .and_then(|v| v.to_str().ok());
+                let (body, ct) = exposition::negotiate(accept, om);
                 let mut r = text(StatusCode::OK, body);
                 r.headers_mut()
                     .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ct));

@@ -6,7 +6,6 @@
 //! cluster's ServiceAccounts). No paths, no per-connection labels.
 
 mod process;
-mod text;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -20,7 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-pub use text::openmetrics_to_prometheus;
+pub use weft_proto::exposition::openmetrics_to_prometheus;
 
 /// Distinct authority label values kept per direction before new ones are folded into `overflow`.
 pub const MAX_AUTHORITIES: usize = 256;

@@ -1,8 +1,26 @@
-//! OpenMetrics → Prometheus text format (0.0.4).
+//! The metrics exposition every Weft component serves: OpenMetrics to scrapers that ask for it
+//! (`Accept: application/openmetrics-text`), Prometheus text format 0.0.4 to everyone else.
 //!
 //! prometheus-client writes OpenMetrics, where a counter family `x` has samples `x_total`.
-//! Prometheus' classic text format (what `promtool check metrics` and older scrapers read) names
-//! the family `x_total` and has no `# UNIT` or `# EOF` lines. This rewrites one into the other.
+//! Prometheus' classic text format (what `promtool check metrics`, `curl` and older scrapers
+//! read) names the family `x_total` and has no `# UNIT` or `# EOF` lines. This rewrites one
+//! into the other. Shared by the proxy, the controller and the CNI agent (it is a wire format,
+//! hence this crate), so the conversion is written once.
+
+/// `Content-Type` of an OpenMetrics answer.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// `Content-Type` of a Prometheus text format 0.0.4 answer.
+pub const PROM_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The body and `Content-Type` to answer a scrape whose `Accept` header is `accept`, from the
+/// OpenMetrics text `openmetrics`.
+pub fn negotiate(accept: Option<&str>, openmetrics: String) -> (String, &'static str) {
+    if accept.is_some_and(|v| v.contains("application/openmetrics-text")) {
+        (openmetrics, OPENMETRICS)
+    } else {
+        (openmetrics_to_prometheus(&openmetrics), PROM_TEXT)
+    }
+}
 
 /// Converts OpenMetrics text to Prometheus text format 0.0.4.
 pub fn openmetrics_to_prometheus(om: &str) -> String {
@@ -58,6 +76,25 @@ pub fn openmetrics_to_prometheus(om: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn openmetrics_only_for_those_who_ask() {
+        let om = "# TYPE c counter\nc_total 1\n# EOF\n".to_string();
+        assert_eq!(
+            negotiate(
+                Some("application/openmetrics-text;version=1.0.0"),
+                om.clone()
+            )
+            .1,
+            OPENMETRICS
+        );
+        let (body, ct) = negotiate(Some("text/plain"), om.clone());
+        assert_eq!(
+            (body.as_str(), ct),
+            ("# TYPE c_total counter\nc_total 1\n", PROM_TEXT)
+        );
+        assert_eq!(negotiate(None, om).1, PROM_TEXT);
+    }
 
     #[test]
     fn renames_counters_and_drops_openmetrics_lines() {
