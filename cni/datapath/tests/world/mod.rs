@@ -1,0 +1,665 @@
+//! A weft-model `World` on the real datapath, for the root-only tests that hold the eBPF
+//! programs to the reference evaluator (`differential.rs`, `netpol_matrix.rs`).
+//!
+//! A [`Cluster`] is a node namespace with one network namespace per pod, at the addresses the
+//! test's world gives them (so ipBlocks in the world mean the kernel's addresses), echo
+//! servers on every probed port, the datapath attached to every host veth. [`Cluster::install`]
+//! compiles a world with weft-model's compiler, writes every endpoint's flags and entries and
+//! flushes conntrack, as the agent would; [`Cluster::probe`] runs real TCP and UDP exchanges
+//! in parallel.
+//!
+//! The namespace plumbing is `support/mod.rs`'s (copied, not shared: that module belongs to
+//! `netns.rs`), with pod addresses chosen by the caller and an optional address of the node
+//! itself (a non-pod peer, on the node's loopback, used as the source of node-to-pod
+//! connections). Names are `wdp<pid>-<n>-*` like support's, so either cleans up what a killed
+//! run of the other left behind.
+
+#![allow(dead_code)] // each test file uses a different part
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use weft_datapath::{Datapath, EndpointFlags, PolicyMaps};
+use weft_model::netpol::{
+    self, assign_policy_ids, CompileError, CompiledEndpoint, PolicyIds, ProtoKey, World,
+};
+use weft_model::ObjectKey;
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// How long a first probe waits before calling the exchange dropped. Probes run in parallel,
+/// so a round of denials costs about this much.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+/// Probes the evaluator allows that failed are retried this many times with
+/// [`RETRY_TIMEOUT`] (a first packet may wait for ARP/ND; a loaded machine may be slow). A
+/// probe that passes is never retried: a pass cannot be an accident.
+pub const RETRIES: usize = 2;
+pub const RETRY_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Ok(true) to run, Ok(false) to skip (not root, not CI), Err in CI without root.
+pub fn require_root(test: &str) -> Result<bool> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(true);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        bail!("{test} needs root and CI=true: CI must run the eBPF namespace tests as root");
+    }
+    eprintln!("skipping {test}: needs root (network namespaces, eBPF); runs in CI");
+    Ok(false)
+}
+
+fn ip_bin() -> &'static str {
+    ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("ip")
+}
+
+pub fn ip(args: &[&str]) -> Result<String> {
+    let out = Command::new(ip_bin())
+        .args(args)
+        .output()
+        .with_context(|| format!("running ip {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn sysctl(ns: &str, settings: &[&str]) -> Result<()> {
+    let mut args = vec!["netns", "exec", ns, "sysctl", "-q", "-w"];
+    args.extend_from_slice(settings);
+    ip(&args).map(drop)
+}
+
+fn enter(ns: &str) -> Result<()> {
+    let path = format!("/run/netns/{ns}");
+    let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+    // SAFETY: setns on a valid namespace fd; it only changes the calling thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {path}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread that joined network namespace `ns`. Sockets made there stay in `ns`.
+pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<T> {
+            enter(ns)?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
+    })
+}
+
+/// A pod to build: its key in the world and its addresses.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub key: ObjectKey,
+    pub v4: Ipv4Addr,
+    pub v6: Option<Ipv6Addr>,
+}
+
+/// A built pod.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub key: ObjectKey,
+    /// Its network namespace.
+    pub ns: String,
+    pub v4: Ipv4Addr,
+    pub v6: Option<Ipv6Addr>,
+    pub host_if: String,
+    pub ifindex: u32,
+    /// Its endpoint id in the datapath.
+    pub ep_id: u32,
+}
+
+/// The transport of a probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    pub fn model(self) -> netpol::Protocol {
+        match self {
+            Transport::Tcp => netpol::Protocol::Tcp,
+            Transport::Udp => netpol::Protocol::Udp,
+        }
+    }
+}
+
+/// One exchange: from a namespace (a pod's or the node's) to an address.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    pub from_ns: String,
+    pub from: IpAddr,
+    pub to: SocketAddr,
+    pub transport: Transport,
+}
+
+/// What [`Cluster::install`] wrote.
+#[derive(Debug)]
+pub struct Installed {
+    pub ids: PolicyIds,
+    pub compiled: BTreeMap<ObjectKey, CompiledEndpoint>,
+}
+
+impl Installed {
+    /// The endpoint's flags and entries, as written to the maps.
+    pub fn describe(&self, key: &ObjectKey) -> String {
+        let Some(ep) = self.compiled.get(key) else {
+            return format!("{key}: not compiled\n");
+        };
+        let mut out = format!(
+            "{key}: ingress isolated {}, egress isolated {}, {} entries\n",
+            ep.ingress_isolated,
+            ep.egress_isolated,
+            ep.entries.len()
+        );
+        for e in &ep.entries {
+            let _ = writeln!(out, "  {}", to_datapath(e));
+        }
+        out
+    }
+}
+
+/// A model entry as the datapath takes it.
+pub fn to_datapath(e: &netpol::Entry) -> weft_datapath::Entry {
+    weft_datapath::Entry {
+        direction: match e.direction {
+            netpol::Direction::Ingress => weft_datapath::Direction::Ingress,
+            netpol::Direction::Egress => weft_datapath::Direction::Egress,
+        },
+        proto: match e.proto {
+            ProtoKey::Any => weft_datapath::Protocol::Any,
+            ProtoKey::Tcp => weft_datapath::Protocol::Tcp,
+            ProtoKey::Udp => weft_datapath::Protocol::Udp,
+            ProtoKey::Sctp => weft_datapath::Protocol::Sctp,
+        },
+        addr: e.prefix.addr(),
+        prefix_len: e.prefix.prefix_len(),
+        ranges: e
+            .ranges
+            .iter()
+            .map(|r| weft_datapath::PortRange {
+                lo: r.lo,
+                hi: r.hi,
+                policy: r.policy,
+            })
+            .collect(),
+    }
+}
+
+/// A node namespace, its pods, echo servers, the datapath attached to every host veth.
+/// Deletes all of it on drop.
+pub struct Cluster {
+    pub ns: String,
+    pub pods: Vec<Pod>,
+    /// The node's own addresses (on its loopback), when asked for.
+    pub node_v4: Option<Ipv4Addr>,
+    pub node_v6: Option<Ipv6Addr>,
+    pub pin_dir: PathBuf,
+    // Dropped before the namespaces go.
+    servers: Vec<Echo>,
+    dp: Option<Datapath>,
+    prefix: String,
+}
+
+fn test_pin_root() -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/weft-test-{}", std::process::id()))
+}
+
+impl Cluster {
+    /// Builds the node and `pods`; the node gets `node_v4` / `node_v6` on its loopback and
+    /// uses them as the source of its connections to pods. Every pod (and the node, when it
+    /// has an address) serves TCP and UDP echo on the given ports.
+    pub fn new(
+        test: &str,
+        pods: &[PodSpec],
+        node_v4: Option<Ipv4Addr>,
+        node_v6: Option<Ipv6Addr>,
+        tcp_ports: &[u16],
+        udp_ports: &[u16],
+    ) -> Result<Cluster> {
+        remove_stale();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("wdp{}-{n}", std::process::id());
+        let mut cluster = Cluster {
+            ns: format!("{prefix}-n"),
+            pods: Vec::new(),
+            node_v4,
+            node_v6,
+            pin_dir: test_pin_root().join(format!("{test}-{n}")),
+            servers: Vec::new(),
+            dp: None,
+            prefix,
+        };
+        // From here on Drop removes whatever exists.
+        let ns = cluster.ns.clone();
+        ip(&["netns", "add", &ns])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        sysctl(
+            &ns,
+            &[
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv6.conf.all.accept_dad=0",
+            ],
+        )?;
+        // Proxy ARP answers for the pods' gateway 169.254.1.1 because it routes elsewhere.
+        ip(&["-n", &ns, "route", "add", "169.254.1.1/32", "dev", "lo"])?;
+        if let Some(a) = node_v4 {
+            ip(&["-n", &ns, "addr", "add", &format!("{a}/32"), "dev", "lo"])?;
+        }
+        if let Some(a) = node_v6 {
+            ip(&[
+                "-n",
+                &ns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{a}/128"),
+                "dev",
+                "lo",
+                "nodad",
+            ])?;
+        }
+        for (i, spec) in pods.iter().enumerate() {
+            let pod = cluster.add_pod(i, spec)?;
+            cluster.pods.push(pod);
+        }
+        for pod in &cluster.pods {
+            for &port in tcp_ports {
+                cluster
+                    .servers
+                    .push(Echo::start(&pod.ns, Transport::Tcp, port)?);
+            }
+            for &port in udp_ports {
+                cluster
+                    .servers
+                    .push(Echo::start(&pod.ns, Transport::Udp, port)?);
+            }
+        }
+        if node_v4.is_some() || node_v6.is_some() {
+            for &port in tcp_ports {
+                cluster
+                    .servers
+                    .push(Echo::start(&ns, Transport::Tcp, port)?);
+            }
+            for &port in udp_ports {
+                cluster
+                    .servers
+                    .push(Echo::start(&ns, Transport::Udp, port)?);
+            }
+        }
+        let mut dp = Datapath::open(&cluster.pin_dir).context("opening the datapath")?;
+        for pod in &cluster.pods {
+            in_ns(&ns, || dp.attach(pod.ifindex))?
+                .with_context(|| format!("attaching to {}", pod.host_if))?;
+            dp.set_endpoint(pod.ifindex, pod.ep_id, EndpointFlags::NONE)?;
+        }
+        cluster.dp = Some(dp);
+        Ok(cluster)
+    }
+
+    fn add_pod(&self, i: usize, spec: &PodSpec) -> Result<Pod> {
+        let ns = &self.ns;
+        let pod_ns = format!("{}-{i}", self.prefix);
+        let host_if = format!("h{i}");
+        ip(&["netns", "add", &pod_ns])?;
+        ip(&["-n", &pod_ns, "link", "set", "lo", "up"])?;
+        sysctl(
+            &pod_ns,
+            &[
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv6.conf.all.accept_dad=0",
+            ],
+        )?;
+        ip(&[
+            "-n", ns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns",
+            &pod_ns,
+        ])?;
+        sysctl(
+            ns,
+            &[
+                &format!("net.ipv4.conf.{host_if}.proxy_arp=1"),
+                &format!("net.ipv4.neigh.{host_if}.proxy_delay=0"),
+            ],
+        )?;
+        ip(&[
+            "-n",
+            ns,
+            "-6",
+            "addr",
+            "add",
+            "fe80::1/64",
+            "dev",
+            &host_if,
+            "nodad",
+        ])?;
+        ip(&["-n", ns, "link", "set", &host_if, "up"])?;
+        let v4 = format!("{}/32", spec.v4);
+        let mut route = vec!["-n", ns, "route", "add", &v4, "dev", &host_if];
+        let node_v4 = self.node_v4.map(|a| a.to_string());
+        if let Some(src) = &node_v4 {
+            route.extend(["src", src]);
+        }
+        ip(&route)?;
+        ip(&["-n", &pod_ns, "addr", "add", &v4, "dev", "eth0"])?;
+        if let Some(v6) = spec.v6 {
+            let v6 = format!("{v6}/128");
+            let mut route = vec!["-n", ns, "-6", "route", "add", &v6, "dev", &host_if];
+            let node_v6 = self.node_v6.map(|a| a.to_string());
+            if let Some(src) = &node_v6 {
+                route.extend(["src", src]);
+            }
+            ip(&route)?;
+            ip(&[
+                "-n", &pod_ns, "-6", "addr", "add", &v6, "dev", "eth0", "nodad",
+            ])?;
+        }
+        ip(&["-n", &pod_ns, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            &pod_ns,
+            "route",
+            "add",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ])?;
+        ip(&[
+            "-n",
+            &pod_ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ])?;
+        if spec.v6.is_some() {
+            ip(&[
+                "-n", &pod_ns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+            ])?;
+        }
+        let ifindex = in_ns(ns, || weft_datapath::if_index(&host_if))?
+            .with_context(|| format!("no {host_if} in {ns}"))?;
+        Ok(Pod {
+            key: spec.key.clone(),
+            ns: pod_ns,
+            v4: spec.v4,
+            v6: spec.v6,
+            host_if,
+            ifindex,
+            ep_id: i as u32 + 1,
+        })
+    }
+
+    pub fn pod(&self, key: &ObjectKey) -> Option<&Pod> {
+        self.pods.iter().find(|p| &p.key == key)
+    }
+
+    /// The namespace whose traffic comes from `addr`: a pod's, or the node's.
+    pub fn ns_of(&self, addr: IpAddr) -> Option<&str> {
+        if Some(addr) == self.node_v4.map(IpAddr::V4) || Some(addr) == self.node_v6.map(IpAddr::V6)
+        {
+            return Some(&self.ns);
+        }
+        self.pods
+            .iter()
+            .find(|p| IpAddr::V4(p.v4) == addr || p.v6.map(IpAddr::V6) == Some(addr))
+            .map(|p| p.ns.as_str())
+    }
+
+    /// Compiles `world` for every pod and writes flags and entries, then flushes every
+    /// endpoint's conntrack (the next packet of anything open is judged anew). Every pod of
+    /// the cluster must be a pod of the world.
+    pub fn install(&mut self, world: &World) -> Result<Installed, InstallError> {
+        let ids = assign_policy_ids(world.policies());
+        let keys: Vec<ObjectKey> = self.pods.iter().map(|p| p.key.clone()).collect();
+        let compiled = netpol::compile(world, &keys, &ids)?;
+        let dp = self.dp.as_mut().expect("open until drop");
+        for pod in &self.pods {
+            let ep = &compiled[&pod.key];
+            let mut flags = EndpointFlags::NONE;
+            if ep.ingress_isolated {
+                flags = flags | EndpointFlags::INGRESS_ISOLATED;
+            }
+            if ep.egress_isolated {
+                flags = flags | EndpointFlags::EGRESS_ISOLATED;
+            }
+            let entries: Vec<weft_datapath::Entry> = ep.entries.iter().map(to_datapath).collect();
+            dp.replace_policy(pod.ep_id, &entries)
+                .map_err(|e| InstallError::Datapath(format!("{}: {e}", pod.key)))?;
+            dp.set_endpoint(pod.ifindex, pod.ep_id, flags)
+                .map_err(|e| InstallError::Datapath(format!("{}: {e}", pod.key)))?;
+        }
+        for pod in &self.pods {
+            dp.flush_conntrack(pod.ep_id)
+                .map_err(|e| InstallError::Datapath(format!("{}: {e}", pod.key)))?;
+        }
+        Ok(Installed { ids, compiled })
+    }
+
+    /// Runs every probe, in parallel; `want[i]` is what probe `i` should do. Probes that fail
+    /// where `want` says pass are retried ([`RETRIES`], [`RETRY_TIMEOUT`]); the result is what
+    /// each probe did in the end.
+    pub fn probe(&self, probes: &[Probe], want: &[bool]) -> Vec<bool> {
+        let mut got = run_probes(probes, PROBE_TIMEOUT);
+        for _ in 0..RETRIES {
+            let again: Vec<usize> = (0..probes.len()).filter(|&i| want[i] && !got[i]).collect();
+            if again.is_empty() {
+                break;
+            }
+            let retry: Vec<Probe> = again.iter().map(|&i| probes[i].clone()).collect();
+            for (i, ok) in again.into_iter().zip(run_probes(&retry, RETRY_TIMEOUT)) {
+                got[i] = ok;
+            }
+        }
+        got
+    }
+}
+
+/// Why a world could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The compiler refused the world (more port ranges than an entry holds).
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error("writing the maps: {0}")]
+    Datapath(String),
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.servers.clear();
+        self.dp = None;
+        if let Err(e) = weft_datapath::unpin_all(&self.pin_dir) {
+            eprintln!("cleanup: {e}");
+        }
+        let _ = std::fs::remove_dir(test_pin_root());
+        for p in &self.pods {
+            let _ = ip(&["netns", "del", &p.ns]);
+        }
+        let _ = ip(&["netns", "del", &self.ns]);
+    }
+}
+
+/// Every probe on its own thread (in its source namespace), all at once.
+pub fn run_probes(probes: &[Probe], timeout: Duration) -> Vec<bool> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = probes
+            .iter()
+            .map(|p| s.spawn(move || enter(&p.from_ns).is_ok() && exchange(p, timeout)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(false))
+            .collect()
+    })
+}
+
+/// One TCP connection with an echoed line, or one UDP datagram echoed back, from this
+/// thread's namespace.
+fn exchange(p: &Probe, timeout: Duration) -> bool {
+    match p.transport {
+        Transport::Tcp => match TcpStream::connect_timeout(&p.to, timeout) {
+            Ok(mut s) => {
+                let _ = s.set_read_timeout(Some(timeout));
+                let mut buf = [0u8; 5];
+                s.write_all(b"ping\n").is_ok()
+                    && s.read_exact(&mut buf).is_ok()
+                    && &buf == b"ping\n"
+            }
+            Err(_) => false,
+        },
+        Transport::Udp => {
+            let Ok(sock) = UdpSocket::bind(SocketAddr::new(p.from, 0)) else {
+                return false;
+            };
+            if sock.set_read_timeout(Some(timeout)).is_err() || sock.send_to(b"ping", p.to).is_err()
+            {
+                return false;
+            }
+            let mut buf = [0u8; 16];
+            matches!(sock.recv_from(&mut buf), Ok((4, from)) if from == p.to && &buf[..4] == b"ping")
+        }
+    }
+}
+
+/// A TCP or UDP echo server on `[::]:port` (both families) in a namespace.
+struct Echo {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Echo {
+    fn start(ns: &str, transport: Transport, port: u16) -> Result<Echo> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = match transport {
+            Transport::Tcp => {
+                let listener = in_ns(ns, || TcpListener::bind(("::", port)))?
+                    .with_context(|| format!("listening on TCP {port} in {ns}"))?;
+                listener.set_nonblocking(true)?;
+                std::thread::spawn(move || {
+                    while !flag.load(Ordering::Relaxed) {
+                        match listener.accept() {
+                            Ok((mut conn, _)) => {
+                                std::thread::spawn(move || {
+                                    let _ = conn.set_nonblocking(false);
+                                    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                                    let mut buf = [0u8; 1024];
+                                    while let Ok(n) = conn.read(&mut buf) {
+                                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                                            break;
+                                        }
+                                    }
+                                });
+                            }
+                            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                        }
+                    }
+                })
+            }
+            Transport::Udp => {
+                let sock = in_ns(ns, || UdpSocket::bind(("::", port)))?
+                    .with_context(|| format!("binding UDP {port} in {ns}"))?;
+                sock.set_read_timeout(Some(Duration::from_millis(20)))?;
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 1500];
+                    while !flag.load(Ordering::Relaxed) {
+                        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                            let _ = sock.send_to(&buf[..n], from);
+                        }
+                    }
+                })
+            }
+        };
+        Ok(Echo {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Whether this kernel can make SCTP sockets (the module may be missing).
+pub fn sctp_available() -> bool {
+    // SAFETY: socket(2) with constant arguments; the fd is closed right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP) };
+    if fd >= 0 {
+        // SAFETY: fd is ours.
+        unsafe { libc::close(fd) };
+        true
+    } else {
+        false
+    }
+}
+
+/// Removes namespaces and pin directories of test processes that no longer exist.
+fn remove_stale() {
+    let alive = |pid: &str| Path::new(&format!("/proc/{pid}")).exists();
+    if let Ok(list) = ip(&["netns", "list"]) {
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            let Some(rest) = name.strip_prefix("wdp") else {
+                continue;
+            };
+            let Some((pid, _)) = rest.split_once('-') else {
+                continue;
+            };
+            if pid.chars().all(|c| c.is_ascii_digit()) && !alive(pid) {
+                let _ = ip(&["netns", "del", name]);
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
+        for entry in rd.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("weft-test-")) else {
+                continue;
+            };
+            if !alive(pid) {
+                if let Ok(dirs) = std::fs::read_dir(entry.path()) {
+                    for d in dirs.flatten() {
+                        let _ = weft_datapath::unpin_all(d.path());
+                    }
+                }
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+    }
+}
