@@ -24,6 +24,7 @@
 //! - [`security`]: mTLS connections and peer identities, handshake failures
 //!   and certificate lifetimes from a scrape.
 
+pub mod cni;
 pub mod demo;
 pub mod inject;
 pub mod policy;

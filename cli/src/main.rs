@@ -43,6 +43,8 @@ enum Command {
     Inject(weft_cli::inject::InjectArgs),
     /// Ask why Kubernetes NetworkPolicies allow or deny a connection (exit 0 allowed, 1 denied, 2 error).
     Policy(weft_cli::policy::PolicyArgs),
+    /// The CNI: `weft cni flows` streams the node's NetworkPolicy verdicts.
+    Cni(weft_cli::cni::CniArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -79,6 +81,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => args,
         Command::Inject(args) => return run_inject(&args),
         Command::Policy(args) => return weft_cli::policy::run(&args),
+        Command::Cni(args) => return weft_cli::cni::run(&args),
     };
     let filter = if args.verbose {
         "info,weft=debug,weft_cli=debug"
