@@ -1,5 +1,5 @@
-//! The metrics server (`--metrics-addr`, default 0.0.0.0:9964): `/metrics` (OpenMetrics
-//! text), `/ready` (200 once the source has synced and the datapath is open), and `/flows`
+//! The metrics server (`--metrics-addr`, default 0.0.0.0:9964): `/metrics` (OpenMetrics when
+//! asked for, else Prometheus text 0.0.4: `weft_proto::exposition`), `/ready` (200 once the source has synced and the datapath is open), and `/flows`
 //! (the live NDJSON flow stream, see [`crate::flows`]) for loopback clients only: flows name
 //! pods and addresses, which the metrics port does not otherwise expose.
 
@@ -45,21 +45,26 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
 }
 
 impl<D: Dataplane> Server<D> {
-    pub fn respond(&self, method: &Method, path: &str, peer: SocketAddr) -> Response<Body> {
+    pub fn respond(
+        &self,
+        method: &Method,
+        path: &str,
+        accept: Option<&str>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
         if method != Method::GET && method != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
         }
         match path {
             "/metrics" => {
-                let mut rsp = text(
-                    StatusCode::OK,
+                let (body, content_type) = weft_proto::exposition::negotiate(
+                    accept,
                     self.agent.metrics_text(self.source_metrics.as_ref()),
                 );
+                let mut rsp = text(StatusCode::OK, body);
                 rsp.headers_mut().insert(
                     http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
+                    http::HeaderValue::from_static(content_type),
                 );
                 rsp
             }
@@ -115,7 +120,11 @@ impl<D: Dataplane> Server<D> {
             let server = self.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let rsp = server.respond(req.method(), req.uri().path(), peer);
+                    let accept = req
+                        .headers()
+                        .get(http::header::ACCEPT)
+                        .and_then(|v| v.to_str().ok());
+                    let rsp = server.respond(req.method(), req.uri().path(), accept, peer);
                     async move { Ok::<_, Infallible>(rsp) }
                 });
                 if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
