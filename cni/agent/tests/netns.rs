@@ -338,12 +338,29 @@ fn policy_matrix_live_edit_proxy_port_node_restart_metrics_and_flows() -> Result
     agent.stop();
     tcp(&client.ns, &web, 81, true, "agent down: policy kept")?;
     tcp(&client.ns, &web, 80, false, "agent down: policy kept")?;
+    // A DEL the agent does not hear (it is down): the plugin goes on, the restarted agent
+    // collects the endpoint whose interface is gone.
+    let (code, out) = cni(
+        &node,
+        &plugin,
+        "DEL",
+        &api.cid,
+        &api.ns.path(),
+        api.key,
+        &conf,
+    )?;
+    ensure!(code == 0, "DEL with the agent down: {out}");
     let agent = Agent::start(&node, &dirs)?;
     let (_, text) = http_get(&node, IpAddr::from([127, 0, 0, 1]), "/metrics")?;
     ensure!(
-        metric(&text, "weft_cni_endpoints") == Some(3.0),
-        "endpoints after restart:\n{text}"
+        metric(&text, "weft_cni_endpoints") == Some(2.0),
+        "endpoints after restart (web and client; api collected):\n{text}"
     );
+    {
+        use weft_datapath::PolicyMaps;
+        let eps = weft_datapath::Datapath::open(&pins.0)?.endpoints()?;
+        ensure!(eps.len() == 2, "datapath endpoints after restart: {eps:?}");
+    }
     write_manifest(&manifests, "policies.yaml", &policies(80))?;
     let deadline = Instant::now() + Duration::from_secs(3);
     while !tcp_ok(&client.ns, web.ip, 80, Duration::from_millis(50))? {
