@@ -57,6 +57,10 @@ pub enum Command {
     /// Issue 12 (c): CPU and latency of a two-hop path with an HTTPRoute of 10 rules and
     /// retries (none firing) against no route. Writes a section of RESULTS.md.
     RoutingCost(crate::policy::PolicyArgs),
+    /// Issue 13 (root): pod-to-pod throughput and request rate with 50 NetworkPolicies in
+    /// the eBPF datapath against no eBPF, and policy change to enforcement with 1,000 pods in
+    /// the index. Writes a section of RESULTS.md.
+    Netpol(crate::netpol::NetpolArgs),
 }
 
 /// Parses "15s", "500ms", "1.5s", "2m" or a bare number of seconds.
@@ -386,6 +390,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Retries(args) => crate::policy::retries::execute(args),
         Command::Ejection(args) => crate::policy::ejection::execute(args),
         Command::RoutingCost(args) => crate::policy::cost::execute(args),
+        Command::Netpol(args) => crate::netpol::execute(args),
     }
 }
 

@@ -68,6 +68,7 @@ pub mod cli;
 pub mod grpc;
 pub mod handshake;
 pub mod load;
+pub mod netpol;
 pub mod policy;
 pub mod report;
 pub mod scenario;
