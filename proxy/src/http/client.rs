@@ -21,6 +21,7 @@
 //! inbound proxy hands it to its application as HTTP/1.1 again.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -219,7 +220,21 @@ impl Endpoint {
     /// could be made (connect or handshake failure) comes back unread in the error, so the
     /// caller may send it elsewhere. It comes back in the form it arrived in, so another
     /// endpoint puts it in its own form exactly as if it had been the first.
-    pub async fn try_request(
+    ///
+    /// Boxed: this is the tier boundary between the request path and the connection clients,
+    /// and every caller (the balanced path, the original destination, RequestMirror copies in
+    /// their own tasks) shares one compiled copy of everything below it. Unboxed, each new
+    /// caller compiled the whole HTTP/1.1 and HTTP/2 client stack again (measured: ~450 KB of
+    /// text and ~1 MiB of resident memory for the mirror's task alone), for one allocation per
+    /// request saved.
+    pub fn try_request(
+        self: &Arc<Self>,
+        req: Request<BoxBody>,
+    ) -> Pin<Box<dyn Future<Output = Result<Response<PooledBody>, Unsent>> + Send + '_>> {
+        Box::pin(self.send_request(req))
+    }
+
+    async fn send_request(
         self: &Arc<Self>,
         mut req: Request<BoxBody>,
     ) -> Result<Response<PooledBody>, Unsent> {

@@ -65,12 +65,7 @@ pub(super) fn start(mirrors: Vec<Mirrored>, req: Request<BoxBody>) -> Request<Bo
                 tx,
                 state: state.clone(),
             });
-            Copied {
-                rx,
-                state,
-                hint,
-            }
-            .boxed()
+            Copied { rx, state, hint }.boxed()
         };
         let mut copy = Request::new(copy_body);
         *copy.method_mut() = parts.method.clone();
