@@ -1257,11 +1257,7 @@ mod tests {
     #[test]
     fn a_mirror_samples_its_share() {
         let m = |numerator, denominator| Mirror {
-            backend: compile_backend(
-                &pb::Backend::default(),
-                &Arc::default(),
-                &mut Vec::new(),
-            ),
+            backend: compile_backend(&pb::Backend::default(), &Arc::default(), &mut Vec::new()),
             numerator,
             denominator,
             counters: OnceLock::new(),
