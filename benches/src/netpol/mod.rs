@@ -143,7 +143,7 @@ fn preflight() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
-            "weft-bench netpol needs root (network namespaces, eBPF, bpffs pins): run it with \
+            "netpol needs root (network namespaces, eBPF, bpffs pins): run it with \
              sudo"
         );
     }

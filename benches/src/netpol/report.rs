@@ -191,7 +191,7 @@ pub fn markdown(name: &str, s: &Setup, f: &Figures, v: &Verdicts) -> String {
     let _ = writeln!(
         md,
         "Measured {} on {} CPUs ({}, Linux {}); a shared 2-vCPU VM where other engineers' \
-         builds may run. {}",
+         builds may run.{}",
         s.date_utc,
         s.cpus,
         s.cpu_model,
@@ -199,7 +199,7 @@ pub fn markdown(name: &str, s: &Setup, f: &Figures, v: &Verdicts) -> String {
         if s.release_build {
             ""
         } else {
-            "**Debug build: not comparable.**"
+            " **Debug build: not comparable.**"
         }
     );
     let _ = writeln!(
