@@ -156,6 +156,12 @@ impl PolicyMaps for FakeDataplane {
     ) -> Result<(), dp::Error> {
         self.maps.set_endpoint(ifindex, ep_id, flags)
     }
+    fn set_endpoint_addrs(&mut self, ifindex: u32, addrs: &[IpAddr]) -> Result<(), dp::Error> {
+        self.maps.set_endpoint_addrs(ifindex, addrs)
+    }
+    fn endpoint_addrs(&self) -> Result<BTreeMap<u32, Vec<IpAddr>>, dp::Error> {
+        self.maps.endpoint_addrs()
+    }
     fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), dp::Error> {
         self.maps.remove_endpoint(ifindex)
     }
@@ -176,6 +182,9 @@ impl PolicyMaps for FakeDataplane {
     }
     fn drops(&self) -> Result<BTreeMap<(u32, dp::Direction), u64>, dp::Error> {
         self.maps.drops()
+    }
+    fn source_drops(&self) -> Result<BTreeMap<u32, u64>, dp::Error> {
+        self.maps.source_drops()
     }
     fn flow_lost(&self) -> Result<u64, dp::Error> {
         self.maps.flow_lost()

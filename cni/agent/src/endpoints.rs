@@ -201,8 +201,21 @@ impl<D: Dataplane> Core<D> {
                 self.remove_from_datapath("(unregistered)", ifindex)?;
             }
         }
+        if let Ok(addrs) = self.dp.endpoint_addrs() {
+            for ifindex in addrs.keys().filter(|i| !known.contains(i)) {
+                tracing::info!(ifindex, "removing addresses no registration owns");
+                self.remove_from_datapath("(unregistered)", *ifindex)?;
+            }
+        }
         let records: Vec<Record> = self.state.endpoints.values().cloned().collect();
         for r in records {
+            // Endpoints registered by an agent that did not record addresses get them now
+            // (and a restart heals a lost map).
+            if let Err(source) = self.dp.set_endpoint_addrs(r.host_ifindex, &r.ips) {
+                tracing::warn!(pod = %r.display_name(), error = %source,
+                    "recording an endpoint's addresses after restart failed; its source \
+                     addresses stay as they were");
+            }
             if let Err(source) = self.dp.attach(r.host_ifindex) {
                 tracing::warn!(pod = %r.display_name(), error = %source,
                     "re-attaching an endpoint after restart failed; its old programs keep enforcing");
@@ -321,7 +334,15 @@ impl<D: Dataplane> Core<D> {
         let desired = policy::desired(&world, &record.local(), &ids, &self.node_ips)?;
         let name = record.display_name();
         let result = self
-            .write(record.host_ifindex, ep_id, &desired, &name)
+            .dp
+            .set_endpoint_addrs(record.host_ifindex, &record.ips)
+            .map_err(|source| EndpointsError::Write {
+                pod: name.clone(),
+                ep_id,
+                ifindex: record.host_ifindex,
+                source: Box::new(source),
+            })
+            .and_then(|()| self.write(record.host_ifindex, ep_id, &desired, &name))
             .and_then(|()| {
                 self.dp
                     .attach(record.host_ifindex)
@@ -556,10 +577,13 @@ impl<D: Dataplane> Core<D> {
     pub fn observe_metrics(&self) {
         let counters = self.dp.counters().unwrap_or_default();
         let drops = self.dp.drops().unwrap_or_default();
+        let source_drops = self.dp.source_drops().unwrap_or_default();
         let lost = self.dp.flow_lost().unwrap_or(0);
         let names = self.names.read().map(|n| n.clone()).unwrap_or_default();
         self.metrics
             .observe(&counters, &drops, lost, &names.policies, &names.endpoints);
+        self.metrics
+            .observe_source_drops(&source_drops, &names.endpoints);
     }
 }
 

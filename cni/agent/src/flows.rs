@@ -83,7 +83,9 @@ pub fn enrich(ev: &FlowEvent, names: &Names) -> FlowRecord {
         }
     };
     let ep = names.endpoints.get(&ev.ep_id);
+    // A spoofed source is dropped whatever the policies say: none of them is to read.
     let isolated_by = ep
+        .filter(|_| ev.reason != Reason::SpoofedSource)
         .map(|e| match ev.direction {
             Direction::Ingress => e.ingress_by.clone(),
             Direction::Egress => e.egress_by.clone(),
@@ -138,6 +140,7 @@ fn reason_text(r: Reason) -> String {
         Reason::NoPeer => "no rule allows the peer".into(),
         Reason::NoPort => "no rule allows the port".into(),
         Reason::Unparseable => "unparseable headers".into(),
+        Reason::SpoofedSource => "spoofed source address".into(),
         Reason::Unknown(n) => format!("reason {n}"),
     }
 }
@@ -280,6 +283,10 @@ mod tests {
         let line = serde_json::to_string(&r).expect("json");
         let back: FlowRecord = serde_json::from_str(&line).expect("parse");
         assert_eq!(back, r);
+        ev.reason = Reason::SpoofedSource;
+        let r = enrich(&ev, &names);
+        assert_eq!(r.reason, "spoofed source address");
+        assert!(r.isolated_by.is_empty(), "no policy to read: {r:?}");
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         assert_eq!(
             rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),

@@ -30,6 +30,12 @@ pub struct PodLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodLabel {
+    pub namespace: String,
+    pub pod: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: String,
 }
@@ -47,6 +53,7 @@ pub struct EndpointNames {
 struct Seen {
     counters: BTreeMap<u32, u64>,
     drops: BTreeMap<(u32, Direction), u64>,
+    source_drops: BTreeMap<u32, u64>,
     flow_lost: u64,
 }
 
@@ -56,6 +63,7 @@ pub struct Metrics {
     pub policy_allowed: Family<PolicyLabel, Counter>,
     pub denied: Family<PodLabels, Counter>,
     pub policy_denied: Family<PolicyLabel, Counter>,
+    pub spoofed: Family<PodLabel, Counter>,
     pub endpoints: Gauge,
     pub policy_updates: Counter,
     pub policy_errors: Counter,
@@ -89,6 +97,7 @@ impl Metrics {
             policy_allowed: Family::default(),
             denied: Family::default(),
             policy_denied: Family::default(),
+            spoofed: Family::default(),
             endpoints: Gauge::default(),
             policy_updates: Counter::default(),
             policy_errors: Counter::default(),
@@ -115,6 +124,11 @@ impl Metrics {
              direction (a denial has no single deciding policy, so one drop counts once per \
              isolating policy)",
             m.policy_denied.clone(),
+        );
+        registry.register(
+            "spoofed_source_drops",
+            "Packets a local pod sent from an address that is not its own, dropped",
+            m.spoofed.clone(),
         );
         registry.register(
             "endpoints",
@@ -210,6 +224,32 @@ impl Metrics {
         }
     }
 
+    /// Adds what the datapath's spoofed-source drops (per endpoint id) moved since the last
+    /// call.
+    pub fn observe_source_drops(
+        &self,
+        drops: &BTreeMap<u32, u64>,
+        endpoints: &HashMap<u32, EndpointNames>,
+    ) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        for (ep_id, n) in drops {
+            let last = seen.source_drops.insert(*ep_id, *n).unwrap_or(0);
+            let delta = delta(last, *n);
+            let Some(ep) = endpoints.get(ep_id) else {
+                continue;
+            };
+            if delta > 0 {
+                self.spoofed
+                    .get_or_create(&PodLabel {
+                        namespace: ep.namespace.clone(),
+                        pod: ep.pod.clone(),
+                    })
+                    .inc_by(delta);
+            }
+        }
+        seen.source_drops.retain(|k, _| drops.contains_key(k));
+    }
+
     pub fn lost(&self, reason: &str, n: u64) {
         self.flow_events_lost
             .get_or_create(&ReasonLabel {
@@ -236,6 +276,10 @@ impl Metrics {
                 direction: direction.to_string(),
             });
         }
+        self.spoofed.remove(&PodLabel {
+            namespace: namespace.to_string(),
+            pod: pod.to_string(),
+        });
     }
 
     /// The OpenMetrics text (ends with `# EOF`).
@@ -288,8 +332,11 @@ mod tests {
         let drops = |n| [((9, Direction::Ingress), n)].into();
         m.observe(&counters(2), &drops(1), 0, &names, &eps);
         m.observe(&counters(5), &drops(4), 3, &names, &eps);
+        m.observe_source_drops(&[(9, 2)].into(), &eps);
+        m.observe_source_drops(&[(9, 7)].into(), &eps);
         let text = m.encode();
         for want in [
+            "weft_cni_spoofed_source_drops_total{namespace=\"a\",pod=\"p\"} 7",
             "weft_cni_policy_allowed_connections_total{policy=\"a/web\"} 5",
             "weft_cni_denied_connections_total{namespace=\"a\",pod=\"p\",direction=\"ingress\"} 4",
             "weft_cni_policy_denied_connections_total{policy=\"a/web\"} 4",

@@ -45,6 +45,11 @@
 #define WEFT_CT_MAX 131072
 #define WEFT_COUNTERS_MAX 16384
 #define WEFT_DROPS_MAX 32768
+#define WEFT_ENDPOINT_ADDRS_MAX WEFT_ENDPOINTS_MAX
+#define WEFT_SOURCE_DROPS_MAX WEFT_ENDPOINTS_MAX
+
+/* Addresses recorded per family and endpoint (weft_endpoint_addrs). */
+#define WEFT_EP_MAX_ADDRS 4
 #define WEFT_FLOWS_RINGBUF_BYTES (256 * 1024)
 
 /* Flow event verdicts. */
@@ -57,6 +62,7 @@
 #define WEFT_REASON_NO_PEER 2       /* no policy entry covers the peer address */
 #define WEFT_REASON_NO_PORT 3       /* the peer's entry has no range with this port */
 #define WEFT_REASON_UNPARSEABLE 4   /* headers could not be parsed (fail safe: deny) */
+#define WEFT_REASON_SPOOFED_SOURCE 5 /* from_pod: the source is not the endpoint's address */
 
 /* Conntrack value flags. */
 #define WEFT_CT_FIN_ORIG 1u  /* FIN seen from the connection's originator */
@@ -67,6 +73,21 @@
 struct weft_endpoint {
 	__u32 ep_id;
 	__u32 flags; /* WEFT_EP_*_ISOLATED */
+};
+
+/*
+ * weft_endpoint_addrs: key = host-veth ifindex (__u32), like weft_endpoints.
+ * The endpoint's own addresses: from_pod drops IPv4/IPv6 packets whose source
+ * is none of them (IPv6 link-local and :: excepted). No entry: not checked.
+ * A separate map (not inside weft_endpoint) so that adding it did not change
+ * weft_endpoints' layout: pinned maps of an older build keep their contents.
+ */
+struct weft_endpoint_addrs {
+	__u8 count4; /* addr4[0..count4] are valid, <= WEFT_EP_MAX_ADDRS */
+	__u8 count6; /* addr6[0..count6] are valid, <= WEFT_EP_MAX_ADDRS */
+	__u8 pad[2];
+	__u8 addr4[WEFT_EP_MAX_ADDRS][4];
+	__u8 addr6[WEFT_EP_MAX_ADDRS][16];
 };
 
 /* weft_policy4: LPM trie, prefixlen = WEFT_POLICY_FIXED_PREFIX + CIDR length. */
@@ -144,6 +165,11 @@ struct weft_drop_key {
 	__u8 direction;
 	__u8 pad[3];
 };
+
+/*
+ * weft_source_drops: per-CPU hash, key = ep_id (__u32), value = packets from_pod
+ * dropped because their source was not the endpoint's (__u64).
+ */
 
 /* weft_flows: ring buffer of these, one per new-connection decision. */
 struct weft_flow_event {

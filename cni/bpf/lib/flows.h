@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * What the agent observes: per-policy counters (weft_counters), denied new
- * connections per endpoint and direction (weft_drops), and one flow event per
- * new-connection decision (weft_flows; weft_flow_lost counts the events that
+ * connections per endpoint and direction (weft_drops), packets dropped for a
+ * spoofed source per endpoint (weft_source_drops), and one flow event per
+ * new-connection decision or spoofed packet (weft_flows; weft_flow_lost counts the events that
  * found the ring full).
  */
 #ifndef WEFT_LIB_FLOWS_H
@@ -58,6 +59,24 @@ static __always_inline void weft_count_denied(__u32 ep_id, __u8 dir)
 	if (bpf_map_update_elem(&weft_drops, &k, &one, BPF_NOEXIST) == 0)
 		return;
 	n = bpf_map_lookup_elem(&weft_drops, &k);
+	if (n)
+		(*n)++;
+}
+
+/* One packet of ep_id dropped for a source address that is not the endpoint's. */
+static __always_inline void weft_count_spoofed(__u32 ep_id)
+{
+	__u64 one = 1;
+	__u64 *n;
+
+	n = bpf_map_lookup_elem(&weft_source_drops, &ep_id);
+	if (n) {
+		(*n)++;
+		return;
+	}
+	if (bpf_map_update_elem(&weft_source_drops, &ep_id, &one, BPF_NOEXIST) == 0)
+		return;
+	n = bpf_map_lookup_elem(&weft_source_drops, &ep_id);
 	if (n)
 		(*n)++;
 }

@@ -2,6 +2,7 @@
 /*
  * The check point on a pod's host-side veth, top to bottom:
  *   endpoint lookup (unmanaged interface: pass)
+ *   → from_pod: source address check (not the endpoint's: drop, see source.h)
  *   → parse (non-IP, IPv6 ND/MLD, non-first fragments: pass; unparseable:
  *     deny when the direction is isolated)
  *   → conntrack (established or reply: pass; ICMP error about a tracked
@@ -22,6 +23,7 @@
 #include "policy.h"
 #include "conntrack.h"
 #include "flows.h"
+#include "source.h"
 
 /*
  * Allowed packets go on to whatever runs after us (TC_ACT_UNSPEC is tcx's
@@ -74,6 +76,17 @@ static __always_inline int weft_lxc_handle(struct __sk_buff *skb, __u8 dir)
 		   (dir == WEFT_DIR_INGRESS ? WEFT_EP_INGRESS_ISOLATED : WEFT_EP_EGRESS_ISOLATED);
 
 	parsed = weft_parse(skb, &pkt);
+	/*
+	 * Every IP packet the pod sends, whatever the parse found beyond the IP
+	 * header (ND, fragments, bad L4 too), before conntrack: a forged tuple
+	 * never gets an entry. family == 0: not IP, or no IP header to read.
+	 */
+	if (dir == WEFT_DIR_EGRESS && pkt.family && !weft_src_allowed(ifindex, &pkt)) {
+		d.reason = WEFT_REASON_SPOOFED_SOURCE;
+		weft_count_spoofed(ep_id);
+		weft_flow_emit(ep_id, dir, &pkt, &d, bpf_ktime_get_boot_ns());
+		return WEFT_DROP;
+	}
 	if (parsed == WEFT_PARSE_PASS)
 		return WEFT_PASS;
 	now = bpf_ktime_get_boot_ns();

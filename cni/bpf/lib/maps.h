@@ -21,6 +21,14 @@ struct {
 } weft_endpoints SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32); /* host-veth ifindex */
+	__type(value, struct weft_endpoint_addrs);
+	__uint(max_entries, WEFT_ENDPOINT_ADDRS_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_endpoint_addrs SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__type(key, struct weft_policy4_key);
 	__type(value, struct weft_policy_value);
@@ -61,6 +69,14 @@ struct {
 	__uint(max_entries, WEFT_DROPS_MAX);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_drops SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__type(key, __u32); /* ep_id */
+	__type(value, __u64); /* packets dropped for a spoofed source */
+	__uint(max_entries, WEFT_SOURCE_DROPS_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_source_drops SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);

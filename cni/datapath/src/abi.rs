@@ -24,6 +24,10 @@ pub const REASON_POLICY: u8 = 1;
 pub const REASON_NO_PEER: u8 = 2;
 pub const REASON_NO_PORT: u8 = 3;
 pub const REASON_UNPARSEABLE: u8 = 4;
+pub const REASON_SPOOFED_SOURCE: u8 = 5;
+
+/// Addresses per family `weft_endpoint_addrs` holds for one endpoint.
+pub const EP_MAX_ADDRS: usize = 4;
 
 pub const CT_FIN_ORIG: u32 = 1;
 pub const CT_FIN_REPLY: u32 = 2;
@@ -32,16 +36,27 @@ pub const CT_RST: u32 = 4;
 /// Map names (and pin file names under the pin directory).
 pub mod map {
     pub const ENDPOINTS: &str = "weft_endpoints";
+    pub const ENDPOINT_ADDRS: &str = "weft_endpoint_addrs";
     pub const POLICY4: &str = "weft_policy4";
     pub const POLICY6: &str = "weft_policy6";
     pub const CT: &str = "weft_ct";
     pub const COUNTERS: &str = "weft_counters";
     pub const DROPS: &str = "weft_drops";
+    pub const SOURCE_DROPS: &str = "weft_source_drops";
     pub const FLOWS: &str = "weft_flows";
     pub const FLOW_LOST: &str = "weft_flow_lost";
     /// Every map of the object.
-    pub const ALL: [&str; 8] = [
-        ENDPOINTS, POLICY4, POLICY6, CT, COUNTERS, DROPS, FLOWS, FLOW_LOST,
+    pub const ALL: [&str; 10] = [
+        ENDPOINTS,
+        ENDPOINT_ADDRS,
+        POLICY4,
+        POLICY6,
+        CT,
+        COUNTERS,
+        DROPS,
+        SOURCE_DROPS,
+        FLOWS,
+        FLOW_LOST,
     ];
 }
 
@@ -51,6 +66,18 @@ pub mod map {
 pub struct EndpointValue {
     pub ep_id: u32,
     pub flags: u32,
+}
+
+/// Value of `weft_endpoint_addrs` (key: host-veth ifindex, `u32`): the endpoint's own
+/// addresses, the only sources `from_pod` lets through (besides IPv6 link-local and `::`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointAddrsValue {
+    pub count4: u8,
+    pub count6: u8,
+    pub pad: [u8; 2],
+    pub addr4: [[u8; 4]; EP_MAX_ADDRS],
+    pub addr6: [[u8; 16]; EP_MAX_ADDRS],
 }
 
 /// Key of `weft_policy4` without its leading `prefixlen` (aya's `lpm_trie::Key` adds it).
@@ -188,6 +215,7 @@ pub struct FlowEventRaw {
 // SAFETY: all of these are #[repr(C)] plain integers and arrays, padding-free (checked by the
 // layout test), valid for any bit pattern.
 unsafe impl aya::Pod for EndpointValue {}
+unsafe impl aya::Pod for EndpointAddrsValue {}
 unsafe impl aya::Pod for Policy4KeyData {}
 unsafe impl aya::Pod for Policy6KeyData {}
 unsafe impl aya::Pod for PolicyValue {}

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
@@ -14,11 +15,13 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::EbpfLoader;
 
 use crate::abi::{
-    self, CtKey, CtValue, DropKey, EndpointValue, Policy4KeyData, Policy6KeyData,
-    PolicyCountersValue, PolicyValue,
+    self, CtKey, CtValue, DropKey, EndpointAddrsValue, EndpointValue, Policy4KeyData,
+    Policy6KeyData, PolicyCountersValue, PolicyValue,
 };
 use crate::error::{cause, cause_msg};
-use crate::maps::{Endpoint, EndpointFlags, PolicyCounters, PolicyMaps};
+use crate::maps::{
+    decode_addrs, encode_addrs, Endpoint, EndpointFlags, PolicyCounters, PolicyMaps,
+};
 use crate::policy::{encode_all, PolicyKey};
 use crate::{pins, sys, Direction, Entry, Error, FlowReader, OBJECT, OBJECT_HASH};
 
@@ -83,11 +86,13 @@ pub struct Datapath {
     from_pod: SchedClassifier,
     to_pod: SchedClassifier,
     endpoints: HashMap<MapData, u32, EndpointValue>,
+    endpoint_addrs: HashMap<MapData, u32, EndpointAddrsValue>,
     policy4: LpmTrie<MapData, Policy4KeyData, PolicyValue>,
     policy6: LpmTrie<MapData, Policy6KeyData, PolicyValue>,
     ct: HashMap<MapData, CtKey, CtValue>,
     counters: PerCpuHashMap<MapData, u32, PolicyCountersValue>,
     drops: PerCpuHashMap<MapData, DropKey, u64>,
+    source_drops: PerCpuHashMap<MapData, u32, u64>,
     flow_lost: PerCpuArray<MapData, u64>,
     /// What this writer believes each endpoint's policy is (key → value).
     installed: Option<Installed>,
@@ -136,11 +141,13 @@ impl Datapath {
 
         Ok(Datapath {
             endpoints: typed(&pin_dir, abi::map::ENDPOINTS)?,
+            endpoint_addrs: typed(&pin_dir, abi::map::ENDPOINT_ADDRS)?,
             policy4: typed(&pin_dir, abi::map::POLICY4)?,
             policy6: typed(&pin_dir, abi::map::POLICY6)?,
             ct: typed(&pin_dir, abi::map::CT)?,
             counters: typed(&pin_dir, abi::map::COUNTERS)?,
             drops: typed(&pin_dir, abi::map::DROPS)?,
+            source_drops: typed(&pin_dir, abi::map::SOURCE_DROPS)?,
             flow_lost: typed(&pin_dir, abi::map::FLOW_LOST)?,
             from_pod,
             to_pod,
@@ -413,7 +420,48 @@ impl Datapath {
         }
     }
 
+    fn remove_endpoint_addrs(&mut self, ifindex: u32) -> Result<(), Error> {
+        match self.endpoint_addrs.remove(&ifindex) {
+            Err(e) if !is_not_found(&e) => Err(self.map_error(
+                abi::map::ENDPOINT_ADDRS,
+                format!("removing the addresses of ifindex {ifindex}"),
+            )(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Entries keyed by endpoint id in the per-endpoint counter maps (`weft_drops`,
+    /// `weft_source_drops`): what a removed endpoint must not leave behind.
+    pub fn counter_entry_count(&self, ep_id: u32) -> Result<usize, Error> {
+        let mut n = 0;
+        for k in self.drops.keys() {
+            match k {
+                Ok(k) if k.ep_id == ep_id => n += 1,
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(self.map_error(abi::map::DROPS, "listing keys")(e)),
+            }
+        }
+        for k in self.source_drops.keys() {
+            match k {
+                Ok(k) if k == ep_id => n += 1,
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(self.map_error(abi::map::SOURCE_DROPS, "listing keys")(e)),
+            }
+        }
+        Ok(n)
+    }
+
     fn remove_drops(&mut self, ep_id: u32) -> Result<(), Error> {
+        if let Err(e) = self.source_drops.remove(&ep_id) {
+            if !is_not_found(&e) {
+                return Err(self.map_error(
+                    abi::map::SOURCE_DROPS,
+                    format!("deleting the counter of endpoint {ep_id}"),
+                )(e));
+            }
+        }
         for direction in [abi::DIR_INGRESS, abi::DIR_EGRESS] {
             let key = DropKey {
                 ep_id,
@@ -451,7 +499,40 @@ impl PolicyMaps for Datapath {
         self.endpoints.insert(ifindex, value, 0).map_err(err)
     }
 
+    fn set_endpoint_addrs(&mut self, ifindex: u32, addrs: &[IpAddr]) -> Result<(), Error> {
+        match encode_addrs(ifindex, addrs)? {
+            // One update replaces the whole set: a lookup sees the old or the new one.
+            Some(value) => {
+                let err = self.map_error(
+                    abi::map::ENDPOINT_ADDRS,
+                    format!("setting the addresses of ifindex {ifindex}"),
+                );
+                self.endpoint_addrs.insert(ifindex, value, 0).map_err(err)
+            }
+            None => self.remove_endpoint_addrs(ifindex),
+        }
+    }
+
+    fn endpoint_addrs(&self) -> Result<BTreeMap<u32, Vec<IpAddr>>, Error> {
+        let mut out = BTreeMap::new();
+        for item in self.endpoint_addrs.iter() {
+            match item {
+                Ok((ifindex, v)) => {
+                    out.insert(ifindex, decode_addrs(&v));
+                }
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    return Err(self.map_error(abi::map::ENDPOINT_ADDRS, "reading entries")(
+                        e,
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), Error> {
+        self.remove_endpoint_addrs(ifindex)?;
         let ep_id = match self.endpoints.get(&ifindex, 0) {
             Ok(v) => v.ep_id,
             Err(e) if is_not_found(&e) => return Ok(()),
@@ -604,6 +685,20 @@ impl PolicyMaps for Datapath {
                 }
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(self.map_error(abi::map::DROPS, "reading entries")(e)),
+            }
+        }
+        Ok(out)
+    }
+
+    fn source_drops(&self) -> Result<BTreeMap<u32, u64>, Error> {
+        let mut out = BTreeMap::new();
+        for item in self.source_drops.iter() {
+            match item {
+                Ok((ep_id, per_cpu)) => {
+                    out.insert(ep_id, per_cpu.iter().sum());
+                }
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(self.map_error(abi::map::SOURCE_DROPS, "reading entries")(e)),
             }
         }
         Ok(out)

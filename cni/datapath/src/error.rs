@@ -73,6 +73,17 @@ pub enum Error {
         reason: String,
     },
 
+    #[error(
+        "addresses of ifindex {ifindex}: {count} IPv{family} addresses, the datapath holds at \
+         most {max} per family"
+    )]
+    TooManyAddresses {
+        ifindex: u32,
+        family: u8,
+        count: usize,
+        max: usize,
+    },
+
     #[error("flow reader on {}: {}", .path.display(), Chain(.cause))]
     Flows { path: PathBuf, cause: Cause },
 }

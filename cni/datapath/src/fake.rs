@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use crate::maps::{Endpoint, EndpointFlags, PolicyCounters, PolicyMaps};
+use crate::maps::{
+    decode_addrs, encode_addrs, source_allowed, Endpoint, EndpointFlags, PolicyCounters, PolicyMaps,
+};
 use crate::policy::{encode_all, evaluate, Decision};
 use crate::{Direction, Entry, Error};
 
@@ -14,9 +16,11 @@ use crate::{Direction, Entry, Error};
 pub struct FakeMaps {
     endpoints: BTreeMap<u32, Endpoint>,
     policies: BTreeMap<u32, Vec<Entry>>,
+    addrs: BTreeMap<u32, Vec<IpAddr>>,
     /// Counters and drops a test wants the fake to report.
     pub counters: BTreeMap<u32, PolicyCounters>,
     pub drops: BTreeMap<(u32, Direction), u64>,
+    pub source_drops: BTreeMap<u32, u64>,
     pub flow_lost: u64,
     /// How many replace_policy calls were made (for tests of change batching).
     pub replace_calls: usize,
@@ -59,6 +63,18 @@ impl FakeMaps {
     }
 }
 
+impl FakeMaps {
+    /// Would `from_pod` on interface `ifindex` let a packet with source `src` through
+    /// ([`source_allowed`])? `None` when the interface is not managed.
+    pub fn source_allowed(&self, ifindex: u32, src: IpAddr) -> Option<bool> {
+        self.endpoints.get(&ifindex)?;
+        Some(source_allowed(
+            self.addrs.get(&ifindex).map(Vec::as_slice),
+            src,
+        ))
+    }
+}
+
 impl PolicyMaps for FakeMaps {
     fn set_endpoint(
         &mut self,
@@ -70,11 +86,26 @@ impl PolicyMaps for FakeMaps {
         Ok(())
     }
 
+    fn set_endpoint_addrs(&mut self, ifindex: u32, addrs: &[IpAddr]) -> Result<(), Error> {
+        // Validated and normalised exactly as the real writer does.
+        match encode_addrs(ifindex, addrs)? {
+            Some(v) => self.addrs.insert(ifindex, decode_addrs(&v)),
+            None => self.addrs.remove(&ifindex),
+        };
+        Ok(())
+    }
+
+    fn endpoint_addrs(&self) -> Result<BTreeMap<u32, Vec<IpAddr>>, Error> {
+        Ok(self.addrs.clone())
+    }
+
     fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), Error> {
+        self.addrs.remove(&ifindex);
         if let Some(ep) = self.endpoints.remove(&ifindex) {
             if !self.endpoints.values().any(|e| e.ep_id == ep.ep_id) {
                 self.policies.remove(&ep.ep_id);
                 self.drops.retain(|(id, _), _| *id != ep.ep_id);
+                self.source_drops.remove(&ep.ep_id);
             }
         }
         Ok(())
@@ -110,6 +141,10 @@ impl PolicyMaps for FakeMaps {
 
     fn drops(&self) -> Result<BTreeMap<(u32, Direction), u64>, Error> {
         Ok(self.drops.clone())
+    }
+
+    fn source_drops(&self) -> Result<BTreeMap<u32, u64>, Error> {
+        Ok(self.source_drops.clone())
     }
 
     fn flow_lost(&self) -> Result<u64, Error> {
@@ -154,8 +189,15 @@ mod tests {
         assert_eq!(d.verdict, Verdict::Allowed, "egress not isolated");
         assert!(maps.decide(8, Direction::Ingress, 6, peer, 80).is_none());
 
+        let own: IpAddr = "10.1.0.7".parse().expect("addr");
+        assert_eq!(maps.source_allowed(7, peer), Some(true), "nothing recorded");
+        maps.set_endpoint_addrs(7, &[own]).expect("addrs");
+        assert_eq!(maps.source_allowed(7, peer), Some(false));
+        assert_eq!(maps.source_allowed(7, own), Some(true));
+
         maps.remove_endpoint(7).expect("remove");
         assert_eq!(maps.policy_entry_count(), 0);
+        assert!(maps.endpoint_addrs().expect("addrs").is_empty());
         maps.remove_endpoint(7).expect("idempotent");
     }
 }

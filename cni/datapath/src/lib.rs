@@ -38,7 +38,7 @@ pub use datapath::{Datapath, PROG_FROM_POD, PROG_TO_POD};
 pub use error::{Cause, Error};
 pub use fake::FakeMaps;
 pub use flows::{FlowEvent, FlowReader};
-pub use maps::{Endpoint, EndpointFlags, PolicyCounters, PolicyMaps};
+pub use maps::{source_allowed, Endpoint, EndpointFlags, PolicyCounters, PolicyMaps};
 pub use pins::{unpin_all, DEFAULT_PIN_DIR};
 pub use policy::{
     evaluate, Decision, Direction, Entry, PolicyKey, PortRange, Protocol, Reason, Verdict,

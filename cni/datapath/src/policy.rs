@@ -304,6 +304,9 @@ pub enum Reason {
     NoPort,
     /// The headers could not be parsed; denied because the direction is isolated.
     Unparseable,
+    /// `from_pod`: the source address is not one of the endpoint's; dropped whatever the
+    /// policy (policy 0).
+    SpoofedSource,
     /// A reason code this build does not know.
     Unknown(u8),
 }
@@ -316,6 +319,7 @@ impl Reason {
             abi::REASON_NO_PEER => Reason::NoPeer,
             abi::REASON_NO_PORT => Reason::NoPort,
             abi::REASON_UNPARSEABLE => Reason::Unparseable,
+            abi::REASON_SPOOFED_SOURCE => Reason::SpoofedSource,
             other => Reason::Unknown(other),
         }
     }
@@ -329,6 +333,7 @@ impl fmt::Display for Reason {
             Reason::NoPeer => f.write_str("no rule for the peer"),
             Reason::NoPort => f.write_str("no rule for the port"),
             Reason::Unparseable => f.write_str("unparseable headers"),
+            Reason::SpoofedSource => f.write_str("spoofed source"),
             Reason::Unknown(v) => write!(f, "reason {v}"),
         }
     }

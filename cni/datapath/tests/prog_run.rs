@@ -498,3 +498,171 @@ fn crafted_packets_get_the_documented_verdicts() -> Result<()> {
     );
     Ok(())
 }
+
+/// from_pod drops what the pod sends from an address that is not its own (Cilium's "invalid
+/// source ip"), before conntrack; IPv6 link-local and `::` sources pass (ND, MLD, DAD);
+/// an endpoint with no recorded addresses is not checked.
+#[test]
+fn spoofed_sources_are_dropped_leaving_the_pod() -> Result<()> {
+    if !support::require_root("spoofed_sources_are_dropped_leaving_the_pod")? {
+        return Ok(());
+    }
+    let node = Node::new("progrun-spoof", 1)?;
+    let pod = node.pod(0).clone();
+    let mut dp = Datapath::open(&node.pin_dir)?;
+    // Nothing isolated: every drop below is the source check's.
+    dp.set_endpoint(pod.ifindex, EP, EndpointFlags::NONE)?;
+    let (pod6, other6) = (v6("fd00::2"), v6("fd00::9"));
+    dp.set_endpoint_addrs(
+        pod.ifindex,
+        &[Ipv4Addr::from(POD4).into(), Ipv6Addr::from(pod6).into()],
+    )?;
+    let progs_dir = node.pin_dir.join("progs").join(OBJECT_HASH);
+    let progs = Progs {
+        from_pod: SchedClassifier::from_pin(progs_dir.join("from_pod"))?,
+        to_pod: SchedClassifier::from_pin(progs_dir.join("to_pod"))?,
+        ifindex: pod.ifindex,
+    };
+    let udp4 = |src| ipv4(17, src, PEER4, 0, &ports(5000, 53, 4));
+    let udp6 = |src| ipv6(17, src, v6("fd00::1"), &[], &ports(5000, 53, 4));
+    let ns = |src, dst| ipv6(58, src, dst, &[], &icmp(135, 0, 0, &[0; 16]));
+    let mut arp = eth(0x0806);
+    arp.extend_from_slice(&[0; 28]);
+
+    use Direction::{Egress, Ingress};
+    let cases: Vec<(&str, Direction, Vec<u8>, u32)> = vec![
+        ("UDP from the pod's address", Egress, udp4(POD4), PASS),
+        ("UDP from another pod's address", Egress, udp4(OTHER4), DROP),
+        ("UDP from 0.0.0.0", Egress, udp4([0; 4]), DROP),
+        (
+            "TCP SYN from a forged address",
+            Egress,
+            ipv4(6, OTHER4, SERVICE4, 0, &tcp(1000, 443, SYN)),
+            DROP,
+        ),
+        (
+            "a non-first fragment from a forged address",
+            Egress,
+            ipv4(17, OTHER4, PEER4, 185, &[0; 8]),
+            DROP,
+        ),
+        (
+            "a non-first fragment from the pod",
+            Egress,
+            ipv4(17, POD4, PEER4, 185, &[0; 8]),
+            PASS,
+        ),
+        ("IPv6 UDP from the pod's address", Egress, udp6(pod6), PASS),
+        ("IPv6 UDP from another address", Egress, udp6(other6), DROP),
+        (
+            "IPv6 UDP from a link-local address",
+            Egress,
+            ipv6(17, v6("fe80::2"), v6("fe80::1"), &[], &ports(5000, 53, 4)),
+            PASS,
+        ),
+        (
+            "neighbour solicitation from link-local",
+            Egress,
+            ns(v6("fe80::2"), v6("ff02::1:ff00:1")),
+            PASS,
+        ),
+        (
+            "duplicate address detection from ::",
+            Egress,
+            ns(v6("::"), v6("ff02::1:ff00:2")),
+            PASS,
+        ),
+        (
+            "neighbour solicitation from a forged global address",
+            Egress,
+            ns(other6, v6("ff02::1:ff00:1")),
+            DROP,
+        ),
+        ("ARP", Egress, arp, PASS),
+        (
+            "into the pod from any source (ingress is not source-checked)",
+            Ingress,
+            ipv4(17, OTHER4, POD4, 0, &ports(53, 5000, 4)),
+            PASS,
+        ),
+    ];
+    let drops_wanted = cases.iter().filter(|c| c.3 == DROP).count() as u64;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let _rt = rt.enter();
+    let mut flows = dp.flows()?;
+    let mut failures = Vec::new();
+    node.run(|| -> Result<()> {
+        for (what, direction, packet, want) in &cases {
+            let got = progs
+                .run(*direction, packet)
+                .with_context(|| what.to_string())?;
+            if got != *want {
+                failures.push(format!(
+                    "{what}: {} (want {})",
+                    verdict(got),
+                    verdict(*want)
+                ));
+            }
+        }
+        Ok(())
+    })??;
+    ensure!(
+        failures.is_empty(),
+        "wrong verdicts:\n  {}",
+        failures.join("\n  ")
+    );
+
+    // Counted per endpoint, not as policy denials; one flow event each.
+    let source_drops = dp.source_drops()?;
+    ensure!(
+        source_drops.get(&EP) == Some(&drops_wanted),
+        "source drops {source_drops:?}, want {drops_wanted}"
+    );
+    ensure!(dp.drops()?.is_empty(), "policy drops {:?}", dp.drops()?);
+    let mut spoofed = Vec::new();
+    while let Some(ev) = flows.try_next() {
+        if ev.reason == weft_datapath::Reason::SpoofedSource {
+            spoofed.push(ev);
+        }
+    }
+    ensure!(
+        spoofed.len() as u64 == drops_wanted
+            && spoofed.iter().all(|e| e.ep_id == EP
+                && e.direction == Egress
+                && e.verdict == weft_datapath::Verdict::Denied
+                && e.policy == 0),
+        "spoofed-source flow events: {spoofed:?}"
+    );
+    ensure!(
+        spoofed
+            .iter()
+            .any(|e| e.src == std::net::IpAddr::from(OTHER4) && e.dport == 53),
+        "the forged UDP's event names its source: {spoofed:?}"
+    );
+    // No conntrack entry under a forged tuple (the ingress case above has one, rightly).
+    let forged: Vec<_> = dp
+        .conntrack(EP)?
+        .into_iter()
+        .filter(|(k, _)| k.direction == 1 && (k.saddr[..4] == OTHER4 || k.saddr == other6))
+        .collect();
+    ensure!(
+        forged.is_empty(),
+        "conntrack under a forged source: {forged:?}"
+    );
+
+    // No addresses recorded (an endpoint from before the upgrade): not checked.
+    dp.set_endpoint_addrs(pod.ifindex, &[])?;
+    ensure!(dp.endpoint_addrs()?.is_empty());
+    let got = node.run(|| progs.run(Egress, &udp4(OTHER4)))??;
+    ensure!(got == PASS, "unchecked endpoint: {}", verdict(got));
+
+    // Removing the endpoint removes its addresses and its counter.
+    dp.set_endpoint_addrs(pod.ifindex, &[Ipv4Addr::from(POD4).into()])?;
+    dp.remove_endpoint(pod.ifindex)?;
+    ensure!(dp.endpoint_addrs()?.is_empty(), "addresses left");
+    ensure!(dp.counter_entry_count(EP)? == 0, "counters left");
+    Ok(())
+}

@@ -418,3 +418,84 @@ async fn add_before_the_source_synced_is_refused_clearly() {
         Response::Ok
     ));
 }
+
+#[test]
+fn the_pods_addresses_are_recorded_on_add_restored_on_restart_and_cleared_on_del_and_gc() {
+    let mut f = fixture();
+    let c = cluster(PODS);
+    f.core
+        .add(&add_req("c1", "web", 10, "10.1.0.2"), &c)
+        .expect("add");
+    f.core
+        .add(&add_req("c2", "client", 11, "10.1.0.3"), &c)
+        .expect("add");
+    let mut two = add_req("c3", "x", 12, "10.1.0.4");
+    two.ips.push(ip("fd00::4"));
+    f.core.add(&two, &c).expect("add");
+    let maps = &f.core.dataplane().maps;
+    assert_eq!(maps.source_allowed(10, ip("10.1.0.2")), Some(true));
+    assert_eq!(
+        maps.source_allowed(10, ip("10.1.0.3")),
+        Some(false),
+        "forged"
+    );
+    assert_eq!(maps.source_allowed(12, ip("fd00::4")), Some(true));
+    assert_eq!(maps.source_allowed(12, ip("fe80::1")), Some(true));
+
+    // An older agent recorded nothing for 12; something left an entry for 15.
+    let mut dp = std::mem::take(&mut f.core.dp);
+    dp.set_endpoint_addrs(12, &[]).expect("clear");
+    dp.set_endpoint_addrs(15, &[ip("10.1.0.9")]).expect("stale");
+    dp.interfaces.remove(&11);
+    let mut core = Core::new(
+        dp,
+        Store::open(&f.store_dir).expect("store"),
+        Metrics::new(),
+    )
+    .expect("core");
+    core.recover().expect("recover");
+    let addrs = core.dataplane().endpoint_addrs().expect("addrs");
+    assert_eq!(
+        addrs,
+        [
+            (10, vec![ip("10.1.0.2")]),
+            (12, vec![ip("10.1.0.4"), ip("fd00::4")])
+        ]
+        .into(),
+        "restored for 12, 11 (gone) and 15 (unregistered) cleared"
+    );
+
+    core.gc(&[Attachment {
+        container_id: "c1".into(),
+        ifname: "eth0".into(),
+    }])
+    .expect("gc");
+    assert_eq!(
+        core.dataplane()
+            .endpoint_addrs()
+            .expect("addrs")
+            .keys()
+            .collect::<Vec<_>>(),
+        vec![&10]
+    );
+    core.del(&DelRequest {
+        container_id: "c1".into(),
+        ifname: "eth0".into(),
+        netns: None,
+        host_ifname: Some("lxc10".into()),
+        host_ifindex: Some(10),
+        pod_namespace: Some("a".into()),
+        pod_name: Some("web".into()),
+    })
+    .expect("del");
+    assert!(core.dataplane().endpoint_addrs().expect("addrs").is_empty());
+
+    // More addresses than the datapath holds: ADD fails and leaves nothing.
+    let mut many = add_req("c4", "web", 13, "10.1.0.5");
+    many.ips = (1..=5).map(|i| ip(&format!("10.1.1.{i}"))).collect();
+    let err = core.add(&many, &c).expect_err("too many");
+    assert!(err.to_string().contains("at most 4"), "{err}");
+    assert!(core.state().endpoints.is_empty());
+    assert!(core.dataplane().endpoints().expect("eps").is_empty());
+    assert!(core.dataplane().endpoint_addrs().expect("addrs").is_empty());
+}

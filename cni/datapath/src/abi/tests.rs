@@ -91,6 +91,17 @@ fn mirrors() -> Vec<Mirror> {
             ],
         ),
         (
+            "weft_endpoint_addrs",
+            size_of::<EndpointAddrsValue>(),
+            vec![
+                ("count4", offset_of!(EndpointAddrsValue, count4)),
+                ("count6", offset_of!(EndpointAddrsValue, count6)),
+                ("pad", offset_of!(EndpointAddrsValue, pad)),
+                ("addr4", offset_of!(EndpointAddrsValue, addr4)),
+                ("addr6", offset_of!(EndpointAddrsValue, addr6)),
+            ],
+        ),
+        (
             "weft_policy4_key",
             size_of::<Policy4Key>(),
             vec![
