@@ -497,6 +497,12 @@ fn add_del_cycles_through_the_plugin_leave_nothing_behind() -> Result<()> {
         "links left: {:?}",
         dp.attached()?
     );
+    ensure!(
+        dp.endpoint_addrs()?.is_empty(),
+        "source addresses left: {:?}",
+        dp.endpoint_addrs()?
+    );
+    ensure!(dp.source_drops()?.is_empty(), "source drop counters left");
     for ep in 1..=(CYCLES as u32 + 1) {
         let ct = dp.conntrack(ep)?;
         ensure!(
