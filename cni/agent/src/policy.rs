@@ -13,7 +13,11 @@
 //!   registered without a pod name lives in no namespace and is never isolated.
 //! - Traffic from and to the node itself (kubelet probes, the host) is always allowed, as
 //!   Kubernetes requires: each isolated direction gets a host entry per node address, all
-//!   protocols and ports, reported under [`NODE_POLICY_ID`].
+//!   protocols and ports, reported under [`NODE_POLICY_ID`]; and one for the IPv6 link-local
+//!   prefix `fe80::/10`, because a node without a global IPv6 address reaches its pods from
+//!   its link-local address on the pod's veth. That is safe: link-local packets are never
+//!   routed, so on a pod's veth the only link-local peer is the node (the veth's other end),
+//!   and pods are never given link-local addresses as pod IPs.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
@@ -267,16 +271,35 @@ pub fn convert_direction(d: netpol::Direction) -> dp::Direction {
     }
 }
 
-/// Host entries (every protocol, every port, [`NODE_POLICY_ID`]) for each node address on
-/// each isolated direction. They replace a compiled entry for the same host prefix: the
-/// node may do everything, so nothing narrower can matter.
+/// `fe80::/10`.
+const LINK_LOCAL_PREFIX: u8 = 10;
+
+/// Whether the prefix `addr/len` lies inside IPv6 link-local `fe80::/10`.
+fn in_link_local(addr: IpAddr, len: u8) -> bool {
+    matches!(addr, IpAddr::V6(v6) if len >= LINK_LOCAL_PREFIX && (v6.segments()[0] & 0xffc0) == 0xfe80)
+}
+
+/// Host entries (every protocol, every port, [`NODE_POLICY_ID`]) for each node address, and
+/// for `fe80::/10`, on each isolated direction. They replace compiled entries for the same
+/// prefix (and any inside `fe80::/10`): the node may do everything, so nothing narrower can
+/// matter.
 pub fn add_node_entries(entries: &mut Vec<dp::Entry>, flags: dp::EndpointFlags, node: &[IpAddr]) {
+    let link_local = (
+        IpAddr::from([0xfe80, 0, 0, 0, 0, 0, 0, 0]),
+        LINK_LOCAL_PREFIX,
+    );
     for direction in [dp::Direction::Ingress, dp::Direction::Egress] {
         if !flags.isolates(direction) {
             continue;
         }
-        for ip in node {
-            let prefix_len = if ip.is_ipv4() { 32 } else { 128 };
+        // Every link-local peer is the node: nothing narrower inside fe80::/10 can matter.
+        entries.retain(|e| !(e.direction == direction && in_link_local(e.addr, e.prefix_len)));
+        let hosts = node
+            .iter()
+            .filter(|ip| !in_link_local(**ip, 128))
+            .map(|ip| (*ip, if ip.is_ipv4() { 32 } else { 128 }));
+        for (ip, prefix_len) in hosts.chain([link_local]) {
+            let ip = &ip;
             for proto in [
                 dp::Protocol::Any,
                 dp::Protocol::Tcp,
@@ -350,8 +373,64 @@ mod tests {
             ranges: vec![],
         }];
         add_node_entries(&mut entries, dp::EndpointFlags::INGRESS_ISOLATED, &[node]);
-        assert_eq!(entries.len(), 4, "{entries:?}");
+        // The node's address and fe80::/10, each for the four protocol keys.
+        assert_eq!(entries.len(), 8, "{entries:?}");
         assert!(entries.iter().all(|e| e.direction == dp::Direction::Ingress
             && e.ranges == vec![dp::PortRange::all(NODE_POLICY_ID)]));
+    }
+
+    #[test]
+    fn link_local_peers_are_the_node() {
+        let ll = |s: &str| s.parse::<IpAddr>().expect("ip");
+        // A compiled entry inside fe80::/10 (an ipBlock naming a link-local address) gives way;
+        // one outside it stays; a node link-local address adds no host entry of its own.
+        let mut entries = vec![
+            dp::Entry {
+                direction: dp::Direction::Ingress,
+                proto: dp::Protocol::Tcp,
+                addr: ll("fe80::1"),
+                prefix_len: 128,
+                ranges: vec![dp::PortRange {
+                    lo: 80,
+                    hi: 80,
+                    policy: 1,
+                }],
+            },
+            dp::Entry {
+                direction: dp::Direction::Ingress,
+                proto: dp::Protocol::Tcp,
+                addr: ll("fd00::"),
+                prefix_len: 64,
+                ranges: vec![dp::PortRange {
+                    lo: 80,
+                    hi: 80,
+                    policy: 1,
+                }],
+            },
+        ];
+        add_node_entries(
+            &mut entries,
+            dp::EndpointFlags::INGRESS_ISOLATED,
+            &[ll("fe80::abcd")],
+        );
+        assert!(entries.iter().any(|e| e.addr == ll("fd00::")));
+        assert!(!entries
+            .iter()
+            .any(|e| e.addr == ll("fe80::1") || e.addr == ll("fe80::abcd")));
+        let link_local: Vec<_> = entries
+            .iter()
+            .filter(|e| e.addr == ll("fe80::") && e.prefix_len == 10)
+            .collect();
+        assert_eq!(link_local.len(), 4, "{entries:?}");
+        // And the lookup the datapath makes: any port from a link-local peer is the node's.
+        let decision = dp::evaluate(
+            &entries,
+            true,
+            dp::Direction::Ingress,
+            6,
+            ll("fe80::1"),
+            8080,
+        );
+        assert_eq!(decision.policy, NODE_POLICY_ID, "{decision:?}");
     }
 }

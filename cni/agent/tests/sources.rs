@@ -576,9 +576,8 @@ fn ipv6_pod_selector_and_ip_block_with_except_over_dual_stack() -> Result<()> {
     write_manifest(&dirs.manifests, "pods.yaml", DUAL_PODS)?;
     write_manifest(&dirs.manifests, "policy.yaml", DUAL_SELECTOR)?;
     let node = Netns::node()?;
-    // A global IPv6 address of the node's own (a dual-stack node has one): without it the
-    // node would talk to pods from a link-local source, which gets no node entry.
-    node.ip(&["addr", "add", "fd00:250::1/128", "dev", "lo"])?;
+    // No global IPv6 address on the node: it reaches its pods over IPv6 from its link-local
+    // address on each pod's veth, which the node's fe80::/10 entries must let through.
     let agent = Agent::start(&node, &dirs)?;
     let hl = HostLocal::new()?;
     let ipam = json!({"type": "host-local", "dataDir": hl.dir.path(),
