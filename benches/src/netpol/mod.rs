@@ -209,7 +209,7 @@ pub fn execute(args: NetpolArgs) -> Result<()> {
 
     let tag = std::process::id();
     // Subject: the agent, then the pods through the plugin.
-    let s_node = Netns::new(format!("wbn{tag}-node-s"))?;
+    let s_node = Netns::named(format!("wbn{tag}-node-s"))?;
     tracing::info!(
         "starting weft-cni-agent with {} index pods",
         args.index_pods
@@ -221,8 +221,8 @@ pub fn execute(args: NetpolArgs) -> Result<()> {
         "10.77.0.0/24",
         args.mtu,
     );
-    let s_client = Netns::new(format!("wbn{tag}-client-s"))?;
-    let s_server = Netns::new(format!("wbn{tag}-server-s"))?;
+    let s_client = Netns::named(format!("wbn{tag}-client-s"))?;
+    let s_server = Netns::named(format!("wbn{tag}-server-s"))?;
     let r = ns::cni_add(
         &s_node,
         &cni_bin,
@@ -251,9 +251,9 @@ pub fn execute(args: NetpolArgs) -> Result<()> {
     };
 
     // Baseline: the same addresses and wiring, by hand, nothing attached.
-    let b_node = Netns::new(format!("wbn{tag}-node-b"))?;
-    let b_client = Netns::new(format!("wbn{tag}-client-b"))?;
-    let b_server = Netns::new(format!("wbn{tag}-server-b"))?;
+    let b_node = Netns::named(format!("wbn{tag}-node-b"))?;
+    let b_client = Netns::named(format!("wbn{tag}-client-b"))?;
+    let b_server = Netns::named(format!("wbn{tag}-server-b"))?;
     ns::wire_plain(&b_node, &b_client, "hclient", &client_cidr, args.mtu)?;
     ns::wire_plain(&b_node, &b_server, "hserver", &server_cidr, args.mtu)?;
     let baseline = Pods {

@@ -1,17 +1,15 @@
 //! Network namespaces, the node agent and the CNI plugin, as `weft-bench netpol` runs them:
-//! adapted from weft-cni-agent's namespace tests (cni/agent/tests/support). Every resource
-//! is a guard that removes what it made when dropped, so an error or a panic anywhere leaves
-//! no namespace, process, pin or file behind.
+//! the namespace guard, `ip`, the plugin runner and the HTTP probe are weft-netns-testing's,
+//! which the CNI crates' namespace tests use too. Every resource is a guard that removes what
+//! it made when dropped, so an error or a panic anywhere leaves no namespace, process, pin or
+//! file behind.
 //!
 //! The agent enters the node namespace with `setns` on the network namespace only (in the
 //! child, before exec), not with `ip netns exec`: that one also remounts /sys in a private
 //! mount namespace, which would hide /sys/fs/bpf from the agent.
 
 use std::fs::File;
-use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
@@ -19,122 +17,26 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::{json, Value};
+pub use weft_netns_testing::{Netns, CNI_BIN_DIR};
 
-/// Where host-local and the other reference plugins are installed (scripts/setup.sh).
-pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// The agent's metrics port inside the node namespace.
 pub const METRICS_PORT: u16 = 9964;
 
-pub fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A named network namespace (`ip netns add`), deleted on drop (its veth ends with it).
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn new(name: String) -> Result<Netns> {
-        // A namespace a killed earlier run left behind under the same name.
-        let _ = ip(&["netns", "del", &name]);
-        ip(&["netns", "add", &name])?;
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    pub fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-
-    pub fn ip(&self, args: &[&str]) -> Result<String> {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        ip(&all)
-    }
-
-    /// `sysctl -w` inside this namespace (`/proc/sys/net` follows the network namespace).
-    pub fn sysctl(&self, settings: &[&str]) -> Result<()> {
-        let mut args = vec!["netns", "exec", self.name.as_str(), "sysctl", "-q", "-w"];
-        args.extend_from_slice(settings);
-        ip(&args).map(drop)
-    }
-
-    /// Runs `f` on a thread inside this namespace and waits for it.
-    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let file = File::open(self.path()).with_context(|| format!("opening {}", self.path()))?;
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                enter(&file, &self.name)?;
-                Ok(f())
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
-        })
-    }
-
-    /// Starts `f` on a thread inside this namespace, pinned to `cpu` if given.
-    pub fn spawn<T: Send + 'static>(
-        &self,
-        cpu: Option<usize>,
-        f: impl FnOnce() -> Result<T> + Send + 'static,
-    ) -> Result<JoinHandle<Result<T>>> {
-        let file = File::open(self.path()).with_context(|| format!("opening {}", self.path()))?;
-        let name = self.name.clone();
-        Ok(std::thread::spawn(move || {
-            enter(&file, &name)?;
-            if let Some(cpu) = cpu {
-                crate::sys::affinity::pin_current_thread(cpu)
-                    .with_context(|| format!("pinning a thread in {name} to CPU {cpu}"))?;
-            }
-            f()
-        }))
-    }
-
-    /// A command that runs in this network namespace (nothing else switched).
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
-        let file = File::open(self.path()).with_context(|| format!("opening {}", self.path()))?;
-        let mut cmd = Command::new(program);
-        // SAFETY: one async-signal-safe call (setns) between fork and exec; `file` is owned
-        // by the closure and stays open until exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+/// Starts `f` on a thread inside namespace `ns`, pinned to `cpu` if given.
+pub fn spawn_in<T: Send + 'static>(
+    ns: &Netns,
+    cpu: Option<usize>,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<JoinHandle<Result<T>>> {
+    let name = ns.name.clone();
+    Ok(std::thread::spawn(move || {
+        weft_netns_testing::enter(&name)?;
+        if let Some(cpu) = cpu {
+            crate::sys::affinity::pin_current_thread(cpu)
+                .with_context(|| format!("pinning a thread in {name} to CPU {cpu}"))?;
         }
-        Ok(cmd)
-    }
-}
-
-fn enter(file: &File, name: &str) -> Result<()> {
-    // SAFETY: setns with an open netns fd changes only the calling thread.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns {name}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = ip(&["netns", "del", &self.name]) {
-            eprintln!("weft-bench netpol: cleaning up: {e}");
-        }
-    }
+        f()
+    }))
 }
 
 /// A directory removed with everything in it on drop: the manifests, host-local's leases,
@@ -206,20 +108,8 @@ impl Proc {
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            if let Ok(pid) = i32::try_from(c.id()) {
-                // SAFETY: kill on our own, not yet reaped child.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-            }
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            weft_netns_testing::stop_child(c);
         }
     }
 }
@@ -285,25 +175,8 @@ pub fn start_agent(
 
 /// GET `path` from the agent's metrics server, from inside `node`.
 pub fn http_get(node: &Netns, path: &str) -> Result<(u16, String)> {
-    let path = path.to_string();
-    node.run(move || -> Result<(u16, String)> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        let code = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((code, body))
-    })?
+    let addr = SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));
+    weft_netns_testing::http_get(&node.name, addr, path)
 }
 
 /// The weft-cni network configuration: primary mode, host-local in `ipam_dir`.
@@ -329,37 +202,9 @@ pub fn cni_add(
     pod: (&str, &str),
     conf: &Value,
 ) -> Result<Value> {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &node.name]).arg(plugin);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("CNI_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", container_id)
-        .env("CNI_NETNS", pod_ns.path())
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", CNI_BIN_DIR)
-        .env(
-            "CNI_ARGS",
-            format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
-                pod.0, pod.1
-            ),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", plugin.display()))?;
-    child
-        .stdin
-        .take()
-        .context("plugin stdin")?
-        .write_all(&serde_json::to_vec(conf)?)?;
-    let out = child.wait_with_output()?;
+    let env = weft_netns_testing::cni_env("ADD", container_id, &pod_ns.path(), pod);
+    let stdin = serde_json::to_vec(conf)?;
+    let out = weft_netns_testing::exec_cni(node, plugin, env, &stdin, Stdio::piped())?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     ensure!(
         out.status.success(),

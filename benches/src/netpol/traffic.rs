@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::manifests::{CONN_PORT, HTTP_PORT, IPERF_PORT};
-use super::ns::{Netns, Proc};
+use super::ns::{spawn_in, Netns, Proc};
 use crate::load::{LoadGenerator, LoadSpec, Pacing, Protocol};
 
 /// What the servers in one pod are: the bench HTTP server, the connection echo server and
@@ -37,7 +37,7 @@ impl Servers {
     ) -> Result<Servers> {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
-        let thread = pod.spawn(cpu, move || {
+        let thread = spawn_in(pod, cpu, move || {
             let rt = crate::cli::current_thread_runtime()?;
             rt.block_on(async move {
                 let bound = async {
@@ -192,24 +192,23 @@ pub fn requests(
         request_size,
         response_size,
     };
-    client
-        .spawn(cpu, move || {
-            crate::cli::current_thread_runtime()?.block_on(async move {
-                let mut g = LoadGenerator::connect(&spec, Duration::from_secs(5)).await?;
-                if !warmup.is_zero() {
-                    g.run(Pacing::Closed, warmup).await?;
-                }
-                let s = g.run(Pacing::Closed, duration).await?.summary();
-                Ok(Requests {
-                    requests_per_s: s.achieved_rps,
-                    errors: s.errors,
-                    p50_us: s.p50_us,
-                    p99_us: s.p99_us,
-                })
+    spawn_in(client, cpu, move || {
+        crate::cli::current_thread_runtime()?.block_on(async move {
+            let mut g = LoadGenerator::connect(&spec, Duration::from_secs(5)).await?;
+            if !warmup.is_zero() {
+                g.run(Pacing::Closed, warmup).await?;
+            }
+            let s = g.run(Pacing::Closed, duration).await?.summary();
+            Ok(Requests {
+                requests_per_s: s.achieved_rps,
+                errors: s.errors,
+                p50_us: s.p50_us,
+                p99_us: s.p99_us,
             })
-        })?
-        .join()
-        .map_err(|_| anyhow::anyhow!("the request generator panicked"))?
+        })
+    })?
+    .join()
+    .map_err(|_| anyhow::anyhow!("the request generator panicked"))?
 }
 
 /// One new-connection window.
@@ -230,45 +229,43 @@ pub fn connections(
     cpu: Option<usize>,
 ) -> Result<Connections> {
     let addr = SocketAddr::new(server_ip, CONN_PORT);
-    client
-        .spawn(cpu, move || {
-            crate::cli::current_thread_runtime()?.block_on(async move {
-                let ok = Arc::new(AtomicU64::new(0));
-                let errors = Arc::new(AtomicU64::new(0));
-                let end = tokio::time::Instant::now() + warmup + duration;
-                let tasks: Vec<_> = (0..concurrency)
-                    .map(|_| {
-                        let (ok, errors) = (ok.clone(), errors.clone());
-                        tokio::spawn(async move {
-                            while tokio::time::Instant::now() < end {
-                                let r =
-                                    tokio::time::timeout(Duration::from_secs(2), exchange(addr))
-                                        .await;
-                                match r {
-                                    Ok(Ok(())) => ok.fetch_add(1, Ordering::Relaxed),
-                                    _ => errors.fetch_add(1, Ordering::Relaxed),
-                                };
-                            }
-                        })
+    spawn_in(client, cpu, move || {
+        crate::cli::current_thread_runtime()?.block_on(async move {
+            let ok = Arc::new(AtomicU64::new(0));
+            let errors = Arc::new(AtomicU64::new(0));
+            let end = tokio::time::Instant::now() + warmup + duration;
+            let tasks: Vec<_> = (0..concurrency)
+                .map(|_| {
+                    let (ok, errors) = (ok.clone(), errors.clone());
+                    tokio::spawn(async move {
+                        while tokio::time::Instant::now() < end {
+                            let r =
+                                tokio::time::timeout(Duration::from_secs(2), exchange(addr)).await;
+                            match r {
+                                Ok(Ok(())) => ok.fetch_add(1, Ordering::Relaxed),
+                                _ => errors.fetch_add(1, Ordering::Relaxed),
+                            };
+                        }
                     })
-                    .collect();
-                tokio::time::sleep(warmup).await;
-                let (ok0, err0) = (ok.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
-                let t0 = tokio::time::Instant::now();
-                tokio::time::sleep(duration).await;
-                let (ok1, err1) = (ok.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
-                let secs = t0.elapsed().as_secs_f64();
-                for t in tasks {
-                    let _ = t.await;
-                }
-                Ok(Connections {
-                    connections_per_s: (ok1 - ok0) as f64 / secs,
-                    errors: err1 - err0,
                 })
+                .collect();
+            tokio::time::sleep(warmup).await;
+            let (ok0, err0) = (ok.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
+            let t0 = tokio::time::Instant::now();
+            tokio::time::sleep(duration).await;
+            let (ok1, err1) = (ok.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
+            let secs = t0.elapsed().as_secs_f64();
+            for t in tasks {
+                let _ = t.await;
+            }
+            Ok(Connections {
+                connections_per_s: (ok1 - ok0) as f64 / secs,
+                errors: err1 - err0,
             })
-        })?
-        .join()
-        .map_err(|_| anyhow::anyhow!("the connection generator panicked"))?
+        })
+    })?
+    .join()
+    .map_err(|_| anyhow::anyhow!("the connection generator panicked"))?
 }
 
 async fn exchange(addr: SocketAddr) -> Result<()> {

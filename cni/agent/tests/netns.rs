@@ -214,7 +214,7 @@ fn policy_matrix_live_edit_proxy_port_node_restart_metrics_and_flows() -> Result
         socket: tmp.path().join("cni.sock"),
         log: tmp.path().join("agent.log"),
     };
-    let node = Netns::node()?;
+    let node = node_ns()?;
     let mut agent = Agent::start(&node, &dirs)?;
     let hl = HostLocal::new()?;
     let conf = plugin_conf(&dirs.socket, hl.ipam("10.77.0.0/24"));
@@ -223,12 +223,12 @@ fn policy_matrix_live_edit_proxy_port_node_restart_metrics_and_flows() -> Result
     let client = add_pod(&node, &plugin, &conf, ("alpha", "client"))?;
     let api = add_pod(&node, &plugin, &conf, ("beta", "api"))?;
     let _servers = [
-        TcpServer::start(&web.ns, web.ip, 80)?,
-        TcpServer::start(&web.ns, web.ip, 81)?,
-        TcpServer::start(&client.ns, client.ip, 80)?,
-        TcpServer::start(&api.ns, api.ip, 8080)?,
-        TcpServer::start(&api.ns, api.ip, 4143)?,
-        TcpServer::start(&api.ns, api.ip, 9090)?,
+        tcp_server(&web.ns, web.ip, 80)?,
+        tcp_server(&web.ns, web.ip, 81)?,
+        tcp_server(&client.ns, client.ip, 80)?,
+        tcp_server(&api.ns, api.ip, 8080)?,
+        tcp_server(&api.ns, api.ip, 4143)?,
+        tcp_server(&api.ns, api.ip, 9090)?,
     ];
     let flows = FlowsCli::start(&node)?;
 
@@ -437,12 +437,12 @@ fn add_del_cycles_through_the_plugin_leave_nothing_behind() -> Result<()> {
         socket: tmp.path().join("cni.sock"),
         log: tmp.path().join("agent.log"),
     };
-    let node = Netns::node()?;
+    let node = node_ns()?;
     let agent = Agent::start(&node, &dirs)?;
     let hl = HostLocal::new()?;
     let conf = plugin_conf(&dirs.socket, hl.ipam("10.78.0.0/24"));
     let pod = Netns::new("cycler")?;
-    let _server = TcpServer::start(&pod, IpAddr::from([0, 0, 0, 0]), 80)?;
+    let _server = tcp_server(&pod, IpAddr::from([0, 0, 0, 0]), 80)?;
     let start = Instant::now();
     for i in 0..CYCLES {
         let cid = format!("cycle-{i}");

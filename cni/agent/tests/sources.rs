@@ -387,7 +387,7 @@ fn kube_source_ready_after_sync_policy_applied_edited_and_deleted_through_the_ap
     let tmp = tempfile::tempdir()?;
     let pins = PinDir::new();
     let dirs = agent_dirs(tmp.path(), &pins)?;
-    let node = Netns::node()?;
+    let node = node_ns()?;
     let api = KubeApi::start(&node)?;
     let kubeconfig = api.kubeconfig(tmp.path())?;
 
@@ -444,9 +444,9 @@ fn kube_source_ready_after_sync_policy_applied_edited_and_deleted_through_the_ap
     api.fake
         .apply(pod_object("other", json!({"app": "other"}), &other.ips));
     let _servers = [
-        TcpServer::start(&web.ns, web.v4(), 80)?,
-        TcpServer::start(&web.ns, web.v4(), 81)?,
-        TcpServer::start(&client.ns, client.v4(), 80)?,
+        tcp_server(&web.ns, web.v4(), 80)?,
+        tcp_server(&web.ns, web.v4(), 81)?,
+        tcp_server(&client.ns, client.v4(), 80)?,
     ];
 
     tcp(&client.ns, &web, web.v4(), 80, true, "allow-client-web")?;
@@ -575,7 +575,7 @@ fn ipv6_pod_selector_and_ip_block_with_except_over_dual_stack() -> Result<()> {
     let dirs = agent_dirs(tmp.path(), &pins)?;
     write_manifest(&dirs.manifests, "pods.yaml", DUAL_PODS)?;
     write_manifest(&dirs.manifests, "policy.yaml", DUAL_SELECTOR)?;
-    let node = Netns::node()?;
+    let node = node_ns()?;
     // No global IPv6 address on the node: it reaches its pods over IPv6 from its link-local
     // address on each pod's veth, which the node's fe80::/10 entries must let through.
     let agent = Agent::start(&node, &dirs)?;
@@ -595,10 +595,10 @@ fn ipv6_pod_selector_and_ip_block_with_except_over_dual_stack() -> Result<()> {
         );
     }
     let _servers = [
-        TcpServer::start(&web.ns, web.v4(), 80)?,
-        TcpServer::start(&web.ns, web.v6(), 80)?,
-        TcpServer::start(&web.ns, web.v6(), 81)?,
-        TcpServer::start(&client.ns, client.v6(), 80)?,
+        tcp_server(&web.ns, web.v4(), 80)?,
+        tcp_server(&web.ns, web.v6(), 80)?,
+        tcp_server(&web.ns, web.v6(), 81)?,
+        tcp_server(&client.ns, client.v6(), 80)?,
     ];
 
     // The allowed paths first, polled: they also prove the IPv6 addresses are usable (no
@@ -786,7 +786,7 @@ fn chained_after_ptp_enforces_on_ptps_veth_and_del_through_both_leaves_nothing()
     let pins = PinDir::new();
     let dirs = agent_dirs(tmp.path(), &pins)?;
     write_manifest(&dirs.manifests, "world.yaml", CHAIN_WORLD)?;
-    let node = Netns::node()?;
+    let node = node_ns()?;
     let agent = Agent::start(&node, &dirs)?;
     let hl = HostLocal::new()?;
     // Debian's ptp speaks up to 1.0.0: the whole list is 1.0.0.
@@ -813,9 +813,9 @@ fn chained_after_ptp_enforces_on_ptps_veth_and_del_through_both_leaves_nothing()
         }
     }
     let _servers = [
-        TcpServer::start(&web.pod.ns, web.pod.v4(), 80)?,
-        TcpServer::start(&web.pod.ns, web.pod.v4(), 81)?,
-        TcpServer::start(&client.pod.ns, client.pod.v4(), 80)?,
+        tcp_server(&web.pod.ns, web.pod.v4(), 80)?,
+        tcp_server(&web.pod.ns, web.pod.v4(), 81)?,
+        tcp_server(&client.pod.ns, client.pod.v4(), 80)?,
     ];
     let (w, c) = (&web.pod, &client.pod);
     tcp(&c.ns, w, w.v4(), 80, true, "allow-client-web on ptp's veth")?;

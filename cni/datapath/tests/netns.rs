@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use support::{echo, Node, TcpEcho, UdpEcho};
+use support::{echo, tcp_echo, udp_echo, Node};
 use weft_datapath::{
     Datapath, Direction, EndpointFlags, Entry, FlowEvent, PolicyMaps, PortRange, Protocol, Reason,
     Verdict,
@@ -66,7 +66,7 @@ fn tcp_is_decided_by_port_range_and_longest_prefix() -> Result<()> {
         node.pod(1).clone(),
         node.pod(2).clone(),
     );
-    let _servers = [8001, 8020, 9000].map(|p| TcpEcho::start(&b, p));
+    let _servers = [8001, 8020, 9000].map(|p| tcp_echo(&b, p));
     let mut dp = attach_all(&node)?;
     for (pod, id) in [(&a, A), (&b, B), (&c, C)] {
         dp.set_endpoint(pod.ifindex, id, EndpointFlags::NONE)?;
@@ -138,8 +138,8 @@ fn udp_is_allowed_or_denied_and_answers_come_back() -> Result<()> {
     root_or_skip!("udp_is_allowed_or_denied_and_answers_come_back");
     let node = Node::new("udp", 2)?;
     let (a, b) = (node.pod(0).clone(), node.pod(1).clone());
-    let _s1 = UdpEcho::start(&b, 5353)?;
-    let _s2 = UdpEcho::start(&b, 5354)?;
+    let _s1 = udp_echo(&b, 5353)?;
+    let _s2 = udp_echo(&b, 5354)?;
     let mut dp = attach_all(&node)?;
     dp.set_endpoint(a.ifindex, A, EndpointFlags::NONE)?;
     dp.set_endpoint(b.ifindex, B, EndpointFlags::NONE)?;
@@ -187,8 +187,8 @@ fn replies_of_an_allowed_connection_pass_an_isolated_direction() -> Result<()> {
     root_or_skip!("replies_of_an_allowed_connection_pass_an_isolated_direction");
     let node = Node::new("ct", 2)?;
     let (a, b) = (node.pod(0).clone(), node.pod(1).clone());
-    let _sb = TcpEcho::start(&b, 8080)?;
-    let _sa = TcpEcho::start(&a, 8081)?;
+    let _sb = tcp_echo(&b, 8080)?;
+    let _sa = tcp_echo(&a, 8081)?;
     let mut dp = attach_all(&node)?;
     dp.set_endpoint(b.ifindex, B, EndpointFlags::NONE)?;
     // a: both directions isolated; egress to b:8080 allowed, nothing in.
@@ -246,8 +246,8 @@ fn unisolated_and_unmanaged_interfaces_pass_everything() -> Result<()> {
         node.pod(1).clone(),
         node.pod(2).clone(),
     );
-    let _t = TcpEcho::start(&b, 7000)?;
-    let _u = UdpEcho::start(&b, 7001)?;
+    let _t = tcp_echo(&b, 7000)?;
+    let _u = udp_echo(&b, 7001)?;
     let mut dp = attach_all(&node)?;
     // a and b are endpoints with nothing isolated (policy entries exist but do not apply);
     // c's interface has the programs but is no endpoint.
@@ -285,8 +285,8 @@ fn ipv6_is_allowed_or_denied_by_prefix_and_port() -> Result<()> {
         node.pod(1).clone(),
         node.pod(2).clone(),
     );
-    let _s = [8080, 8081].map(|p| TcpEcho::start(&b, p));
-    let _u = UdpEcho::start(&b, 8082)?;
+    let _s = [8080, 8081].map(|p| tcp_echo(&b, p));
+    let _u = udp_echo(&b, 8082)?;
     let mut dp = attach_all(&node)?;
     dp.set_endpoint(a.ifindex, A, EndpointFlags::NONE)?;
     dp.set_endpoint(c.ifindex, C, EndpointFlags::NONE)?;
@@ -338,7 +338,7 @@ fn a_replaced_policy_applies_to_the_next_new_connection() -> Result<()> {
     root_or_skip!("a_replaced_policy_applies_to_the_next_new_connection");
     let node = Node::new("replace", 2)?;
     let (a, b) = (node.pod(0).clone(), node.pod(1).clone());
-    let _s = [8080, 9090].map(|p| TcpEcho::start(&b, p));
+    let _s = [8080, 9090].map(|p| tcp_echo(&b, p));
     let mut dp = attach_all(&node)?;
     dp.set_endpoint(a.ifindex, A, EndpointFlags::NONE)?;
     dp.replace_policy(
@@ -451,8 +451,8 @@ fn counters_and_flow_events_reflect_the_decisions() -> Result<()> {
     root_or_skip!("counters_and_flow_events_reflect_the_decisions");
     let node = Node::new("flows", 2)?;
     let (a, b) = (node.pod(0).clone(), node.pod(1).clone());
-    let _s = [8080, 8081].map(|p| TcpEcho::start(&b, p));
-    let _u = UdpEcho::start(&b, 8082)?;
+    let _s = [8080, 8081].map(|p| tcp_echo(&b, p));
+    let _u = udp_echo(&b, 8082)?;
     // Warm the neighbour caches first, so that every probe below is exactly one decision.
     a.expect("a -> b udp/8082 before attach", || {
         a.udp_ok(b.addr(false, 8082))
@@ -543,7 +543,7 @@ fn a_restart_keeps_policy_and_reattaching_does_not_duplicate() -> Result<()> {
     root_or_skip!("a_restart_keeps_policy_and_reattaching_does_not_duplicate");
     let node = Node::new("restart", 2)?;
     let (a, b) = (node.pod(0).clone(), node.pod(1).clone());
-    let _s = [8080, 8081].map(|p| TcpEcho::start(&b, p));
+    let _s = [8080, 8081].map(|p| tcp_echo(&b, p));
     {
         let mut dp = attach_all(&node)?;
         dp.set_endpoint(a.ifindex, A, EndpointFlags::NONE)?;
@@ -692,7 +692,7 @@ fn removal_detach_and_unpin_leave_nothing_behind() -> Result<()> {
     root_or_skip!("removal_detach_and_unpin_leave_nothing_behind");
     let node = Node::new("cleanup", 2)?;
     let (a, b) = (node.pod(0).clone(), node.pod(1).clone());
-    let _s = [8080, 8081].map(|p| TcpEcho::start(&b, p));
+    let _s = [8080, 8081].map(|p| tcp_echo(&b, p));
     let mut dp = attach_all(&node)?;
     dp.set_endpoint(a.ifindex, A, EndpointFlags::EGRESS_ISOLATED)?;
     dp.set_endpoint(b.ifindex, B, EndpointFlags::INGRESS_ISOLATED)?;

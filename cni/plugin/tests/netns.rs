@@ -49,7 +49,7 @@ fn adds(agent: &FakeAgent) -> Vec<weft_cni::agent_proto::AddRequest> {
 /// ADD two pods, prove connectivity pod↔pod and node→pod in every family,
 /// CHECK, break a route and CHECK again, DEL twice, DEL after the netns is gone.
 fn lifecycle(ranges: &[&[&str]], version: &str) -> Result<()> {
-    let node = Netns::node()?;
+    let node = node_ns()?;
     let (pod_a, pod_b) = (Netns::new("a")?, Netns::new("b")?);
     let agent = FakeAgent::start()?;
     let ipam = HostLocal::new()?;
@@ -176,7 +176,7 @@ fn error_paths_answer_spec_errors_and_leave_nothing() -> Result<()> {
     if !require_root("error_paths_answer_spec_errors_and_leave_nothing") {
         return Ok(());
     }
-    let node = Netns::node()?;
+    let node = node_ns()?;
     let pod = Netns::new("err")?;
     let agent = FakeAgent::start()?;
     let ipam = HostLocal::new()?;
@@ -285,7 +285,7 @@ fn chained_after_ptp_registers_ptps_host_veth() -> Result<()> {
     if !require_root("chained_after_ptp_registers_ptps_host_veth") {
         return Ok(());
     }
-    let node = Netns::node()?;
+    let node = node_ns()?;
     let pod = Netns::new("ptp")?;
     let agent = FakeAgent::start()?;
     let ipam = HostLocal::new()?;
@@ -469,7 +469,7 @@ fn thousand_add_del_cycles_leave_nothing_behind() -> Result<()> {
     }
     const CYCLES: usize = 1000;
     const THROUGH_BINARY: usize = 50;
-    let node = Netns::node()?;
+    let node = node_ns()?;
     let pod = Netns::new("cycle")?;
     let agent = FakeAgent::start()?;
     let ipam = HostLocal::new()?;

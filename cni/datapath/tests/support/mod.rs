@@ -11,18 +11,13 @@
 
 #![allow(dead_code)] // each test file uses a different part
 
-use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+pub use weft_netns_testing::{in_ns, ip, TcpEcho, UdpEcho};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -31,63 +26,12 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 /// How long an expected-to-pass probe is retried (first packets wait for ARP/ND).
 pub const ALLOW_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Ok(true) to run, Ok(false) to skip (not root, not CI), Err in CI without root.
+/// Ok(true) to run, Ok(false) to skip (not root, not CI); panics in CI without root.
 pub fn require_root(test: &str) -> Result<bool> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return Ok(true);
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        bail!("{test} needs root and CI=true: CI must run the eBPF namespace tests as root");
-    }
-    eprintln!("skipping {test}: needs root (network namespaces, eBPF); runs in CI");
-    Ok(false)
-}
-
-fn ip_bin() -> &'static str {
-    ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .unwrap_or("ip")
-}
-
-pub fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new(ip_bin())
-        .args(args)
-        .output()
-        .with_context(|| format!("running ip {}", args.join(" ")))?;
-    if !out.status.success() {
-        bail!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn sysctl(ns: &str, settings: &[&str]) -> Result<()> {
-    let mut args = vec!["netns", "exec", ns, "sysctl", "-q", "-w"];
-    args.extend_from_slice(settings);
-    ip(&args).map(drop)
-}
-
-/// Runs `f` on a thread that joined network namespace `ns`. Sockets made there stay in `ns`
-/// wherever they are used afterwards.
-pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::scope(|s| {
-        s.spawn(|| -> Result<T> {
-            let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-            // SAFETY: setns on a valid namespace fd; it only changes this thread.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns {path}: {}", std::io::Error::last_os_error());
-            }
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
-    })
+    Ok(weft_netns_testing::require_root(
+        test,
+        "network namespaces, eBPF",
+    ))
 }
 
 #[derive(Clone, Debug)]
@@ -129,11 +73,9 @@ impl Pod {
         } else {
             "0.0.0.0:0".parse()?
         };
-        let sock = in_ns(&self.ns, || UdpSocket::bind(bind))??;
-        sock.set_read_timeout(Some(PROBE_TIMEOUT))?;
-        sock.send_to(b"ping", to)?;
-        let mut buf = [0u8; 16];
-        Ok(matches!(sock.recv_from(&mut buf), Ok((4, from)) if from == to && &buf[..4] == b"ping"))
+        Ok(in_ns(&self.ns, || {
+            weft_netns_testing::udp_echo_ok(bind, to, PROBE_TIMEOUT)
+        })??)
     }
 
     /// Polls a probe until it passes, failing after [`ALLOW_DEADLINE`].
@@ -167,93 +109,17 @@ impl Pod {
 
 /// Writes a line and expects it echoed back.
 pub fn echo(s: &mut TcpStream) -> bool {
-    let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
-    let mut buf = [0u8; 5];
-    s.write_all(b"ping\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"ping\n"
+    weft_netns_testing::echo(s, PROBE_TIMEOUT)
 }
 
 /// A TCP echo server on `[::]:port` (both families) in a pod.
-pub struct TcpEcho {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl TcpEcho {
-    pub fn start(pod: &Pod, port: u16) -> Result<Self> {
-        let listener = in_ns(&pod.ns, || TcpListener::bind(("::", port)))?
-            .with_context(|| format!("listening on TCP {port} in {}", pod.ns))?;
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut conn, _)) => {
-                        std::thread::spawn(move || {
-                            let _ = conn.set_nonblocking(false);
-                            let mut buf = [0u8; 1024];
-                            while let Ok(n) = conn.read(&mut buf) {
-                                if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                                    break;
-                                }
-                            }
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for TcpEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+pub fn tcp_echo(pod: &Pod, port: u16) -> Result<TcpEcho> {
+    TcpEcho::start(&pod.ns, (Ipv6Addr::UNSPECIFIED, port).into())
 }
 
 /// A UDP echo server on `[::]:port` in a pod.
-pub struct UdpEcho {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl UdpEcho {
-    pub fn start(pod: &Pod, port: u16) -> Result<Self> {
-        let sock = in_ns(&pod.ns, || UdpSocket::bind(("::", port)))?
-            .with_context(|| format!("binding UDP {port} in {}", pod.ns))?;
-        sock.set_read_timeout(Some(Duration::from_millis(20)))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while !flag.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                    let _ = sock.send_to(&buf[..n], from);
-                }
-            }
-        });
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for UdpEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+pub fn udp_echo(pod: &Pod, port: u16) -> Result<UdpEcho> {
+    UdpEcho::start(&pod.ns, (Ipv6Addr::UNSPECIFIED, port).into())
 }
 
 /// A node namespace with pods, and the test's pin directory. Deletes all of it on drop.
@@ -282,19 +148,7 @@ impl Node {
         // From here on Drop removes whatever exists.
         let ns = node.ns.clone();
         ip(&["netns", "add", &ns])?;
-        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        sysctl(
-            &ns,
-            &[
-                "net.ipv4.ip_forward=1",
-                "net.ipv6.conf.all.forwarding=1",
-                "net.ipv6.conf.default.accept_dad=0",
-                "net.ipv6.conf.all.accept_dad=0",
-            ],
-        )?;
-        // Proxy ARP answers for addresses routed out of another interface; on a real host the
-        // default route does that for the pods' gateway 169.254.1.1, here this route does.
-        ip(&["-n", &ns, "route", "add", "169.254.1.1/32", "dev", "lo"])?;
+        weft_netns_testing::router(&ns)?;
         for i in 0..pods {
             let pod_ns = format!("{}-{i}", node.prefix);
             let host_if = format!("h{i}");
@@ -308,105 +162,15 @@ impl Node {
                 host_if: host_if.clone(),
                 ifindex: 0,
             });
-            ip(&["-n", &pod_ns, "link", "set", "lo", "up"])?;
-            sysctl(
-                &pod_ns,
-                &[
-                    "net.ipv6.conf.default.accept_dad=0",
-                    "net.ipv6.conf.all.accept_dad=0",
-                ],
-            )?;
-            ip(&[
-                "-n", &ns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
-                "netns", &pod_ns,
-            ])?;
-            // Host side: proxy ARP answers for the pod's gateway, fe80::1 is its v6 gateway.
-            sysctl(
-                &ns,
-                &[
-                    &format!("net.ipv4.conf.{host_if}.proxy_arp=1"),
-                    // Answer at once (the default delays proxy answers by up to 0.8 s).
-                    &format!("net.ipv4.neigh.{host_if}.proxy_delay=0"),
-                ],
-            )?;
-            ip(&[
-                "-n",
-                &ns,
-                "-6",
-                "addr",
-                "add",
-                "fe80::1/64",
-                "dev",
-                &host_if,
-                "nodad",
-            ])?;
-            ip(&["-n", &ns, "link", "set", &host_if, "up"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "route",
-                "add",
-                &format!("{v4}/32"),
-                "dev",
-                &host_if,
-            ])?;
-            ip(&[
-                "-n",
-                &ns,
-                "-6",
-                "route",
-                "add",
-                &format!("{v6}/128"),
-                "dev",
-                &host_if,
-            ])?;
-            // Pod side.
-            ip(&[
-                "-n",
-                &pod_ns,
-                "addr",
-                "add",
-                &format!("{v4}/32"),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&[
-                "-n",
-                &pod_ns,
-                "-6",
-                "addr",
-                "add",
-                &format!("{v6}/128"),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
-            ip(&["-n", &pod_ns, "link", "set", "eth0", "up"])?;
-            ip(&[
-                "-n",
-                &pod_ns,
-                "route",
-                "add",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-                "scope",
-                "link",
-            ])?;
-            ip(&[
-                "-n",
-                &pod_ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-            ])?;
-            ip(&[
-                "-n", &pod_ns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
-            ])?;
+            weft_netns_testing::wire_pod(&weft_netns_testing::PodLink {
+                node: &ns,
+                pod: &pod_ns,
+                host_if: &host_if,
+                v4,
+                v6: Some(v6),
+                src_v4: None,
+                src_v6: None,
+            })?;
             let ifindex = in_ns(&ns, || weft_datapath::if_index(&host_if))?
                 .with_context(|| format!("no {host_if} in {ns}"))?;
             if let Some(p) = node.pods.last_mut() {
@@ -467,34 +231,11 @@ impl Drop for Node {
 
 /// Removes namespaces and pin directories of test processes that no longer exist.
 fn remove_stale() {
-    let alive = |pid: &str| Path::new(&format!("/proc/{pid}")).exists();
-    if let Ok(list) = ip(&["netns", "list"]) {
-        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-            let Some(rest) = name.strip_prefix("wdp") else {
-                continue;
-            };
-            let Some((pid, _)) = rest.split_once('-') else {
-                continue;
-            };
-            if pid.chars().all(|c| c.is_ascii_digit()) && !alive(pid) {
-                let _ = ip(&["netns", "del", name]);
+    weft_netns_testing::remove_stale("wdp", Path::new("/sys/fs/bpf"), "weft-test-", |root| {
+        if let Ok(dirs) = std::fs::read_dir(root) {
+            for d in dirs.flatten() {
+                let _ = weft_datapath::unpin_all(d.path());
             }
         }
-    }
-    if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
-        for entry in rd.flatten() {
-            let name = entry.file_name();
-            let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("weft-test-")) else {
-                continue;
-            };
-            if !alive(pid) {
-                if let Ok(dirs) = std::fs::read_dir(entry.path()) {
-                    for d in dirs.flatten() {
-                        let _ = weft_datapath::unpin_all(d.path());
-                    }
-                }
-                let _ = std::fs::remove_dir(entry.path());
-            }
-        }
-    }
+    });
 }

@@ -8,33 +8,28 @@
 //! flushes conntrack, as the agent would; [`Cluster::probe`] runs real TCP and UDP exchanges
 //! in parallel.
 //!
-//! The namespace plumbing is `support/mod.rs`'s (copied, not shared: that module belongs to
-//! `netns.rs`), with pod addresses chosen by the caller and an optional address of the node
-//! itself (a non-pod peer, on the node's loopback, used as the source of node-to-pod
-//! connections). Names are `wdp<pid>-<n>-*` like support's, so either cleans up what a killed
-//! run of the other left behind.
+//! The namespace plumbing is weft-netns-testing's, as for `support/mod.rs`, with pod
+//! addresses chosen by the caller and an optional address of the node itself (a non-pod
+//! peer, on the node's loopback, used as the source of node-to-pod connections). Names are
+//! `wdp<pid>-<n>-*` like support's, so either cleans up what a killed run of the other left
+//! behind.
 
 #![allow(dead_code)] // each test file uses a different part
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use weft_datapath::{Datapath, EndpointFlags, PolicyMaps};
 use weft_model::netpol::{
     self, assign_policy_ids, CompileError, CompiledEndpoint, PolicyIds, ProtoKey, World,
 };
 use weft_model::ObjectKey;
+use weft_netns_testing::{enter, in_ns, ip, PodLink, TcpEcho, UdpEcho};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -47,67 +42,12 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 pub const RETRIES: usize = 2;
 pub const RETRY_TIMEOUT: Duration = Duration::from_millis(1500);
 
-/// Ok(true) to run, Ok(false) to skip (not root, not CI), Err in CI without root.
+/// Ok(true) to run, Ok(false) to skip (not root, not CI); panics in CI without root.
 pub fn require_root(test: &str) -> Result<bool> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return Ok(true);
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        bail!("{test} needs root and CI=true: CI must run the eBPF namespace tests as root");
-    }
-    eprintln!("skipping {test}: needs root (network namespaces, eBPF); runs in CI");
-    Ok(false)
-}
-
-fn ip_bin() -> &'static str {
-    ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .unwrap_or("ip")
-}
-
-pub fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new(ip_bin())
-        .args(args)
-        .output()
-        .with_context(|| format!("running ip {}", args.join(" ")))?;
-    if !out.status.success() {
-        bail!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn sysctl(ns: &str, settings: &[&str]) -> Result<()> {
-    let mut args = vec!["netns", "exec", ns, "sysctl", "-q", "-w"];
-    args.extend_from_slice(settings);
-    ip(&args).map(drop)
-}
-
-fn enter(ns: &str) -> Result<()> {
-    let path = format!("/run/netns/{ns}");
-    let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-    // SAFETY: setns on a valid namespace fd; it only changes the calling thread.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns {path}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Runs `f` on a thread that joined network namespace `ns`. Sockets made there stay in `ns`.
-pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
-    std::thread::scope(|s| {
-        s.spawn(|| -> Result<T> {
-            enter(ns)?;
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
-    })
+    Ok(weft_netns_testing::require_root(
+        test,
+        "network namespaces, eBPF",
+    ))
 }
 
 /// A pod to build: its key in the world and its addresses.
@@ -257,18 +197,7 @@ impl Cluster {
         // From here on Drop removes whatever exists.
         let ns = cluster.ns.clone();
         ip(&["netns", "add", &ns])?;
-        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        sysctl(
-            &ns,
-            &[
-                "net.ipv4.ip_forward=1",
-                "net.ipv6.conf.all.forwarding=1",
-                "net.ipv6.conf.default.accept_dad=0",
-                "net.ipv6.conf.all.accept_dad=0",
-            ],
-        )?;
-        // Proxy ARP answers for the pods' gateway 169.254.1.1 because it routes elsewhere.
-        ip(&["-n", &ns, "route", "add", "169.254.1.1/32", "dev", "lo"])?;
+        weft_netns_testing::router(&ns)?;
         if let Some(a) = node_v4 {
             ip(&["-n", &ns, "addr", "add", &format!("{a}/32"), "dev", "lo"])?;
         }
@@ -328,85 +257,15 @@ impl Cluster {
         let pod_ns = format!("{}-{i}", self.prefix);
         let host_if = format!("h{i}");
         ip(&["netns", "add", &pod_ns])?;
-        ip(&["-n", &pod_ns, "link", "set", "lo", "up"])?;
-        sysctl(
-            &pod_ns,
-            &[
-                "net.ipv6.conf.default.accept_dad=0",
-                "net.ipv6.conf.all.accept_dad=0",
-            ],
-        )?;
-        ip(&[
-            "-n", ns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns",
-            &pod_ns,
-        ])?;
-        sysctl(
-            ns,
-            &[
-                &format!("net.ipv4.conf.{host_if}.proxy_arp=1"),
-                &format!("net.ipv4.neigh.{host_if}.proxy_delay=0"),
-            ],
-        )?;
-        ip(&[
-            "-n",
-            ns,
-            "-6",
-            "addr",
-            "add",
-            "fe80::1/64",
-            "dev",
-            &host_if,
-            "nodad",
-        ])?;
-        ip(&["-n", ns, "link", "set", &host_if, "up"])?;
-        let v4 = format!("{}/32", spec.v4);
-        let mut route = vec!["-n", ns, "route", "add", &v4, "dev", &host_if];
-        let node_v4 = self.node_v4.map(|a| a.to_string());
-        if let Some(src) = &node_v4 {
-            route.extend(["src", src]);
-        }
-        ip(&route)?;
-        ip(&["-n", &pod_ns, "addr", "add", &v4, "dev", "eth0"])?;
-        if let Some(v6) = spec.v6 {
-            let v6 = format!("{v6}/128");
-            let mut route = vec!["-n", ns, "-6", "route", "add", &v6, "dev", &host_if];
-            let node_v6 = self.node_v6.map(|a| a.to_string());
-            if let Some(src) = &node_v6 {
-                route.extend(["src", src]);
-            }
-            ip(&route)?;
-            ip(&[
-                "-n", &pod_ns, "-6", "addr", "add", &v6, "dev", "eth0", "nodad",
-            ])?;
-        }
-        ip(&["-n", &pod_ns, "link", "set", "eth0", "up"])?;
-        ip(&[
-            "-n",
-            &pod_ns,
-            "route",
-            "add",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-            "scope",
-            "link",
-        ])?;
-        ip(&[
-            "-n",
-            &pod_ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-        ])?;
-        if spec.v6.is_some() {
-            ip(&[
-                "-n", &pod_ns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
-            ])?;
-        }
+        weft_netns_testing::wire_pod(&PodLink {
+            node: ns,
+            pod: &pod_ns,
+            host_if: &host_if,
+            v4: spec.v4,
+            v6: spec.v6,
+            src_v4: self.node_v4,
+            src_v6: self.node_v6,
+        })?;
         let ifindex = in_ns(ns, || weft_datapath::if_index(&host_if))?
             .with_context(|| format!("no {host_if} in {ns}"))?;
         Ok(Pod {
@@ -528,92 +387,27 @@ pub fn run_probes(probes: &[Probe], timeout: Duration) -> Vec<bool> {
 /// thread's namespace.
 fn exchange(p: &Probe, timeout: Duration) -> bool {
     match p.transport {
-        Transport::Tcp => match TcpStream::connect_timeout(&p.to, timeout) {
-            Ok(mut s) => {
-                let _ = s.set_read_timeout(Some(timeout));
-                let mut buf = [0u8; 5];
-                s.write_all(b"ping\n").is_ok()
-                    && s.read_exact(&mut buf).is_ok()
-                    && &buf == b"ping\n"
-            }
-            Err(_) => false,
-        },
+        Transport::Tcp => weft_netns_testing::tcp_echo_ok(p.to, timeout),
         Transport::Udp => {
-            let Ok(sock) = UdpSocket::bind(SocketAddr::new(p.from, 0)) else {
-                return false;
-            };
-            if sock.set_read_timeout(Some(timeout)).is_err() || sock.send_to(b"ping", p.to).is_err()
-            {
-                return false;
-            }
-            let mut buf = [0u8; 16];
-            matches!(sock.recv_from(&mut buf), Ok((4, from)) if from == p.to && &buf[..4] == b"ping")
+            weft_netns_testing::udp_echo_ok(SocketAddr::new(p.from, 0), p.to, timeout)
+                .unwrap_or(false)
         }
     }
 }
 
 /// A TCP or UDP echo server on `[::]:port` (both families) in a namespace.
-struct Echo {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+enum Echo {
+    Tcp(TcpEcho),
+    Udp(UdpEcho),
 }
 
 impl Echo {
     fn start(ns: &str, transport: Transport, port: u16) -> Result<Echo> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = match transport {
-            Transport::Tcp => {
-                let listener = in_ns(ns, || TcpListener::bind(("::", port)))?
-                    .with_context(|| format!("listening on TCP {port} in {ns}"))?;
-                listener.set_nonblocking(true)?;
-                std::thread::spawn(move || {
-                    while !flag.load(Ordering::Relaxed) {
-                        match listener.accept() {
-                            Ok((mut conn, _)) => {
-                                std::thread::spawn(move || {
-                                    let _ = conn.set_nonblocking(false);
-                                    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-                                    let mut buf = [0u8; 1024];
-                                    while let Ok(n) = conn.read(&mut buf) {
-                                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                                            break;
-                                        }
-                                    }
-                                });
-                            }
-                            Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                        }
-                    }
-                })
-            }
-            Transport::Udp => {
-                let sock = in_ns(ns, || UdpSocket::bind(("::", port)))?
-                    .with_context(|| format!("binding UDP {port} in {ns}"))?;
-                sock.set_read_timeout(Some(Duration::from_millis(20)))?;
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 1500];
-                    while !flag.load(Ordering::Relaxed) {
-                        if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                            let _ = sock.send_to(&buf[..n], from);
-                        }
-                    }
-                })
-            }
-        };
-        Ok(Echo {
-            stop,
-            thread: Some(thread),
+        let any = (Ipv6Addr::UNSPECIFIED, port).into();
+        Ok(match transport {
+            Transport::Tcp => Echo::Tcp(TcpEcho::start(ns, any)?),
+            Transport::Udp => Echo::Udp(UdpEcho::start(ns, any)?),
         })
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -632,34 +426,11 @@ pub fn sctp_available() -> bool {
 
 /// Removes namespaces and pin directories of test processes that no longer exist.
 fn remove_stale() {
-    let alive = |pid: &str| Path::new(&format!("/proc/{pid}")).exists();
-    if let Ok(list) = ip(&["netns", "list"]) {
-        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-            let Some(rest) = name.strip_prefix("wdp") else {
-                continue;
-            };
-            let Some((pid, _)) = rest.split_once('-') else {
-                continue;
-            };
-            if pid.chars().all(|c| c.is_ascii_digit()) && !alive(pid) {
-                let _ = ip(&["netns", "del", name]);
+    weft_netns_testing::remove_stale("wdp", Path::new("/sys/fs/bpf"), "weft-test-", |root| {
+        if let Ok(dirs) = std::fs::read_dir(root) {
+            for d in dirs.flatten() {
+                let _ = weft_datapath::unpin_all(d.path());
             }
         }
-    }
-    if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
-        for entry in rd.flatten() {
-            let name = entry.file_name();
-            let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("weft-test-")) else {
-                continue;
-            };
-            if !alive(pid) {
-                if let Ok(dirs) = std::fs::read_dir(entry.path()) {
-                    for d in dirs.flatten() {
-                        let _ = weft_datapath::unpin_all(d.path());
-                    }
-                }
-                let _ = std::fs::remove_dir(entry.path());
-            }
-        }
-    }
+    });
 }

@@ -3,147 +3,30 @@
 //! container runtime does, and connectivity probes.
 #![allow(dead_code)]
 
-use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use weft_cni::agent_proto::{self, Handler, Request, Response};
+pub use weft_netns_testing::{Netns, CNI_BIN_DIR};
 
 /// The plugin binary under test.
 pub const PLUGIN: &str = env!("CARGO_BIN_EXE_weft-cni");
-/// Where Debian's containernetworking-plugins live (scripts/setup.sh installs them).
-pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 
 /// `true` when the test may run. Without root it is skipped with a message,
 /// or fails when `CI=true` (CI runs as root; a skip there would hide the tests).
 pub fn require_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        if !Path::new(CNI_BIN_DIR).join("host-local").exists() {
-            panic!("{test}: {CNI_BIN_DIR}/host-local is missing: install containernetworking-plugins (scripts/setup.sh)");
-        }
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "{test}: needs root (network namespaces, veth pairs); CI must run the tests as root"
-        );
-    }
-    eprintln!("skipping {test}: needs root (network namespaces, veth pairs)");
-    false
+    weft_netns_testing::require_root_and_cni_plugins(test, "network namespaces, veth pairs")
 }
 
-static SEQ: AtomicUsize = AtomicUsize::new(0);
-
-/// A named network namespace (`ip netns add`), deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn new(tag: &str) -> Result<Netns> {
-        let name = format!(
-            "wcni-{}-{}-{tag}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        ip(&["netns", "add", &name])?;
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    /// A node: a namespace standing in for the host, with addresses of its
-    /// own on `lo` (10.250.0.1, fd00:250::1) to talk to pods from.
-    pub fn node() -> Result<Netns> {
-        let ns = Netns::new("node")?;
-        ns.ip(&["addr", "add", "10.250.0.1/32", "dev", "lo"])?;
-        ns.ip(&["-6", "addr", "add", "fd00:250::1/128", "dev", "lo"])?;
-        Ok(ns)
-    }
-
-    pub fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-
-    /// `ip -n <ns> args...`, stdout.
-    pub fn ip(&self, args: &[&str]) -> Result<String> {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        ip(&all)
-    }
-
-    /// Interface names in this namespace.
-    pub fn links(&self) -> Result<Vec<String>> {
-        let v: Value = serde_json::from_str(&self.ip(&["-j", "link", "show"])?)?;
-        Ok(v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|l| l["ifname"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default())
-    }
-
-    /// The index of link `name`.
-    pub fn ifindex(&self, name: &str) -> Result<u32> {
-        let v: Value = serde_json::from_str(&self.ip(&["-j", "link", "show", "dev", name])?)?;
-        v[0]["ifindex"]
-            .as_u64()
-            .map(|i| i as u32)
-            .context("no ifindex")
-    }
-
-    /// All routes (both families, main table) as `ip` prints them.
-    pub fn routes(&self) -> Result<String> {
-        Ok(format!(
-            "{}{}",
-            self.ip(&["route", "show"])?,
-            self.ip(&["-6", "route", "show"])?
-        ))
-    }
-
-    /// Runs `f` on a thread inside this namespace.
-    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let file = File::open(self.path())?;
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: setns with an open netns fd changes only this thread.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    bail!("setns {}: {}", self.name, std::io::Error::last_os_error());
-                }
-                Ok(f())
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.name]);
-    }
-}
-
-pub fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip").args(args).output().context("run ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+/// A node: a namespace standing in for the host, with addresses of its
+/// own on `lo` (10.250.0.1, fd00:250::1) to talk to pods from.
+pub fn node_ns() -> Result<Netns> {
+    Netns::node(&["10.250.0.1/32", "fd00:250::1/128"])
 }
 
 /// A fake node agent: records every request, answers `ok` (STATUS answers
@@ -269,17 +152,7 @@ impl HostLocal {
     /// Lease files left in the data dir (host-local's lock and
     /// last-reserved bookkeeping are not leases).
     pub fn leases(&self) -> Result<Vec<String>> {
-        let mut out = Vec::new();
-        for net in std::fs::read_dir(self.dir.path())? {
-            let net = net?;
-            for f in std::fs::read_dir(net.path())? {
-                let name = f?.file_name().to_string_lossy().into_owned();
-                if name != "lock" && !name.starts_with("last_reserved_ip") {
-                    out.push(name);
-                }
-            }
-        }
-        Ok(out)
+        weft_netns_testing::host_local_leases(self.dir.path())
     }
 }
 
@@ -374,20 +247,7 @@ impl Call {
 
     /// Runs `binary` in `node` with `stdin` as given (for malformed input).
     pub fn exec_bytes(&self, node: &Netns, binary: &str, stdin: &[u8]) -> Result<Ran> {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &node.name, binary]);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("CNI_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.envs(self.env())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().context("spawn plugin")?;
-        child.stdin.take().context("stdin")?.write_all(stdin)?;
-        let out = child.wait_with_output()?;
+        let out = weft_netns_testing::exec_cni(node, binary, self.env(), stdin, Stdio::inherit())?;
         Ok(Ran {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -421,55 +281,26 @@ pub fn with_prev(conf: &Value, prev: &Value) -> Value {
 /// Connects over TCP from namespace `from` to `to_ip` in namespace `to`:
 /// a listener in `to`, a connect and a short exchange from `from`.
 pub fn tcp_check(from: &Netns, to: &Netns, to_ip: IpAddr) -> Result<()> {
-    let listener = to.run(move || TcpListener::bind(SocketAddr::new(to_ip, 0)))??;
-    let port = listener.local_addr()?.port();
-    let server = std::thread::spawn(move || -> std::io::Result<()> {
-        listener.set_nonblocking(false)?;
-        let (mut s, _) = listener.accept()?;
-        let mut buf = [0u8; 4];
-        s.read_exact(&mut buf)?;
-        s.write_all(&buf)
-    });
+    let server = weft_netns_testing::TcpEcho::start(&to.name, SocketAddr::new(to_ip, 0))?;
+    let port = server.port();
     let deadline = Instant::now() + Duration::from_secs(5);
-    let result = from.run(move || -> Result<()> {
+    from.run(move || -> Result<()> {
         loop {
             match TcpStream::connect_timeout(&SocketAddr::new(to_ip, port), Duration::from_secs(1))
             {
                 Ok(mut s) => {
-                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    s.write_all(b"weft")?;
-                    let mut buf = [0u8; 4];
-                    s.read_exact(&mut buf)?;
-                    anyhow::ensure!(&buf == b"weft", "echo mismatch");
+                    let echoed = weft_netns_testing::echo(&mut s, Duration::from_secs(2));
+                    anyhow::ensure!(echoed, "echo mismatch");
                     return Ok(());
                 }
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
+                Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 Err(e) => bail!("connect {}:{port} from {}: {e}", to_ip, "netns"),
             }
         }
-    })?;
-    match result {
-        Ok(()) => {
-            server
-                .join()
-                .map_err(|_| anyhow::anyhow!("server panicked"))??;
-            Ok(())
-        }
-        Err(e) => {
-            // Unblock the listener thread with a local connection, then report.
-            let _ = to.run(move || {
-                TcpStream::connect_timeout(
-                    &SocketAddr::new(to_ip, port),
-                    Duration::from_millis(200),
-                )
-            });
-            let _ = server.join();
-            Err(e).with_context(|| format!("TCP from {} to {to_ip} in {}", from.name, to.name))
-        }
-    }
+    })?
+    .with_context(|| format!("TCP from {} to {to_ip} in {}", from.name, to.name))
 }
 
 /// The pod addresses (without prefix) in an ADD result.
