@@ -68,32 +68,48 @@ impl Admin {
 
     /// Serves until the task is dropped.
     pub async fn serve(self, listener: TcpListener) {
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let admin = self.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let accept = req
-                        .headers()
-                        .get(http::header::ACCEPT)
-                        .and_then(|v| v.to_str().ok());
-                    let rsp = admin.respond(req.method(), req.uri().path(), accept);
-                    async move { Ok::<_, Infallible>(rsp) }
-                });
-                if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await
-                {
-                    tracing::debug!(error = %e, "admin connection ended");
-                }
+        serve_http(listener, "admin", move |req, _peer| {
+            let accept = req
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            self.respond(req.method(), req.uri().path(), accept)
+        })
+        .await
+    }
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on `listener` until the task is dropped, answering each request
+/// with `respond(request, peer)`; `what` names the server in logs. The controller's admin
+/// server and the CNI agent's metrics server share it.
+pub async fn serve_http<B, F>(listener: TcpListener, what: &'static str, respond: F)
+where
+    F: Fn(Request<Incoming>, std::net::SocketAddr) -> Response<B> + Clone + Send + Sync + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, server = what, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let respond = respond.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let rsp = respond(req, peer);
+                async move { Ok::<_, Infallible>(rsp) }
             });
-        }
+            if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(error = %e, server = what, "connection ended");
+            }
+        });
     }
 }

@@ -8,10 +8,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::body::Frame;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -108,32 +107,13 @@ impl<D: Dataplane> Server<D> {
 
     /// Serves until the task is dropped.
     pub async fn serve(self, listener: TcpListener) {
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics server: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let server = self.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let accept = req
-                        .headers()
-                        .get(http::header::ACCEPT)
-                        .and_then(|v| v.to_str().ok());
-                    let rsp = server.respond(req.method(), req.uri().path(), accept, peer);
-                    async move { Ok::<_, Infallible>(rsp) }
-                });
-                if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await
-                {
-                    tracing::debug!(error = %e, "metrics connection ended");
-                }
-            });
-        }
+        weft_controller::admin::serve_http(listener, "metrics", move |req, peer| {
+            let accept = req
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            self.respond(req.method(), req.uri().path(), accept, peer)
+        })
+        .await
     }
 }
