@@ -22,8 +22,10 @@ use crate::identity::token::{LocalTokens, TokenKeyError, TokenReviewVerifier, To
 use crate::identity::{IdentityConfig, IssuerSource, TokenMode};
 use crate::index::{Index, ResolveConfig};
 use crate::metrics::Metrics;
-use crate::source::dir::{DirError, DirSource};
+use crate::model::Kind;
+use crate::source::dir::DirError;
 use crate::source::{Readiness, SourceConfig};
+use crate::source::{Source, SourceError};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -79,6 +81,15 @@ pub enum RuntimeError {
     Server { what: &'static str, message: String },
 }
 
+impl From<SourceError> for RuntimeError {
+    fn from(e: SourceError) -> Self {
+        match e {
+            SourceError::Dir(e) => RuntimeError::Dir(e),
+            SourceError::Kube(e) => RuntimeError::Kube(e),
+        }
+    }
+}
+
 /// A running controller: its bound addresses and tasks.
 #[derive(Debug)]
 pub struct Controller {
@@ -124,18 +135,10 @@ impl Controller {
         let metrics = Metrics::new();
         let readiness = Readiness::default();
         // Validate the source before binding anything.
-        let dir = match &config.source {
-            SourceConfig::Dir(path) => Some(DirSource::new(path.clone(), metrics.clone())?),
-            SourceConfig::Kube => None,
-        };
-        let client = match (&config.source, client) {
-            (SourceConfig::Kube, Some(c)) => Some(c),
-            (SourceConfig::Kube, None) => Some(kube::Client::try_default().await?),
-            (SourceConfig::Dir(_), _) => None,
-        };
+        let source = Source::open(&config.source, metrics.clone(), client).await?;
         // The issuer is validated before any port is bound, too.
         let identity_parts = match &config.identity {
-            Some(ic) => Some(identity_parts(ic, &config, client.as_ref())?),
+            Some(ic) => Some(identity_parts(ic, &config, source.client())?),
             None => None,
         };
         let destination = bind("destination", config.destination_addr).await?;
@@ -150,30 +153,20 @@ impl Controller {
         let admin_addr = local(&admin, "admin", config.admin_addr)?;
 
         let mut tasks = Vec::new();
-        match (dir, client) {
-            (Some(dir), _) => {
-                let (index, readiness) = (index.clone(), readiness.clone());
-                tasks.push(tokio::spawn(async move {
-                    if let Err(e) = dir.run(index, readiness).await {
-                        tracing::error!(error = %e, "directory source stopped");
-                    }
-                }));
-            }
-            (None, Some(client)) => {
-                tasks.push(tokio::spawn(crate::source::kube::run(
-                    client.clone(),
-                    index.clone(),
-                    metrics.clone(),
-                    readiness.clone(),
-                )));
-                tasks.push(tokio::spawn(crate::status::run(
-                    client,
-                    index.clone(),
-                    metrics.clone(),
-                )));
-            }
-            (None, None) => {}
+        // The status writer needs the client after the source takes it.
+        if let Some(client) = source.client().cloned() {
+            tasks.push(tokio::spawn(crate::status::run(
+                client,
+                index.clone(),
+                metrics.clone(),
+            )));
         }
+        tasks.push(source.spawn(
+            index.clone(),
+            metrics.clone(),
+            readiness.clone(),
+            &Kind::ALL,
+        ));
 
         let svc = DestinationService::new(
             index.clone(),

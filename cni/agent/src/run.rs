@@ -7,8 +7,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use weft_controller::index::Index;
 use weft_controller::model::Kind;
-use weft_controller::source::dir::DirSource;
-use weft_controller::source::{Readiness, SourceConfig};
+use weft_controller::source::{Readiness, Source};
 use weft_datapath::Datapath;
 
 use crate::agent::Agent;
@@ -53,30 +52,12 @@ pub enum RunError {
 pub async fn run(config: Config) -> Result<(), RunError> {
     let source_metrics = weft_controller::metrics::Metrics::new();
     // Validate the source before touching the node.
-    let dir = match &config.source {
-        SourceConfig::Dir(path) => Some(
-            DirSource::new(path.clone(), source_metrics.clone()).map_err(|e| RunError::Source {
-                source_flag: config.source.to_string(),
-                message: e.to_string(),
-            })?,
-        ),
-        SourceConfig::Kube => None,
-    };
-    let client = match &config.source {
-        SourceConfig::Kube => {
-            Some(
-                kube::Client::try_default()
-                    .await
-                    .map_err(|e| RunError::Source {
-                        source_flag: "kube".into(),
-                        message: format!(
-                    "cannot build a Kubernetes client (in-cluster config or KUBECONFIG): {e}"
-                ),
-                    })?,
-            )
-        }
-        SourceConfig::Dir(_) => None,
-    };
+    let source = Source::open(&config.source, source_metrics.clone(), None)
+        .await
+        .map_err(|e| RunError::Source {
+            source_flag: config.source.to_string(),
+            message: e.to_string(),
+        })?;
     let store = Store::open(&config.state_dir)?;
     let datapath = Datapath::open(&config.pin_dir).map_err(|source| RunError::Datapath {
         path: config.pin_dir.clone(),
@@ -102,26 +83,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let index = Index::new();
     let readiness = Readiness::default();
     let mut tasks = Vec::new();
-    match (dir, client) {
-        (Some(dir), _) => {
-            let (index, readiness) = (index.clone(), readiness.clone());
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = dir.run(index, readiness).await {
-                    tracing::error!(error = %e, "directory source stopped");
-                }
-            }));
-        }
-        (None, Some(client)) => {
-            tasks.push(tokio::spawn(weft_controller::source::kube::run_kinds(
-                client,
-                index.clone(),
-                source_metrics.clone(),
-                readiness.clone(),
-                &[Kind::Pod, Kind::Namespace, Kind::NetworkPolicy],
-            )));
-        }
-        (None, None) => {}
-    }
+    tasks.push(source.spawn(
+        index.clone(),
+        source_metrics.clone(),
+        readiness.clone(),
+        &[Kind::Pod, Kind::Namespace, Kind::NetworkPolicy],
+    ));
 
     let agent = Agent::new(
         core,

@@ -41,6 +41,79 @@ impl fmt::Display for SourceConfig {
     }
 }
 
+/// A configured source, checked before anything else starts (the directory exists and its
+/// files load, or a Kubernetes client was built). The controller and the CNI agent start theirs
+/// through it.
+pub enum Source {
+    Dir(dir::DirSource),
+    Kube(::kube::Client),
+}
+
+/// Why a [`Source`] could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Dir(#[from] dir::DirError),
+    #[error("cannot build a Kubernetes client (in-cluster config or KUBECONFIG): {0}")]
+    Kube(#[from] ::kube::Error),
+}
+
+impl Source {
+    /// Opens `config`; for `kube`, `client` if given (tests pass one pointed at the fake API
+    /// server), else one from KUBECONFIG or the in-cluster configuration.
+    pub async fn open(
+        config: &SourceConfig,
+        metrics: crate::metrics::Metrics,
+        client: Option<::kube::Client>,
+    ) -> Result<Self, SourceError> {
+        Ok(match (config, client) {
+            (SourceConfig::Dir(path), _) => {
+                Source::Dir(dir::DirSource::new(path.clone(), metrics)?)
+            }
+            (SourceConfig::Kube, Some(c)) => Source::Kube(c),
+            (SourceConfig::Kube, None) => Source::Kube(::kube::Client::try_default().await?),
+        })
+    }
+
+    /// The Kubernetes client of a `kube` source.
+    pub fn client(&self) -> Option<&::kube::Client> {
+        match self {
+            Source::Kube(c) => Some(c),
+            Source::Dir(_) => None,
+        }
+    }
+
+    /// Feeds `index` until the task is aborted: a directory loads every kind it finds; the
+    /// Kubernetes source watches `kinds`.
+    pub fn spawn(
+        self,
+        index: crate::index::Index,
+        metrics: crate::metrics::Metrics,
+        readiness: Readiness,
+        kinds: &'static [crate::model::Kind],
+    ) -> tokio::task::JoinHandle<()> {
+        match self {
+            Source::Dir(dir) => tokio::spawn(async move {
+                if let Err(e) = dir.run(index, readiness).await {
+                    tracing::error!(error = %e, "directory source stopped");
+                }
+            }),
+            Source::Kube(client) => {
+                tokio::spawn(kube::run_kinds(client, index, metrics, readiness, kinds))
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Dir(_) => f.write_str("Source::Dir"),
+            Source::Kube(_) => f.write_str("Source::Kube"),
+        }
+    }
+}
+
 /// Set once the source has loaded a complete first view of the cluster;
 /// `/ready` answers 200 from then on.
 #[derive(Clone, Debug, Default)]
