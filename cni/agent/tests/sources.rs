@@ -20,7 +20,6 @@ use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,7 +28,6 @@ use serde_json::{json, Value};
 use support::*;
 use weft_cni::agent_proto::{AgentClient, Request, Response};
 use weft_controller::testing::fake_apiserver::{FakeApiServer, Resource};
-use weft_datapath::PolicyMaps;
 
 const ALLOWED: Duration = Duration::from_millis(1500);
 const DENIED: Duration = Duration::from_millis(300);
@@ -151,34 +149,6 @@ fn write_manifest(dir: &Path, name: &str, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// Nothing of the agent's is left: no endpoint in its state file or the pinned maps, no
-/// policy entry, no link.
-fn nothing_left(pins: &PinDir, state_dir: &Path) -> Result<()> {
-    let dp = weft_datapath::Datapath::open(&pins.0)?;
-    ensure!(
-        dp.endpoints()?.is_empty(),
-        "endpoints left in the map: {:?}",
-        dp.endpoints()?
-    );
-    ensure!(
-        dp.policy_entry_counts()? == (0, 0),
-        "policy entries left: {:?}",
-        dp.policy_entry_counts()?
-    );
-    ensure!(
-        dp.attached()?.is_empty(),
-        "links left: {:?}",
-        dp.attached()?
-    );
-    let state: Value = serde_json::from_slice(&std::fs::read(state_dir.join("state.json"))?)?;
-    ensure!(
-        state["endpoints"].as_object().is_some_and(|e| e.is_empty()),
-        "state file entries left: {}",
-        state["endpoints"]
-    );
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------
 // --source kube
 
@@ -291,49 +261,6 @@ impl Drop for KubeApi {
     }
 }
 
-/// The agent with `--source kube`, KUBECONFIG naming the fake; returns as soon as the
-/// process is spawned (the caller checks readiness).
-fn start_kube_agent(node: &Netns, dirs: &AgentDirs, kubeconfig: &Path) -> Result<Agent> {
-    let args: Vec<String> = vec![
-        "--source".into(),
-        "kube".into(),
-        "--node".into(),
-        "test-node".into(),
-        "--pin-dir".into(),
-        dirs.pin_dir.display().to_string(),
-        "--socket".into(),
-        dirs.socket.display().to_string(),
-        "--metrics-addr".into(),
-        "0.0.0.0:9964".into(),
-        "--state-dir".into(),
-        dirs.state_dir.display().to_string(),
-        "--log".into(),
-        "info".into(),
-    ];
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&dirs.log)?;
-    let child = node
-        .command(AGENT)?
-        .args(&args)
-        .env_remove("RUST_LOG")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env_remove("KUBERNETES_SERVICE_PORT")
-        .env("KUBECONFIG", kubeconfig)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("spawn weft-cni-agent")?;
-    Ok(Agent {
-        child: Some(child),
-        socket: dirs.socket.clone(),
-        log: dirs.log.clone(),
-        args,
-    })
-}
-
 /// `/ready`'s status code, once the metrics server answers.
 fn ready_code(node: &Netns, within: Duration) -> Result<u16> {
     let deadline = Instant::now() + within;
@@ -404,7 +331,7 @@ fn kube_source_ready_after_sync_policy_applied_edited_and_deleted_through_the_ap
     api.fake.apply(allow_client_web(80));
 
     // Not ready while the API server holds the lists back.
-    let agent = start_kube_agent(&node, &dirs, &kubeconfig)?;
+    let agent = Agent::spawn(&node, &dirs, "kube", Some(&kubeconfig))?;
     let code = ready_code(&node, Duration::from_secs(10))?;
     ensure!(code == 503, "/ready before the source synced: {code}");
     let status = AgentClient::new(&agent.socket).call(&Request::Status)?;

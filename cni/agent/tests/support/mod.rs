@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use weft_cni::agent_proto::{AgentClient, Request, Response};
 #[allow(unused_imports)] // CNI_BIN_DIR: sources.rs only
@@ -72,10 +72,25 @@ pub struct AgentDirs {
 }
 
 impl Agent {
+    /// The agent on the manifest directory, once its STATUS answers ok.
     pub fn start(node: &Netns, dirs: &AgentDirs) -> Result<Agent> {
+        let source = format!("dir:{}", dirs.manifests.display());
+        let agent = Agent::spawn(node, dirs, &source, None)?;
+        agent.wait_ready(Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// The agent with `--source SOURCE` (and `KUBECONFIG`, for `kube`), as soon as the
+    /// process is spawned (the caller checks readiness).
+    pub fn spawn(
+        node: &Netns,
+        dirs: &AgentDirs,
+        source: &str,
+        kubeconfig: Option<&Path>,
+    ) -> Result<Agent> {
         let args: Vec<String> = vec![
             "--source".into(),
-            format!("dir:{}", dirs.manifests.display()),
+            source.into(),
             "--node".into(),
             "test-node".into(),
             "--pin-dir".into(),
@@ -93,23 +108,24 @@ impl Agent {
             .create(true)
             .append(true)
             .open(&dirs.log)?;
-        let child = node
-            .command(AGENT)?
-            .args(&args)
+        let mut cmd = node.command(AGENT)?;
+        cmd.args(&args)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawn weft-cni-agent")?;
-        let agent = Agent {
+            .stderr(log);
+        if let Some(kubeconfig) = kubeconfig {
+            cmd.env_remove("KUBERNETES_SERVICE_HOST")
+                .env_remove("KUBERNETES_SERVICE_PORT")
+                .env("KUBECONFIG", kubeconfig);
+        }
+        let child = cmd.spawn().context("spawn weft-cni-agent")?;
+        Ok(Agent {
             child: Some(child),
             socket: dirs.socket.clone(),
             log: dirs.log.clone(),
             args,
-        };
-        agent.wait_ready(Duration::from_secs(20))?;
-        Ok(agent)
+        })
     }
 
     /// Polls STATUS until `ok`.
@@ -274,4 +290,40 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Nothing of the agent's is left: no endpoint in its state file or the pinned maps, no policy
+/// entry, no link, no recorded source address, no drop or source-drop counter.
+pub fn nothing_left(pins: &PinDir, state_dir: &Path) -> Result<()> {
+    use weft_datapath::PolicyMaps;
+    let dp = weft_datapath::Datapath::open(&pins.0)?;
+    ensure!(
+        dp.endpoints()?.is_empty(),
+        "endpoints left in the map: {:?}",
+        dp.endpoints()?
+    );
+    ensure!(
+        dp.policy_entry_counts()? == (0, 0),
+        "policy entries left: {:?}",
+        dp.policy_entry_counts()?
+    );
+    ensure!(
+        dp.attached()?.is_empty(),
+        "links left: {:?}",
+        dp.attached()?
+    );
+    ensure!(
+        dp.endpoint_addrs()?.is_empty(),
+        "source addresses left: {:?}",
+        dp.endpoint_addrs()?
+    );
+    ensure!(dp.source_drops()?.is_empty(), "source drop counters left");
+    ensure!(dp.drops()?.is_empty(), "drop counters left");
+    let state: Value = serde_json::from_slice(&std::fs::read(state_dir.join("state.json"))?)?;
+    ensure!(
+        state["endpoints"].as_object().is_some_and(|e| e.is_empty()),
+        "state file entries left: {}",
+        state["endpoints"]
+    );
+    Ok(())
 }
