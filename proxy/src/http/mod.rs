@@ -613,7 +613,7 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
 
     // The outbound policy: route → filters here, then timeout → retry → balance → breaker →
     // endpoint in `send_planned` (see `outbound`).
-    let plan = match (policy, &ctx.router) {
+    let mut plan = match (policy, &ctx.router) {
         (Some(mut rx), Some(router)) => {
             if fresh {
                 rx = router
@@ -647,7 +647,6 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
         (_, _) => outbound::Plan::direct(balancer),
     };
     // RequestMirror copies start here, sent beside the request (never an upgrade).
-    let mut plan = plan;
     if !plan.mirrors.is_empty() && !h1 {
         req = mirror::start(std::mem::take(&mut plan.mirrors), req);
     }
