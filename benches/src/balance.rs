@@ -149,17 +149,6 @@ pub fn verdict(shares: &[Share], slow: SocketAddr, balanced_p99: u64, fast_p99: 
     }
 }
 
-fn free_addrs(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
-    let listeners = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()
-        .context("finding free loopback ports")?;
-    listeners
-        .iter()
-        .map(|l| l.local_addr().context("reading a free port"))
-        .collect()
-}
-
 /// Starts the three servers on their own thread ([`spawn_thread`]); returns their addresses
 /// and counters.
 fn start_servers(
@@ -348,7 +337,7 @@ async fn run_all(
     servers: &[(SocketAddr, Arc<AtomicU64>)],
     cpu: Option<usize>,
 ) -> anyhow::Result<(Vec<RunResult>, (Vec<u64>, Vec<u64>))> {
-    let ports = free_addrs(7)?;
+    let ports = crate::scenario::free_addrs(7)?;
     let (destination, identity, controller_admin) = (ports[0], ports[1], ports[2]);
     let proxy_addrs = ProxyAddrs {
         outbound: ports[3],

@@ -27,6 +27,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 pub use prost_types;
 
 pub mod exposition;
+pub mod loopback;
 
 /// `weft.net`: addresses shared by every API.
 pub mod net {

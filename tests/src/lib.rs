@@ -14,7 +14,7 @@ pub mod pki;
 pub mod servers;
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,13 +44,14 @@ pub fn bin(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// A free loopback port (bound and released; fine for tests that start at once).
+/// A free loopback port that no outgoing connection will take before the process under
+/// test binds it (see [`weft_proto::loopback`]).
 pub fn free_port() -> Result<u16> {
-    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(free_addr()?.port())
 }
 
 pub fn free_addr() -> Result<SocketAddr> {
-    Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
+    Ok(weft_proto::loopback::free_addr()?)
 }
 
 /// A running `weft-proxy` process, killed on drop.

@@ -314,16 +314,7 @@ pub async fn start_server(
 /// Free loopback addresses, all distinct: the probing listeners are held
 /// until every address is chosen.
 pub fn free_addrs(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
-    let listeners = (0..n)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .context("binding 127.0.0.1:0 to find a free port")
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|l| l.local_addr().context("reading a bound address"))
-        .collect()
+    weft_proto::loopback::free_addrs(n).context("choosing free loopback ports")
 }
 
 pub fn temp_dir() -> anyhow::Result<PathBuf> {

@@ -2,7 +2,7 @@
 //! proxy's environment contract), started, watched, scraped and stopped.
 
 use std::ffi::OsString;
-use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -123,12 +123,7 @@ fn path_text(p: &Path) -> String {
 /// another process could take one in between, in which case the proxy fails
 /// to bind and says so in its log. Holding all of them at once until now at
 /// least keeps the six from colliding with each other.
-pub fn free_loopback_ports(n: usize) -> std::io::Result<Vec<SocketAddr>> {
-    let listeners = (0..n)
-        .map(|_| StdTcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    listeners.iter().map(StdTcpListener::local_addr).collect()
-}
+pub use weft_proto::loopback::free_addrs as free_loopback_ports;
 
 /// A running proxy child.
 #[derive(Debug)]

@@ -9,10 +9,7 @@ use weft_controller::model::names::parse_target;
 
 /// A loopback address with a port that was free a moment ago.
 pub fn free_port() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    weft_proto::loopback::free_addr().expect("a free loopback port")
 }
 
 /// Polls `check` until it is true or `within` passes; panics with `what`.
