@@ -6,8 +6,8 @@
 //! under an HTTPRoute with retries and a BackendPolicy) and shows live golden
 //! metrics, the route's split and retries, and the mesh's security state read
 //! from the proxies' admin endpoints; `weft inject`
-//! patches manifests offline. `install`, `check`, `stat` and `policy explain`
-//! will join them.
+//! patches manifests offline; `weft stat` shows golden signals per
+//! deployment, service, route or pod. `install` and `check` will join them.
 //!
 //! The binary (`src/main.rs`) only parses arguments and sets up logging; the
 //! work lives here:
@@ -17,8 +17,9 @@
 //! - [`policy`]: `weft policy explain`, NetworkPolicy verdicts from the
 //!   model's reference evaluator over the controller's sources.
 //! - [`promtext`]: a parser for the Prometheus text format the proxies serve.
+//! - [`stat`]: `weft stat`, golden signals from Prometheus or the proxies.
 //! - [`stats`]: rates, success rates and latency quantiles from two scrapes,
-//!   meant to be shared with a future `weft stat`.
+//!   shared by the demo's table and `weft stat`.
 //! - [`routes`]: a route's split, success after retries, retries and budget
 //!   refusals from a client proxy's scrape.
 //! - [`security`]: mTLS connections and peer identities, handshake failures
@@ -31,4 +32,5 @@ pub mod policy;
 pub mod promtext;
 pub mod routes;
 pub mod security;
+pub mod stat;
 pub mod stats;

@@ -45,6 +45,16 @@ enum Command {
     Policy(weft_cli::policy::PolicyArgs),
     /// The CNI: `weft cni flows` streams the node's NetworkPolicy verdicts.
     Cni(weft_cli::cni::CniArgs),
+    /// Golden signals per deployment, service, route or pod (exit 2 on error).
+    ///
+    /// Request rate, success rate, p50/p95/p99 latency, open TCP connections
+    /// and the mTLS share, from a Prometheus server (--prometheus URL) or
+    /// from the proxies' admin endpoints: two scrapes --window apart of the
+    /// addresses given with --from-proxies, or of the meshed pods found in
+    /// a manifest directory (--source dir:PATH). Deployment and pod rows are
+    /// the traffic they received; service rows what meshed clients sent them;
+    /// route rows what the clients' proxies counted on the route.
+    Stat(weft_cli::stat::StatArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -82,6 +92,7 @@ fn main() -> ExitCode {
         Command::Inject(args) => return run_inject(&args),
         Command::Policy(args) => return weft_cli::policy::run(&args),
         Command::Cni(args) => return weft_cli::cni::run(&args),
+        Command::Stat(args) => return weft_cli::stat::run(&args),
     };
     let filter = if args.verbose {
         "info,weft=debug,weft_cli=debug"

@@ -13,6 +13,7 @@ pub const REQUESTS_TOTAL: &str = "weft_http_requests_total";
 pub const RESPONSES_TOTAL: &str = "weft_http_responses_total";
 pub const RESPONSE_DURATION_BUCKET: &str = "weft_http_response_duration_seconds_bucket";
 pub const TCP_CONNECTIONS_OPEN: &str = "weft_tcp_connections_open";
+pub const TLS_CONNECTIONS_TOTAL: &str = "weft_tls_connections_total";
 
 /// The `direction` label's values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -41,19 +42,47 @@ pub struct DirectionSnapshot {
     pub buckets: Vec<(f64, f64)>,
     /// `None` when the proxy exposes no such gauge for this direction.
     pub tcp_open: Option<f64>,
+    /// Requests that carried a client identity (`client_id` not empty): they
+    /// arrived over mutual TLS. Meaningful inbound only.
+    pub mtls_requests: f64,
+    /// Connections counted by `weft_tls_connections_total`, and those of them
+    /// with `tls="true"`.
+    pub tls_connections: f64,
+    pub mtls_connections: f64,
 }
 
 impl DirectionSnapshot {
     /// Sum the samples that belong to `direction`. Samples of other metrics,
     /// and bucket samples whose `le` is not a number, are ignored.
     pub fn from_samples(samples: &[Sample], direction: Direction) -> Self {
+        Self::from_matching(samples, direction, |_| true)
+    }
+
+    /// As [`Self::from_samples`], keeping only the samples `keep` accepts
+    /// (e.g. those of one authority).
+    pub fn from_matching(
+        samples: &[Sample],
+        direction: Direction,
+        keep: impl Fn(&Sample) -> bool,
+    ) -> Self {
         let mut snap = DirectionSnapshot::default();
         for s in samples
             .iter()
-            .filter(|s| s.label("direction") == Some(direction.as_str()))
+            .filter(|s| s.label("direction") == Some(direction.as_str()) && keep(s))
         {
             match s.name.as_str() {
-                REQUESTS_TOTAL => snap.requests += s.value,
+                REQUESTS_TOTAL => {
+                    snap.requests += s.value;
+                    if s.label("client_id").is_some_and(|id| !id.is_empty()) {
+                        snap.mtls_requests += s.value;
+                    }
+                }
+                TLS_CONNECTIONS_TOTAL => {
+                    snap.tls_connections += s.value;
+                    if s.label("tls") == Some("true") {
+                        snap.mtls_connections += s.value;
+                    }
+                }
                 RESPONSES_TOTAL => {
                     snap.responses += s.value;
                     if s.label("classification") == Some("success") {
@@ -85,6 +114,72 @@ fn parse_le(le: &str) -> Option<f64> {
     }
 }
 
+/// The increases between two snapshots of one proxy: what happened in the
+/// window, before dividing by its length. Counts of several proxies add up
+/// ([`WindowCounts::add`]) after each proxy's own reset handling, so one
+/// restarted pod does not distort the others.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WindowCounts {
+    pub requests: f64,
+    pub responses: f64,
+    pub successes: f64,
+    /// Per-bucket increases `(upper bound, count)`, sorted by upper bound.
+    pub buckets: Vec<(f64, f64)>,
+    /// The gauge at the later snapshot.
+    pub tcp_open: Option<f64>,
+    pub mtls_requests: f64,
+    pub tls_connections: f64,
+    pub mtls_connections: f64,
+}
+
+impl WindowCounts {
+    pub fn between(prev: &DirectionSnapshot, cur: &DirectionSnapshot) -> Self {
+        WindowCounts {
+            requests: counter_delta(prev.requests, cur.requests),
+            responses: counter_delta(prev.responses, cur.responses),
+            successes: counter_delta(prev.successes, cur.successes),
+            buckets: bucket_deltas(&prev.buckets, &cur.buckets),
+            tcp_open: cur.tcp_open,
+            mtls_requests: counter_delta(prev.mtls_requests, cur.mtls_requests),
+            tls_connections: counter_delta(prev.tls_connections, cur.tls_connections),
+            mtls_connections: counter_delta(prev.mtls_connections, cur.mtls_connections),
+        }
+    }
+
+    /// Adds `other`'s counts (another proxy's, or another authority's).
+    pub fn add(&mut self, other: &WindowCounts) {
+        self.requests += other.requests;
+        self.responses += other.responses;
+        self.successes += other.successes;
+        for &(le, c) in &other.buckets {
+            match self.buckets.iter_mut().find(|(b, _)| *b == le) {
+                Some((_, count)) => *count += c,
+                None => self.buckets.push((le, c)),
+            }
+        }
+        self.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        self.tcp_open = match (self.tcp_open, other.tcp_open) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+        };
+        self.mtls_requests += other.mtls_requests;
+        self.tls_connections += other.tls_connections;
+        self.mtls_connections += other.mtls_connections;
+    }
+
+    /// The share of the window's traffic that was mutual TLS: of requests when
+    /// there were any, else of new connections; `None` when neither moved.
+    pub fn mtls_share(&self) -> Option<f64> {
+        if self.requests > 0.0 {
+            Some((self.mtls_requests / self.requests).clamp(0.0, 1.0))
+        } else if self.tls_connections > 0.0 {
+            Some((self.mtls_connections / self.tls_connections).clamp(0.0, 1.0))
+        } else {
+            None
+        }
+    }
+}
+
 /// What happened in one direction between two snapshots.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WindowStats {
@@ -94,6 +189,7 @@ pub struct WindowStats {
     /// Seconds; `None` when the window saw no observation or there is no
     /// histogram.
     pub p50: Option<f64>,
+    pub p95: Option<f64>,
     pub p99: Option<f64>,
     pub tcp_open: Option<f64>,
     /// Responses seen in the window (the denominator of `success_rate`).
@@ -103,21 +199,23 @@ pub struct WindowStats {
 impl WindowStats {
     /// Compare two snapshots taken `seconds` apart.
     pub fn between(prev: &DirectionSnapshot, cur: &DirectionSnapshot, seconds: f64) -> Self {
-        let requests = counter_delta(prev.requests, cur.requests);
-        let responses = counter_delta(prev.responses, cur.responses);
-        let successes = counter_delta(prev.successes, cur.successes);
-        let buckets = bucket_deltas(&prev.buckets, &cur.buckets);
+        Self::from_counts(&WindowCounts::between(prev, cur), seconds)
+    }
+
+    /// Rates and quantiles of counts gathered over `seconds`.
+    pub fn from_counts(c: &WindowCounts, seconds: f64) -> Self {
         WindowStats {
             requests_per_sec: if seconds > 0.0 {
-                requests / seconds
+                c.requests / seconds
             } else {
                 0.0
             },
-            success_rate: (responses > 0.0).then(|| (successes / responses).clamp(0.0, 1.0)),
-            p50: histogram_quantile(0.5, &buckets),
-            p99: histogram_quantile(0.99, &buckets),
-            tcp_open: cur.tcp_open,
-            responses,
+            success_rate: (c.responses > 0.0).then(|| (c.successes / c.responses).clamp(0.0, 1.0)),
+            p50: histogram_quantile(0.5, &c.buckets),
+            p95: histogram_quantile(0.95, &c.buckets),
+            p99: histogram_quantile(0.99, &c.buckets),
+            tcp_open: c.tcp_open,
+            responses: c.responses,
         }
     }
 }
@@ -321,6 +419,38 @@ mod tests {
         assert_eq!(idle.requests_per_sec, 0.0);
         assert_eq!(idle.success_rate, None);
         assert_eq!(idle.p50, None);
+    }
+
+    #[test]
+    fn window_counts_add_up_and_give_the_mtls_share() {
+        let mut a = WindowCounts {
+            requests: 10.0,
+            mtls_requests: 10.0,
+            buckets: vec![(1.0, 4.0), (INF, 10.0)],
+            tcp_open: Some(1.0),
+            ..WindowCounts::default()
+        };
+        let b = WindowCounts {
+            requests: 30.0,
+            buckets: vec![(1.0, 6.0), (2.0, 20.0), (INF, 30.0)],
+            ..WindowCounts::default()
+        };
+        a.add(&b);
+        assert_eq!(a.requests, 40.0);
+        assert_eq!(a.buckets, vec![(1.0, 10.0), (2.0, 20.0), (INF, 40.0)]);
+        assert_eq!(a.tcp_open, Some(1.0));
+        assert_eq!(a.mtls_share(), Some(0.25));
+        // Without requests, the share of new connections; without either, unknown.
+        let conns = WindowCounts {
+            tls_connections: 4.0,
+            mtls_connections: 3.0,
+            ..WindowCounts::default()
+        };
+        assert_eq!(conns.mtls_share(), Some(0.75));
+        assert_eq!(WindowCounts::default().mtls_share(), None);
+        let mut none = WindowCounts::default();
+        none.add(&WindowCounts::default());
+        assert_eq!(none.tcp_open, None);
     }
 
     /// A scrape of a real `weft-proxy` (client side of `weft demo`, 3.5 s in).

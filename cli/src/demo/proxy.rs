@@ -195,8 +195,13 @@ impl AdminClient {
 
     /// `GET http://<addr><path>`: the status and body, or a one-line reason.
     pub async fn get(&self, addr: SocketAddr, path: &str) -> Result<(StatusCode, Bytes), String> {
-        let url = format!("http://{addr}{path}");
-        let uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
+        self.get_url(&format!("http://{addr}{path}")).await
+    }
+
+    /// `GET <url>` (plain `http://` only, e.g. a Prometheus server's API):
+    /// the status and body, or a one-line reason naming the URL.
+    pub async fn get_url(&self, url: &str) -> Result<(StatusCode, Bytes), String> {
+        let uri: http::Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
         let fetch = async {
             let resp = self
                 .client

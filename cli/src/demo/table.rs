@@ -265,6 +265,7 @@ mod tests {
             requests_per_sec: rps,
             success_rate: success,
             p50,
+            p95: None,
             p99,
             tcp_open: Some(2.0),
             responses: 0.0,
