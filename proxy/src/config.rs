@@ -24,6 +24,7 @@ pub mod env {
     pub const WORKER_THREADS: &str = "WEFT_PROXY_WORKER_THREADS";
     pub const LOG: &str = "WEFT_PROXY_LOG";
     pub const LOG_FORMAT: &str = "WEFT_PROXY_LOG_FORMAT";
+    pub const ACCESS_LOG: &str = "WEFT_PROXY_ACCESS_LOG";
     pub const DESTINATION_ADDR: &str = "WEFT_PROXY_DESTINATION_ADDR";
     pub const NAMESPACE: &str = "WEFT_PROXY_NAMESPACE";
     pub const POD_NAME: &str = "WEFT_PROXY_POD_NAME";
@@ -60,6 +61,8 @@ pub enum ConfigError {
     },
     #[error("{var}={value:?} is not one of: plain, json")]
     LogFormat { var: &'static str, value: String },
+    #[error("{var}={value:?} is not one of: json, apache (unset: no access log)")]
+    AccessLog { var: &'static str, value: String },
     #[error("{var}={value:?} is not a gRPC address (expected HOST:PORT, e.g. weft-controller.weft.svc:8086)")]
     HostPort { var: &'static str, value: String },
     #[error("{var}={value:?}: {reason}")]
@@ -111,6 +114,8 @@ pub struct Config {
     pub worker_threads: usize,
     pub log_filter: String,
     pub log_format: LogFormat,
+    /// One line per proxied request on stdout, in this format; `None`: no access log.
+    pub access_log: Option<crate::observe::access::Format>,
     /// Service discovery through the controller; `None` when `WEFT_PROXY_DESTINATION_ADDR` is
     /// unset (every connection goes to its original destination).
     pub discovery: Option<DiscoveryConfig>,
@@ -194,6 +199,7 @@ impl Default for Config {
             worker_threads: 1,
             log_filter: DEFAULT_LOG_FILTER.to_string(),
             log_format: LogFormat::Plain,
+            access_log: None,
             discovery: None,
             workload: Workload::default(),
             identity: None,
@@ -275,6 +281,14 @@ impl Config {
                     })
                 }
             };
+        }
+        if let Some(v) = get(env::ACCESS_LOG)? {
+            c.access_log = Some(crate::observe::access::Format::parse(&v).ok_or(
+                ConfigError::AccessLog {
+                    var: env::ACCESS_LOG,
+                    value: v,
+                },
+            )?);
         }
         if let Some(v) = get(env::NAMESPACE)? {
             c.workload.namespace = v;
@@ -585,6 +599,11 @@ mod tests {
             (env::OPAQUE_PORTS, "90-80", "runs backwards"),
             (env::WORKER_THREADS, "0", "between 1 and 512"),
             (env::LOG_FORMAT, "xml", "WEFT_PROXY_LOG_FORMAT=\"xml\""),
+            (
+                env::ACCESS_LOG,
+                "yes",
+                "WEFT_PROXY_ACCESS_LOG=\"yes\" is not one of: json, apache",
+            ),
             (env::MAX_HEADER_BYTES, "-1", "WEFT_PROXY_MAX_HEADER_BYTES"),
             (
                 env::DESTINATION_ADDR,
@@ -625,6 +644,7 @@ mod tests {
             (env::OPAQUE_PORTS, "25, 3306,8000-8100"),
             (env::DETECT_TIMEOUT, "250ms"),
             (env::LOG_FORMAT, "json"),
+            (env::ACCESS_LOG, "apache"),
         ])
         .unwrap();
         assert_eq!(
@@ -635,6 +655,8 @@ mod tests {
         assert!(!c.opaque_ports.contains(8101));
         assert_eq!(c.detect_timeout, Duration::from_millis(250));
         assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.access_log, Some(crate::observe::access::Format::Apache));
+        assert_eq!(Config::default().access_log, None);
     }
 
     #[test]

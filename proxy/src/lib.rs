@@ -39,6 +39,7 @@ pub mod discovery;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod observe;
 pub mod resilience;
 pub mod route;
 pub mod serve;
@@ -79,6 +80,8 @@ pub enum RunError {
         #[source]
         source: transport::tls::TlsError,
     },
+    #[error("{var}: cannot start the access log writer: {0}", var = env::ACCESS_LOG)]
+    AccessLog(#[source] std::io::Error),
 }
 
 /// Bound listeners, before serving (so tests and embedders can learn ephemeral ports).
@@ -210,6 +213,17 @@ impl Bound {
             }
             None => None,
         };
+        let mut sinks: Vec<Arc<dyn observe::Sink>> = Vec::new();
+        if let Some(format) = config.access_log {
+            let log = observe::access::AccessLog::start(
+                format,
+                Box::new(std::io::stdout()),
+                &metrics.observe,
+            )
+            .map_err(RunError::AccessLog)?;
+            sinks.push(log);
+        }
+        let observe = observe::Observe::new(sinks);
         let tracker = TaskTracker::new();
         let admin_state = Arc::new(admin::Admin {
             metrics: metrics.clone(),
@@ -248,6 +262,7 @@ impl Bound {
                     Direction::Inbound => None,
                 },
                 mesh: mesh.clone(),
+                observe: observe.clone(),
                 drain: shutdown.clone(),
                 tracker: tracker.clone(),
             })));

@@ -29,6 +29,7 @@ use crate::balance::{self, InFlight, Pick, Router};
 use crate::config::Config;
 use crate::http::{self, client::Clients, head, Cause, ConnCtx, Limits};
 use crate::metrics::{Direction, Metrics, TcpMetrics, TlsStatus};
+use crate::observe::Observe;
 use crate::tcp::{self, ByteCounters, Stream};
 use crate::transport::coalesce::Coalesce;
 use crate::transport::counting::CountingIo;
@@ -50,6 +51,8 @@ pub struct Listener {
     pub router: Option<Arc<Router>>,
     /// This proxy's mesh TLS (identity configured): inbound terminates mTLS addressed to it.
     pub mesh: Option<Arc<Mesh>>,
+    /// Access log, taps and traces.
+    pub observe: Arc<Observe>,
     pub drain: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -76,6 +79,7 @@ struct ConnShared {
     inbound_tls: Option<InboundTls>,
     /// Outbound: connections to original destinations (`not-meshed`).
     outbound_plain: Counter,
+    observe: Arc<Observe>,
     drain: CancellationToken,
 }
 
@@ -108,6 +112,7 @@ pub async fn accept_loop(l: Listener) {
         metrics: l.metrics,
         clients: l.clients,
         router: l.router,
+        observe: l.observe,
         drain: l.drain.clone(),
     });
     loop {
@@ -201,11 +206,11 @@ async fn handle(s: Arc<ConnShared>, mut stream: TcpStream, peer: SocketAddr) {
                 return;
             }
             let io = PrefixedIo::new(buf.freeze(), stream);
-            serve_http(&s, io, target, false, None).await;
+            serve_http(&s, io, peer, target, false, None).await;
         }
         Detection::Protocol(Protocol::Http2) => {
             let io = PrefixedIo::new(buf.freeze(), stream);
-            serve_http(&s, io, target, true, None).await
+            serve_http(&s, io, peer, target, true, None).await
         }
         Detection::Protocol(Protocol::Tls { .. } | Protocol::Opaque)
         | Detection::Timeout
@@ -242,8 +247,8 @@ async fn terminate(
     let client_id = Some(accepted.client_id);
     match accepted.alpn {
         // Frames written in one turn of the runtime leave in one TLS record and one write.
-        Alpn::H2 => serve_http(s, Coalesce::new(tls), target, true, client_id).await,
-        Alpn::Http1 => serve_http(s, tls, target, false, client_id).await,
+        Alpn::H2 => serve_http(s, Coalesce::new(tls), peer, target, true, client_id).await,
+        Alpn::Http1 => serve_http(s, tls, peer, target, false, client_id).await,
         Alpn::Opaque => forward_tcp(s, tls, Bytes::new(), target).await,
     }
 }
@@ -252,6 +257,7 @@ async fn terminate(
 async fn serve_http<I>(
     s: &ConnShared,
     io: I,
+    peer: SocketAddr,
     target: SocketAddr,
     h2: bool,
     client_id: Option<Arc<str>>,
@@ -260,6 +266,7 @@ async fn serve_http<I>(
 {
     let ctx = Arc::new(ConnCtx {
         direction: s.direction,
+        peer,
         target,
         h2,
         metrics: s.metrics.clone(),
@@ -274,6 +281,7 @@ async fn serve_http<I>(
             header_read_timeout: s.config.header_read_timeout,
         },
         last_authority: Default::default(),
+        observe: s.observe.clone(),
     });
     let io = CountingIo::new(io, s.tcp.read.clone(), s.tcp.write.clone());
     if h2 {

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::metrics::{AuthorityMetrics, Class};
+use crate::observe::Draft;
 
 use super::BoxError;
 
@@ -25,10 +26,12 @@ pub struct Recorder {
     pub failed: bool,
     /// Counts the request against its endpoint until the response ends (balanced requests).
     pub in_flight: Option<crate::balance::InFlight>,
+    /// The request's event when something observes it ([`crate::observe`]).
+    pub draft: Option<Box<Draft>>,
 }
 
 impl Recorder {
-    pub fn record(self) {
+    pub fn record(mut self) {
         // Dropping `self` at the end also ends the request's in-flight count.
         let class = if self.failed {
             Class::Failure
@@ -37,6 +40,12 @@ impl Recorder {
         };
         self.metrics
             .response(self.status, self.grpc_status, class, self.latency);
+        if let Some(mut d) = self.draft.take() {
+            d.event.status = self.status;
+            d.event.grpc_status = self.grpc_status;
+            d.event.latency = self.latency;
+            d.finish();
+        }
     }
 }
 
@@ -93,15 +102,22 @@ where
         let res = futures_util::ready!(this.inner.poll_frame(cx));
         match &res {
             Some(Ok(frame)) => {
-                if let (Some(trailers), Some(r)) = (frame.trailers_ref(), this.recorder.as_mut()) {
-                    if let Some(s) = grpc_status(trailers) {
-                        r.grpc_status = Some(s);
+                if let Some(r) = this.recorder.as_mut() {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        if let Some(s) = grpc_status(trailers) {
+                            r.grpc_status = Some(s);
+                        }
+                    } else if let (Some(data), Some(d)) = (frame.data_ref(), r.draft.as_mut()) {
+                        d.event.response_bytes += data.len() as u64;
                     }
                 }
             }
             Some(Err(_)) => {
                 if let Some(mut r) = this.recorder.take() {
                     r.failed = true;
+                    if let Some(d) = r.draft.as_mut() {
+                        d.event.body_failed = true;
+                    }
                     r.record();
                 }
             }

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::balance::{self, Balancer, InFlight, Pick, Router};
 use crate::metrics::{AuthorityMetrics, Direction, Metrics};
+use crate::observe::Draft;
 use crate::resilience::breaker::BreakerConfig;
 use crate::resilience::{replay, Again, Resend};
 use crate::route::policy::Policy;
@@ -69,6 +70,8 @@ pub struct Limits {
 #[derive(Debug)]
 pub struct ConnCtx {
     pub direction: Direction,
+    /// The client's address.
+    pub peer: SocketAddr,
     pub target: SocketAddr,
     pub h2: bool,
     pub metrics: Arc<Metrics>,
@@ -87,6 +90,8 @@ pub struct ConnCtx {
     pub limits: Limits,
     /// The last authority seen on this connection, parsed, with its metric handles and route.
     pub last_authority: std::sync::Mutex<Option<LastAuthority>>,
+    /// Access log, taps and traces: each request is offered to them.
+    pub observe: Arc<crate::observe::Observe>,
 }
 
 /// A connection's last request authority: almost every connection carries one, so it is
@@ -509,6 +514,7 @@ impl ConnCtx {
 
     /// A proxy-made answer, counted and logged; `grpc`: the request is gRPC, so the answer
     /// is too (the cause's `grpc-status` in a trailers-only response).
+    #[allow(clippy::too_many_arguments)]
     fn error_response(
         &self,
         authority: Arc<AuthorityMetrics>,
@@ -516,10 +522,14 @@ impl ConnCtx {
         detail: &str,
         start: Instant,
         grpc: bool,
+        mut draft: Option<Box<Draft>>,
     ) -> Response<BoxBody> {
         self.metrics.error(self.direction, cause.as_str());
         tracing::info!(direction = %self.direction, target = %self.target, cause = cause.as_str(), detail, "proxy answered with an error");
         let rsp = cause.response_for(grpc, detail);
+        if let Some(d) = draft.as_mut() {
+            d.event.error = Some(cause);
+        }
         Recorder {
             metrics: authority,
             status: rsp.status().as_u16(),
@@ -527,6 +537,7 @@ impl ConnCtx {
             latency: start.elapsed(),
             failed: true,
             in_flight: None,
+            draft,
         }
         .record();
         rsp
@@ -537,6 +548,9 @@ impl ConnCtx {
 async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
     let start = Instant::now();
     let grpc = error::is_grpc(req.headers());
+    let mut draft = ctx
+        .observe
+        .begin(ctx.direction, ctx.peer, ctx.client_id.as_ref(), &req);
     let routed = match ctx.authority(&req) {
         Ok(a) => a,
         Err(cause) => {
@@ -552,6 +566,7 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
                 &format!("invalid Host header {host:?}"),
                 start,
                 grpc,
+                draft,
             );
         }
     };
@@ -563,8 +578,11 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
         fresh,
     } = routed;
     label.request();
+    if let Some(d) = draft.as_mut() {
+        d.event.authority = authority.to_string();
+    }
     if let Some(why) = ctx.mesh.as_ref().and_then(|m| m.certificate_problem()) {
-        return ctx.error_response(label, Cause::IdentityUnavailable, &why, start, grpc);
+        return ctx.error_response(label, Cause::IdentityUnavailable, &why, start, grpc, draft);
     }
 
     let size = headers_size(req.headers());
@@ -573,7 +591,7 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
             "request headers are {size} bytes, limit is {}",
             ctx.limits.max_header_bytes
         );
-        return ctx.error_response(label, Cause::HeaderTooLarge, &detail, start, grpc);
+        return ctx.error_response(label, Cause::HeaderTooLarge, &detail, start, grpc, draft);
     }
 
     let upgrade = is_upgrade(&req);
@@ -591,7 +609,14 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
                 req.headers_mut().insert(header::HOST, v);
             }
             Err(e) => {
-                return ctx.error_response(label, Cause::BadRequest, &e.to_string(), start, grpc)
+                return ctx.error_response(
+                    label,
+                    Cause::BadRequest,
+                    &e.to_string(),
+                    start,
+                    grpc,
+                    draft,
+                )
             }
         }
     }
@@ -628,7 +653,7 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
             match planned {
                 Ok(p) => p,
                 Err(outbound::Early::Error(cause, detail)) => {
-                    return ctx.error_response(label, cause, &detail, start, grpc)
+                    return ctx.error_response(label, cause, &detail, start, grpc, draft)
                 }
                 Err(outbound::Early::Redirect(rsp)) => {
                     Recorder {
@@ -638,6 +663,7 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
                         latency: start.elapsed(),
                         failed: false,
                         in_flight: None,
+                        draft,
                     }
                     .record();
                     return *rsp;
@@ -650,7 +676,21 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
     if !plan.mirrors.is_empty() && !h1 {
         req = mirror::start(std::mem::take(&mut plan.mirrors), req);
     }
-    let (mut rsp, in_flight) = match ctx.send_planned(&plan, req, h1).await {
+    let sent = ctx.send_planned(&plan, req, h1).await;
+    if let Some(d) = draft.as_mut() {
+        d.event.route = plan.route_label().cloned();
+        d.event.retries = plan.retries();
+        if let Ok((_, in_flight)) = &sent {
+            match in_flight {
+                Some(f) => {
+                    d.event.endpoint = Some(f.member().addr);
+                    d.event.server_id = f.member().mesh.as_ref().map(|m| m.id.clone());
+                }
+                None => d.event.endpoint = Some(ctx.target),
+            }
+        }
+    }
+    let (mut rsp, in_flight) = match sent {
         Ok(r) => r,
         Err(e) => {
             let (cause, detail) = match e {
@@ -676,7 +716,7 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
                 ),
             };
             plan.record(ctx, true);
-            return ctx.error_response(label, cause, &detail, start, grpc);
+            return ctx.error_response(label, cause, &detail, start, grpc, draft);
         }
     };
     let latency = start.elapsed();
@@ -713,6 +753,7 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
         latency,
         failed: false,
         in_flight,
+        draft,
     };
     rsp.map(|b| Observed::new(b, recorder).boxed())
 }

@@ -70,6 +70,8 @@ pub(super) struct Plan {
     rule: Option<Rule>,
     /// RequestMirror copies this request makes (taken by the caller).
     pub mirrors: Vec<super::mirror::Mirrored>,
+    /// Retries sent after the first attempt (for the access log, taps and traces).
+    retries: std::sync::atomic::AtomicU32,
 }
 
 /// A matched route rule and its chosen backend.
@@ -103,7 +105,18 @@ impl Plan {
             breaker: BreakerConfig::default(),
             rule: None,
             mirrors: Vec::new(),
+            retries: Default::default(),
         }
+    }
+
+    /// The matched rule's metrics label (`kind/namespace/name/rule`), when a route matched.
+    pub fn route_label(&self) -> Option<&Arc<str>> {
+        self.rule.as_ref().map(|r| &r.label)
+    }
+
+    /// Retries sent after the first attempt.
+    pub fn retries(&self) -> u32 {
+        self.retries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Applies the matched rule's and backend's response filters.
@@ -205,6 +218,7 @@ impl ConnCtx {
                         breaker: policy.settings.breaker,
                         rule: None,
                         mirrors: Vec::new(),
+                        retries: Default::default(),
                     });
                 }
                 matching::Outcome::NoRoute => {
@@ -325,6 +339,7 @@ impl ConnCtx {
                 budget,
             }),
             mirrors,
+            retries: Default::default(),
         })
     }
 
@@ -475,6 +490,8 @@ impl ConnCtx {
                 tokio::time::sleep(wait).await;
             }
             done += 1;
+            plan.retries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             exclude = endpoint;
             req = next;
         }

@@ -496,6 +496,8 @@ pub struct Metrics {
     pub routes: RouteMetrics,
     pub identity: IdentityMetrics,
     pub tls: TlsMetrics,
+    /// Access log, tap and trace consumers ([`crate::observe`]).
+    pub observe: crate::observe::ObserveMetrics,
     /// Per-direction handles of admitted (client identity, authority) pairs; see
     /// [`Metrics::authority`].
     authorities: Mutex<[AuthoritySet; 2]>,
@@ -660,6 +662,8 @@ impl Metrics {
             "Reloads of WEFT_PROXY_TRUST_ANCHORS after the file changed, by result: ok, error (the previous anchors stay in use)",
             identity.anchor_reloads.clone(),
         );
+        let observe = crate::observe::ObserveMetrics::default();
+        observe.register(&mut registry);
         registry.register_collector(Box::new(process::ProcessCollector::new()));
         Arc::new(Self {
             registry,
@@ -677,6 +681,7 @@ impl Metrics {
             routes,
             identity,
             tls,
+            observe,
             authorities: Mutex::new([AuthoritySet::default(), AuthoritySet::default()]),
             overflow: [OnceLock::new(), OnceLock::new()],
         })
