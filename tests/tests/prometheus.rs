@@ -751,6 +751,7 @@ const AUTHORS: &str = "authors.demo.svc.cluster.local:8080";
 const WEB_POD: &str = "web-5d8f7c9b4-x7k2p";
 const BOOKS_POD: &str = "books-0";
 const CONTROLLER_POD: &str = "weft-controller-7c9d8b6f5d-q4wz8";
+const AGENT_POD: &str = "weft-cni-agent-x7k2p";
 const DURATION: &str = "weft_http_response_duration_seconds_bucket";
 
 /// What one proxy served for one authority in one direction.
@@ -927,6 +928,83 @@ async fn load(proxy: SocketAddr) -> Result<()> {
     Ok(())
 }
 
+/// The CNI node agent, run as a node's DaemonSet pod would be, on the host's own network
+/// namespace with its metrics on a loopback port, watching the test's manifest directory. It
+/// loads its eBPF programs when it starts, so it needs root: without root it is left out with
+/// a notice, except under `CI=true` (CI runs as root), where that fails.
+struct CniAgent {
+    child: Child,
+    metrics: SocketAddr,
+    pins: PathBuf,
+    dir: PathBuf,
+}
+
+impl CniAgent {
+    fn start(manifests: &Path) -> Result<Option<CniAgent>> {
+        if !weft_netns_testing::require_root(
+            "prometheus_scrapes_the_mesh_and_records_the_golden_signals (CNI agent target)",
+            "the CNI agent loads eBPF programs",
+        ) {
+            return Ok(None);
+        }
+        let tag = weft_netns_testing::unique("wprom", "agent");
+        let dir = std::env::temp_dir().join(&tag);
+        std::fs::create_dir_all(&dir)?;
+        let pins = PathBuf::from("/sys/fs/bpf").join(&tag);
+        let metrics = free_addr()?;
+        let log = File::create(dir.join("agent.log"))?;
+        let child = Command::new(weft_e2e::bin("weft-cni-agent")?)
+            .arg("--source")
+            .arg(format!("dir:{}", manifests.display()))
+            .args(["--node", "node-1", "--pin-dir"])
+            .arg(&pins)
+            .arg("--socket")
+            .arg(dir.join("cni.sock"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--metrics-addr")
+            .arg(metrics.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning weft-cni-agent (cargo build -p weft-cni-agent)")?;
+        let agent = CniAgent {
+            child,
+            metrics,
+            pins,
+            dir,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !matches!(admin_get(metrics, "/metrics"), Ok((200, _))) {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "weft-cni-agent did not serve /metrics within 20 s:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Some(agent))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for CniAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- weft-cni-agent log ---\n{}", self.log());
+        }
+        // Pins are files in bpffs: removing them unloads what nothing else holds.
+        let _ = std::fs::remove_dir_all(&self.pins);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The proxies' `/metrics`, by pod.
 fn counted(web: &Proxy, books: &Proxy) -> Result<BTreeMap<&'static str, Metrics>> {
     Ok(BTreeMap::from([
@@ -953,6 +1031,7 @@ async fn prometheus_scrapes_the_mesh_and_records_the_golden_signals() -> Result<
     dir.service(NS, "authors", "10.96.0.21", 8080, &[books.inbound])?;
     let controller = Controller::start(dir.path())?;
     controller.wait_objects("Service", 2.0)?;
+    let agent = CniAgent::start(dir.path())?;
     let web = Proxy::start(ProxyOpts {
         // Where a request would go before its name is resolved: the same pod.
         outbound_target: Some(books.inbound),
@@ -1051,11 +1130,35 @@ async fn prometheus_scrapes_the_mesh_and_records_the_golden_signals() -> Result<
                 phase: "Running",
             }],
         ),
-        // CNI AGENT: weft-cni-agent serves no /metrics yet (cni/agent is a skeleton). Once it
-        // does: start it above, add its target here (container weft-cni-agent, port 9964,
-        // owner ("DaemonSet", "weft-cni-agent"), node node-1), expect it in `want_up` below
-        // and run promtool check metrics on its /metrics as on the controller's.
-        ("weft-cni-agent", vec![]),
+        // The agent's port is the chart's 9964 by number; its target's address is wherever
+        // the test's agent listens. A decoy: another container's 9964.
+        (
+            "weft-cni-agent",
+            agent
+                .iter()
+                .flat_map(|a| {
+                    let port = PodPort {
+                        address: a.metrics,
+                        namespace: "weft",
+                        pod: AGENT_POD,
+                        container: "weft-cni-agent",
+                        port_name: "metrics",
+                        port_number: 9964,
+                        owner: Some(("DaemonSet", "weft-cni-agent")),
+                        labels: &[("app.kubernetes.io/name", "weft-cni-agent")],
+                        phase: "Running",
+                    };
+                    [
+                        port.clone(),
+                        PodPort {
+                            address: closed,
+                            container: "install-cni",
+                            ..port
+                        },
+                    ]
+                })
+                .collect(),
+        ),
     ]);
     let rules = chart().join("rules/weft.rules.yaml").canonicalize()?;
     let config = with_static_targets(
@@ -1067,7 +1170,7 @@ async fn prometheus_scrapes_the_mesh_and_records_the_golden_signals() -> Result<
     let prom = Prometheus::start(&prometheus_bin, &config)?;
 
     // Every target up with the labels the relabelling derives, and no decoy.
-    let want_up = BTreeMap::from([
+    let mut want_up = BTreeMap::from([
         (web.admin.to_string(), ("weft-proxies", NS, WEB_POD, "web")),
         (
             books.admin.to_string(),
@@ -1077,8 +1180,13 @@ async fn prometheus_scrapes_the_mesh_and_records_the_golden_signals() -> Result<
             controller.admin.to_string(),
             ("weft-controller", "weft", CONTROLLER_POD, "weft-controller"),
         ),
-        // CNI AGENT: its target joins here.
     ]);
+    if let Some(a) = &agent {
+        want_up.insert(
+            a.metrics.to_string(),
+            ("weft-cni-agent", "weft", AGENT_POD, "weft-cni-agent"),
+        );
+    }
     let mut up = Vec::new();
     eventually_async(Duration::from_secs(15), || {
         up = prom.query("up", None)?;
@@ -1093,7 +1201,7 @@ async fn prometheus_scrapes_the_mesh_and_records_the_golden_signals() -> Result<
     for s in &up {
         let l = labels_of(s);
         let (job, namespace, pod, workload) = want_up[&l["instance"]];
-        let want = BTreeMap::from(
+        let mut want = BTreeMap::from(
             [
                 ("__name__", "up"),
                 ("instance", l["instance"].as_str()),
@@ -1104,6 +1212,10 @@ async fn prometheus_scrapes_the_mesh_and_records_the_golden_signals() -> Result<
             ]
             .map(|(k, v)| (k.to_string(), v.to_string())),
         );
+        // The agent's job also names the node its pod runs on.
+        if job == "weft-cni-agent" {
+            want.insert("node".into(), "node-1".into());
+        }
         assert_eq!(l, want, "target labels");
     }
     // The controller's own metrics arrive, and pass promtool (as do the proxies').
@@ -1115,6 +1227,18 @@ async fn prometheus_scrapes_the_mesh_and_records_the_golden_signals() -> Result<
     .with_context(|| format!("{index} never reached 2 in Prometheus"))?;
     let (_, text) = admin_get(controller.admin, "/metrics")?;
     promtool_check_metrics(&promtool, "controller", &text)?;
+    // The agent's too: its endpoint gauge (no pods on this node) arrives, and its /metrics
+    // passes promtool.
+    if let Some(a) = &agent {
+        let endpoints = "weft_cni_endpoints{job=\"weft-cni-agent\",node=\"node-1\"}";
+        eventually_async(Duration::from_secs(5), || {
+            Ok(prom.query(&format!("{endpoints} == 0"), None)?.len() == 1)
+        })
+        .await
+        .with_context(|| format!("{endpoints} never arrived in Prometheus"))?;
+        let (_, text) = admin_get(a.metrics, "/metrics")?;
+        promtool_check_metrics(&promtool, "CNI agent", &text)?;
+    }
     for (what, p) in [("web proxy", &web), ("books proxy", &books)] {
         let (_, text) = admin_get(p.admin, "/metrics")?;
         promtool_check_metrics(&promtool, what, &text)?;
