@@ -923,10 +923,16 @@ async fn scrape_all(
     let futures = targets.iter().map(|p| async move {
         let addr = p.admin.clone().unwrap_or_default();
         let resolved = resolve(&addr)?;
-        client
-            .metrics(resolved)
-            .await
-            .map_err(|reason| StatError::Proxy { addr, reason })
+        // One more try after a connection reset or the like: a single lost
+        // scrape should not cost a whole window.
+        let result = match client.metrics(resolved).await {
+            Err(e) if e.contains("client error") => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                client.metrics(resolved).await
+            }
+            other => other,
+        };
+        result.map_err(|reason| StatError::Proxy { addr, reason })
     });
     let mut out = Vec::with_capacity(targets.len());
     // Sequential awaits keep the code simple; the requests are small and the
