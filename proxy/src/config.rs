@@ -38,6 +38,9 @@ pub mod env {
     pub const TRUST_DOMAIN: &str = "WEFT_PROXY_TRUST_DOMAIN";
     pub const IDENTITY_TOKEN_FILE: &str = "WEFT_PROXY_IDENTITY_TOKEN_FILE";
     pub const TRUST_ANCHORS: &str = "WEFT_PROXY_TRUST_ANCHORS";
+    pub const TRACE_COLLECTOR_ADDR: &str = "WEFT_PROXY_TRACE_COLLECTOR_ADDR";
+    pub const TRACE_SAMPLING: &str = "WEFT_PROXY_TRACE_SAMPLING";
+    pub const TRACE_QUEUE: &str = "WEFT_PROXY_TRACE_QUEUE";
 }
 
 /// Errors in the proxy's environment. Each names the variable, the value and what was expected.
@@ -124,6 +127,47 @@ pub struct Config {
     /// Workload certificates from the controller's identity service; `None` when
     /// `WEFT_PROXY_IDENTITY_ADDR` is unset (no identity, no mTLS).
     pub identity: Option<IdentityConfig>,
+    /// Distributed tracing over OTLP/gRPC; `None` when `WEFT_PROXY_TRACE_COLLECTOR_ADDR` is
+    /// unset (no trace headers are read or written).
+    pub tracing: Option<TraceConfig>,
+}
+
+/// Where spans go and which requests make them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceConfig {
+    /// `host:port` of an OTLP/gRPC collector.
+    pub collector: String,
+    /// Head sampling: the share of requests without a trace context that start one.
+    pub sampling: Sampling,
+    /// Finished spans waiting for export before new ones are dropped.
+    pub queue: usize,
+}
+
+impl TraceConfig {
+    pub fn new(collector: impl Into<String>) -> Self {
+        Self {
+            collector: collector.into(),
+            sampling: Sampling::default(),
+            queue: 2048,
+        }
+    }
+}
+
+/// A probability in millionths (integral, so the config stays `Eq`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sampling(u32);
+
+impl Sampling {
+    /// `0`, `0.01`, `1`...: a number from 0 to 1.
+    pub fn parse(s: &str) -> Option<Self> {
+        let f: f64 = s.parse().ok()?;
+        (0.0..=1.0)
+            .contains(&f)
+            .then(|| Self((f * 1e6).round() as u32))
+    }
+    pub fn millionths(self) -> u32 {
+        self.0
+    }
 }
 
 /// How the proxy obtains its workload certificate.
@@ -203,6 +247,7 @@ impl Default for Config {
             discovery: None,
             workload: Workload::default(),
             identity: None,
+            tracing: None,
         }
     }
 }
@@ -347,8 +392,36 @@ impl Config {
             c.discovery = Some(d);
         }
         c.identity = parse_identity(&get, &c.workload)?;
+        c.tracing = parse_tracing(&get)?;
         Ok(c)
     }
+}
+
+/// The tracing settings; sampling and queue size are read (and checked) only with a collector.
+fn parse_tracing(
+    get: &impl Fn(&'static str) -> Result<Option<String>, ConfigError>,
+) -> Result<Option<TraceConfig>, ConfigError> {
+    let Some(addr) = get(env::TRACE_COLLECTOR_ADDR)? else {
+        return Ok(None);
+    };
+    if !is_host_port(&addr) {
+        return Err(ConfigError::HostPort {
+            var: env::TRACE_COLLECTOR_ADDR,
+            value: addr,
+        });
+    }
+    let mut t = TraceConfig::new(addr);
+    if let Some(v) = get(env::TRACE_SAMPLING)? {
+        t.sampling = Sampling::parse(&v).ok_or(ConfigError::Invalid {
+            var: env::TRACE_SAMPLING,
+            value: v,
+            reason: "expected a probability from 0 to 1, e.g. 0.01",
+        })?;
+    }
+    if let Some(v) = get(env::TRACE_QUEUE)? {
+        t.queue = parse_number(env::TRACE_QUEUE, &v, 16, 1 << 20)?;
+    }
+    Ok(Some(t))
 }
 
 /// The identity settings: all or nothing once `WEFT_PROXY_IDENTITY_ADDR` is set. Only the
@@ -760,6 +833,53 @@ mod tests {
             ),
         ];
         for (err, expect) in cases {
+            assert!(err.contains(expect), "{err} should contain {expect}");
+        }
+    }
+
+    #[test]
+    fn tracing_is_off_unless_a_collector_is_given() {
+        assert_eq!(
+            parse(&[(env::TRACE_SAMPLING, "bad")]).unwrap().tracing,
+            None
+        );
+        let t = parse(&[(env::TRACE_COLLECTOR_ADDR, "otel-collector.obs.svc:4317")])
+            .unwrap()
+            .tracing
+            .unwrap();
+        assert_eq!(t.collector, "otel-collector.obs.svc:4317");
+        assert_eq!(t.sampling.millionths(), 0);
+        assert_eq!(t.queue, 2048);
+        let t = parse(&[
+            (env::TRACE_COLLECTOR_ADDR, "127.0.0.1:4317"),
+            (env::TRACE_SAMPLING, "0.25"),
+            (env::TRACE_QUEUE, "100"),
+        ])
+        .unwrap()
+        .tracing
+        .unwrap();
+        assert_eq!(t.sampling.millionths(), 250_000);
+        assert_eq!(t.queue, 100);
+        let base = (env::TRACE_COLLECTOR_ADDR, "127.0.0.1:4317");
+        for (vars, expect) in [
+            (
+                vec![(env::TRACE_COLLECTOR_ADDR, "collector")],
+                "WEFT_PROXY_TRACE_COLLECTOR_ADDR=\"collector\"",
+            ),
+            (
+                vec![base, (env::TRACE_SAMPLING, "1.5")],
+                "WEFT_PROXY_TRACE_SAMPLING=\"1.5\": expected a probability",
+            ),
+            (
+                vec![base, (env::TRACE_SAMPLING, "half")],
+                "WEFT_PROXY_TRACE_SAMPLING=\"half\"",
+            ),
+            (
+                vec![base, (env::TRACE_QUEUE, "1")],
+                "WEFT_PROXY_TRACE_QUEUE=\"1\"",
+            ),
+        ] {
+            let err = parse(&vars).unwrap_err().to_string();
             assert!(err.contains(expect), "{err} should contain {expect}");
         }
     }

@@ -82,6 +82,8 @@ pub enum RunError {
     },
     #[error("{var}: cannot start the access log writer: {0}", var = env::ACCESS_LOG)]
     AccessLog(#[source] std::io::Error),
+    #[error(transparent)]
+    Trace(#[from] observe::trace::TraceError),
 }
 
 /// Bound listeners, before serving (so tests and embedders can learn ephemeral ports).
@@ -223,7 +225,14 @@ impl Bound {
             .map_err(RunError::AccessLog)?;
             sinks.push(log);
         }
-        let observe = observe::Observe::new(sinks);
+        let tracer = match &config.tracing {
+            Some(t) => {
+                tracing::info!(collector = %t.collector, sampling = t.sampling.millionths() as f64 / 1e6, "tracing enabled");
+                Some(observe::trace::Tracer::start(t, &config.workload, &metrics.observe)?)
+            }
+            None => None,
+        };
+        let observe = observe::Observe::with_tracer(sinks, tracer);
         let tracker = TaskTracker::new();
         let admin_state = Arc::new(admin::Admin {
             metrics: metrics.clone(),

@@ -550,7 +550,7 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
     let grpc = error::is_grpc(req.headers());
     let mut draft = ctx
         .observe
-        .begin(ctx.direction, ctx.peer, ctx.client_id.as_ref(), &req);
+        .begin(ctx.direction, ctx.peer, ctx.client_id.as_ref(), &mut req);
     let routed = match ctx.authority(&req) {
         Ok(a) => a,
         Err(cause) => {

@@ -14,6 +14,7 @@
 //! queue and counts what it had to drop.
 
 pub mod access;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -80,6 +81,8 @@ pub trait Sink: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Default)]
 pub struct Observe {
     sinks: Vec<Arc<dyn Sink>>,
+    /// Distributed tracing, when a collector is configured; `None` reads no trace headers.
+    tracer: Option<Arc<trace::Tracer>>,
 }
 
 impl Observe {
@@ -89,7 +92,11 @@ impl Observe {
     }
 
     pub fn new(sinks: Vec<Arc<dyn Sink>>) -> Arc<Self> {
-        Arc::new(Self { sinks })
+        Self::with_tracer(sinks, None)
+    }
+
+    pub fn with_tracer(sinks: Vec<Arc<dyn Sink>>, tracer: Option<Arc<trace::Tracer>>) -> Arc<Self> {
+        Arc::new(Self { sinks, tracer })
     }
 
     /// Whether any consumer wants the next request.
@@ -97,15 +104,20 @@ impl Observe {
         self.sinks.iter().any(|s| s.active())
     }
 
-    /// Starts observing a request, if anyone is listening.
+    /// Starts observing a request, if anyone is listening or the tracer samples it (which
+    /// rewrites the request's trace headers for the next hop).
     pub fn begin<B>(
         self: &Arc<Self>,
         direction: Direction,
         peer: SocketAddr,
         client_id: Option<&Arc<str>>,
-        req: &http::Request<B>,
+        req: &mut http::Request<B>,
     ) -> Option<Box<Draft>> {
-        if !self.active() {
+        let span = self
+            .tracer
+            .as_ref()
+            .and_then(|t| t.begin(req.headers_mut()));
+        if span.is_none() && !self.active() {
             return None;
         }
         let text = |name: header::HeaderName| {
@@ -143,6 +155,7 @@ impl Observe {
                 body_failed: false,
             },
             begun: tokio::time::Instant::now(),
+            span,
         }))
     }
 }
@@ -153,6 +166,8 @@ pub struct Draft {
     observe: Arc<Observe>,
     pub event: RequestEvent,
     begun: tokio::time::Instant,
+    /// This hop's span, when the request is traced.
+    span: Option<trace::SpanIds>,
 }
 
 impl Draft {
@@ -165,6 +180,9 @@ impl Draft {
                 s.record(&event);
             }
         }
+        if let (Some(ids), Some(t)) = (self.span, &self.observe.tracer) {
+            t.record(ids, event);
+        }
     }
 }
 
@@ -173,6 +191,8 @@ impl Draft {
 pub struct ObserveMetrics {
     /// `weft_access_log_lines_total{result="written|dropped"}`.
     pub access_log: Family<ResultLabel, Counter>,
+    /// `weft_trace_spans_total{result="exported|dropped|failed"}`.
+    pub trace_spans: Family<ResultLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -186,6 +206,11 @@ impl ObserveMetrics {
             "weft_access_log_lines",
             "Access log lines by result: written, or dropped because the writer fell behind (WEFT_PROXY_ACCESS_LOG)",
             self.access_log.clone(),
+        );
+        registry.register(
+            "weft_trace_spans",
+            "Spans by result: exported to the collector, failed (the export failed or timed out), or dropped because the export queue was full (WEFT_PROXY_TRACE_COLLECTOR_ADDR)",
+            self.trace_spans.clone(),
         );
     }
 
