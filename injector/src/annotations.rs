@@ -21,6 +21,14 @@ pub const OPAQUE_PORTS: &str = "config.weft.dev/opaque-ports";
 pub const CNI: &str = "config.weft.dev/cni";
 /// `enabled` / `disabled`: override the injector's native-sidecar setting for this pod.
 pub const NATIVE_SIDECAR: &str = "config.weft.dev/native-sidecar";
+/// `json` or `apache`: the proxy writes an access log in that format (`WEFT_PROXY_ACCESS_LOG`).
+pub const ACCESS_LOG: &str = "config.weft.dev/access-log";
+/// `host:port` of an OTLP/gRPC collector the proxy exports spans to
+/// (`WEFT_PROXY_TRACE_COLLECTOR_ADDR`); overrides the injector's `--trace-collector`.
+pub const TRACE_COLLECTOR: &str = "config.weft.dev/trace-collector";
+/// Head sampling rate between 0 and 1 for requests that arrive without a trace
+/// (`WEFT_PROXY_TRACE_SAMPLING`); overrides the injector's `--trace-sampling`.
+pub const TRACE_SAMPLING: &str = "config.weft.dev/trace-sampling";
 /// The proxy's tracing filter (`WEFT_PROXY_LOG`).
 pub const PROXY_LOG: &str = "config.weft.dev/proxy-log-level";
 pub const PROXY_CPU_REQUEST: &str = "config.weft.dev/proxy-cpu-request";

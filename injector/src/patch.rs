@@ -71,6 +71,12 @@ pub struct InjectConfig {
     pub token_audience: String,
     pub token_expiration_seconds: i64,
     pub proxy_log: String,
+    /// `WEFT_PROXY_ACCESS_LOG` for every proxy (`json` / `apache`); `None`: no access log.
+    pub access_log: Option<String>,
+    /// `WEFT_PROXY_TRACE_COLLECTOR_ADDR` for every proxy; `None`: tracing off.
+    pub trace_collector: Option<String>,
+    /// `WEFT_PROXY_TRACE_SAMPLING` for every proxy; `None`: the proxy's default (0).
+    pub trace_sampling: Option<String>,
     pub proxy_resources: Resources,
     pub init_resources: Resources,
     /// `weft-init --backend` (`auto`, `nft` or `legacy`).
@@ -112,6 +118,9 @@ impl Default for InjectConfig {
             token_audience: "identity.weft.dev".into(),
             token_expiration_seconds: 86_400,
             proxy_log: "warn,weft=info".into(),
+            access_log: None,
+            trace_collector: None,
+            trace_sampling: None,
             proxy_resources: Resources {
                 cpu_request: Some("100m".into()),
                 cpu_limit: None,
@@ -316,6 +325,9 @@ struct PodSettings {
     cni: bool,
     native_sidecar: bool,
     proxy_log: String,
+    access_log: Option<String>,
+    trace_collector: Option<String>,
+    trace_sampling: Option<String>,
     resources: Resources,
 }
 
@@ -377,6 +389,38 @@ impl PodSettings {
                 ))
             }
         };
+        let access_log = match get(ann::ACCESS_LOG) {
+            None => cfg.access_log.clone(),
+            Some(v @ ("json" | "apache")) => Some(v.to_string()),
+            Some(v) => {
+                return Err(bad(
+                    ann::ACCESS_LOG,
+                    v,
+                    "want \"json\" or \"apache\"".into(),
+                ))
+            }
+        };
+        let trace_collector = match get(ann::TRACE_COLLECTOR) {
+            None => cfg.trace_collector.clone(),
+            Some(v) if is_host_port(v) => Some(v.to_string()),
+            Some(v) => return Err(bad(
+                ann::TRACE_COLLECTOR,
+                v,
+                "want HOST:PORT of an OTLP/gRPC collector, e.g. otel-collector.observability:4317"
+                    .into(),
+            )),
+        };
+        let trace_sampling = match get(ann::TRACE_SAMPLING) {
+            None => cfg.trace_sampling.clone(),
+            Some(v) if is_rate(v) => Some(v.to_string()),
+            Some(v) => {
+                return Err(bad(
+                    ann::TRACE_SAMPLING,
+                    v,
+                    "want a rate between 0 and 1, e.g. 0.01".into(),
+                ))
+            }
+        };
         let d = &cfg.proxy_resources;
         Ok(Self {
             skip_inbound_ports: ports(ann::SKIP_INBOUND_PORTS, &cfg.skip_inbound_ports)?,
@@ -387,6 +431,9 @@ impl PodSettings {
             cni: switch(ann::CNI, cfg.cni)?,
             native_sidecar: switch(ann::NATIVE_SIDECAR, cfg.native_sidecar)?,
             proxy_log: log,
+            access_log,
+            trace_collector,
+            trace_sampling,
             resources: Resources {
                 cpu_request: quantity(ann::PROXY_CPU_REQUEST, &d.cpu_request)?,
                 cpu_limit: quantity(ann::PROXY_CPU_LIMIT, &d.cpu_limit)?,
@@ -395,6 +442,24 @@ impl PodSettings {
             },
         })
     }
+}
+
+/// `host:port` with a non-empty host and a port from 1 to 65535.
+pub fn is_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && !host.chars().any(char::is_whitespace)
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
+        }
+        None => false,
+    }
+}
+
+/// A sampling rate: a number from 0 to 1.
+pub fn is_rate(s: &str) -> bool {
+    s.parse::<f64>()
+        .is_ok_and(|r| r.is_finite() && (0.0..=1.0).contains(&r))
 }
 
 /// Kubernetes' quantity grammar: a signed decimal number, optionally with an exponent or a
@@ -645,6 +710,15 @@ fn proxy_container(s: &PodSettings, cfg: &InjectConfig) -> Container {
     }
     if let Some(a) = &cfg.identity_addr {
         envs.push(env("WEFT_PROXY_IDENTITY_ADDR", a));
+    }
+    for (name, value) in [
+        ("WEFT_PROXY_ACCESS_LOG", &s.access_log),
+        ("WEFT_PROXY_TRACE_COLLECTOR_ADDR", &s.trace_collector),
+        ("WEFT_PROXY_TRACE_SAMPLING", &s.trace_sampling),
+    ] {
+        if let Some(v) = value {
+            envs.push(env(name, v));
+        }
     }
     if cfg.trust_anchors_configmap.is_some() {
         envs.push(env(

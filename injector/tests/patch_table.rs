@@ -424,6 +424,49 @@ fn port_and_resource_annotations_reach_the_proxy_and_weft_init() {
 }
 
 #[test]
+fn access_log_and_tracing_come_from_the_injector_or_the_pod() {
+    // Off by default: none of the variables is set.
+    let out = injected(&web_pod(), &InjectConfig::default());
+    let proxy = container(&out["spec"]["containers"], PROXY_CONTAINER);
+    for var in [
+        "WEFT_PROXY_ACCESS_LOG",
+        "WEFT_PROXY_TRACE_COLLECTOR_ADDR",
+        "WEFT_PROXY_TRACE_SAMPLING",
+    ] {
+        assert_eq!(env_value(proxy, var), None, "{var}");
+    }
+    // The injector's defaults reach every proxy...
+    let cfg = InjectConfig {
+        access_log: Some("json".into()),
+        trace_collector: Some("otel-collector.observability:4317".into()),
+        trace_sampling: Some("0.01".into()),
+        ..Default::default()
+    };
+    let out = injected(&web_pod(), &cfg);
+    let proxy = container(&out["spec"]["containers"], PROXY_CONTAINER);
+    assert_eq!(env_value(proxy, "WEFT_PROXY_ACCESS_LOG"), Some("json"));
+    assert_eq!(
+        env_value(proxy, "WEFT_PROXY_TRACE_COLLECTOR_ADDR"),
+        Some("otel-collector.observability:4317")
+    );
+    assert_eq!(env_value(proxy, "WEFT_PROXY_TRACE_SAMPLING"), Some("0.01"));
+    // ... and a pod's annotations override them.
+    let mut pod = web_pod();
+    let a = &mut pod["metadata"]["annotations"];
+    a["config.weft.dev/access-log"] = json!("apache");
+    a["config.weft.dev/trace-collector"] = json!("jaeger.tracing:4317");
+    a["config.weft.dev/trace-sampling"] = json!("1");
+    let out = injected(&pod, &cfg);
+    let proxy = container(&out["spec"]["containers"], PROXY_CONTAINER);
+    assert_eq!(env_value(proxy, "WEFT_PROXY_ACCESS_LOG"), Some("apache"));
+    assert_eq!(
+        env_value(proxy, "WEFT_PROXY_TRACE_COLLECTOR_ADDR"),
+        Some("jaeger.tracing:4317")
+    );
+    assert_eq!(env_value(proxy, "WEFT_PROXY_TRACE_SAMPLING"), Some("1"));
+}
+
+#[test]
 fn bad_annotations_are_errors_naming_the_annotation_and_value() {
     let cases = [
         ("config.weft.dev/skip-inbound-ports", "80,http"),
@@ -433,6 +476,11 @@ fn bad_annotations_are_errors_naming_the_annotation_and_value() {
         ("config.weft.dev/proxy-memory-limit", "lots"),
         ("config.weft.dev/cni", "yes"),
         ("weft.dev/inject", "true"),
+        ("config.weft.dev/access-log", "xml"),
+        ("config.weft.dev/trace-collector", "otel-collector"),
+        ("config.weft.dev/trace-collector", "otel:0"),
+        ("config.weft.dev/trace-sampling", "1.5"),
+        ("config.weft.dev/trace-sampling", "NaN"),
     ];
     for (key, value) in cases {
         let mut pod = web_pod();

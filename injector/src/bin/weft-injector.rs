@@ -86,6 +86,17 @@ struct Args {
         default_value = "identity.weft.dev"
     )]
     token_audience: String,
+    /// Access log format for every injected proxy (`json` or `apache`; pods choose theirs with
+    /// config.weft.dev/access-log).
+    #[arg(long, env = "WEFT_INJECTOR_ACCESS_LOG", value_parser = ["json", "apache"])]
+    access_log: Option<String>,
+    /// OTLP/gRPC collector (HOST:PORT) injected proxies export spans to (pods override it with
+    /// config.weft.dev/trace-collector).
+    #[arg(long, env = "WEFT_INJECTOR_TRACE_COLLECTOR", value_parser = host_port)]
+    trace_collector: Option<String>,
+    /// Head sampling rate (0..=1) for requests without a trace (config.weft.dev/trace-sampling).
+    #[arg(long, env = "WEFT_INJECTOR_TRACE_SAMPLING", value_parser = rate)]
+    trace_sampling: Option<String>,
     /// Opaque ports for every injected proxy (pods add theirs with config.weft.dev/opaque-ports).
     #[arg(long, env = "WEFT_INJECTOR_OPAQUE_PORTS", default_value = "")]
     opaque_ports: PortList,
@@ -124,6 +135,22 @@ fn main() -> ExitCode {
     }
 }
 
+fn host_port(s: &str) -> Result<String, String> {
+    if weft_injector::patch::is_host_port(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not HOST:PORT"))
+    }
+}
+
+fn rate(s: &str) -> Result<String, String> {
+    if weft_injector::patch::is_rate(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not a rate between 0 and 1"))
+    }
+}
+
 fn inject_config(args: &Args) -> InjectConfig {
     let mut cfg = InjectConfig::default();
     if let Some(i) = &args.proxy_image {
@@ -137,6 +164,9 @@ fn inject_config(args: &Args) -> InjectConfig {
     cfg.cni = args.cni;
     cfg.destination_addr = args.destination_addr.clone();
     cfg.identity_addr = args.identity_addr.clone();
+    cfg.access_log = args.access_log.clone();
+    cfg.trace_collector = args.trace_collector.clone();
+    cfg.trace_sampling = args.trace_sampling.clone();
     cfg.trust_domain = args.trust_domain.clone();
     cfg.trust_anchors_configmap = args.trust_anchors_configmap.clone();
     cfg.token_audience = args.token_audience.clone();
