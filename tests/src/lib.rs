@@ -69,6 +69,8 @@ pub struct ProxyOpts {
     pub outbound_target: Option<SocketAddr>,
     pub inbound_target: Option<SocketAddr>,
     pub env: Vec<(String, String)>,
+    /// Where the proxy's stdout goes (its access log); inherited when `None`.
+    pub stdout: Option<std::path::PathBuf>,
 }
 
 impl Proxy {
@@ -101,6 +103,11 @@ impl Proxy {
         }
         for (k, v) in &opts.env {
             cmd.env(k, v);
+        }
+        if let Some(path) = &opts.stdout {
+            let f = std::fs::File::create(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            cmd.stdout(f);
         }
         let child = cmd.spawn().context("spawning weft-proxy")?;
         Ok(Proxy {
