@@ -583,145 +583,92 @@ fn by_service(expr: &str) -> String {
 pub fn queries(kind: ResourceKind, window: &str, rules: bool) -> Queries {
     let rate = |metric: &str, matchers: &str| format!("rate({metric}{{{matchers}}}[{window}])");
     let sum = |by: &str, e: String| format!("sum by ({by}) ({e})");
-    let quantile = |by: &str, m: &str, q: &str| {
+    if kind == ResourceKind::Route {
+        let by = "route";
+        return Queries {
+            namespace_label: "",
+            name_label: "route",
+            rps: sum(by, rate(ROUTE_REQUESTS_TOTAL, "")),
+            success: format!(
+                "{} / {}",
+                sum(
+                    by,
+                    rate(ROUTE_RESPONSES_TOTAL, r#"classification="success""#)
+                ),
+                sum(by, rate(ROUTE_RESPONSES_TOTAL, ""))
+            ),
+            // Route metrics carry no latency.
+            p50: String::new(),
+            p95: String::new(),
+            p99: String::new(),
+            tcp_conn: None,
+            mtls: None,
+        };
+    }
+    // (namespace label, name label, the traffic counted, how a raw series gets them).
+    let (namespace_label, name_label, counted, group): (_, _, _, fn(String) -> String) = match kind
+    {
+        ResourceKind::Pod => ("namespace", "pod", "inbound", |e| e),
+        ResourceKind::Service => ("service_namespace", "service", "outbound", |e| {
+            by_service(&e)
+        }),
+        _ => ("namespace", "workload", "inbound", |e| e),
+    };
+    let by = format!("{namespace_label}, {name_label}");
+    let grouped = |metric: &str, matchers: &str| sum(&by, group(rate(metric, matchers)));
+    let dir = format!(r#"direction="{counted}""#);
+    let quantile = |q: &str| {
+        let buckets = group(rate("weft_http_response_duration_seconds_bucket", &dir));
         format!(
             "histogram_quantile({q}, {})",
-            sum(
-                &format!("{by}, le"),
-                rate("weft_http_response_duration_seconds_bucket", m)
-            )
+            sum(&format!("{by}, le"), buckets)
         )
     };
-    match kind {
-        ResourceKind::Deployment | ResourceKind::Pod => {
-            let name = if kind == ResourceKind::Pod {
-                "pod"
-            } else {
-                "workload"
-            };
-            let by = format!("namespace, {name}");
-            let m = r#"direction="inbound""#;
-            let (rps, success) = if rules && kind == ResourceKind::Deployment {
-                let r = r#"weft:request_rate{direction="inbound"}"#;
-                let s = r#"weft:success_rate{direction="inbound"}"#;
-                (
-                    sum(&by, r.to_string()),
-                    format!(
-                        "{} / {}",
-                        sum(&by, format!("{s} * {r}")),
-                        sum(&by, r.to_string())
-                    ),
-                )
-            } else {
-                (
-                    sum(&by, rate("weft_http_requests_total", m)),
-                    format!(
-                        "{} / {}",
-                        sum(
-                            &by,
-                            rate(
-                                "weft_http_responses_total",
-                                &format!(r#"{m},classification="success""#)
-                            )
-                        ),
-                        sum(&by, rate("weft_http_responses_total", m))
-                    ),
-                )
-            };
-            Queries {
-                namespace_label: "namespace",
-                name_label: if kind == ResourceKind::Pod {
-                    "pod"
-                } else {
-                    "workload"
-                },
-                rps,
-                success,
-                p50: quantile(&by, m, "0.5"),
-                p95: quantile(&by, m, "0.95"),
-                p99: quantile(&by, m, "0.99"),
-                tcp_conn: Some(sum(&by, format!("weft_tcp_connections_open{{{m}}}"))),
-                mtls: Some(format!(
-                    "{} / {}",
-                    sum(
-                        &by,
-                        rate("weft_http_requests_total", &format!(r#"{m},client_id!="""#))
-                    ),
-                    sum(&by, rate("weft_http_requests_total", m))
-                )),
-            }
-        }
-        ResourceKind::Service => {
-            let by = "service_namespace, service";
-            let out = r#"direction="outbound""#;
-            let inb = r#"direction="inbound""#;
-            let svc_sum = |e: String| sum(by, by_service(&e));
-            Queries {
-                namespace_label: "service_namespace",
-                name_label: "service",
-                rps: svc_sum(rate("weft_http_requests_total", out)),
-                success: format!(
-                    "{} / {}",
-                    svc_sum(rate(
-                        "weft_http_responses_total",
-                        &format!(r#"{out},classification="success""#)
-                    )),
-                    svc_sum(rate("weft_http_responses_total", out))
+    let (rps, success) = if rules && kind == ResourceKind::Deployment {
+        let r = r#"weft:request_rate{direction="inbound"}"#;
+        let s = r#"weft:success_rate{direction="inbound"}"#;
+        (
+            sum(&by, r.to_string()),
+            format!(
+                "{} / {}",
+                sum(&by, format!("{s} * {r}")),
+                sum(&by, r.to_string())
+            ),
+        )
+    } else {
+        (
+            grouped("weft_http_requests_total", &dir),
+            format!(
+                "{} / {}",
+                grouped(
+                    "weft_http_responses_total",
+                    &format!(r#"{dir},classification="success""#)
                 ),
-                p50: format!(
-                    "histogram_quantile(0.5, {})",
-                    sum(
-                        &format!("{by}, le"),
-                        by_service(&rate("weft_http_response_duration_seconds_bucket", out))
-                    )
-                ),
-                p95: format!(
-                    "histogram_quantile(0.95, {})",
-                    sum(
-                        &format!("{by}, le"),
-                        by_service(&rate("weft_http_response_duration_seconds_bucket", out))
-                    )
-                ),
-                p99: format!(
-                    "histogram_quantile(0.99, {})",
-                    sum(
-                        &format!("{by}, le"),
-                        by_service(&rate("weft_http_response_duration_seconds_bucket", out))
-                    )
-                ),
-                tcp_conn: None,
-                mtls: Some(format!(
-                    "{} / {}",
-                    svc_sum(rate(
-                        "weft_http_requests_total",
-                        &format!(r#"{inb},client_id!="""#)
-                    )),
-                    svc_sum(rate("weft_http_requests_total", inb))
-                )),
-            }
-        }
-        ResourceKind::Route => {
-            let by = "route";
-            Queries {
-                namespace_label: "",
-                name_label: "route",
-                rps: sum(by, rate(ROUTE_REQUESTS_TOTAL, "")),
-                success: format!(
-                    "{} / {}",
-                    sum(
-                        by,
-                        rate(ROUTE_RESPONSES_TOTAL, r#"classification="success""#)
-                    ),
-                    sum(by, rate(ROUTE_RESPONSES_TOTAL, ""))
-                ),
-                // Route metrics carry no latency.
-                p50: String::new(),
-                p95: String::new(),
-                p99: String::new(),
-                tcp_conn: None,
-                mtls: None,
-            }
-        }
+                grouped("weft_http_responses_total", &dir)
+            ),
+        )
+    };
+    // The mTLS share is always what the servers saw arrive.
+    let inbound = r#"direction="inbound""#;
+    Queries {
+        namespace_label,
+        name_label,
+        rps,
+        success,
+        p50: quantile("0.5"),
+        p95: quantile("0.95"),
+        p99: quantile("0.99"),
+        // Open connections are per proxy, not per authority.
+        tcp_conn: (kind != ResourceKind::Service)
+            .then(|| sum(&by, format!("weft_tcp_connections_open{{{dir}}}"))),
+        mtls: Some(format!(
+            "{} / {}",
+            grouped(
+                "weft_http_requests_total",
+                &format!(r#"{inbound},client_id!="""#)
+            ),
+            grouped("weft_http_requests_total", inbound)
+        )),
     }
 }
 
@@ -886,6 +833,13 @@ async fn from_prometheus(
     window: WindowArg,
 ) -> Result<Vec<StatRow>, StatError> {
     let base = url.trim_end_matches('/');
+    let host = base.strip_prefix("http://").unwrap_or_default();
+    if host.is_empty() || host.starts_with('/') {
+        return Err(StatError::Prometheus {
+            url: url.to_string(),
+            reason: "not an http:// URL (e.g. http://prometheus.monitoring:9090)".into(),
+        });
+    }
     let window = window.promql();
     let rules = window == RULES_WINDOW
         && !query(client, base, "count(weft:request_rate)")
@@ -920,27 +874,36 @@ async fn scrape_all(
     client: &AdminClient,
     targets: &[&PodRef],
 ) -> Result<Vec<Vec<Sample>>, StatError> {
-    let futures = targets.iter().map(|p| async move {
+    // All proxies at once, so every pod's window starts and ends together.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, p) in targets.iter().enumerate() {
         let addr = p.admin.clone().unwrap_or_default();
-        let resolved = resolve(&addr)?;
-        // One more try after a connection reset or the like: a single lost
-        // scrape should not cost a whole window.
-        let result = match client.metrics(resolved).await {
-            Err(e) if e.contains("client error") => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                client.metrics(resolved).await
-            }
-            other => other,
-        };
-        result.map_err(|reason| StatError::Proxy { addr, reason })
-    });
-    let mut out = Vec::with_capacity(targets.len());
-    // Sequential awaits keep the code simple; the requests are small and the
-    // window dwarfs them.
-    for f in futures {
-        out.push(f.await?);
+        let client = client.clone();
+        tasks.spawn(async move { (i, scrape_one(&client, addr).await) });
+    }
+    let mut out: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
+    while let Some(joined) = tasks.join_next().await {
+        let (i, result) = joined.map_err(|e| StatError::Proxy {
+            addr: "(scrape task)".into(),
+            reason: e.to_string(),
+        })?;
+        out[i] = result?;
     }
     Ok(out)
+}
+
+async fn scrape_one(client: &AdminClient, addr: String) -> Result<Vec<Sample>, StatError> {
+    let resolved = resolve(&addr)?;
+    // One more try after a connection reset or the like: a single lost
+    // scrape should not cost a whole window.
+    let result = match client.metrics(resolved).await {
+        Err(e) if e.contains("client error") => {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            client.metrics(resolved).await
+        }
+        other => other,
+    };
+    result.map_err(|reason| StatError::Proxy { addr, reason })
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr, StatError> {
@@ -963,7 +926,8 @@ async fn from_proxies(
     let targets: Vec<&PodRef> = pods.iter().filter(|p| p.admin.is_some()).collect();
     let started = Instant::now();
     let first = scrape_all(client, &targets).await?;
-    tokio::time::sleep_until((started + window).into()).await;
+    // `sleep` saturates where `started + window` would overflow.
+    tokio::time::sleep(window.saturating_sub(started.elapsed())).await;
     let seconds = started.elapsed().as_secs_f64();
     let second = scrape_all(client, &targets).await?;
     let scrapes: Vec<PodScrape<'_>> = targets
@@ -1510,6 +1474,13 @@ mod tests {
         let svc = queries(ResourceKind::Service, "1m", false);
         assert!(svc.rps.contains(r#"direction="outbound""#) && svc.rps.contains("label_replace"));
         assert_eq!(svc.tcp_conn, None);
+        assert!(svc.p99.starts_with(
+            "histogram_quantile(0.99, sum by (service_namespace, service, le) (label_replace("
+        ));
+        assert!(svc
+            .mtls
+            .as_deref()
+            .is_some_and(|m| m.contains(r#"direction="inbound""#)));
         let route = queries(ResourceKind::Route, "1m", false);
         assert!(route.p50.is_empty() && route.rps.contains("weft_route_requests_total"));
     }
@@ -1628,5 +1599,37 @@ spec: {selector: {app: books}, ports: [{port: 8080}]}
         );
         let err = manifest_pods(&dir.path().join("missing"), None).expect_err("no dir");
         assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    proptest::proptest! {
+        /// Whatever a server answers, or a user types, is an answer or an error: no panic.
+        #[test]
+        fn parsers_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..256), text in ".{0,40}") {
+            let _ = parse_vector(&body);
+            let _ = parse_vector(text.as_bytes());
+            let _ = text.parse::<WindowArg>().map(WindowArg::promql);
+            let _ = text.parse::<ProxyArg>();
+            let _ = text.parse::<ResourceKind>();
+            let _ = service_of_authority(&text);
+            let _ = route_of_label(&text);
+            let _ = deployment_of(&text, &BTreeMap::from([("pod-template-hash".to_string(), text.clone())]));
+        }
+
+        /// Any counter values, resets and windows give rows without a panic, and shares stay in 0..=1.
+        #[test]
+        fn rows_never_panic(prev in proptest::collection::vec(0u32..1000, 5), cur in proptest::collection::vec(0u32..1000, 5), secs in 0.0f64..100.0) {
+            let pods = [pod("a", Some("d"), true)];
+            let p = proxy(prev[0].max(prev[1]), prev[1], prev[2].min(prev[0].max(prev[1])), prev[3], prev[4]);
+            let c = proxy(cur[0].max(cur[1]), cur[1], cur[2].min(cur[0].max(cur[1])), cur[3], cur[4]);
+            for kind in [ResourceKind::Deployment, ResourceKind::Service, ResourceKind::Route, ResourceKind::Pod] {
+                let rows = rows_from_scrapes(kind, &pods, &[PodScrape { pod: &pods[0], prev: &p, cur: &c }], secs);
+                for r in &rows {
+                    proptest::prop_assert!(r.success.is_none_or(|s| (0.0..=1.0).contains(&s)));
+                    proptest::prop_assert!(r.mtls.is_none_or(|s| (0.0..=1.0).contains(&s)));
+                }
+                let _ = render_table(&rows);
+                let _ = render_json(&rows);
+            }
+        }
     }
 }

@@ -474,9 +474,15 @@ fn prometheus_errors_name_the_url_and_what_was_wrong() {
         );
         fails_with(&["svc", "--prometheus", &url], want);
     }
+    for bad in ["localhost:9090", "http://", "ftp://x"] {
+        fails_with(
+            &["--prometheus", bad],
+            &format!("prometheus at {bad}: not an http:// URL"),
+        );
+    }
     fails_with(
         &["--prometheus", "https://127.0.0.1:1"],
-        "prometheus at https://127.0.0.1:1: ",
+        "prometheus at https://127.0.0.1:1: not an http:// URL",
     );
 }
 
