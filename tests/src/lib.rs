@@ -10,6 +10,7 @@
 pub mod client;
 pub mod controller;
 pub mod netns;
+pub mod otlp;
 pub mod pki;
 pub mod servers;
 
