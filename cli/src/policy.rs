@@ -176,8 +176,14 @@ pub enum ExplainError {
     KubeConfig(String),
     #[error("cannot list namespaces from the Kubernetes API server at {url}: {message}; check KUBECONFIG and that the cluster is reachable, or pass --manifests DIR")]
     Unreachable { url: String, message: String },
-    #[error("the Kubernetes API server at {url} did not list pods, namespaces and NetworkPolicies within {secs} s ({errors} watch errors); weft needs list/watch on them (RBAC)")]
-    SyncTimeout { url: String, secs: u64, errors: u64 },
+    #[error("the Kubernetes API server at {url} did not list {what} within {secs} s ({errors} watch errors); weft needs list/watch on them (RBAC)")]
+    SyncTimeout {
+        url: String,
+        /// What was being listed, e.g. "pods and services".
+        what: &'static str,
+        secs: u64,
+        errors: u64,
+    },
     #[error("no pod {key} in the cluster state{}", did_you_mean(.close))]
     UnknownPod {
         key: ObjectKey,
@@ -565,6 +571,21 @@ pub struct Listed {
 /// (`kube::Client::try_default`'s configuration: KUBECONFIG, else
 /// in-cluster).
 pub async fn list_cluster(timeout: Duration) -> Result<Listed, ExplainError> {
+    list_kinds(
+        timeout,
+        &[Kind::Pod, Kind::Namespace, Kind::NetworkPolicy],
+        "pods, namespaces and NetworkPolicies",
+    )
+    .await
+}
+
+/// Lists `kinds` once with the kube source (see [`list_cluster`]); `what`
+/// names them in the error when the listing does not finish in time.
+pub async fn list_kinds(
+    timeout: Duration,
+    kinds: &'static [Kind],
+    what: &'static str,
+) -> Result<Listed, ExplainError> {
     use k8s_openapi::api::core::v1::Namespace;
     use kube::api::{Api, ListParams};
 
@@ -601,7 +622,7 @@ pub async fn list_cluster(timeout: Duration) -> Result<Listed, ExplainError> {
         index.clone(),
         metrics.clone(),
         readiness.clone(),
-        &[Kind::Pod, Kind::Namespace, Kind::NetworkPolicy],
+        kinds,
     ));
     let deadline = Instant::now() + timeout;
     while !readiness.is_ready() && Instant::now() < deadline {
@@ -615,8 +636,9 @@ pub async fn list_cluster(timeout: Duration) -> Result<Listed, ExplainError> {
             .get()
     };
     if !readiness.is_ready() {
-        let errors = [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy]
-            .into_iter()
+        let errors = kinds
+            .iter()
+            .copied()
             .map(|k| {
                 metrics
                     .kube_watch_errors
@@ -626,6 +648,7 @@ pub async fn list_cluster(timeout: Duration) -> Result<Listed, ExplainError> {
             .sum();
         return Err(ExplainError::SyncTimeout {
             url,
+            what,
             secs: timeout.as_secs(),
             errors,
         });

@@ -38,6 +38,7 @@ use weft_controller::index::State;
 use weft_controller::source::SourceConfig;
 use weft_injector::patch::{InjectConfig, PROXY_CONTAINER};
 use weft_model::labels::Selector;
+use weft_model::Kind;
 
 use crate::demo::proxy::AdminClient;
 use crate::promtext::Sample;
@@ -70,8 +71,9 @@ pub struct StatArgs {
     #[arg(long, value_name = "ADDR", num_args = 1.., conflicts_with = "source")]
     pub from_proxies: Vec<ProxyArg>,
     /// Find the meshed pods and their admin ports in a manifest directory
-    /// (`dir:PATH`) and scrape them.
-    #[arg(long, value_name = "dir:PATH")]
+    /// (`dir:PATH`) or the cluster (`kube`: KUBECONFIG, else in-cluster) and
+    /// scrape them.
+    #[arg(long, value_name = "kube|dir:PATH")]
     pub source: Option<SourceConfig>,
     /// Seconds to wait for each HTTP answer.
     #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
@@ -193,8 +195,12 @@ pub enum StatError {
     Proxy { addr: String, reason: String },
     #[error("{0}")]
     Manifests(#[from] crate::policy::ExplainError),
-    #[error("--source {0}: weft stat reads manifest directories only (dir:PATH); give the proxies' admin addresses with --from-proxies instead")]
-    UnsupportedSource(String),
+    #[error("no Kubernetes configuration ({0}): set KUBECONFIG or run in a pod, or give --source dir:PATH or --from-proxies ADDR...")]
+    KubeConfig(String),
+    #[error("cannot list from the Kubernetes API server at {url}: {message}; check KUBECONFIG and that the cluster is reachable")]
+    KubeUnreachable { url: String, message: String },
+    #[error("the Kubernetes API server at {url} did not list pods and services within {secs} s ({errors} watch errors); weft stat needs list/watch on them (RBAC)")]
+    KubeSyncTimeout { url: String, secs: u64, errors: u64 },
     #[error("no meshed pods with an IP address{} in {source_text}: nothing to scrape", .namespace.as_ref().map(|n| format!(" in namespace {n}")).unwrap_or_default())]
     NoPods {
         source_text: String,
@@ -1072,10 +1078,13 @@ fn run_inner(args: &StatArgs) -> Result<String, StatError> {
         let pods = if !args.from_proxies.is_empty() {
             args.from_proxies.iter().map(PodRef::from_arg).collect()
         } else if let Some(source) = &args.source {
-            let SourceConfig::Dir(dir) = source else {
-                return Err(StatError::UnsupportedSource(source.to_string()));
+            let pods = match source {
+                SourceConfig::Dir(dir) => manifest_pods(dir, args.namespace.as_deref())?,
+                SourceConfig::Kube => {
+                    cluster_pods(Duration::from_secs(args.timeout), args.namespace.as_deref())
+                        .await?
+                }
             };
-            let pods = manifest_pods(dir, args.namespace.as_deref())?;
             if !pods.iter().any(|p| p.admin.is_some()) {
                 return Err(StatError::NoPods {
                     source_text: source.to_string(),
@@ -1093,6 +1102,30 @@ fn run_inner(args: &StatArgs) -> Result<String, StatError> {
         Output::Table => render_table(&rows),
         Output::Json => format!("{:#}\n", render_json(&rows)),
     })
+}
+
+/// Pods and Services from the cluster (KUBECONFIG, else in-cluster), listed
+/// once through the controller's kube source into its index.
+async fn cluster_pods(
+    timeout: Duration,
+    namespace: Option<&str>,
+) -> Result<Vec<PodRef>, StatError> {
+    use crate::policy::ExplainError;
+    let listed =
+        crate::policy::list_kinds(timeout, &[Kind::Pod, Kind::Service], "pods and services")
+            .await
+            .map_err(|e| match e {
+                ExplainError::KubeConfig(m) => StatError::KubeConfig(m),
+                ExplainError::Unreachable { url, message } => {
+                    StatError::KubeUnreachable { url, message }
+                }
+                ExplainError::SyncTimeout {
+                    url, secs, errors, ..
+                } => StatError::KubeSyncTimeout { url, secs, errors },
+                other => StatError::Manifests(other),
+            })?;
+    let state = listed.index.read();
+    Ok(pods_from_index(&state, namespace))
 }
 
 fn manifest_pods(dir: &Path, namespace: Option<&str>) -> Result<Vec<PodRef>, StatError> {

@@ -232,8 +232,56 @@ fn stat_from_the_proxies_shows_what_they_counted() {
     assert_eq!(svc.len(), 1, "{svc:?}");
     assert!(num(&svc[0], "rps") > 10.0, "{svc:?}");
 
+    // The same pods and service from a Kubernetes API server (the controller's fake one),
+    // through KUBECONFIG.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let fake = runtime
+        .block_on(weft_controller::testing::fake_apiserver::FakeApiServer::start())
+        .unwrap();
+    for doc in manifests(books, web).split("\n---\n") {
+        let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(doc).unwrap();
+        fake.apply(serde_json::to_value(value).unwrap());
+    }
+    let config = kubeconfig(dir.path(), &format!("http://{}", fake.addr()));
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args([
+            "stat", "deploy", "-o", "json", "--window", "2s", "--source", "kube",
+        ])
+        .env("KUBECONFIG", &config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let from_kube: Vec<Value> = serde_json::from_str(&stdout).unwrap();
+    let books_row = row(&from_kube, "books");
+    assert_eq!(books_row["pods"], 1, "{books_row}");
+    assert!(num(books_row, "rps") > 10.0, "{books_row}");
+    assert_eq!(row(&from_kube, "web")["pods"], 2);
+    drop(fake);
+
     let (status, output) = demo.stop();
     assert!(status.success(), "{output}");
+}
+
+fn kubeconfig(dir: &Path, server: &str) -> String {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{server}\"}}\n\
+users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: fake\n"
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
 }
 
 /// Pods `books-…` and `web-…` of Deployments books and web (pod-template-hash), at
@@ -405,7 +453,16 @@ fn closed_port() -> SocketAddr {
 
 /// `weft stat` fails with exit status 2 and one line on stderr containing `want`.
 fn fails_with(args: &[&str], want: &str) {
-    let out = weft_stat(args);
+    fails_with_env(args, &[], want);
+}
+
+fn fails_with_env(args: &[&str], env: &[(&str, &str)], want: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .arg("stat")
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run weft stat");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
     assert!(out.stdout.is_empty(), "{args:?}");
@@ -505,9 +562,18 @@ fn proxy_and_source_errors_name_what_was_wrong() {
         "proxy admin endpoint no-such-host.invalid:4191: cannot resolve the address",
     );
     fails_with(&[], "nothing to read: give --prometheus URL");
-    fails_with(
+    fails_with_env(
         &["--source", "kube"],
-        "--source kube: weft stat reads manifest directories only",
+        &[("KUBECONFIG", "/nonexistent/kubeconfig")],
+        "no Kubernetes configuration (",
+    );
+    let closed = closed_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(dir.path(), &format!("http://{closed}"));
+    fails_with_env(
+        &["--source", "kube", "--timeout", "3"],
+        &[("KUBECONFIG", config.as_str())],
+        &format!("cannot list from the Kubernetes API server at http://{closed}/"),
     );
     let dir = tempfile::tempdir().unwrap();
     let source = format!("dir:{}", dir.path().display());
