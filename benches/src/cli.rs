@@ -61,6 +61,9 @@ pub enum Command {
     /// the eBPF datapath against no eBPF, and policy change to enforcement with 1,000 pods in
     /// the index. Writes a section of RESULTS.md.
     Netpol(crate::netpol::NetpolArgs),
+    /// Issue 15: CPU per request of a two-hop path with distributed tracing off, on at the
+    /// default sampling (0) and on at 100 %. Writes a section of RESULTS.md.
+    TracingCost(crate::policy::PolicyArgs),
 }
 
 /// Parses "15s", "500ms", "1.5s", "2m" or a bare number of seconds.
@@ -391,6 +394,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Ejection(args) => crate::policy::ejection::execute(args),
         Command::RoutingCost(args) => crate::policy::cost::execute(args),
         Command::Netpol(args) => crate::netpol::execute(args),
+        Command::TracingCost(args) => crate::tracing_cost::execute(args),
     }
 }
 

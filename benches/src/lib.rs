@@ -74,3 +74,4 @@ pub mod report;
 pub mod scenario;
 pub mod server;
 pub mod sys;
+pub mod tracing_cost;
