@@ -41,6 +41,7 @@ pub mod env {
     pub const TRACE_COLLECTOR_ADDR: &str = "WEFT_PROXY_TRACE_COLLECTOR_ADDR";
     pub const TRACE_SAMPLING: &str = "WEFT_PROXY_TRACE_SAMPLING";
     pub const TRACE_QUEUE: &str = "WEFT_PROXY_TRACE_QUEUE";
+    pub const TAP_AUTHORIZED_IDENTITY: &str = "WEFT_PROXY_TAP_AUTHORIZED_IDENTITY";
 }
 
 /// Errors in the proxy's environment. Each names the variable, the value and what was expected.
@@ -181,6 +182,9 @@ pub struct IdentityConfig {
     pub token_file: std::path::PathBuf,
     /// PEM bundle of trust anchors the issued chain must verify against.
     pub trust_anchors: std::path::PathBuf,
+    /// The only identity allowed to tap this proxy from off the pod (mTLS on the admin port);
+    /// default: the controller's, `spiffe://<trust-domain>/ns/weft/sa/weft-controller`.
+    pub tap_authorized_identity: String,
 }
 
 /// The pod a proxy serves, from the injector's environment.
@@ -493,12 +497,33 @@ fn parse_identity(
             why: "the identity service needs a token and the proxy needs trust anchors",
         })
     };
+    let tap_authorized_identity = match get(env::TAP_AUTHORIZED_IDENTITY)? {
+        Some(v) if is_spiffe_id(&v) => v,
+        Some(v) => {
+            return Err(ConfigError::Invalid {
+                var: env::TAP_AUTHORIZED_IDENTITY,
+                value: v,
+                reason: "expected spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>",
+            })
+        }
+        None => controller_identity(&id),
+    };
     Ok(Some(IdentityConfig {
         addr,
         id,
         token_file: file(env::IDENTITY_TOKEN_FILE)?,
         trust_anchors: file(env::TRUST_ANCHORS)?,
+        tap_authorized_identity,
     }))
+}
+
+/// The controller's identity in the trust domain of `id` (a valid SPIFFE ID).
+fn controller_identity(id: &str) -> String {
+    let td = id
+        .strip_prefix("spiffe://")
+        .and_then(|r| r.split('/').next())
+        .unwrap_or("cluster.local");
+    format!("spiffe://{td}/ns/weft/sa/weft-controller")
 }
 
 /// Lowercase DNS name: labels of `[a-z0-9-]`, not starting or ending with `-`.
@@ -835,6 +860,40 @@ mod tests {
         for (err, expect) in cases {
             assert!(err.contains(expect), "{err} should contain {expect}");
         }
+    }
+
+    #[test]
+    fn tap_authorized_identity_defaults_to_the_controller_of_the_trust_domain() {
+        let base = [
+            (env::IDENTITY_ADDR, "ctl:8080"),
+            (env::IDENTITY_TOKEN_FILE, "/t"),
+            (env::TRUST_ANCHORS, "/a"),
+            (env::NAMESPACE, "books"),
+            (env::SERVICE_ACCOUNT, "web"),
+            (env::TRUST_DOMAIN, "example.org"),
+        ];
+        let i = parse(&base).unwrap().identity.unwrap();
+        assert_eq!(
+            i.tap_authorized_identity,
+            "spiffe://example.org/ns/weft/sa/weft-controller"
+        );
+        let mut v = base.to_vec();
+        v.push((
+            env::TAP_AUTHORIZED_IDENTITY,
+            "spiffe://example.org/ns/ops/sa/tap",
+        ));
+        let i = parse(&v).unwrap().identity.unwrap();
+        assert_eq!(
+            i.tap_authorized_identity,
+            "spiffe://example.org/ns/ops/sa/tap"
+        );
+        v.pop();
+        v.push((env::TAP_AUTHORIZED_IDENTITY, "controller"));
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(
+            e.contains("WEFT_PROXY_TAP_AUTHORIZED_IDENTITY=\"controller\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -225,6 +225,8 @@ impl Bound {
             .map_err(RunError::AccessLog)?;
             sinks.push(log);
         }
+        let taps = observe::tap::Taps::new(&metrics.observe);
+        sinks.push(taps.clone());
         let tracer = match &config.tracing {
             Some(t) => {
                 tracing::info!(collector = %t.collector, sampling = t.sampling.millionths() as f64 / 1e6, "tracing enabled");
@@ -240,6 +242,12 @@ impl Bound {
             shutdown: shutdown.clone(),
             logs,
             identity: identity_state,
+            taps,
+            mesh: mesh.clone(),
+            tap_authorized: config
+                .identity
+                .as_ref()
+                .map(|c| Arc::from(c.tap_authorized_identity.as_str())),
         });
         let admin_task = tokio::spawn(admin::serve(admin, admin_state.clone()));
 

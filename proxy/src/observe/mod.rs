@@ -14,6 +14,7 @@
 //! queue and counts what it had to drop.
 
 pub mod access;
+pub mod tap;
 pub mod trace;
 
 use std::net::SocketAddr;
@@ -24,6 +25,7 @@ use http::header;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::http::Cause;
@@ -193,6 +195,10 @@ pub struct ObserveMetrics {
     pub access_log: Family<ResultLabel, Counter>,
     /// `weft_trace_spans_total{result="exported|dropped|failed"}`.
     pub trace_spans: Family<ResultLabel, Counter>,
+    /// `weft_tap_events_total{result="sent|dropped"}`.
+    pub tap_events: Family<ResultLabel, Counter>,
+    /// `weft_taps_open`.
+    pub taps_open: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -211,6 +217,16 @@ impl ObserveMetrics {
             "weft_trace_spans",
             "Spans by result: exported to the collector, failed (the export failed or timed out), or dropped because the export queue was full (WEFT_PROXY_TRACE_COLLECTOR_ADDR)",
             self.trace_spans.clone(),
+        );
+        registry.register(
+            "weft_tap_events",
+            "Events offered to open taps by result: sent, or dropped because the tap's reader fell behind",
+            self.tap_events.clone(),
+        );
+        registry.register(
+            "weft_taps_open",
+            "Taps open on the admin port (GET /tap)",
+            self.taps_open.clone(),
         );
     }
 
