@@ -110,7 +110,7 @@ impl FromStr for ResourceKind {
     }
 }
 
-/// `--window`: `30s`, `1m`, `500ms`, `2m30s` is not needed; a bare number is seconds.
+/// `--window`: `30s`, `1m`, `500ms`, `2h`, or PromQL's `[1m]`; a bare number is seconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WindowArg(pub Duration);
 
@@ -118,6 +118,11 @@ impl FromStr for WindowArg {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || format!("{s:?} is not a window; expected e.g. 30s, 1m, 500ms");
+        // PromQL's `[1m]` is accepted as written.
+        let s = s
+            .strip_prefix('[')
+            .and_then(|t| t.strip_suffix(']'))
+            .unwrap_or(s);
         let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
             Some(i) => s.split_at(i),
             None => (s, "s"),
@@ -1164,6 +1169,7 @@ mod tests {
         assert_eq!("30s".parse(), Ok(WindowArg(Duration::from_secs(30))));
         assert_eq!("2".parse(), Ok(WindowArg(Duration::from_secs(2))));
         assert_eq!("500ms".parse(), Ok(WindowArg(Duration::from_millis(500))));
+        assert_eq!("[1m]".parse(), Ok(WindowArg(Duration::from_secs(60))));
         assert_eq!(
             "1m".parse::<WindowArg>().map(WindowArg::promql),
             Ok("1m".into())
@@ -1172,7 +1178,7 @@ mod tests {
             "90s".parse::<WindowArg>().map(WindowArg::promql),
             Ok("90s".into())
         );
-        for bad in ["", "s", "1d", "-1s", "0s", "1.5s"] {
+        for bad in ["", "s", "1d", "-1s", "0s", "1.5s", "[]", "[1m"] {
             assert!(bad.parse::<WindowArg>().is_err(), "{bad}");
         }
 
