@@ -25,6 +25,7 @@
 //! - [`security`]: mTLS connections and peer identities, handshake failures
 //!   and certificate lifetimes from a scrape.
 
+pub mod check;
 pub mod cni;
 pub mod demo;
 pub mod inject;

@@ -55,6 +55,12 @@ enum Command {
     /// the traffic they received; service rows what meshed clients sent them;
     /// route rows what the clients' proxies counted on the route.
     Stat(weft_cli::stat::StatArgs),
+    /// Check the cluster before installing Weft (--pre) or the installed Weft's health.
+    ///
+    /// One line per check, ✔ passed, ‼ warning, ✖ failed with what was found and a hint;
+    /// -o json for scripts. Exit 0 when nothing failed, 1 when a check failed, 2 when the
+    /// API server cannot be asked (no kubeconfig).
+    Check(weft_cli::check::CheckArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -93,6 +99,7 @@ fn main() -> ExitCode {
         Command::Policy(args) => return weft_cli::policy::run(&args),
         Command::Cni(args) => return weft_cli::cni::run(&args),
         Command::Stat(args) => return weft_cli::stat::run(&args),
+        Command::Check(args) => return weft_cli::check::run(&args),
     };
     let filter = if args.verbose {
         "info,weft=debug,weft_cli=debug"

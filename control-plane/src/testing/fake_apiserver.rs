@@ -35,6 +35,12 @@
 //!   [`FakeApiServer::fail_token_reviews`] makes it answer 403, as with
 //!   missing RBAC.
 //!
+//! - For `weft check`: `GET /version` ([`FakeApiServer::set_version`]),
+//!   and list (cluster-wide or in one namespace) and get of
+//!   CustomResourceDefinitions, Deployments, DaemonSets,
+//!   MutatingWebhookConfigurations, Secrets, ConfigMaps and Nodes
+//!   ([`Resource::MORE`]), as of every kind above.
+//!
 //! Tests change state with [`FakeApiServer::apply`] / [`FakeApiServer::delete`],
 //! send bookmarks with [`FakeApiServer::bookmark`], and break every watch
 //! with [`FakeApiServer::expire_watches`], which can also change state
@@ -70,9 +76,18 @@ pub enum Resource {
     GrpcRoutes,
     BackendPolicies,
     NetworkPolicies,
+    // Served for `weft check` (read with list and get; nothing watches them).
+    CustomResourceDefinitions,
+    Deployments,
+    DaemonSets,
+    MutatingWebhookConfigurations,
+    Secrets,
+    ConfigMaps,
+    Nodes,
 }
 
 impl Resource {
+    /// What the controller and the CNI agent watch.
     pub const ALL: [Resource; 8] = [
         Resource::Services,
         Resource::EndpointSlices,
@@ -84,6 +99,31 @@ impl Resource {
         Resource::NetworkPolicies,
     ];
 
+    /// The collections read by `weft check`, besides [`Resource::ALL`].
+    pub const MORE: [Resource; 7] = [
+        Resource::CustomResourceDefinitions,
+        Resource::Deployments,
+        Resource::DaemonSets,
+        Resource::MutatingWebhookConfigurations,
+        Resource::Secrets,
+        Resource::ConfigMaps,
+        Resource::Nodes,
+    ];
+
+    fn served() -> impl Iterator<Item = Resource> {
+        Resource::ALL.into_iter().chain(Resource::MORE)
+    }
+
+    fn cluster_scoped(self) -> bool {
+        matches!(
+            self,
+            Resource::Namespaces
+                | Resource::CustomResourceDefinitions
+                | Resource::MutatingWebhookConfigurations
+                | Resource::Nodes
+        )
+    }
+
     fn path(self) -> &'static str {
         match self {
             Resource::Services => "/api/v1/services",
@@ -94,6 +134,17 @@ impl Resource {
             Resource::GrpcRoutes => "/apis/gateway.networking.k8s.io/v1/grpcroutes",
             Resource::BackendPolicies => "/apis/policy.weft.dev/v1alpha1/backendpolicies",
             Resource::NetworkPolicies => "/apis/networking.k8s.io/v1/networkpolicies",
+            Resource::CustomResourceDefinitions => {
+                "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+            }
+            Resource::Deployments => "/apis/apps/v1/deployments",
+            Resource::DaemonSets => "/apis/apps/v1/daemonsets",
+            Resource::MutatingWebhookConfigurations => {
+                "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
+            }
+            Resource::Secrets => "/api/v1/secrets",
+            Resource::ConfigMaps => "/api/v1/configmaps",
+            Resource::Nodes => "/api/v1/nodes",
         }
     }
 
@@ -103,6 +154,9 @@ impl Resource {
             Resource::HttpRoutes | Resource::GrpcRoutes => "gateway.networking.k8s.io/v1",
             Resource::BackendPolicies => "policy.weft.dev/v1alpha1",
             Resource::NetworkPolicies => "networking.k8s.io/v1",
+            Resource::CustomResourceDefinitions => "apiextensions.k8s.io/v1",
+            Resource::Deployments | Resource::DaemonSets => "apps/v1",
+            Resource::MutatingWebhookConfigurations => "admissionregistration.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -117,7 +171,35 @@ impl Resource {
             Resource::GrpcRoutes => "GRPCRoute",
             Resource::BackendPolicies => "BackendPolicy",
             Resource::NetworkPolicies => "NetworkPolicy",
+            Resource::CustomResourceDefinitions => "CustomResourceDefinition",
+            Resource::Deployments => "Deployment",
+            Resource::DaemonSets => "DaemonSet",
+            Resource::MutatingWebhookConfigurations => "MutatingWebhookConfiguration",
+            Resource::Secrets => "Secret",
+            Resource::ConfigMaps => "ConfigMap",
+            Resource::Nodes => "Node",
         }
+    }
+
+    /// `(resource, namespace, name)` of a namespaced collection
+    /// (`{prefix}/namespaces/{ns}/{plural}`) or object path (`.../{name}`),
+    /// or of a cluster-scoped object (`{prefix}/{plural}/{name}`).
+    fn parse_path(path: &str) -> Option<(Resource, Option<String>, Option<String>)> {
+        Resource::served().find_map(|r| {
+            let (prefix, plural) = r.path().rsplit_once('/')?;
+            let rest = path.strip_prefix(prefix)?.strip_prefix('/')?;
+            let parts: Vec<&str> = rest.split('/').collect();
+            match (r.cluster_scoped(), parts.as_slice()) {
+                (false, ["namespaces", ns, p]) if *p == plural => {
+                    Some((r, Some(ns.to_string()), None))
+                }
+                (false, ["namespaces", ns, p, name]) if *p == plural => {
+                    Some((r, Some(ns.to_string()), Some(name.to_string())))
+                }
+                (true, [p, name]) if *p == plural => Some((r, None, Some(name.to_string()))),
+                _ => None,
+            }
+        })
     }
 
     /// `(api prefix, plural)` of a namespaced custom resource with a
@@ -134,7 +216,7 @@ impl Resource {
 
     /// The collection an object of `kind` lives in.
     pub fn of_kind(kind: &str) -> Option<Resource> {
-        Resource::ALL.into_iter().find(|r| r.kind() == kind)
+        Resource::served().find(|r| r.kind() == kind)
     }
 }
 
@@ -164,6 +246,8 @@ struct State {
     token_reviews: usize,
     fail_token_reviews: bool,
     status_writes: HashMap<Resource, usize>,
+    /// What `GET /version` answers; `None`: 404.
+    version: Option<Value>,
 }
 
 impl State {
@@ -214,9 +298,10 @@ impl State {
 
 fn key_of(resource: Resource, object: &Value) -> Key {
     let meta = &object["metadata"];
-    let namespace = match resource {
-        Resource::Namespaces => String::new(),
-        _ => meta["namespace"].as_str().unwrap_or("default").to_string(),
+    let namespace = if resource.cluster_scoped() {
+        String::new()
+    } else {
+        meta["namespace"].as_str().unwrap_or("default").to_string()
     };
     (
         namespace,
@@ -266,6 +351,7 @@ impl FakeApiServer {
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State {
             rv: 1,
+            version: Some(version_info(1, 31)),
             ..State::default()
         }));
         let shared = state.clone();
@@ -310,6 +396,11 @@ impl FakeApiServer {
     /// Creates or replaces an object (JSON with `kind` and `metadata.name`).
     pub fn apply(&self, object: Value) {
         self.lock().put(object, true);
+    }
+
+    /// Makes `GET /version` answer Kubernetes `1.minor` (`None`: not served at all).
+    pub fn set_version(&self, version: Option<(u32, u32)>) {
+        self.lock().version = version.map(|(major, minor)| version_info(major, minor));
     }
 
     /// Deletes an object; returns whether it existed.
@@ -651,9 +742,81 @@ fn token_review(state: &Mutex<State>, body: &[u8]) -> Response<BoxBody<Bytes, In
     json_response(StatusCode::CREATED, out)
 }
 
+/// What the real server's `/version` answers (`gitVersion` and the rest).
+fn version_info(major: u32, minor: u32) -> Value {
+    json!({
+        "major": major.to_string(), "minor": minor.to_string(),
+        "gitVersion": format!("v{major}.{minor}.0"), "gitCommit": "fake",
+        "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
+        "goVersion": "go1.23", "compiler": "gc", "platform": "linux/amd64",
+    })
+}
+
+/// `GET /version`, a namespaced list, or one object.
+fn get_or_list_in(
+    state: &Mutex<State>,
+    path: &str,
+) -> Option<Response<BoxBody<Bytes, Infallible>>> {
+    let state = state.lock().unwrap_or_else(|e| e.into_inner());
+    if path == "/version" {
+        return Some(match &state.version {
+            Some(v) => json_response(StatusCode::OK, v.clone()),
+            None => status_error(
+                404,
+                "NotFound",
+                "the server could not find the requested resource".into(),
+            ),
+        });
+    }
+    let (resource, namespace, name) = Resource::parse_path(path)?;
+    let objects = state.objects.get(&resource);
+    Some(match name {
+        Some(name) => {
+            let key = (namespace.clone().unwrap_or_default(), name.clone());
+            match objects.and_then(|m| m.get(&key)) {
+                Some(o) => json_response(StatusCode::OK, o.clone()),
+                None => status_error(
+                    404,
+                    "NotFound",
+                    format!("{} {name:?} not found", resource.kind()),
+                ),
+            }
+        }
+        None => {
+            let ns = namespace.unwrap_or_default();
+            let items: Vec<Value> = objects
+                .map(|m| {
+                    m.iter()
+                        .filter(|((n, _), _)| *n == ns)
+                        .map(|(_, o)| o.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            json_response(
+                StatusCode::OK,
+                json!({
+                    "kind": format!("{}List", resource.kind()),
+                    "apiVersion": resource.api_version(),
+                    "metadata": {"resourceVersion": state.rv.to_string()},
+                    "items": items,
+                }),
+            )
+        }
+    })
+}
+
 fn handle(state: &Mutex<State>, req: &Request<Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
     let path = req.uri().path();
-    let Some(resource) = Resource::ALL.into_iter().find(|r| r.path() == path) else {
+    let watching = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.contains("watch=true") || q.contains("watch=1"));
+    if !watching && req.method() == http::Method::GET {
+        if let Some(rsp) = get_or_list_in(state, path) {
+            return rsp;
+        }
+    }
+    let Some(resource) = Resource::served().find(|r| r.path() == path) else {
         return json_response(
             StatusCode::NOT_FOUND,
             json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
