@@ -22,6 +22,7 @@
 //!   shared by the demo's table and `weft stat`.
 //! - [`routes`]: a route's split, success after retries, retries and budget
 //!   refusals from a client proxy's scrape.
+//! - [`tap`]: `weft tap`, the live request streams of chosen proxies.
 //! - [`security`]: mTLS connections and peer identities, handshake failures
 //!   and certificate lifetimes from a scrape.
 
@@ -35,3 +36,4 @@ pub mod routes;
 pub mod security;
 pub mod stat;
 pub mod stats;
+pub mod tap;

@@ -61,6 +61,15 @@ enum Command {
     /// -o json for scripts. Exit 0 when nothing failed, 1 when a check failed, 2 when the
     /// API server cannot be asked (no kubeconfig).
     Check(weft_cli::check::CheckArgs),
+    /// A live stream of the requests chosen proxies handle (exit 2 on error).
+    ///
+    /// One line per request and direction, as each finishes: method,
+    /// authority, path, status, latency (-o wide: route, endpoint, identities,
+    /// retries), and the weft-proxy-error cause when the proxy answered
+    /// itself; -o json for the raw objects. The proxies are given by admin
+    /// address (--to-proxies) or found in a manifest directory (--source
+    /// dir:PATH); filters are applied by the proxies.
+    Tap(weft_cli::tap::TapArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -100,6 +109,7 @@ fn main() -> ExitCode {
         Command::Cni(args) => return weft_cli::cni::run(&args),
         Command::Stat(args) => return weft_cli::stat::run(&args),
         Command::Check(args) => return weft_cli::check::run(&args),
+        Command::Tap(args) => return weft_cli::tap::run(&args),
     };
     let filter = if args.verbose {
         "info,weft=debug,weft_cli=debug"
