@@ -50,6 +50,7 @@ pub mod admin;
 pub mod grpc;
 pub mod identity;
 pub mod index;
+pub mod lease;
 pub mod metrics;
 /// The shared model lives in its own crate (`weft-model`); this path keeps
 /// `crate::model::...` and `weft_controller::model::...` working.

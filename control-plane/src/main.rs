@@ -77,6 +77,17 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "WEFT_CONTROLLER_LOG_JSON")]
     log_json: bool,
+    /// Only the holder of a Lease writes route and policy status: run several replicas
+    /// with this on (with --source kube; needs get/create/update on leases).
+    #[arg(long, env = "WEFT_CONTROLLER_LEADER_ELECT")]
+    leader_elect: bool,
+    /// The Lease's namespace (the controller's own: the downward API's metadata.namespace).
+    #[arg(long, env = "WEFT_CONTROLLER_NAMESPACE", default_value = "weft")]
+    leader_elect_namespace: String,
+    /// This replica's identity in the Lease (its pod name: metadata.name); default: the
+    /// host name.
+    #[arg(long, env = "WEFT_CONTROLLER_POD_NAME")]
+    leader_elect_identity: Option<String>,
     /// Issuer certificate (PEM; the issuer first, then any intermediates).
     /// Reloaded when it changes. With --issuer-key and --trust-anchors;
     /// without them (and without --dev-ca) no certificates are issued.
@@ -264,6 +275,24 @@ fn identity_config(args: &Args) -> Result<Option<IdentityConfig>, String> {
     Ok(Some(config))
 }
 
+/// The host name (a pod's name in Kubernetes), else a random identity: two replicas must
+/// never share one.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("weft-controller-{:016x}", fallback_id()))
+}
+
+fn fallback_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ u64::from(std::process::id()).rotate_left(32)
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     match &args.command {
@@ -331,6 +360,10 @@ fn main() -> ExitCode {
         cluster_domain: args.cluster_domain,
         trust_domain: args.trust_domain,
         identity,
+        leader_election: args.leader_elect.then(|| {
+            let identity = args.leader_elect_identity.clone().unwrap_or_else(hostname);
+            weft_controller::lease::LeaseConfig::new(&args.leader_elect_namespace, &identity)
+        }),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

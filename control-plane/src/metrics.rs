@@ -61,6 +61,8 @@ pub struct Metrics {
     pub client_policy_updates: Counter,
     /// Status writes on routes and BackendPolicies (kube source), by result.
     pub status_writes: Family<ResultLabels, Counter>,
+    /// 1 while this replica holds the status writer's Lease (or leader election is off).
+    pub leader: Gauge,
     /// Objects in the index, by kind.
     pub index_objects: Family<KindLabels, Gauge>,
     /// Objects added, changed or deleted in the index by the source.
@@ -127,6 +129,11 @@ impl Metrics {
             m.status_writes.clone(),
         );
         registry.register(
+            "leader",
+            "1 while this replica writes route and policy status (it holds the Lease, or leader election is off and the source is kube), else 0",
+            m.leader.clone(),
+        );
+        registry.register(
             "index_objects",
             "Objects in the index",
             m.index_objects.clone(),
@@ -188,6 +195,7 @@ impl Metrics {
             client_policy_streams: m.client_policy_streams,
             client_policy_updates: m.client_policy_updates,
             status_writes: m.status_writes,
+            leader: m.leader,
             index_objects: m.index_objects,
             index_changes: m.index_changes,
             manifest_errors: m.manifest_errors,
@@ -228,6 +236,7 @@ struct MetricsBuilder {
     client_policy_streams: Gauge,
     client_policy_updates: Counter,
     status_writes: Family<ResultLabels, Counter>,
+    leader: Gauge,
     index_objects: Family<KindLabels, Gauge>,
     index_changes: Counter,
     manifest_errors: Counter,

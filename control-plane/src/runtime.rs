@@ -37,6 +37,9 @@ pub struct Config {
     pub trust_domain: String,
     /// The identity service; `None`: Certify answers UNIMPLEMENTED.
     pub identity: Option<IdentityConfig>,
+    /// Leader election for the status writer (`--leader-elect`); `None`: this replica
+    /// writes status whenever the source is kube.
+    pub leader_election: Option<crate::lease::LeaseConfig>,
 }
 
 impl Config {
@@ -53,6 +56,7 @@ impl Config {
             cluster_domain: "cluster.local".into(),
             trust_domain: "cluster.local".into(),
             identity: None,
+            leader_election: None,
         }
     }
 }
@@ -155,10 +159,32 @@ impl Controller {
         let mut tasks = Vec::new();
         // The status writer needs the client after the source takes it.
         if let Some(client) = source.client().cloned() {
+            let leader = match &config.leader_election {
+                Some(lease) => {
+                    let (tx, rx) = tokio::sync::watch::channel(false);
+                    tasks.push(tokio::spawn(crate::lease::run(
+                        kube::Api::namespaced(client.clone(), &lease.namespace),
+                        lease.clone(),
+                        tx,
+                        metrics.clone(),
+                    )));
+                    rx
+                }
+                None => {
+                    metrics.leader.set(1);
+                    // Always the leader: the sender is never dropped while the writer runs.
+                    let (tx, rx) = tokio::sync::watch::channel(true);
+                    tasks.push(tokio::spawn(async move {
+                        tx.closed().await;
+                    }));
+                    rx
+                }
+            };
             tasks.push(tokio::spawn(crate::status::run(
                 client,
                 index.clone(),
                 metrics.clone(),
+                leader,
             )));
         }
         tasks.push(source.spawn(

@@ -19,6 +19,9 @@
 //! - Directory mode: the same verdicts are logged once per change with the
 //!   file and the object ([`crate::source::dir`]).
 //!
+//! With several controller replicas only the holder of a Lease writes
+//! ([`crate::lease`], `--leader-elect`); the others compute nothing.
+//!
 //! The wanted status is a pure function ([`wanted_route_status`],
 //! [`wanted_policy_status`], [`pending`]); [`run`] is the I/O around it.
 
@@ -189,16 +192,26 @@ pub fn pending(state: &State, config: &OutboundConfig, now: &str) -> Vec<StatusW
 }
 
 /// Writes status after each index change until the task is dropped.
-pub async fn run(client: Client, index: Index, metrics: Metrics) {
+pub async fn run(
+    client: Client,
+    index: Index,
+    metrics: Metrics,
+    mut leader: tokio::sync::watch::Receiver<bool>,
+) {
     let config = OutboundConfig::default();
     let mut generation = index.generation();
     loop {
         tokio::select! {
             changed = generation.changed() => if changed.is_err() { return },
+            // Becoming the leader writes at once what the previous leader may have left.
+            changed = leader.changed() => if changed.is_err() { return },
             () = tokio::time::sleep(RESYNC) => {}
         }
         tokio::time::sleep(BATCH).await;
         generation.borrow_and_update();
+        if !*leader.borrow_and_update() {
+            continue;
+        }
         let writes = {
             let state = index.read();
             pending(&state, &config, &now())

@@ -45,7 +45,8 @@ impl fmt::Display for SourceConfig {
 /// files load, or a Kubernetes client was built). The controller and the CNI agent start theirs
 /// through it.
 pub enum Source {
-    Dir(dir::DirSource),
+    /// Boxed: the directory source carries the metrics handles and its files' state.
+    Dir(Box<dir::DirSource>),
     Kube(::kube::Client),
 }
 
@@ -68,7 +69,7 @@ impl Source {
     ) -> Result<Self, SourceError> {
         Ok(match (config, client) {
             (SourceConfig::Dir(path), _) => {
-                Source::Dir(dir::DirSource::new(path.clone(), metrics)?)
+                Source::Dir(Box::new(dir::DirSource::new(path.clone(), metrics)?))
             }
             (SourceConfig::Kube, Some(c)) => Source::Kube(c),
             (SourceConfig::Kube, None) => Source::Kube(::kube::Client::try_default().await?),

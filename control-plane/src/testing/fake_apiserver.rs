@@ -84,6 +84,9 @@ pub enum Resource {
     Secrets,
     ConfigMaps,
     Nodes,
+    /// `coordination.k8s.io/v1` Leases: also created (POST) and replaced (PUT, with the
+    /// resourceVersion precondition), for leader election.
+    Leases,
 }
 
 impl Resource {
@@ -100,7 +103,7 @@ impl Resource {
     ];
 
     /// The collections read by `weft check`, besides [`Resource::ALL`].
-    pub const MORE: [Resource; 7] = [
+    pub const MORE: [Resource; 8] = [
         Resource::CustomResourceDefinitions,
         Resource::Deployments,
         Resource::DaemonSets,
@@ -108,6 +111,7 @@ impl Resource {
         Resource::Secrets,
         Resource::ConfigMaps,
         Resource::Nodes,
+        Resource::Leases,
     ];
 
     fn served() -> impl Iterator<Item = Resource> {
@@ -145,6 +149,7 @@ impl Resource {
             Resource::Secrets => "/api/v1/secrets",
             Resource::ConfigMaps => "/api/v1/configmaps",
             Resource::Nodes => "/api/v1/nodes",
+            Resource::Leases => "/apis/coordination.k8s.io/v1/leases",
         }
     }
 
@@ -157,6 +162,7 @@ impl Resource {
             Resource::CustomResourceDefinitions => "apiextensions.k8s.io/v1",
             Resource::Deployments | Resource::DaemonSets => "apps/v1",
             Resource::MutatingWebhookConfigurations => "admissionregistration.k8s.io/v1",
+            Resource::Leases => "coordination.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -178,6 +184,7 @@ impl Resource {
             Resource::Secrets => "Secret",
             Resource::ConfigMaps => "ConfigMap",
             Resource::Nodes => "Node",
+            Resource::Leases => "Lease",
         }
     }
 
@@ -562,6 +569,9 @@ async fn route(
     {
         return write_status(state, req).await;
     }
+    if matches!(*req.method(), http::Method::POST | http::Method::PUT) {
+        return write_object(state, req).await;
+    }
     handle(state, &req)
 }
 
@@ -677,6 +687,89 @@ async fn write_status(
         .cloned()
         .unwrap_or(Value::Null);
     json_response(StatusCode::OK, stored)
+}
+
+/// `POST` of a new object to its namespaced collection (409 AlreadyExists when it exists),
+/// or `PUT` of a whole object (404 when missing, 409 Conflict when the resourceVersion sent is
+/// not the current one), as the real server does.
+async fn write_object(
+    state: &Mutex<State>,
+    req: Request<Incoming>,
+) -> Response<BoxBody<Bytes, Infallible>> {
+    let path = req.uri().path().to_string();
+    let create = req.method() == http::Method::POST;
+    let Some((resource, namespace, name)) = Resource::parse_path(&path) else {
+        return status_error(
+            404,
+            "NotFound",
+            format!("the fake API server does not serve {path}"),
+        );
+    };
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return status_error(400, "BadRequest", e.to_string()),
+    };
+    let Ok(mut object) = serde_json::from_slice::<Value>(&body) else {
+        return status_error(400, "BadRequest", "body is not JSON".into());
+    };
+    object["kind"] = json!(resource.kind());
+    if let Some(ns) = &namespace {
+        object["metadata"]["namespace"] = json!(ns);
+    }
+    let key = key_of(resource, &object);
+    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+    let current = state
+        .objects
+        .get(&resource)
+        .and_then(|m| m.get(&key))
+        .cloned();
+    let what = format!("{} {:?}", resource.kind(), key.1);
+    match (create, name, &current) {
+        (true, None, Some(_)) => {
+            return status_error(409, "AlreadyExists", format!("{what} already exists"))
+        }
+        (true, None, None) => {}
+        (false, Some(name), Some(current)) if name == key.1 => {
+            let sent = object["metadata"]["resourceVersion"].as_str().unwrap_or("");
+            if !sent.is_empty()
+                && sent
+                    != current["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap_or("")
+            {
+                return status_error(
+                    409,
+                    "Conflict",
+                    format!("Operation cannot be fulfilled on {what}: the object has been modified; please apply your changes to the latest version and try again"),
+                );
+            }
+        }
+        (false, Some(_), None) => {
+            return status_error(404, "NotFound", format!("{what} not found"))
+        }
+        _ => {
+            return status_error(
+                400,
+                "BadRequest",
+                format!("cannot {} {path}", if create { "POST to" } else { "PUT" }),
+            )
+        }
+    }
+    state.put(object, true);
+    let stored = state
+        .objects
+        .get(&resource)
+        .and_then(|m| m.get(&key))
+        .cloned()
+        .unwrap_or(Value::Null);
+    json_response(
+        if create {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        stored,
+    )
 }
 
 fn token_review(state: &Mutex<State>, body: &[u8]) -> Response<BoxBody<Bytes, Infallible>> {
