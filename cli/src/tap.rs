@@ -326,8 +326,10 @@ fn run_inner(args: &TapArgs) -> Result<(), TapError> {
                     } else {
                         printed += 1;
                     }
-                    let _ = writeln!(out, "{line}");
-                    let _ = out.flush();
+                    // The reader of our stdout went away (`| head`): stop quietly.
+                    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                        break;
+                    }
                     if args.max.is_some_and(|m| printed >= m) {
                         break;
                     }
