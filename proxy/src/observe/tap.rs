@@ -607,6 +607,27 @@ mod tests {
         assert!(all.try_recv().is_some());
     }
 
+    proptest::proptest! {
+        /// Any query string parses or is refused with the parameter named; never a panic.
+        #[test]
+        fn any_query_parses_or_names_what_is_wrong(q in "[a-z_=&%0-9A-Fx/. +-]{0,64}") {
+            match TapRequest::parse_query(Some(&q)) {
+                Ok(_) => {}
+                Err(e) => proptest::prop_assert!(e.to_string().starts_with("tap: ")),
+            }
+        }
+
+        /// Every status in range and every class filters as written.
+        #[test]
+        fn statuses_and_classes_round_trip(status in 100u16..600) {
+            let exact = TapRequest::parse_query(Some(&format!("status={status}"))).unwrap();
+            proptest::prop_assert_eq!(exact.filter.status, Some(StatusMatch::Exact(status)));
+            let class = format!("status={}xx", status / 100);
+            let class = TapRequest::parse_query(Some(&class)).unwrap().filter.status.unwrap();
+            proptest::prop_assert!(class.matches(status));
+        }
+    }
+
     #[test]
     fn tap_lines_carry_the_fields() {
         let mut ev = event(Direction::Outbound, "GET", "books:8080", "/b", 503);
