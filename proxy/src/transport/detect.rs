@@ -81,6 +81,9 @@ fn is_tchar(b: u8) -> bool {
 fn classify_http1(buf: &[u8]) -> Option<Protocol> {
     let line_end = buf.iter().position(|&b| b == b'\n');
     let line = match line_end {
+        // Too long whether or not its end has arrived: the answer must not depend on how the
+        // client's bytes were split into reads.
+        Some(i) if i >= MAX_REQUEST_LINE => return Some(Protocol::Opaque),
         Some(i) => &buf[..i],
         None if buf.len() >= MAX_REQUEST_LINE => return Some(Protocol::Opaque),
         None => buf,
@@ -185,6 +188,21 @@ mod tests {
         let mut v = b"GET /".to_vec();
         v.resize(MAX_REQUEST_LINE, b'a');
         assert_eq!(classify(&v), Some(Protocol::Opaque));
+    }
+
+    /// Found by fuzz/tests/detect.rs: a request line of 8 KiB or more was opaque when it
+    /// arrived in small reads but HTTP/1 when its newline came in the same read.
+    #[test]
+    fn long_line_is_opaque_however_it_arrives() {
+        let mut v = b"GET /".to_vec();
+        v.resize(MAX_REQUEST_LINE + 100, b'p');
+        v.extend_from_slice(b" HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(classify(&v[..MAX_REQUEST_LINE]), Some(Protocol::Opaque));
+        assert_eq!(classify(&v), Some(Protocol::Opaque));
+        let mut fits = b"GET /".to_vec();
+        fits.resize(MAX_REQUEST_LINE - 12, b'p');
+        fits.extend_from_slice(b" HTTP/1.1\r\n");
+        assert_eq!(classify(&fits), Some(Protocol::Http1));
     }
 
     #[tokio::test]
