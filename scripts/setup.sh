@@ -45,8 +45,35 @@ for entry in "${checks[@]}"; do
   fi
 done
 
+# Python packages (pip), checked by an import: helm-sdkpy bundles Helm's Go library and runs
+# Helm's linter and renderer for tests/tests/chart.rs (tests/chart/helm.py); PyYAML reads the
+# chart's values there. helm-sdkpy declares a newer Python than it needs, hence
+# --ignore-requires-python. Runs after the system packages (python3 may come from them).
+python_packages() {
+  local wanted=()
+  python3 -c "import helm_sdkpy" >/dev/null 2>&1 || wanted+=("helm-sdkpy")
+  python3 -c "import yaml" >/dev/null 2>&1 || wanted+=("pyyaml")
+  [ "${#wanted[@]}" -eq 0 ] && return 0
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    echo "setup: missing Python packages: ${wanted[*]}; pip not found (install python3-pip)" >&2
+    return 1
+  fi
+  local plog
+  plog="$(mktemp)"
+  if ! python3 -m pip install -q --ignore-requires-python "${wanted[@]}" >"$plog" 2>&1 \
+    && ! python3 -m pip install -q --ignore-requires-python --break-system-packages "${wanted[@]}" >"$plog" 2>&1; then
+    cat "$plog" >&2
+    rm -f "$plog"
+    echo "setup: pip failed installing: ${wanted[*]}" >&2
+    return 1
+  fi
+  rm -f "$plog"
+  echo "setup: installed Python packages ${wanted[*]}"
+}
+
 if [ "${#missing[@]}" -eq 0 ]; then
   echo "setup: all system packages present"
+  python_packages
   exit 0
 fi
 
@@ -68,3 +95,4 @@ if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${m
   exit 1
 fi
 echo "setup: installed ${missing[*]}"
+python_packages
