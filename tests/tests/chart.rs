@@ -11,8 +11,7 @@
 //!   weft-cni-agent are parsed by the binaries themselves (`<binary> <args> --help` exits 0
 //!   only when every flag exists and every value parses), the ports in values.yaml are the
 //!   binaries' defaults, the image names and injector defaults are `InjectConfig::default()`'s,
-//!   Chart.yaml's versions are the workspace's. (crds/ equals the generator's output:
-//!   control-plane/tests/crds.rs.)
+//!   Chart.yaml's versions are the workspace's, crds/ is exactly the generator's output.
 //!
 //! Needs python3 with helm-sdkpy (scripts/setup.sh installs it) and the built binaries
 //! (`cargo build --bins`). Without helm-sdkpy the Helm tests print a notice and pass, except
@@ -702,5 +701,29 @@ fn readme_lists_every_value() {
     assert!(
         missing.is_empty(),
         "charts/weft/README.md's values table lacks {missing:?}"
+    );
+}
+
+/// crds/ holds exactly the CRDs the Rust types generate, one file per CRD named after it
+/// (control-plane/tests/crds.rs regenerates them).
+#[test]
+fn crds_are_exactly_the_generated_ones() {
+    let generated = weft_model::policy::crd_yaml().unwrap();
+    let crd: Value = serde_yaml_ng::from_str(&generated).unwrap();
+    let want = BTreeSet::from([format!("{}.yaml", str_at(&crd, "/metadata/name"))]);
+    let have: BTreeSet<String> = std::fs::read_dir(chart_dir().join("crds"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        have, want,
+        "charts/weft/crds/ holds other files than the generated CRDs"
+    );
+    let committed =
+        std::fs::read_to_string(chart_dir().join("crds").join(want.first().unwrap())).unwrap();
+    assert!(
+        committed == generated,
+        "charts/weft/crds/ differs from the generator: \
+         WEFT_UPDATE_CRDS=1 cargo test -p weft-controller --test crds"
     );
 }
