@@ -378,7 +378,8 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// The next event, or `None` if the hub is gone.
+    /// Waits for the next event (the subscription holds its own sender, so this never
+    /// answers `None` while it lives).
     pub async fn recv(&mut self) -> Option<Arc<RequestEvent>> {
         self.rx.recv().await
     }
