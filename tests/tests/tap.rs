@@ -307,6 +307,14 @@ async fn bad_parameters_and_the_seventeenth_tap_are_refused_with_reasons() -> Re
         assert_eq!(status, 400, "{query}: {body}");
         assert!(body.starts_with(expect), "{query}: {body}");
     }
+    // A duration ends the tap by itself, with no traffic.
+    let started = Instant::now();
+    let lines = Tap::open(proxy.admin, "duration=300ms")
+        .await?
+        .all(Duration::from_secs(5))
+        .await?;
+    assert!(lines.is_empty(), "{lines:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
     let mut taps = Vec::new();
     for _ in 0..16 {
         taps.push(Tap::open(proxy.admin, "").await?);
