@@ -60,19 +60,18 @@ fn byte_mutation(n_seeds: usize, n_tokens: usize) -> impl Strategy<Value = ByteM
     prop_oneof![
         (at, 0u8..8).prop_map(|(at, bit)| ByteMutation::Flip { at, bit }),
         (at, any::<u8>()).prop_map(|(at, byte)| ByteMutation::Set { at, byte }),
-        (at, vec(any::<u8>(), 1..8))
-            .prop_map(|(at, bytes)| ByteMutation::Insert { at, bytes }),
+        (at, vec(any::<u8>(), 1..8)).prop_map(|(at, bytes)| ByteMutation::Insert { at, bytes }),
         (at, 0..n_tokens.max(1)).prop_map(|(at, token)| ByteMutation::Token { at, token }),
         (at, 1usize..64).prop_map(|(at, len)| ByteMutation::Delete { at, len }),
         at.prop_map(|at| ByteMutation::Truncate { at }),
-        (0..n_seeds.max(1), any::<usize>(), 1usize..128, at).prop_map(
-            |(seed, from, len, at)| ByteMutation::Splice {
+        (0..n_seeds.max(1), any::<usize>(), 1usize..128, at).prop_map(|(seed, from, len, at)| {
+            ByteMutation::Splice {
                 seed,
                 from,
                 len,
-                at
+                at,
             }
-        ),
+        }),
         (at, 1usize..32, 1u8..16).prop_map(|(at, len, times)| ByteMutation::Repeat {
             at,
             len,
