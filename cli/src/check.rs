@@ -35,9 +35,11 @@ pub mod names {
     pub const WEBHOOK: &str = "weft-injector";
     /// The injector's serving certificate (`tls.crt`, `tls.key`, `ca.crt`: cert-manager's layout).
     pub const INJECTOR_TLS_SECRET: &str = "weft-injector-tls";
-    /// The identity issuer (`tls.crt`, `tls.key`, and the trust anchors in `ca.crt`).
+    /// The identity issuer (`tls.crt`, `tls.key`; `ca.crt` with the trust anchors in
+    /// cert-manager's layout, else they are in [`TRUST_ANCHORS_CONFIGMAP`]).
     pub const ISSUER_SECRET: &str = "weft-identity-issuer";
-    /// The trust anchors the injector mounts into every proxy (`ca.crt`).
+    /// The trust anchors (`ca.crt`) the controller mounts, and the injector mounts into every
+    /// proxy from the proxy's own namespace.
     pub const TRUST_ANCHORS_CONFIGMAP: &str = "weft-trust-anchors";
     pub const CNI_AGENT: &str = "weft-cni-agent";
     /// The label every chart workload's pods carry with their name.
@@ -177,7 +179,8 @@ pub struct Snapshot {
     pub webhook: Option<MutatingWebhookConfiguration>,
     pub injector_tls: Option<Secret>,
     pub issuer: Option<Secret>,
-    pub anchors: Option<ConfigMap>,
+    /// ConfigMaps `weft-trust-anchors`, in every namespace.
+    pub anchors: Vec<ConfigMap>,
     /// Every pod in the cluster that carries a proxy (the injector's annotation).
     pub meshed: Vec<Pod>,
     pub agent: Option<DaemonSet>,
@@ -259,11 +262,11 @@ pub async fn fetch(args: &CheckArgs) -> Result<Result<Snapshot, Check>, CheckErr
         .get(Api::namespaced(c.clone(), ns), names::ISSUER_SECRET)
         .await?;
     snap.anchors = read
-        .get(
-            Api::namespaced(c.clone(), ns),
-            names::TRUST_ANCHORS_CONFIGMAP,
-        )
-        .await?;
+        .list::<ConfigMap>(Api::all(c.clone()), "ConfigMaps")
+        .await?
+        .into_iter()
+        .filter(|c| c.metadata.name.as_deref() == Some(names::TRUST_ANCHORS_CONFIGMAP))
+        .collect();
     snap.meshed = read
         .list::<Pod>(Api::all(c.clone()), "pods")
         .await?
@@ -759,31 +762,51 @@ fn ca_bundle_check(
     }
 }
 
+/// The `ca.crt` of ConfigMap `weft-trust-anchors` in `namespace`.
+fn anchors_in<'a>(s: &'a Snapshot, namespace: &str) -> Option<&'a str> {
+    s.anchors
+        .iter()
+        .find(|c| c.metadata.namespace.as_deref() == Some(namespace))
+        .and_then(|c| c.data.as_ref())
+        .and_then(|d| d.get("ca.crt"))
+        .map(String::as_str)
+}
+
 fn identity_checks(s: &Snapshot, namespace: &str, now: SystemTime) -> Vec<Check> {
     let cat = "identity";
     let secret = format!("{namespace}/{}", names::ISSUER_SECRET);
+    let cm = format!("{namespace}/{}", names::TRUST_ANCHORS_CONFIGMAP);
     let issuer_desc = "the issuer certificate is valid and signed by the trust anchors";
     let Some(issuer) = &s.issuer else {
         return vec![Check::fail(
             cat,
             issuer_desc,
             format!("Secret {secret} not found: the controller cannot issue workload certificates"),
-            "create it (tls.crt, tls.key, ca.crt) from your issuer, or let cert-manager do it (see charts/weft/README.md)",
+            "create it (tls.crt, tls.key) from your issuer, or let cert-manager do it (see charts/weft/README.md)",
         )];
     };
     let key = |k: &str| secret_key(issuer, k).unwrap_or_default();
+    // The controller's anchors: the issuer Secret's ca.crt (cert-manager's layout), else the
+    // ConfigMap the chart mounts into the controller.
+    let (anchors, anchors_from) = match secret_key(issuer, "ca.crt").filter(|c| !c.is_empty()) {
+        Some(ca) => (ca, format!("Secret {secret} ca.crt")),
+        None => (
+            anchors_in(s, namespace).unwrap_or_default().as_bytes(),
+            format!("ConfigMap {cm} ca.crt"),
+        ),
+    };
     let files = IssuerFiles {
         cert: format!("Secret {secret} tls.crt").into(),
         key: format!("Secret {secret} tls.key").into(),
-        trust_anchors: format!("Secret {secret} ca.crt").into(),
+        trust_anchors: anchors_from.clone().into(),
     };
     let mut out = Vec::new();
-    match Issuer::from_pem(&files, key("tls.crt"), key("tls.key"), key("ca.crt"), now) {
+    match Issuer::from_pem(&files, key("tls.crt"), key("tls.key"), anchors, now) {
         Err(e) => out.push(Check::fail(
             cat,
             issuer_desc,
             e.to_string(),
-            "rotate the issuer: https://github.com/weft-mesh/weft/blob/main/docs/identity.md",
+            "rotate the issuer (a new tls.crt/tls.key signed by a root in the trust anchors): see control-plane/README.md",
         )),
         Ok(i) => {
             out.push(Check::ok(cat, issuer_desc).with_message(i.status().issuer_subject));
@@ -803,55 +826,59 @@ fn identity_checks(s: &Snapshot, namespace: &str, now: SystemTime) -> Vec<Check>
             });
         }
     }
+    // What the proxies get: the injector mounts ConfigMap weft-trust-anchors from each
+    // meshed pod's own namespace.
     let desc = "proxies are given the controller's trust anchors";
-    let cm = format!("{namespace}/{}", names::TRUST_ANCHORS_CONFIGMAP);
-    let compared = (|| -> Result<(), String> {
-        let given = s
-            .anchors
-            .as_ref()
-            .and_then(|c| c.data.as_ref())
-            .and_then(|d| d.get("ca.crt"))
-            .ok_or(format!(
-                "ConfigMap {cm} with ca.crt not found: the injector mounts it into every proxy"
-            ))?;
-        let given: BTreeSet<Vec<u8>> =
-            pem_certs(given.as_bytes(), &format!("ConfigMap {cm} ca.crt"))?
-                .into_iter()
-                .collect();
-        let controller: BTreeSet<Vec<u8>> =
-            pem_certs(key("ca.crt"), &format!("Secret {secret} ca.crt"))?
-                .into_iter()
-                .collect();
-        let subjects = |set: &BTreeSet<Vec<u8>>, other: &BTreeSet<Vec<u8>>| -> Vec<String> {
-            set.difference(other)
-                .map(|d| {
-                    parse(d, "")
-                        .map(|c| c.subject().to_string())
-                        .unwrap_or_default()
-                })
-                .collect()
-        };
-        let only_controller = subjects(&controller, &given);
-        if !only_controller.is_empty() {
-            return Err(format!(
-                "the controller's trust anchors {only_controller:?} (Secret {secret} ca.crt) are not in ConfigMap {cm}: proxies reject certificates they chain to"
-            ));
+    let set = |pem: &[u8], what: &str| -> Result<BTreeSet<Vec<u8>>, String> {
+        Ok(pem_certs(pem, what)?.into_iter().collect())
+    };
+    let subjects = |a: &BTreeSet<Vec<u8>>, b: &BTreeSet<Vec<u8>>| -> Vec<String> {
+        a.difference(b)
+            .map(|d| {
+                parse(d, "")
+                    .map(|c| c.subject().to_string())
+                    .unwrap_or_default()
+            })
+            .collect()
+    };
+    let mut namespaces: BTreeSet<&str> = s
+        .meshed
+        .iter()
+        .map(|p| p.metadata.namespace.as_deref().unwrap_or("default"))
+        .collect();
+    namespaces.insert(namespace);
+    let compared = (|| -> Result<usize, String> {
+        let controller = set(anchors, &anchors_from)?;
+        for ns in &namespaces {
+            let here = format!("{ns}/{}", names::TRUST_ANCHORS_CONFIGMAP);
+            let Some(given) = anchors_in(s, ns) else {
+                return Err(format!(
+                    "ConfigMap {here} with ca.crt not found: the injector mounts it into the proxies of namespace {ns}, which then cannot verify any peer"
+                ));
+            };
+            let given = set(given.as_bytes(), &format!("ConfigMap {here} ca.crt"))?;
+            let missing = subjects(&controller, &given);
+            if !missing.is_empty() {
+                return Err(format!(
+                    "the controller's trust anchors {missing:?} ({anchors_from}) are not in ConfigMap {here}: its proxies reject certificates they chain to"
+                ));
+            }
+            let extra = subjects(&given, &controller);
+            if !extra.is_empty() {
+                return Err(format!(
+                    "ConfigMap {here} has trust anchors the controller does not ({extra:?}): its proxies trust roots the controller does not"
+                ));
+            }
         }
-        let only_proxies = subjects(&given, &controller);
-        if !only_proxies.is_empty() {
-            return Err(format!(
-                "ConfigMap {cm} has trust anchors the controller does not ({only_proxies:?}): proxies trust roots the controller does not"
-            ));
-        }
-        Ok(())
+        Ok(namespaces.len())
     })();
     out.push(match compared {
-        Ok(()) => Check::ok(cat, desc),
+        Ok(n) => Check::ok(cat, desc).with_message(format!("{n} namespace(s)")),
         Err(m) => Check::fail(
             cat,
             desc,
             m,
-            format!("make ConfigMap {cm} ca.crt equal to Secret {secret} ca.crt (during a rotation, both hold the old and new roots)"),
+            format!("copy {anchors_from} into ConfigMap {} ca.crt of every meshed namespace (trust-manager can keep them in sync; during a rotation all hold the old and new roots)", names::TRUST_ANCHORS_CONFIGMAP),
         ),
     });
     out

@@ -163,10 +163,12 @@ impl World {
                 ("ca.crt", &self.root.cert_pem),
             ],
         ));
-        fake.apply(
-            json!({"kind": "ConfigMap", "metadata": {"namespace": NS, "name": "weft-trust-anchors"},
-                          "data": {"ca.crt": self.root.cert_pem}}),
-        );
+        // The controller's namespace and every meshed one.
+        for ns in [NS, "shop"] {
+            fake.apply(json!({"kind": "ConfigMap",
+                              "metadata": {"namespace": ns, "name": "weft-trust-anchors"},
+                              "data": {"ca.crt": self.root.cert_pem}}));
+        }
         let meshed = json!({"weft.dev/proxy-version": VERSION});
         fake.apply(pod(
             "shop",
@@ -449,6 +451,15 @@ async fn a_healthy_installation_passes_and_each_fault_is_named() {
             "are not in ConfigMap weft/weft-trust-anchors",
         ),
         (
+            "a meshed namespace without anchors",
+            Box::new(|f| {
+                f.delete(Resource::ConfigMaps, "shop", "weft-trust-anchors");
+            }),
+            "proxies are given the controller's trust anchors",
+            "error",
+            "ConfigMap shop/weft-trust-anchors with ca.crt not found",
+        ),
+        (
             "old proxy",
             Box::new(|f| {
                 f.apply(pod("shop", "web-2", json!({"app": "web"}), json!({"weft.dev/proxy-version": "0.0.9"}), true, "node-2"));
@@ -475,6 +486,19 @@ async fn a_healthy_installation_passes_and_each_fault_is_named() {
         ),
     ];
     let fake = std::sync::Arc::new(fake);
+    // The chart's layout: the issuer Secret holds no ca.crt, the anchors are the ConfigMap's.
+    {
+        let (crt, key) = (world.issuer.cert_pem.clone(), world.issuer.key_pem());
+        fake.apply(secret(
+            NS,
+            "weft-identity-issuer",
+            &[("tls.crt", &crt), ("tls.key", &key)],
+        ));
+        let (code, checks) = run(vec![]).await.unwrap();
+        let bad: Vec<&Value> = checks.iter().filter(|c| c["result"] != "ok").collect();
+        assert!(bad.is_empty(), "chart layout: {bad:#?}");
+        assert_eq!(code, 0);
+    }
     for (what, step, description, result, message) in cases {
         // A fresh healthy world, then the one fault.
         fake.set_version(Some((1, 31)));
@@ -567,4 +591,37 @@ async fn an_unreachable_api_server_is_one_failed_check() {
     let out = weft(&[], "/nonexistent/kubeconfig");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("weft check: no usable kubeconfig"));
+}
+
+/// The names `weft check` looks for are the ones the chart installs.
+#[test]
+fn the_names_checked_are_the_charts() {
+    use weft_cli::check::names;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/weft/templates");
+    let text: String = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    for name in [
+        names::CONTROLLER,
+        names::INJECTOR,
+        names::WEBHOOK,
+        names::INJECTOR_TLS_SECRET,
+        names::ISSUER_SECRET,
+        names::TRUST_ANCHORS_CONFIGMAP,
+        names::CNI_AGENT,
+    ] {
+        assert!(
+            text.contains(&format!("name: {name}\n"))
+                || text.contains(&format!("\n{name}\n"))
+                || text.contains(&format!("default \"{name}\"")),
+            "charts/weft/templates names no {name}"
+        );
+    }
+    for label in [names::NAME_LABEL, names::VERSION_LABEL] {
+        assert!(
+            text.contains(&format!("{label}:")),
+            "the chart sets no {label}"
+        );
+    }
 }

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 
 use serde_yaml_ng::Value;
 use weft_controller::identity::token::TOKEN_REVIEW_RBAC;
+use weft_controller::lease::LeaseConfig;
 use weft_controller::source::kube::{STATUS_RESOURCES, WATCHED_RESOURCES};
 
 #[test]
@@ -30,7 +31,13 @@ fn cluster_role_grants_exactly_watch_status_and_token_review() {
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
-        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"]
+        [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding"
+        ]
     );
     let mut granted = BTreeSet::new();
     let mut status = BTreeSet::new();
@@ -105,4 +112,46 @@ fn cluster_role_grants_exactly_watch_status_and_token_review() {
     );
     assert_eq!(docs[2]["roleRef"]["name"], docs[1]["metadata"]["name"]);
     assert_eq!(docs[2]["subjects"][0]["name"], docs[0]["metadata"]["name"]);
+
+    // Leader election: get/update on its own Lease, create of leases, in its namespace only.
+    let lease = LeaseConfig::new("weft", "any");
+    let role = &docs[3];
+    assert_eq!(role["metadata"]["namespace"], lease.namespace.as_str());
+    let rules: Vec<(Vec<&str>, Vec<&str>, Vec<&str>, Vec<&str>)> = role["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let list = |k: &str| {
+                r[k].as_sequence()
+                    .map(|s| s.iter().map(|v| v.as_str().unwrap()).collect())
+                    .unwrap_or_default()
+            };
+            (
+                list("apiGroups"),
+                list("resources"),
+                list("resourceNames"),
+                list("verbs"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            (
+                vec!["coordination.k8s.io"],
+                vec!["leases"],
+                vec![lease.name.as_str()],
+                vec!["get", "update"]
+            ),
+            (
+                vec!["coordination.k8s.io"],
+                vec!["leases"],
+                vec![],
+                vec!["create"]
+            ),
+        ]
+    );
+    assert_eq!(docs[4]["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(docs[4]["subjects"][0]["name"], docs[0]["metadata"]["name"]);
 }
