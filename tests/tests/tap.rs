@@ -288,6 +288,8 @@ async fn a_proxy_error_shows_in_the_tap() -> Result<()> {
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert_eq!(lines[0]["proxy_error"], "connect-refused");
     assert_eq!(lines[0]["authority"], "nowhere:80");
+    // Where it failed: the original destination.
+    assert_eq!(lines[0]["endpoint"], closed.to_string());
     Ok(())
 }
 

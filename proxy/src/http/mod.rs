@@ -683,14 +683,19 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
     if let Some(d) = draft.as_mut() {
         d.event.route = plan.route_label().cloned();
         d.event.retries = plan.retries();
-        if let Ok((_, in_flight)) = &sent {
-            match in_flight {
-                Some(f) => {
-                    d.event.endpoint = Some(f.member().addr);
-                    d.event.server_id = f.member().mesh.as_ref().map(|m| m.id.clone());
-                }
-                None => d.event.endpoint = Some(ctx.target),
+        match &sent {
+            Ok((_, Some(f))) => {
+                d.event.endpoint = Some(f.member().addr);
+                d.event.server_id = f.member().mesh.as_ref().map(|m| m.id.clone());
             }
+            Ok((_, None)) => d.event.endpoint = Some(ctx.target),
+            // The endpoint the last attempt failed on; the original destination without
+            // discovery.
+            Err(SendError::Client(e)) => {
+                d.event.endpoint = outbound::client_error_addr(e)
+                    .or(plan.balancer.is_none().then_some(ctx.target));
+            }
+            Err(_) => {}
         }
     }
     let (mut rsp, in_flight) = match sent {

@@ -598,7 +598,7 @@ async fn classify(
     }
 }
 
-fn client_error_addr(e: &ClientError) -> Option<SocketAddr> {
+pub(super) fn client_error_addr(e: &ClientError) -> Option<SocketAddr> {
     Some(match e {
         ClientError::Connect(c) => c.addr,
         ClientError::Tls { addr, .. }
