@@ -368,3 +368,64 @@ pub fn byte_literal(bytes: &[u8]) -> String {
     s.push('"');
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::any;
+
+    fn bytes() -> impl Strategy<Value = Vec<u8>> {
+        vec(any::<u8>(), 0..64)
+    }
+
+    #[test]
+    #[should_panic(expected = "panicked: boom")]
+    fn a_panic_is_caught_shrunk_and_reported() {
+        fuzz("test::panic", bytes(), |b| {
+            assert!(b.len() < 10, "boom");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[should_panic(expected = "peak allocation")]
+    fn an_allocation_beyond_the_bound_fails() {
+        fuzz("test::alloc", bytes(), |b| {
+            let v = vec![0u8; alloc_bound(b.len()) + 1];
+            std::hint::black_box(&v);
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[should_panic(expected = "of CPU")]
+    fn an_input_over_the_cpu_limit_fails() {
+        // One input that cannot shrink: each try costs a second.
+        fuzz("test::cpu", proptest::strategy::Just(vec![1u8]), |_| {
+            let t0 = thread_cpu();
+            while thread_cpu() - t0 < Duration::from_millis(DEFAULT_CASE_MS + 50) {
+                std::hint::black_box(0);
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_failing_input_is_shrunk() {
+        let r = panic::catch_unwind(|| {
+            fuzz("test::shrink", bytes(), |b| {
+                if b.contains(&7) {
+                    return Err("has a 7".into());
+                }
+                Ok(())
+            })
+        });
+        let msg = r.expect_err("must fail");
+        let msg = msg
+            .downcast_ref::<String>()
+            .expect("a formatted message")
+            .clone();
+        assert!(msg.contains("minimal input (1 bytes): b\"\\x07\""), "{msg}");
+    }
+}
