@@ -44,6 +44,178 @@ pub mod env {
     pub const TAP_AUTHORIZED_IDENTITY: &str = "WEFT_PROXY_TAP_AUTHORIZED_IDENTITY";
 }
 
+/// Every variable the proxy reads, its default as the variable would be written (empty: unset
+/// by default, or derived), and what it does: `weft-proxy --help` prints this table, and tests
+/// hold it to [`env`], to [`Config::default`] and to the README's configuration reference.
+pub const VARS: &[(&str, &str, &str)] = &[
+    (
+        env::OUTBOUND_ADDR,
+        "127.0.0.1:4140",
+        "outbound listener (IP:PORT)",
+    ),
+    (env::INBOUND_ADDR, "0.0.0.0:4143", "inbound listener"),
+    (
+        env::ADMIN_ADDR,
+        "0.0.0.0:4191",
+        "admin listener: /metrics /ready /live /tap",
+    ),
+    (
+        env::OUTBOUND_FIXED_TARGET,
+        "",
+        "send every outbound connection here instead of its original destination",
+    ),
+    (
+        env::INBOUND_FIXED_TARGET,
+        "",
+        "send every inbound connection here instead of its original destination",
+    ),
+    (
+        env::OPAQUE_PORTS,
+        "",
+        "destination ports relayed as TCP without protocol detection (25,3306,5000-5010)",
+    ),
+    (
+        env::DETECT_TIMEOUT,
+        "10s",
+        "wait for a client's first bytes before treating the connection as opaque",
+    ),
+    (env::CONNECT_TIMEOUT, "1s", "upstream TCP connect timeout"),
+    (
+        env::HEADER_READ_TIMEOUT,
+        "10s",
+        "a request head must arrive within this (408 header-timeout)",
+    ),
+    (
+        env::MAX_HEADER_BYTES,
+        "65536",
+        "largest request head accepted (431 header-too-large)",
+    ),
+    (
+        env::POOL_IDLE_TIMEOUT,
+        "60s",
+        "idle upstream connections are closed after this",
+    ),
+    (
+        env::SHUTDOWN_GRACE_PERIOD,
+        "30s",
+        "time in-flight work gets after SIGTERM or /shutdown",
+    ),
+    (
+        env::WORKER_THREADS,
+        "1",
+        "1: current-thread runtime; more: that many workers",
+    ),
+    (
+        env::LOG,
+        DEFAULT_LOG_FILTER,
+        "tracing filter (PUT /log-level changes it at run time)",
+    ),
+    (
+        env::LOG_FORMAT,
+        "plain",
+        "plain or json (colour only on a terminal)",
+    ),
+    (
+        env::ACCESS_LOG,
+        "",
+        "json or apache: one line per request on stdout",
+    ),
+    (
+        env::DESTINATION_ADDR,
+        "",
+        "HOST:PORT of the controller's Destination gRPC (unset: no discovery)",
+    ),
+    (env::NAMESPACE, "", "the workload's namespace"),
+    (env::POD_NAME, "", "the workload's pod"),
+    (env::SERVICE_ACCOUNT, "", "the workload's ServiceAccount"),
+    (
+        env::DISCOVERY_TIMEOUT,
+        "1s",
+        "a new target's first request waits this long for discovery",
+    ),
+    (
+        env::DISCOVERY_IDLE_TIMEOUT,
+        "60s",
+        "unused resolutions are dropped after this",
+    ),
+    (
+        env::DISCOVERY_BACKOFF_MAX,
+        "5s",
+        "ceiling of the reconnect backoff to the controller",
+    ),
+    (
+        env::BALANCER_DECAY,
+        "10s",
+        "peak-EWMA decay time of the latency estimate",
+    ),
+    (
+        env::IDENTITY_ADDR,
+        "",
+        "HOST:PORT of the controller's Identity gRPC (unset: no mTLS)",
+    ),
+    (
+        env::IDENTITY,
+        "",
+        "the workload's SPIFFE ID (derived from trust domain, namespace, ServiceAccount)",
+    ),
+    (
+        env::TRUST_DOMAIN,
+        "cluster.local",
+        "trust domain of the derived SPIFFE ID",
+    ),
+    (
+        env::IDENTITY_TOKEN_FILE,
+        "",
+        "ServiceAccount token shown to the identity service",
+    ),
+    (
+        env::TRUST_ANCHORS,
+        "",
+        "PEM bundle of trust anchors (re-read when it changes)",
+    ),
+    (
+        env::TRACE_COLLECTOR_ADDR,
+        "",
+        "HOST:PORT of an OTLP/gRPC collector (unset: no tracing)",
+    ),
+    (
+        env::TRACE_SAMPLING,
+        "0",
+        "probability that a request without a trace context starts one",
+    ),
+    (
+        env::TRACE_QUEUE,
+        "2048",
+        "spans waiting for export before new ones are dropped",
+    ),
+    (
+        env::TAP_AUTHORIZED_IDENTITY,
+        "",
+        "the identity allowed to tap over mTLS (default: the controller's)",
+    ),
+];
+
+/// `weft-proxy --help`.
+pub fn help() -> String {
+    let mut out = format!(
+        "weft-proxy {}: the Weft sidecar proxy.\n\n\
+         Configured by environment variables only (the injector writes them); an invalid one\n\
+         stops the proxy with exit status 2 before it listens.\n\n\
+         Usage: weft-proxy [--help | --version]\n\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    let width = VARS.iter().map(|(v, _, _)| v.len()).max().unwrap_or(0);
+    for (var, default, what) in VARS {
+        let default = if default.is_empty() {
+            String::new()
+        } else {
+            format!(" [default: {default}]")
+        };
+        out.push_str(&format!("  {var:width$}  {what}{default}\n"));
+    }
+    out
+}
+
 /// Errors in the proxy's environment. Each names the variable, the value and what was expected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -663,6 +835,56 @@ mod tests {
     fn parse(vars: &[(&'static str, &str)]) -> Result<Config, ConfigError> {
         let map: HashMap<&str, String> = vars.iter().map(|(k, v)| (*k, v.to_string())).collect();
         Config::from_lookup(|k| Ok(map.get(k).cloned()))
+    }
+
+    /// `VARS` lists every variable of [`env`] once, and each default it prints is the default:
+    /// setting the variable to it changes nothing (discovery and tracing need their address).
+    #[test]
+    fn the_help_table_is_complete_and_its_defaults_are_the_defaults() {
+        let source = include_str!("config.rs");
+        let module = source
+            .split("pub mod env {")
+            .nth(1)
+            .and_then(|s| s.split('}').next())
+            .unwrap();
+        let declared: Vec<&str> = module.lines().filter_map(|l| l.split('"').nth(1)).collect();
+        let listed: Vec<&str> = VARS.iter().map(|(v, _, _)| *v).collect();
+        assert_eq!(listed, declared, "VARS must list env's variables in order");
+        let base = parse(&[]).unwrap();
+        for (var, default, _) in VARS {
+            if default.is_empty() {
+                continue;
+            }
+            let mut with = vec![(*var, *default)];
+            // These only matter with discovery or tracing on: compare like with like.
+            if var.starts_with("WEFT_PROXY_DISCOVERY") || *var == env::BALANCER_DECAY {
+                with.push((env::DESTINATION_ADDR, "ctl:8086"));
+                let want = parse(&[(env::DESTINATION_ADDR, "ctl:8086")]).unwrap();
+                assert_eq!(parse(&with).unwrap(), want, "{var}={default}");
+            } else if var.starts_with("WEFT_PROXY_TRACE") {
+                with.push((env::TRACE_COLLECTOR_ADDR, "otel:4317"));
+                let want = parse(&[(env::TRACE_COLLECTOR_ADDR, "otel:4317")]).unwrap();
+                assert_eq!(parse(&with).unwrap(), want, "{var}={default}");
+            } else {
+                assert_eq!(parse(&with).unwrap(), base, "{var}={default}");
+            }
+        }
+        let help = help();
+        for var in declared {
+            assert!(help.contains(var), "{var} missing from --help");
+        }
+    }
+
+    /// The README's configuration reference documents every variable.
+    #[test]
+    fn the_readme_documents_every_variable() {
+        let readme = include_str!("../../README.md");
+        for (var, _, _) in VARS {
+            assert!(
+                readme.contains(&format!("`{var}`")),
+                "README.md does not document {var}"
+            );
+        }
     }
 
     #[test]

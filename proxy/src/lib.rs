@@ -230,7 +230,11 @@ impl Bound {
         let tracer = match &config.tracing {
             Some(t) => {
                 tracing::info!(collector = %t.collector, sampling = t.sampling.millionths() as f64 / 1e6, "tracing enabled");
-                Some(observe::trace::Tracer::start(t, &config.workload, &metrics.observe)?)
+                Some(observe::trace::Tracer::start(
+                    t,
+                    &config.workload,
+                    &metrics.observe,
+                )?)
             }
             None => None,
         };

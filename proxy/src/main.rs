@@ -6,6 +6,22 @@ use tokio_util::sync::CancellationToken;
 use weft_proxy::config::Config;
 
 fn main() -> ExitCode {
+    // The proxy takes no arguments; these two answer and exit before anything is bound.
+    match std::env::args().nth(1).as_deref() {
+        None => {}
+        Some("--help" | "-h" | "help") => {
+            print!("{}", weft_proxy::config::help());
+            return ExitCode::SUCCESS;
+        }
+        Some("--version" | "-V") => {
+            println!("weft-proxy {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!("weft-proxy: unexpected argument {other:?}: the proxy is configured by WEFT_PROXY_* variables (weft-proxy --help lists them)");
+            return ExitCode::from(2);
+        }
+    }
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -42,7 +58,6 @@ fn main() -> ExitCode {
         let bound = match weft_proxy::Bound::bind(config).await {
             Ok(b) => b,
             Err(e) => {
-                tracing::error!("{e}");
                 eprintln!("weft-proxy: {e}");
                 return ExitCode::from(1);
             }
@@ -55,7 +70,6 @@ fn main() -> ExitCode {
         match bound.serve(shutdown, logs).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                tracing::error!("{e}");
                 eprintln!("weft-proxy: {e}");
                 ExitCode::from(1)
             }

@@ -529,9 +529,7 @@ impl ConnCtx {
         let rsp = cause.response_for(grpc, detail);
         if let Some(d) = draft.as_mut() {
             d.event.error = Some(cause);
-            d.event.response_bytes = http_body::Body::size_hint(rsp.body())
-                .exact()
-                .unwrap_or(0);
+            d.event.response_bytes = http_body::Body::size_hint(rsp.body()).exact().unwrap_or(0);
         }
         Recorder {
             metrics: authority,
