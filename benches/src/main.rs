@@ -14,12 +14,13 @@ fn main() -> ExitCode {
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     match weft_bench::cli::execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("weft-bench: {e:#}");
+            eprintln!("weft-bench: {}", weft_proto::report::chain(e.chain()));
             ExitCode::FAILURE
         }
     }

@@ -134,7 +134,7 @@ fn main() -> ExitCode {
     match run_demo(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("weft demo: {e:#}");
+            eprintln!("weft demo: {}", weft_proto::report::chain(e.chain()));
             ExitCode::FAILURE
         }
     }
@@ -145,7 +145,7 @@ fn run_inject(args: &weft_cli::inject::InjectArgs) -> ExitCode {
     match weft_cli::inject::run(args, &mut std::io::stdin().lock(), &mut out) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("weft inject: {e:#}");
+            eprintln!("weft inject: {}", weft_proto::report::chain(e.chain()));
             ExitCode::FAILURE
         }
     }

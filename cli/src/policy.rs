@@ -666,7 +666,10 @@ pub fn run(args: &PolicyArgs) -> ExitCode {
     match run_explain(args) {
         Ok(allowed) => ExitCode::from(if allowed { 0 } else { 1 }),
         Err(e) => {
-            eprintln!("weft policy explain: {e:#}");
+            eprintln!(
+                "weft policy explain: {}",
+                weft_proto::report::chain(e.chain())
+            );
             ExitCode::from(2)
         }
     }

@@ -344,8 +344,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Colour only on a terminal: a file or a log collector gets plain text.
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if args.log_json {
         fmt.json().init();

@@ -9,17 +9,23 @@ pub struct FilterError {
     pub reason: String,
 }
 
-/// Installs the global subscriber: plain lines on stderr, filtered by `filter`. A filter that
-/// does not parse is an error for the caller to report, not a silent fallback.
-pub fn init(filter: &str) -> Result<(), FilterError> {
+/// Installs the global subscriber: lines on stderr (JSON objects with `json`, else plain text,
+/// coloured only on a terminal), filtered by `filter`. A filter that does not parse is an error
+/// for the caller to report, not a silent fallback.
+pub fn init(filter: &str, json: bool) -> Result<(), FilterError> {
     let env_filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| FilterError {
         filter: filter.to_string(),
         reason: e.to_string(),
     })?;
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if json {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
     Ok(())
 }
 
@@ -27,7 +33,7 @@ pub fn init(filter: &str) -> Result<(), FilterError> {
 mod tests {
     #[test]
     fn bad_filters_are_errors_naming_the_filter() {
-        let e = super::init("weft=notalevel").unwrap_err();
+        let e = super::init("weft=notalevel", false).unwrap_err();
         assert!(e.to_string().contains("weft=notalevel"), "{e}");
     }
 }

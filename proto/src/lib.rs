@@ -28,6 +28,7 @@ pub use prost_types;
 
 pub mod exposition;
 pub mod loopback;
+pub mod report;
 
 /// `weft.net`: addresses shared by every API.
 pub mod net {

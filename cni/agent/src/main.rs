@@ -31,8 +31,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "weft-cni-agent stopped");
-            eprintln!("weft-cni-agent: {e:#}");
+            eprintln!("weft-cni-agent: {}", weft_proto::report::chain(e.chain()));
             ExitCode::FAILURE
         }
     }

@@ -134,8 +134,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 pub fn init_tracing(filter: &str, format: &str) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .map_err(|e| format!("--log {filter:?}: {e}"))?;
+    // Colour only on a terminal: a file or a log collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let result = if format == "json" {
         builder.json().try_init()

@@ -52,7 +52,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Err(e) = weft_injector::telemetry::init(&args.log) {
+    // An init container: plain lines, coloured only on a terminal.
+    if let Err(e) = weft_injector::telemetry::init(&args.log, false) {
         eprintln!("{}: {e}", env!("CARGO_BIN_NAME"));
         return ExitCode::from(2);
     }

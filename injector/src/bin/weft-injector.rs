@@ -107,11 +107,14 @@ struct Args {
         default_value = "warn,weft=info,weft_injector=info"
     )]
     log: String,
+    /// Log as JSON lines.
+    #[arg(long, env = "WEFT_INJECTOR_LOG_JSON")]
+    log_json: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Err(e) = weft_injector::telemetry::init(&args.log) {
+    if let Err(e) = weft_injector::telemetry::init(&args.log, args.log_json) {
         eprintln!("{}: {e}", env!("CARGO_BIN_NAME"));
         return ExitCode::from(2);
     }
@@ -129,7 +132,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("weft-injector: {e:#}");
+            eprintln!("weft-injector: {}", weft_proto::report::chain(e.chain()));
             ExitCode::FAILURE
         }
     }
