@@ -186,7 +186,21 @@ fn start_sink(cpu: Option<usize>) -> anyhow::Result<(SocketAddr, Arc<AtomicU64>)
 
 struct Pair {
     a: ProxyAddrs,
+    /// Admin ports of A and B.
+    admins: [SocketAddr; 2],
+    /// pids of A and B.
     pids: [u32; 2],
+}
+
+/// Spans A and B dropped or failed to export so far.
+async fn lost(pair: &Pair) -> anyhow::Result<f64> {
+    let mut n = 0.0;
+    for admin in pair.admins {
+        let m = scrape(admin).await?;
+        n += prom::sum(&m, SPANS, &[("result", "dropped")])
+            + prom::sum(&m, SPANS, &[("result", "failed")]);
+    }
+    Ok(n)
 }
 
 async fn measure(s: &Settings) -> anyhow::Result<Vec<Run>> {
@@ -255,38 +269,38 @@ async fn measure(s: &Settings) -> anyhow::Result<Vec<Run>> {
                 pids[1 - i] = child.pid();
                 children.push(child);
             }
-            pairs.push(Pair { a, pids });
+            pairs.push(Pair {
+                a,
+                admins: [a.admin, b.admin],
+                pids,
+            });
         }
         anyhow::Ok(())
     }
     .await;
     let result = async {
         started?;
-        let mut loads = Vec::new();
-        for p in &pairs {
-            loads.push(load(s, p.a.outbound, "bench.svc.cluster.local:8080".into()).await?);
-        }
         let mut runs = Vec::new();
         for round in 0..s.rounds {
             for i in order(&[0usize, 1, 2], round) {
                 let (path, pair) = (PATHS[i], &pairs[i]);
+                // Fresh connections per window: idle ones would meet the proxy's protocol
+                // detection timeout (10 s) while the other pairs are measured and go opaque.
+                let mut gen =
+                    load(s, pair.a.outbound, "bench.svc.cluster.local:8080".into()).await?;
                 if !s.warmup().is_zero() {
-                    loads[i].run(s.pacing(), s.warmup()).await?;
+                    gen.run(s.pacing(), s.warmup()).await?;
                 }
                 // Spans of the warm-up still in the proxies' queues land within a second.
                 tokio::time::sleep(Duration::from_millis(1200)).await;
-                let lost = |m: &[prom::Sample]| {
-                    prom::sum(m, SPANS, &[("result", "dropped")])
-                        + prom::sum(m, SPANS, &[("result", "failed")])
-                };
-                let lost_before = lost(&scrape(pair.a.admin).await?);
+                let lost_before = lost(pair).await?;
                 let received_before = received.load(Ordering::Relaxed);
                 let cpu_before = pair
                     .pids
                     .iter()
                     .map(|&p| procfs::read_cpu(p))
                     .collect::<anyhow::Result<Vec<_>>>()?;
-                let stats = loads[i].run(s.pacing(), s.duration()).await?;
+                let stats = gen.run(s.pacing(), s.duration()).await?;
                 let cpu_after = pair
                     .pids
                     .iter()
@@ -311,7 +325,7 @@ async fn measure(s: &Settings) -> anyhow::Result<Vec<Run>> {
                     a_cpu_us_per_req: per_req[0],
                     b_cpu_us_per_req: per_req[1],
                     spans_received: received.load(Ordering::Relaxed) - received_before,
-                    spans_lost: lost(&scrape(pair.a.admin).await?) - lost_before,
+                    spans_lost: lost(pair).await? - lost_before,
                 };
                 tracing::info!(
                     round,
@@ -324,6 +338,15 @@ async fn measure(s: &Settings) -> anyhow::Result<Vec<Run>> {
                     run.spans_received,
                     run.errors
                 );
+                for (who, admin) in ["A", "B"].iter().zip(pair.admins) {
+                    let m = scrape(admin).await?;
+                    tracing::debug!(
+                        path,
+                        proxy = who,
+                        exported = prom::sum(&m, SPANS, &[("result", "exported")]),
+                        "spans so far"
+                    );
+                }
                 runs.push(run);
                 for c in &mut children {
                     c.ensure_running()?;
@@ -405,7 +428,7 @@ pub fn markdown(r: &Report, name: &str) -> String {
     }
     let _ = writeln!(
         md,
-        "\n<details><summary>Every window</summary>\n\n| round | path | requests | errors | p50 | p99 | A µs/req | B µs/req | spans received | spans lost (A) |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "\n<details><summary>Every window</summary>\n\n| round | path | requests | errors | p50 | p99 | A µs/req | B µs/req | spans received | spans lost (A+B) |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for run in &r.runs {
         let _ = writeln!(

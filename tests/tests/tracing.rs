@@ -206,6 +206,7 @@ async fn full_head_sampling_starts_a_new_trace_per_request() {
         assert_eq!(parent.to_vec(), server.span_id);
         traces.push(t);
     }
+    traces.sort();
     traces.dedup();
     assert_eq!(traces.len(), 3);
 }
