@@ -46,6 +46,13 @@ spec:
   policyTypes: [Ingress]
 "#;
 
+/// The seeds that load (the last of [`seeds`] is an alias bomb, refused).
+fn loading_seeds() -> Vec<String> {
+    let mut s = seeds();
+    s.pop();
+    s
+}
+
 fn seeds() -> Vec<String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut out: Vec<String> = [
@@ -67,6 +74,16 @@ fn seeds() -> Vec<String> {
          x: &a [*l, *l, *l, *l]\ny: &b [*a, *a, *a, *a]\nz: [*b, *b, *b, *b]\n"
             .into(),
     );
+    // Nested aliases over a wide leaf: 1 KB of text, millions of nodes once expanded.
+    let mut laughs = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: b}}\nspec: {{containers: []}}\na0: &a0 [{}]\n",
+        vec!["x"; 200].join(",")
+    );
+    for i in 1..6 {
+        let refs = vec![format!("*a{}", i - 1); 8].join(",");
+        laughs.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+    }
+    out.push(laughs);
     out
 }
 
@@ -132,7 +149,12 @@ fn check(text: &str) -> Result<(), String> {
 
 #[test]
 fn seeds_load() {
-    for (i, s) in seeds().iter().enumerate() {
+    // The last seed is the alias bomb, refused.
+    let seeds = seeds();
+    let (bomb, seeds) = seeds.split_last().expect("seeds");
+    let e = load_manifests(Path::new("bomb.yaml"), bomb).expect_err("alias bomb");
+    assert!(e.message.contains("aliases"), "{e}");
+    for (i, s) in seeds.iter().enumerate() {
         let loaded = load_manifests(Path::new("seed.yaml"), s)
             .unwrap_or_else(|e| panic!("seed {i} does not load: {e}"));
         assert!(loaded.skipped.is_empty(), "seed {i}: {:?}", loaded.skipped);
@@ -151,7 +173,7 @@ fn yaml_text() {
 /// Each seed document as a JSON tree (the YAML data model, minus the aliases).
 fn documents() -> Vec<Value> {
     let mut out = Vec::new();
-    for s in seeds() {
+    for s in loading_seeds() {
         for doc in serde_yaml_ng::Deserializer::from_str(&s) {
             if let Ok(v) = Value::deserialize(doc) {
                 if v.is_object() {
