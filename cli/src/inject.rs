@@ -21,9 +21,10 @@ pub struct InjectArgs {
     /// Manifest files; `-` or none reads stdin.
     #[arg(value_name = "FILE")]
     pub files: Vec<PathBuf>,
-    /// Inject the proxy as a native sidecar (init container with restartPolicy: Always).
+    /// Inject the proxy as a classic sidecar container, for clusters older than Kubernetes
+    /// 1.29 (the default is a native sidecar: an init container with restartPolicy: Always).
     #[arg(long)]
-    pub native_sidecar: bool,
+    pub classic_sidecar: bool,
     /// The CNI plugin installs the redirect: no weft-init container.
     #[arg(long)]
     pub cni: bool,
@@ -45,7 +46,7 @@ pub struct InjectArgs {
 impl InjectArgs {
     pub fn config(&self) -> InjectConfig {
         let mut cfg = InjectConfig {
-            native_sidecar: self.native_sidecar,
+            native_sidecar: !self.classic_sidecar,
             cni: self.cni,
             destination_addr: self.destination_addr.clone(),
             identity_addr: self.identity_addr.clone(),
@@ -104,7 +105,7 @@ mod tests {
     fn args(files: &[&str]) -> InjectArgs {
         InjectArgs {
             files: files.iter().map(PathBuf::from).collect(),
-            native_sidecar: false,
+            classic_sidecar: false,
             cni: false,
             proxy_image: Some("example/proxy:dev".into()),
             init_image: None,

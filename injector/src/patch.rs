@@ -52,7 +52,7 @@ pub struct InjectConfig {
     pub image_pull_policy: Option<String>,
     /// Written into `weft.dev/proxy-version`.
     pub proxy_version: String,
-    /// Inject the proxy as a native sidecar (Kubernetes ≥ 1.29).
+    /// Inject the proxy as a native sidecar (Kubernetes ≥ 1.29; the default).
     pub native_sidecar: bool,
     /// The CNI plugin installs the redirect: no `weft-init` container.
     pub cni: bool,
@@ -87,6 +87,73 @@ pub struct InjectConfig {
     pub opaque_ports: PortList,
 }
 
+/// `--native-sidecar`: how the proxy is injected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SidecarMode {
+    /// Native where the cluster has native sidecars (Kubernetes 1.29+, where they are on by
+    /// default), classic below; native when the version cannot be read.
+    Auto,
+    /// An init container with `restartPolicy: Always`: starts before the app, and lets Jobs
+    /// finish.
+    Native,
+    /// A regular container, for clusters older than 1.29.
+    Classic,
+}
+
+/// The first Kubernetes release with native sidecars on by default.
+pub const NATIVE_SIDECARS_SINCE: (u32, u32) = (1, 29);
+
+impl std::str::FromStr for SidecarMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "true" | "native" => Ok(Self::Native),
+            "false" | "classic" => Ok(Self::Classic),
+            _ => Err(format!(
+                "{s:?}: want auto, true (native) or false (classic)"
+            )),
+        }
+    }
+}
+
+impl SidecarMode {
+    /// Whether to inject native sidecars, given the API server's `(major, minor)` when known.
+    pub fn native(self, server: Option<(u32, u32)>) -> bool {
+        match self {
+            SidecarMode::Native => true,
+            SidecarMode::Classic => false,
+            SidecarMode::Auto => server.is_none_or(|v| v >= NATIVE_SIDECARS_SINCE),
+        }
+    }
+}
+
+/// The API server's `(major, minor)` (`/version`; "31+" reads as 31), or `None` with a warning
+/// when it does not answer within `timeout`.
+pub async fn server_version(
+    client: &kube::Client,
+    timeout: std::time::Duration,
+) -> Option<(u32, u32)> {
+    match tokio::time::timeout(timeout, client.apiserver_version()).await {
+        Ok(Ok(info)) => {
+            let n = |s: &str| {
+                s.trim_end_matches(|c: char| !c.is_ascii_digit())
+                    .parse()
+                    .ok()
+            };
+            Some((n(&info.major)?, n(&info.minor)?))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read the API server's version");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("the API server's version did not come within {timeout:?}");
+            None
+        }
+    }
+}
+
 /// Requests and limits as Kubernetes quantities; `None` sets nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resources {
@@ -104,7 +171,7 @@ impl Default for InjectConfig {
             init_image: format!("ghcr.io/weft-mesh/init:v{version}"),
             image_pull_policy: None,
             proxy_version: version,
-            native_sidecar: false,
+            native_sidecar: true,
             cni: false,
             proxy_uid: 2102,
             outbound_port: 4140,

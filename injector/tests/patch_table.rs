@@ -61,6 +61,15 @@ fn apply(doc: &Value, patch: &json_patch::Patch) -> Value {
     out
 }
 
+/// The injector's defaults with a classic sidecar: most tables here read the proxy among
+/// the pod's containers. (The default is native: `the_default_is_a_native_sidecar`.)
+fn classic() -> InjectConfig {
+    InjectConfig {
+        native_sidecar: false,
+        ..InjectConfig::default()
+    }
+}
+
 fn injected(pod: &Value, cfg: &InjectConfig) -> Value {
     let outcome = patch_pod(pod, "", &enabled_ns(), cfg).unwrap();
     assert_eq!(outcome.decision, Decision::Inject);
@@ -96,7 +105,7 @@ fn regular_sidecar_keeps_everything_and_adds_the_proxy_first() {
     let cfg = InjectConfig {
         destination_addr: Some("weft-dst.weft:8086".into()),
         identity_addr: Some("weft-identity.weft:8080".into()),
-        ..Default::default()
+        ..classic()
     };
     let out = injected(&pod, &cfg);
     let spec = &out["spec"];
@@ -234,7 +243,7 @@ fn regular_sidecar_keeps_everything_and_adds_the_proxy_first() {
 
 #[test]
 fn annotation_keys_are_escaped_in_patch_paths() {
-    let outcome = patch_pod(&web_pod(), "", &enabled_ns(), &InjectConfig::default()).unwrap();
+    let outcome = patch_pod(&web_pod(), "", &enabled_ns(), &classic()).unwrap();
     let paths: Vec<String> = outcome
         .patch
         .0
@@ -267,7 +276,7 @@ fn annotation_keys_are_escaped_in_patch_paths() {
 fn native_sidecar_goes_after_weft_init_with_restart_policy_always() {
     let mut pod = web_pod();
     pod["metadata"]["annotations"]["config.weft.dev/native-sidecar"] = json!("enabled");
-    let out = injected(&pod, &InjectConfig::default());
+    let out = injected(&pod, &classic());
     let spec = &out["spec"];
     assert_eq!(
         names(&spec["initContainers"]),
@@ -276,23 +285,52 @@ fn native_sidecar_goes_after_weft_init_with_restart_policy_always() {
     assert_eq!(spec["initContainers"][1]["restartPolicy"], "Always");
     assert_eq!(names(&spec["containers"]), ["web", "log-shipper"]);
 
-    // The setting, without the annotation.
-    let cfg = InjectConfig {
-        native_sidecar: true,
-        ..Default::default()
-    };
-    let out = injected(&web_pod(), &cfg);
+    // The injector's default, without the annotation: native.
+    let out = injected(&web_pod(), &InjectConfig::default());
     assert_eq!(
         names(&out["spec"]["initContainers"]),
         ["weft-init", "weft-proxy", "migrate"]
     );
+    assert_eq!(out["spec"]["initContainers"][1]["restartPolicy"], "Always");
+    // A pod can still ask for a classic sidecar.
+    let mut pod = web_pod();
+    pod["metadata"]["annotations"]["config.weft.dev/native-sidecar"] = json!("disabled");
+    let out = injected(&pod, &InjectConfig::default());
+    assert_eq!(names(&out["spec"]["containers"])[0], "weft-proxy");
+}
+
+#[test]
+fn auto_is_native_from_kubernetes_1_29_and_when_the_version_is_unknown() {
+    use weft_injector::patch::SidecarMode;
+    for (mode, server, native) in [
+        (SidecarMode::Auto, Some((1, 28)), false),
+        (SidecarMode::Auto, Some((1, 29)), true),
+        (SidecarMode::Auto, Some((1, 33)), true),
+        (SidecarMode::Auto, Some((2, 0)), true),
+        (SidecarMode::Auto, None, true),
+        (SidecarMode::Native, Some((1, 27)), true),
+        (SidecarMode::Classic, Some((1, 33)), false),
+    ] {
+        assert_eq!(mode.native(server), native, "{mode:?} {server:?}");
+    }
+    for (text, mode) in [
+        ("auto", SidecarMode::Auto),
+        ("true", SidecarMode::Native),
+        ("false", SidecarMode::Classic),
+    ] {
+        assert_eq!(text.parse::<SidecarMode>(), Ok(mode));
+    }
+    assert!("yes"
+        .parse::<SidecarMode>()
+        .unwrap_err()
+        .contains("\"yes\""));
 }
 
 #[test]
 fn cni_mode_adds_no_init_container() {
     let mut pod = web_pod();
     pod["metadata"]["annotations"]["config.weft.dev/cni"] = json!("enabled");
-    let out = injected(&pod, &InjectConfig::default());
+    let out = injected(&pod, &classic());
     assert_eq!(names(&out["spec"]["initContainers"]), ["migrate"]);
     assert_eq!(names(&out["spec"]["volumes"]), ["cache", TOKEN_VOLUME]);
 
@@ -300,7 +338,7 @@ fn cni_mode_adds_no_init_container() {
     let cfg = InjectConfig {
         cni: true,
         native_sidecar: true,
-        ..Default::default()
+        ..classic()
     };
     let mut bare = web_pod();
     bare["spec"]
@@ -327,7 +365,7 @@ fn the_admin_port_is_named_weft_admin_for_scrapers() {
         named[0]["containerPort"].as_i64().unwrap()
     };
 
-    let out = injected(&web_pod(), &InjectConfig::default());
+    let out = injected(&web_pod(), &classic());
     let proxy = container(&out["spec"]["containers"], PROXY_CONTAINER);
     assert_eq!(admin_port(proxy), 4191);
     assert_eq!(out["metadata"]["annotations"]["prometheus.io/port"], "4191");
@@ -335,7 +373,7 @@ fn the_admin_port_is_named_weft_admin_for_scrapers() {
     let cfg = InjectConfig {
         native_sidecar: true,
         admin_port: 9191,
-        ..Default::default()
+        ..classic()
     };
     let out = injected(&web_pod(), &cfg);
     let proxy = container(&out["spec"]["initContainers"], PROXY_CONTAINER);
@@ -376,7 +414,7 @@ fn port_and_resource_annotations_reach_the_proxy_and_weft_init() {
     a["config.weft.dev/proxy-memory-limit"] = json!("1Gi");
     a["config.weft.dev/proxy-log-level"] = json!("info,weft=debug");
     a["prometheus.io/scrape"] = json!("false");
-    let out = injected(&pod, &InjectConfig::default());
+    let out = injected(&pod, &classic());
     let proxy = container(&out["spec"]["containers"], PROXY_CONTAINER);
     assert_eq!(
         env_value(proxy, "WEFT_PROXY_INBOUND_SKIP_PORTS"),
@@ -426,7 +464,7 @@ fn port_and_resource_annotations_reach_the_proxy_and_weft_init() {
 #[test]
 fn access_log_and_tracing_come_from_the_injector_or_the_pod() {
     // Off by default: none of the variables is set.
-    let out = injected(&web_pod(), &InjectConfig::default());
+    let out = injected(&web_pod(), &classic());
     let proxy = container(&out["spec"]["containers"], PROXY_CONTAINER);
     for var in [
         "WEFT_PROXY_ACCESS_LOG",
@@ -440,7 +478,7 @@ fn access_log_and_tracing_come_from_the_injector_or_the_pod() {
         access_log: Some("json".into()),
         trace_collector: Some("otel-collector.observability:4317".into()),
         trace_sampling: Some("0.01".into()),
-        ..Default::default()
+        ..classic()
     };
     let out = injected(&web_pod(), &cfg);
     let proxy = container(&out["spec"]["containers"], PROXY_CONTAINER);
@@ -485,7 +523,7 @@ fn bad_annotations_are_errors_naming_the_annotation_and_value() {
     for (key, value) in cases {
         let mut pod = web_pod();
         pod["metadata"]["annotations"][key] = json!(value);
-        let err = patch_pod(&pod, "", &enabled_ns(), &InjectConfig::default()).unwrap_err();
+        let err = patch_pod(&pod, "", &enabled_ns(), &classic()).unwrap_err();
         assert!(
             matches!(err, PatchError::Annotation { .. }),
             "{key}: {err:?}"
@@ -500,7 +538,7 @@ fn bad_annotations_are_errors_naming_the_annotation_and_value() {
 
 #[test]
 fn decisions() {
-    let cfg = InjectConfig::default();
+    let cfg = classic();
     let plain_ns = NamespaceMeta {
         name: "shop".into(),
         ..Default::default()
@@ -577,7 +615,7 @@ fn decisions() {
 
 #[test]
 fn pods_without_annotations_metadata_or_volumes() {
-    let cfg = InjectConfig::default();
+    let cfg = classic();
     let minimal = json!({ "spec": { "containers": [{ "name": "app", "image": "app" }] } });
     let out = injected(&minimal, &cfg);
     assert_eq!(names(&out["spec"]["containers"]), ["weft-proxy", "app"]);
@@ -623,7 +661,7 @@ fn deployment() -> Value {
 
 #[test]
 fn workload_templates() {
-    let cfg = InjectConfig::default();
+    let cfg = classic();
     let dep = deployment();
     let ObjectResult::Workload { decision, object } = inject_object(&dep, &cfg).unwrap() else {
         panic!("a Deployment is a workload");
@@ -713,7 +751,7 @@ spec:
           restartPolicy: OnFailure
           containers: [{name: job, image: job}]
 ";
-    let out = inject_yaml(input, &InjectConfig::default()).unwrap();
+    let out = inject_yaml(input, &classic()).unwrap();
     let docs: Vec<&str> = weft_injector::manifest::split_documents(&out);
     assert_eq!(docs.len(), 3, "{out}");
     assert!(
@@ -729,16 +767,12 @@ spec:
     let t = &cron["spec"]["jobTemplate"]["spec"]["template"]["spec"];
     assert_eq!(names(&t["containers"]), ["weft-proxy", "job"]);
 
-    let err = inject_yaml(
-        "kind: Pod\nspec: {containers: 3}\n---\n",
-        &InjectConfig::default(),
-    )
-    .unwrap_err();
+    let err = inject_yaml("kind: Pod\nspec: {containers: 3}\n---\n", &classic()).unwrap_err();
     assert!(
         err.to_string().starts_with("document 0 (Pod <no name>)"),
         "{err}"
     );
-    let err = inject_yaml("a: 1\n---\nkind: [\n", &InjectConfig::default()).unwrap_err();
+    let err = inject_yaml("a: 1\n---\nkind: [\n", &classic()).unwrap_err();
     assert!(err.to_string().starts_with("document 1:"), "{err}");
 }
 
@@ -797,7 +831,7 @@ fn arb_pod() -> impl Strategy<Value = Value> {
 proptest! {
     #[test]
     fn patched_pod_patched_again_is_empty(pod in arb_pod()) {
-        let cfg = InjectConfig::default();
+        let cfg = classic();
         let first = patch_pod(&pod, "", &enabled_ns(), &cfg).unwrap();
         prop_assert_eq!(first.decision, Decision::Inject);
         let once = apply(&pod, &first.patch);
@@ -808,7 +842,7 @@ proptest! {
 
     #[test]
     fn patch_keeps_every_existing_container_and_volume_in_order(pod in arb_pod()) {
-        let out = apply(&pod, &patch_pod(&pod, "", &enabled_ns(), &InjectConfig::default()).unwrap().patch);
+        let out = apply(&pod, &patch_pod(&pod, "", &enabled_ns(), &classic()).unwrap().patch);
         for field in ["containers", "initContainers", "volumes"] {
             let before = pod["spec"][field].as_array().cloned().unwrap_or_default();
             let after: Vec<Value> = out["spec"][field]
@@ -830,8 +864,8 @@ proptest! {
 
     #[test]
     fn arbitrary_json_never_panics(v in arb_json()) {
-        let _ = patch_pod(&v, "", &enabled_ns(), &InjectConfig::default());
-        let _ = inject_object(&v, &InjectConfig::default());
+        let _ = patch_pod(&v, "", &enabled_ns(), &classic());
+        let _ = inject_object(&v, &classic());
     }
 }
 
@@ -860,4 +894,43 @@ fn arb_json() -> impl Strategy<Value = Value> {
             .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
+}
+
+/// `--native-sidecar=auto` reads the API server's version: an HTTP server on loopback that
+/// answers `/version` as a 1.28 and as a 1.31+ cluster would.
+#[tokio::test]
+async fn auto_reads_the_api_servers_version() {
+    use std::io::{Read, Write};
+    use weft_injector::patch::{server_version, SidecarMode};
+    for (minor, native) in [("28", false), ("31+", true)] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let body = json!({"major": "1", "minor": minor, "gitVersion": format!("v1.{minor}.0")})
+            .to_string();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let v = server_version(&client, std::time::Duration::from_secs(5)).await;
+        assert_eq!(SidecarMode::Auto.native(v), native, "1.{minor}: {v:?}");
+    }
+    // Nothing answers: unknown, so native (Weft's oldest supported Kubernetes has them).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = kube::Config::new(format!("http://127.0.0.1:{port}").parse().unwrap());
+    let client = kube::Client::try_from(config).unwrap();
+    let v = server_version(&client, std::time::Duration::from_secs(2)).await;
+    assert_eq!(v, None);
+    assert!(SidecarMode::Auto.native(v));
 }

@@ -246,15 +246,21 @@ async fn injects_over_tls_and_answers_everything_else_cleanly() {
     let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
     let mut pod = rv["request"]["object"].clone();
     json_patch::patch(&mut pod, &patch).unwrap();
-    let names: Vec<&str> = pod["spec"]["containers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["weft-proxy", "web"]);
-    assert_eq!(pod["spec"]["initContainers"][0]["name"], "weft-init");
-    let env = pod["spec"]["containers"][0]["env"].as_array().unwrap();
+    let names = |list: &Value| -> Vec<String> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // A native sidecar (the default): after weft-init, restartPolicy Always.
+    assert_eq!(names(&pod["spec"]["containers"]), ["web"]);
+    assert_eq!(
+        names(&pod["spec"]["initContainers"]),
+        ["weft-init", "weft-proxy"]
+    );
+    assert_eq!(pod["spec"]["initContainers"][1]["restartPolicy"], "Always");
+    let env = pod["spec"]["initContainers"][1]["env"].as_array().unwrap();
     assert!(env
         .iter()
         .any(|e| e["name"] == "WEFT_PROXY_DESTINATION_ADDR"

@@ -497,7 +497,11 @@ fn defaults_are_the_binaries_defaults() {
             "values.yaml {key} and image.registry are not the injector's default image"
         );
     }
-    assert_eq!(values["injector"]["nativeSidecar"], inject.native_sidecar);
+    assert_eq!(
+        str_at(&values, "/injector/nativeSidecar"),
+        help_default("weft-injector", "--native-sidecar"),
+        "values.yaml injector.nativeSidecar is not the injector's --native-sidecar default"
+    );
     assert_eq!(values["cni"]["enabled"], inject.cni);
     assert_eq!(
         str_at(&values, "/identity/trustDomain"),

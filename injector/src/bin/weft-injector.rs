@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use weft_injector::patch::SidecarMode;
 use weft_injector::patch::{InjectConfig, NamespaceMeta};
 use weft_injector::ports::PortList;
 use weft_injector::webhook::namespaces::{KubeNamespaces, NamespaceSource, StaticNamespaces};
@@ -58,9 +59,10 @@ struct Args {
     init_image: Option<String>,
     #[arg(long, env = "WEFT_INJECTOR_IMAGE_PULL_POLICY")]
     image_pull_policy: Option<String>,
-    /// Inject the proxy as a native sidecar (Kubernetes 1.29+).
-    #[arg(long, env = "WEFT_INJECTOR_NATIVE_SIDECAR", default_value_t = false, action = clap::ArgAction::Set)]
-    native_sidecar: bool,
+    /// Inject the proxy as a native sidecar: `auto` (native on Kubernetes 1.29+, read from
+    /// the API server at start; native when it cannot be read), `true` or `false` (classic).
+    #[arg(long, env = "WEFT_INJECTOR_NATIVE_SIDECAR", default_value = "auto")]
+    native_sidecar: weft_injector::patch::SidecarMode,
     /// The CNI plugin installs the redirect: do not add weft-init.
     #[arg(long, env = "WEFT_INJECTOR_CNI", default_value_t = false, action = clap::ArgAction::Set)]
     cni: bool,
@@ -163,7 +165,7 @@ fn inject_config(args: &Args) -> InjectConfig {
         cfg.init_image = i.clone();
     }
     cfg.image_pull_policy = args.image_pull_policy.clone();
-    cfg.native_sidecar = args.native_sidecar;
+    cfg.native_sidecar = args.native_sidecar.native(None);
     cfg.cni = args.cni;
     cfg.destination_addr = args.destination_addr.clone();
     cfg.identity_addr = args.identity_addr.clone();
@@ -175,6 +177,17 @@ fn inject_config(args: &Args) -> InjectConfig {
     cfg.token_audience = args.token_audience.clone();
     cfg.opaque_ports = args.opaque_ports.clone();
     cfg
+}
+
+/// The API server's `(major, minor)`, if a client can be built and asked within 5 s.
+async fn server_version() -> Option<(u32, u32)> {
+    match kube::Client::try_default().await {
+        Ok(client) => weft_injector::patch::server_version(&client, Duration::from_secs(5)).await,
+        Err(e) => {
+            tracing::warn!(error = %e, "--native-sidecar=auto: no Kubernetes client to read the version; injecting native sidecars");
+            None
+        }
+    }
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -195,8 +208,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         other => anyhow::bail!("--namespaces={other:?}: want kube or none"),
     };
     let certs = CertStore::open(&args.tls_cert, &args.tls_key)?;
+    let mut config = inject_config(&args);
+    if args.native_sidecar == SidecarMode::Auto {
+        let server = server_version().await;
+        config.native_sidecar = SidecarMode::Auto.native(server);
+        tracing::info!(
+            kubernetes = ?server.map(|(a, b)| format!("{a}.{b}")),
+            native = config.native_sidecar,
+            "--native-sidecar=auto: {}",
+            if config.native_sidecar { "native sidecars" } else { "classic sidecars (Kubernetes before 1.29)" }
+        );
+    }
     let state = Arc::new(State::new(
-        inject_config(&args),
+        config,
         namespaces,
         ServerConfig {
             max_body_bytes: args.max_body_bytes,
