@@ -1,7 +1,8 @@
 //! Loopback tier: distributed tracing. Real `weft-proxy` processes export spans over
 //! OTLP/gRPC to a real OTLP receiver (`weft_e2e::otlp::Collector`, opentelemetry-proto's
 //! TraceService served by tonic); the app echoes the headers it received, so each test sees
-//! both what the collector got and what the next hop was told.
+//! both what the collector got and what the next hop was told. The mTLS case runs a real
+//! `weft-controller --dev-ca`: needs `cargo build --bins -p weft-proxy -p weft-controller`.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on unexpected errors
 
@@ -337,5 +338,91 @@ async fn a_collector_that_never_answers_costs_bounded_memory_and_drops_are_count
     assert!(
         growth < 8 << 20,
         "RSS grew by {growth} bytes ({rss_before} -> {rss_after}) over 20,000 traced requests"
+    );
+}
+
+/// Over the mesh: a controller with a development CA, mutual TLS between the proxies, the
+/// client proxy routing by name. The spans carry the verified identities and the endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_spans_carry_the_peer_identities_and_the_balanced_endpoint() {
+    use weft_e2e::controller::{meshed_service_yaml, DevCa};
+    const NS: &str = "books";
+    let collector = Collector::start().await.unwrap();
+    let (app, _) = http_server().await.unwrap();
+    let ca = DevCa::start("tracing-mtls", &[]).unwrap();
+
+    let token = ca.token(NS, "books").unwrap();
+    let mut server_env = ca.proxy_env(NS, "books", &token);
+    server_env.extend(env(collector.addr, &[]));
+    let mut server_side = Proxy::spawn(ProxyOpts {
+        inbound_target: Some(app),
+        env: server_env,
+        ..Default::default()
+    })
+    .unwrap();
+    server_side.wait_ready(Duration::from_secs(15)).unwrap();
+    ca.manifests
+        .write(
+            "books.yaml",
+            &meshed_service_yaml(
+                NS,
+                "books",
+                "10.96.0.50",
+                8080,
+                &[(server_side.inbound, "books")],
+                false,
+            ),
+        )
+        .unwrap();
+    ca.controller.wait_objects("EndpointSlice", 1.0).unwrap();
+
+    let token = ca.token(NS, "web").unwrap();
+    let mut client_env = ca.proxy_env(NS, "web", &token);
+    client_env.push(ca.controller.env());
+    client_env.extend(env(collector.addr, &[]));
+    let mut client_side = Proxy::spawn(ProxyOpts {
+        outbound_target: Some("10.96.0.50:8080".parse().unwrap()),
+        env: client_env,
+        ..Default::default()
+    })
+    .unwrap();
+    client_side.wait_ready(Duration::from_secs(15)).unwrap();
+
+    let mut conn = Conn::open(client_side.outbound, false).await.unwrap();
+    let tp = format!("00-{TRACE_ID}-{CALLER_SPAN}-01");
+    let (status, err, _) = conn
+        .get_with(
+            "books.books.svc.cluster.local:8080",
+            "/",
+            &[("traceparent", &tp)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{err}");
+    let spans = collector
+        .wait_for_trace(&unhex::<16>(TRACE_ID), 2, WAIT)
+        .await
+        .unwrap();
+    let client = one(&spans, SpanKind::Client);
+    let server = one(&spans, SpanKind::Server);
+    assert_eq!(server.parent_span_id, client.span_id);
+    assert_eq!(
+        client.attr("weft.server_id"),
+        Some("spiffe://cluster.local/ns/books/sa/books")
+    );
+    assert_eq!(
+        client.attr("weft.endpoint"),
+        Some(server_side.inbound.to_string().as_str())
+    );
+    assert_eq!(
+        server.attr("weft.client_id"),
+        Some("spiffe://cluster.local/ns/books/sa/web")
+    );
+    assert_eq!(
+        client
+            .resource
+            .get("k8s.namespace.name")
+            .map(String::as_str),
+        Some("books")
     );
 }
