@@ -206,8 +206,25 @@ impl Controller {
         );
         let incoming =
             tonic::transport::server::TcpIncoming::from(destination).with_nodelay(Some(true));
+        // grpc.health.v1 on the destination port: `weft.destination.Destination` is SERVING
+        // once the source has synced (the index holds the cluster), NOT_SERVING before.
+        // Proxies are not ready until they have seen it SERVING once.
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_not_serving::<DestinationServer<DestinationService>>()
+            .await;
+        let synced = readiness.clone();
+        tasks.push(tokio::spawn(async move {
+            while !synced.is_ready() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            health
+                .set_serving::<DestinationServer<DestinationService>>()
+                .await;
+        }));
         tasks.push(tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
+                .add_service(health_service)
                 .add_service(DestinationServer::new(svc))
                 .add_service(PolicyServer::new(PolicyService))
                 .serve_with_incoming(incoming)

@@ -117,7 +117,9 @@ fn cluster_role_grants_exactly_watch_status_and_token_review() {
     let lease = LeaseConfig::new("weft", "any");
     let role = &docs[3];
     assert_eq!(role["metadata"]["namespace"], lease.namespace.as_str());
-    let rules: Vec<(Vec<&str>, Vec<&str>, Vec<&str>, Vec<&str>)> = role["rules"]
+    // (apiGroups, resources, resourceNames, verbs)
+    type Rule<'a> = (Vec<&'a str>, Vec<&'a str>, Vec<&'a str>, Vec<&'a str>);
+    let rules: Vec<Rule> = role["rules"]
         .as_sequence()
         .unwrap()
         .iter()

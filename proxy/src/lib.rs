@@ -187,6 +187,9 @@ impl Bound {
             http::client::Clients::new(config.connect_timeout, config.pool_idle_timeout, opened)
         };
         let (outbound_clients, inbound_clients) = (clients(Some(not_meshed)), clients(None));
+        // Whether the controller has served once: the proxy is not ready before (see
+        // `discovery::ControllerState`).
+        let mut controller = None;
         let router = match &config.discovery {
             Some(d) => {
                 let resolver = discovery::Resolver::new(
@@ -195,6 +198,7 @@ impl Bound {
                     metrics.discovery.clone(),
                 )?;
                 tracing::info!(addr = %d.addr, namespace = %config.workload.namespace, "discovery enabled");
+                controller = Some(resolver.watch_controller());
                 Some(balance::Router::new(
                     resolver,
                     balance::Context {
@@ -246,6 +250,7 @@ impl Bound {
             shutdown: shutdown.clone(),
             logs,
             identity: identity_state,
+            controller,
             taps,
             mesh: mesh.clone(),
             tap_authorized: config

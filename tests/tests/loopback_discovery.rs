@@ -476,3 +476,42 @@ async fn opaque_tcp_to_a_cluster_ip_is_balanced_per_connection() -> Result<()> {
     assert_eq!(other_count.load(Ordering::Relaxed), 1);
     Ok(())
 }
+
+/// A proxy is not ready until its controller has served once (its index synced): `/ready`
+/// says why, naming the destination address; then it is ready, and a later controller outage
+/// does not unready it (the last state keeps serving).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_is_not_ready_until_its_controller_has_served_once() -> Result<()> {
+    let dir = ManifestDir::new("ready-gate")?;
+    let mut controller = Controller::prepare(dir.path(), &[])?;
+    let mut proxy = Proxy::spawn(ProxyOpts {
+        env: discovery_env(&controller),
+        ..Default::default()
+    })?;
+    let want = format!(
+        "not ready: no discovery state yet: destination service at {}",
+        controller.destination
+    );
+    let mut body = String::new();
+    eventually_async(Duration::from_secs(10), || {
+        let (status, b) = weft_e2e::admin_get(proxy.admin, "/ready")?;
+        body = b;
+        Ok(status == 503 && body.starts_with(&want))
+    })
+    .await
+    .with_context(|| format!("/ready said {body:?}"))?;
+    assert!(body.contains("unreachable"), "{body}");
+    // Still not ready a moment later: nothing answers.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(weft_e2e::admin_get(proxy.admin, "/ready")?.0, 503);
+
+    controller.launch()?;
+    proxy.wait_ready(Duration::from_secs(10))?;
+    controller.kill()?;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (status, body) = weft_e2e::admin_get(proxy.admin, "/ready")?;
+        assert_eq!(status, 200, "{body}");
+    }
+    Ok(())
+}

@@ -47,6 +47,8 @@ pub struct Admin {
     /// The identity client's state when identity is configured: not ready without a valid
     /// certificate.
     pub identity: Option<tokio::sync::watch::Receiver<crate::identity::CertState>>,
+    /// With discovery: whether the controller has served once since start (not ready before).
+    pub controller: Option<tokio::sync::watch::Receiver<crate::discovery::ControllerState>>,
     /// The open taps (also one of the proxy's observe sinks).
     pub taps: Arc<Taps>,
     /// Terminates TLS on the admin port (identity configured), for taps from off the pod.
@@ -147,6 +149,13 @@ impl Admin {
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,
                         format!("not ready: {why}\n"),
+                    )
+                } else if let Some(crate::discovery::ControllerState::Waiting(why)) =
+                    self.controller.as_ref().map(|rx| rx.borrow().clone())
+                {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: no discovery state yet: {why}\n"),
                     )
                 } else {
                     let cert = self.identity.as_ref().and_then(|rx| match &*rx.borrow() {

@@ -21,7 +21,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint as GrpcEndpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 use weft_proto::destination::destination_client::DestinationClient;
+use weft_proto::destination::destination_server::SERVICE_NAME as DESTINATION_SERVICE;
 use weft_proto::destination::{CallerContext, ResolveRequest};
 
 use crate::config::{DiscoveryConfig, Workload};
@@ -84,6 +88,23 @@ struct Inner {
     config: DiscoveryConfig,
     metrics: DiscoveryMetrics,
     targets: Mutex<HashMap<Arc<str>, Entry>>,
+    /// The channel every stream shares, for the health probe.
+    channel: Channel,
+}
+
+/// Whether the controller has said, once since the proxy started, that its Destination
+/// service serves the whole cluster (`grpc.health.v1` SERVING: its index has synced).
+///
+/// The proxy is not ready before that: a proxy that has never heard from its controller
+/// routes nothing by name and applies no route, retry or mTLS expectation, so a new pod must
+/// not take traffic yet (Istio's sidecar waits for its first configuration the same way).
+/// Once seen, a controller outage does not unready the proxy: it keeps serving with the
+/// last state it received, as it does for every stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControllerState {
+    /// Not yet; why, for `/ready`.
+    Waiting(String),
+    Serving,
 }
 
 /// The proxy's discovery client: target → watch of its resolution. Cheap to clone.
@@ -124,7 +145,8 @@ impl Resolver {
             .connect_lazy();
         Ok(Self {
             inner: Arc::new(Inner {
-                client: DestinationClient::new(channel),
+                client: DestinationClient::new(channel.clone()),
+                channel,
                 context: CallerContext {
                     namespace: workload.namespace.clone(),
                     pod_name: workload.pod_name.clone(),
@@ -139,6 +161,46 @@ impl Resolver {
 
     pub fn config(&self) -> &DiscoveryConfig {
         &self.inner.config
+    }
+
+    /// Starts asking the controller's health service until its Destination service is
+    /// SERVING (with the reconnect backoff); the receiver says where that stands.
+    pub fn watch_controller(&self) -> watch::Receiver<ControllerState> {
+        let addr = self.inner.config.addr.clone();
+        let (tx, rx) = watch::channel(ControllerState::Waiting(format!(
+            "destination service at {addr}: not asked yet"
+        )));
+        let mut client = HealthClient::new(self.inner.channel.clone());
+        let mut backoff = Backoff::new(BACKOFF_MIN, self.inner.config.backoff_max);
+        tokio::spawn(async move {
+            loop {
+                let ask = client.check(HealthCheckRequest {
+                    service: DESTINATION_SERVICE.to_string(),
+                });
+                let why = match tokio::time::timeout(Duration::from_secs(2), ask).await {
+                    Ok(Ok(r)) if r.get_ref().status() == ServingStatus::Serving => {
+                        tracing::info!(%addr, "controller serving: discovery state available");
+                        tx.send_replace(ControllerState::Serving);
+                        return;
+                    }
+                    Ok(Ok(r)) => {
+                        format!("its index has not synced yet ({:?})", r.get_ref().status())
+                    }
+                    Ok(Err(s)) => format!(
+                        "unreachable or unavailable ({:?}): {}",
+                        s.code(),
+                        s.message()
+                    ),
+                    Err(_) => "no answer within 2 s".to_string(),
+                };
+                tracing::debug!(%addr, why, "waiting for the controller");
+                tx.send_replace(ControllerState::Waiting(format!(
+                    "destination service at {addr}: {why}"
+                )));
+                tokio::time::sleep(backoff.next_delay(fastrand::f64())).await;
+            }
+        });
+        rx
     }
 
     /// The Destination client on the resolver's channel, for the other streams of the same
