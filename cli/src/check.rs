@@ -615,6 +615,26 @@ fn parse<'a>(der: &'a [u8], what: &str) -> Result<X509Certificate<'a>, String> {
         .map_err(|e| format!("{what}: not an X.509 certificate: {e}"))
 }
 
+/// `2026-12-05T19:30:45Z`.
+fn rfc3339(t: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        t.month() as u8,
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+/// An X.509 time as [`rfc3339`].
+fn asn1(t: x509_parser::time::ASN1Time) -> String {
+    let secs = u64::try_from(t.timestamp()).unwrap_or(0);
+    rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
 fn secs(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -754,7 +774,7 @@ fn ca_bundle_check(
                 "the serving certificate names {names_in_cert:?}, not {dns}, which the API server connects to"
             ));
         }
-        Ok(format!("valid until {}", v.not_after))
+        Ok(format!("valid until {}", asn1(v.not_after)))
     })();
     match result {
         Ok(m) => Check::ok(cat, desc).with_message(m),
@@ -813,7 +833,7 @@ fn identity_checks(s: &Snapshot, namespace: &str, now: SystemTime) -> Vec<Check>
             let not_after = i.status().issuer_not_after;
             let left = not_after.duration_since(now).unwrap_or_default();
             let desc = "the issuer certificate is not about to expire";
-            let when = time::OffsetDateTime::from(not_after);
+            let when = rfc3339(not_after);
             out.push(if left < ISSUER_EXPIRY_WARNING {
                 Check::warn(
                     cat,

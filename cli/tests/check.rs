@@ -297,6 +297,9 @@ async fn a_healthy_installation_passes_and_each_fault_is_named() {
     .await
     .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    if std::env::var_os("WEFT_PRINT_CHECK").is_some() {
+        eprintln!("{text}");
+    }
     assert!(text.contains("✔ can reach the API server"), "{text}");
     assert!(
         text.contains("✔ the CNI agent runs on every node (2 node(s))"),
