@@ -1,8 +1,9 @@
 //! The proxy's `WEFT_PROXY_*` environment (`config::Config::from_lookup`) and the value
 //! parsers under it: every variable set, unset or not Unicode, with values near valid ones.
 //!
-//! The variable list is `config::env`'s at the time of writing; a new variable is fuzzed once
-//! it is added to [`VARS`] (its values come from the same grammar).
+//! The variables are [`VARS`] plus any other `WEFT_PROXY_*` constant declared in
+//! proxy/src/config.rs, read from the source, so a variable added there is fuzzed at once (with
+//! values from the same grammar).
 
 use std::collections::BTreeMap;
 
@@ -129,9 +130,32 @@ fn value() -> impl Strategy<Value = String> {
     ]
 }
 
+/// Every `pub const X: &str = "WEFT_PROXY_..."` in the proxy's config source.
+fn declared_variables() -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../proxy/src/config.rs");
+    let source = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    source
+        .lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("pub const ")?;
+            let (_, value) = rest.split_once(": &str = \"")?;
+            let name = value.strip_suffix("\";")?;
+            name.starts_with("WEFT_PROXY_").then(|| name.to_string())
+        })
+        .collect()
+}
+
+/// [`VARS`] and whatever else the source declares.
+fn variables() -> Vec<String> {
+    let mut all: Vec<String> = VARS.iter().map(|v| v.to_string()).collect();
+    all.extend(declared_variables());
+    all.sort();
+    all.dedup();
+    all
+}
+
 fn environments() -> impl Strategy<Value = Vec<(String, String)>> {
-    vec((prop::sample::select(VARS), value()), 0..16)
-        .prop_map(|pairs| pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+    vec((prop::sample::select(variables()), value()), 0..16)
 }
 
 fn lookup(
@@ -166,6 +190,16 @@ fn a_complete_valid_environment_parses() {
 }
 
 #[test]
+fn every_declared_variable_is_fuzzed() {
+    let vars = variables();
+    assert!(vars.len() >= VARS.len(), "{vars:?}");
+    assert!(
+        vars.iter().all(|v| v.starts_with("WEFT_PROXY_")),
+        "{vars:?}"
+    );
+}
+
+#[test]
 fn from_lookup_is_total_and_errors_name_a_variable() {
     fuzz("config::from_lookup", environments(), |pairs| {
         let vars: BTreeMap<String, String> = pairs.iter().cloned().collect();
@@ -174,7 +208,7 @@ fn from_lookup_is_total_and_errors_name_a_variable() {
             Err(e) => {
                 let msg = e.to_string();
                 // Every error names a variable (the bad one, or the one that requires it).
-                if VARS.iter().any(|v| msg.contains(v)) {
+                if msg.contains("WEFT_PROXY_") {
                     Ok(())
                 } else {
                     Err(format!("error names no WEFT_PROXY_* variable: {msg}"))

@@ -18,7 +18,6 @@ fn rustls_hello(
     server: &str,
     versions: &[&'static rustls::SupportedProtocolVersion],
     alpn: &[&str],
-    max_fragment: Option<usize>,
 ) -> Vec<u8> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
@@ -27,12 +26,66 @@ fn rustls_hello(
         .with_root_certificates(rustls::RootCertStore::empty())
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    config.max_fragment_size = max_fragment;
     let name = ServerName::try_from(server.to_string()).expect("server name");
     let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
     let mut out = Vec::new();
     while conn.wants_write() {
         conn.write_tls(&mut out).expect("write_tls");
+    }
+    deterministic(&mut out);
+    out
+}
+
+/// Overwrites what rustls randomises (client random, session id, key shares) with fixed
+/// bytes, so a seed and a replay (`WEFT_FUZZ_SEED`, `WEFT_FUZZ_CASE`) give the same input.
+fn deterministic(rec: &mut [u8]) {
+    fn u16_at(b: &[u8], i: usize) -> usize {
+        usize::from(u16::from_be_bytes([b[i], b[i + 1]]))
+    }
+    let fill = |b: &mut [u8]| b.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
+    // record header 5, handshake header 4, version 2
+    let mut i = 5 + 4 + 2;
+    fill(&mut rec[i..i + 32]);
+    i += 32;
+    let sid = usize::from(rec[i]);
+    fill(&mut rec[i + 1..i + 1 + sid]);
+    i += 1 + sid;
+    i += 2 + u16_at(rec, i); // cipher suites
+    i += 1 + usize::from(rec[i]); // compression
+    let end = i + 2 + u16_at(rec, i);
+    i += 2;
+    // rustls shuffles its extensions: put them in type order.
+    let start = i;
+    let mut exts: Vec<Vec<u8>> = Vec::new();
+    while i + 4 <= end {
+        let len = u16_at(rec, i + 2);
+        exts.push(rec[i..i + 4 + len].to_vec());
+        i += 4 + len;
+    }
+    exts.sort_by_key(|e| u16_at(e, 0));
+    let mut i = start;
+    for mut ext in exts {
+        if u16_at(&ext, 0) == 0x0033 {
+            // key_share: client_shares<2..>: group(2), key_exchange<2..>
+            let mut j = 4 + 2;
+            while j + 4 <= ext.len() {
+                let kl = u16_at(&ext, j + 2);
+                fill(&mut ext[j + 4..j + 4 + kl]);
+                j += 4 + kl;
+            }
+        }
+        rec[i..i + ext.len()].copy_from_slice(&ext);
+        i += ext.len();
+    }
+}
+
+/// The handshake message of `rec` split into records of at most `size` bytes.
+fn fragment(rec: &[u8], size: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in rec[5..].chunks(size) {
+        out.extend_from_slice(&[0x16, 3, 1]);
+        out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+        out.extend_from_slice(chunk);
     }
     out
 }
@@ -42,30 +95,36 @@ fn seeds() -> Vec<Seed> {
     let both = &[&TLS13, &TLS12][..];
     let mut out = vec![
         Seed {
-            bytes: rustls_hello("web.ns.svc.cluster.local", both, &["h2", "http/1.1"], None),
+            bytes: rustls_hello("web.ns.svc.cluster.local", both, &["h2", "http/1.1"]),
             sni: Some("web.ns.svc.cluster.local".into()),
         },
         Seed {
-            bytes: rustls_hello("API.Example.COM", &[&TLS13], &[], None),
+            bytes: rustls_hello("API.Example.COM", &[&TLS13], &[]),
             sni: Some("api.example.com".into()),
         },
         Seed {
-            bytes: rustls_hello("legacy.internal", &[&TLS12], &["http/1.1"], None),
+            bytes: rustls_hello("legacy.internal", &[&TLS12], &["http/1.1"]),
             sni: Some("legacy.internal".into()),
         },
         Seed {
             // An IP address: rustls sends no SNI.
-            bytes: rustls_hello("10.0.0.7", both, &["h2"], None),
+            bytes: rustls_hello("10.0.0.7", both, &["h2"]),
             sni: None,
         },
     ];
     // A ClientHello fragmented over several records: TLS, SNI out of reach.
-    let fragmented = rustls_hello("web.ns", both, &[], Some(64));
     out.push(Seed {
-        bytes: fragmented,
+        bytes: fragment(&rustls_hello("web.ns", both, &[]), 64),
         sni: None,
     });
     out
+}
+
+#[test]
+fn seeds_are_the_same_every_run() {
+    let a: Vec<Vec<u8>> = seeds().into_iter().map(|s| s.bytes).collect();
+    let b: Vec<Vec<u8>> = seeds().into_iter().map(|s| s.bytes).collect();
+    assert_eq!(a, b);
 }
 
 #[test]
