@@ -42,6 +42,7 @@ pub mod env {
     pub const TRACE_SAMPLING: &str = "WEFT_PROXY_TRACE_SAMPLING";
     pub const TRACE_QUEUE: &str = "WEFT_PROXY_TRACE_QUEUE";
     pub const TAP_AUTHORIZED_IDENTITY: &str = "WEFT_PROXY_TAP_AUTHORIZED_IDENTITY";
+    pub const INBOUND_DEFAULT_POLICY: &str = "WEFT_PROXY_INBOUND_DEFAULT_POLICY";
 }
 
 /// Every variable the proxy reads, its default as the variable would be written (empty: unset
@@ -193,6 +194,11 @@ pub const VARS: &[(&str, &str, &str)] = &[
         "",
         "the identity allowed to tap over mTLS (default: the controller's)",
     ),
+    (
+        env::INBOUND_DEFAULT_POLICY,
+        "all-unauthenticated",
+        "inbound authorization without (or before) the controller's ServerPolicy: all-unauthenticated, all-authenticated, cluster-unauthenticated, cluster-authenticated, deny, audit",
+    ),
 ];
 
 /// `weft-proxy --help`.
@@ -303,6 +309,9 @@ pub struct Config {
     /// Distributed tracing over OTLP/gRPC; `None` when `WEFT_PROXY_TRACE_COLLECTOR_ADDR` is
     /// unset (no trace headers are read or written).
     pub tracing: Option<TraceConfig>,
+    /// The inbound policy of ports the controller has not (yet) given one, and of every
+    /// port without a controller.
+    pub inbound_default_policy: crate::authz::DefaultPolicy,
 }
 
 /// Where spans go and which requests make them.
@@ -424,6 +433,7 @@ impl Default for Config {
             workload: Workload::default(),
             identity: None,
             tracing: None,
+            inbound_default_policy: crate::authz::DefaultPolicy::AllUnauthenticated,
         }
     }
 }
@@ -566,6 +576,15 @@ impl Config {
             }
             d.addr = v;
             c.discovery = Some(d);
+        }
+        if let Some(v) = get(env::INBOUND_DEFAULT_POLICY)? {
+            c.inbound_default_policy = crate::authz::DefaultPolicy::parse(&v).ok_or(
+                ConfigError::Invalid {
+                    var: env::INBOUND_DEFAULT_POLICY,
+                    value: v,
+                    reason: "not one of: all-unauthenticated, all-authenticated, cluster-unauthenticated, cluster-authenticated, deny, audit",
+                },
+            )?;
         }
         c.identity = parse_identity(&get, &c.workload)?;
         c.tracing = parse_tracing(&get)?;

@@ -30,12 +30,19 @@
 //! route matching, filters, weighted backends) and [`resilience`] (timeouts, retries with a
 //! budget, the circuit breaker, replayable bodies, failover), put together on the request path
 //! in `http/outbound.rs` in the order route → filters → timeout → retry → balance → breaker →
-//! endpoint. Authorization policy arrives with a later slice (DESIGN.md).
+//! endpoint.
+//!
+//! Inbound authorization: [`authz`] (the controller's `Policy.ServerPolicy` per inbound
+//! port, the pure allow/deny decision), enforced in `serve.rs` per opaque connection and in
+//! `http/mod.rs` per request. [`follow`] is the per-key stream machinery the ClientPolicy and
+//! ServerPolicy clients share.
 
 pub mod admin;
+pub mod authz;
 pub mod balance;
 pub mod config;
 pub mod discovery;
+pub mod follow;
 pub mod http;
 pub mod identity;
 pub mod metrics;
@@ -190,6 +197,10 @@ impl Bound {
         // Whether the controller has served once: the proxy is not ready before (see
         // `discovery::ControllerState`).
         let mut controller = None;
+        // Inbound authorization: the fallback policy, and the ServerPolicy streams when a
+        // controller is configured (on the resolver's channel).
+        let fallback = Arc::new(authz::ServerPolicy::fallback(config.inbound_default_policy));
+        let mut server_policies = None;
         let router = match &config.discovery {
             Some(d) => {
                 let resolver = discovery::Resolver::new(
@@ -199,6 +210,13 @@ impl Bound {
                 )?;
                 tracing::info!(addr = %d.addr, namespace = %config.workload.namespace, "discovery enabled");
                 controller = Some(resolver.watch_controller());
+                server_policies = Some(authz::client::ServerPolicies::new(
+                    resolver.channel(),
+                    d.clone(),
+                    &config.workload,
+                    fallback.clone(),
+                    metrics.authz.streams.clone(),
+                ));
                 Some(balance::Router::new(
                     resolver,
                     balance::Context {
@@ -219,6 +237,8 @@ impl Bound {
             }
             None => None,
         };
+        tracing::info!(default_policy = %config.inbound_default_policy, from_controller = server_policies.is_some(), "inbound authorization");
+        let inbound_authz = authz::Authz::new(fallback, server_policies, metrics.authz.clone());
         let mut sinks: Vec<Arc<dyn observe::Sink>> = Vec::new();
         if let Some(format) = config.access_log {
             let log = observe::access::AccessLog::start(
@@ -288,6 +308,8 @@ impl Bound {
                     Direction::Inbound => None,
                 },
                 mesh: mesh.clone(),
+                // The admin port is another listener: never subject to policy.
+                authz: (direction == Direction::Inbound).then(|| inbound_authz.clone()),
                 observe: observe.clone(),
                 drain: shutdown.clone(),
                 tracker: tracker.clone(),

@@ -13,6 +13,11 @@
 //!
 //! Outbound, connections are accepted in plaintext from the application; the balancer's
 //! endpoints decide whether the connection to the peer is mTLS.
+//!
+//! Inbound, every connection first gets its port's authorization policy ([`crate::authz`]):
+//! opaque TCP, TLS passed through and mTLS carrying opaque TCP are decided at once (a denied
+//! client is reset); HTTP is decided per request in `http/mod.rs`. A server whose protocol
+//! is `opaque` skips detection like an opaque port.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::authz::{self, Authz, PolicyRx};
 use crate::balance::{self, InFlight, Pick, Router};
 use crate::config::Config;
 use crate::http::{self, client::Clients, head, Cause, ConnCtx, Limits};
@@ -51,6 +57,8 @@ pub struct Listener {
     pub router: Option<Arc<Router>>,
     /// This proxy's mesh TLS (identity configured): inbound terminates mTLS addressed to it.
     pub mesh: Option<Arc<Mesh>>,
+    /// Inbound: authorization policy by port.
+    pub authz: Option<Arc<Authz>>,
     /// Access log, taps and traces.
     pub observe: Arc<Observe>,
     pub drain: CancellationToken,
@@ -75,6 +83,8 @@ struct ConnShared {
     clients: Arc<Clients>,
     router: Option<Arc<Router>>,
     mesh: Option<Arc<Mesh>>,
+    /// Inbound only.
+    authz: Option<Arc<Authz>>,
     /// Inbound only.
     inbound_tls: Option<InboundTls>,
     /// Outbound: connections to original destinations (`not-meshed`).
@@ -104,6 +114,7 @@ pub async fn accept_loop(l: Listener) {
         inbound_tls,
         outbound_plain,
         mesh: l.mesh,
+        authz: l.authz,
         direction: l.direction,
         local: l.local,
         orig_dst: l.orig_dst,
@@ -153,9 +164,22 @@ async fn handle(s: Arc<ConnShared>, mut stream: TcpStream, peer: SocketAddr) {
         tcp::reset(&stream);
         return;
     }
-    if s.config.opaque_ports.contains(target.port()) {
+    // Inbound: the port's policy (a port new to the proxy waits for the controller's first
+    // answer, up to the discovery timeout).
+    let policy = match &s.authz {
+        Some(a) => Some(a.policy(target.port()).await),
+        None => None,
+    };
+    let opaque_server = policy
+        .as_ref()
+        .is_some_and(|p| p.current().protocol == authz::policy::Protocol::Opaque);
+    if opaque_server || s.config.opaque_ports.contains(target.port()) {
         s.metrics.detected(s.direction, "skipped");
         s.count_plain();
+        if !s.admit(policy.as_ref(), None, peer, target) {
+            tcp::reset(&stream);
+            return;
+        }
         forward_tcp(&s, stream, Bytes::new(), target).await;
         return;
     }
@@ -174,7 +198,7 @@ async fn handle(s: Arc<ConnShared>, mut stream: TcpStream, peer: SocketAddr) {
             match (&s.mesh, sni) {
                 (Some(mesh), Some(sni)) if mesh.terminates(sni) => {
                     let io = PrefixedIo::new(buf.freeze(), stream);
-                    return terminate(&s, mesh, io, peer, target).await;
+                    return terminate(&s, mesh, io, peer, target, policy).await;
                 }
                 _ => {
                     tls.passthrough.inc();
@@ -206,15 +230,21 @@ async fn handle(s: Arc<ConnShared>, mut stream: TcpStream, peer: SocketAddr) {
                 return;
             }
             let io = PrefixedIo::new(buf.freeze(), stream);
-            serve_http(&s, io, peer, target, false, None).await;
+            serve_http(&s, io, peer, target, false, None, policy).await;
         }
         Detection::Protocol(Protocol::Http2) => {
             let io = PrefixedIo::new(buf.freeze(), stream);
-            serve_http(&s, io, peer, target, true, None).await
+            serve_http(&s, io, peer, target, true, None, policy).await
         }
         Detection::Protocol(Protocol::Tls { .. } | Protocol::Opaque)
         | Detection::Timeout
-        | Detection::Eof => forward_tcp(&s, stream, buf.freeze(), target).await,
+        | Detection::Eof => {
+            if !s.admit(policy.as_ref(), None, peer, target) {
+                tcp::reset(&stream);
+                return;
+            }
+            forward_tcp(&s, stream, buf.freeze(), target).await
+        }
     }
 }
 
@@ -224,6 +254,28 @@ impl ConnShared {
         if let Some(tls) = &self.inbound_tls {
             tls.plain.inc();
         }
+    }
+
+    /// Inbound connections relayed as opaque TCP: decided once, now (counted, and denials
+    /// logged once per server and client). `false`: the caller resets the client.
+    fn admit(
+        &self,
+        policy: Option<&PolicyRx>,
+        client_id: Option<Arc<str>>,
+        peer: SocketAddr,
+        target: SocketAddr,
+    ) -> bool {
+        let (Some(authz), Some(policy)) = (&self.authz, policy) else {
+            return true;
+        };
+        let conn = authz.conn(policy.clone(), client_id, peer.ip());
+        let (allowed, detail) = conn.decide_connection();
+        if !allowed {
+            self.metrics
+                .error(self.direction, Cause::Unauthorized.as_str());
+            tracing::debug!(%peer, %target, detail = detail.as_deref().unwrap_or(""), "inbound connection refused by authorization policy; resetting");
+        }
+        allowed
     }
 }
 
@@ -235,6 +287,7 @@ async fn terminate(
     io: PrefixedIo<TcpStream>,
     peer: SocketAddr,
     target: SocketAddr,
+    policy: Option<PolicyRx>,
 ) {
     let (tls, accepted) = match mesh.accept(io).await {
         Ok(t) => t,
@@ -247,13 +300,20 @@ async fn terminate(
     let client_id = Some(accepted.client_id);
     match accepted.alpn {
         // Frames written in one turn of the runtime leave in one TLS record and one write.
-        Alpn::H2 => serve_http(s, Coalesce::new(tls), peer, target, true, client_id).await,
-        Alpn::Http1 => serve_http(s, tls, peer, target, false, client_id).await,
-        Alpn::Opaque => forward_tcp(s, tls, Bytes::new(), target).await,
+        Alpn::H2 => serve_http(s, Coalesce::new(tls), peer, target, true, client_id, policy).await,
+        Alpn::Http1 => serve_http(s, tls, peer, target, false, client_id, policy).await,
+        Alpn::Opaque => {
+            if !s.admit(policy.as_ref(), client_id, peer, target) {
+                tcp::reset(tcp::Stream::tcp(&tls));
+                return;
+            }
+            forward_tcp(s, tls, Bytes::new(), target).await
+        }
     }
 }
 
-/// Serves HTTP on `io`; `client_id`: the peer proxy's verified identity (inbound mTLS).
+/// Serves HTTP on `io`; `client_id`: the peer proxy's verified identity (inbound mTLS);
+/// `policy`: inbound, the port's authorization policy, applied per request.
 async fn serve_http<I>(
     s: &ConnShared,
     io: I,
@@ -261,6 +321,7 @@ async fn serve_http<I>(
     target: SocketAddr,
     h2: bool,
     client_id: Option<Arc<str>>,
+    policy: Option<PolicyRx>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -274,6 +335,11 @@ async fn serve_http<I>(
         // A peer proxy carries HTTP/1 clients' requests over HTTP/2.
         h1_client: (h2 && client_id.is_some()).then(|| s.clients.get(target, false)),
         mesh: client_id.as_ref().and(s.mesh.clone()),
+        authz: s
+            .authz
+            .as_ref()
+            .zip(policy)
+            .map(|(a, p)| a.conn(p, client_id.clone(), peer.ip())),
         client_id,
         router: s.router.clone(),
         limits: Limits {

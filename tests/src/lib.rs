@@ -12,6 +12,7 @@ pub mod controller;
 pub mod netns;
 pub mod otlp;
 pub mod pki;
+pub mod policy_server;
 pub mod servers;
 
 use std::collections::HashMap;

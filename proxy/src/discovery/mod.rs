@@ -203,6 +203,12 @@ impl Resolver {
         rx
     }
 
+    /// The channel every stream shares, for the other services on the destination port
+    /// (`Policy.ServerPolicy`).
+    pub(crate) fn channel(&self) -> Channel {
+        self.inner.channel.clone()
+    }
+
     /// The Destination client on the resolver's channel, for the other streams of the same
     /// service (`ClientPolicy`), and the caller context they send.
     pub(crate) fn client(&self) -> (DestinationClient<Channel>, CallerContext) {

@@ -40,6 +40,9 @@ pub enum Cause {
     RequestTimeout,
     /// The endpoints' concurrency or pending-request limits are reached: failing fast.
     Overloaded,
+    /// Inbound: no authorization of the port's server (or of the matched route) allows the
+    /// client.
+    Unauthorized,
 }
 
 impl Cause {
@@ -63,6 +66,7 @@ impl Cause {
             Cause::InvalidBackend => "invalid-backend",
             Cause::RequestTimeout => "request-timeout",
             Cause::Overloaded => "overloaded",
+            Cause::Unauthorized => "unauthorized",
         }
     }
 
@@ -70,6 +74,7 @@ impl Cause {
         match self {
             Cause::ConnectTimeout | Cause::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
             Cause::NoRoute => StatusCode::NOT_FOUND,
+            Cause::Unauthorized => StatusCode::FORBIDDEN,
             Cause::InvalidBackend => StatusCode::INTERNAL_SERVER_ERROR,
             Cause::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Cause::ConnectRefused
@@ -122,6 +127,7 @@ impl Cause {
             | Cause::BadAuthority => 3, // INVALID_ARGUMENT
             Cause::InvalidBackend => 13,                        // INTERNAL
             Cause::Overloaded => 8,                             // RESOURCE_EXHAUSTED
+            Cause::Unauthorized => 7,                           // PERMISSION_DENIED
             _ => 14,                                            // UNAVAILABLE
         }
     }
@@ -233,6 +239,14 @@ mod tests {
         assert_eq!(Cause::NoRoute.status(), 404);
         assert_eq!(Cause::Overloaded.status(), 503);
         assert_eq!(Cause::InvalidBackend.status(), 500);
+        let r = Cause::Unauthorized.response_for(true, "server/ns/web: no authorization allows");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "7");
+        assert_eq!(r.headers()[ERROR_HEADER], "unauthorized");
+        let r = Cause::Unauthorized.response("server/ns/web: no authorization allows");
+        assert_eq!(r.status(), 403);
+        assert_eq!(r.headers()[ERROR_HEADER], "unauthorized");
+        assert!(!Cause::Unauthorized.is_retryable());
     }
 
     #[test]

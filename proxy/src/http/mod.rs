@@ -85,6 +85,8 @@ pub struct ConnCtx {
     /// Inbound mTLS connections: this proxy's mesh TLS, checked per request so that an
     /// expired certificate stops serving established connections too (fail closed).
     pub mesh: Option<Arc<Mesh>>,
+    /// Inbound: the port's authorization policy and the client, decided per request.
+    pub authz: Option<crate::authz::Conn>,
     /// Routes requests by authority through discovery (outbound, when a controller is set).
     pub router: Option<Arc<Router>>,
     pub limits: Limits,
@@ -585,6 +587,34 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
     if let Some(why) = ctx.mesh.as_ref().and_then(|m| m.certificate_problem()) {
         return ctx.error_response(label, Cause::IdentityUnavailable, &why, start, grpc, draft);
     }
+    // Inbound authorization, on the port's current policy (a change applies to the next
+    // request of every open connection).
+    if let Some(az) = &ctx.authz {
+        use crate::authz::{decide, Decision};
+        let policy = az.policy();
+        let client = az.client();
+        let d = decide::request(&policy, &client, req.method(), req.uri(), req.headers());
+        az.record(&policy, &d, "request");
+        if let (Some(r), Some(dr)) = (d.route(), draft.as_mut()) {
+            dr.event.route = Some(r.clone());
+        }
+        match d {
+            Decision::Allow { .. } | Decision::AuditDeny { .. } => {}
+            Decision::Deny { route } => {
+                let detail = decide::deny_detail(&policy, route, &client);
+                return ctx.error_response(label, Cause::Unauthorized, &detail, start, grpc, draft);
+            }
+            Decision::NoRoute => {
+                let detail = format!(
+                    "{}: no route of the server matches {} {}",
+                    policy.server,
+                    req.method(),
+                    req.uri().path()
+                );
+                return ctx.error_response(label, Cause::NoRoute, &detail, start, grpc, draft);
+            }
+        }
+    }
 
     let size = headers_size(req.headers());
     if size > ctx.limits.max_header_bytes {
@@ -679,7 +709,9 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
     }
     let sent = ctx.send_planned(&plan, req, h1).await;
     if let Some(d) = draft.as_mut() {
-        d.event.route = plan.route_label().cloned();
+        if let Some(r) = plan.route_label() {
+            d.event.route = Some(r.clone());
+        }
         d.event.retries = plan.retries();
         match &sent {
             Ok((_, Some(f))) => {

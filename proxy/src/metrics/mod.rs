@@ -494,6 +494,8 @@ pub struct Metrics {
     pub policy: crate::route::client::PolicyMetrics,
     /// Requests by route and backend (outbound, routed by a ClientPolicy).
     pub routes: RouteMetrics,
+    /// Inbound authorization decisions and the ServerPolicy streams.
+    pub authz: crate::authz::AuthzMetrics,
     pub identity: IdentityMetrics,
     pub tls: TlsMetrics,
     /// Access log, tap and trace consumers ([`crate::observe`]).
@@ -622,7 +624,9 @@ impl Metrics {
             discovery.retries.clone(),
         );
         let policy = crate::route::client::PolicyMetrics::default();
-        policy.register(&mut registry);
+        crate::route::client::register(&policy, &mut registry);
+        let authz = crate::authz::AuthzMetrics::default();
+        authz.register(&mut registry);
         let routes = RouteMetrics::default();
         routes.register(&mut registry);
         let identity = IdentityMetrics::default();
@@ -679,6 +683,7 @@ impl Metrics {
             discovery,
             policy,
             routes,
+            authz,
             identity,
             tls,
             observe,

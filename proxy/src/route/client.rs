@@ -1,30 +1,22 @@
 //! The controller's `Destination.ClientPolicy` stream: a target's outbound policy, kept
 //! current.
 //!
-//! It mirrors the Resolve client ([`crate::discovery`]) and shares its gRPC channel, backoff
-//! and idle rules: one background task and one `tokio::sync::watch` of `Arc<Policy>` per
-//! target, started by the first [`Policies::get`]; every message of the stream is a whole
-//! policy, compiled once ([`super::policy::compile`]) and swapped in atomically; when the
-//! stream breaks or the controller goes away the last good policy stays and the task
-//! reconnects with jittered backoff; a target nobody watches is dropped after the idle timeout.
+//! A [`Follower`] of ClientPolicy (see [`crate::follow`] for the stream rules it shares with
+//! the inbound ServerPolicy client): one stream per target on the resolver's gRPC channel,
+//! every message a whole policy compiled once ([`super::policy::compile`]), the last good
+//! policy kept through controller outages, idle targets dropped.
 //!
 //! Until the first answer a target has the default policy (no service: route by authority,
 //! as without ClientPolicy); [`Policies::ready`] waits for that answer up to the discovery
 //! timeout. A controller that predates ClientPolicy answers `UNIMPLEMENTED`: that means "no
-//! policy" (the default), logged once per target at debug, and asked again only every
-//! [`UNIMPLEMENTED_RETRY`]. A controller that rejects the target (`INVALID_ARGUMENT`) also
-//! gets the default.
+//! policy" (the default), asked again only every [`UNIMPLEMENTED_RETRY`]. A controller that
+//! rejects the target (`INVALID_ARGUMENT`) also gets the default.
 //!
 //! Problems compiling a policy (a bad regex in one route, ...) are logged once each, at warn,
 //! when they first appear in a target's stream, and counted.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::Arc;
 
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -32,89 +24,87 @@ use weft_proto::destination::destination_client::DestinationClient;
 use weft_proto::destination::{CallerContext, ClientPolicyRequest, OutboundPolicy};
 
 use super::policy::{compile, Policy};
-use crate::config::DiscoveryConfig;
-use crate::discovery::{idle, Backoff, Resolver, BACKOFF_MIN, MAX_RESOLUTIONS};
+use crate::discovery::{Resolver, MAX_RESOLUTIONS};
+pub use crate::follow::UNIMPLEMENTED_RETRY;
+use crate::follow::{Follower, Source, StreamMetrics, StreamNames};
 
 /// Policies kept at once; targets beyond this get the default policy until others go idle.
 pub const MAX_POLICIES: usize = MAX_RESOLUTIONS;
 
-/// How often a controller that answered `UNIMPLEMENTED` is asked again (it may be upgraded).
-pub const UNIMPLEMENTED_RETRY: Duration = Duration::from_secs(30);
+/// ClientPolicy streams and what they brought (`streams`: targets with a live stream).
+pub type PolicyMetrics = StreamMetrics;
 
-/// ClientPolicy streams and what they brought.
-#[derive(Clone, Debug, Default)]
-pub struct PolicyMetrics {
-    /// Targets with a live policy stream.
-    pub policies: Gauge,
-    pub stream_connects: Counter,
-    pub stream_errors: Counter,
-    /// Policies received (each a whole policy).
-    pub updates: Counter,
-    /// Routes or settings left out of a received policy because they did not convert.
-    pub problems: Counter,
+/// Registers the ClientPolicy stream metrics under their `weft_policy_*` names.
+pub fn register(metrics: &PolicyMetrics, registry: &mut Registry) {
+    metrics.register_as(
+        registry,
+        StreamNames {
+            streams: (
+                "weft_policy_targets",
+                "Targets whose outbound policy the proxy currently follows",
+            ),
+            connects: (
+                "weft_policy_stream_connects",
+                "ClientPolicy streams opened to the controller (including reconnects)",
+            ),
+            errors: (
+                "weft_policy_stream_errors",
+                "ClientPolicy streams that failed or could not be opened",
+            ),
+            updates: (
+                "weft_policy_updates",
+                "Outbound policies received from the controller",
+            ),
+            problems: (
+                "weft_policy_problems",
+                "Routes or settings of received policies that were left out because they did not convert",
+            ),
+        },
+    );
 }
 
-impl PolicyMetrics {
-    pub fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "weft_policy_targets",
-            "Targets whose outbound policy the proxy currently follows",
-            self.policies.clone(),
-        );
-        registry.register(
-            "weft_policy_stream_connects",
-            "ClientPolicy streams opened to the controller (including reconnects)",
-            self.stream_connects.clone(),
-        );
-        registry.register(
-            "weft_policy_stream_errors",
-            "ClientPolicy streams that failed or could not be opened",
-            self.stream_errors.clone(),
-        );
-        registry.register(
-            "weft_policy_updates",
-            "Outbound policies received from the controller",
-            self.updates.clone(),
-        );
-        registry.register(
-            "weft_policy_problems",
-            "Routes or settings of received policies that were left out because they did not convert",
-            self.problems.clone(),
-        );
-    }
-}
-
-struct Entry {
-    tx: Arc<watch::Sender<Arc<Policy>>>,
-    /// The controller answered (or could not be reached) at least once.
-    settled: Arc<AtomicBool>,
-}
-
-struct Inner {
+/// How ClientPolicy streams are opened and compiled.
+struct ClientPolicySource {
     client: DestinationClient<Channel>,
     context: CallerContext,
-    config: DiscoveryConfig,
-    metrics: PolicyMetrics,
-    targets: Mutex<HashMap<Arc<str>, Entry>>,
-    default: Arc<Policy>,
+}
+
+impl Source for ClientPolicySource {
+    type Key = Arc<str>;
+    type Message = OutboundPolicy;
+    type Value = Policy;
+    const WHAT: &'static str = "outbound policy";
+
+    fn open(
+        &self,
+        target: &Arc<str>,
+    ) -> impl std::future::Future<Output = Result<tonic::Streaming<OutboundPolicy>, tonic::Status>> + Send
+    {
+        let mut client = self.client.clone();
+        let req = ClientPolicyRequest {
+            target: target.to_string(),
+            context: Some(self.context.clone()),
+        };
+        async move {
+            client
+                .client_policy(req)
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    }
+
+    fn compile(&self, target: &Arc<str>, message: &OutboundPolicy) -> (Policy, Vec<String>) {
+        let compiled = compile(message);
+        tracing::debug!(%target, source = %compiled.policy.source, routes = compiled.policy.routes.len(), "policy updated");
+        let problems = compiled.problems.iter().map(|p| p.to_string()).collect();
+        (compiled.policy, problems)
+    }
 }
 
 /// The proxy's ClientPolicy client: target → watch of its policy. Cheap to clone.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Policies {
-    inner: Arc<Inner>,
-}
-
-impl std::fmt::Debug for Policies {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Policies")
-            .field("addr", &self.inner.config.addr)
-            .finish_non_exhaustive()
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    follower: Follower<ClientPolicySource>,
 }
 
 impl Policies {
@@ -122,15 +112,16 @@ impl Policies {
     /// streams), with its caller context and timeouts.
     pub fn new(resolver: &Resolver, metrics: PolicyMetrics) -> Self {
         let (client, context) = resolver.client();
+        let default = Arc::new(Policy::default());
         Self {
-            inner: Arc::new(Inner {
-                client,
-                context,
-                config: resolver.config().clone(),
+            follower: Follower::new(
+                ClientPolicySource { client, context },
+                resolver.config().clone(),
                 metrics,
-                targets: Mutex::new(HashMap::new()),
-                default: Arc::new(Policy::default()),
-            }),
+                default.clone(),
+                default,
+                MAX_POLICIES,
+            ),
         }
     }
 
@@ -139,210 +130,22 @@ impl Policies {
     /// default policy until the controller answers. Beyond [`MAX_POLICIES`] targets: a
     /// receiver of the default policy that never changes.
     pub fn get(&self, target: &str) -> watch::Receiver<Arc<Policy>> {
-        self.entry(target).0
+        self.follower.get(target, || Arc::from(target))
     }
 
     /// [`Policies::get`], waiting up to the discovery timeout for the controller's first
     /// answer when there is none yet.
     pub async fn ready(&self, target: &str) -> watch::Receiver<Arc<Policy>> {
-        let (mut rx, settled) = self.entry(target);
-        if !settled.load(Ordering::Acquire) {
-            let _ = tokio::time::timeout(self.inner.config.timeout, rx.changed()).await;
-        }
-        rx
-    }
-
-    fn entry(&self, target: &str) -> (watch::Receiver<Arc<Policy>>, Arc<AtomicBool>) {
-        let mut targets = lock(&self.inner.targets);
-        if let Some(e) = targets.get(target) {
-            return (e.tx.subscribe(), e.settled.clone());
-        }
-        if targets.len() >= MAX_POLICIES {
-            let (_, rx) = watch::channel(self.inner.default.clone());
-            return (rx, Arc::new(AtomicBool::new(true)));
-        }
-        let (tx, rx) = watch::channel(self.inner.default.clone());
-        let tx = Arc::new(tx);
-        let settled = Arc::new(AtomicBool::new(false));
-        let key: Arc<str> = Arc::from(target);
-        targets.insert(
-            key.clone(),
-            Entry {
-                tx: tx.clone(),
-                settled: settled.clone(),
-            },
-        );
-        self.inner.metrics.policies.inc();
-        let inner = self.inner.clone();
-        let task_settled = settled.clone();
-        tokio::spawn(async move {
-            run_target(&inner, &key, &tx, &task_settled).await;
-            inner.metrics.policies.dec();
-            tracing::debug!(target = %key, "policy dropped");
-        });
-        (rx, settled)
+        self.follower.ready(target, || Arc::from(target)).await
     }
 
     /// Targets followed now.
     pub fn len(&self) -> usize {
-        lock(&self.inner.targets).len()
+        self.follower.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// What one target's task remembers across reconnects.
-struct Stream<'a> {
-    inner: &'a Inner,
-    target: &'a Arc<str>,
-    tx: &'a watch::Sender<Arc<Policy>>,
-    settled: &'a AtomicBool,
-    backoff: Backoff,
-    /// The last policy received, as sent: a reconnect's identical first message changes nothing.
-    last: Option<OutboundPolicy>,
-    /// Problems already logged for this target.
-    logged: HashSet<String>,
-    unimplemented_logged: bool,
-}
-
-/// One target's life: streams, reconnects, until idle.
-async fn run_target(
-    inner: &Inner,
-    target: &Arc<str>,
-    tx: &watch::Sender<Arc<Policy>>,
-    settled: &AtomicBool,
-) {
-    let mut s = Stream {
-        inner,
-        target,
-        tx,
-        settled,
-        backoff: Backoff::new(BACKOFF_MIN, inner.config.backoff_max.max(BACKOFF_MIN)),
-        last: None,
-        logged: HashSet::new(),
-        unimplemented_logged: false,
-    };
-    loop {
-        let idle_timeout = inner.config.idle_timeout;
-        tokio::select! {
-            () = s.stream() => {}
-            () = idle(tx, idle_timeout) => {
-                // Under the map lock, where receivers are handed out (see discovery).
-                let mut targets = lock(&inner.targets);
-                if tx.receiver_count() == 0 {
-                    targets.remove(target);
-                    return;
-                }
-            }
-        }
-    }
-}
-
-impl Stream<'_> {
-    /// Marks the first answer (or failure), waking [`Policies::ready`] waiters.
-    fn settle(&self) {
-        if !self.settled.swap(true, Ordering::AcqRel) {
-            self.tx.send_modify(|_| {});
-        }
-    }
-
-    /// Back to the default policy (no policy from this controller).
-    fn use_default(&mut self) {
-        self.last = None;
-        let default = &self.inner.default;
-        self.tx.send_if_modified(|p| {
-            let changed = !Arc::ptr_eq(p, default);
-            *p = default.clone();
-            changed
-        });
-        self.settle();
-    }
-
-    fn apply(&mut self, pb: OutboundPolicy) {
-        let m = &self.inner.metrics;
-        m.updates.inc();
-        if self.last.as_ref() == Some(&pb) {
-            self.settle();
-            return;
-        }
-        let compiled = compile(&pb);
-        let target = self.target;
-        let mut now = HashSet::with_capacity(compiled.problems.len());
-        for p in &compiled.problems {
-            let msg = p.to_string();
-            if !self.logged.contains(&msg) {
-                m.problems.inc();
-                tracing::warn!(%target, source = %compiled.policy.source, problem = %msg, "outbound policy: part of it could not be used");
-            }
-            now.insert(msg);
-        }
-        // A problem fixed and then made again is logged again.
-        self.logged = now;
-        tracing::debug!(%target, source = %compiled.policy.source, routes = compiled.policy.routes.len(), "policy updated");
-        self.tx.send_replace(Arc::new(compiled.policy));
-        self.last = Some(pb);
-        self.settle();
-    }
-
-    /// Streams until the stream fails, then sleeps the backoff; returns to be called again.
-    async fn stream(&mut self) {
-        let m = &self.inner.metrics;
-        let target = self.target;
-        let mut client = self.inner.client.clone();
-        let req = ClientPolicyRequest {
-            target: target.to_string(),
-            context: Some(self.inner.context.clone()),
-        };
-        let mut delay = None;
-        match client.client_policy(req).await {
-            Ok(rsp) => {
-                m.stream_connects.inc();
-                let mut stream = rsp.into_inner();
-                let mut first = true;
-                loop {
-                    match stream.message().await {
-                        Ok(Some(p)) => {
-                            if first {
-                                self.backoff.reset();
-                                first = false;
-                            }
-                            self.apply(p);
-                        }
-                        Ok(None) => {
-                            tracing::info!(%target, "policy stream ended by the controller; reconnecting (keeping the last policy)");
-                            break;
-                        }
-                        Err(status) => {
-                            m.stream_errors.inc();
-                            tracing::info!(%target, code = ?status.code(), message = status.message(), "policy stream failed; reconnecting (keeping the last policy)");
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(status) if status.code() == tonic::Code::Unimplemented => {
-                if !self.unimplemented_logged {
-                    self.unimplemented_logged = true;
-                    tracing::debug!(%target, "the controller does not serve ClientPolicy (older than this proxy); default routing");
-                }
-                self.use_default();
-                delay = Some(UNIMPLEMENTED_RETRY);
-            }
-            Err(status) if status.code() == tonic::Code::InvalidArgument => {
-                m.stream_errors.inc();
-                tracing::debug!(%target, message = status.message(), "controller rejected the policy target; default routing");
-                self.use_default();
-            }
-            Err(status) => {
-                m.stream_errors.inc();
-                tracing::info!(%target, addr = %self.inner.config.addr, code = ?status.code(), message = status.message(), "cannot get the outbound policy: is the controller reachable at WEFT_PROXY_DESTINATION_ADDR? (keeping the last policy)");
-                self.settle();
-            }
-        }
-        let backoff = self.backoff.next_delay(fastrand::f64());
-        tokio::time::sleep(delay.map_or(backoff, |d| d.max(backoff))).await;
+        self.follower.is_empty()
     }
 }
 
@@ -350,6 +153,8 @@ impl Stream<'_> {
 mod tests {
     use std::pin::Pin;
     use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
     use std::time::Instant;
 
     use futures_util::Stream;
@@ -359,7 +164,7 @@ mod tests {
     use weft_proto::destination::{ResolveRequest, Update};
 
     use super::*;
-    use crate::config::Workload;
+    use crate::config::{DiscoveryConfig, Workload};
     use crate::metrics::DiscoveryMetrics;
     use crate::route::test_util::{on, policy, prefix, regex};
 

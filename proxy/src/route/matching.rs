@@ -70,6 +70,11 @@ pub fn route<'p>(
     Outcome::NoRoute
 }
 
+/// Whether every condition of one match holds (inbound routes reuse the matcher).
+pub(crate) fn matches(m: &Match, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
+    is_match(m, method, uri.path(), uri.query(), headers).is_some()
+}
+
 /// `Some(prefix)` when every condition of `m` holds; the prefix when the path match is one.
 fn is_match<'p>(
     m: &'p Match,

@@ -434,6 +434,16 @@ pub fn compile(pb: &pb::OutboundPolicy) -> Compiled {
     }
 }
 
+/// A route's metric label (`<kind>/<ns>/<name>/<rule>`), for inbound routes too.
+pub(crate) fn route_label(r: Option<&pb::RouteRef>, index: usize) -> Arc<str> {
+    label(r, index)
+}
+
+/// Compiles one match for another policy (inbound routes); the problem as text.
+pub(crate) fn compile_route_match(m: &pb::RouteMatch) -> Result<Match, String> {
+    compile_match(m).map_err(|e| format!("{}={:?}: {}", e.field, e.value, e.reason))
+}
+
 fn label(r: Option<&pb::RouteRef>, index: usize) -> Arc<str> {
     match r {
         Some(r) => {
