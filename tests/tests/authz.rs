@@ -18,7 +18,7 @@ use weft_e2e::policy_server::{
     any_authenticated, identities, namespaces, route, server, unauthenticated, PolicyController,
 };
 use weft_e2e::servers::http_server;
-use weft_e2e::{Metrics, Proxy, ProxyOpts};
+use weft_e2e::{eventually_async, Metrics, Proxy, ProxyOpts};
 use weft_proto::policy::{DefaultPolicy, InboundServer, ProtocolKind};
 
 const NS: &str = "books";
@@ -37,6 +37,8 @@ struct Mesh {
     server: Proxy,
     /// The inbound port the policy is keyed by (the app's port: the original destination).
     port: u16,
+    /// The server proxy's access log (JSON lines).
+    access_log: std::path::PathBuf,
 }
 
 impl Mesh {
@@ -47,9 +49,12 @@ impl Mesh {
         let token = ca.token(NS, "books")?;
         let mut env = ca.proxy_env(NS, "books", &token);
         env.push(policy.env());
+        env.push(("WEFT_PROXY_ACCESS_LOG".into(), "json".into()));
+        let access_log = ca.ca.path().join("books-access.log");
         let mut server = Proxy::spawn(ProxyOpts {
             inbound_target: Some(app),
             env,
+            stdout: Some(access_log.clone()),
             ..Default::default()
         })?;
         server.wait_ready(Duration::from_secs(15))?;
@@ -70,6 +75,7 @@ impl Mesh {
             policy,
             server,
             port: app.port(),
+            access_log,
         })
     }
 
@@ -310,6 +316,19 @@ async fn routes_authorize_by_method_and_path_and_probes_pass_under_deny() -> Res
         ),
         1.0
     );
+    // The denial shows in the access log, with its cause, route and client.
+    let log = m.access_log.clone();
+    eventually_async(Duration::from_secs(5), || {
+        let text = std::fs::read_to_string(&log)?;
+        Ok(text.lines().any(|l| {
+            l.contains(r#""proxy_error":"unauthorized""#)
+                && l.contains(r#""route":"httproute/books/write/0""#)
+                && l.contains(&format!(r#""client_id":"{OTHER_ID}""#))
+                && l.contains(r#""status":403"#)
+        }))
+    })
+    .await
+    .context("no access log line for the denial")?;
 
     // `deny` as the controller sends it: no authorization, the probe path open to anyone.
     m.set(InboundServer {
