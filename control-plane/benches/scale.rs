@@ -149,6 +149,7 @@ fn pod(s: usize, name: &str, ip: IpAddr) -> Object {
         opaque_ports: PortSet::default(),
         terminated: false,
         proxy_inbound_port: weft_controller::model::DEFAULT_PROXY_INBOUND_PORT,
+        inbound: Default::default(),
     })
 }
 

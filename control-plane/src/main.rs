@@ -126,6 +126,19 @@ struct Args {
     /// pods (a rollout of this many pods at once sees no refusal).
     #[arg(long, env = "WEFT_CONTROLLER_CERTIFY_MAX_BURST", default_value_t = CeilingConfig::DEFAULT_BURST, value_parser = clap::value_parser!(u32).range(1..))]
     certify_max_burst: u32,
+    /// Inbound policy of ports no Server selects, unless the pod or its namespace says
+    /// otherwise (annotation config.weft.dev/default-inbound-policy): all-unauthenticated,
+    /// all-authenticated, cluster-unauthenticated, cluster-authenticated, deny or audit.
+    #[arg(
+        long,
+        env = "WEFT_CONTROLLER_DEFAULT_INBOUND_POLICY",
+        default_value = "all-unauthenticated"
+    )]
+    default_inbound_policy: weft_controller::model::authz::DefaultPolicy,
+    /// The cluster's pod and node networks, comma-separated CIDRs: where the cluster-*
+    /// inbound policies allow clients from.
+    #[arg(long, env = "WEFT_CONTROLLER_CLUSTER_NETWORKS", default_value = weft_controller::model::authz::DEFAULT_CLUSTER_NETWORKS, value_parser = parse_cluster_networks)]
+    cluster_networks: ClusterNetworks,
     /// How often the issuer files are checked for changes.
     #[arg(long, env = "WEFT_CONTROLLER_ISSUER_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     issuer_reload_interval: Duration,
@@ -168,6 +181,14 @@ struct TokenArgs {
     /// Write the token to this file (mode 0600) instead of stdout.
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+/// `--cluster-networks`: one flag value, a comma-separated list.
+#[derive(Clone, Debug)]
+struct ClusterNetworks(Vec<weft_controller::model::netpol::Cidr>);
+
+fn parse_cluster_networks(s: &str) -> Result<ClusterNetworks, String> {
+    weft_controller::model::authz::parse_networks(s).map(ClusterNetworks)
 }
 
 /// A positive, finite number of certificates per second (`0.5`, `200`).
@@ -366,6 +387,11 @@ fn main() -> ExitCode {
             let identity = args.leader_elect_identity.clone().unwrap_or_else(hostname);
             weft_controller::lease::LeaseConfig::new(&args.leader_elect_namespace, &identity)
         }),
+        inbound: weft_controller::index::inbound::InboundConfig {
+            default_policy: args.default_inbound_policy,
+            cluster_networks: args.cluster_networks.0.clone(),
+            trust_domain: String::new(), // the runtime uses --trust-domain
+        },
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -59,6 +59,10 @@ pub struct Metrics {
     pub client_policy_streams: Gauge,
     /// Policies sent on ClientPolicy streams (the first and each change).
     pub client_policy_updates: Counter,
+    /// Open Policy.ServerPolicy streams.
+    pub server_policy_streams: Gauge,
+    /// Inbound policies sent on ServerPolicy streams (the first and each change).
+    pub server_policy_updates: Counter,
     /// Status writes on routes and BackendPolicies (kube source), by result.
     pub status_writes: Family<ResultLabels, Counter>,
     /// 1 while this replica holds the status writer's Lease (or leader election is off).
@@ -122,6 +126,16 @@ impl Metrics {
             "client_policy_updates",
             "Policies sent on ClientPolicy streams (the first, then one per change)",
             m.client_policy_updates.clone(),
+        );
+        registry.register(
+            "server_policy_streams",
+            "Open Policy.ServerPolicy streams",
+            m.server_policy_streams.clone(),
+        );
+        registry.register(
+            "server_policy_updates",
+            "Inbound policies sent on ServerPolicy streams (the first, then one per change)",
+            m.server_policy_updates.clone(),
         );
         registry.register(
             "status_writes",
@@ -194,6 +208,8 @@ impl Metrics {
             resolve_updates: m.resolve_updates,
             client_policy_streams: m.client_policy_streams,
             client_policy_updates: m.client_policy_updates,
+            server_policy_streams: m.server_policy_streams,
+            server_policy_updates: m.server_policy_updates,
             status_writes: m.status_writes,
             leader: m.leader,
             index_objects: m.index_objects,
@@ -235,6 +251,8 @@ struct MetricsBuilder {
     resolve_updates: Family<UpdateLabels, Counter>,
     client_policy_streams: Gauge,
     client_policy_updates: Counter,
+    server_policy_streams: Gauge,
+    server_policy_updates: Counter,
     status_writes: Family<ResultLabels, Counter>,
     leader: Gauge,
     index_objects: Family<KindLabels, Gauge>,

@@ -14,8 +14,7 @@ use weft_proto::policy::policy_server::PolicyServer;
 use crate::admin::Admin;
 use crate::grpc::destination::DestinationConfig;
 use crate::grpc::identity::IdentityParts;
-use crate::grpc::unimplemented::PolicyService;
-use crate::grpc::{DestinationService, IdentityService};
+use crate::grpc::{DestinationService, IdentityService, PolicyService};
 use crate::identity::ca::{CaError, FileCa, IssuerFiles, Reload};
 use crate::identity::devca::{self, DevCaError};
 use crate::identity::token::{LocalTokens, TokenKeyError, TokenReviewVerifier, TokenVerifier};
@@ -40,6 +39,9 @@ pub struct Config {
     /// Leader election for the status writer (`--leader-elect`); `None`: this replica
     /// writes status whenever the source is kube.
     pub leader_election: Option<crate::lease::LeaseConfig>,
+    /// `Policy.ServerPolicy`: `--default-inbound-policy` and `--cluster-networks` (its
+    /// `trust_domain` is replaced by [`Config::trust_domain`]).
+    pub inbound: crate::index::inbound::InboundConfig,
 }
 
 impl Config {
@@ -57,6 +59,7 @@ impl Config {
             trust_domain: "cluster.local".into(),
             identity: None,
             leader_election: None,
+            inbound: crate::index::inbound::InboundConfig::default(),
         }
     }
 }
@@ -204,6 +207,14 @@ impl Controller {
             },
             metrics.clone(),
         );
+        let policy_svc = PolicyService::new(
+            index.clone(),
+            crate::index::inbound::InboundConfig {
+                trust_domain: config.trust_domain.clone(),
+                ..config.inbound.clone()
+            },
+            metrics.clone(),
+        );
         let incoming =
             tonic::transport::server::TcpIncoming::from(destination).with_nodelay(Some(true));
         // grpc.health.v1 on the destination port: `weft.destination.Destination` is SERVING
@@ -226,7 +237,7 @@ impl Controller {
             let result = tonic::transport::Server::builder()
                 .add_service(health_service)
                 .add_service(DestinationServer::new(svc))
-                .add_service(PolicyServer::new(PolicyService))
+                .add_service(PolicyServer::new(policy_svc))
                 .serve_with_incoming(incoming)
                 .await;
             if let Err(e) = result {

@@ -9,14 +9,18 @@ use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::authz::{
+    self, AuthorizationPolicy, AuthorizationTarget, ClientNetwork, Clients, IndexedAuthorization,
+    IndexedServer, DEFAULT_INBOUND_POLICY_ANNOTATION,
+};
 use super::gateway::{GrpcRoute, HttpRoute};
 use super::policy::BackendPolicy;
 use super::{
-    labels_of, parse_inject, AddressType, ContainerPort, EndpointSlice, Kind, Meta, Namespace,
-    ObjectKey, Pod, Policy, PortSet, Route, RouteSpec, Service, ServicePort, SliceEndpoint,
-    SlicePort, TargetPort, DEFAULT_PROXY_INBOUND_PORT, INJECT_ANNOTATION, NAMESPACE_NAME_LABEL,
-    OPAQUE_PORTS_ANNOTATION, PROXY_CONTAINER, PROXY_INBOUND_ADDR_ENV, ROUTE_ANNOTATION_PREFIXES,
-    SERVICE_NAME_LABEL,
+    labels_of, parse_inject, AddressType, ContainerPort, EndpointSlice, HttpProbe, Kind, Meta,
+    Namespace, ObjectKey, Pod, PodInbound, Policy, PortSet, Route, RouteSpec, Service, ServicePort,
+    SliceEndpoint, SlicePort, TargetPort, DEFAULT_PROXY_INBOUND_PORT, INJECT_ANNOTATION,
+    NAMESPACE_NAME_LABEL, OPAQUE_PORTS_ANNOTATION, PROXY_CONTAINER, PROXY_INBOUND_ADDR_ENV,
+    ROUTE_ANNOTATION_PREFIXES, SERVICE_NAME_LABEL,
 };
 
 /// An object the mesh cannot use, naming the object, the field and the
@@ -267,6 +271,10 @@ pub fn pod(pod: &core::Pod, default_namespace: &str) -> Result<Pod, ConvertError
         }
     }
     let proxy_inbound_port = proxy_inbound_port(&key, &spec)?;
+    let inbound = PodInbound {
+        default_policy: annotations.get(DEFAULT_INBOUND_POLICY_ANNOTATION).cloned(),
+        http_probes: http_probes(&spec),
+    };
     let service_account = spec
         .service_account_name
         .clone()
@@ -282,7 +290,55 @@ pub fn pod(pod: &core::Pod, default_namespace: &str) -> Result<Pod, ConvertError
         opaque_ports,
         terminated: matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")),
         proxy_inbound_port,
+        inbound,
     })
+}
+
+/// The kubelet's HTTP probes of the app containers (see
+/// [`PodInbound::http_probes`]); probes that name no usable port, or use
+/// HTTPS (the proxy sees TLS, not a path), are left out.
+fn http_probes(spec: &core::PodSpec) -> Vec<HttpProbe> {
+    let mut out = Vec::new();
+    for c in spec.containers.iter().filter(|c| c.name != PROXY_CONTAINER) {
+        let probes = [&c.liveness_probe, &c.readiness_probe, &c.startup_probe];
+        for get in probes
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.http_get.as_ref())
+        {
+            if get
+                .scheme
+                .as_deref()
+                .is_some_and(|s| !s.eq_ignore_ascii_case("HTTP"))
+            {
+                continue;
+            }
+            let port = match &get.port {
+                IntOrString::Int(n) => u16::try_from(*n).ok(),
+                IntOrString::String(name) => name.parse::<u16>().ok().or_else(|| {
+                    c.ports
+                        .iter()
+                        .flatten()
+                        .find(|p| p.name.as_deref() == Some(name.as_str()))
+                        .and_then(|p| u16::try_from(p.container_port).ok())
+                }),
+            };
+            let Some(port) = port.filter(|p| *p > 0) else {
+                continue;
+            };
+            let raw = get.path.as_deref().unwrap_or("/");
+            let path = raw.split(['?', '#']).next().unwrap_or_default();
+            let path = if path.starts_with('/') {
+                path.to_string()
+            } else {
+                format!("/{path}")
+            };
+            out.push(HttpProbe { port, path });
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The port of the proxy container's `WEFT_PROXY_INBOUND_ADDR` (a literal
@@ -340,10 +396,17 @@ pub fn namespace(ns: &core::Namespace) -> Result<Namespace, ConvertError> {
     // The API server sets this label on every namespace; manifests from the
     // directory source may lack it.
     labels.insert(NAMESPACE_NAME_LABEL.to_string(), key.name.clone());
+    let default_inbound_policy = ns
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(DEFAULT_INBOUND_POLICY_ANNOTATION))
+        .cloned();
     Ok(Namespace {
         name: key.name,
         labels,
         inject,
+        default_inbound_policy,
     })
 }
 
@@ -394,6 +457,217 @@ pub fn backend_policy(
         meta: meta(Kind::BackendPolicy, &policy.metadata, default_namespace)?,
         spec: policy.spec.clone(),
         status: policy.status.clone(),
+    })
+}
+
+/// A Server, every field checked (see [`crate::authz`]).
+pub fn server(s: &authz::Server, default_namespace: &str) -> Result<IndexedServer, ConvertError> {
+    let kind = Kind::Server;
+    let meta = meta(kind, &s.metadata, default_namespace)?;
+    let err = |field: String, value: String, reason: String| ConvertError {
+        kind,
+        object: meta.key.to_string(),
+        field,
+        value,
+        reason,
+    };
+    let selector = s.spec.pod_selector.selector().map_err(|e| {
+        let (field, value) = match &e {
+            crate::labels::SelectorError::Operator { index, operator } => (
+                format!("spec.podSelector.matchExpressions[{index}].operator"),
+                operator.clone(),
+            ),
+            crate::labels::SelectorError::NoValues { index, .. } => (
+                format!("spec.podSelector.matchExpressions[{index}].values"),
+                "[]".to_string(),
+            ),
+        };
+        err(field, value, e.to_string())
+    })?;
+    let number = |n: i32| port_u16(kind, &meta.key, "spec.port", n);
+    let port = match &s.spec.port {
+        IntOrString::Int(n) => TargetPort::Number(number(*n)?),
+        IntOrString::String(v) => match v.parse::<i32>() {
+            Ok(n) => TargetPort::Number(number(n)?),
+            Err(_) if authz::is_port_name(v) => TargetPort::Name(v.clone()),
+            Err(_) => return Err(err(
+                "spec.port".into(),
+                v.clone(),
+                "expected a port number 1-65535 or a container port name (1-15 of a-z, 0-9 and -)"
+                    .into(),
+            )),
+        },
+    };
+    let protocol = match s.spec.proxy_protocol.as_deref() {
+        None => authz::ProxyProtocol::default(),
+        Some(v) => v
+            .parse()
+            .map_err(|reason| err("spec.proxyProtocol".into(), v.to_string(), reason))?,
+    };
+    let access_policy = match s.spec.access_policy.as_deref() {
+        None => authz::DefaultPolicy::Deny,
+        Some(v) => v.parse().map_err(|e: authz::DefaultPolicyError| {
+            err("spec.accessPolicy".into(), v.to_string(), e.to_string())
+        })?,
+    };
+    Ok(IndexedServer {
+        meta,
+        selector,
+        port,
+        protocol,
+        access_policy,
+    })
+}
+
+/// An AuthorizationPolicy, every field checked (see [`crate::authz`]).
+pub fn authorization_policy(
+    a: &AuthorizationPolicy,
+    default_namespace: &str,
+) -> Result<IndexedAuthorization, ConvertError> {
+    let kind = Kind::AuthorizationPolicy;
+    let meta = meta(kind, &a.metadata, default_namespace)?;
+    let ns = meta.key.namespace.clone();
+    let err = |field: String, value: &str, reason: String| ConvertError {
+        kind,
+        object: meta.key.to_string(),
+        field,
+        value: value.to_string(),
+        reason,
+    };
+    let spec = &a.spec;
+    let t = &spec.target_ref;
+    if t.name.is_empty() {
+        return Err(err(
+            "spec.targetRef.name".into(),
+            "",
+            "the target needs a name".into(),
+        ));
+    }
+    let target = match (t.group.as_str(), t.kind.as_str()) {
+        (crate::policy::GROUP, "Server") => AuthorizationTarget::Server(t.name.clone()),
+        ("gateway.networking.k8s.io", "HTTPRoute") => {
+            AuthorizationTarget::Route(Kind::HttpRoute, t.name.clone())
+        }
+        ("gateway.networking.k8s.io", "GRPCRoute") => {
+            AuthorizationTarget::Route(Kind::GrpcRoute, t.name.clone())
+        }
+        ("" | "core", "Namespace") if t.name == ns => AuthorizationTarget::Namespace,
+        ("" | "core", "Namespace") => {
+            return Err(err(
+                "spec.targetRef.name".into(),
+                &t.name,
+                format!("a policy can target only its own namespace ({ns})"),
+            ))
+        }
+        (group, kind_name) => {
+            return Err(err(
+                "spec.targetRef".into(),
+                &format!("{group}/{kind_name}"),
+                "expected policy.weft.dev/Server, gateway.networking.k8s.io/HTTPRoute, gateway.networking.k8s.io/GRPCRoute or /Namespace".into(),
+            ))
+        }
+    };
+    for (i, id) in spec.identities.iter().enumerate() {
+        let ok = id
+            .strip_prefix("spiffe://")
+            .is_some_and(|rest| rest.contains('/') && !rest.starts_with('/'))
+            && !id.chars().any(char::is_whitespace);
+        if !ok {
+            return Err(err(
+                format!("spec.identities[{i}]"),
+                id,
+                "expected a SPIFFE ID like spiffe://cluster.local/ns/shop/sa/web".into(),
+            ));
+        }
+    }
+    let mut service_accounts = Vec::new();
+    for (i, sa) in spec.service_accounts.iter().enumerate() {
+        let sa_ns = sa
+            .namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| ns.clone());
+        if !crate::names::is_dns_label(&sa_ns) {
+            return Err(err(
+                format!("spec.serviceAccounts[{i}].namespace"),
+                &sa_ns,
+                "not a namespace name".into(),
+            ));
+        }
+        if sa.name.is_empty() || sa.name.len() > 253 || sa.name.contains('/') {
+            return Err(err(
+                format!("spec.serviceAccounts[{i}].name"),
+                &sa.name,
+                "not a ServiceAccount name".into(),
+            ));
+        }
+        service_accounts.push(ObjectKey::new(sa_ns, sa.name.clone()));
+    }
+    for (i, n) in spec.namespaces.iter().enumerate() {
+        if !crate::names::is_dns_label(n) {
+            return Err(err(
+                format!("spec.namespaces[{i}]"),
+                n,
+                "not a namespace name".into(),
+            ));
+        }
+    }
+    let mesh = !spec.identities.is_empty()
+        || !service_accounts.is_empty()
+        || !spec.namespaces.is_empty()
+        || spec.authenticated;
+    let clients = match (spec.unauthenticated, mesh) {
+        (true, true) => {
+            return Err(err(
+                "spec.unauthenticated".into(),
+                "true",
+                "already allows every client; drop identities, serviceAccounts, namespaces and authenticated, or write two policies".into(),
+            ))
+        }
+        (true, false) => Clients::Unauthenticated,
+        (false, true) => Clients::Mesh {
+            identities: spec.identities.clone(),
+            service_accounts,
+            namespaces: spec.namespaces.clone(),
+            any: spec.authenticated,
+        },
+        (false, false) => {
+            return Err(err(
+                "spec".into(),
+                "",
+                "names no client: set identities, serviceAccounts, namespaces, authenticated: true or unauthenticated: true".into(),
+            ))
+        }
+    };
+    let mut networks = Vec::new();
+    for (i, n) in spec.networks.iter().enumerate() {
+        let field = format!("spec.networks[{i}].cidr");
+        let cidr: crate::netpol::Cidr = n
+            .cidr
+            .parse()
+            .map_err(|e: crate::netpol::CidrError| err(field, &n.cidr, e.to_string()))?;
+        let mut except = Vec::new();
+        for (j, e) in n.except.iter().enumerate() {
+            let field = format!("spec.networks[{i}].except[{j}]");
+            let c: crate::netpol::Cidr = e
+                .parse()
+                .map_err(|x: crate::netpol::CidrError| err(field.clone(), e, x.to_string()))?;
+            if !(cidr.covers(&c) && c.prefix_len() > cidr.prefix_len()) {
+                return Err(err(
+                    field,
+                    e,
+                    format!("must be strictly inside cidr {}", n.cidr),
+                ));
+            }
+            except.push(c);
+        }
+        networks.push(ClientNetwork { cidr, except });
+    }
+    Ok(IndexedAuthorization {
+        meta,
+        target,
+        clients,
+        networks,
     })
 }
 
@@ -561,5 +835,227 @@ mod tests {
         assert!(m.endpoints[0].ready && m.endpoints[0].serving && !m.endpoints[0].terminating);
         assert_eq!(m.endpoints[0].pod.as_deref(), Some("web-1"));
         assert!(!m.endpoints[1].ready && m.endpoints[1].serving && m.endpoints[1].terminating);
+    }
+}
+
+#[cfg(test)]
+mod authz_tests {
+    use super::*;
+    use crate::authz::{DefaultPolicy, ProxyProtocol};
+
+    fn server_of(spec: serde_json::Value) -> Result<IndexedServer, ConvertError> {
+        let s: authz::Server = serde_json::from_value(serde_json::json!({
+            "apiVersion": "policy.weft.dev/v1alpha1", "kind": "Server",
+            "metadata": {"name": "web", "namespace": "shop"}, "spec": spec
+        }))
+        .expect("decodes");
+        server(&s, "default")
+    }
+
+    fn policy_of(spec: serde_json::Value) -> Result<IndexedAuthorization, ConvertError> {
+        let a: AuthorizationPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "policy.weft.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "p", "namespace": "shop"}, "spec": spec
+        }))
+        .expect("decodes");
+        authorization_policy(&a, "default")
+    }
+
+    #[test]
+    fn server_fields() {
+        let s = server_of(
+            serde_json::json!({"podSelector": {"matchLabels": {"app": "web"}}, "port": "http"}),
+        )
+        .expect("ok");
+        assert_eq!(s.port, TargetPort::Name("http".into()));
+        assert_eq!(s.protocol, ProxyProtocol::Detect);
+        assert_eq!(s.access_policy, DefaultPolicy::Deny);
+        let s = server_of(serde_json::json!({"podSelector": {}, "port": 8080, "proxyProtocol": "gRPC", "accessPolicy": "audit"}))
+            .expect("ok");
+        assert_eq!(s.port, TargetPort::Number(8080));
+        assert_eq!(s.protocol, ProxyProtocol::Grpc);
+        assert_eq!(s.access_policy, DefaultPolicy::Audit);
+        assert_eq!(
+            server_of(serde_json::json!({"podSelector": {}, "port": "8080"}))
+                .expect("ok")
+                .port,
+            TargetPort::Number(8080)
+        );
+    }
+
+    #[test]
+    fn server_errors_name_the_field_and_value() {
+        let cases = [
+            (
+                serde_json::json!({"podSelector": {}, "port": 0}),
+                "spec.port",
+                "0",
+            ),
+            (
+                serde_json::json!({"podSelector": {}, "port": 70000}),
+                "spec.port",
+                "70000",
+            ),
+            (
+                serde_json::json!({"podSelector": {}, "port": "Not_A_Name"}),
+                "spec.port",
+                "Not_A_Name",
+            ),
+            (
+                serde_json::json!({"podSelector": {}, "port": 80, "proxyProtocol": "http"}),
+                "spec.proxyProtocol",
+                "http",
+            ),
+            (
+                serde_json::json!({"podSelector": {}, "port": 80, "accessPolicy": "allow"}),
+                "spec.accessPolicy",
+                "allow",
+            ),
+            (
+                serde_json::json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Is"}]}, "port": 80}),
+                "spec.podSelector.matchExpressions[0].operator",
+                "Is",
+            ),
+        ];
+        for (spec, field, value) in cases {
+            let e = server_of(spec.clone()).expect_err(&spec.to_string());
+            assert_eq!(e.field, field, "{e}");
+            assert_eq!(e.value, value, "{e}");
+            assert_eq!(e.kind, Kind::Server);
+            assert!(e.to_string().contains("shop/web"), "{e}");
+        }
+    }
+
+    #[test]
+    fn authorization_policy_fields() {
+        let a = policy_of(serde_json::json!({
+            "targetRef": {"group": "policy.weft.dev", "kind": "Server", "name": "web"},
+            "identities": ["spiffe://cluster.local/ns/a/sa/b"],
+            "serviceAccounts": [{"name": "client"}, {"name": "x", "namespace": "other"}],
+            "namespaces": ["ops"],
+            "networks": [{"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}]
+        }))
+        .expect("ok");
+        assert_eq!(a.target, AuthorizationTarget::Server("web".into()));
+        assert_eq!(
+            a.clients,
+            Clients::Mesh {
+                identities: vec!["spiffe://cluster.local/ns/a/sa/b".into()],
+                service_accounts: vec![
+                    ObjectKey::new("shop", "client"),
+                    ObjectKey::new("other", "x")
+                ],
+                namespaces: vec!["ops".into()],
+                any: false,
+            }
+        );
+        assert_eq!(a.networks[0].except[0].to_string(), "10.1.0.0/16");
+        let a = policy_of(serde_json::json!({
+            "targetRef": {"kind": "Namespace", "name": "shop"}, "unauthenticated": true
+        }))
+        .expect("ok");
+        assert_eq!(
+            (a.target, a.clients),
+            (AuthorizationTarget::Namespace, Clients::Unauthenticated)
+        );
+        let a = policy_of(serde_json::json!({
+            "targetRef": {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}, "authenticated": true
+        }))
+        .expect("ok");
+        assert_eq!(
+            a.target,
+            AuthorizationTarget::Route(Kind::HttpRoute, "r".into())
+        );
+    }
+
+    #[test]
+    fn authorization_policy_errors_name_the_field_and_value() {
+        let server =
+            serde_json::json!({"group": "policy.weft.dev", "kind": "Server", "name": "web"});
+        let cases = [
+            (
+                serde_json::json!({"targetRef": server, "authenticated": true, "unauthenticated": true}),
+                "spec.unauthenticated",
+                "true",
+            ),
+            (serde_json::json!({"targetRef": server}), "spec", ""),
+            (
+                serde_json::json!({"targetRef": server, "identities": ["web"]}),
+                "spec.identities[0]",
+                "web",
+            ),
+            (
+                serde_json::json!({"targetRef": server, "namespaces": ["Bad_NS"]}),
+                "spec.namespaces[0]",
+                "Bad_NS",
+            ),
+            (
+                serde_json::json!({"targetRef": server, "serviceAccounts": [{"name": ""}]}),
+                "spec.serviceAccounts[0].name",
+                "",
+            ),
+            (
+                serde_json::json!({"targetRef": server, "unauthenticated": true, "networks": [{"cidr": "10.0.0.0/33"}]}),
+                "spec.networks[0].cidr",
+                "10.0.0.0/33",
+            ),
+            (
+                serde_json::json!({"targetRef": server, "unauthenticated": true, "networks": [{"cidr": "10.0.0.0/16", "except": ["10.1.0.0/24"]}]}),
+                "spec.networks[0].except[0]",
+                "10.1.0.0/24",
+            ),
+            (
+                serde_json::json!({"targetRef": {"kind": "Namespace", "name": "other"}, "authenticated": true}),
+                "spec.targetRef.name",
+                "other",
+            ),
+            (
+                serde_json::json!({"targetRef": {"group": "apps", "kind": "Deployment", "name": "web"}, "authenticated": true}),
+                "spec.targetRef",
+                "apps/Deployment",
+            ),
+            (
+                serde_json::json!({"targetRef": {"group": "policy.weft.dev", "kind": "Server", "name": ""}, "authenticated": true}),
+                "spec.targetRef.name",
+                "",
+            ),
+        ];
+        for (spec, field, value) in cases {
+            let e = policy_of(spec.clone()).expect_err(&spec.to_string());
+            assert_eq!(e.field, field, "{e}");
+            assert_eq!(e.value, value, "{e}");
+            assert_eq!(e.kind, Kind::AuthorizationPolicy);
+        }
+    }
+
+    #[test]
+    fn pod_probes_and_annotation() {
+        let p: core::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-0", "namespace": "shop",
+                         "annotations": {"config.weft.dev/default-inbound-policy": "deny"}},
+            "spec": {"containers": [
+                {"name": "app", "ports": [{"name": "http", "containerPort": 8080}],
+                 "readinessProbe": {"httpGet": {"port": "http", "path": "/ready?full=1"}},
+                 "livenessProbe": {"httpGet": {"port": 8080, "path": "live"}},
+                 "startupProbe": {"httpGet": {"port": 8443, "scheme": "HTTPS", "path": "/s"}}},
+                {"name": "side", "readinessProbe": {"httpGet": {"port": "nope"}}}
+            ]}
+        }))
+        .expect("pod");
+        let pod = pod(&p, "default").expect("ok");
+        assert_eq!(pod.inbound.default_policy.as_deref(), Some("deny"));
+        assert_eq!(
+            pod.inbound.http_probes,
+            [
+                HttpProbe {
+                    port: 8080,
+                    path: "/live".into()
+                },
+                HttpProbe {
+                    port: 8080,
+                    path: "/ready".into()
+                },
+            ]
+        );
     }
 }

@@ -358,6 +358,13 @@ impl ParentReference {
         matches!(self.group.as_deref(), Some("" | "core"))
             && self.kind.as_deref() == Some("Service")
     }
+
+    /// Names a Weft Server (group `policy.weft.dev`, kind `Server`): an
+    /// inbound route.
+    pub fn is_server(&self) -> bool {
+        self.group.as_deref() == Some(crate::policy::GROUP)
+            && self.kind.as_deref() == Some("Server")
+    }
 }
 
 /// `status` of an HTTPRoute or GRPCRoute.

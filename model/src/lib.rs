@@ -12,6 +12,9 @@
 //!   admission webhook. Routes and policies keep their API spec as is
 //!   ([`gateway`], [`policy`]): the controller's compilation into a proxy's
 //!   policy (`index::outbound`) reads them whole.
+//! - Inbound authorization ([`authz`]): the `Server` and
+//!   `AuthorizationPolicy` CRDs, checked by [`convert`] into what the
+//!   controller's `index::inbound` compiles into a proxy's `InboundServer`.
 //! - Kubernetes NetworkPolicy ([`netpol`]): the typed policy with its
 //!   validation, the reference evaluator (a connection → a verdict and the
 //!   deciding policy and rule, for `weft policy explain`) and the compiler
@@ -20,6 +23,7 @@
 //!
 //! The controller re-exports this crate as `weft_controller::model`.
 
+pub mod authz;
 pub mod convert;
 pub mod duration;
 pub mod gateway;
@@ -91,10 +95,12 @@ pub enum Kind {
     GrpcRoute,
     BackendPolicy,
     NetworkPolicy,
+    Server,
+    AuthorizationPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
@@ -103,6 +109,8 @@ impl Kind {
         Kind::GrpcRoute,
         Kind::BackendPolicy,
         Kind::NetworkPolicy,
+        Kind::Server,
+        Kind::AuthorizationPolicy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -115,6 +123,8 @@ impl Kind {
             Kind::GrpcRoute => "GRPCRoute",
             Kind::BackendPolicy => "BackendPolicy",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Server => "Server",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 }
@@ -226,6 +236,25 @@ pub struct Pod {
     /// the `weft-proxy` container's `WEFT_PROXY_INBOUND_ADDR`, else
     /// [`DEFAULT_PROXY_INBOUND_PORT`]. Meaningful only when `meshed`.
     pub proxy_inbound_port: u16,
+    /// What inbound policy needs of the pod.
+    pub inbound: PodInbound,
+}
+
+/// What the inbound policy of a pod's ports reads from the pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodInbound {
+    /// `config.weft.dev/default-inbound-policy` as written.
+    pub default_policy: Option<String>,
+    /// The kubelet's HTTP probes (`httpGet`, scheme HTTP) of the app
+    /// containers: port (named ports resolved in the probe's container)
+    /// and path (without query), sorted, without duplicates.
+    pub http_probes: Vec<HttpProbe>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HttpProbe {
+    pub port: u16,
+    pub path: String,
 }
 
 impl Pod {
@@ -258,6 +287,8 @@ pub struct Namespace {
     pub labels: Labels,
     /// `weft.dev/inject`: `Some(true)` enabled, `Some(false)` disabled.
     pub inject: Option<bool>,
+    /// `config.weft.dev/default-inbound-policy` as written.
+    pub default_inbound_policy: Option<String>,
 }
 
 /// Annotation prefixes a route may carry for what its kind cannot say
@@ -307,6 +338,23 @@ impl Route {
         }
     }
 
+    /// The Servers (`policy.weft.dev`) this route names as parents
+    /// (namespace defaulted): an inbound route.
+    pub fn parent_servers(&self) -> impl Iterator<Item = ObjectKey> + '_ {
+        self.parent_refs()
+            .iter()
+            .filter(|p| p.is_server())
+            .map(|p| {
+                ObjectKey::new(
+                    p.namespace
+                        .clone()
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| self.meta.key.namespace.clone()),
+                    p.name.clone(),
+                )
+            })
+    }
+
     /// The Services this route names as parents (namespace defaulted).
     pub fn parent_services(&self) -> impl Iterator<Item = ObjectKey> + '_ {
         self.parent_refs()
@@ -354,6 +402,8 @@ pub enum Object {
     Route(Box<Route>),
     BackendPolicy(Box<Policy>),
     NetworkPolicy(Box<netpol::NetworkPolicy>),
+    Server(Box<authz::IndexedServer>),
+    AuthorizationPolicy(Box<authz::IndexedAuthorization>),
 }
 
 impl Object {
@@ -366,6 +416,8 @@ impl Object {
             Object::Route(r) => r.kind(),
             Object::BackendPolicy(_) => Kind::BackendPolicy,
             Object::NetworkPolicy(_) => Kind::NetworkPolicy,
+            Object::Server(_) => Kind::Server,
+            Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
         }
     }
 
@@ -378,8 +430,30 @@ impl Object {
             Object::Route(r) => r.meta.key.clone(),
             Object::BackendPolicy(p) => p.meta.key.clone(),
             Object::NetworkPolicy(p) => p.key.clone(),
+            Object::Server(s) => s.meta.key.clone(),
+            Object::AuthorizationPolicy(a) => a.meta.key.clone(),
         }
     }
+}
+
+/// Every Weft CRD as (file name under `charts/weft/crds/`, YAML): what
+/// the chart ships (checked by the controller's `tests/crds.rs` and the
+/// chart test).
+pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml_ng::Error> {
+    Ok(vec![
+        (
+            "backendpolicies.policy.weft.dev.yaml".into(),
+            policy::crd_yaml()?,
+        ),
+        (
+            "servers.policy.weft.dev.yaml".into(),
+            authz::server_crd_yaml()?,
+        ),
+        (
+            "authorizationpolicies.policy.weft.dev.yaml".into(),
+            authz::authorization_policy_crd_yaml()?,
+        ),
+    ])
 }
 
 /// The SPIFFE identity of a workload.

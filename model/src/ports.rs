@@ -147,6 +147,7 @@ mod tests {
             opaque_ports: PortSet::default(),
             terminated: false,
             proxy_inbound_port: crate::DEFAULT_PROXY_INBOUND_PORT,
+            inbound: Default::default(),
         }
     }
 

@@ -162,6 +162,7 @@ pub fn unknown_pod(key: ObjectKey, ips: Vec<IpAddr>) -> Pod {
         opaque_ports: Default::default(),
         terminated: false,
         proxy_inbound_port: DEFAULT_PROXY_INBOUND_PORT,
+        inbound: Default::default(),
     }
 }
 

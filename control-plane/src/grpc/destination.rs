@@ -31,7 +31,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use futures_util::Stream;
 use tokio::sync::{mpsc, watch};
@@ -42,6 +41,7 @@ use weft_proto::destination::{
     RemoveEndpoints, ResolveRequest, TlsIdentity, Update,
 };
 
+use super::stream::{watch_answers, StreamMetrics};
 use crate::index::outbound::OutboundConfig;
 use crate::index::resolve::Hint;
 use crate::index::{self, EndpointInfo, Index, Resolution, ResolveConfig};
@@ -127,25 +127,17 @@ impl DestinationService {
     }
 }
 
-/// The stream handed to tonic: messages produced by the stream's task.
-pub struct UpdateStream<T = Update>(mpsc::Receiver<Result<T, Status>>);
-
-impl<T> Stream for UpdateStream<T> {
-    type Item = Result<T, Status>;
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.0.poll_recv(cx)
-    }
-}
+pub use super::stream::UpdateStream;
 
 #[tonic::async_trait]
 impl Destination for DestinationService {
-    type ResolveStream = UpdateStream;
+    type ResolveStream = UpdateStream<Update>;
     type ClientPolicyStream = Pin<Box<dyn Stream<Item = Result<OutboundPolicy, Status>> + Send>>;
 
     async fn resolve(
         &self,
         request: Request<ResolveRequest>,
-    ) -> Result<Response<UpdateStream>, Status> {
+    ) -> Result<Response<UpdateStream<Update>>, Status> {
         let req = request.into_inner();
         let caller_ns = req
             .context
@@ -198,32 +190,17 @@ impl Destination for DestinationService {
         let target = parse_target(&req.target, &caller_ns, &self.config.cluster_domain)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         tracing::debug!(target = %req.target, ?target, caller = ?req.context, "client policy");
-        let (tx, rx) = mpsc::channel::<Result<OutboundPolicy, Status>>(4);
-        let index = self.index.clone();
         let config = OutboundConfig {
             cluster_domain: self.config.cluster_domain.clone(),
         };
-        let metrics = self.metrics.clone();
-        tokio::spawn(async move {
-            metrics.client_policy_streams.inc();
-            let mut last: Option<OutboundPolicy> = None;
-            loop {
-                let (policy, mut topics) = index.outbound_policy(&target, &caller_ns, &config);
-                if last.as_ref() != Some(&policy) {
-                    metrics.client_policy_updates.inc();
-                    if tx.send(Ok(policy.clone())).await.is_err() {
-                        break;
-                    }
-                    last = Some(policy);
-                }
-                tokio::select! {
-                    alive = index::changed(&mut topics) => if !alive { break },
-                    () = tx.closed() => break,
-                }
-            }
-            metrics.client_policy_streams.dec();
+        let metrics = StreamMetrics {
+            open: self.metrics.client_policy_streams.clone(),
+            sent: self.metrics.client_policy_updates.clone(),
+        };
+        let stream = watch_answers(self.index.clone(), metrics, move |index| {
+            index.outbound_policy(&target, &caller_ns, &config)
         });
-        Ok(Response::new(Box::pin(UpdateStream(rx))))
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

@@ -1,12 +1,14 @@
 //! The gRPC services proxies talk to. `Destination.Resolve` and
 //! `Destination.ClientPolicy` read the index ([`destination`]);
-//! `Identity.Certify` signs workload certificates ([`identity`]);
-//! `Policy.ServerPolicy` is defined in weft-proto and answers
-//! `UNIMPLEMENTED` here until the issue that implements it lands.
+//! `Policy.ServerPolicy` streams a port's inbound policy ([`policy`]);
+//! `Identity.Certify` signs workload certificates ([`identity`]). The
+//! policy streams share their shape ([`stream`]).
 
 pub mod destination;
 pub mod identity;
-pub mod unimplemented;
+pub mod policy;
+pub mod stream;
 
 pub use destination::DestinationService;
 pub use identity::IdentityService;
+pub use policy::PolicyService;

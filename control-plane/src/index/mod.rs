@@ -13,6 +13,7 @@
 //! answer, and recomputes its whole answer (cheap: one service) before
 //! diffing against what it last sent.
 
+pub mod inbound;
 pub mod outbound;
 pub mod resolve;
 
@@ -22,6 +23,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::watch;
 
+use crate::model::authz::{IndexedAuthorization, IndexedServer};
 use crate::model::netpol::NetworkPolicy;
 use crate::model::{
     EndpointSlice, Kind, Namespace, Object, ObjectKey, Pod, Policy, Route, Service,
@@ -38,6 +40,12 @@ pub enum Topic {
     /// The routes that name a Service as their parent and the
     /// BackendPolicies that target it.
     Policy(ObjectKey),
+    /// A namespace's inbound policy objects: its Servers,
+    /// AuthorizationPolicies, routes whose parent is one of its Servers, and
+    /// the Namespace object itself (its default inbound policy annotation).
+    Inbound(String),
+    /// A pod object (its labels, ports, probes and annotations).
+    Pod(ObjectKey),
 }
 
 /// One change from a source.
@@ -72,6 +80,12 @@ pub struct State {
     /// Kubernetes NetworkPolicies, for the CNI agent and `weft policy explain` (the
     /// controller's services do not read them; a reader follows [`Index::generation`]).
     pub network_policies: HashMap<ObjectKey, Arc<NetworkPolicy>>,
+    /// Servers (`policy.weft.dev`): inbound policy.
+    pub servers: HashMap<ObjectKey, Arc<IndexedServer>>,
+    /// AuthorizationPolicies.
+    pub authorizations: HashMap<ObjectKey, Arc<IndexedAuthorization>>,
+    /// Server → the routes (kind, key) that name it as a parent.
+    pub routes_by_server: HashMap<ObjectKey, BTreeSet<(Kind, ObjectKey)>>,
 }
 
 impl State {
@@ -85,6 +99,8 @@ impl State {
             Kind::GrpcRoute => self.grpc_routes.len(),
             Kind::BackendPolicy => self.policies.len(),
             Kind::NetworkPolicy => self.network_policies.len(),
+            Kind::Server => self.servers.len(),
+            Kind::AuthorizationPolicy => self.authorizations.len(),
         }
     }
 
@@ -107,6 +123,8 @@ impl State {
             Kind::GrpcRoute => self.grpc_routes.contains_key(key),
             Kind::BackendPolicy => self.policies.contains_key(key),
             Kind::NetworkPolicy => self.network_policies.contains_key(key),
+            Kind::Server => self.servers.contains_key(key),
+            Kind::AuthorizationPolicy => self.authorizations.contains_key(key),
         }
     }
 
@@ -124,6 +142,8 @@ impl State {
             Kind::GrpcRoute => self.grpc_routes.keys().cloned().collect(),
             Kind::BackendPolicy => self.policies.keys().cloned().collect(),
             Kind::NetworkPolicy => self.network_policies.keys().cloned().collect(),
+            Kind::Server => self.servers.keys().cloned().collect(),
+            Kind::AuthorizationPolicy => self.authorizations.keys().cloned().collect(),
         }
     }
 
@@ -140,15 +160,25 @@ impl State {
             Change::Upsert(Object::Pod(p)) => self.put_pod(p.key.clone(), Some(p), topics),
             Change::Upsert(Object::Namespace(n)) => {
                 let new = Arc::new(n);
-                match self.namespaces.insert(new.name.clone(), new.clone()) {
+                let changed = match self.namespaces.insert(new.name.clone(), new.clone()) {
                     Some(old) => *old != *new,
                     None => true,
+                };
+                if changed {
+                    topics.insert(Topic::Inbound(new.name.clone()));
                 }
+                changed
             }
             Change::Delete(Kind::Service, key) => self.put_service(Some(key), None, topics),
             Change::Delete(Kind::EndpointSlice, key) => self.put_slice(key, None, topics),
             Change::Delete(Kind::Pod, key) => self.put_pod(key, None, topics),
-            Change::Delete(Kind::Namespace, key) => self.namespaces.remove(&key.name).is_some(),
+            Change::Delete(Kind::Namespace, key) => {
+                let removed = self.namespaces.remove(&key.name).is_some();
+                if removed {
+                    topics.insert(Topic::Inbound(key.name));
+                }
+                removed
+            }
             Change::Upsert(Object::Route(r)) => {
                 self.put_route(r.kind(), r.meta.key.clone(), Some(*r), topics)
             }
@@ -168,6 +198,19 @@ impl State {
             }
             Change::Delete(Kind::NetworkPolicy, key) => {
                 self.network_policies.remove(&key).is_some()
+            }
+            Change::Upsert(Object::Server(s)) => {
+                put_inbound(&mut self.servers, s.meta.key.clone(), Some(*s), topics)
+            }
+            Change::Delete(Kind::Server, key) => put_inbound(&mut self.servers, key, None, topics),
+            Change::Upsert(Object::AuthorizationPolicy(a)) => put_inbound(
+                &mut self.authorizations,
+                a.meta.key.clone(),
+                Some(*a),
+                topics,
+            ),
+            Change::Delete(Kind::AuthorizationPolicy, key) => {
+                put_inbound(&mut self.authorizations, key, None, topics)
             }
         }
     }
@@ -193,12 +236,23 @@ impl State {
                 topics.insert(Topic::Policy(parent.clone()));
                 remove_from(&mut self.routes_by_parent, &parent, &entry);
             }
+            for parent in old.parent_servers() {
+                topics.insert(Topic::Inbound(parent.namespace.clone()));
+                remove_from(&mut self.routes_by_server, &parent, &entry);
+            }
         }
         match new {
             Some(new) => {
                 for parent in new.parent_services() {
                     topics.insert(Topic::Policy(parent.clone()));
                     self.routes_by_parent
+                        .entry(parent)
+                        .or_default()
+                        .insert(entry.clone());
+                }
+                for parent in new.parent_servers() {
+                    topics.insert(Topic::Inbound(parent.namespace.clone()));
+                    self.routes_by_server
                         .entry(parent)
                         .or_default()
                         .insert(entry.clone());
@@ -334,6 +388,7 @@ impl State {
         if old.as_deref() == new.as_ref() {
             return false;
         }
+        topics.insert(Topic::Pod(key.clone()));
         // Services whose slices point at this pod see its identity, ports
         // and labels.
         for slice in self.slices_by_pod.get(&key).into_iter().flatten() {
@@ -361,6 +416,29 @@ impl State {
         }
         true
     }
+}
+
+/// Puts or removes a Server or AuthorizationPolicy; a change bumps its
+/// namespace's [`Topic::Inbound`].
+fn put_inbound<T: PartialEq>(
+    map: &mut HashMap<ObjectKey, Arc<T>>,
+    key: ObjectKey,
+    new: Option<T>,
+    topics: &mut HashSet<Topic>,
+) -> bool {
+    if map.get(&key).map(|o| &**o) == new.as_ref() {
+        return false;
+    }
+    topics.insert(Topic::Inbound(key.namespace.clone()));
+    match new {
+        Some(new) => {
+            map.insert(key, Arc::new(new));
+        }
+        None => {
+            map.remove(&key);
+        }
+    }
+    true
 }
 
 fn remove_from<K: std::hash::Hash + Eq, V: Ord>(
@@ -542,6 +620,24 @@ impl Index {
         let receivers = self.subscribe(&topics);
         drop(state);
         (policy, receivers)
+    }
+
+    /// The inbound policy of `port` of pod `namespace`/`pod`, and
+    /// receivers for everything it depends on (the pod and its namespace's
+    /// inbound objects), atomically with respect to writers (like
+    /// [`Index::resolve`]).
+    pub fn inbound_server(
+        &self,
+        namespace: &str,
+        pod: &str,
+        port: u16,
+        config: &inbound::InboundConfig,
+    ) -> (weft_proto::policy::InboundServer, Vec<watch::Receiver<u64>>) {
+        let state = self.read();
+        let (server, topics) = inbound::inbound_server(&state, namespace, pod, port, config);
+        let receivers = self.subscribe(&topics);
+        drop(state);
+        (server, receivers)
     }
 
     /// Object counts by kind.

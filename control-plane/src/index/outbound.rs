@@ -202,8 +202,10 @@ struct Ranked {
     m: pb::RouteMatch,
 }
 
+/// Where a match stands in Gateway API precedence (see the module docs):
+/// sorting by it orders matches across every rule of every route.
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
-struct MatchRank {
+pub(crate) struct MatchRank {
     /// Higher is more specific (compared in reverse).
     specificity: Reverse<Vec<usize>>,
     /// Older first; unset last.
@@ -214,8 +216,48 @@ struct MatchRank {
     index: usize,
 }
 
+impl MatchRank {
+    /// The rank of match `index` of rule `rule` of `route`, `specificity`
+    /// as its compilation gave it.
+    pub(crate) fn new(route: &Route, rule: usize, index: usize, specificity: Vec<usize>) -> Self {
+        MatchRank {
+            specificity: Reverse(specificity),
+            created: (route.meta.created.is_none(), route.meta.created.clone()),
+            namespace: route.meta.key.namespace.clone(),
+            name: route.meta.key.name.clone(),
+            rule,
+            index,
+        }
+    }
+}
+
 /// A match with its specificity (compared greater-first).
-type RankedMatch = (Vec<usize>, pb::RouteMatch);
+pub(crate) type RankedMatch = (Vec<usize>, pb::RouteMatch);
+
+/// The matches of each rule of `route`, with the rule's reference: what an
+/// inbound route (parentRef a Server) uses of a route; its filters and
+/// backendRefs do not apply there. A match that cannot be compiled is the
+/// same error it is for a mesh route.
+pub(crate) fn rule_matches(
+    route: &Route,
+) -> Result<Vec<(pb::RouteRef, Vec<RankedMatch>)>, RouteError> {
+    let mut out = Vec::new();
+    match &route.spec {
+        RouteSpec::Http(spec) => {
+            for (i, rule) in spec.rules.iter().enumerate() {
+                let (matches, _) = http_matches(&format!("spec.rules[{i}]"), rule)?;
+                out.push((route_ref(route, i, &rule.name), matches));
+            }
+        }
+        RouteSpec::Grpc(spec) => {
+            for (i, rule) in spec.rules.iter().enumerate() {
+                let matches = grpc_matches(&format!("spec.rules[{i}]"), rule)?;
+                out.push((route_ref(route, i, &rule.name), matches));
+            }
+        }
+    }
+    Ok(out)
+}
 
 /// A compiled rule: the proto route and its matches.
 type CompiledRule = (pb::Route, Vec<RankedMatch>);
@@ -263,14 +305,7 @@ fn service_policy(
             out_routes.push(rule);
             for (index, (specificity, m)) in matches.into_iter().enumerate() {
                 ranked.push(Ranked {
-                    key: MatchRank {
-                        specificity: Reverse(specificity),
-                        created: (route.meta.created.is_none(), route.meta.created.clone()),
-                        namespace: route.meta.key.namespace.clone(),
-                        name: route.meta.key.name.clone(),
-                        rule: rule_index,
-                        index,
-                    },
+                    key: MatchRank::new(route, rule_index, index, specificity),
                     route: idx,
                     m,
                 });
@@ -424,50 +459,7 @@ fn http_rule(
     topics: &mut Vec<Topic>,
 ) -> Result<CompiledRule, RouteError> {
     let field = format!("spec.rules[{i}]");
-    let mut matches = Vec::new();
-    let mut all_prefix = true;
-    if rule.matches.is_empty() {
-        matches.push((
-            vec![0, 1, 0, 0, 0],
-            pb::RouteMatch {
-                path: Some(path(pb::path_match::Kind::Prefix("/".into()))),
-                ..Default::default()
-            },
-        ));
-    }
-    for (j, m) in rule.matches.iter().enumerate() {
-        let f = format!("{field}.matches[{j}]");
-        let (rank, path_match) = http_path(&f, m.path.as_ref())?;
-        all_prefix &= matches!(path_match.kind, Some(pb::path_match::Kind::Prefix(_)));
-        let headers = header_matches(&format!("{f}.headers"), &m.headers)?;
-        let query_params = query_matches(&format!("{f}.queryParams"), &m.query_params)?;
-        let method = match m.method.as_deref() {
-            None | Some("") => String::new(),
-            Some(
-                mth @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS"
-                | "TRACE" | "PATCH"),
-            ) => mth.to_string(),
-            Some(other) => {
-                return Err(unsupported(format!(
-                    "{f}.method is {other:?}; expected GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE or PATCH"
-                )))
-            }
-        };
-        let mut specificity = rank;
-        specificity.push(usize::from(!method.is_empty()));
-        specificity.push(headers.len());
-        specificity.push(query_params.len());
-        matches.push((
-            specificity,
-            pb::RouteMatch {
-                route: 0,
-                path: Some(path_match),
-                headers,
-                query_params,
-                method,
-            },
-        ));
-    }
+    let (matches, all_prefix) = http_matches(&field, rule)?;
     let mut filters = rule_filters(&field, &rule.filters, false, all_prefix)?;
     mirror_backends(
         state,
@@ -556,6 +548,56 @@ fn http_rule(
         },
         matches,
     ))
+}
+
+/// The matches of an HTTPRoute rule with their precedence, and whether
+/// every one is a PathPrefix match. `field`: the rule (`spec.rules[i]`).
+fn http_matches(field: &str, rule: &HttpRouteRule) -> Result<(Vec<RankedMatch>, bool), RouteError> {
+    let mut matches = Vec::new();
+    let mut all_prefix = true;
+    if rule.matches.is_empty() {
+        matches.push((
+            vec![0, 1, 0, 0, 0],
+            pb::RouteMatch {
+                path: Some(path(pb::path_match::Kind::Prefix("/".into()))),
+                ..Default::default()
+            },
+        ));
+    }
+    for (j, m) in rule.matches.iter().enumerate() {
+        let f = format!("{field}.matches[{j}]");
+        let (rank, path_match) = http_path(&f, m.path.as_ref())?;
+        all_prefix &= matches!(path_match.kind, Some(pb::path_match::Kind::Prefix(_)));
+        let headers = header_matches(&format!("{f}.headers"), &m.headers)?;
+        let query_params = query_matches(&format!("{f}.queryParams"), &m.query_params)?;
+        let method = match m.method.as_deref() {
+            None | Some("") => String::new(),
+            Some(
+                mth @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS"
+                | "TRACE" | "PATCH"),
+            ) => mth.to_string(),
+            Some(other) => {
+                return Err(unsupported(format!(
+                    "{f}.method is {other:?}; expected GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE or PATCH"
+                )))
+            }
+        };
+        let mut specificity = rank;
+        specificity.push(usize::from(!method.is_empty()));
+        specificity.push(headers.len());
+        specificity.push(query_params.len());
+        matches.push((
+            specificity,
+            pb::RouteMatch {
+                route: 0,
+                path: Some(path_match),
+                headers,
+                query_params,
+                method,
+            },
+        ));
+    }
+    Ok((matches, all_prefix))
 }
 
 fn path(kind: pb::path_match::Kind) -> pb::PathMatch {
@@ -1223,6 +1265,45 @@ fn grpc_rule(
     topics: &mut Vec<Topic>,
 ) -> Result<CompiledRule, RouteError> {
     let field = format!("spec.rules[{i}]");
+    let matches = grpc_matches(&field, rule)?;
+    let mut filters = rule_filters(&field, &rule.filters, true, false)?;
+    mirror_backends(
+        state,
+        route,
+        &field,
+        &rule.filters,
+        &mut filters,
+        port,
+        true,
+        config,
+        topics,
+    )?;
+    let backends = backends(
+        state,
+        route,
+        &field,
+        &rule.backend_refs,
+        port,
+        true,
+        config,
+        topics,
+    )?;
+    Ok((
+        pb::Route {
+            r#ref: Some(route_ref(route, i, &rule.name)),
+            filters,
+            backends,
+            request_timeout: extras.request_timeout.map(pb_duration),
+            backend_request_timeout: extras.backend_request_timeout.map(pb_duration),
+            retry: extras.retry.clone(),
+        },
+        matches,
+    ))
+}
+
+/// The matches of a GRPCRoute rule with their precedence (method matches
+/// become path matches). `field`: the rule (`spec.rules[i]`).
+fn grpc_matches(field: &str, rule: &GrpcRouteRule) -> Result<Vec<RankedMatch>, RouteError> {
     let mut matches = Vec::new();
     if rule.matches.is_empty() {
         matches.push((vec![0, 0, 0], pb::RouteMatch::default()));
@@ -1294,39 +1375,7 @@ fn grpc_rule(
             },
         ));
     }
-    let mut filters = rule_filters(&field, &rule.filters, true, false)?;
-    mirror_backends(
-        state,
-        route,
-        &field,
-        &rule.filters,
-        &mut filters,
-        port,
-        true,
-        config,
-        topics,
-    )?;
-    let backends = backends(
-        state,
-        route,
-        &field,
-        &rule.backend_refs,
-        port,
-        true,
-        config,
-        topics,
-    )?;
-    Ok((
-        pb::Route {
-            r#ref: Some(route_ref(route, i, &rule.name)),
-            filters,
-            backends,
-            request_timeout: extras.request_timeout.map(pb_duration),
-            backend_request_timeout: extras.backend_request_timeout.map(pb_duration),
-            retry: extras.retry.clone(),
-        },
-        matches,
-    ))
+    Ok(matches)
 }
 
 /// How specific a targetRef is for `svc`:`port`: `Some(1)` names the

@@ -330,6 +330,7 @@ mod tests {
             opaque_ports: "3306".parse().unwrap_or(PortSet::default()),
             terminated: false,
             proxy_inbound_port: crate::model::DEFAULT_PROXY_INBOUND_PORT,
+            inbound: Default::default(),
         })
     }
 

@@ -13,8 +13,9 @@
 //! warn, `weft_controller_manifest_errors_total`), and the objects from its
 //! last good version stay in the index. Deleting a file removes its
 //! objects. Routes and policies are more forgiving, because one bad route
-//! must not freeze a file of many: an HTTPRoute, GRPCRoute or BackendPolicy
-//! document that does not decode is reported once (`path:line: document N:
+//! must not freeze a file of many: an HTTPRoute, GRPCRoute, BackendPolicy,
+//! Server or AuthorizationPolicy document that does not decode (or, for the
+//! last two, does not convert: a field that cannot be used) is reported once (`path:line: document N:
 //! KIND ns/name: message`, same metric) and skipped, and the rest of the
 //! file loads. One that decodes but cannot be used (a bad regex, an
 //! unsupported filter) loads, and the compilation marks it not Accepted
@@ -24,7 +25,7 @@
 //! EndpointSlice, Pod, Namespace, NetworkPolicy
 //! (`networking.k8s.io/v1`), HTTPRoute, GRPCRoute
 //! (`gateway.networking.k8s.io/v1`; HTTPRoute also `v1beta1`) and
-//! BackendPolicy (`policy.weft.dev/v1alpha1`) are ignored with a debug log. Objects without a namespace are in `default`.
+//! BackendPolicy, Server, AuthorizationPolicy (`policy.weft.dev/v1alpha1`) are ignored with a debug log. Objects without a namespace are in `default`.
 //! When two files define the same object, the file later in path order
 //! wins (logged).
 
@@ -128,7 +129,7 @@ pub fn load_manifests(path: &Path, text: &str) -> Result<Loaded, ManifestError> 
             })?,
             ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute")
             | ("gateway.networking.k8s.io/v1", "GRPCRoute")
-            | ("policy.weft.dev/v1alpha1", "BackendPolicy") => {
+            | ("policy.weft.dev/v1alpha1", "BackendPolicy" | "Server" | "AuthorizationPolicy") => {
                 let name = |field: &str| {
                     value
                         .get("metadata")
@@ -149,6 +150,13 @@ pub fn load_manifests(path: &Path, text: &str) -> Result<Loaded, ManifestError> 
                     }),
                     "GRPCRoute" => typed(&doc, start_line, &named, |r| {
                         convert::grpc_route(r, "default").map(|r| Object::Route(Box::new(r)))
+                    }),
+                    "Server" => typed(&doc, start_line, &named, |s| {
+                        convert::server(s, "default").map(|s| Object::Server(Box::new(s)))
+                    }),
+                    "AuthorizationPolicy" => typed(&doc, start_line, &named, |a| {
+                        convert::authorization_policy(a, "default")
+                            .map(|a| Object::AuthorizationPolicy(Box::new(a)))
                     }),
                     _ => typed(&doc, start_line, &named, |p| {
                         convert::backend_policy(p, "default")

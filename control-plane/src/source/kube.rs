@@ -1,6 +1,7 @@
 //! The Kubernetes source: one kube-rs `watcher` per kind (Services,
 //! EndpointSlices, Pods, Namespaces, HTTPRoutes, GRPCRoutes,
-//! BackendPolicies; all namespaces) feeding the index.
+//! BackendPolicies, NetworkPolicies, Servers, AuthorizationPolicies; all
+//! namespaces) feeding the index.
 //!
 //! Re-list semantics: on `Init` the objects of a kind are buffered until
 //! `InitDone`, then [`Index::reset`] replaces that kind in one batch, so an
@@ -34,6 +35,7 @@ use serde::de::DeserializeOwned;
 use super::Readiness;
 use crate::index::{Change, Index};
 use crate::metrics::{KindLabels, Metrics};
+use crate::model::authz::{AuthorizationPolicy, Server};
 use crate::model::gateway::{GrpcRoute, HttpRoute};
 use crate::model::policy::BackendPolicy;
 use crate::model::{convert, Kind, Object, ObjectKey};
@@ -50,6 +52,8 @@ pub const WATCHED_RESOURCES: &[(&str, &str)] = &[
     ("gateway.networking.k8s.io", "grpcroutes"),
     ("policy.weft.dev", "backendpolicies"),
     ("networking.k8s.io", "networkpolicies"),
+    ("policy.weft.dev", "servers"),
+    ("policy.weft.dev", "authorizationpolicies"),
 ];
 
 /// The status subresources the controller writes (verbs update, patch).
@@ -130,6 +134,16 @@ pub async fn run_kinds(
             Kind::NetworkPolicy,
             Api::all(client.clone()),
             |p| convert::network_policy(p, "default").map(|p| Object::NetworkPolicy(Box::new(p)))
+        ),
+        watch!(Server, Kind::Server, Api::all(client.clone()), |s| {
+            convert::server(s, "default").map(|s| Object::Server(Box::new(s)))
+        }),
+        watch!(
+            AuthorizationPolicy,
+            Kind::AuthorizationPolicy,
+            Api::all(client.clone()),
+            |a| convert::authorization_policy(a, "default")
+                .map(|a| Object::AuthorizationPolicy(Box::new(a)))
         ),
     );
 }

@@ -165,6 +165,7 @@ fn namespaces_without_objects_have_the_name_label() {
             name: "z".into(),
             labels: labels(&[("kubernetes.io/metadata.name", "y")]),
             inject: None,
+            default_inbound_policy: None,
         }],
         vec![],
         vec![],
@@ -199,6 +200,7 @@ fn app_pod(name: &str, ips: &[&str], ports: &[(&str, u16, &str)]) -> Pod {
         opaque_ports: PortSet::default(),
         terminated: false,
         proxy_inbound_port: DEFAULT_PROXY_INBOUND_PORT,
+        inbound: Default::default(),
     }
 }
 

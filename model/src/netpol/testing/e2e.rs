@@ -85,6 +85,7 @@ pub fn e2e_pod(ns: &str, name: &str) -> Pod {
         opaque_ports: PortSet::default(),
         terminated: false,
         proxy_inbound_port: DEFAULT_PROXY_INBOUND_PORT,
+        inbound: Default::default(),
     }
 }
 
@@ -104,6 +105,7 @@ pub fn e2e_namespaces() -> Vec<Namespace> {
             name: n.to_string(),
             labels: labels(&[("ns", n)]),
             inject: None,
+            default_inbound_policy: None,
         })
         .collect()
 }

@@ -376,6 +376,7 @@ pub fn namespaces(names: Vec<String>) -> impl Strategy<Value = Vec<Namespace>> {
                     name,
                     labels,
                     inject: None,
+                    default_inbound_policy: None,
                 }
             })
             .collect()
@@ -463,6 +464,7 @@ pub fn pods(layout: &Layout) -> impl Strategy<Value = Vec<Pod>> {
                     opaque_ports: PortSet::default(),
                     terminated: false,
                     proxy_inbound_port: spec.inbound,
+                    inbound: Default::default(),
                 }
             })
             .collect()
