@@ -142,6 +142,9 @@ pub struct Authz {
     metrics: AuthzMetrics,
     /// Client identities admitted as `client_id` label values.
     clients: Mutex<HashSet<Arc<str>>>,
+    /// The `client_id` of clients without an identity, and of those beyond the bound.
+    no_client: Arc<str>,
+    overflow: Arc<str>,
     /// (server, client, result) logged in the current window, and when it started.
     logged: Mutex<Logged>,
 }
@@ -164,6 +167,8 @@ impl Authz {
             policies,
             metrics,
             clients: Mutex::new(HashSet::new()),
+            no_client: Arc::from(""),
+            overflow: Arc::from("overflow"),
             logged: Mutex::new((Instant::now(), HashSet::new())),
         })
     }
@@ -190,7 +195,7 @@ impl Authz {
         ip: IpAddr,
     ) -> Conn {
         let label = match &client_id {
-            None => Arc::from(""),
+            None => self.no_client.clone(),
             Some(id) => {
                 let mut clients = lock(&self.clients);
                 match clients.get(id) {
@@ -199,7 +204,7 @@ impl Authz {
                         clients.insert(id.clone());
                         id.clone()
                     }
-                    None => Arc::from("overflow"),
+                    None => self.overflow.clone(),
                 }
             }
         };
