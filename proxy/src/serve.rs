@@ -16,8 +16,7 @@
 //!
 //! Inbound, every connection first gets its port's authorization policy ([`crate::authz`]):
 //! opaque TCP, TLS passed through and mTLS carrying opaque TCP are decided at once (a denied
-//! client is reset); HTTP is decided per request in `http/mod.rs`. A server whose protocol
-//! is `opaque` skips detection like an opaque port.
+//! client is reset); HTTP is decided per request in `http/mod.rs`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::authz::{self, Authz, PolicyRx};
+use crate::authz::{Authz, PolicyRx};
 use crate::balance::{self, InFlight, Pick, Router};
 use crate::config::Config;
 use crate::http::{self, client::Clients, head, Cause, ConnCtx, Limits};
@@ -170,10 +169,10 @@ async fn handle(s: Arc<ConnShared>, mut stream: TcpStream, peer: SocketAddr) {
         Some(a) => Some(a.policy(target.port()).await),
         None => None,
     };
-    let opaque_server = policy
-        .as_ref()
-        .is_some_and(|p| p.current().protocol == authz::policy::Protocol::Opaque);
-    if opaque_server || s.config.opaque_ports.contains(target.port()) {
+    // A Server's `opaque` protocol does not skip detection here: a meshed client still sends
+    // mTLS unless the port is opaque on the pod (what `opaque_ports` says), and detection
+    // finds opaque TCP by itself.
+    if s.config.opaque_ports.contains(target.port()) {
         s.metrics.detected(s.direction, "skipped");
         s.count_plain();
         if !s.admit(policy.as_ref(), None, peer, target) {
