@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use weft_controller::index::inbound::InboundConfig;
 use weft_controller::index::outbound::{policy_verdicts, route_verdicts, OutboundConfig};
 use weft_controller::index::{Change, Index};
 use weft_controller::model::Kind;
@@ -26,6 +27,13 @@ apiVersion: v1
 kind: Service
 metadata: {name: ratings, namespace: books}
 spec: {clusterIP: 10.96.0.12, ports: [{name: grpc, port: 7070}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: books-0, namespace: books, labels: {app: books}}
+spec:
+  containers: [{name: app, ports: [{name: http, containerPort: 8080}]}]
+status: {phase: Running, podIP: 10.1.0.1}
 ";
 
 #[test]
@@ -42,10 +50,12 @@ fn examples_load_and_are_accepted() {
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
     for want in [
+        "authorizationpolicy.yaml",
         "backendpolicy.yaml",
         "grpcroute-retry.yaml",
         "httproute-mirror.yaml",
         "httproute-split.yaml",
+        "server.yaml",
     ] {
         assert!(
             names.iter().any(|n| n == want),
@@ -78,7 +88,47 @@ fn examples_load_and_are_accepted() {
     kinds.dedup();
     assert_eq!(
         kinds,
-        [Kind::HttpRoute, Kind::GrpcRoute, Kind::BackendPolicy]
+        [
+            Kind::HttpRoute,
+            Kind::GrpcRoute,
+            Kind::BackendPolicy,
+            Kind::Server,
+            Kind::AuthorizationPolicy
+        ]
+    );
+
+    // The Server selects the books pod's port, its routes carry their policies, and the
+    // namespace-wide policy applies to it.
+    let (inbound, _) = index.inbound_server("books", "books-0", 8080, &InboundConfig::default());
+    assert_eq!(inbound.source, "server/books/books-http");
+    let names: Vec<&str> = inbound
+        .authorizations
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
+    assert_eq!(names, ["authorizationpolicy/books/monitoring"]);
+    let routes: Vec<(String, Vec<&str>)> = inbound
+        .routes
+        .iter()
+        .map(|r| {
+            (
+                r.r#ref.as_ref().unwrap().name.clone(),
+                r.authorizations.iter().map(|a| a.name.as_str()).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            (
+                "books-writes".to_string(),
+                vec!["authorizationpolicy/books/books-writers"]
+            ),
+            (
+                "books-reads".to_string(),
+                vec!["authorizationpolicy/books/books-readers"]
+            ),
+        ]
     );
 
     let state = index.read();

@@ -454,6 +454,16 @@ fn defaults_are_the_binaries_defaults() {
         ("weft-controller", "--trust-domain", "/identity/trustDomain"),
         (
             "weft-controller",
+            "--default-inbound-policy",
+            "/controller/defaultInboundPolicy",
+        ),
+        (
+            "weft-controller",
+            "--cluster-networks",
+            "/controller/clusterNetworks",
+        ),
+        (
+            "weft-controller",
             "--cert-lifetime",
             "/identity/certLifetime",
         ),
@@ -714,9 +724,13 @@ fn readme_lists_every_value() {
 /// (control-plane/tests/crds.rs regenerates them).
 #[test]
 fn crds_are_exactly_the_generated_ones() {
-    let generated = weft_model::policy::crd_yaml().unwrap();
-    let crd: Value = serde_yaml_ng::from_str(&generated).unwrap();
-    let want = BTreeSet::from([format!("{}.yaml", str_at(&crd, "/metadata/name"))]);
+    let generated = weft_model::crd_files().unwrap();
+    let mut want = BTreeSet::new();
+    for (file, yaml) in &generated {
+        let crd: Value = serde_yaml_ng::from_str(yaml).unwrap();
+        assert_eq!(*file, format!("{}.yaml", str_at(&crd, "/metadata/name")));
+        want.insert(file.clone());
+    }
     let have: BTreeSet<String> = std::fs::read_dir(chart_dir().join("crds"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -725,11 +739,12 @@ fn crds_are_exactly_the_generated_ones() {
         have, want,
         "charts/weft/crds/ holds other files than the generated CRDs"
     );
-    let committed =
-        std::fs::read_to_string(chart_dir().join("crds").join(want.first().unwrap())).unwrap();
-    assert!(
-        committed == generated,
-        "charts/weft/crds/ differs from the generator: \
-         WEFT_UPDATE_CRDS=1 cargo test -p weft-controller --test crds"
-    );
+    for (file, yaml) in &generated {
+        let committed = std::fs::read_to_string(chart_dir().join("crds").join(file)).unwrap();
+        assert!(
+            committed == *yaml,
+            "charts/weft/crds/{file} differs from the generator: \
+             WEFT_UPDATE_CRDS=1 cargo test -p weft-controller --test crds"
+        );
+    }
 }

@@ -523,7 +523,13 @@ impl DirSource {
         for route in state.http_routes.values().chain(state.grpc_routes.values()) {
             let verdicts = route_verdicts(&state, route, &config);
             let ok = verdicts.iter().all(|v| v.accepted.ok && v.resolved_refs.ok);
-            let text = if verdicts.is_empty() {
+            let servers: Vec<String> = route.parent_servers().map(|k| k.to_string()).collect();
+            let text = if verdicts.is_empty() && !servers.is_empty() {
+                format!(
+                    "inbound route of Server {} (applied by Policy.ServerPolicy)",
+                    servers.join(", ")
+                )
+            } else if verdicts.is_empty() {
                 "no Service parentRef: not a mesh route, ignored".to_string()
             } else {
                 verdicts

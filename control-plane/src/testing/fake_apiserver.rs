@@ -14,7 +14,9 @@
 //!   `Status` with code 410 (reason `Expired`), and the stream ends, which
 //!   makes kube-rs re-list.
 //!
-//! - The same for `gateway.networking.k8s.io/v1` `httproutes` and
+//! - The same for `policy.weft.dev/v1alpha1` `servers` and
+//!   `authorizationpolicies` (list and watch only), and for
+//!   `gateway.networking.k8s.io/v1` `httproutes` and
 //!   `grpcroutes` and `policy.weft.dev/v1alpha1` `backendpolicies`, whose
 //!   status subresource takes `PATCH` (JSON merge patch) and `PUT` at
 //!   `/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}/status`:
@@ -76,6 +78,8 @@ pub enum Resource {
     GrpcRoutes,
     BackendPolicies,
     NetworkPolicies,
+    Servers,
+    AuthorizationPolicies,
     // Served for `weft check` (read with list and get; nothing watches them).
     CustomResourceDefinitions,
     Deployments,
@@ -91,7 +95,7 @@ pub enum Resource {
 
 impl Resource {
     /// What the controller and the CNI agent watch.
-    pub const ALL: [Resource; 8] = [
+    pub const ALL: [Resource; 10] = [
         Resource::Services,
         Resource::EndpointSlices,
         Resource::Pods,
@@ -100,6 +104,8 @@ impl Resource {
         Resource::GrpcRoutes,
         Resource::BackendPolicies,
         Resource::NetworkPolicies,
+        Resource::Servers,
+        Resource::AuthorizationPolicies,
     ];
 
     /// The collections read by `weft check`, besides [`Resource::ALL`].
@@ -138,6 +144,10 @@ impl Resource {
             Resource::GrpcRoutes => "/apis/gateway.networking.k8s.io/v1/grpcroutes",
             Resource::BackendPolicies => "/apis/policy.weft.dev/v1alpha1/backendpolicies",
             Resource::NetworkPolicies => "/apis/networking.k8s.io/v1/networkpolicies",
+            Resource::Servers => "/apis/policy.weft.dev/v1alpha1/servers",
+            Resource::AuthorizationPolicies => {
+                "/apis/policy.weft.dev/v1alpha1/authorizationpolicies"
+            }
             Resource::CustomResourceDefinitions => {
                 "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
             }
@@ -157,7 +167,9 @@ impl Resource {
         match self {
             Resource::EndpointSlices => "discovery.k8s.io/v1",
             Resource::HttpRoutes | Resource::GrpcRoutes => "gateway.networking.k8s.io/v1",
-            Resource::BackendPolicies => "policy.weft.dev/v1alpha1",
+            Resource::BackendPolicies | Resource::Servers | Resource::AuthorizationPolicies => {
+                "policy.weft.dev/v1alpha1"
+            }
             Resource::NetworkPolicies => "networking.k8s.io/v1",
             Resource::CustomResourceDefinitions => "apiextensions.k8s.io/v1",
             Resource::Deployments | Resource::DaemonSets => "apps/v1",
@@ -177,6 +189,8 @@ impl Resource {
             Resource::GrpcRoutes => "GRPCRoute",
             Resource::BackendPolicies => "BackendPolicy",
             Resource::NetworkPolicies => "NetworkPolicy",
+            Resource::Servers => "Server",
+            Resource::AuthorizationPolicies => "AuthorizationPolicy",
             Resource::CustomResourceDefinitions => "CustomResourceDefinition",
             Resource::Deployments => "Deployment",
             Resource::DaemonSets => "DaemonSet",
