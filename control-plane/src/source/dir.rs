@@ -522,13 +522,22 @@ impl DirSource {
         let mut now: HashMap<(Kind, crate::model::ObjectKey), (String, bool)> = HashMap::new();
         for route in state.http_routes.values().chain(state.grpc_routes.values()) {
             let verdicts = route_verdicts(&state, route, &config);
-            let ok = verdicts.iter().all(|v| v.accepted.ok && v.resolved_refs.ok);
             let servers: Vec<String> = route.parent_servers().map(|k| k.to_string()).collect();
-            let text = if verdicts.is_empty() && !servers.is_empty() {
-                format!(
-                    "inbound route of Server {} (applied by Policy.ServerPolicy)",
-                    servers.join(", ")
-                )
+            let inbound = (verdicts.is_empty() && !servers.is_empty())
+                .then(|| crate::index::outbound::rule_matches(route).err());
+            let ok = verdicts.iter().all(|v| v.accepted.ok && v.resolved_refs.ok)
+                && !matches!(inbound, Some(Some(_)));
+            let text = if let Some(error) = &inbound {
+                match error {
+                    None => format!(
+                        "inbound route of Server {}: accepted by Weft",
+                        servers.join(", ")
+                    ),
+                    Some(e) => format!(
+                        "inbound route of Server {}: not applied: {e}",
+                        servers.join(", ")
+                    ),
+                }
             } else if verdicts.is_empty() {
                 "no Service parentRef: not a mesh route, ignored".to_string()
             } else {
