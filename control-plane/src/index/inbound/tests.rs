@@ -447,3 +447,102 @@ fn topics_are_the_pod_and_its_namespace() {
         ]
     );
 }
+
+/// The proto's rule for an unauthenticated HTTP client from `ip` (what the
+/// proxy decides; only Exact/Prefix paths and methods occur here).
+fn allows(s: &pb::InboundServer, method: &str, path: &str, ip: IpAddr) -> bool {
+    let admits = |a: &pb::Authorization| {
+        let in_net = a.networks.is_empty()
+            || a.networks.iter().any(|n| {
+                let net = n.net.as_ref().expect("net");
+                let cidr = |x: &IpNetwork| {
+                    let addr: IpAddr = match x.ip.len() {
+                        4 => IpAddr::from(<[u8; 4]>::try_from(x.ip.as_slice()).expect("v4")),
+                        _ => IpAddr::from(<[u8; 16]>::try_from(x.ip.as_slice()).expect("v6")),
+                    };
+                    Cidr::new(addr, u8::try_from(x.prefix_len).expect("len")).expect("cidr")
+                };
+                cidr(net).contains(ip) && !n.except.iter().any(|e| cidr(e).contains(ip))
+            });
+        in_net
+            && matches!(
+                a.authentication,
+                Some(pb::authorization::Authentication::Unauthenticated(_))
+            )
+    };
+    let top = s.authorizations.iter().any(admits);
+    if s.routes.is_empty() {
+        return top || s.audit;
+    }
+    let matched = s.routes.iter().find(|r| {
+        r.matches.iter().any(|m| {
+            let path_ok = match m.path.as_ref().and_then(|p| p.kind.as_ref()) {
+                Some(dpb::path_match::Kind::Exact(p)) => p == path,
+                Some(dpb::path_match::Kind::Prefix(p)) => {
+                    p == "/" || path == p || path.starts_with(&format!("{p}/"))
+                }
+                _ => false,
+            };
+            path_ok && (m.method.is_empty() || m.method == method)
+        })
+    });
+    match matched {
+        None => false,
+        Some(r) => top || r.authorizations.iter().any(admits) || s.audit,
+    }
+}
+
+proptest::proptest! {
+    /// Probes are allowed on their paths with GET under every default policy, and nothing
+    /// else changes: any other request is decided as without probes.
+    #[test]
+    fn probes_allow_their_paths_and_widen_nothing(
+        policy in proptest::sample::select(DefaultPolicy::ALL.to_vec()),
+        probe_paths in proptest::collection::btree_set("/[a-c]{1,3}", 1..3),
+        method in proptest::sample::select(vec!["GET", "POST", "HEAD"]),
+        path in "/[a-c]{1,4}",
+        ip in proptest::sample::select(vec!["10.1.2.3", "192.0.2.1", "fd00::5", "2001:db8::1"]),
+    ) {
+        let ip: IpAddr = ip.parse().expect("ip");
+        let pod = |probes: bool| Pod {
+            key: ObjectKey::new("shop", "p"),
+            ips: vec![],
+            labels: Default::default(),
+            service_account: "default".into(),
+            meshed: true,
+            container_ports: vec![],
+            opaque_ports: Default::default(),
+            terminated: false,
+            proxy_inbound_port: crate::model::DEFAULT_PROXY_INBOUND_PORT,
+            inbound: crate::model::PodInbound {
+                default_policy: None,
+                http_probes: if probes {
+                    probe_paths
+                        .iter()
+                        .map(|p| crate::model::HttpProbe { port: 8080, path: p.clone() })
+                        .collect()
+                } else {
+                    vec![]
+                },
+            },
+        };
+        let compile_with = |probes: bool| {
+            let index = Index::new();
+            index.apply([Change::Upsert(crate::model::Object::Pod(pod(probes)))]);
+            compile_in(&index, "p", &config(policy))
+        };
+        let (with, without) = (compile_with(true), compile_with(false));
+        if method == "GET" && probe_paths.contains(&path) {
+            proptest::prop_assert!(allows(&with, &method, &path, ip));
+        } else {
+            proptest::prop_assert_eq!(
+                allows(&with, &method, &path, ip),
+                allows(&without, &method, &path, ip)
+            );
+        }
+    }
+}
+
+fn compile_in(index: &Index, pod: &str, config: &InboundConfig) -> pb::InboundServer {
+    inbound_server(&index.read(), "shop", pod, 8080, config).0
+}
