@@ -533,11 +533,11 @@ proptest::proptest! {
         };
         let (with, without) = (compile_with(true), compile_with(false));
         if method == "GET" && probe_paths.contains(&path) {
-            proptest::prop_assert!(allows(&with, &method, &path, ip));
+            proptest::prop_assert!(allows(&with, method, &path, ip));
         } else {
             proptest::prop_assert_eq!(
-                allows(&with, &method, &path, ip),
-                allows(&without, &method, &path, ip)
+                allows(&with, method, &path, ip),
+                allows(&without, method, &path, ip)
             );
         }
     }
