@@ -81,21 +81,26 @@ impl Mesh {
 
     /// A client proxy running as `ns`/`sa`, whose app connects to the books service.
     fn client(&self, ns: &str, sa: &str) -> Result<Proxy> {
-        let token = self.ca.token(ns, sa)?;
-        let mut env = self.ca.proxy_env(ns, sa, &token);
-        env.push(self.ca.controller.env());
-        let mut p = Proxy::spawn(ProxyOpts {
-            outbound_target: Some(format!("{CLUSTER_IP}:8080").parse()?),
-            env,
-            ..Default::default()
-        })?;
-        p.wait_ready(Duration::from_secs(15))?;
-        Ok(p)
+        client_proxy(&self.ca, ns, sa)
     }
 
     fn set(&self, s: InboundServer) {
         self.policy.set(self.port, s);
     }
+}
+
+/// A client proxy running as `ns`/`sa`, whose app connects to the books service.
+fn client_proxy(ca: &DevCa, ns: &str, sa: &str) -> Result<Proxy> {
+    let token = ca.token(ns, sa)?;
+    let mut env = ca.proxy_env(ns, sa, &token);
+    env.push(ca.controller.env());
+    let mut p = Proxy::spawn(ProxyOpts {
+        outbound_target: Some(format!("{CLUSTER_IP}:8080").parse()?),
+        env,
+        ..Default::default()
+    })?;
+    p.wait_ready(Duration::from_secs(15))?;
+    Ok(p)
 }
 
 fn authz(m: &Metrics, labels: &[(&str, &str)]) -> f64 {
@@ -468,5 +473,104 @@ async fn a_live_edit_applies_within_a_second_without_failing_allowed_requests() 
     assert!(ok > 100, "{ok}");
     let s = m.server.metrics()?;
     assert!(s.sum("weft_inbound_policy_updates_total", &[]) >= 7.0);
+    Ok(())
+}
+
+/// The same enforcement with the real controller's `ServerPolicy`: a Server selecting the
+/// books pod's port and an AuthorizationPolicy allowing web, from a manifest directory; the
+/// pod's readiness probe path stays open to the kubelet under the Server's `deny`; an edit of
+/// the policy reaches the proxy within the directory's reload and the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_s_server_and_authorization_policy_are_enforced() -> Result<()> {
+    let (app, _) = http_server().await?;
+    let port = app.port();
+    let ca = DevCa::prepare("authz-controller", &[])?;
+    ca.manifests.write(
+        "books-pod.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\n\
+             metadata: {{name: books-0, namespace: {NS}, labels: {{app: books}}, annotations: {{weft.dev/inject: enabled}}}}\n\
+             spec: {{serviceAccountName: books, containers: [{{name: app, image: app, ports: [{{name: http, containerPort: {port}}}], readinessProbe: {{httpGet: {{path: /ready, port: http}}}}}}]}}\n\
+             status: {{podIP: \"127.0.0.1\", phase: Running}}\n"
+        ),
+    )?;
+    ca.manifests.write(
+        "server.yaml",
+        &format!(
+            "apiVersion: policy.weft.dev/v1alpha1\nkind: Server\n\
+             metadata: {{name: books-http, namespace: {NS}}}\n\
+             spec: {{podSelector: {{matchLabels: {{app: books}}}}, port: http}}\n"
+        ),
+    )?;
+    let policy = |who: &str| {
+        format!(
+            "apiVersion: policy.weft.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+             metadata: {{name: books-clients, namespace: {NS}}}\n\
+             spec:\n  targetRef: {{group: policy.weft.dev, kind: Server, name: books-http}}\n  {who}\n"
+        )
+    };
+    ca.manifests.write(
+        "authz.yaml",
+        &policy(&format!("identities: [\"{WEB_ID}\"]")),
+    )?;
+    let mut ca = ca;
+    ca.controller.launch()?;
+    let token = ca.token(NS, "books")?;
+    let mut env = ca.proxy_env(NS, "books", &token);
+    env.push(ca.controller.env());
+    let mut server = Proxy::spawn(ProxyOpts {
+        inbound_target: Some(app),
+        env,
+        ..Default::default()
+    })?;
+    server.wait_ready(Duration::from_secs(15))?;
+    ca.manifests.write(
+        "books.yaml",
+        &meshed_service_yaml(
+            NS,
+            "books",
+            CLUSTER_IP,
+            8080,
+            &[(server.inbound, "books")],
+            false,
+        ),
+    )?;
+    ca.controller.wait_objects("EndpointSlice", 1.0)?;
+    let web = client_proxy(&ca, NS, "web")?;
+    let other = client_proxy(&ca, NS, "other")?;
+    let (status, err, body) = get(web.outbound, "/uri").await?;
+    assert_eq!((status, err.as_str()), (200, ""), "{body}");
+    let (status, err, body) = get(other.outbound, "/uri").await?;
+    assert_eq!((status, err.as_str()), (403, "unauthorized"), "{body}");
+    assert!(
+        body.contains(&format!(
+            "server/{NS}/books-http: no authorization allows client {OTHER_ID}"
+        )),
+        "{body}"
+    );
+    let s = server.metrics()?;
+    assert_eq!(
+        authz(
+            &s,
+            &[
+                ("server", "server/books/books-http"),
+                ("authorization", "authorizationpolicy/books/books-clients"),
+                ("client_id", WEB_ID),
+                ("result", "allow")
+            ]
+        ),
+        1.0
+    );
+
+    // The kubelet's probe passes (the controller's `default:probe`); nothing else unauthenticated.
+    let (status, err, _) = get(server.inbound, "/ready").await?;
+    assert_eq!((status, err.as_str()), (200, ""));
+    assert_eq!(get(server.inbound, "/uri").await?.0, 403);
+
+    // Edited to allow other's ServiceAccount instead: applied after the directory's reload.
+    ca.manifests
+        .write("authz.yaml", &policy("serviceAccounts: [{name: other}]"))?;
+    until_status(other.outbound, "/uri", 200, Duration::from_secs(3)).await?;
+    until_status(web.outbound, "/uri", 403, Duration::from_secs(1)).await?;
     Ok(())
 }

@@ -172,8 +172,10 @@ pub fn namespace_of(id: &str) -> Option<&str> {
 }
 
 /// The message of a denial (the `weft-proxy-error` response's detail): the server, the route,
-/// and the client.
+/// and the client. Routes the controller adds itself (kind `default`: the probe routes and the
+/// catch-all after them) are not the user's, and not named.
 pub fn deny_detail(policy: &ServerPolicy, route: Option<&Arc<str>>, client: &Client<'_>) -> String {
+    let route = route.filter(|r| !r.starts_with("default/"));
     let who = match client.id {
         Some(id) => format!("client {id} ({})", client.ip.to_canonical()),
         None => format!("unauthenticated client {}", client.ip.to_canonical()),
@@ -480,6 +482,11 @@ mod tests {
         assert_eq!(
             deny_detail(&p, Some(&route), &c),
             "server/shop/api: no authorization of the server or of route httproute/shop/read/0 allows client spiffe://cluster.local/ns/other/sa/web (10.0.0.7)"
+        );
+        let synthesized: Arc<str> = Arc::from("default/shop/default/1");
+        assert_eq!(
+            deny_detail(&p, Some(&synthesized), &client(None, "10.0.0.7")),
+            "server/shop/api: no authorization allows unauthenticated client 10.0.0.7"
         );
         assert_eq!(
             deny_detail(&p, None, &client(None, "10.0.0.7")),
