@@ -370,7 +370,7 @@ async fn routes_authorize_by_method_and_path_and_probes_pass_under_deny() -> Res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn opaque_tcp_is_refused_at_accept() -> Result<()> {
+async fn opaque_tcp_and_passed_through_tls_are_refused_at_accept() -> Result<()> {
     let (app, accepted) = echo_server().await?;
     let policy = PolicyController::start().await?;
     let opaque = |authorizations| InboundServer {
@@ -396,6 +396,15 @@ async fn opaque_tcp_is_refused_at_accept() -> Result<()> {
         .await
         .context("a refused connection must be closed at once")?;
     assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    // An application's own TLS (passed through, never terminated): decided the same way.
+    let out = std::process::Command::new("timeout")
+        .args(["5", "openssl", "s_client", "-connect"])
+        .arg(server.inbound.to_string())
+        .args(["-servername", "db.example.com"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("openssl s_client (scripts/setup.sh installs openssl)")?;
+    assert!(!out.status.success(), "the TLS client got through");
     assert_eq!(accepted.load(std::sync::atomic::Ordering::Relaxed), 0);
     let m = server.metrics()?;
     assert_eq!(
@@ -407,11 +416,11 @@ async fn opaque_tcp_is_refused_at_accept() -> Result<()> {
                 ("result", "deny")
             ]
         ),
-        1.0
+        2.0
     );
     assert_eq!(
         m.sum("weft_proxy_errors_total", &[("cause", "unauthorized")]),
-        1.0
+        2.0
     );
 
     // Opened: new connections pass (within a second of the change).
