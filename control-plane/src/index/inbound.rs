@@ -117,8 +117,7 @@ fn by_age(a: &Meta, b: &Meta) -> Ordering {
 /// The Server that applies to `pod`:`port` (see the module docs).
 pub fn selecting_server<'a>(state: &'a State, pod: &Pod, port: u16) -> Option<&'a IndexedServer> {
     state
-        .servers
-        .values()
+        .servers_in(&pod.key.namespace)
         .filter(|s| s.selects(pod, port))
         .min_by(|a, b| by_age(&a.meta, &b.meta))
         .map(|s| &**s)
@@ -307,13 +306,8 @@ fn server_policy(
     config: &InboundConfig,
 ) -> pb::InboundServer {
     let ns = &server.meta.key.namespace;
-    let mut policies: Vec<&IndexedAuthorization> = state
-        .authorizations
-        .values()
-        .filter(|a| a.meta.key.namespace == *ns)
-        .map(|a| &**a)
-        .collect();
-    policies.sort_by(|a, b| a.meta.key.cmp(&b.meta.key));
+    // Sorted by name: the namespace's set is ordered.
+    let policies: Vec<&IndexedAuthorization> = state.authorizations_in(ns).map(|a| &**a).collect();
     let mut authorizations: Vec<pb::Authorization> = policies
         .iter()
         .filter(|a| match &a.target {

@@ -86,6 +86,10 @@ pub struct State {
     pub authorizations: HashMap<ObjectKey, Arc<IndexedAuthorization>>,
     /// Server → the routes (kind, key) that name it as a parent.
     pub routes_by_server: HashMap<ObjectKey, BTreeSet<(Kind, ObjectKey)>>,
+    /// Namespace → names of its Servers.
+    pub servers_by_namespace: HashMap<String, BTreeSet<String>>,
+    /// Namespace → names of its AuthorizationPolicies.
+    pub authorizations_by_namespace: HashMap<String, BTreeSet<String>>,
 }
 
 impl State {
@@ -147,6 +151,37 @@ impl State {
         }
     }
 
+    /// The Servers of `namespace`.
+    pub fn servers_in<'a>(
+        &'a self,
+        namespace: &str,
+    ) -> impl Iterator<Item = &'a Arc<IndexedServer>> + 'a {
+        let names = self
+            .servers_by_namespace
+            .get(namespace)
+            .into_iter()
+            .flatten();
+        let ns = namespace.to_string();
+        names.filter_map(move |n| self.servers.get(&ObjectKey::new(ns.clone(), n.clone())))
+    }
+
+    /// The AuthorizationPolicies of `namespace`.
+    pub fn authorizations_in<'a>(
+        &'a self,
+        namespace: &str,
+    ) -> impl Iterator<Item = &'a Arc<IndexedAuthorization>> + 'a {
+        let names = self
+            .authorizations_by_namespace
+            .get(namespace)
+            .into_iter()
+            .flatten();
+        let ns = namespace.to_string();
+        names.filter_map(move |n| {
+            self.authorizations
+                .get(&ObjectKey::new(ns.clone(), n.clone()))
+        })
+    }
+
     /// Applies one change; returns whether anything changed, pushing the
     /// topics it touched.
     fn apply(&mut self, change: Change, topics: &mut HashSet<Topic>) -> bool {
@@ -199,19 +234,34 @@ impl State {
             Change::Delete(Kind::NetworkPolicy, key) => {
                 self.network_policies.remove(&key).is_some()
             }
-            Change::Upsert(Object::Server(s)) => {
-                put_inbound(&mut self.servers, s.meta.key.clone(), Some(*s), topics)
-            }
-            Change::Delete(Kind::Server, key) => put_inbound(&mut self.servers, key, None, topics),
+            Change::Upsert(Object::Server(s)) => put_inbound(
+                &mut self.servers,
+                &mut self.servers_by_namespace,
+                s.meta.key.clone(),
+                Some(*s),
+                topics,
+            ),
+            Change::Delete(Kind::Server, key) => put_inbound(
+                &mut self.servers,
+                &mut self.servers_by_namespace,
+                key,
+                None,
+                topics,
+            ),
             Change::Upsert(Object::AuthorizationPolicy(a)) => put_inbound(
                 &mut self.authorizations,
+                &mut self.authorizations_by_namespace,
                 a.meta.key.clone(),
                 Some(*a),
                 topics,
             ),
-            Change::Delete(Kind::AuthorizationPolicy, key) => {
-                put_inbound(&mut self.authorizations, key, None, topics)
-            }
+            Change::Delete(Kind::AuthorizationPolicy, key) => put_inbound(
+                &mut self.authorizations,
+                &mut self.authorizations_by_namespace,
+                key,
+                None,
+                topics,
+            ),
         }
     }
 
@@ -422,6 +472,7 @@ impl State {
 /// namespace's [`Topic::Inbound`].
 fn put_inbound<T: PartialEq>(
     map: &mut HashMap<ObjectKey, Arc<T>>,
+    by_namespace: &mut HashMap<String, BTreeSet<String>>,
     key: ObjectKey,
     new: Option<T>,
     topics: &mut HashSet<Topic>,
@@ -432,9 +483,14 @@ fn put_inbound<T: PartialEq>(
     topics.insert(Topic::Inbound(key.namespace.clone()));
     match new {
         Some(new) => {
+            by_namespace
+                .entry(key.namespace.clone())
+                .or_default()
+                .insert(key.name.clone());
             map.insert(key, Arc::new(new));
         }
         None => {
+            remove_from(by_namespace, &key.namespace, &key.name);
             map.remove(&key);
         }
     }

@@ -546,3 +546,30 @@ proptest::proptest! {
 fn compile_in(index: &Index, pod: &str, config: &InboundConfig) -> pb::InboundServer {
     inbound_server(&index.read(), "shop", pod, 8080, config).0
 }
+
+#[test]
+fn namespace_sets_follow_upserts_and_deletes() {
+    let index = index_two_servers();
+    let names = |index: &Index| -> Vec<String> {
+        index
+            .read()
+            .servers_in("shop")
+            .map(|s| s.meta.key.name.clone())
+            .collect()
+    };
+    assert_eq!(names(&index), ["admin-new", "admin-old"]);
+    index.apply([Change::Delete(
+        Kind::Server,
+        ObjectKey::new("shop", "admin-old"),
+    )]);
+    assert_eq!(names(&index), ["admin-new"]);
+    assert_eq!(
+        compile(&index, "web-0", 9090, &InboundConfig::default()).source,
+        "server/shop/admin-new"
+    );
+    index.apply([Change::Delete(
+        Kind::Server,
+        ObjectKey::new("shop", "admin-new"),
+    )]);
+    assert!(index.read().servers_by_namespace.is_empty());
+}
