@@ -583,3 +583,47 @@ async fn the_controller_s_server_and_authorization_policy_are_enforced() -> Resu
     until_status(web.outbound, "/uri", 403, Duration::from_secs(1)).await?;
     Ok(())
 }
+
+/// Opaque TCP between meshed proxies (mTLS without ALPN) is decided at accept on the client's
+/// verified identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_opaque_tcp_is_decided_on_the_client_identity() -> Result<()> {
+    let (app, accepted) = echo_server().await?;
+    let m = Mesh::start(
+        "authz-mtls-tcp",
+        app,
+        server(
+            SERVER,
+            vec![identities("authorizationpolicy/books/web-only", &[WEB_ID])],
+        ),
+    )
+    .await?;
+    let web = m.client(NS, "web")?;
+    let other = m.client(NS, "other")?;
+    drop(weft_e2e::client::echo(web.outbound).await?);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(weft_e2e::client::echo(other.outbound).await.is_err());
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let s = m.server.metrics()?;
+    assert_eq!(
+        authz(&s, &[("client_id", WEB_ID), ("result", "allow")]),
+        1.0
+    );
+    assert_eq!(
+        authz(&s, &[("client_id", OTHER_ID), ("result", "deny")]),
+        1.0
+    );
+    assert_eq!(
+        s.sum(
+            "weft_tls_connections_total",
+            &[
+                ("direction", "inbound"),
+                ("tls", "true"),
+                ("peer_id", OTHER_ID)
+            ]
+        ),
+        1.0,
+        "the denied client came over mTLS"
+    );
+    Ok(())
+}
