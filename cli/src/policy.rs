@@ -12,8 +12,18 @@
 //! NetworkPolicies) lists the cluster once from KUBECONFIG or the in-cluster
 //! service account. Both fill an [`Index`]; the world is read from it.
 //!
-//! Exit status: 0 allowed, 1 denied, 2 error (a bad argument, manifest or
-//! cluster connection), so scripts can `weft policy explain ... && ...`.
+//! The mesh layer is answered from the same state: the controller's
+//! compilation of the destination pod's port ([`inbound_server`]) decided by
+//! the proxy's own functions (`weft_proxy::authz::policy::compile` and
+//! `decide`), for the client's identity
+//! (`spiffe://<td>/ns/<ns>/sa/<serviceAccount>` when the client pod carries
+//! the proxy, else unauthenticated) and IP, and the request when the server
+//! is routed. [`warnings`] says where the layers disagree in a way that
+//! breaks traffic.
+//!
+//! Exit status: 0 when both layers allow (a mesh audit counts as allowed),
+//! 1 denied, 2 error (a bad argument, manifest or cluster connection), so
+//! scripts can `weft policy explain ... && ...`.
 
 use std::io::Write as _;
 use std::net::IpAddr;
@@ -23,15 +33,19 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use weft_controller::index::Index;
+use weft_controller::index::inbound::{inbound_server, InboundConfig};
+use weft_controller::index::{Index, State};
 use weft_controller::metrics::{KindLabels, Metrics};
 use weft_controller::source::dir::{DirError, DirSource, ManifestError};
 use weft_controller::source::{self, Readiness};
+use weft_model::authz::DefaultPolicy as InboundDefault;
 use weft_model::netpol::{
     self, Connection, Direction, DirectionVerdict, EvalError, Peer, Protocol, Resolved, Verdict,
     World,
 };
 use weft_model::{Kind, ObjectKey, Pod};
+use weft_proxy::authz::decide::{self, Client, Decision};
+use weft_proxy::authz::policy::{compile, Authn, Protocol as ServerProtocol};
 
 /// `weft policy ...`.
 #[derive(Debug, clap::Args)]
@@ -42,14 +56,19 @@ pub struct PolicyArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum PolicyCommand {
-    /// Explain whether NetworkPolicies allow a connection, and which policy and rule decided.
+    /// Explain whether NetworkPolicies and the mesh's authorization allow a connection, and
+    /// which objects decided.
     ///
     /// Evaluates Kubernetes NetworkPolicy semantics (the reference the
     /// Weft CNI's datapath is tested against) for a new connection from
-    /// --from to --to on --port. Reads the cluster (KUBECONFIG or the
-    /// in-cluster service account; list/watch on pods, namespaces and
-    /// networkpolicies) or, with --manifests, a directory of YAML/JSON
-    /// manifests. Exit status: 0 allowed, 1 denied, 2 error.
+    /// --from to --to on --port, and the destination proxy's decision
+    /// (Server, AuthorizationPolicies, inbound routes, default policy) for
+    /// the client's identity and, with --method/--path, the request; warns
+    /// where the two disagree in a way that breaks traffic. Reads the cluster
+    /// (KUBECONFIG or the in-cluster service account; list/watch on pods,
+    /// namespaces, networkpolicies, servers, authorizationpolicies, httproutes
+    /// and grpcroutes) or, with --manifests, a directory of YAML/JSON
+    /// manifests. Exit status: 0 both layers allow, 1 denied, 2 error.
     Explain(ExplainArgs),
 }
 
@@ -67,6 +86,23 @@ pub struct ExplainArgs {
     /// protocol is given.
     #[arg(long, value_name = "PORT[/PROTO]")]
     pub port: PortArg,
+    /// For the mesh verdict: the HTTP request path (with its query, if routes match on it).
+    /// Without --path and --method, a server with routes is asked about `GET /`.
+    #[arg(long, value_name = "PATH")]
+    pub path: Option<String>,
+    /// For the mesh verdict: the HTTP request method (GET when only --path is given).
+    #[arg(long, value_name = "METHOD")]
+    pub method: Option<http::Method>,
+    /// The mesh's trust domain (the controller's --trust-domain), for client identities
+    /// spiffe://<trust-domain>/ns/<ns>/sa/<serviceAccount>.
+    #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// The controller's --default-inbound-policy, for ports no Server selects.
+    #[arg(long, value_name = "POLICY", default_value_t = InboundDefault::default())]
+    pub default_inbound_policy: InboundDefault,
+    /// The controller's --cluster-networks (comma-separated CIDRs), for cluster-* policies.
+    #[arg(long, value_name = "CIDRS", default_value = weft_model::authz::DEFAULT_CLUSTER_NETWORKS, value_parser = parse_cluster_networks)]
+    pub cluster_networks: ClusterNetworks,
     /// Read Pods, Namespaces and NetworkPolicies from every *.yaml, *.yml
     /// and *.json file under DIR instead of the cluster.
     #[arg(long, value_name = "DIR")]
@@ -77,6 +113,15 @@ pub struct ExplainArgs {
     /// Seconds to wait for the API server to list pods, namespaces and NetworkPolicies.
     #[arg(long, value_name = "SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
+}
+
+/// `--cluster-networks`: one flag value, a comma-separated list (a newtype: clap would read a
+/// `Vec` as a repeated flag).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterNetworks(pub Vec<netpol::Cidr>);
+
+fn parse_cluster_networks(s: &str) -> Result<ClusterNetworks, String> {
+    weft_model::authz::parse_networks(s).map(ClusterNetworks)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -233,6 +278,29 @@ pub struct Explanation {
     /// (ingress), by key; empty for an end that is not a pod.
     pub egress_isolated_by: Vec<ObjectKey>,
     pub ingress_isolated_by: Vec<ObjectKey>,
+    /// The destination proxy's verdict ([`with_mesh`]; not applicable until then).
+    pub mesh: Mesh,
+    pub warnings: Vec<Warning>,
+}
+
+impl Explanation {
+    /// Both layers let the traffic through.
+    pub fn allowed(&self) -> bool {
+        self.verdict.allowed && self.mesh.allows()
+    }
+}
+
+/// Adds the mesh verdict and the warnings to a NetworkPolicy explanation. Pure.
+pub fn with_mesh(
+    mut e: Explanation,
+    state: &State,
+    world: &World,
+    config: &MeshConfig,
+    request: Option<&RequestArg>,
+) -> Explanation {
+    e.mesh = mesh_verdict(state, world, &e.verdict, config, request);
+    e.warnings = warnings(world, &e.verdict, &e.mesh);
+    e
 }
 
 /// Decides the connection `from` → `to` on `port` in `world`. Pure.
@@ -316,6 +384,10 @@ pub fn explain(
         ingress_isolated_by: isolated_by(&verdict.dst, Direction::Ingress),
         verdict,
         named_port,
+        mesh: Mesh::NotApplicable {
+            reason: "not asked".into(),
+        },
+        warnings: Vec::new(),
     })
 }
 
@@ -395,7 +467,7 @@ pub fn render_text(e: &Explanation) -> String {
     let v = &e.verdict;
     let mut out = format!(
         "{}: {} -> {}, {}\n",
-        if v.allowed { "allowed" } else { "denied" },
+        if e.allowed() { "allowed" } else { "denied" },
         end_text(&v.src),
         end_text(&v.dst),
         port_text(e)
@@ -466,7 +538,66 @@ pub fn render_text(e: &Explanation) -> String {
         &v.ingress,
         &e.ingress_isolated_by,
     );
+    mesh_text(&mut out, &e.mesh, &v.src);
+    for w in &e.warnings {
+        out.push_str(&format!("  warning: {}\n", w.message));
+    }
     out
+}
+
+fn mesh_text(out: &mut String, mesh: &Mesh, src: &Resolved) {
+    let d = match mesh {
+        Mesh::NotApplicable { reason } => {
+            out.push_str(&format!("  mesh: not applicable: {reason}\n"));
+            return;
+        }
+        Mesh::Decided(d) => d,
+    };
+    let mut at = d.server.clone();
+    if let Some(route) = &d.route {
+        at.push_str(&format!(", route {route}"));
+    }
+    if let Some(r) = &d.request {
+        at.push_str(&format!(
+            ", request {} {}{}",
+            r.method,
+            r.path,
+            if r.assumed {
+                " (assumed: give --method and --path)"
+            } else {
+                ""
+            }
+        ));
+    }
+    let head = match d.result {
+        "allow" => format!(
+            "allowed by {}",
+            d.authorization.as_deref().unwrap_or("(unnamed)")
+        ),
+        "audit_deny" => "audit: no authorization allows it; allowed and counted as audit_deny (the server is in audit mode)".into(),
+        "no_route" => "denied: 404 no-route".into(),
+        _ => "denied: no authorization allows it".into(),
+    };
+    out.push_str(&format!("  mesh: {head} (server {at})\n"));
+    let client = match (&d.identity, &src.pod) {
+        (Some(id), Some(pod)) => format!("identity {id} (meshed pod {pod}), from {}", d.client_ip),
+        (Some(id), None) => format!("identity {id}, from {}", d.client_ip),
+        (None, Some(pod)) if d.client_meshed => {
+            format!(
+                "unauthenticated {} (meshed pod {pod}, no mTLS on this port)",
+                d.client_ip
+            )
+        }
+        (None, Some(pod)) => format!("unauthenticated {} ({pod} has no Weft proxy)", d.client_ip),
+        (None, None) => format!("unauthenticated {} (not a pod)", d.client_ip),
+    };
+    out.push_str(&format!("    client: {client}\n"));
+    if let Some(detail) = &d.detail {
+        out.push_str(&format!("    proxy: {detail}\n"));
+    }
+    for n in &d.notes {
+        out.push_str(&format!("    note: {n}\n"));
+    }
 }
 
 fn keys(keys: &[ObjectKey]) -> String {
@@ -480,7 +611,17 @@ fn keys(keys: &[ObjectKey]) -> String {
 /// (`null` or `[]` when it does not apply).
 ///
 /// ```json
-/// {"verdict": "allowed" | "denied", "allowed": bool, "loopback": bool,
+/// {"verdict": "allowed" | "denied", "allowed": bool (both layers),
+///  "network_policy_allowed": bool,
+///  "mesh": {"decision": "allow" | "deny" | "audit_deny" | "no_route" | "not_applicable",
+///           "reason": "why not applicable" | null, "server": "server/ns/name" | "default:<policy>",
+///           "route": "httproute/ns/name/rule" | null, "authorization": "..." | null,
+///           "identity": "spiffe://..." | null, "client_ip": "..." , "client_meshed": bool,
+///           "request": {"method": "GET", "path": "/", "assumed": bool} | null,
+///           "audit": bool, "detail": "the proxy's denial message" | null, "notes": [...]},
+///  "warnings": [{"kind": "network-policy-denies" | "client-not-meshed"
+///                        | "proxy-cannot-reach-controller", "message": "..."}],
+///  "loopback": bool,
 ///  "from": {"pod": "ns/name" | null, "ip": "..." | null}, "to": {...},
 ///  "port": 80, "protocol": "TCP", "named_port": "http" | null,
 ///  "egress":  {"decision": "allowed" | "denied" | "not_isolated" | "not_a_pod",
@@ -519,9 +660,33 @@ pub fn render_json(e: &Explanation) -> Value {
             }),
         }
     };
+    let mesh = match &e.mesh {
+        Mesh::NotApplicable { reason } => json!({
+            "decision": "not_applicable", "reason": reason, "server": null, "route": null,
+            "authorization": null, "identity": null, "client_ip": null, "client_meshed": null,
+            "request": null, "audit": false, "detail": null, "notes": [],
+        }),
+        Mesh::Decided(d) => json!({
+            "decision": d.result, "reason": null, "server": d.server, "route": d.route,
+            "authorization": d.authorization, "identity": d.identity,
+            "client_ip": d.client_ip.to_string(), "client_meshed": d.client_meshed,
+            "request": d.request.as_ref().map(|r| json!({
+                "method": r.method.as_str(), "path": r.path, "assumed": r.assumed,
+            })),
+            "audit": d.audit, "detail": d.detail, "notes": d.notes,
+        }),
+    };
+    let warnings: Vec<Value> = e
+        .warnings
+        .iter()
+        .map(|w| json!({"kind": w.kind, "message": w.message}))
+        .collect();
     json!({
-        "verdict": if v.allowed { "allowed" } else { "denied" },
-        "allowed": v.allowed,
+        "verdict": if e.allowed() { "allowed" } else { "denied" },
+        "allowed": e.allowed(),
+        "network_policy_allowed": v.allowed,
+        "mesh": mesh,
+        "warnings": warnings,
         "loopback": v.loopback,
         "from": end(&v.src),
         "to": end(&v.dst),
@@ -567,14 +732,23 @@ pub struct Listed {
     pub invalid_network_policies: u64,
 }
 
-/// Lists Pods, Namespaces and NetworkPolicies once with the kube source
+/// Lists Pods, Namespaces, NetworkPolicies, and for the mesh verdict Servers,
+/// AuthorizationPolicies, HTTPRoutes and GRPCRoutes, once with the kube source
 /// (`kube::Client::try_default`'s configuration: KUBECONFIG, else
 /// in-cluster).
 pub async fn list_cluster(timeout: Duration) -> Result<Listed, ExplainError> {
     list_kinds(
         timeout,
-        &[Kind::Pod, Kind::Namespace, Kind::NetworkPolicy],
-        "pods, namespaces and NetworkPolicies",
+        &[
+            Kind::Pod,
+            Kind::Namespace,
+            Kind::NetworkPolicy,
+            Kind::Server,
+            Kind::AuthorizationPolicy,
+            Kind::HttpRoute,
+            Kind::GrpcRoute,
+        ],
+        "pods, namespaces, NetworkPolicies, Servers, AuthorizationPolicies and routes",
     )
     .await
 }
@@ -694,6 +868,25 @@ fn run_explain(args: &ExplainArgs) -> anyhow::Result<bool> {
     };
     let world = world_from_index(&index);
     let explanation = explain(&world, &args.from, &args.to, &args.port)?;
+    let config = MeshConfig {
+        inbound: InboundConfig {
+            default_policy: args.default_inbound_policy,
+            cluster_networks: args.cluster_networks.0.clone(),
+            trust_domain: args.trust_domain.clone(),
+        },
+    };
+    let request = (args.path.is_some() || args.method.is_some()).then(|| RequestArg {
+        method: args.method.clone().unwrap_or(http::Method::GET),
+        path: args.path.clone().unwrap_or_else(|| "/".into()),
+        assumed: false,
+    });
+    let explanation = with_mesh(
+        explanation,
+        &index.read(),
+        &world,
+        &config,
+        request.as_ref(),
+    );
     let mut stdout = std::io::stdout().lock();
     match args.output {
         Output::Text => stdout.write_all(render_text(&explanation).as_bytes())?,
@@ -703,7 +896,7 @@ fn run_explain(args: &ExplainArgs) -> anyhow::Result<bool> {
         }
     }
     stdout.flush()?;
-    Ok(explanation.verdict.allowed)
+    Ok(explanation.allowed())
 }
 
 #[cfg(test)]
@@ -771,4 +964,332 @@ mod tests {
         assert_eq!(edit_distance("", "abc"), 3);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
+}
+
+// ---------------------------------------------------------------------------
+// The mesh layer: what the destination's proxy decides.
+// ---------------------------------------------------------------------------
+
+/// The ports a proxy needs on the controller: destination and policy (8086), identity (8080).
+pub const CONTROLLER_PORTS: [(u16, &str); 2] = [
+    (8086, "destination and inbound policy"),
+    (8080, "identity (its certificate)"),
+];
+
+/// The label the chart gives the controller's pods.
+pub const CONTROLLER_LABEL: (&str, &str) = ("app.kubernetes.io/name", "weft-controller");
+
+/// What the controller's compilation needs besides the index, as the controller's flags say.
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    pub inbound: InboundConfig,
+}
+
+/// An HTTP request to decide (`--method`, `--path`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestArg {
+    pub method: http::Method,
+    pub path: String,
+    /// Neither was given: `GET /` stands in because the server has routes.
+    pub assumed: bool,
+}
+
+/// The mesh verdict of the connection (or request) at the destination's proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mesh {
+    /// No proxy decides: the destination is not a meshed pod, or the protocol is not TCP.
+    NotApplicable {
+        reason: String,
+    },
+    Decided(Box<MeshDecision>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshDecision {
+    /// `server/<ns>/<name>` or `default:<policy>`.
+    pub server: String,
+    /// `allow`, `deny`, `audit_deny` (allowed, counted as a denial) or `no_route` (404).
+    pub result: &'static str,
+    pub route: Option<String>,
+    /// The deciding authorization when allowed.
+    pub authorization: Option<String>,
+    /// The client's mesh identity as the proxy would see it (None: unauthenticated).
+    pub identity: Option<String>,
+    pub client_ip: IpAddr,
+    /// The client pod carries the Weft proxy.
+    pub client_meshed: bool,
+    /// The request decided, when decided per request (HTTP with routes, or --path/--method).
+    pub request: Option<RequestArg>,
+    pub audit: bool,
+    /// Denied, but an authorization the client was judged against admits mesh identities:
+    /// an identity (a meshed client) could be allowed.
+    pub wants_identity: bool,
+    /// The proxy's denial message, or what was left out of the policy.
+    pub detail: Option<String>,
+    pub notes: Vec<String>,
+}
+
+impl Mesh {
+    /// Traffic passes the mesh layer (allowed, audited, or no proxy to decide).
+    pub fn allows(&self) -> bool {
+        match self {
+            Mesh::NotApplicable { .. } => true,
+            Mesh::Decided(d) => matches!(d.result, "allow" | "audit_deny"),
+        }
+    }
+}
+
+/// Decides the mesh layer with the controller's compilation
+/// ([`inbound_server`]) and the proxy's own decision ([`decide`]). Pure.
+pub fn mesh_verdict(
+    state: &State,
+    world: &World,
+    verdict: &Verdict,
+    config: &MeshConfig,
+    request: Option<&RequestArg>,
+) -> Mesh {
+    let na = |reason: String| Mesh::NotApplicable { reason };
+    let Some(dst_key) = &verdict.dst.pod else {
+        return na(format!(
+            "{} is not a pod in the cluster, so no Weft proxy decides",
+            verdict.dst
+        ));
+    };
+    let Some(dst) = world.pod(dst_key) else {
+        return na(format!("{dst_key} is not in the cluster state"));
+    };
+    if !dst.meshed {
+        return na(format!(
+            "{dst_key} has no Weft proxy, so no mesh policy applies"
+        ));
+    }
+    if verdict.protocol != Protocol::Tcp {
+        return na(format!(
+            "the Weft proxy handles TCP only; {} passes it by",
+            verdict.protocol
+        ));
+    }
+    let src_pod = verdict.src.pod.as_ref().and_then(|k| world.pod(k));
+    let client_meshed = src_pod.is_some_and(|p| p.meshed);
+    let client_ip = verdict
+        .src
+        .ip
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let mut notes = Vec::new();
+    let opaque_port = dst.opaque_ports.contains(verdict.port);
+    let identity = match src_pod {
+        Some(p) if p.meshed && !opaque_port => Some(weft_model::spiffe_id(
+            &config.inbound.trust_domain,
+            &p.key.namespace,
+            &p.service_account,
+        )),
+        Some(p) if p.meshed => {
+            notes.push(format!(
+                "{dst_key} lists port {} as opaque (config.weft.dev/opaque-ports): the client's proxy sends it without mTLS, so no identity is presented",
+                verdict.port
+            ));
+            None
+        }
+        _ => None,
+    };
+    let (pb, _) = inbound_server(
+        state,
+        &dst_key.namespace,
+        &dst_key.name,
+        verdict.port,
+        &config.inbound,
+    );
+    let compiled = compile(&pb);
+    let policy = &compiled.policy;
+    for p in &compiled.problems {
+        notes.push(format!("left out by the proxy: {p}"));
+    }
+    let client = Client {
+        id: identity.as_deref(),
+        ip: client_ip,
+    };
+    // Routes are HTTP: an opaque server (or an opaque-listed port) is decided per connection.
+    let opaque = policy.protocol == ServerProtocol::Opaque || opaque_port;
+    let request = match request {
+        Some(_) if opaque => {
+            notes.push(format!(
+                "{} is opaque to the proxy: decided per connection, --method/--path do not apply",
+                policy.server
+            ));
+            None
+        }
+        Some(r) => Some(r.clone()),
+        None if !opaque && !policy.routes.is_empty() => Some(RequestArg {
+            method: http::Method::GET,
+            path: "/".into(),
+            assumed: true,
+        }),
+        None => None,
+    };
+    let decision = match &request {
+        Some(r) => {
+            let uri = r
+                .path
+                .parse::<http::Uri>()
+                .unwrap_or_else(|_| http::Uri::from_static("/"));
+            decide::request(policy, &client, &r.method, &uri, &http::HeaderMap::new())
+        }
+        None => decide::connection(policy, &client),
+    };
+    let route = decision.route().map(ToString::to_string);
+    let result = match decision {
+        Decision::NoRoute => "no_route",
+        d => d.result(),
+    };
+    let detail = match decision {
+        Decision::Deny { route } | Decision::AuditDeny { route } => {
+            Some(decide::deny_detail(policy, route, &client))
+        }
+        Decision::NoRoute => Some(format!(
+            "{}: no route of the server matches {}",
+            policy.server,
+            request
+                .as_ref()
+                .map(|r| format!("{} {}", r.method, r.path))
+                .unwrap_or_default()
+        )),
+        Decision::Allow { .. } => None,
+    };
+    // The authorizations the client was judged against: the server's, and the route's.
+    let route_authorizations = decision
+        .route()
+        .and_then(|label| policy.routes.iter().find(|r| &r.label == label))
+        .map(|r| r.authorizations.as_slice())
+        .unwrap_or_default();
+    let wants_identity = matches!(decision, Decision::Deny { .. } | Decision::AuditDeny { .. })
+        && identity.is_none()
+        && policy
+            .authorizations
+            .iter()
+            .chain(route_authorizations)
+            .any(|a| {
+                matches!(a.authn, Authn::Mesh { .. })
+                    && (a.networks.is_empty() || a.networks.iter().any(|n| n.contains(client_ip)))
+            });
+    Mesh::Decided(Box::new(MeshDecision {
+        server: policy.server.to_string(),
+        result,
+        route,
+        authorization: decision.authorization().map(ToString::to_string),
+        identity,
+        client_ip,
+        client_meshed,
+        request,
+        audit: policy.audit,
+        wants_identity,
+        detail,
+        notes,
+    }))
+}
+
+/// Where the two layers disagree in a way that breaks traffic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warning {
+    /// `proxy-cannot-reach-controller`, `network-policy-denies`, `client-not-meshed`.
+    pub kind: &'static str,
+    pub message: String,
+}
+
+/// The warnings for `verdict` and `mesh` (see the README's NetworkPolicy section). Pure.
+///
+/// - `network-policy-denies`: the mesh allows, but the NetworkPolicies drop the connection
+///   before any proxy sees it (the AuthorizationPolicy reads as if it were allowed).
+/// - `client-not-meshed`: the mesh denies an unauthenticated client that an authorization
+///   would admit with a mesh identity: the client pod has no proxy, so it never presents one.
+/// - `proxy-cannot-reach-controller`: a meshed end's proxy needs the controller (8086:
+///   discovery and its inbound policy; 8080: its certificate), and the NetworkPolicies deny
+///   that connection. The app port being allowed is not enough: the destination's proxy
+///   without its certificate cannot terminate mTLS, and without its policy enforces
+///   `WEFT_PROXY_INBOUND_DEFAULT_POLICY` instead of what this command shows; the client's
+///   proxy without a certificate cannot originate mTLS. (The proxy inbound port 4143 needs
+///   no warning: the evaluator allows it wherever an app port is allowed, as the CNI does,
+///   and the client's proxy connects to the app port, which the destination redirects.)
+pub fn warnings(world: &World, verdict: &Verdict, mesh: &Mesh) -> Vec<Warning> {
+    let mut out = Vec::new();
+    if let Mesh::Decided(d) = mesh {
+        if mesh.allows() && !verdict.allowed {
+            out.push(Warning {
+                kind: "network-policy-denies",
+                message: format!(
+                    "the mesh {} this ({}), but NetworkPolicy denies it: the connection is dropped at L3/L4 before {} is consulted",
+                    if d.result == "audit_deny" { "only audits" } else { "allows" },
+                    d.authorization.as_deref().unwrap_or("audit mode"),
+                    d.server
+                ),
+            });
+        }
+        if d.wants_identity && !d.client_meshed {
+            let who = verdict
+                .src
+                .pod
+                .as_ref()
+                .map(|k| format!("{k} has no Weft proxy"))
+                .unwrap_or_else(|| format!("{} is not a meshed pod", verdict.src));
+            out.push(Warning {
+                kind: "client-not-meshed",
+                message: format!(
+                    "{} admits mesh identities only on this path, and {who}, so it connects unauthenticated{}; inject the client (weft.dev/inject: enabled) or allow its network",
+                    d.server,
+                    if d.result == "audit_deny" { " (audit mode lets it through today; enforcing will deny it)" } else { " and is denied" }
+                ),
+            });
+        }
+    }
+    let controllers: Vec<&Pod> = world
+        .pods()
+        .filter(|p| {
+            p.labels.get(CONTROLLER_LABEL.0).map(String::as_str) == Some(CONTROLLER_LABEL.1)
+        })
+        .collect();
+    for (role, end) in [("client", &verdict.src), ("destination", &verdict.dst)] {
+        let Some(pod) = end.pod.as_ref().and_then(|k| world.pod(k)) else {
+            continue;
+        };
+        if !pod.meshed || controllers.iter().any(|c| c.key == pod.key) {
+            continue;
+        }
+        for (port, what) in CONTROLLER_PORTS {
+            let denied: Vec<String> = controllers
+                .iter()
+                .filter_map(|c| {
+                    let conn = Connection {
+                        src: Peer::Pod(pod.key.clone()),
+                        dst: Peer::Pod(c.key.clone()),
+                        port,
+                        protocol: Protocol::Tcp,
+                    };
+                    let v = netpol::evaluate(world, &conn).ok()?;
+                    if v.allowed {
+                        return None;
+                    }
+                    let side = match (&v.egress, &v.ingress) {
+                        (DirectionVerdict::Denied { isolated_by }, _) => {
+                            format!("egress of {} (isolated by {})", pod.key, keys(isolated_by))
+                        }
+                        (_, DirectionVerdict::Denied { isolated_by }) => {
+                            format!("ingress of {} (isolated by {})", c.key, keys(isolated_by))
+                        }
+                        _ => "NetworkPolicy".into(),
+                    };
+                    Some(format!("{} denied by the {side}", c.key))
+                })
+                .collect();
+            if !denied.is_empty() {
+                out.push(Warning {
+                    kind: "proxy-cannot-reach-controller",
+                    message: format!(
+                        "the {role}'s proxy ({}) needs the controller on {port}/TCP for {what}, and NetworkPolicy denies it: {}; allow egress to the controller's pods on 8086 and 8080",
+                        pod.key,
+                        denied.join("; ")
+                    ),
+                });
+            }
+        }
+    }
+    out
 }

@@ -184,7 +184,9 @@ fn allowed_by_pod_selector_with_egress_isolation() {
         text,
         "allowed: shop/client (10.1.0.3) -> shop/web (10.1.0.2), port 8080/TCP\n\
          \x20 egress: allowed by shop/client-egress spec.egress[0] (shop/client is isolated by shop/client-egress)\n\
-         \x20 ingress: allowed by shop/allow-client spec.ingress[0] (shop/web is isolated by shop/allow-client, shop/allow-ops, shop/default-deny)\n"
+         \x20 ingress: allowed by shop/allow-client spec.ingress[0] (shop/web is isolated by shop/allow-client, shop/allow-ops, shop/default-deny)\n\
+         \x20 mesh: allowed by default:all-unauthenticated (server default:all-unauthenticated)\n\
+         \x20   client: unauthenticated 10.1.0.3 (shop/client has no Weft proxy)\n"
     );
     assert_eq!(json["verdict"], "allowed");
     assert_eq!(json["allowed"], true);
@@ -226,7 +228,8 @@ fn denied_by_egress_isolation_and_by_ingress_default_deny() {
         text,
         "denied: shop/client (10.1.0.3) -> other/free (10.1.2.2), port 53/UDP\n\
          \x20 egress: denied: shop/client is isolated by shop/client-egress and no egress rule of it allows other/free (10.1.2.2) on port 53/UDP\n\
-         \x20 ingress: allowed: no NetworkPolicy isolates other/free for ingress\n"
+         \x20 ingress: allowed: no NetworkPolicy isolates other/free for ingress\n\
+         \x20 mesh: not applicable: other/free has no Weft proxy, so no mesh policy applies\n"
     );
     assert_eq!(json["verdict"], "denied");
     assert_eq!(
@@ -239,7 +242,7 @@ fn denied_by_egress_isolation_and_by_ingress_default_deny() {
     let (code, text, json) = both(dir.path(), "other/free", "shop/web", "8080/TCP");
     assert_eq!(code, 1, "{text}");
     assert!(
-        text.ends_with("  ingress: denied: shop/web is isolated by shop/allow-client, shop/allow-ops, shop/default-deny and no ingress rule of them allows other/free (10.1.2.2) on port 8080/TCP\n"),
+        text.contains("  ingress: denied: shop/web is isolated by shop/allow-client, shop/allow-ops, shop/default-deny and no ingress rule of them allows other/free (10.1.2.2) on port 8080/TCP\n"),
         "{text}"
     );
     assert_eq!(
@@ -258,7 +261,9 @@ fn allowed_by_namespace_selector_on_a_named_port() {
         text,
         "allowed: ops/monitor (10.1.1.2) -> shop/web (10.1.0.2), port 8080/TCP (port http of shop/web)\n\
          \x20 egress: allowed: no NetworkPolicy isolates ops/monitor for egress\n\
-         \x20 ingress: allowed by shop/allow-ops spec.ingress[0] (shop/web is isolated by shop/allow-client, shop/allow-ops, shop/default-deny)\n"
+         \x20 ingress: allowed by shop/allow-ops spec.ingress[0] (shop/web is isolated by shop/allow-client, shop/allow-ops, shop/default-deny)\n\
+         \x20 mesh: allowed by default:all-unauthenticated (server default:all-unauthenticated)\n\
+         \x20   client: unauthenticated 10.1.1.2 (ops/monitor has no Weft proxy)\n"
     );
     assert_eq!(json["port"], 8080);
     assert_eq!(json["named_port"], "http");
@@ -291,7 +296,8 @@ fn ip_block_with_except_from_an_ip_source() {
         text,
         "allowed: 192.168.2.7 -> shop/db (10.1.0.4), port 5432/TCP\n\
          \x20 egress: allowed: 192.168.2.7 is not a pod in the cluster, so no egress policy applies\n\
-         \x20 ingress: allowed by shop/allow-lan spec.ingress[0] (shop/db is isolated by shop/allow-lan, shop/default-deny)\n"
+         \x20 ingress: allowed by shop/allow-lan spec.ingress[0] (shop/db is isolated by shop/allow-lan, shop/default-deny)\n\
+         \x20 mesh: not applicable: shop/db has no Weft proxy, so no mesh policy applies\n"
     );
     assert_eq!(json["from"], json!({"pod": null, "ip": "192.168.2.7"}));
     assert_eq!(json["egress"], direction("not_a_pod", None, None, &[]));
@@ -326,7 +332,8 @@ fn not_isolated_at_either_end() {
         text,
         "allowed: ops/monitor (10.1.1.2) -> other/free (10.1.2.2), port 53/UDP (port dns of other/free)\n\
          \x20 egress: allowed: no NetworkPolicy isolates ops/monitor for egress\n\
-         \x20 ingress: allowed: no NetworkPolicy isolates other/free for ingress\n"
+         \x20 ingress: allowed: no NetworkPolicy isolates other/free for ingress\n\
+         \x20 mesh: not applicable: other/free has no Weft proxy, so no mesh policy applies\n"
     );
     assert_eq!(json["egress"], direction("not_isolated", None, None, &[]));
     assert_eq!(json["ingress"], direction("not_isolated", None, None, &[]));
@@ -531,4 +538,423 @@ async fn reads_the_cluster_through_a_kubeconfig() {
 fn serde_yaml_to_json(doc: &str) -> Value {
     let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(doc).unwrap();
     serde_json::to_value(value).unwrap()
+}
+
+/// Both layers: the controller `weft/controller` (8086, 8080); meshed `shop/api` (sa api,
+/// port http 8080) behind Server `shop/api-http` (HTTP/1, accessPolicy deny) with an
+/// HTTPRoute `shop/api-books` (GET /books) and AuthorizationPolicy `shop/api-clients`
+/// (ServiceAccount front/web, namespace ops); port 9090 behind Server `shop/audit-http`
+/// (accessPolicy audit) with AuthorizationPolicy `shop/audit-clients` (namespace front).
+/// Clients: `front/web` (meshed, sa web), `front/legacy` (no proxy), `front/locked` (meshed,
+/// egress only to api on 8080), `ops/batch` (meshed). NetworkPolicies: api's ingress from
+/// namespace front on 8080 and 9090; locked's egress.
+const MESH_WORLD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: weft}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: front, labels: {team: front}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: ops}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: controller, namespace: weft, labels: {app.kubernetes.io/name: weft-controller}}
+spec: {containers: [{name: controller, ports: [{containerPort: 8086}, {containerPort: 8080}]}]}
+status: {phase: Running, podIP: 10.1.9.9}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api, namespace: shop, labels: {app: api}}
+spec:
+  serviceAccountName: api
+  containers:
+  - name: app
+    ports: [{name: http, containerPort: 8080}, {name: admin, containerPort: 9090}]
+  - name: weft-proxy
+status: {phase: Running, podIP: 10.1.0.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: front, labels: {app: web}}
+spec: {serviceAccountName: web, containers: [{name: app}, {name: weft-proxy}]}
+status: {phase: Running, podIP: 10.1.3.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy, namespace: front, labels: {app: legacy}}
+spec: {serviceAccountName: legacy, containers: [{name: app}]}
+status: {phase: Running, podIP: 10.1.3.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: locked, namespace: front, labels: {app: locked}}
+spec: {serviceAccountName: web, containers: [{name: app}, {name: weft-proxy}]}
+status: {phase: Running, podIP: 10.1.3.4}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: batch, namespace: ops, labels: {app: batch}}
+spec: {serviceAccountName: batch, containers: [{name: app}, {name: weft-proxy}]}
+status: {phase: Running, podIP: 10.1.4.2}
+---
+apiVersion: policy.weft.dev/v1alpha1
+kind: Server
+metadata: {name: api-http, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  port: http
+  proxyProtocol: HTTP/1
+  accessPolicy: deny
+---
+apiVersion: policy.weft.dev/v1alpha1
+kind: Server
+metadata: {name: audit-http, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  port: 9090
+  proxyProtocol: HTTP/1
+  accessPolicy: audit
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api-books, namespace: shop}
+spec:
+  parentRefs: [{group: policy.weft.dev, kind: Server, name: api-http}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /books}, method: GET}]
+---
+apiVersion: policy.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: api-clients, namespace: shop}
+spec:
+  targetRef: {group: policy.weft.dev, kind: Server, name: api-http}
+  serviceAccounts: [{name: web, namespace: front}]
+  namespaces: [ops]
+---
+apiVersion: policy.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: audit-clients, namespace: shop}
+spec:
+  targetRef: {group: policy.weft.dev, kind: Server, name: audit-http}
+  namespaces: [front]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: api-ingress, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {team: front}}}]
+    ports: [{port: 8080}, {port: 9090}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: locked-egress, namespace: front}
+spec:
+  podSelector: {matchLabels: {app: locked}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: api}}}]
+    ports: [{port: 8080}]
+"#;
+
+fn mesh_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), MESH_WORLD).unwrap();
+    dir
+}
+
+/// `explain` with extra arguments; (exit code, text, JSON).
+fn mesh_explain(dir: &Path, args: &[&str]) -> (i32, String, Value) {
+    let mut base = vec!["--manifests", dir.to_str().unwrap()];
+    base.extend(args);
+    let text = weft(&base, &[]);
+    base.extend(["-o", "json"]);
+    let json = weft(&base, &[]);
+    let code = text.status.code().unwrap();
+    assert_eq!(code, json.status.code().unwrap());
+    assert!(
+        text.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&text.stderr)
+    );
+    (
+        code,
+        String::from_utf8(text.stdout).unwrap(),
+        serde_json::from_slice(&json.stdout).unwrap(),
+    )
+}
+
+const WEB_ID: &str = "spiffe://cluster.local/ns/front/sa/web";
+
+#[test]
+fn both_layers_allow_a_meshed_client_on_its_route() {
+    let dir = mesh_dir();
+    let (code, text, json) = mesh_explain(
+        dir.path(),
+        &[
+            "--from",
+            "front/web",
+            "--to",
+            "shop/api",
+            "--port",
+            "http",
+            "--method",
+            "GET",
+            "--path",
+            "/books/1",
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        text,
+        "allowed: front/web (10.1.3.2) -> shop/api (10.1.0.10), port 8080/TCP (port http of shop/api)\n\
+         \x20 egress: allowed: no NetworkPolicy isolates front/web for egress\n\
+         \x20 ingress: allowed by shop/api-ingress spec.ingress[0] (shop/api is isolated by shop/api-ingress)\n\
+         \x20 mesh: allowed by authorizationpolicy/shop/api-clients (server server/shop/api-http, route httproute/shop/api-books/0, request GET /books/1)\n\
+         \x20   client: identity spiffe://cluster.local/ns/front/sa/web (meshed pod front/web), from 10.1.3.2\n"
+    );
+    assert_eq!(
+        json["mesh"],
+        json!({
+            "decision": "allow", "reason": null, "server": "server/shop/api-http",
+            "route": "httproute/shop/api-books/0",
+            "authorization": "authorizationpolicy/shop/api-clients",
+            "identity": WEB_ID, "client_ip": "10.1.3.2", "client_meshed": true,
+            "request": {"method": "GET", "path": "/books/1", "assumed": false},
+            "audit": false, "detail": null, "notes": [],
+        })
+    );
+    assert_eq!(json["warnings"], json!([]));
+    assert_eq!(json["allowed"], true);
+    assert_eq!(json["network_policy_allowed"], true);
+
+    // Another method matches no route: 404, exit 1, while NetworkPolicy allows.
+    let (code, text, json) = mesh_explain(
+        dir.path(),
+        &[
+            "--from",
+            "front/web",
+            "--to",
+            "shop/api",
+            "--port",
+            "8080",
+            "--method",
+            "POST",
+            "--path",
+            "/books",
+        ],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(text.starts_with("denied: "), "{text}");
+    assert!(
+        text.contains(
+            "  mesh: denied: 404 no-route (server server/shop/api-http, request POST /books)\n"
+        ),
+        "{text}"
+    );
+    assert_eq!(json["mesh"]["decision"], "no_route");
+    assert_eq!(json["network_policy_allowed"], true);
+    assert_eq!(json["verdict"], "denied");
+
+    // Without --method/--path, a routed server is asked about GET / and says so.
+    let (code, text, json) = mesh_explain(
+        dir.path(),
+        &["--from", "front/web", "--to", "shop/api", "--port", "8080"],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("request GET / (assumed: give --method and --path)"),
+        "{text}"
+    );
+    assert_eq!(json["mesh"]["request"]["assumed"], true);
+}
+
+#[test]
+fn mesh_allows_but_network_policy_denies() {
+    let dir = mesh_dir();
+    // ops is allowed by the AuthorizationPolicy, but api's ingress admits only team=front.
+    let (code, text, json) = mesh_explain(
+        dir.path(),
+        &[
+            "--from",
+            "ops/batch",
+            "--to",
+            "shop/api",
+            "--port",
+            "8080",
+            "--path",
+            "/books",
+        ],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("  ingress: denied: shop/api is isolated by shop/api-ingress"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  mesh: allowed by authorizationpolicy/shop/api-clients"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("  warning: the mesh allows this (authorizationpolicy/shop/api-clients), but NetworkPolicy denies it: the connection is dropped at L3/L4 before server/shop/api-http is consulted\n"),
+        "{text}"
+    );
+    assert_eq!(json["mesh"]["decision"], "allow");
+    assert_eq!(
+        json["mesh"]["identity"],
+        "spiffe://cluster.local/ns/ops/sa/batch"
+    );
+    assert_eq!(json["network_policy_allowed"], false);
+    assert_eq!(json["warnings"][0]["kind"], "network-policy-denies");
+    assert_eq!(json["warnings"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn mesh_requires_an_identity_the_unmeshed_client_cannot_present() {
+    let dir = mesh_dir();
+    let (code, text, json) = mesh_explain(
+        dir.path(),
+        &[
+            "--from",
+            "front/legacy",
+            "--to",
+            "shop/api",
+            "--port",
+            "8080",
+            "--path",
+            "/books",
+        ],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("  ingress: allowed by shop/api-ingress"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "  mesh: denied: no authorization allows it (server server/shop/api-http, route httproute/shop/api-books/0, request GET /books)\n\
+             \x20   client: unauthenticated 10.1.3.3 (front/legacy has no Weft proxy)\n\
+             \x20   proxy: server/shop/api-http: no authorization of the server or of route httproute/shop/api-books/0 allows unauthenticated client 10.1.3.3\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("  warning: server/shop/api-http admits mesh identities only on this path, and front/legacy has no Weft proxy, so it connects unauthenticated and is denied; inject the client (weft.dev/inject: enabled) or allow its network\n"),
+        "{text}"
+    );
+    assert_eq!(json["mesh"]["decision"], "deny");
+    assert_eq!(json["mesh"]["identity"], Value::Null);
+    assert_eq!(json["mesh"]["client_meshed"], false);
+    assert_eq!(json["warnings"][0]["kind"], "client-not-meshed");
+
+    // Under audit the same client passes (exit 0), with the warning that enforcing denies it.
+    let (code, text, json) = mesh_explain(
+        dir.path(),
+        &[
+            "--from",
+            "front/legacy",
+            "--to",
+            "shop/api",
+            "--port",
+            "admin",
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("  mesh: audit: no authorization allows it; allowed and counted as audit_deny (the server is in audit mode) (server server/shop/audit-http)\n"), "{text}");
+    assert!(
+        text.contains("(audit mode lets it through today; enforcing will deny it)"),
+        "{text}"
+    );
+    assert_eq!(json["mesh"]["decision"], "audit_deny");
+    assert_eq!(json["mesh"]["audit"], true);
+    assert_eq!(json["allowed"], true);
+}
+
+#[test]
+fn a_proxy_that_cannot_reach_the_controller_is_a_warning() {
+    let dir = mesh_dir();
+    // locked may reach api on 8080, but its proxy may not reach the controller.
+    let (code, text, json) = mesh_explain(
+        dir.path(),
+        &[
+            "--from",
+            "front/locked",
+            "--to",
+            "shop/api",
+            "--port",
+            "8080",
+            "--path",
+            "/books",
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("  egress: allowed by front/locked-egress spec.egress[0]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  warning: the client's proxy (front/locked) needs the controller on 8086/TCP for destination and inbound policy, and NetworkPolicy denies it: weft/controller denied by the egress of front/locked (isolated by front/locked-egress); allow egress to the controller's pods on 8086 and 8080\n"),
+        "{text}"
+    );
+    let kinds: Vec<&str> = json["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["proxy-cannot-reach-controller"; 2], "{text}");
+    assert!(json["warnings"][1]["message"]
+        .as_str()
+        .unwrap()
+        .contains("on 8080/TCP for identity"));
+}
+
+#[test]
+fn mesh_is_not_applicable_to_unmeshed_destinations_and_udp() {
+    let dir = mesh_dir();
+    let (code, _, json) = mesh_explain(
+        dir.path(),
+        &[
+            "--from",
+            "front/web",
+            "--to",
+            "front/legacy",
+            "--port",
+            "80",
+        ],
+    );
+    assert_eq!(code, 0);
+    assert_eq!(json["mesh"]["decision"], "not_applicable");
+    assert_eq!(
+        json["mesh"]["reason"],
+        "front/legacy has no Weft proxy, so no mesh policy applies"
+    );
+    let (code, text, _) = mesh_explain(
+        dir.path(),
+        &[
+            "--from",
+            "front/web",
+            "--to",
+            "shop/api",
+            "--port",
+            "53/UDP",
+        ],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains(
+            "  mesh: not applicable: the Weft proxy handles TCP only; UDP passes it by\n"
+        ),
+        "{text}"
+    );
 }
