@@ -382,3 +382,65 @@ impl<S: Source> Stream<'_, S> {
         tokio::time::sleep(delay.map_or(backoff, |d| d.max(backoff))).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    /// A source whose controller never serves the stream.
+    struct Unimplemented;
+
+    impl Source for Unimplemented {
+        type Key = u16;
+        type Message = ();
+        type Value = &'static str;
+        const WHAT: &'static str = "test";
+
+        fn open(
+            &self,
+            _: &u16,
+        ) -> impl Future<Output = Result<tonic::Streaming<()>, tonic::Status>> + Send {
+            async { Err(tonic::Status::unimplemented("test")) }
+        }
+
+        fn compile(&self, _: &u16, _: &()) -> (&'static str, Vec<String>) {
+            ("compiled", Vec::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn keys_are_bounded_answered_by_default_and_dropped_when_idle() {
+        let mut config = DiscoveryConfig::new("unused:1");
+        config.idle_timeout = Duration::from_millis(50);
+        let metrics = StreamMetrics::default();
+        let f = Follower::new(
+            Unimplemented,
+            config,
+            metrics.clone(),
+            Arc::new("default"),
+            Arc::new("overflow"),
+            2,
+        );
+        let start = Instant::now();
+        let a = f.ready(&1, || 1).await;
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "UNIMPLEMENTED settles at once"
+        );
+        let b = f.get(&2, || 2);
+        assert_eq!((**a.borrow(), **b.borrow()), ("default", "default"));
+        // Beyond the bound: the overflow value, no stream.
+        assert_eq!(**f.get(&3, || 3).borrow(), "overflow");
+        assert_eq!((f.len(), metrics.streams.get()), (2, 2));
+        // Nobody watches: dropped after the idle timeout, and room again.
+        drop((a, b));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !f.is_empty() {
+            assert!(Instant::now() < deadline, "idle keys were not dropped");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(**f.get(&3, || 3).borrow(), "default");
+    }
+}
