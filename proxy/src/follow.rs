@@ -398,11 +398,8 @@ mod tests {
         type Value = &'static str;
         const WHAT: &'static str = "test";
 
-        fn open(
-            &self,
-            _: &u16,
-        ) -> impl Future<Output = Result<tonic::Streaming<()>, tonic::Status>> + Send {
-            async { Err(tonic::Status::unimplemented("test")) }
+        async fn open(&self, _: &u16) -> Result<tonic::Streaming<()>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test"))
         }
 
         fn compile(&self, _: &u16, _: &()) -> (&'static str, Vec<String>) {
