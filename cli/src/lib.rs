@@ -15,7 +15,10 @@
 //! - [`demo`]: the demo's apps, proxy processes and live table.
 //! - [`inject`]: `weft inject`, the injector's patch over manifests, offline.
 //! - [`policy`]: `weft policy explain`, NetworkPolicy verdicts from the
-//!   model's reference evaluator over the controller's sources.
+//!   model's reference evaluator over the controller's sources, and the
+//!   mesh's authorization verdict from the proxy's own decision.
+//! - [`audit`]: `weft policy audit`, least-privilege AuthorizationPolicies
+//!   and NetworkPolicies from the proxies' decision counters and the CNI's flows.
 //! - [`promtext`]: a parser for the Prometheus text format the proxies serve.
 //! - [`stat`]: `weft stat`, golden signals from Prometheus or the proxies.
 //! - [`stats`]: rates, success rates and latency quantiles from two scrapes,
@@ -26,6 +29,7 @@
 //! - [`security`]: mTLS connections and peer identities, handshake failures
 //!   and certificate lifetimes from a scrape.
 
+pub mod audit;
 pub mod check;
 pub mod cni;
 pub mod demo;

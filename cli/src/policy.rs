@@ -70,6 +70,13 @@ pub enum PolicyCommand {
     /// and grpcroutes) or, with --manifests, a directory of YAML/JSON
     /// manifests. Exit status: 0 both layers allow, 1 denied, 2 error.
     Explain(ExplainArgs),
+    /// Print the least-privilege AuthorizationPolicies and NetworkPolicies for the traffic
+    /// a namespace's proxies (audit mode) and the CNI agents saw, as YAML for kubectl apply.
+    ///
+    /// Scrapes weft_inbound_authz_total from the proxies (--from-proxies, or the
+    /// namespace's meshed pods found with --source) and reads flows from CNI agents
+    /// (--agents, live for --duration) or files (--flows). Exit status: 0, or 2 on an error.
+    Audit(crate::audit::AuditArgs),
 }
 
 /// `weft policy explain`.
@@ -836,7 +843,10 @@ pub async fn list_kinds(
 /// Runs `weft policy ...`, printing to stdout and stderr; returns the exit
 /// status (0 allowed, 1 denied, 2 error).
 pub fn run(args: &PolicyArgs) -> ExitCode {
-    let PolicyCommand::Explain(args) = &args.command;
+    let args = match &args.command {
+        PolicyCommand::Explain(args) => args,
+        PolicyCommand::Audit(args) => return crate::audit::run(args),
+    };
     match run_explain(args) {
         Ok(allowed) => ExitCode::from(if allowed { 0 } else { 1 }),
         Err(e) => {
