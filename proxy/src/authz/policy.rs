@@ -94,15 +94,11 @@ pub enum DefaultPolicy {
 }
 
 /// The networks `cluster-*` default policies allow when the proxy decides alone (no
-/// controller answer): the private and shared address ranges pods and nodes use. The
-/// controller sends the cluster's own networks in its authorizations.
-pub const CLUSTER_NETWORKS: &[&str] = &[
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "100.64.0.0/10",
-    "fd00::/8",
-];
+/// controller answer): the controller's own `--cluster-networks` default (the RFC 1918
+/// ranges and fd00::/8). The controller sends the cluster's configured networks in its
+/// authorizations.
+pub const CLUSTER_NETWORKS: &[&str] =
+    &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fd00::/8"];
 
 impl DefaultPolicy {
     pub const ALL: [DefaultPolicy; 6] = [
