@@ -229,8 +229,8 @@ fn object_name(parts: &[&str]) -> String {
 /// What one AuthorizationPolicy collects.
 #[derive(Default)]
 struct Seen {
-    /// identity → (decisions, routes seen).
-    identities: BTreeMap<String, (u64, BTreeSet<String>)>,
+    /// identity → (allowed, audit-denied, routes seen).
+    identities: BTreeMap<String, (u64, u64, BTreeSet<String>)>,
     unauthenticated: u64,
     left_out: Vec<String>,
 }
@@ -287,9 +287,13 @@ pub fn authorization_policies(
             seen.unauthenticated += s.count;
         } else {
             let e = seen.identities.entry(s.client_id.clone()).or_default();
-            e.0 += s.count;
+            if s.result == "audit_deny" {
+                e.1 += s.count;
+            } else {
+                e.0 += s.count;
+            }
             if !s.route.is_empty() && !s.route.starts_with("default/") {
-                e.1.insert(s.route.clone());
+                e.2.insert(s.route.clone());
             }
         }
     }
@@ -323,7 +327,7 @@ pub fn authorization_policies(
                 q(kind_group),
                 q(target_name)
             );
-            for (id, (count, routes)) in &seen.identities {
+            for (id, (allowed, audited, routes)) in &seen.identities {
                 let routes = if routes.is_empty() {
                     String::new()
                 } else {
@@ -332,7 +336,12 @@ pub fn authorization_policies(
                         routes.iter().cloned().collect::<Vec<_>>().join(", ")
                     )
                 };
-                y += &format!("  - {}  # {count} requests or connections{routes}\n", q(id));
+                let count = match (allowed, audited) {
+                    (a, 0) => format!("{a} allowed"),
+                    (0, d) => format!("{d} audit-denied (denied once enforced without this)"),
+                    (a, d) => format!("{a} allowed, {d} audit-denied"),
+                };
+                y += &format!("  - {}  # {count}{routes}\n", q(id));
             }
             docs.push(Doc {
                 kind: "AuthorizationPolicy",
@@ -890,8 +899,8 @@ mod tests {
         assert_eq!(nets, ["10.1.5.5/32", "fd00::7/128"], "{text}");
         // Comments say where each entry came from, and what was left out.
         for want in [
-            &format!("  - \"{WEB}\"  # 7 requests or connections on httproute/shop/books/0\n"),
-            &format!("  - \"{BATCH}\"  # 2 requests or connections\n"),
+            &format!("  - \"{WEB}\"  # 7 audit-denied (denied once enforced without this) on httproute/shop/books/0\n"),
+            &format!("  - \"{BATCH}\"  # 2 allowed\n"),
             "# Left out: 40 allow of unauthenticated (default:probe): kubelet probes, always allowed.\n",
             "# Left out: 1 deny of spiffe://cluster.local/ns/evil/sa/x (no authorization): denied, not included.\n",
             "# Left out: 3 audit_deny of overflow",
