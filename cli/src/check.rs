@@ -440,7 +440,11 @@ fn namespace_free(s: &Snapshot, namespace: &str) -> Check {
 
 /// The CRDs this Weft defines, generated from their Rust types.
 fn our_crds() -> Vec<CustomResourceDefinition> {
-    vec![weft_model::policy::BackendPolicy::crd()]
+    vec![
+        weft_model::policy::BackendPolicy::crd(),
+        weft_model::authz::Server::crd(),
+        weft_model::authz::AuthorizationPolicy::crd(),
+    ]
 }
 
 fn crd_name(c: &CustomResourceDefinition) -> &str {

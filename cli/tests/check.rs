@@ -106,9 +106,15 @@ impl World {
     /// Everything a healthy installation has.
     fn install(&self, fake: &FakeApiServer) {
         let now = SystemTime::now();
-        let mut crd = serde_json::to_value(weft_model::policy::BackendPolicy::crd()).unwrap();
-        crd["kind"] = json!("CustomResourceDefinition");
-        fake.apply(crd);
+        for crd in [
+            weft_model::policy::BackendPolicy::crd(),
+            weft_model::authz::Server::crd(),
+            weft_model::authz::AuthorizationPolicy::crd(),
+        ] {
+            let mut crd = serde_json::to_value(crd).unwrap();
+            crd["kind"] = json!("CustomResourceDefinition");
+            fake.apply(crd);
+        }
         for (plural, kind) in [("httproutes", "HTTPRoute"), ("grpcroutes", "GRPCRoute")] {
             fake.apply(json!({
                 "kind": "CustomResourceDefinition",
@@ -331,6 +337,19 @@ async fn a_healthy_installation_passes_and_each_fault_is_named() {
             "CRD backendpolicies.policy.weft.dev is installed and current",
             "error",
             "CRD backendpolicies.policy.weft.dev not found",
+        ),
+        (
+            "Server CRD missing",
+            Box::new(|f| {
+                f.delete(
+                    Resource::CustomResourceDefinitions,
+                    "",
+                    "servers.policy.weft.dev",
+                );
+            }),
+            "CRD servers.policy.weft.dev is installed and current",
+            "error",
+            "CRD servers.policy.weft.dev not found",
         ),
         (
             "CRD stale",

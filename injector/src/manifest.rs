@@ -162,6 +162,9 @@ pub fn inject_yaml(text: &str, cfg: &InjectConfig) -> Result<String, ManifestErr
         .filter(|d| !is_blank(d))
         .enumerate()
     {
+        // Refuse alias bombs before they expand (weft_model::yaml).
+        weft_model::yaml::check_expansion(doc)
+            .map_err(|source| ManifestError::Yaml { index, source })?;
         let value: Value =
             serde_yaml_ng::from_str(doc).map_err(|source| ManifestError::Yaml { index, source })?;
         let kind = value
@@ -218,6 +221,26 @@ pub fn inject_yaml(text: &str, cfg: &InjectConfig) -> Result<String, ManifestErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alias_bombs_are_refused_before_they_expand() {
+        let mut bomb = String::from(
+            "kind: Pod\nmetadata: {name: web}\nx0: &x0 [a, a, a, a, a, a, a, a, a, a]\n",
+        );
+        for i in 1..9 {
+            let p = i - 1;
+            bomb.push_str(&format!("x{i}: &x{i} [*x{p}, *x{p}, *x{p}, *x{p}, *x{p}, *x{p}, *x{p}, *x{p}, *x{p}, *x{p}]\n"));
+        }
+        let started = std::time::Instant::now();
+        let err = inject_yaml(&bomb, &InjectConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("document 0: not valid YAML") && err.contains("expands to more than"),
+            "{err}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
 
     #[test]
     fn splits_documents() {

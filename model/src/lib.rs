@@ -32,6 +32,7 @@ pub mod names;
 pub mod netpol;
 pub mod policy;
 pub mod ports;
+pub mod yaml;
 
 use std::collections::BTreeMap;
 use std::fmt;
