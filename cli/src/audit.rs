@@ -603,11 +603,14 @@ fn http_get(addr: &str, path: &str, read_for: Option<Duration>) -> Result<String
     let mut reader = BufReader::new(stream);
     let mut status = String::new();
     reader.read_line(&mut status).map_err(|e| e.to_string())?;
+    let mut chunked = false;
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h).map_err(|e| e.to_string())? == 0 || h.trim().is_empty() {
             break;
         }
+        let h = h.to_ascii_lowercase();
+        chunked |= h.starts_with("transfer-encoding:") && h.contains("chunked");
     }
     let mut body = Vec::new();
     match read_for {
@@ -642,7 +645,32 @@ fn http_get(addr: &str, path: &str, read_for: Option<Duration>) -> Result<String
             String::from_utf8_lossy(&body).trim()
         ));
     }
+    if chunked {
+        body = dechunk(&body);
+    }
     Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The data of a chunked body, up to where it was cut (a stream read until a deadline ends
+/// mid-chunk).
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(b.len());
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&b[..eol])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.split(';').next().unwrap_or("").trim(), 16).ok());
+        let Some(size) = size.filter(|n| *n > 0) else {
+            break;
+        };
+        let data = &b[eol + 2..];
+        let take = size.min(data.len());
+        out.extend_from_slice(&data[..take]);
+        if take < size || data.len() < size + 2 {
+            break;
+        }
+        b = &data[size + 2..];
+    }
+    out
 }
 
 /// Runs `weft policy audit`; prints the YAML on stdout.
@@ -1040,6 +1068,14 @@ status: {phase: Running, podIP: 10.1.3.3}
         assert!(!allowed(pod("front", "web"), "worker", 53, Protocol::Udp));
         assert!(!allowed(ip("192.168.7.2"), "worker", 53, Protocol::Udp));
         assert!(!allowed(ip("192.168.7.1"), "worker", 53, Protocol::Tcp));
+    }
+
+    #[test]
+    fn dechunks_a_cut_stream() {
+        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), b"abcde");
+        // A record split over two chunks, and a stream cut inside the last chunk.
+        assert_eq!(dechunk(b"2\r\n{\"\r\n3\r\na\":\r\n5\r\n1}"), b"{\"a\":1}");
+        assert_eq!(dechunk(b""), b"");
     }
 
     #[test]

@@ -148,3 +148,143 @@ fn an_unreachable_proxy_is_an_error() {
         "weft policy audit: nothing to read: give --from-proxies ADDR..., or --source to find the namespace's proxies\n"
     );
 }
+
+/// `api-1` and `api-2` (one workload, app=api) in `shop`, `web` in `front`.
+const WORLD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: front}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-1, namespace: shop, labels: {app: api, pod-template-hash: abc}}
+spec: {containers: [{name: app}]}
+status: {phase: Running, podIP: 10.1.0.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-2, namespace: shop, labels: {app: api, pod-template-hash: def}}
+spec: {containers: [{name: app}]}
+status: {phase: Running, podIP: 10.1.0.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: front, labels: {app: web}}
+spec: {containers: [{name: app}]}
+status: {phase: Running, podIP: 10.1.3.2}
+"#;
+
+/// Flow records as `weft cni flows -o json` prints them.
+const FLOWS: &str = r#"{"time":"2026-12-05T21:00:00.000Z","verdict":"allow","direction":"ingress","protocol":"TCP","src":{"ip":"10.1.3.2","port":40000,"namespace":"front","pod":"web"},"dst":{"ip":"10.1.0.10","port":8080,"namespace":"shop","pod":"api-1"},"endpoint":{"namespace":"shop","pod":"api-1"},"reason":"policy","policy":null,"isolated_by":[]}
+{"time":"2026-12-05T21:00:01.000Z","verdict":"allow","direction":"ingress","protocol":"TCP","src":{"ip":"10.1.3.2","port":40001,"namespace":"front","pod":"web"},"dst":{"ip":"10.1.0.11","port":8080,"namespace":"shop","pod":"api-2"},"endpoint":{"namespace":"shop","pod":"api-2"},"reason":"policy","policy":null,"isolated_by":[]}
+{"time":"2026-12-05T21:00:02.000Z","verdict":"allow","direction":"ingress","protocol":"TCP","src":{"ip":"192.168.7.1","port":40002},"dst":{"ip":"10.1.0.10","port":9090,"namespace":"shop","pod":"api-1"},"endpoint":{"namespace":"shop","pod":"api-1"},"reason":"policy","policy":null,"isolated_by":[]}
+{"time":"2026-12-05T21:00:03.000Z","verdict":"deny","direction":"ingress","protocol":"TCP","src":{"ip":"10.1.3.2","port":40003,"namespace":"front","pod":"web"},"dst":{"ip":"10.1.0.10","port":22,"namespace":"shop","pod":"api-1"},"endpoint":{"namespace":"shop","pod":"api-1"},"reason":"policy","policy":null,"isolated_by":["shop/x"]}
+"#;
+
+fn network_policies(yaml: &str) -> Vec<k8s_openapi::api::networking::v1::NetworkPolicy> {
+    let mut out = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let value = serde_yaml_ng::Value::deserialize(doc).unwrap();
+        if value.is_null() {
+            continue;
+        }
+        let np: k8s_openapi::api::networking::v1::NetworkPolicy =
+            serde_yaml_ng::from_value(value).unwrap();
+        weft_model::netpol::network_policy(&np, "").unwrap();
+        out.push(np);
+    }
+    out
+}
+
+fn world_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("world.yaml"), WORLD).unwrap();
+    dir
+}
+
+#[test]
+fn flows_from_a_file_give_one_network_policy_per_workload() {
+    let dir = world_dir();
+    let flows = dir.path().join("flows.ndjson");
+    std::fs::write(&flows, FLOWS).unwrap();
+    let source = format!("dir:{}", dir.path().display());
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["policy", "audit", "shop", "--source", &source, "--flows"])
+        .arg(&flows)
+        .output()
+        .unwrap();
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        yaml,
+        "# From the CNI's flows to 2 pod(s) of this workload: api-1, api-2.\n\
+         apiVersion: networking.k8s.io/v1\n\
+         kind: NetworkPolicy\n\
+         metadata:\n  name: \"api-audited\"\n  namespace: \"shop\"\n\
+         spec:\n  podSelector: {matchLabels: {\"app\": \"api\"}}\n  policyTypes: [Ingress]\n  ingress:\n\
+         \x20 - from: [{namespaceSelector: {matchLabels: {\"kubernetes.io/metadata.name\": \"front\"}}, podSelector: {matchLabels: {\"app\": \"web\"}}}]  # 2 flows\n\
+         \x20   ports: [{protocol: TCP, port: 8080}]\n\
+         \x20 - from: [{ipBlock: {cidr: \"192.168.7.1/32\"}}]  # 1 flows\n\
+         \x20   ports: [{protocol: TCP, port: 9090}]\n"
+    );
+    assert_eq!(network_policies(&yaml).len(), 1);
+}
+
+#[test]
+fn flows_from_a_live_agent_are_read_for_the_duration() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // A fake agent: answers /flows with a chunked NDJSON stream it keeps open.
+    let agent = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut req = [0u8; 1024];
+        let n = s.read(&mut req).unwrap();
+        assert!(String::from_utf8_lossy(&req[..n]).starts_with("GET /flows "));
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n")
+            .unwrap();
+        // Each record split over two chunks.
+        for line in FLOWS.lines() {
+            let line = format!("{line}\n");
+            let (a, b) = line.split_at(line.len() / 2);
+            for part in [a, b] {
+                write!(s, "{:x}\r\n{part}\r\n", part.len()).unwrap();
+            }
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    let dir = world_dir();
+    let source = format!("dir:{}", dir.path().display());
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args([
+            "policy",
+            "audit",
+            "shop",
+            "--source",
+            &source,
+            "--duration",
+            "1",
+            "--agents",
+        ])
+        .arg(addr.to_string())
+        .output()
+        .unwrap();
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nps = network_policies(&yaml);
+    assert_eq!(nps.len(), 1, "{yaml}");
+    assert!(yaml.contains("# 2 flows\n"), "{yaml}");
+    agent.join().unwrap();
+}
