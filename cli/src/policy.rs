@@ -25,6 +25,7 @@
 //! 1 denied, 2 error (a bad argument, manifest or cluster connection), so
 //! scripts can `weft policy explain ... && ...`.
 
+use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -983,7 +984,7 @@ mod tests {
 /// The ports a proxy needs on the controller: destination and policy (8086), identity (8080).
 pub const CONTROLLER_PORTS: [(u16, &str); 2] = [
     (8086, "destination and inbound policy"),
-    (8080, "identity (its certificate)"),
+    (8080, "identity: its certificate"),
 ];
 
 /// The label the chart gives the controller's pods.
@@ -1263,6 +1264,8 @@ pub fn warnings(world: &World, verdict: &Verdict, mesh: &Mesh) -> Vec<Warning> {
         if !pod.meshed || controllers.iter().any(|c| c.key == pod.key) {
             continue;
         }
+        let mut ports = Vec::new();
+        let mut why = BTreeSet::new();
         for (port, what) in CONTROLLER_PORTS {
             let denied: Vec<String> = controllers
                 .iter()
@@ -1290,15 +1293,20 @@ pub fn warnings(world: &World, verdict: &Verdict, mesh: &Mesh) -> Vec<Warning> {
                 })
                 .collect();
             if !denied.is_empty() {
-                out.push(Warning {
-                    kind: "proxy-cannot-reach-controller",
-                    message: format!(
-                        "the {role}'s proxy ({}) needs the controller on {port}/TCP for {what}, and NetworkPolicy denies it: {}; allow egress to the controller's pods on 8086 and 8080",
-                        pod.key,
-                        denied.join("; ")
-                    ),
-                });
+                ports.push(format!("{port}/TCP ({what})"));
+                why.extend(denied);
             }
+        }
+        if !ports.is_empty() {
+            out.push(Warning {
+                kind: "proxy-cannot-reach-controller",
+                message: format!(
+                    "the {role}'s proxy ({}) needs the controller on {}, and NetworkPolicy denies it: {}; allow its egress to the controller's pods on 8086 and 8080",
+                    pod.key,
+                    ports.join(" and "),
+                    why.into_iter().collect::<Vec<_>>().join("; ")
+                ),
+            });
         }
     }
     out

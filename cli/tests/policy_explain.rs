@@ -546,8 +546,9 @@ fn serde_yaml_to_json(doc: &str) -> Value {
 /// (ServiceAccount front/web, namespace ops); port 9090 behind Server `shop/audit-http`
 /// (accessPolicy audit) with AuthorizationPolicy `shop/audit-clients` (namespace front).
 /// Clients: `front/web` (meshed, sa web), `front/legacy` (no proxy), `front/locked` (meshed,
-/// egress only to api on 8080), `ops/batch` (meshed). NetworkPolicies: api's ingress from
-/// namespace front on 8080 and 9090; locked's egress.
+/// egress only to api on 8080), `ops/batch` (meshed); `shop/sealed` (meshed, no egress at
+/// all). NetworkPolicies: api's ingress from namespace front on 8080 and 9090; locked's
+/// and sealed's egress.
 const MESH_WORLD: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -655,6 +656,19 @@ spec:
   ingress:
   - from: [{namespaceSelector: {matchLabels: {team: front}}}]
     ports: [{port: 8080}, {port: 9090}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: sealed, namespace: shop, labels: {app: sealed}}
+spec: {serviceAccountName: sealed, containers: [{name: app, ports: [{containerPort: 8080}]}, {name: weft-proxy}]}
+status: {phase: Running, podIP: 10.1.0.20}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: sealed-no-egress, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: sealed}}
+  policyTypes: [Egress]
 ---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -903,20 +917,29 @@ fn a_proxy_that_cannot_reach_the_controller_is_a_warning() {
         "{text}"
     );
     assert!(
-        text.contains("  warning: the client's proxy (front/locked) needs the controller on 8086/TCP for destination and inbound policy, and NetworkPolicy denies it: weft/controller denied by the egress of front/locked (isolated by front/locked-egress); allow egress to the controller's pods on 8086 and 8080\n"),
+        text.contains("  warning: the client's proxy (front/locked) needs the controller on 8086/TCP (destination and inbound policy) and 8080/TCP (identity: its certificate), and NetworkPolicy denies it: weft/controller denied by the egress of front/locked (isolated by front/locked-egress); allow its egress to the controller's pods on 8086 and 8080\n"),
         "{text}"
     );
-    let kinds: Vec<&str> = json["warnings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["kind"].as_str().unwrap())
-        .collect();
-    assert_eq!(kinds, ["proxy-cannot-reach-controller"; 2], "{text}");
-    assert!(json["warnings"][1]["message"]
-        .as_str()
-        .unwrap()
-        .contains("on 8080/TCP for identity"));
+    assert_eq!(json["warnings"].as_array().unwrap().len(), 1, "{text}");
+    assert_eq!(json["warnings"][0]["kind"], "proxy-cannot-reach-controller");
+    // The destination's proxy is checked too: api's egress is not isolated, sealed's is.
+    assert!(!text.contains("destination's proxy"), "{text}");
+    let (code, text, _) = mesh_explain(
+        dir.path(),
+        &[
+            "--from",
+            "front/web",
+            "--to",
+            "shop/sealed",
+            "--port",
+            "8080",
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.ends_with("  warning: the destination's proxy (shop/sealed) needs the controller on 8086/TCP (destination and inbound policy) and 8080/TCP (identity: its certificate), and NetworkPolicy denies it: weft/controller denied by the egress of shop/sealed (isolated by shop/sealed-no-egress); allow its egress to the controller's pods on 8086 and 8080\n"),
+        "{text}"
+    );
 }
 
 #[test]
