@@ -81,9 +81,22 @@ struct Args {
     /// with this on (with --source kube; needs get/create/update on leases).
     #[arg(long, env = "WEFT_CONTROLLER_LEADER_ELECT")]
     leader_elect: bool,
-    /// The Lease's namespace (the controller's own: the downward API's metadata.namespace).
-    #[arg(long, env = "WEFT_CONTROLLER_NAMESPACE", default_value = "weft")]
+    /// The controller's own namespace (the downward API's metadata.namespace): the Lease's,
+    /// and the one its server certificates name (`identity.<ns>.serviceaccount.identity.<td>`,
+    /// `destination.<ns>.…`), which proxies verify (their WEFT_PROXY_CONTROLLER_NAMESPACE).
+    #[arg(
+        long = "namespace",
+        alias = "leader-elect-namespace",
+        env = "WEFT_CONTROLLER_NAMESPACE",
+        default_value = "weft"
+    )]
     leader_elect_namespace: String,
+    /// Development only: serve the identity and destination ports without TLS (tokens and
+    /// policy cross the network in the clear, anyone may ask for any policy). Without it the
+    /// identity port is TLS and the destination port mutual TLS, which needs an issuer
+    /// (--issuer-* or --dev-ca). `weft check` warns while a controller runs with it.
+    #[arg(long, env = "WEFT_CONTROLLER_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
     /// This replica's identity in the Lease (its pod name: metadata.name); default: the
     /// host name.
     #[arg(long, env = "WEFT_CONTROLLER_POD_NAME")]
@@ -392,6 +405,8 @@ fn main() -> ExitCode {
             cluster_networks: args.cluster_networks.0.clone(),
             trust_domain: String::new(), // the runtime uses --trust-domain
         },
+        namespace: args.leader_elect_namespace.clone(),
+        insecure_plaintext: args.insecure_plaintext,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

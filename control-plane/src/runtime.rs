@@ -14,6 +14,7 @@ use weft_proto::policy::policy_server::PolicyServer;
 use crate::admin::Admin;
 use crate::grpc::destination::DestinationConfig;
 use crate::grpc::identity::IdentityParts;
+use crate::grpc::tls::{caller_interceptor, Port as TlsPort, ServerTls};
 use crate::grpc::{DestinationService, IdentityService, PolicyService};
 use crate::identity::ca::{CaError, FileCa, IssuerFiles, Reload};
 use crate::identity::devca::{self, DevCaError};
@@ -42,12 +43,21 @@ pub struct Config {
     /// `Policy.ServerPolicy`: `--default-inbound-policy` and `--cluster-networks` (its
     /// `trust_domain` is replaced by [`Config::trust_domain`]).
     pub inbound: crate::index::inbound::InboundConfig,
+    /// The controller's namespace (`--namespace`): its server certificates name
+    /// `identity.<ns>.serviceaccount.identity.<trust-domain>` and
+    /// `destination.<ns>.serviceaccount.identity.<trust-domain>` (see [`crate::grpc::tls`]).
+    pub namespace: String,
+    /// `--insecure-plaintext`: both gRPC ports without TLS (development only). Otherwise
+    /// the identity port is TLS and the destination port mutual TLS, which needs an issuer.
+    pub insecure_plaintext: bool,
 }
 
 impl Config {
     /// Every server on an ephemeral 127.0.0.1 port and the default domains:
     /// for tests and demos that run the controller in-process (read the
-    /// bound addresses from [`Controller`]).
+    /// bound addresses from [`Controller`]). Plaintext (`insecure_plaintext`),
+    /// as those clients are plain tonic clients; set it to `false` (with an
+    /// issuer) to test TLS.
     pub fn loopback(source: SourceConfig) -> Self {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
         Config {
@@ -60,6 +70,8 @@ impl Config {
             identity: None,
             leader_election: None,
             inbound: crate::index::inbound::InboundConfig::default(),
+            namespace: "weft".into(),
+            insecure_plaintext: true,
         }
     }
 }
@@ -84,6 +96,10 @@ pub enum RuntimeError {
     TokenKey(#[from] TokenKeyError),
     #[error("identity: {0}")]
     IdentityConfig(String),
+    #[error("the control plane serves TLS with certificates from its identity issuer, and none is configured: pass --issuer-cert, --issuer-key and --trust-anchors (or --dev-ca DIR), or --insecure-plaintext for development (tokens and policy then cross the network in the clear)")]
+    PlaintextNotAllowed,
+    #[error("control-plane TLS: {0}")]
+    Tls(#[from] crate::grpc::tls::TlsError),
     #[error("{what} server failed: {message}")]
     Server { what: &'static str, message: String },
 }
@@ -147,6 +163,20 @@ impl Controller {
         let identity_parts = match &config.identity {
             Some(ic) => Some(identity_parts(ic, &config, source.client())?),
             None => None,
+        };
+        // So are the controller's own certificates (issued in memory from the issuer).
+        let tls = match (&identity_parts, config.insecure_plaintext) {
+            (_, true) => {
+                tracing::warn!("--insecure-plaintext: the identity and destination ports serve plaintext; tokens and policy cross the network in the clear (development only)");
+                None
+            }
+            (None, false) => return Err(RuntimeError::PlaintextNotAllowed),
+            (Some((_, ca, _)), false) => {
+                let make = |port| {
+                    ServerTls::new(ca.clone(), port, &config.trust_domain, &config.namespace)
+                };
+                Some((make(TlsPort::Identity)?, make(TlsPort::Destination)?))
+            }
         };
         let destination = bind("destination", config.destination_addr).await?;
         let identity = bind("identity", config.identity_addr).await?;
@@ -215,8 +245,6 @@ impl Controller {
             },
             metrics.clone(),
         );
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(destination).with_nodelay(Some(true));
         // grpc.health.v1 on the destination port: `weft.destination.Destination` is SERVING
         // once the source has synced (the index holds the cluster), NOT_SERVING before.
         // Proxies are not ready until they have seen it SERVING once.
@@ -233,17 +261,40 @@ impl Controller {
                 .set_serving::<DestinationServer<DestinationService>>()
                 .await;
         }));
-        tasks.push(tokio::spawn(async move {
-            let result = tonic::transport::Server::builder()
-                .add_service(health_service)
-                .add_service(DestinationServer::new(svc))
-                .add_service(PolicyServer::new(policy_svc))
-                .serve_with_incoming(incoming)
-                .await;
-            if let Err(e) = result {
-                tracing::error!(error = %e, "destination gRPC server stopped");
+        // The verified client identity (mTLS) reaches the handlers as `CallerIdentity`.
+        let router = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(DestinationServer::with_interceptor(svc, caller_interceptor))
+            .add_service(PolicyServer::with_interceptor(
+                policy_svc,
+                caller_interceptor,
+            ));
+        let result = |what: &'static str| {
+            move |r: Result<(), tonic::transport::Error>| {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "{what} gRPC server stopped");
+                }
             }
-        }));
+        };
+        match &tls {
+            Some((_, dest_tls)) => {
+                tracing::info!(id = %dest_tls.identity(), "destination port: mutual TLS, workload certificates required");
+                let (incoming, accept) = crate::grpc::tls::incoming(destination, dest_tls.clone());
+                tasks.push(accept);
+                let done = result("destination");
+                tasks.push(tokio::spawn(async move {
+                    done(router.serve_with_incoming(incoming).await)
+                }));
+            }
+            None => {
+                let incoming = tonic::transport::server::TcpIncoming::from(destination)
+                    .with_nodelay(Some(true));
+                let done = result("destination");
+                tasks.push(tokio::spawn(async move {
+                    done(router.serve_with_incoming(incoming).await)
+                }));
+            }
+        }
         let (identity_svc, ca) = match identity_parts {
             Some((parts, ca, interval)) => {
                 tasks.push(tokio::spawn(watch_issuer(
@@ -255,17 +306,27 @@ impl Controller {
             }
             None => (IdentityService::disabled(metrics.clone()), None),
         };
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(identity).with_nodelay(Some(true));
-        tasks.push(tokio::spawn(async move {
-            let result = tonic::transport::Server::builder()
-                .add_service(IdentityServer::new(identity_svc))
-                .serve_with_incoming(incoming)
-                .await;
-            if let Err(e) = result {
-                tracing::error!(error = %e, "identity gRPC server stopped");
+        let router =
+            tonic::transport::Server::builder().add_service(IdentityServer::new(identity_svc));
+        match &tls {
+            Some((id_tls, _)) => {
+                tracing::info!(id = %id_tls.identity(), "identity port: TLS");
+                let (incoming, accept) = crate::grpc::tls::incoming(identity, id_tls.clone());
+                tasks.push(accept);
+                let done = result("identity");
+                tasks.push(tokio::spawn(async move {
+                    done(router.serve_with_incoming(incoming).await)
+                }));
             }
-        }));
+            None => {
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(identity).with_nodelay(Some(true));
+                let done = result("identity");
+                tasks.push(tokio::spawn(async move {
+                    done(router.serve_with_incoming(incoming).await)
+                }));
+            }
+        }
         tasks.push(tokio::spawn(
             Admin {
                 metrics: metrics.clone(),

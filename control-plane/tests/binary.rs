@@ -51,6 +51,8 @@ fn serves_ready_from_a_manifest_directory() {
             &ident.to_string(),
             "--admin-addr",
             &admin.to_string(),
+            // No issuer: plaintext must be asked for (see the test below).
+            "--insecure-plaintext",
         ])
         .stderr(Stdio::null())
         .spawn()
@@ -73,4 +75,30 @@ fn serves_ready_from_a_manifest_directory() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(ready, "/ready did not answer 200 within 10 s");
+}
+
+/// Without an issuer the controller cannot serve TLS: it refuses to start in plaintext
+/// unless told to, and says which flag does it.
+#[test]
+fn plaintext_must_be_explicit() {
+    let manifests = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/manifests");
+    let out = Command::new(BIN)
+        .args([
+            "--source",
+            &format!("dir:{manifests}"),
+            "--destination-addr",
+            "127.0.0.1:0",
+            "--identity-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--insecure-plaintext") && stderr.contains("--dev-ca"),
+        "{stderr}"
+    );
 }

@@ -255,6 +255,9 @@ async fn dev_ca_run_answers_certify() {
             "50",
             "--certify-max-burst",
             "300",
+            // A plain tonic client; TLS on this port is tested end to end
+            // (tests/tests/control_plane_tls.rs).
+            "--insecure-plaintext",
         ])
         .stderr(Stdio::null())
         .spawn()

@@ -43,6 +43,7 @@ pub mod env {
     pub const TRACE_QUEUE: &str = "WEFT_PROXY_TRACE_QUEUE";
     pub const TAP_AUTHORIZED_IDENTITY: &str = "WEFT_PROXY_TAP_AUTHORIZED_IDENTITY";
     pub const INBOUND_DEFAULT_POLICY: &str = "WEFT_PROXY_INBOUND_DEFAULT_POLICY";
+    pub const CONTROLLER_NAMESPACE: &str = "WEFT_PROXY_CONTROLLER_NAMESPACE";
 }
 
 /// Every variable the proxy reads, its default as the variable would be written (empty: unset
@@ -124,7 +125,7 @@ pub const VARS: &[(&str, &str, &str)] = &[
     (
         env::DESTINATION_ADDR,
         "",
-        "HOST:PORT of the controller's Destination gRPC (unset: no discovery)",
+        "HOST:PORT of the controller's Destination gRPC, over mTLS with the workload certificate (needs WEFT_PROXY_IDENTITY_ADDR); http://HOST:PORT: plaintext, development only (unset: no discovery)",
     ),
     (env::NAMESPACE, "", "the workload's namespace"),
     (env::POD_NAME, "", "the workload's pod"),
@@ -152,7 +153,7 @@ pub const VARS: &[(&str, &str, &str)] = &[
     (
         env::IDENTITY_ADDR,
         "",
-        "HOST:PORT of the controller's Identity gRPC (unset: no mTLS)",
+        "HOST:PORT of the controller's Identity gRPC, over TLS verified against the trust anchors; http://HOST:PORT: plaintext, development only (unset: no mTLS)",
     ),
     (
         env::IDENTITY,
@@ -198,6 +199,11 @@ pub const VARS: &[(&str, &str, &str)] = &[
         env::INBOUND_DEFAULT_POLICY,
         "all-unauthenticated",
         "inbound authorization without (or before) the controller's ServerPolicy: all-unauthenticated, all-authenticated, cluster-unauthenticated, cluster-authenticated, deny, audit",
+    ),
+    (
+        env::CONTROLLER_NAMESPACE,
+        "weft",
+        "the controller's namespace: the identity and destination services must present identity.<ns>.serviceaccount.identity.<trust-domain> and destination.<ns>.…",
     ),
 ];
 
@@ -357,6 +363,11 @@ impl Sampling {
 pub struct IdentityConfig {
     /// `host:port` of the controller's identity gRPC service.
     pub addr: String,
+    /// The address was given as `http://host:port`: no TLS (development only).
+    pub plaintext: bool,
+    /// The controller's namespace (`WEFT_PROXY_CONTROLLER_NAMESPACE`): the TLS names the
+    /// proxy expects from its identity and destination services.
+    pub controller_namespace: String,
     /// `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`: what the certificate must name.
     pub id: String,
     /// Token presented to the identity service, re-read on every attempt (kubelet rotates it).
@@ -381,6 +392,9 @@ pub struct Workload {
 pub struct DiscoveryConfig {
     /// `host:port` of the controller's destination gRPC service.
     pub addr: String,
+    /// The address was given as `http://host:port`: no TLS, no client certificate
+    /// (development only). Otherwise mutual TLS with the workload certificate.
+    pub plaintext: bool,
     /// How long a request to a target not resolved yet waits for the controller's first
     /// answer before it goes to its original destination.
     pub timeout: Duration,
@@ -396,6 +410,7 @@ impl DiscoveryConfig {
     pub fn new(addr: impl Into<String>) -> Self {
         Self {
             addr: addr.into(),
+            plaintext: false,
             timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(60),
             backoff_max: Duration::from_secs(5),
@@ -568,13 +583,15 @@ impl Config {
             }
         }
         if let Some(v) = get(env::DESTINATION_ADDR)? {
-            if !is_host_port(&v) {
+            let (addr, plaintext) = controller_addr(&v);
+            if !is_host_port(addr) {
                 return Err(ConfigError::HostPort {
                     var: env::DESTINATION_ADDR,
                     value: v,
                 });
             }
-            d.addr = v;
+            d.addr = addr.to_string();
+            d.plaintext = plaintext;
             c.discovery = Some(d);
         }
         if let Some(v) = get(env::INBOUND_DEFAULT_POLICY)? {
@@ -587,6 +604,15 @@ impl Config {
             )?;
         }
         c.identity = parse_identity(&get, &c.workload)?;
+        if let Some(d) = &c.discovery {
+            if !d.plaintext && c.identity.is_none() {
+                return Err(ConfigError::Missing {
+                    var: env::IDENTITY_ADDR,
+                    because: env::DESTINATION_ADDR,
+                    why: "the destination service requires mTLS with the workload certificate; for development without identity, give the address as http://HOST:PORT (plaintext)",
+                });
+            }
+        }
         c.tracing = parse_tracing(&get)?;
         Ok(c)
     }
@@ -626,13 +652,24 @@ fn parse_identity(
     get: &impl Fn(&'static str) -> Result<Option<String>, ConfigError>,
     workload: &Workload,
 ) -> Result<Option<IdentityConfig>, ConfigError> {
-    let Some(addr) = get(env::IDENTITY_ADDR)? else {
+    let Some(value) = get(env::IDENTITY_ADDR)? else {
         return Ok(None);
     };
-    if !is_host_port(&addr) || addr.ends_with(":0") {
+    let (addr, plaintext) = controller_addr(&value);
+    if !is_host_port(addr) || addr.ends_with(":0") {
         return Err(ConfigError::HostPort {
             var: env::IDENTITY_ADDR,
-            value: addr,
+            value,
+        });
+    }
+    let addr = addr.to_string();
+    let controller_namespace =
+        get(env::CONTROLLER_NAMESPACE)?.unwrap_or_else(|| "weft".to_string());
+    if !is_dns_name(&controller_namespace) || controller_namespace.contains('.') {
+        return Err(ConfigError::Invalid {
+            var: env::CONTROLLER_NAMESPACE,
+            value: controller_namespace,
+            reason: "not a Kubernetes namespace (lowercase letters, digits, '-')",
         });
     }
     let id = match get(env::IDENTITY)? {
@@ -701,6 +738,8 @@ fn parse_identity(
     };
     Ok(Some(IdentityConfig {
         addr,
+        plaintext,
+        controller_namespace,
         id,
         token_file: file(env::IDENTITY_TOKEN_FILE)?,
         trust_anchors: file(env::TRUST_ANCHORS)?,
@@ -715,6 +754,21 @@ fn controller_identity(id: &str) -> String {
         .and_then(|r| r.split('/').next())
         .unwrap_or("cluster.local");
     format!("spiffe://{td}/ns/weft/sa/weft-controller")
+}
+
+/// A controller address and whether it asks for plaintext: `http://host:port` is the
+/// explicit development opt-out of TLS; `host:port` (and `https://host:port`) is TLS.
+fn controller_addr(v: &str) -> (&str, bool) {
+    if let Some(rest) = v.strip_prefix("http://") {
+        (rest.trim_end_matches('/'), true)
+    } else {
+        (
+            v.strip_prefix("https://")
+                .unwrap_or(v)
+                .trim_end_matches('/'),
+            false,
+        )
+    }
 }
 
 /// Lowercase DNS name: labels of `[a-z0-9-]`, not starting or ending with `-`.
@@ -877,8 +931,8 @@ mod tests {
             let mut with = vec![(*var, *default)];
             // These only matter with discovery or tracing on: compare like with like.
             if var.starts_with("WEFT_PROXY_DISCOVERY") || *var == env::BALANCER_DECAY {
-                with.push((env::DESTINATION_ADDR, "ctl:8086"));
-                let want = parse(&[(env::DESTINATION_ADDR, "ctl:8086")]).unwrap();
+                with.push((env::DESTINATION_ADDR, "http://ctl:8086"));
+                let want = parse(&[(env::DESTINATION_ADDR, "http://ctl:8086")]).unwrap();
                 assert_eq!(parse(&with).unwrap(), want, "{var}={default}");
             } else if var.starts_with("WEFT_PROXY_TRACE") {
                 with.push((env::TRACE_COLLECTOR_ADDR, "otel:4317"));
@@ -998,13 +1052,58 @@ mod tests {
         assert_eq!(Config::default().access_log, None);
     }
 
+    /// TLS to the controller unless an address says `http://`; mTLS to the destination
+    /// service needs the workload certificate, so identity.
+    #[test]
+    fn the_controller_is_reached_over_tls_unless_told_otherwise() {
+        let err = parse(&[(env::DESTINATION_ADDR, "ctl:8086")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("WEFT_PROXY_IDENTITY_ADDR must be set when WEFT_PROXY_DESTINATION_ADDR")
+                && err.contains("http://HOST:PORT"),
+            "{err}"
+        );
+        let identity = [
+            (env::NAMESPACE, "shop"),
+            (env::SERVICE_ACCOUNT, "web"),
+            (env::IDENTITY_TOKEN_FILE, "/t"),
+            (env::TRUST_ANCHORS, "/a"),
+        ];
+        let mut vars = identity.to_vec();
+        vars.push((env::DESTINATION_ADDR, "https://ctl:8086"));
+        vars.push((env::IDENTITY_ADDR, "ctl:8080"));
+        let c = parse(&vars).unwrap();
+        let (d, i) = (c.discovery.unwrap(), c.identity.unwrap());
+        assert_eq!((d.addr.as_str(), d.plaintext), ("ctl:8086", false));
+        assert_eq!((i.addr.as_str(), i.plaintext), ("ctl:8080", false));
+        assert_eq!(i.controller_namespace, "weft");
+        let mut vars = identity.to_vec();
+        vars.push((env::IDENTITY_ADDR, "http://ctl:8080"));
+        vars.push((env::CONTROLLER_NAMESPACE, "weft-system"));
+        let i = parse(&vars).unwrap().identity.unwrap();
+        assert_eq!((i.addr.as_str(), i.plaintext), ("ctl:8080", true));
+        assert_eq!(i.controller_namespace, "weft-system");
+        let mut vars = identity.to_vec();
+        vars.push((env::IDENTITY_ADDR, "ctl:8080"));
+        vars.push((env::CONTROLLER_NAMESPACE, "a.b"));
+        let err = parse(&vars).unwrap_err().to_string();
+        assert!(
+            err.contains("WEFT_PROXY_CONTROLLER_NAMESPACE=\"a.b\""),
+            "{err}"
+        );
+    }
+
     #[test]
     fn discovery_is_off_unless_an_address_is_given() {
         let c = parse(&[(env::NAMESPACE, "shop"), (env::DISCOVERY_TIMEOUT, "2s")]).unwrap();
         assert_eq!(c.discovery, None);
         assert_eq!(c.workload.namespace, "shop");
         let c = parse(&[
-            (env::DESTINATION_ADDR, "weft-controller.weft.svc:8086"),
+            (
+                env::DESTINATION_ADDR,
+                "http://weft-controller.weft.svc:8086",
+            ),
             (env::DISCOVERY_TIMEOUT, "250ms"),
             (env::POD_NAME, "web-1"),
             (env::SERVICE_ACCOUNT, "web"),
@@ -1012,13 +1111,15 @@ mod tests {
         .unwrap();
         let d = c.discovery.unwrap();
         assert_eq!(d.addr, "weft-controller.weft.svc:8086");
+        assert!(d.plaintext);
         assert_eq!(d.timeout, Duration::from_millis(250));
         assert_eq!(d.idle_timeout, Duration::from_secs(60));
         assert_eq!(d.backoff_max, Duration::from_secs(5));
         assert_eq!(c.workload.pod_name, "web-1");
         assert_eq!(c.workload.service_account, "web");
         for ok in ["127.0.0.1:8086", "[::1]:8086", "ctl:1"] {
-            assert!(parse(&[(env::DESTINATION_ADDR, ok)]).is_ok(), "{ok}");
+            let ok = format!("http://{ok}");
+            assert!(parse(&[(env::DESTINATION_ADDR, &ok)]).is_ok(), "{ok}");
         }
     }
 

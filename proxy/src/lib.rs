@@ -178,6 +178,23 @@ impl Bound {
             admin,
         } = self;
         let identity_state = identity.as_ref().map(identity::Client::subscribe);
+        // Mutual TLS to the destination service with the workload certificate (unless its
+        // address says http://): every discovery and policy stream shares that channel.
+        let controller_tls = match (&identity, &config.identity) {
+            (Some(client), Some(c)) => Some(
+                transport::control::ControllerTls::new(
+                    transport::control::controller_identity(
+                        transport::control::trust_domain(&c.id),
+                        &c.controller_namespace,
+                        transport::control::Service::Destination,
+                    ),
+                    client.trust_anchors(),
+                    Some(client.subscribe()),
+                )
+                .map_err(|source| RunError::Tls { source })?,
+            ),
+            _ => None,
+        };
         let identity_task = identity.map(|client| {
             if let Some(c) = &config.identity {
                 tracing::info!(id = %c.id, addr = %c.addr, anchors = client.trust_anchors().borrow().len(), "identity enabled");
@@ -207,6 +224,7 @@ impl Bound {
                     d.clone(),
                     &config.workload,
                     metrics.discovery.clone(),
+                    controller_tls,
                 )?;
                 tracing::info!(addr = %d.addr, namespace = %config.workload.namespace, "discovery enabled");
                 controller = Some(resolver.watch_controller());

@@ -143,6 +143,8 @@ pub struct Controller {
     pub identity: SocketAddr,
     /// Extra command-line arguments (e.g. `--dev-ca DIR`).
     args: Vec<String>,
+    /// Runs with `--insecure-plaintext`: proxies reach it at `http://` addresses.
+    pub plaintext: bool,
 }
 
 impl Controller {
@@ -155,15 +157,35 @@ impl Controller {
 
     /// Picks the ports but does not start the process yet ([`Controller::launch`] does), so
     /// proxies can be pointed at a controller that is not up.
+    ///
+    /// Without an issuer (`--dev-ca`, `--issuer-cert`) the controller cannot serve TLS, so it
+    /// gets `--insecure-plaintext` (and [`Controller::env`] an `http://` address); with one it
+    /// serves TLS unless `args` say `--insecure-plaintext` themselves.
     pub fn prepare(dir: &Path, args: &[&str]) -> Result<Self> {
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let has = |flag: &str| args.iter().any(|a| a == flag);
+        if !has("--dev-ca") && !has("--issuer-cert") && !has("--insecure-plaintext") {
+            args.push("--insecure-plaintext".into());
+        }
+        let plaintext = args.iter().any(|a| a == "--insecure-plaintext");
         Ok(Self {
             child: None,
             dir: dir.to_path_buf(),
             destination: free_addr()?,
             admin: free_addr()?,
             identity: free_addr()?,
-            args: args.iter().map(|a| a.to_string()).collect(),
+            args,
+            plaintext,
         })
+    }
+
+    /// A controller address as a proxy is given it: `http://` when plaintext.
+    pub fn proxy_addr(&self, addr: SocketAddr) -> String {
+        if self.plaintext {
+            format!("http://{addr}")
+        } else {
+            addr.to_string()
+        }
     }
 
     /// Starts a prepared controller and waits for `/ready`.
@@ -241,11 +263,11 @@ impl Controller {
         .with_context(|| format!("the controller did not index {n} {kind} objects"))
     }
 
-    /// The proxy's setting for this controller.
+    /// The proxy's setting for this controller (mTLS, or `http://` when plaintext).
     pub fn env(&self) -> (String, String) {
         (
             "WEFT_PROXY_DESTINATION_ADDR".into(),
-            self.destination.to_string(),
+            self.proxy_addr(self.destination),
         )
     }
 }
@@ -323,7 +345,7 @@ impl DevCa {
         vec![
             (
                 "WEFT_PROXY_IDENTITY_ADDR".into(),
-                self.controller.identity.to_string(),
+                self.controller.proxy_addr(self.controller.identity),
             ),
             ("WEFT_PROXY_NAMESPACE".into(), ns.into()),
             ("WEFT_PROXY_SERVICE_ACCOUNT".into(), sa.into()),

@@ -117,9 +117,13 @@ impl PolicyController {
         });
     }
 
-    /// The proxy's setting for this controller.
+    /// The proxy's setting for this controller: plaintext (`http://`), as this fake serves
+    /// no TLS.
     pub fn env(&self) -> (String, String) {
-        ("WEFT_PROXY_DESTINATION_ADDR".into(), self.addr.to_string())
+        (
+            "WEFT_PROXY_DESTINATION_ADDR".into(),
+            format!("http://{}", self.addr),
+        )
     }
 
     /// The ServerPolicy requests received so far.

@@ -105,7 +105,14 @@ async fn mesh(
     client_meshed: bool,
     proto: Proto,
 ) -> Result<(DevCa, Vec<Pod>, Proxy, Load)> {
-    let ca = DevCa::start(name, &[])?;
+    // A client without identity cannot do mTLS to the destination service: such a client
+    // needs a plaintext (development) controller.
+    let plaintext: &[&str] = if client_meshed {
+        &[]
+    } else {
+        &["--insecure-plaintext"]
+    };
+    let ca = DevCa::start(name, plaintext)?;
     let mut pods = Vec::new();
     for _ in 0..PODS {
         pods.push(Pod::start(&ca, meshed, proto == Proto::H1).await?);

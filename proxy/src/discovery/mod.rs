@@ -30,6 +30,7 @@ use weft_proto::destination::{CallerContext, ResolveRequest};
 
 use crate::config::{DiscoveryConfig, Workload};
 use crate::metrics::DiscoveryMetrics;
+use crate::transport::control::{self, ControllerTls};
 use state::StreamState;
 
 /// Resolutions kept at once; targets beyond this are not resolved (they go to their
@@ -76,6 +77,8 @@ pub enum DiscoveryError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("WEFT_PROXY_DESTINATION_ADDR={addr:?}: the destination service requires mTLS with the workload certificate, and this proxy has no identity (set WEFT_PROXY_IDENTITY_ADDR, or give the address as http://HOST:PORT for plaintext in development)")]
+    NoIdentity { addr: String },
 }
 
 struct Entry {
@@ -127,22 +130,41 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Resolver {
     /// Builds the resolver; the channel connects on first use. Must run inside a tokio runtime.
+    ///
+    /// `tls`: mutual TLS to the destination service with the workload certificate (see
+    /// [`crate::transport::control`]), required unless the address was given as `http://`
+    /// ([`DiscoveryConfig::plaintext`]). Every stream on the port (Resolve, ClientPolicy,
+    /// ServerPolicy, the health probe) shares this channel, so none of them is ever sent
+    /// in the clear.
     pub fn new(
         config: DiscoveryConfig,
         workload: &Workload,
         metrics: DiscoveryMetrics,
+        tls: Option<ControllerTls>,
     ) -> Result<Self, DiscoveryError> {
-        let channel = GrpcEndpoint::from_shared(format!("http://{}", config.addr))
-            .map_err(|source| DiscoveryError::Uri {
-                addr: config.addr.clone(),
-                source,
-            })?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(3))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+        let tls = match (config.plaintext, tls) {
+            (true, _) => {
+                tracing::warn!(addr = %config.addr, "destination service over plaintext (http:// address): development only");
+                None
+            }
+            (false, None) => {
+                return Err(DiscoveryError::NoIdentity {
+                    addr: config.addr.clone(),
+                })
+            }
+            (false, Some(tls)) => Some(tls),
+        };
+        let channel = control::channel(&config.addr, tls, |e: GrpcEndpoint| {
+            e.connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(3))
+                .keep_alive_while_idle(true)
+        })
+        .map_err(|source| DiscoveryError::Uri {
+            addr: config.addr.clone(),
+            source,
+        })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 client: DestinationClient::new(channel.clone()),
@@ -189,7 +211,7 @@ impl Resolver {
                     Ok(Err(s)) => format!(
                         "unreachable or unavailable ({:?}): {}",
                         s.code(),
-                        s.message()
+                        control::status_reason(&s)
                     ),
                     Err(_) => "no answer within 2 s".to_string(),
                 };

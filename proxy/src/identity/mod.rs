@@ -1,6 +1,11 @@
 //! The workload identity client: obtains and renews this proxy's certificate from the
 //! controller's `Identity.Certify`.
 //!
+//! The identity service is reached over TLS and must present the controller's identity-service
+//! certificate (`identity.<controller-ns>.serviceaccount.identity.<trust-domain>`, chaining to
+//! the trust anchors) before the token is sent ([`crate::transport::control`]); an `http://`
+//! address is the development-only plaintext opt-out.
+//!
 //! The private key (ECDSA P-256) is generated in memory at start and never leaves the process;
 //! only its CSR, naming exactly the SPIFFE ID, is sent. The token file is re-read on every
 //! attempt because the kubelet rotates projected tokens. A returned chain is used only after it
@@ -28,13 +33,14 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType, PKCS_ECDSA_P
 use rustls::sign::{CertifiedKey, SigningKey};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use weft_proto::identity::identity_client::IdentityClient;
 use weft_proto::identity::CertifyRequest;
 
 use crate::config::{env, IdentityConfig};
 use crate::discovery::Backoff;
 use crate::metrics::IdentityMetrics;
+use crate::transport::control;
 pub use verify::{AnchorsError, ChainError, TrustAnchors};
 
 /// How long one `Certify` call may take before it counts as failed.
@@ -183,10 +189,27 @@ impl Client {
             addr: config.addr.clone(),
             reason,
         };
-        let channel = Endpoint::from_shared(format!("http://{}", config.addr))
-            .map_err(|e| endpoint_err(e.to_string()))?
-            .connect_timeout(Duration::from_secs(1))
-            .connect_lazy();
+        let anchors = watch::Sender::new(Arc::new(anchors));
+        // TLS to the identity service, verified against the anchors before the token is
+        // sent (see `transport::control`); plaintext only for an `http://` address.
+        let tls = if config.plaintext {
+            tracing::warn!(addr = %config.addr, "identity service over plaintext (http:// address): the token crosses the network in the clear; development only");
+            None
+        } else {
+            let expected = control::controller_identity(
+                control::trust_domain(&config.id),
+                &config.controller_namespace,
+                control::Service::Identity,
+            );
+            Some(
+                control::ControllerTls::new(expected, anchors.subscribe(), None)
+                    .map_err(|e| endpoint_err(e.to_string()))?,
+            )
+        };
+        let channel = control::channel(&config.addr, tls, |e| {
+            e.connect_timeout(Duration::from_secs(1))
+        })
+        .map_err(|e| endpoint_err(e.to_string()))?;
         let (tx, _) = watch::channel(CertState::Pending {
             reason: format!(
                 "identity service at {}: first request not answered yet",
@@ -195,9 +218,9 @@ impl Client {
             .into(),
         });
         metrics.ready.set(0);
-        metrics.anchors.set(anchors.len() as i64);
+        metrics.anchors.set(anchors.borrow().len() as i64);
         Ok(Self {
-            anchors: watch::Sender::new(Arc::new(anchors)),
+            anchors,
             signing_key,
             spki,
             csr,
@@ -297,7 +320,7 @@ impl Client {
             .map_err(|_| IdentityError::Timeout(CERTIFY_TIMEOUT))?
             .map_err(|s| IdentityError::Refused {
                 code: s.code(),
-                message: s.message().to_string(),
+                message: control::status_reason(&s),
             })?
             .into_inner();
         let anchors = self.anchors.borrow().clone();

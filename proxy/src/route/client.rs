@@ -242,8 +242,14 @@ mod tests {
         let mut config = DiscoveryConfig::new(addr);
         config.timeout = Duration::from_millis(500);
         config.backoff_max = Duration::from_millis(200);
-        let resolver =
-            Resolver::new(config, &Workload::default(), DiscoveryMetrics::default()).unwrap();
+        config.plaintext = true;
+        let resolver = Resolver::new(
+            config,
+            &Workload::default(),
+            DiscoveryMetrics::default(),
+            None,
+        )
+        .unwrap();
         let metrics = PolicyMetrics::default();
         Controller {
             calls: Arc::default(),

@@ -237,6 +237,33 @@ pub fn client_config(
     Ok(config)
 }
 
+/// The config of a channel to the controller (see [`super::control`]): TLS 1.3, servers
+/// verified by [`MeshServerVerifier`] (so the controller's certificate must name the identity
+/// in the SNI), the workload certificate presented when `identity` is given (the destination
+/// service), none otherwise (the identity service). Resumption is off as in
+/// [`client_config`].
+pub fn controller_client_config(
+    identity: Option<watch::Receiver<CertState>>,
+    anchors: &TrustAnchors,
+) -> Result<ClientConfig, TlsError> {
+    let provider = provider();
+    let verifier = MeshServerVerifier {
+        roots: root_store(anchors)?,
+        algs: provider.signature_verification_algorithms,
+    };
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Protocol)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    let mut config = match identity {
+        Some(identity) => builder.with_client_cert_resolver(Arc::new(CertResolver::new(identity))),
+        None => builder.with_no_client_auth(),
+    };
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
 /// Accepts a server whose chain verifies to the trust anchors for server auth and whose leaf
 /// names exactly the identity encoded in the server name. No DNS-name check: mesh leaves carry
 /// only the SPIFFE URI.
