@@ -1208,8 +1208,10 @@ pub struct Warning {
 
 /// The warnings for `verdict` and `mesh` (see the README's NetworkPolicy section). Pure.
 ///
-/// - `network-policy-denies`: the mesh allows, but the NetworkPolicies drop the connection
-///   before any proxy sees it (the AuthorizationPolicy reads as if it were allowed).
+/// - `network-policy-denies`: an AuthorizationPolicy allows, but the NetworkPolicies drop the
+///   connection before any proxy sees it (the AuthorizationPolicy reads as if it were
+///   allowed). Not for default policies: `all-unauthenticated` allows everyone and says
+///   nothing about this client.
 /// - `client-not-meshed`: the mesh denies an unauthenticated client that an authorization
 ///   would admit with a mesh identity: the client pod has no proxy, so it never presents one.
 /// - `proxy-cannot-reach-controller`: a meshed end's proxy needs the controller (8086:
@@ -1223,13 +1225,17 @@ pub struct Warning {
 pub fn warnings(world: &World, verdict: &Verdict, mesh: &Mesh) -> Vec<Warning> {
     let mut out = Vec::new();
     if let Mesh::Decided(d) = mesh {
-        if mesh.allows() && !verdict.allowed {
+        // Only an explicit authorization (an AuthorizationPolicy) reads as "allowed"; a
+        // default policy allowing everyone says nothing about this client.
+        let explicit = d
+            .authorization
+            .as_deref()
+            .filter(|a| d.result == "allow" && !a.starts_with("default:"));
+        if let (Some(authorization), false) = (explicit, verdict.allowed) {
             out.push(Warning {
                 kind: "network-policy-denies",
                 message: format!(
-                    "the mesh {} this ({}), but NetworkPolicy denies it: the connection is dropped at L3/L4 before {} is consulted",
-                    if d.result == "audit_deny" { "only audits" } else { "allows" },
-                    d.authorization.as_deref().unwrap_or("audit mode"),
+                    "the mesh allows this ({authorization}), but NetworkPolicy denies it: the connection is dropped at L3/L4 before {} is consulted",
                     d.server
                 ),
             });

@@ -250,6 +250,11 @@ fn denied_by_egress_isolation_and_by_ingress_default_deny() {
         json!(["shop/allow-client", "shop/allow-ops", "shop/default-deny"])
     );
     assert_eq!(json["egress"]["decision"], "not_isolated");
+    // web's default policy allows everyone: no AuthorizationPolicy says free may connect, so
+    // NetworkPolicy's denial is no disagreement.
+    assert_eq!(json["mesh"]["decision"], "allow");
+    assert_eq!(json["mesh"]["authorization"], "default:all-unauthenticated");
+    assert_eq!(json["warnings"], json!([]));
 }
 
 #[test]
