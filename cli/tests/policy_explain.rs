@@ -986,3 +986,46 @@ fn mesh_is_not_applicable_to_unmeshed_destinations_and_udp() {
         "{text}"
     );
 }
+
+/// The kube source lists the mesh's kinds too: the Server, its route and AuthorizationPolicy
+/// decide as they do from a directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_the_mesh_from_the_cluster_through_a_kubeconfig() {
+    use weft_controller::testing::fake_apiserver::FakeApiServer;
+
+    let fake = FakeApiServer::start().await.unwrap();
+    for doc in MESH_WORLD.split("\n---\n") {
+        fake.apply(serde_yaml_to_json(doc));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(dir.path(), &format!("http://{}", fake.addr()));
+    let out = tokio::task::spawn_blocking(move || {
+        weft(
+            &[
+                "--from",
+                "front/web",
+                "--to",
+                "shop/api",
+                "--port",
+                "8080",
+                "--path",
+                "/books",
+                "-o",
+                "json",
+            ],
+            &[("KUBECONFIG", config.as_str())],
+        )
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["mesh"]["server"], "server/shop/api-http");
+    assert_eq!(json["mesh"]["route"], "httproute/shop/api-books/0");
+    assert_eq!(
+        json["mesh"]["authorization"],
+        "authorizationpolicy/shop/api-clients"
+    );
+    assert_eq!(json["mesh"]["identity"], WEB_ID);
+}
