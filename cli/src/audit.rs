@@ -57,7 +57,7 @@ pub struct AuditArgs {
     pub namespace: String,
     /// Admin addresses (host:port, usually POD_IP:4191) of the namespace's proxies, scraped
     /// for weft_inbound_authz_total. Without it, with --source: every meshed pod of the
-    /// namespace on its IP and port 4191.
+    /// namespace on its IP and --admin-port.
     #[arg(long = "from-proxies", value_name = "ADDR", num_args = 1..)]
     pub from_proxies: Vec<String>,
     /// Cluster state for pod labels (NetworkPolicy peers and workloads) and for finding the
@@ -74,6 +74,9 @@ pub struct AuditArgs {
     /// Seconds to read the agents' flows.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub duration: u64,
+    /// The proxies' admin port, for the proxies found with --source.
+    #[arg(long, value_name = "PORT", default_value_t = 4191)]
+    pub admin_port: u16,
     /// Seconds to wait for the API server (with --source kube).
     #[arg(long, value_name = "SECS", default_value_t = 15)]
     pub timeout: u64,
@@ -718,7 +721,7 @@ fn run_audit(args: &AuditArgs) -> anyhow::Result<()> {
                 .pods()
                 .filter(|p| p.key.namespace == args.namespace && p.meshed && !p.terminated)
                 .filter_map(|p| p.ips.first())
-                .map(|ip| SocketAddr::new(*ip, 4191).to_string())
+                .map(|ip| SocketAddr::new(*ip, args.admin_port).to_string())
                 .collect();
         }
     }

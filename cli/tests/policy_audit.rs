@@ -123,6 +123,28 @@ async fn audit_prints_the_identities_the_proxies_saw() -> anyhow::Result<()> {
         yaml.contains("1 unauthenticated requests or connections.\n# Their addresses are not in the proxies' counters"),
         "{yaml}"
     );
+
+    // The same proxy found from the cluster state: the namespace's meshed pods, on their IP
+    // and the admin port.
+    let state = tempfile::tempdir()?;
+    std::fs::write(
+        state.path().join("books.yaml"),
+        "apiVersion: v1\nkind: Pod\n\
+         metadata: {name: books-0, namespace: books, labels: {app: books}}\n\
+         spec: {containers: [{name: app}, {name: weft-proxy}]}\n\
+         status: {phase: Running, podIP: 127.0.0.1}\n",
+    )?;
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["policy", "audit", NS, "--source"])
+        .arg(format!("dir:{}", state.path().display()))
+        .args(["--admin-port", &books.admin.port().to_string()])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8(out.stdout)?, yaml);
     Ok(())
 }
 
