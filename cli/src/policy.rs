@@ -96,7 +96,7 @@ pub struct ExplainArgs {
     pub port: PortArg,
     /// For the mesh verdict: the HTTP request path (with its query, if routes match on it).
     /// Without --path and --method, a server with routes is asked about `GET /`.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_parser = parse_request_path)]
     pub path: Option<String>,
     /// For the mesh verdict: the HTTP request method (GET when only --path is given).
     #[arg(long, value_name = "METHOD")]
@@ -127,6 +127,16 @@ pub struct ExplainArgs {
 /// `Vec` as a repeated flag).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterNetworks(pub Vec<netpol::Cidr>);
+
+/// `--path`: an origin-form request target (`/books?id=1`).
+fn parse_request_path(s: &str) -> Result<String, String> {
+    match s.parse::<http::uri::PathAndQuery>() {
+        Ok(p) if s.starts_with('/') => Ok(p.to_string()),
+        _ => Err(format!(
+            "{s:?} is not a request path: expected /path, optionally with ?query"
+        )),
+    }
+}
 
 fn parse_cluster_networks(s: &str) -> Result<ClusterNetworks, String> {
     weft_model::authz::parse_networks(s).map(ClusterNetworks)

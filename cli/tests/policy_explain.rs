@@ -948,6 +948,33 @@ fn a_proxy_that_cannot_reach_the_controller_is_a_warning() {
 }
 
 #[test]
+fn a_bad_path_is_an_error() {
+    let dir = mesh_dir();
+    let out = weft(
+        &[
+            "--manifests",
+            dir.path().to_str().unwrap(),
+            "--from",
+            "front/web",
+            "--to",
+            "shop/api",
+            "--port",
+            "8080",
+            "--path",
+            "books",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("\"books\" is not a request path: expected /path, optionally with ?query"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn mesh_is_not_applicable_to_unmeshed_destinations_and_udp() {
     let dir = mesh_dir();
     let (code, _, json) = mesh_explain(
