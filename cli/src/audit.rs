@@ -240,13 +240,14 @@ struct Seen {
 
 /// One AuthorizationPolicy per Server of `namespace` (one per namespace for default
 /// policies) allowing exactly the identities seen; `flows` give the addresses of
-/// unauthenticated clients (`server_ips`: which destination addresses each target covers,
-/// from the cluster state; unknown: flows to any pod of the namespace count). Pure.
+/// unauthenticated clients (`reaches`: whether a flow's destination, pod and port, is the
+/// target's, from the cluster state; `None` when unknown: then every flow to a pod of the
+/// namespace counts). Pure.
 pub fn authorization_policies(
     namespace: &str,
     samples: &[AuthzSample],
     flows: &[Flow],
-    server_pods: &dyn Fn(&Target) -> Option<BTreeSet<IpAddr>>,
+    reaches: &dyn Fn(&Target, &Flow) -> Option<bool>,
 ) -> Vec<Doc> {
     let mut by_target: BTreeMap<Target, Seen> = BTreeMap::new();
     let mut other = Vec::new();
@@ -360,13 +361,10 @@ pub fn authorization_policies(
         }
         if seen.unauthenticated > 0 {
             let name = object_name(&[&base, "audited", "unauthenticated"]);
-            let ips = server_pods(&target);
             let mut from: BTreeMap<IpAddr, u64> = BTreeMap::new();
             for f in flows.iter().filter(|f| f.verdict == "allow") {
-                let to_target = match &ips {
-                    Some(ips) => ips.contains(&f.dst.ip),
-                    None => f.dst.namespace.as_deref() == Some(namespace),
-                };
+                let to_target = reaches(&target, f)
+                    .unwrap_or_else(|| f.dst.namespace.as_deref() == Some(namespace));
                 if to_target && f.protocol == "TCP" {
                     *from.entry(f.src.ip.to_canonical()).or_default() += 1;
                 }
@@ -763,23 +761,21 @@ fn run_audit(args: &AuditArgs) -> anyhow::Result<()> {
         flows.extend(parse_flows(&text));
     }
     let state = index.as_ref().map(|i| i.read());
-    let server_pods = |t: &Target| -> Option<BTreeSet<IpAddr>> {
+    // A flow reaches a Server when the Server selects its destination pod and port, and the
+    // namespace's default when no Server does.
+    let reaches = |t: &Target, f: &Flow| -> Option<bool> {
         let state = state.as_ref()?;
-        let world = world.as_ref()?;
-        let Target::Server(name) = t else {
-            return None;
+        let pod = world.as_ref()?.pod_by_ip(f.dst.ip);
+        let Some(pod) = pod.filter(|p| p.key.namespace == args.namespace) else {
+            return Some(false);
         };
-        let server = state.servers.get(&ObjectKey::new(&args.namespace, name))?;
-        Some(
-            world
-                .pods()
-                .filter(|p| p.key.namespace == args.namespace)
-                .filter(|p| server.selector.matches(&p.labels))
-                .flat_map(|p| p.ips.iter().copied())
-                .collect(),
-        )
+        let selecting = weft_controller::index::inbound::selecting_server(state, pod, f.dst.port);
+        Some(match t {
+            Target::Server(name) => selecting.is_some_and(|s| s.meta.key.name == *name),
+            Target::Namespace(_) => selecting.is_none(),
+        })
     };
-    let mut docs = authorization_policies(&args.namespace, &samples, &flows, &server_pods);
+    let mut docs = authorization_policies(&args.namespace, &samples, &flows, &reaches);
     match &world {
         Some(world) => docs.extend(network_policies(&args.namespace, &flows, world)),
         None if !flows.is_empty() => docs.push(Doc {
@@ -910,7 +906,7 @@ mod tests {
             flow(("fd00::7", None), ("10.1.0.11", 8080, "shop", "cart")),
             flow(("10.1.5.6", None), ("10.9.0.1", 80, "elsewhere", "x")),
         ];
-        let docs = authorization_policies("shop", &samples, &flows, &|_| None);
+        let docs = authorization_policies("shop", &samples, &flows, &|_, _| None);
         let text = render(&docs);
         let policies = authz_docs(&docs);
         assert_eq!(policies.len(), 2, "{text}");
@@ -945,7 +941,7 @@ mod tests {
     #[test]
     fn unauthenticated_traffic_without_flows_is_a_comment_not_a_policy() {
         let samples = authz_samples(&metrics()).unwrap_or_else(|e| panic!("{e}"));
-        let docs = authorization_policies("shop", &samples, &[], &|_| None);
+        let docs = authorization_policies("shop", &samples, &[], &|_, _| None);
         assert_eq!(authz_docs(&docs).len(), 1);
         assert!(render(&docs).contains("5 unauthenticated requests or connections.\n# Their addresses are not in the proxies' counters"));
     }

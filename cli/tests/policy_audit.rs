@@ -310,3 +310,87 @@ fn flows_from_a_live_agent_are_read_for_the_duration() {
     assert!(yaml.contains("# 2 flows\n"), "{yaml}");
     agent.join().unwrap();
 }
+
+/// Serves `body` on the first request to `path`, as a proxy's admin port would.
+fn fake_admin(body: String) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut req = [0u8; 1024];
+        let _ = s.read(&mut req).unwrap();
+        write!(
+            s,
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+    });
+    addr
+}
+
+#[test]
+fn unauthenticated_clients_get_the_addresses_of_flows_to_the_server_s_port_only() {
+    let dir = world_dir();
+    std::fs::write(
+        dir.path().join("server.yaml"),
+        "apiVersion: policy.weft.dev/v1alpha1\nkind: Server\n\
+         metadata: {name: api-http, namespace: shop}\n\
+         spec: {podSelector: {matchLabels: {app: api}}, port: 8080, accessPolicy: audit}\n",
+    )
+    .unwrap();
+    // 192.168.7.1 reached api on 8080 (the Server's port); 192.168.7.2 on 9090 (not it).
+    let flows: String = [
+        ("192.168.7.1", "10.1.0.10", "api-1", 8080),
+        ("192.168.7.1", "10.1.0.11", "api-2", 8080),
+        ("192.168.7.2", "10.1.0.10", "api-1", 9090),
+    ]
+    .iter()
+    .map(|(src, dst, pod, port)| {
+        format!(
+            "{{\"verdict\":\"allow\",\"protocol\":\"TCP\",\"src\":{{\"ip\":\"{src}\",\"port\":40000}},\"dst\":{{\"ip\":\"{dst}\",\"port\":{port},\"namespace\":\"shop\",\"pod\":\"{pod}\"}}}}\n"
+        )
+    })
+    .collect();
+    let flows_file = dir.path().join("flows.ndjson");
+    std::fs::write(&flows_file, flows).unwrap();
+    let proxy = fake_admin(
+        "# TYPE weft_inbound_authz_total counter\n\
+         weft_inbound_authz_total{server=\"server/shop/api-http\",route=\"\",authorization=\"\",client_id=\"\",result=\"audit_deny\"} 2\n"
+            .into(),
+    );
+    let source = format!("dir:{}", dir.path().display());
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["policy", "audit", "shop", "--source", &source, "--flows"])
+        .arg(&flows_file)
+        .arg("--from-proxies")
+        .arg(proxy.to_string())
+        .output()
+        .unwrap();
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut policies = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&yaml) {
+        let value = serde_yaml_ng::Value::deserialize(doc).unwrap();
+        if value.get("kind").and_then(|k| k.as_str()) == Some("AuthorizationPolicy") {
+            let a: AuthorizationPolicy = serde_yaml_ng::from_value(value).unwrap();
+            weft_model::convert::authorization_policy(&a, "").unwrap();
+            policies.push(a);
+        }
+    }
+    assert_eq!(policies.len(), 1, "{yaml}");
+    let a = &policies[0];
+    assert_eq!(a.spec.target_ref.name, "api-http");
+    assert!(a.spec.unauthenticated, "{yaml}");
+    let nets: Vec<&str> = a.spec.networks.iter().map(|n| n.cidr.as_str()).collect();
+    assert_eq!(nets, ["192.168.7.1/32"], "{yaml}");
+    assert!(
+        yaml.contains("  - cidr: \"192.168.7.1/32\"  # 2 flows\n"),
+        "{yaml}"
+    );
+}
