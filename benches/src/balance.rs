@@ -356,6 +356,8 @@ async fn run_all(
         .arg(identity.to_string())
         .arg("--admin-addr")
         .arg(controller_admin.to_string())
+        // No issuer and a proxy without identity: plaintext, development mode.
+        .arg("--insecure-plaintext")
         .env("WEFT_CONTROLLER_LOG", "warn");
     let mut controller = Child::spawn(
         "weft-controller",
@@ -378,7 +380,10 @@ async fn run_all(
             inbound: None,
         },
     );
-    env.push(("WEFT_PROXY_DESTINATION_ADDR", destination.to_string()));
+    env.push((
+        "WEFT_PROXY_DESTINATION_ADDR",
+        format!("http://{destination}"),
+    ));
     env.push(("WEFT_PROXY_NAMESPACE", NS.to_owned()));
     let mut proxy = Child::spawn(
         "weft-proxy",

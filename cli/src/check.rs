@@ -391,6 +391,7 @@ pub fn evaluate(
     for name in [names::CONTROLLER, names::INJECTOR] {
         out.push(pods_ready(s, namespace, name));
     }
+    out.extend(control_plane_tls(s, namespace));
     out.extend(webhook_checks(s, namespace, now));
     out.extend(identity_checks(s, namespace, now));
     out.push(proxy_versions(s));
@@ -596,6 +597,68 @@ fn pods_ready(s: &Snapshot, namespace: &str, name: &str) -> Check {
             format!("kubectl -n {namespace} describe pod {}", not_ready[0]),
         )
     }
+}
+
+/// The controller's development flag that turns off TLS on its gRPC ports.
+const INSECURE_PLAINTEXT: &str = "--insecure-plaintext";
+
+/// Whether a controller container runs with `--insecure-plaintext` (argument, or its
+/// environment fallback set to a true value).
+fn runs_plaintext(c: &k8s_openapi::api::core::v1::Container) -> bool {
+    let arg = c.args.iter().chain(c.command.iter()).flatten().any(|a| {
+        a == INSECURE_PLAINTEXT
+            || a.strip_prefix(INSECURE_PLAINTEXT)
+                .and_then(|v| v.strip_prefix('='))
+                .is_some_and(|v| v != "false")
+    });
+    let env = c.env.iter().flatten().any(|e| {
+        e.name == "WEFT_CONTROLLER_INSECURE_PLAINTEXT"
+            && e.value.as_deref().is_some_and(|v| {
+                matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "yes" | "on")
+            })
+    });
+    arg || env
+}
+
+/// The control plane requires TLS: a controller pod started with `--insecure-plaintext`
+/// serves identity tokens and policy in the clear, to anyone. No check without controller
+/// pods (their absence is already an error).
+fn control_plane_tls(s: &Snapshot, namespace: &str) -> Option<Check> {
+    let desc = "the control plane requires TLS";
+    let controllers: Vec<&Pod> = s
+        .pods
+        .iter()
+        .filter(|p| label(&p.metadata, names::NAME_LABEL) == Some(names::CONTROLLER))
+        .collect();
+    if controllers.is_empty() {
+        return None;
+    }
+    let plaintext: Vec<&str> = controllers
+        .iter()
+        .filter(|p| {
+            p.spec
+                .as_ref()
+                .is_some_and(|spec| spec.containers.iter().any(runs_plaintext))
+        })
+        .map(|p| pod_name(p))
+        .collect();
+    Some(if plaintext.is_empty() {
+        Check::ok("control-plane", desc)
+            .with_message("the identity port serves TLS and the destination port mutual TLS")
+    } else {
+        Check::warn(
+            "control-plane",
+            desc,
+            format!(
+                "{} run(s) with {INSECURE_PLAINTEXT}: ServiceAccount tokens cross the network in the clear and any client may read any workload's discovery and policy",
+                plaintext.join(", ")
+            ),
+            format!(
+                "remove {INSECURE_PLAINTEXT} from the {} Deployment in {namespace} (it is for development only); with an issuer configured the controller then serves TLS, and proxies reach it at host:port addresses without http://",
+                names::CONTROLLER
+            ),
+        )
+    })
 }
 
 /// The certificates in a PEM bundle, as DER; errors name `what`.

@@ -384,6 +384,20 @@ async fn a_healthy_installation_passes_and_each_fault_is_named() {
             "not ready: weft-controller-5d9c7-abcde",
         ),
         (
+            "controller in plaintext",
+            Box::new(|f| {
+                let mut p = pod(NS, "weft-controller-5d9c7-abcde",
+                    json!({"app.kubernetes.io/name": "weft-controller", "app.kubernetes.io/version": VERSION}),
+                    json!({}), true, "node-1");
+                p["spec"]["containers"] = json!([{"name": "controller",
+                    "args": ["--source", "kube", "--insecure-plaintext"]}]);
+                f.apply(p);
+            }),
+            "the control plane requires TLS",
+            "warning",
+            "weft-controller-5d9c7-abcde run(s) with --insecure-plaintext",
+        ),
+        (
             "injector gone",
             Box::new(|f| {
                 f.delete(Resource::Pods, NS, "weft-injector-7f8b9-fghij");

@@ -65,6 +65,10 @@ pub struct InjectConfig {
     pub listen_host: String,
     pub destination_addr: Option<String>,
     pub identity_addr: Option<String>,
+    /// `WEFT_PROXY_CONTROLLER_NAMESPACE`: the controller's namespace, whose name the proxy
+    /// expects in the controller's TLS certificates; `None`: not written (the proxy's
+    /// default, `weft`).
+    pub controller_namespace: Option<String>,
     pub trust_domain: String,
     /// A ConfigMap holding `ca.crt`, mounted and named in `WEFT_PROXY_TRUST_ANCHORS`.
     pub trust_anchors_configmap: Option<String>,
@@ -180,6 +184,7 @@ impl Default for InjectConfig {
             listen_host: "[::]".into(),
             destination_addr: None,
             identity_addr: None,
+            controller_namespace: None,
             trust_domain: "cluster.local".into(),
             trust_anchors_configmap: None,
             token_audience: "identity.weft.dev".into(),
@@ -777,6 +782,9 @@ fn proxy_container(s: &PodSettings, cfg: &InjectConfig) -> Container {
     }
     if let Some(a) = &cfg.identity_addr {
         envs.push(env("WEFT_PROXY_IDENTITY_ADDR", a));
+    }
+    if let Some(ns) = &cfg.controller_namespace {
+        envs.push(env("WEFT_PROXY_CONTROLLER_NAMESPACE", ns));
     }
     for (name, value) in [
         ("WEFT_PROXY_ACCESS_LOG", &s.access_log),

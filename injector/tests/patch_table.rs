@@ -105,6 +105,7 @@ fn regular_sidecar_keeps_everything_and_adds_the_proxy_first() {
     let cfg = InjectConfig {
         destination_addr: Some("weft-dst.weft:8086".into()),
         identity_addr: Some("weft-identity.weft:8080".into()),
+        controller_namespace: Some("weft-system".into()),
         ..classic()
     };
     let out = injected(&pod, &cfg);
@@ -149,6 +150,11 @@ fn regular_sidecar_keeps_everything_and_adds_the_proxy_first() {
     assert_eq!(
         env_value(proxy, "WEFT_PROXY_IDENTITY_ADDR"),
         Some("weft-identity.weft:8080")
+    );
+    // The names the controller's TLS certificates carry.
+    assert_eq!(
+        env_value(proxy, "WEFT_PROXY_CONTROLLER_NAMESPACE"),
+        Some("weft-system")
     );
     assert_eq!(
         env_value(proxy, "WEFT_PROXY_IDENTITY_TOKEN_FILE"),

@@ -287,12 +287,15 @@ impl Harness {
             children: Vec::new(),
             dir: dir.clone(),
         };
-        let c = mesh::start_controller(
+        // The proxies have no identity, so they reach the destination service in plaintext
+        // (its mutual TLS needs a workload certificate): a development-mode controller.
+        let c = mesh::start_controller_with(
             &s.controller_bin,
             &dirs,
             &controller,
             s.mesh_cpu,
             &dir.join("controller.log"),
+            &["--insecure-plaintext"],
         )
         .await?;
         harness.children.push(c);
@@ -304,7 +307,10 @@ impl Harness {
                 inbound: None,
             },
         );
-        env.push((mesh::DESTINATION_ADDR, controller.destination.to_string()));
+        env.push((
+            mesh::DESTINATION_ADDR,
+            format!("http://{}", controller.destination),
+        ));
         env.push((mesh::PROXY_NAMESPACE, mesh::NAMESPACE.to_owned()));
         let mut proxies = vec![("weft-proxy A (client side, outbound)", client, env)];
         if let (Some(b), Some(server)) = (server_side, addrs.first()) {

@@ -189,6 +189,20 @@ pub async fn start_controller(
     cpu: Option<usize>,
     log: &Path,
 ) -> anyhow::Result<Child> {
+    start_controller_with(bin, dirs, addrs, cpu, log, &[]).await
+}
+
+/// [`start_controller`] with extra arguments: `--insecure-plaintext` for scenarios whose
+/// proxies have no identity (and so reach the destination service at `http://`, plaintext,
+/// since its mutual TLS needs a workload certificate).
+pub async fn start_controller_with(
+    bin: &Path,
+    dirs: &MeshDirs,
+    addrs: &ControllerAddrs,
+    cpu: Option<usize>,
+    log: &Path,
+    extra: &[&str],
+) -> anyhow::Result<Child> {
     if !bin.is_file() {
         bail!(
             "weft-controller not found at {}: build it with `cargo build --release -p weft-controller`, or pass --controller-bin",
@@ -206,6 +220,7 @@ pub async fn start_controller(
         .arg(addrs.identity.to_string())
         .arg("--admin-addr")
         .arg(addrs.admin.to_string())
+        .args(extra)
         .env("WEFT_CONTROLLER_LOG", "warn");
     // Like the proxies: nothing from the developer's shell changes the measured setup.
     for (key, _) in std::env::vars_os() {

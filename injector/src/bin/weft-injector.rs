@@ -72,6 +72,10 @@ struct Args {
     /// WEFT_PROXY_IDENTITY_ADDR for injected proxies.
     #[arg(long, env = "WEFT_INJECTOR_IDENTITY_ADDR")]
     identity_addr: Option<String>,
+    /// WEFT_PROXY_CONTROLLER_NAMESPACE for injected proxies: the controller's namespace, named
+    /// in its TLS certificates (the chart passes the release namespace).
+    #[arg(long, env = "WEFT_INJECTOR_CONTROLLER_NAMESPACE")]
+    controller_namespace: Option<String>,
     #[arg(
         long,
         env = "WEFT_INJECTOR_TRUST_DOMAIN",
@@ -169,6 +173,7 @@ fn inject_config(args: &Args) -> InjectConfig {
     cfg.cni = args.cni;
     cfg.destination_addr = args.destination_addr.clone();
     cfg.identity_addr = args.identity_addr.clone();
+    cfg.controller_namespace = args.controller_namespace.clone();
     cfg.access_log = args.access_log.clone();
     cfg.trace_collector = args.trace_collector.clone();
     cfg.trace_sampling = args.trace_sampling.clone();
