@@ -405,3 +405,96 @@ pub fn caller_interceptor(mut req: Request<()>) -> Result<Request<()>, Status> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ca::IssuerFiles;
+    use crate::identity::devca;
+
+    fn dev_ca(name: &str) -> (std::path::PathBuf, Arc<FileCa>) {
+        let dir = std::env::temp_dir().join(format!(
+            "weft-grpc-tls-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        devca::ensure(&dir).expect("dev CA");
+        let ca = FileCa::load(IssuerFiles::in_dir(&dir)).expect("issuer");
+        (dir, Arc::new(ca))
+    }
+
+    #[test]
+    fn each_port_presents_its_own_identity_and_reuses_its_config() {
+        let (dir, ca) = dev_ca("ids");
+        let id = ServerTls::new(ca.clone(), Port::Identity, "cluster.local", "weft-system")
+            .expect("identity TLS");
+        let dest = ServerTls::new(ca, Port::Destination, "cluster.local", "weft-system")
+            .expect("destination TLS");
+        assert_eq!(
+            id.identity(),
+            "spiffe://cluster.local/ns/weft-system/sa/identity"
+        );
+        assert_eq!(
+            dest.identity(),
+            "spiffe://cluster.local/ns/weft-system/sa/destination"
+        );
+        // Until the issuer changes or 70 % of the lifetime passes, one config serves.
+        let a = dest.config().expect("config");
+        let b = dest.config().expect("config");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a.alpn_protocols, vec![b"h2".to_vec()]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_leaf_names_one_spiffe_id() {
+        let (dir, ca) = dev_ca("leaf");
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let id = server_identity("cluster.local", "weft", Port::Destination);
+        let issued = ca
+            .issue(&LeafRequest {
+                identity: &id,
+                spki_der: &rcgen::PublicKeyData::subject_public_key_info(&key),
+                lifetime: LIFETIME,
+                now: SystemTime::now(),
+            })
+            .expect("leaf");
+        assert_eq!(
+            leaf_spiffe_id(&issued.leaf_der).as_deref(),
+            Ok("spiffe://cluster.local/ns/weft/sa/destination")
+        );
+        // The issuer (a CA, no URI SAN) is no client identity.
+        assert!(leaf_spiffe_id(&issued.intermediates_der[0]).is_err());
+        assert!(leaf_spiffe_id(b"not a certificate").is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_interceptor_hands_over_the_verified_identity() {
+        // Plaintext (no TlsPeer): passes, nothing to check.
+        let req = caller_interceptor(Request::new(())).expect("plaintext passes");
+        assert!(req.extensions().get::<CallerIdentity>().is_none());
+        // mTLS: the certificate's identity becomes the CallerIdentity.
+        let mut req = Request::new(());
+        req.extensions_mut().insert(TlsPeer {
+            remote: None,
+            id: Some("spiffe://cluster.local/ns/shop/sa/web".into()),
+        });
+        let req = caller_interceptor(req).expect("mTLS passes");
+        assert_eq!(
+            req.extensions().get::<CallerIdentity>(),
+            Some(&CallerIdentity(
+                "spiffe://cluster.local/ns/shop/sa/web".into()
+            ))
+        );
+        // TLS without a client identity never reaches a handler.
+        let mut req = Request::new(());
+        req.extensions_mut().insert(TlsPeer {
+            remote: None,
+            id: None,
+        });
+        let status = caller_interceptor(req).expect_err("no identity");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    }
+}
