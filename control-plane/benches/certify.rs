@@ -102,6 +102,7 @@ fn inputs(n: usize, dir: &std::path::Path) -> Inputs {
 fn service(inp: &Inputs) -> IdentityService {
     IdentityService::new(
         IdentityParts {
+            reserved: Vec::new(),
             trust_domain: "cluster.local".into(),
             ca: inp.ca.clone(),
             tokens: Arc::new(inp.tokens.clone()),

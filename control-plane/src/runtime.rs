@@ -390,7 +390,14 @@ fn identity_parts(
             ))
         }
     };
+    let reserved = [TlsPort::Identity, TlsPort::Destination]
+        .map(|p| {
+            crate::grpc::tls::server_identity(&config.trust_domain, &config.namespace, p)
+                .to_string()
+        })
+        .to_vec();
     let parts = IdentityParts {
+        reserved,
         trust_domain: config.trust_domain.clone(),
         ca: ca.clone(),
         tokens,

@@ -309,8 +309,25 @@ async fn refusals_are_clear_and_the_controller_keeps_serving() {
     let tag = b64.encode(ring::hmac::sign(&key, signed.as_bytes()).as_ref());
     let wrong_aud = format!("{signed}.{tag}");
 
+    // The controller's own TLS identity (namespace `weft` in Config::loopback), with a token
+    // that names it.
+    const CONTROLLER_DESTINATION: &str = "spiffe://cluster.local/ns/weft/sa/destination";
+    let controller_token = tokens(&dir).mint(
+        &ServiceAccount::new("weft", "destination"),
+        Duration::from_secs(3600),
+    );
     use tonic::Code::*;
     let cases: Vec<(&str, CertifyRequest, tonic::Code, &str)> = vec![
+        (
+            "the controller's own identity",
+            req(
+                CONTROLLER_DESTINATION,
+                &controller_token,
+                p256_csr(CONTROLLER_DESTINATION),
+            ),
+            PermissionDenied,
+            "is the controller's own TLS identity",
+        ),
         (
             "csr for another identity",
             req(WEB, &good, p256_csr(ADMIN)),

@@ -62,7 +62,9 @@ fn controller(dir: &ManifestDir) -> Command {
     let mut cmd = Command::new(bin("weft-controller").unwrap());
     cmd.arg("--source")
         .arg(format!("dir:{}", dir.path().display()))
-        .args(["--log", "info"]);
+        .args(["--log", "info"])
+        // No issuer: plaintext must be asked for.
+        .arg("--insecure-plaintext");
     for flag in ["--destination-addr", "--identity-addr", "--admin-addr"] {
         cmd.arg(flag).arg(free_addr().unwrap().to_string());
     }

@@ -31,6 +31,11 @@ pub struct IdentityParts {
     pub rate: RateConfig,
     /// The controller-wide ceiling.
     pub ceiling: CeilingConfig,
+    /// Identities the controller's own TLS certificates hold
+    /// ([`crate::grpc::tls::server_identity`]): never issued to a workload, so no pod
+    /// (say one running as ServiceAccount `destination` in the controller's namespace)
+    /// can pose as the control plane.
+    pub reserved: Vec<String>,
 }
 
 struct Inner {
@@ -41,6 +46,7 @@ struct Inner {
     rate: RateConfig,
     ceiling: CeilingConfig,
     limits: IssuanceLimits,
+    reserved: Vec<String>,
 }
 
 /// The `Identity` gRPC service.
@@ -69,6 +75,7 @@ impl IdentityService {
                 rate: parts.rate,
                 ceiling: parts.ceiling,
                 limits: IssuanceLimits::new(parts.rate, parts.ceiling),
+                reserved: parts.reserved,
             })),
             metrics,
         }
@@ -99,6 +106,16 @@ impl IdentityService {
             &req.identity,
             &req.certificate_signing_request,
         )?;
+        // Before the token: a refusal that costs no TokenReview.
+        let id = checked.identity.to_string();
+        if inner.reserved.contains(&id) {
+            return Err(Refusal::new(
+                RefusalKind::PermissionDenied,
+                format!(
+                    "{id} is the controller's own TLS identity and is never issued to a workload"
+                ),
+            ));
+        }
         let who = inner.tokens.verify(&req.token).await?;
         *pod = who.pod.as_ref().map(|p| p.to_string());
         decide::authorize(&checked.identity, &who.service_account)?;
