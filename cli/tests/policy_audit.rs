@@ -15,7 +15,7 @@ use weft_e2e::client::Conn;
 use weft_e2e::controller::{meshed_service_yaml, DevCa};
 use weft_e2e::policy_server::{identities, server, PolicyController};
 use weft_e2e::servers::http_server;
-use weft_e2e::{Proxy, ProxyOpts};
+use weft_e2e::ProxyOpts;
 use weft_model::authz::AuthorizationPolicy;
 
 const NS: &str = "books";
@@ -35,15 +35,16 @@ async fn audit_prints_the_identities_the_proxies_saw() -> anyhow::Result<()> {
     audited.audit = true;
     policy.set(app.port(), audited);
     let ca = DevCa::start("policy-audit", &[])?;
-    let token = ca.token(NS, "books")?;
-    let mut env = ca.proxy_env(NS, "books", &token);
-    env.push(policy.env());
-    let mut books = Proxy::spawn(ProxyOpts {
-        inbound_target: Some(app),
-        env,
-        ..Default::default()
-    })?;
-    books.wait_ready(Duration::from_secs(15))?;
+    let books = ca.meshed_proxy(
+        NS,
+        "books",
+        false,
+        ProxyOpts {
+            inbound_target: Some(app),
+            env: vec![policy.env()],
+            ..Default::default()
+        },
+    )?;
     ca.manifests.write(
         "books.yaml",
         &meshed_service_yaml(
@@ -59,15 +60,15 @@ async fn audit_prints_the_identities_the_proxies_saw() -> anyhow::Result<()> {
 
     // web is allowed, cart only audited; both succeed. One request without a proxy.
     for (ns, sa, n) in [(NS, "web", 3), ("shop", "cart", 2)] {
-        let token = ca.token(ns, sa)?;
-        let mut env = ca.proxy_env(ns, sa, &token);
-        env.push(ca.controller.env());
-        let mut client = Proxy::spawn(ProxyOpts {
-            outbound_target: Some(format!("{CLUSTER_IP}:8080").parse()?),
-            env,
-            ..Default::default()
-        })?;
-        client.wait_ready(Duration::from_secs(15))?;
+        let client = ca.meshed_proxy(
+            ns,
+            sa,
+            true,
+            ProxyOpts {
+                outbound_target: Some(format!("{CLUSTER_IP}:8080").parse()?),
+                ..Default::default()
+            },
+        )?;
         let mut c = Conn::open(client.outbound, false).await?;
         for _ in 0..n {
             let (status, err, _) = c.get(HOST, "/uri").await?;

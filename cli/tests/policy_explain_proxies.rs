@@ -9,13 +9,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::process::Command;
-use std::time::Duration;
 
 use serde_json::Value;
 use weft_e2e::client::Conn;
 use weft_e2e::controller::{meshed_service_yaml, DevCa};
 use weft_e2e::servers::http_server;
-use weft_e2e::{Proxy, ProxyOpts};
+use weft_e2e::ProxyOpts;
 
 const NS: &str = "books";
 const WEB_ID: &str = "spiffe://cluster.local/ns/books/sa/web";
@@ -82,15 +81,15 @@ async fn explain_agrees_with_the_proxy() -> anyhow::Result<()> {
         ),
     )?;
     ca.controller.launch()?;
-    let token = ca.token(NS, "books")?;
-    let mut env = ca.proxy_env(NS, "books", &token);
-    env.push(ca.controller.env());
-    let mut books = Proxy::spawn(ProxyOpts {
-        inbound_target: Some(app),
-        env,
-        ..Default::default()
-    })?;
-    books.wait_ready(Duration::from_secs(15))?;
+    let books = ca.meshed_proxy(
+        NS,
+        "books",
+        true,
+        ProxyOpts {
+            inbound_target: Some(app),
+            ..Default::default()
+        },
+    )?;
     ca.manifests.write(
         "books.yaml",
         &meshed_service_yaml(
@@ -106,15 +105,15 @@ async fn explain_agrees_with_the_proxy() -> anyhow::Result<()> {
 
     let mut seen = Vec::new();
     for sa in ["web", "other"] {
-        let token = ca.token(NS, sa)?;
-        let mut env = ca.proxy_env(NS, sa, &token);
-        env.push(ca.controller.env());
-        let mut client = Proxy::spawn(ProxyOpts {
-            outbound_target: Some(format!("{CLUSTER_IP}:8080").parse()?),
-            env,
-            ..Default::default()
-        })?;
-        client.wait_ready(Duration::from_secs(15))?;
+        let client = ca.meshed_proxy(
+            NS,
+            sa,
+            true,
+            ProxyOpts {
+                outbound_target: Some(format!("{CLUSTER_IP}:8080").parse()?),
+                ..Default::default()
+            },
+        )?;
         let mut c = Conn::open(client.outbound, false).await?;
         let (status, err, body) = c.get(HOST, "/uri").await?;
         seen.push((status, err, String::from_utf8_lossy(&body).into_owned()));

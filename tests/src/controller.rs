@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{admin_get, bin, free_addr};
+use crate::{admin_get, bin, free_addr, Proxy, ProxyOpts};
 
 /// A temporary manifest directory, removed on drop.
 #[derive(Debug)]
@@ -338,6 +338,27 @@ impl DevCa {
         let out = self.ca.path().join(format!("{ns}-{sa}.token"));
         mint_token(self.ca.path(), ns, sa, &out)?;
         Ok(out)
+    }
+
+    /// A proxy running as `ns`/`sa` with a token minted for it, ready (it holds a certificate,
+    /// and with `discovery` its controller has served): `opts` as given, its `env` after the
+    /// identity settings (and the controller's address with `discovery`).
+    pub fn meshed_proxy(
+        &self,
+        ns: &str,
+        sa: &str,
+        discovery: bool,
+        opts: ProxyOpts,
+    ) -> Result<Proxy> {
+        let token = self.token(ns, sa)?;
+        let mut env = self.proxy_env(ns, sa, &token);
+        if discovery {
+            env.push(self.controller.env());
+        }
+        env.extend(opts.env);
+        let mut p = Proxy::spawn(ProxyOpts { env, ..opts })?;
+        p.wait_ready(Duration::from_secs(15))?;
+        Ok(p)
     }
 
     /// The identity settings of a proxy running as `ns`/`sa` with `token`.

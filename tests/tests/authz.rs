@@ -46,18 +46,21 @@ impl Mesh {
         let policy = PolicyController::start().await?;
         policy.set(app.port(), initial);
         let ca = DevCa::start(name, &[])?;
-        let token = ca.token(NS, "books")?;
-        let mut env = ca.proxy_env(NS, "books", &token);
-        env.push(policy.env());
-        env.push(("WEFT_PROXY_ACCESS_LOG".into(), "json".into()));
         let access_log = ca.ca.path().join("books-access.log");
-        let mut server = Proxy::spawn(ProxyOpts {
-            inbound_target: Some(app),
-            env,
-            stdout: Some(access_log.clone()),
-            ..Default::default()
-        })?;
-        server.wait_ready(Duration::from_secs(15))?;
+        let server = ca.meshed_proxy(
+            NS,
+            "books",
+            false,
+            ProxyOpts {
+                inbound_target: Some(app),
+                env: vec![
+                    policy.env(),
+                    ("WEFT_PROXY_ACCESS_LOG".into(), "json".into()),
+                ],
+                stdout: Some(access_log.clone()),
+                ..Default::default()
+            },
+        )?;
         ca.manifests.write(
             "books.yaml",
             &meshed_service_yaml(
@@ -91,16 +94,15 @@ impl Mesh {
 
 /// A client proxy running as `ns`/`sa`, whose app connects to the books service.
 fn client_proxy(ca: &DevCa, ns: &str, sa: &str) -> Result<Proxy> {
-    let token = ca.token(ns, sa)?;
-    let mut env = ca.proxy_env(ns, sa, &token);
-    env.push(ca.controller.env());
-    let mut p = Proxy::spawn(ProxyOpts {
-        outbound_target: Some(format!("{CLUSTER_IP}:8080").parse()?),
-        env,
-        ..Default::default()
-    })?;
-    p.wait_ready(Duration::from_secs(15))?;
-    Ok(p)
+    ca.meshed_proxy(
+        ns,
+        sa,
+        true,
+        ProxyOpts {
+            outbound_target: Some(format!("{CLUSTER_IP}:8080").parse()?),
+            ..Default::default()
+        },
+    )
 }
 
 fn authz(m: &Metrics, labels: &[(&str, &str)]) -> f64 {
@@ -524,15 +526,15 @@ async fn the_controller_s_server_and_authorization_policy_are_enforced() -> Resu
     )?;
     let mut ca = ca;
     ca.controller.launch()?;
-    let token = ca.token(NS, "books")?;
-    let mut env = ca.proxy_env(NS, "books", &token);
-    env.push(ca.controller.env());
-    let mut server = Proxy::spawn(ProxyOpts {
-        inbound_target: Some(app),
-        env,
-        ..Default::default()
-    })?;
-    server.wait_ready(Duration::from_secs(15))?;
+    let server = ca.meshed_proxy(
+        NS,
+        "books",
+        true,
+        ProxyOpts {
+            inbound_target: Some(app),
+            ..Default::default()
+        },
+    )?;
     ca.manifests.write(
         "books.yaml",
         &meshed_service_yaml(

@@ -31,33 +31,32 @@ const CLUSTER_IP: &str = "10.96.0.50";
 
 /// A server proxy (`sa`) in front of `app`, ready (it holds a certificate).
 fn server_proxy(ca: &DevCa, sa: &str, app: SocketAddr) -> Result<Proxy> {
-    let token = ca.token(NS, sa)?;
-    let mut p = Proxy::spawn(ProxyOpts {
-        inbound_target: Some(app),
-        env: ca.proxy_env(NS, sa, &token),
-        ..Default::default()
-    })?;
-    p.wait_ready(Duration::from_secs(15))?;
-    Ok(p)
+    ca.meshed_proxy(
+        NS,
+        sa,
+        false,
+        ProxyOpts {
+            inbound_target: Some(app),
+            ..Default::default()
+        },
+    )
 }
 
 /// The `web` client proxy, routing through the controller; its listener's original
 /// destination is `target` (what the app connected to).
 fn client_proxy(ca: &DevCa, target: &str, extra: &[(&str, &str)]) -> Result<Proxy> {
-    let token = ca.token(NS, "web")?;
-    let mut env = ca.proxy_env(NS, "web", &token);
-    env.push(ca.controller.env());
-    env.push(("WEFT_PROXY_DISCOVERY_BACKOFF_MAX".into(), "1s".into()));
-    for (k, v) in extra {
-        env.push((k.to_string(), v.to_string()));
-    }
-    let mut p = Proxy::spawn(ProxyOpts {
-        outbound_target: Some(target.parse()?),
-        env,
-        ..Default::default()
-    })?;
-    p.wait_ready(Duration::from_secs(15))?;
-    Ok(p)
+    let mut env = vec![("WEFT_PROXY_DISCOVERY_BACKOFF_MAX".into(), "1s".into())];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    ca.meshed_proxy(
+        NS,
+        "web",
+        true,
+        ProxyOpts {
+            outbound_target: Some(target.parse()?),
+            env,
+            ..Default::default()
+        },
+    )
 }
 
 /// Publishes service `name` whose one endpoint is `proxy`'s inbound port, a pod running as

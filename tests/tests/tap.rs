@@ -110,29 +110,31 @@ async fn tap_request(
 }
 
 fn server_proxy(ca: &DevCa, sa: &str, app: SocketAddr, env: &[(&str, &str)]) -> Result<Proxy> {
-    let token = ca.token(NS, sa)?;
-    let mut all = ca.proxy_env(NS, sa, &token);
-    all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let mut p = Proxy::spawn(ProxyOpts {
-        inbound_target: Some(app),
-        env: all,
-        ..Default::default()
-    })?;
-    p.wait_ready(Duration::from_secs(15))?;
-    Ok(p)
+    ca.meshed_proxy(
+        NS,
+        sa,
+        false,
+        ProxyOpts {
+            inbound_target: Some(app),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        },
+    )
 }
 
 fn client_proxy(ca: &DevCa, target: &str) -> Result<Proxy> {
-    let token = ca.token(NS, "web")?;
-    let mut env = ca.proxy_env(NS, "web", &token);
-    env.push(ca.controller.env());
-    let mut p = Proxy::spawn(ProxyOpts {
-        outbound_target: Some(target.parse()?),
-        env,
-        ..Default::default()
-    })?;
-    p.wait_ready(Duration::from_secs(15))?;
-    Ok(p)
+    ca.meshed_proxy(
+        NS,
+        "web",
+        true,
+        ProxyOpts {
+            outbound_target: Some(target.parse()?),
+            ..Default::default()
+        },
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
