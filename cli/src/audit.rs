@@ -596,11 +596,12 @@ fn http_get(addr: &str, path: &str, read_for: Option<Duration>) -> Result<String
     stream
         .set_read_timeout(Some(read_for.unwrap_or(Duration::from_secs(10))))
         .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
+    // One write: `write!` on a socket sends each formatted piece as its own segment, and a
+    // server reading the head once would see only "GET ".
+    let head = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(head.as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(stream);
     let mut status = String::new();
     reader.read_line(&mut status).map_err(|e| e.to_string())?;

@@ -97,12 +97,12 @@ pub fn flows(args: &FlowsArgs, out: &mut impl Write) -> Result<(), FlowsError> {
         agent: args.agent.clone(),
         source,
     };
-    write!(
-        &stream,
+    // One write (as weft policy audit's reader): `write!` would send each piece on its own.
+    let head = format!(
         "GET /flows HTTP/1.0\r\nHost: {}\r\nAccept: application/x-ndjson\r\nConnection: close\r\n\r\n",
         args.agent
-    )
-    .map_err(read_err)?;
+    );
+    (&stream).write_all(head.as_bytes()).map_err(read_err)?;
     let mut reader = BufReader::new(stream);
     let mut status = String::new();
     reader.read_line(&mut status).map_err(read_err)?;
