@@ -17,10 +17,10 @@ use super::gateway::{GrpcRoute, HttpRoute};
 use super::policy::BackendPolicy;
 use super::{
     labels_of, parse_inject, AddressType, ContainerPort, EndpointSlice, HttpProbe, Kind, Meta,
-    Namespace, ObjectKey, Pod, PodInbound, Policy, PortSet, Route, RouteSpec, Service, ServicePort,
-    SliceEndpoint, SlicePort, TargetPort, DEFAULT_PROXY_INBOUND_PORT, INJECT_ANNOTATION,
-    NAMESPACE_NAME_LABEL, OPAQUE_PORTS_ANNOTATION, PROXY_CONTAINER, PROXY_INBOUND_ADDR_ENV,
-    ROUTE_ANNOTATION_PREFIXES, SERVICE_NAME_LABEL,
+    Namespace, Node, ObjectKey, Pod, PodInbound, Policy, PortSet, Route, RouteSpec, Service,
+    ServicePort, SliceEndpoint, SlicePort, TargetPort, DEFAULT_PROXY_INBOUND_PORT,
+    INJECT_ANNOTATION, NAMESPACE_NAME_LABEL, OPAQUE_PORTS_ANNOTATION, PROXY_CONTAINER,
+    PROXY_INBOUND_ADDR_ENV, ROUTE_ANNOTATION_PREFIXES, SERVICE_NAME_LABEL,
 };
 
 /// An object the mesh cannot use, naming the object, the field and the
@@ -51,7 +51,7 @@ fn key_of(
         });
     }
     let namespace = match kind {
-        Kind::Namespace => String::new(),
+        Kind::Namespace | Kind::Node => String::new(),
         _ => meta
             .namespace
             .clone()
@@ -410,6 +410,65 @@ pub fn namespace(ns: &core::Namespace) -> Result<Namespace, ConvertError> {
     })
 }
 
+/// A Node: `spec.podCIDRs` (falling back to `spec.podCIDR`) and the
+/// `InternalIP` addresses of `status.addresses`. A pod CIDR that does not
+/// parse refuses the Node (routing to half of it would be worse than
+/// saying so); an address that does not parse is an error too.
+pub fn node(n: &core::Node) -> Result<Node, ConvertError> {
+    let key = key_of(Kind::Node, &n.metadata, "")?;
+    let spec = n.spec.as_ref();
+    let mut raw: Vec<(String, &str)> = spec
+        .and_then(|s| s.pod_cidrs.as_ref())
+        .map(|c| {
+            c.iter()
+                .enumerate()
+                .map(|(i, v)| (format!("spec.podCIDRs[{i}]"), v.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if raw.is_empty() {
+        if let Some(c) = spec.and_then(|s| s.pod_cidr.as_deref()) {
+            raw.push(("spec.podCIDR".into(), c));
+        }
+    }
+    let mut pod_cidrs = Vec::new();
+    for (field, value) in raw {
+        let cidr: super::netpol::Cidr = value.trim().parse().map_err(|e| ConvertError {
+            kind: Kind::Node,
+            object: key.to_string(),
+            field: field.clone(),
+            value: value.to_string(),
+            reason: format!("not a CIDR: {e}"),
+        })?;
+        if pod_cidrs
+            .iter()
+            .any(|c: &super::netpol::Cidr| c.is_ipv4() == cidr.is_ipv4())
+        {
+            return Err(ConvertError {
+                kind: Kind::Node,
+                object: key.to_string(),
+                field,
+                value: value.to_string(),
+                reason: "a second pod CIDR of the same IP family".into(),
+            });
+        }
+        pod_cidrs.push(cidr);
+    }
+    let mut internal_ips = Vec::new();
+    let addresses = n.status.as_ref().and_then(|s| s.addresses.as_ref());
+    for (i, a) in addresses.into_iter().flatten().enumerate() {
+        if a.type_ == "InternalIP" {
+            let field = format!("status.addresses[{i}].address");
+            internal_ips.push(parse_ip(Kind::Node, &key, &field, &a.address)?);
+        }
+    }
+    Ok(Node {
+        name: key.name,
+        pod_cidrs,
+        internal_ips,
+    })
+}
+
 fn meta(kind: Kind, m: &ObjectMeta, default_namespace: &str) -> Result<Meta, ConvertError> {
     Ok(Meta {
         key: key_of(kind, m, default_namespace)?,
@@ -691,6 +750,67 @@ mod tests {
 
     fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
         serde_json::from_value(v).expect("valid API object")
+    }
+
+    #[test]
+    fn node_pod_cidrs_and_internal_ips() {
+        let n: core::Node = from_json(serde_json::json!({
+            "metadata": {"name": "n1"},
+            "spec": {"podCIDR": "10.1.0.0/24", "podCIDRs": ["10.1.0.0/24", "fd00:1::/64"]},
+            "status": {"addresses": [
+                {"type": "Hostname", "address": "n1"},
+                {"type": "InternalIP", "address": "192.0.2.1"},
+                {"type": "ExternalIP", "address": "203.0.113.1"},
+                {"type": "InternalIP", "address": "2001:db8::1"}
+            ]}
+        }));
+        let m = node(&n).expect("converts");
+        assert_eq!(m.name, "n1");
+        let cidrs: Vec<String> = m.pod_cidrs.iter().map(ToString::to_string).collect();
+        assert_eq!(cidrs, ["10.1.0.0/24", "fd00:1::/64"]);
+        assert_eq!(m.internal_ip(true), Some("192.0.2.1".parse().expect("ip")));
+        assert_eq!(
+            m.internal_ip(false),
+            Some("2001:db8::1".parse().expect("ip"))
+        );
+        assert_eq!(m.internal_ips.len(), 2);
+
+        // The older single field, and a node not yet given a CIDR or an address.
+        let old: core::Node = from_json(serde_json::json!({
+            "metadata": {"name": "n2"}, "spec": {"podCIDR": "10.2.0.0/24"}
+        }));
+        assert_eq!(node(&old).expect("converts").pod_cidrs.len(), 1);
+        let bare: core::Node = from_json(serde_json::json!({"metadata": {"name": "n3"}}));
+        let bare = node(&bare).expect("converts");
+        assert!(bare.pod_cidrs.is_empty() && bare.internal_ips.is_empty());
+
+        for (spec, status, field, value) in [
+            (
+                serde_json::json!({"podCIDRs": ["10.1.0.0/33"]}),
+                serde_json::json!({}),
+                "spec.podCIDRs[0]",
+                "10.1.0.0/33",
+            ),
+            (
+                serde_json::json!({"podCIDRs": ["10.1.0.0/24", "10.2.0.0/24"]}),
+                serde_json::json!({}),
+                "spec.podCIDRs[1]",
+                "10.2.0.0/24",
+            ),
+            (
+                serde_json::json!({}),
+                serde_json::json!({"addresses": [{"type": "InternalIP", "address": "nope"}]}),
+                "status.addresses[0].address",
+                "nope",
+            ),
+        ] {
+            let n: core::Node = from_json(serde_json::json!({
+                "metadata": {"name": "bad"}, "spec": spec, "status": status
+            }));
+            let e = node(&n).expect_err(value);
+            assert_eq!((e.field.as_str(), e.value.as_str()), (field, value), "{e}");
+            assert!(e.to_string().contains("Node bad"), "{e}");
+        }
     }
 
     #[test]

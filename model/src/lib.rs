@@ -98,9 +98,15 @@ pub enum Kind {
     NetworkPolicy,
     Server,
     AuthorizationPolicy,
+    /// A cluster node: its pod CIDRs and addresses, for the CNI agent's
+    /// routes between nodes. Not in [`Kind::ALL`]: only the CNI agent asks
+    /// for Nodes, and the controller's RBAC does not grant them.
+    Node,
 }
 
 impl Kind {
+    /// The kinds the controller indexes and watches (every kind but
+    /// [`Kind::Node`]).
     pub const ALL: [Kind; 10] = [
         Kind::Service,
         Kind::EndpointSlice,
@@ -112,6 +118,22 @@ impl Kind {
         Kind::NetworkPolicy,
         Kind::Server,
         Kind::AuthorizationPolicy,
+    ];
+
+    /// Every kind, [`Kind::Node`] included: what a directory of manifests
+    /// may hold (a consumer reads only the kinds it needs).
+    pub const EVERY: [Kind; 11] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Pod,
+        Kind::Namespace,
+        Kind::HttpRoute,
+        Kind::GrpcRoute,
+        Kind::BackendPolicy,
+        Kind::NetworkPolicy,
+        Kind::Server,
+        Kind::AuthorizationPolicy,
+        Kind::Node,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -126,6 +148,7 @@ impl Kind {
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::Server => "Server",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::Node => "Node",
         }
     }
 }
@@ -292,6 +315,30 @@ pub struct Namespace {
     pub default_inbound_policy: Option<String>,
 }
 
+/// A Node: what the CNI agent needs to reach the node's pods from another
+/// node. Cluster-scoped (its key's namespace is empty).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    /// `spec.podCIDRs` (or the older single `spec.podCIDR`): at most one
+    /// per IP family.
+    pub pod_cidrs: Vec<netpol::Cidr>,
+    /// `status.addresses` of type `InternalIP`, in the API's order: where
+    /// another node sends this node's pod traffic.
+    pub internal_ips: Vec<IpAddr>,
+}
+
+impl Node {
+    /// The first InternalIP of `ipv4`'s family: the next hop (or tunnel
+    /// endpoint) for this node's pod CIDR of that family.
+    pub fn internal_ip(&self, ipv4: bool) -> Option<IpAddr> {
+        self.internal_ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == ipv4)
+    }
+}
+
 /// Annotation prefixes a route may carry for what its kind cannot say
 /// (GRPCRoute has no `retry` or `timeouts`): see `index::outbound`.
 pub const ROUTE_ANNOTATION_PREFIXES: [&str; 2] = ["retry.weft.dev/", "timeout.weft.dev/"];
@@ -405,6 +452,7 @@ pub enum Object {
     NetworkPolicy(Box<netpol::NetworkPolicy>),
     Server(Box<authz::IndexedServer>),
     AuthorizationPolicy(Box<authz::IndexedAuthorization>),
+    Node(Node),
 }
 
 impl Object {
@@ -419,6 +467,7 @@ impl Object {
             Object::NetworkPolicy(_) => Kind::NetworkPolicy,
             Object::Server(_) => Kind::Server,
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Object::Node(_) => Kind::Node,
         }
     }
 
@@ -433,6 +482,7 @@ impl Object {
             Object::NetworkPolicy(p) => p.key.clone(),
             Object::Server(s) => s.meta.key.clone(),
             Object::AuthorizationPolicy(a) => a.meta.key.clone(),
+            Object::Node(n) => ObjectKey::new("", n.name.clone()),
         }
     }
 }

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use crate::model::authz::{IndexedAuthorization, IndexedServer};
 use crate::model::netpol::NetworkPolicy;
 use crate::model::{
-    EndpointSlice, Kind, Namespace, Object, ObjectKey, Pod, Policy, Route, Service,
+    EndpointSlice, Kind, Namespace, Node, Object, ObjectKey, Pod, Policy, Route, Service,
 };
 pub use resolve::{EndpointInfo, Resolution, ResolveConfig};
 
@@ -90,6 +90,10 @@ pub struct State {
     pub servers_by_namespace: HashMap<String, BTreeSet<String>>,
     /// Namespace → names of its AuthorizationPolicies.
     pub authorizations_by_namespace: HashMap<String, BTreeSet<String>>,
+    /// Nodes by name, for the CNI agent's routes to other nodes' pod CIDRs
+    /// (only a source asked for [`Kind::Node`] fills it; a reader follows
+    /// [`Index::generation`]).
+    pub nodes: HashMap<String, Arc<Node>>,
 }
 
 impl State {
@@ -105,6 +109,7 @@ impl State {
             Kind::NetworkPolicy => self.network_policies.len(),
             Kind::Server => self.servers.len(),
             Kind::AuthorizationPolicy => self.authorizations.len(),
+            Kind::Node => self.nodes.len(),
         }
     }
 
@@ -129,6 +134,7 @@ impl State {
             Kind::NetworkPolicy => self.network_policies.contains_key(key),
             Kind::Server => self.servers.contains_key(key),
             Kind::AuthorizationPolicy => self.authorizations.contains_key(key),
+            Kind::Node => self.nodes.contains_key(&key.name),
         }
     }
 
@@ -148,6 +154,11 @@ impl State {
             Kind::NetworkPolicy => self.network_policies.keys().cloned().collect(),
             Kind::Server => self.servers.keys().cloned().collect(),
             Kind::AuthorizationPolicy => self.authorizations.keys().cloned().collect(),
+            Kind::Node => self
+                .nodes
+                .keys()
+                .map(|n| ObjectKey::new("", n.clone()))
+                .collect(),
         }
     }
 
@@ -262,6 +273,15 @@ impl State {
                 None,
                 topics,
             ),
+            // No topic: the agent's routing follows the generation, like NetworkPolicies.
+            Change::Upsert(Object::Node(n)) => {
+                let new = Arc::new(n);
+                match self.nodes.insert(new.name.clone(), new.clone()) {
+                    Some(old) => *old != *new,
+                    None => true,
+                }
+            }
+            Change::Delete(Kind::Node, key) => self.nodes.remove(&key.name).is_some(),
         }
     }
 

@@ -121,6 +121,11 @@ pub fn load_manifests(path: &Path, text: &str) -> Result<Loaded, ManifestError> 
             ("v1", "Namespace") => typed(&doc, start_line, &err, |n| {
                 convert::namespace(n).map(Object::Namespace)
             })?,
+            // Loaded whatever the consumer: a Node the controller does not read costs a
+            // map entry (the CNI agent routes to the other nodes' pod CIDRs).
+            ("v1", "Node") => typed(&doc, start_line, &err, |n| {
+                convert::node(n).map(Object::Node)
+            })?,
             // A policy that does not convert keeps the whole file at its last good state
             // (as a bad Pod does): dropping only the bad policy would lift the isolation it
             // gave, which the API server's validation would never let happen.
@@ -385,7 +390,7 @@ impl DirSource {
     }
 
     fn publish(&self, index: &Index) {
-        let applied = index.reset_kinds(&Kind::ALL, self.objects());
+        let applied = index.reset_kinds(&Kind::EVERY, self.objects());
         self.metrics.index_changes.inc_by(applied.changed as u64);
         self.metrics.observe_index(index);
         if applied.changed > 0 {

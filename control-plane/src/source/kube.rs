@@ -1,7 +1,10 @@
 //! The Kubernetes source: one kube-rs `watcher` per kind (Services,
 //! EndpointSlices, Pods, Namespaces, HTTPRoutes, GRPCRoutes,
 //! BackendPolicies, NetworkPolicies, Servers, AuthorizationPolicies; all
-//! namespaces) feeding the index.
+//! namespaces) feeding the index. Nodes are watched only when a consumer
+//! asks for [`Kind::Node`] (the CNI agent, for its routes between nodes:
+//! the agent's RBAC grants get/list/watch on nodes, the controller's does
+//! not, and [`Kind::ALL`] leaves them out).
 //!
 //! Re-list semantics: on `Init` the objects of a kind are buffered until
 //! `InitDone`, then [`Index::reset`] replaces that kind in one batch, so an
@@ -68,8 +71,8 @@ pub async fn run(client: Client, index: Index, metrics: Metrics, readiness: Read
     run_kinds(client, index, metrics, readiness, &Kind::ALL).await
 }
 
-/// Watches `kinds` until the process ends (the CNI agent needs only pods, namespaces and
-/// NetworkPolicies); ready once each of them has been listed.
+/// Watches `kinds` until the process ends (the CNI agent needs only pods, namespaces,
+/// NetworkPolicies and nodes); ready once each of them has been listed.
 pub async fn run_kinds(
     client: Client,
     index: Index,
@@ -145,6 +148,9 @@ pub async fn run_kinds(
             |a| convert::authorization_policy(a, "default")
                 .map(|a| Object::AuthorizationPolicy(Box::new(a)))
         ),
+        watch!(core::Node, Kind::Node, Api::all(client.clone()), |n| {
+            convert::node(n).map(Object::Node)
+        }),
     );
 }
 
@@ -160,7 +166,7 @@ struct Ctx {
 
 fn key_of<K: Resource>(kind: Kind, obj: &K) -> ObjectKey {
     let namespace = match kind {
-        Kind::Namespace => String::new(),
+        Kind::Namespace | Kind::Node => String::new(),
         _ => obj.namespace().unwrap_or_else(|| "default".into()),
     };
     ObjectKey::new(namespace, obj.name_any())
