@@ -9,6 +9,30 @@
 //! routes to pods whose gateways are 169.254.1.1, answered by proxy ARP, and fe80::1), echo
 //! servers and TCP/UDP probes, and the cleanup of what a killed run left behind.
 //!
+//! Several nodes ([`Cluster`]): node namespaces whose `eth0` underlays meet on a bridge in a
+//! "fabric" namespace, each with its own pod CIDRs ([`ClusterSpec`] fixes the addressing), a
+//! `weft-cni-agent` of its own ([`ClusterNode::spawn_agent`]: its own pin directory, socket,
+//! state directory and metrics port, the cluster's Node objects from
+//! [`Cluster::nodes_yaml`] in its manifest directory) and pods added by the real `weft-cni`
+//! with host-local IPAM over the node's CIDRs ([`ClusterNode::add_pod`]).
+//! [`Cluster::static_routes`] joins the pod CIDRs with plain kernel routes instead: the
+//! no-eBPF baseline. The cross-node tests (`cni/agent/tests/nodes.rs`), the datapath's
+//! differential test and `weft-bench cross-node` build on it:
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use weft_netns_testing::{Cluster, ClusterSpec};
+//! let cluster = Cluster::new(ClusterSpec::two_nodes("wrt"))?;
+//! let manifests = tempfile_dir_with(&cluster.nodes_yaml());
+//! # fn tempfile_dir_with(_: &str) -> std::path::PathBuf { "/tmp/m".into() }
+//! let agents: Vec<_> = cluster.nodes.iter()
+//!     .map(|n| n.spawn_agent("target/debug/weft-cni-agent".as_ref(), &manifests, &["--routing", "vxlan"]))
+//!     .collect::<anyhow::Result<_>>()?;
+//! let a = cluster.nodes[0].add_pod("target/debug/weft-cni".as_ref(), ("default", "a"), None)?;
+//! let b = cluster.nodes[1].add_pod("target/debug/weft-cni".as_ref(), ("default", "b"), None)?;
+//! # Ok(()) }
+//! ```
+//!
 //! Each test crate keeps what only it uses (the fake agent, the eBPF pin directories, the
 //! model world) in its own `tests/` support module, on top of this crate.
 
@@ -617,4 +641,441 @@ pub fn host_local_leases(dir: &Path) -> Result<Vec<String>> {
         }
     }
     Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// Several nodes: the world of the cross-node tests (agent routing, Services, the
+// differential test's two-node case, `weft-bench cross-node`).
+// ---------------------------------------------------------------------------------------
+
+/// What a [`Cluster`] looks like. Addresses are fixed per cluster (each cluster has a fabric
+/// namespace of its own, so two clusters never share a wire); names and pin directories
+/// carry `prefix`, which the caller keeps to itself so that concurrent tests do not collide.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    /// Namespace and pin directory prefix (`<prefix>-<pid>-<n>-<tag>`), e.g. `wrt`.
+    pub prefix: String,
+    /// Number of nodes (1..=200).
+    pub nodes: usize,
+    /// IPv6 on the underlay and an IPv6 pod CIDR per node as well.
+    pub dual_stack: bool,
+    /// The MTU of the underlay links (both veth ends and the bridge).
+    pub underlay_mtu: u32,
+}
+
+impl ClusterSpec {
+    /// Two IPv4 nodes on a 1500-byte underlay.
+    pub fn two_nodes(prefix: &str) -> ClusterSpec {
+        ClusterSpec {
+            prefix: prefix.to_string(),
+            nodes: 2,
+            dual_stack: false,
+            underlay_mtu: 1500,
+        }
+    }
+}
+
+/// Nodes as network namespaces joined by an underlay: each node's `eth0` is a veth whose
+/// other end sits on bridge `br0` in a "fabric" namespace (the switch between the hosts).
+/// Node `i` (from 1) has the underlay addresses `192.168.77.<10+i>/24` and
+/// `fd00:77::<10+i>/64`, pod CIDRs `10.77.<i>.0/24` and `fd77:0:<i>::/64`, and is a
+/// [`router`] (forwarding on, proxy ARP for the pods' gateway). Nothing routes between the
+/// nodes' pod CIDRs until someone installs routes: the agent under test
+/// ([`ClusterNode::spawn_agent`]) or [`Cluster::static_routes`] (the baseline without eBPF).
+///
+/// Everything is removed on drop: the namespaces (pods first, then nodes, then the fabric),
+/// the agents (stopped), each node's pin directory and scratch directory.
+pub struct Cluster {
+    pub spec: ClusterSpec,
+    /// Dropped after the nodes (field order).
+    pub nodes: Vec<ClusterNode>,
+    pub fabric: Netns,
+}
+
+/// One node of a [`Cluster`].
+pub struct ClusterNode {
+    /// The Node object's name: `node-<i>`.
+    pub name: String,
+    pub ns: Netns,
+    pub underlay_v4: Ipv4Addr,
+    pub underlay_v6: Option<Ipv6Addr>,
+    /// `10.77.<i>.0/24`.
+    pub pod_cidr_v4: String,
+    /// `fd77:0:<i>::/64` when dual stack.
+    pub pod_cidr_v6: Option<String>,
+    /// Scratch: the agent's socket, state directory and log, host-local's data.
+    pub dir: std::path::PathBuf,
+    /// This node's agent's bpffs pin directory (under /sys/fs/bpf), removed on drop.
+    pub pin_dir: std::path::PathBuf,
+}
+
+impl Cluster {
+    /// Builds the fabric and the nodes (needs root).
+    pub fn new(spec: ClusterSpec) -> Result<Cluster> {
+        anyhow::ensure!(
+            (1..=200).contains(&spec.nodes),
+            "a cluster has 1 to 200 nodes, not {}",
+            spec.nodes
+        );
+        let fabric = Netns::named(unique(&spec.prefix, "fabric"))?;
+        let mtu = spec.underlay_mtu.to_string();
+        fabric.ip(&["link", "add", "br0", "mtu", &mtu, "type", "bridge"])?;
+        fabric.ip(&["link", "set", "br0", "up"])?;
+        let mut cluster = Cluster {
+            spec: spec.clone(),
+            nodes: Vec::new(),
+            fabric,
+        };
+        for i in 1..=spec.nodes {
+            let node = cluster.add_node(i)?;
+            cluster.nodes.push(node);
+        }
+        Ok(cluster)
+    }
+
+    fn add_node(&self, i: usize) -> Result<ClusterNode> {
+        let spec = &self.spec;
+        let ns = Netns::named(unique(&spec.prefix, &format!("n{i}")))?;
+        router(&ns.name)?;
+        let mtu = spec.underlay_mtu.to_string();
+        let port = format!("u{i}");
+        self.fabric.ip(&[
+            "link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "netns",
+            &ns.name,
+        ])?;
+        self.fabric
+            .ip(&["link", "set", &port, "master", "br0", "up"])?;
+        let host = 10 + i;
+        let underlay_v4 = Ipv4Addr::new(192, 168, 77, host as u8);
+        ns.ip(&["link", "set", "eth0", "mtu", &mtu, "up"])?;
+        ns.ip(&["addr", "add", &format!("{underlay_v4}/24"), "dev", "eth0"])?;
+        let underlay_v6 = if spec.dual_stack {
+            let a: Ipv6Addr = format!("fd00:77::{host:x}").parse()?;
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{a}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            Some(a)
+        } else {
+            None
+        };
+        let dir = std::env::temp_dir().join(unique(&spec.prefix, &format!("n{i}-dir")));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(ClusterNode {
+            name: format!("node-{i}"),
+            pin_dir: Path::new("/sys/fs/bpf").join(unique(&spec.prefix, &format!("n{i}-pins"))),
+            ns,
+            underlay_v4,
+            underlay_v6,
+            pod_cidr_v4: format!("10.77.{i}.0/24"),
+            pod_cidr_v6: spec.dual_stack.then(|| format!("fd77:0:{i:x}::/64")),
+            dir,
+        })
+    }
+
+    /// The cluster's Node objects as manifests (`spec.podCIDRs`, `status.addresses` with
+    /// the InternalIPs), for an agent's `--source dir:`.
+    pub fn nodes_yaml(&self) -> String {
+        self.nodes
+            .iter()
+            .map(ClusterNode::node_yaml)
+            .collect::<Vec<_>>()
+            .join("---\n")
+    }
+
+    /// Plain kernel routes from every node to every other node's pod CIDRs via its
+    /// underlay address: direct routing with no agent and no eBPF (the baseline).
+    pub fn static_routes(&self) -> Result<()> {
+        for a in &self.nodes {
+            for b in self.nodes.iter().filter(|b| b.name != a.name) {
+                a.ns.ip(&[
+                    "route",
+                    "replace",
+                    &b.pod_cidr_v4,
+                    "via",
+                    &b.underlay_v4.to_string(),
+                ])?;
+                if let (Some(c), Some(via)) = (&b.pod_cidr_v6, b.underlay_v6) {
+                    a.ns.ip(&["-6", "route", "replace", c, "via", &via.to_string()])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Option<&ClusterNode> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+}
+
+impl ClusterNode {
+    /// This node's Node object.
+    pub fn node_yaml(&self) -> String {
+        let mut cidrs = vec![self.pod_cidr_v4.clone()];
+        cidrs.extend(self.pod_cidr_v6.clone());
+        let mut addrs = vec![format!(
+            "{{type: InternalIP, address: \"{}\"}}",
+            self.underlay_v4
+        )];
+        if let Some(v6) = self.underlay_v6 {
+            addrs.push(format!("{{type: InternalIP, address: \"{v6}\"}}"));
+        }
+        addrs.push(format!("{{type: Hostname, address: {}}}", self.name));
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nspec: {{podCIDRs: [{}]}}\nstatus: {{addresses: [{}]}}\n",
+            self.name,
+            cidrs.join(", "),
+            addrs.join(", ")
+        )
+    }
+
+    /// The agent's plugin socket on this node.
+    pub fn socket(&self) -> std::path::PathBuf {
+        self.dir.join("cni.sock")
+    }
+
+    /// The agent's log file.
+    pub fn agent_log(&self) -> std::path::PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    /// The flags that make an agent this node's: `--node`, `--pin-dir`, `--socket`,
+    /// `--state-dir`, `--metrics-addr` (`0.0.0.0:9964` inside the node's namespace),
+    /// `--source dir:<manifests>`, `--log`.
+    pub fn agent_args(&self, manifests: &Path) -> Vec<String> {
+        [
+            "--source",
+            &format!("dir:{}", manifests.display()),
+            "--node",
+            &self.name,
+            "--pin-dir",
+            &self.pin_dir.display().to_string(),
+            "--socket",
+            &self.socket().display().to_string(),
+            "--state-dir",
+            &self.dir.join("state").display().to_string(),
+            "--metrics-addr",
+            "0.0.0.0:9964",
+            "--log",
+            "info",
+        ]
+        .map(str::to_string)
+        .into()
+    }
+
+    /// Starts `agent` (the `weft-cni-agent` binary) in this node's namespace with
+    /// [`ClusterNode::agent_args`] plus `extra`, entered with `setns` only (so its pins stay on
+    /// the host's bpffs), its output appended to [`ClusterNode::agent_log`]; waits until its
+    /// `/ready` answers 200 (at most 20 s).
+    pub fn spawn_agent(&self, agent: &Path, manifests: &Path, extra: &[&str]) -> Result<NodeAgent> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.agent_log())?;
+        let mut cmd = self.ns.command(agent)?;
+        cmd.args(self.agent_args(manifests))
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", agent.display()))?;
+        let agent = NodeAgent {
+            child: Some(child),
+            log: self.agent_log(),
+            node: self.name.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let ready = SocketAddr::from(([127, 0, 0, 1], 9964));
+        loop {
+            if let Ok((200, _)) = http_get(&self.ns.name, ready, "/ready") {
+                if self.socket().exists() {
+                    return Ok(agent);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent of {} is not ready after 20 s\n--- log ---\n{}",
+                    self.name,
+                    agent.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The `weft-cni` network configuration for this node: host-local IPAM over its pod
+    /// CIDRs (data in its scratch directory), its agent's socket; `extra` fields (e.g.
+    /// `mtu`) are merged in.
+    pub fn cni_conf(&self, extra: Option<&Value>) -> Value {
+        let mut ranges = vec![serde_json::json!([{ "subnet": self.pod_cidr_v4 }])];
+        if let Some(v6) = &self.pod_cidr_v6 {
+            ranges.push(serde_json::json!([{ "subnet": v6 }]));
+        }
+        let mut conf = serde_json::json!({
+            "cniVersion": "1.1.0",
+            "name": "weft",
+            "type": "weft-cni",
+            "agentSocket": self.socket(),
+            "agentTimeoutMs": 5000,
+            "ipam": {"type": "host-local", "dataDir": self.dir.join("ipam"), "ranges": ranges},
+        });
+        if let (Some(obj), Some(Value::Object(extra))) = (conf.as_object_mut(), extra) {
+            for (k, v) in extra {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        conf
+    }
+
+    /// A pod `namespace/name` on this node: a new network namespace wired by `plugin` (the
+    /// `weft-cni` binary) with [`ClusterNode::cni_conf`]`(extra)`, as a runtime's ADD does.
+    pub fn add_pod(
+        &self,
+        plugin: &Path,
+        pod: (&str, &str),
+        extra: Option<&Value>,
+    ) -> Result<ClusterPod> {
+        let ns = Netns::named(unique(&self.ns.name, pod.1))?;
+        let container_id = format!("c-{}", ns.name);
+        let conf = self.cni_conf(extra);
+        let out = exec_cni(
+            &self.ns,
+            plugin,
+            cni_env("ADD", &container_id, &ns.path(), pod),
+            &serde_json::to_vec(&conf)?,
+            Stdio::inherit(),
+        )?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!("ADD {}/{} on {}: {stdout}", pod.0, pod.1, self.name);
+        }
+        let result: Value = serde_json::from_str(&stdout).context("ADD result is JSON")?;
+        let mut v4 = None;
+        let mut v6 = None;
+        for ip in result["ips"].as_array().into_iter().flatten() {
+            match ip["address"]
+                .as_str()
+                .and_then(|a| a.split('/').next())
+                .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+            {
+                Some(std::net::IpAddr::V4(a)) => v4 = Some(a),
+                Some(std::net::IpAddr::V6(a)) => v6 = Some(a),
+                None => {}
+            }
+        }
+        Ok(ClusterPod {
+            v4: v4.with_context(|| format!("no IPv4 address in {stdout}"))?,
+            v6,
+            container_id,
+            namespace: pod.0.to_string(),
+            name: pod.1.to_string(),
+            node: self.name.clone(),
+            result,
+            ns,
+        })
+    }
+
+    /// DEL of `pod` through `plugin` (the pod's namespace stays until the pod is dropped).
+    pub fn del_pod(&self, plugin: &Path, pod: &ClusterPod) -> Result<()> {
+        let out = exec_cni(
+            &self.ns,
+            plugin,
+            cni_env(
+                "DEL",
+                &pod.container_id,
+                &pod.ns.path(),
+                (&pod.namespace, &pod.name),
+            ),
+            &serde_json::to_vec(&self.cni_conf(None))?,
+            Stdio::inherit(),
+        )?;
+        if !out.status.success() {
+            bail!(
+                "DEL {}/{}: {}",
+                pod.namespace,
+                pod.name,
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        Ok(())
+    }
+
+    /// The MTU of link `ifname` in namespace `ns`.
+    pub fn mtu_of(ns: &Netns, ifname: &str) -> Result<u32> {
+        let v: Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", "dev", ifname])?)?;
+        v[0]["mtu"]
+            .as_u64()
+            .map(|m| m as u32)
+            .with_context(|| format!("no mtu for {ifname} in {}", ns.name))
+    }
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        if self.pin_dir.exists() {
+            // Unlinking the pins (maps, programs, tcx links) releases what no process holds.
+            if let Err(e) = std::fs::remove_dir_all(&self.pin_dir) {
+                eprintln!("cleaning up {}: {e}", self.pin_dir.display());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A pod a [`ClusterNode::add_pod`] wired; its namespace goes on drop (the agent collects the
+/// endpoint whose interface vanished).
+pub struct ClusterPod {
+    pub ns: Netns,
+    pub namespace: String,
+    pub name: String,
+    /// The node it runs on.
+    pub node: String,
+    pub container_id: String,
+    pub v4: Ipv4Addr,
+    pub v6: Option<Ipv6Addr>,
+    /// The plugin's ADD result.
+    pub result: Value,
+}
+
+/// A `weft-cni-agent` a [`ClusterNode::spawn_agent`] started: stopped on drop, its log printed
+/// when the test is failing.
+pub struct NodeAgent {
+    pub child: Option<Child>,
+    pub log: std::path::PathBuf,
+    pub node: String,
+}
+
+impl NodeAgent {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait (SIGKILL after 5 s).
+    pub fn stop(&mut self) {
+        if let Some(c) = self.child.take() {
+            stop_child(c);
+        }
+    }
+}
+
+impl Drop for NodeAgent {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- weft-cni-agent log ({}) ---\n{}",
+                self.node,
+                self.log_text()
+            );
+        }
+    }
 }
