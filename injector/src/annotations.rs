@@ -19,6 +19,9 @@ pub const SKIP_OUTBOUND_CIDRS: &str = "config.weft.dev/skip-outbound-cidrs";
 pub const OPAQUE_PORTS: &str = "config.weft.dev/opaque-ports";
 /// `enabled`: the CNI plugin installs the redirect, so no `weft-init` container is added.
 pub const CNI: &str = "config.weft.dev/cni";
+/// Written by the injector in CNI mode: the complete redirect configuration (JSON) the
+/// `weft-cni` plugin installs; its presence tells the plugin the pod expects it.
+pub const REDIRECT: &str = weft_redirect::ANNOTATION;
 /// `enabled` / `disabled`: override the injector's native-sidecar setting for this pod.
 pub const NATIVE_SIDECAR: &str = "config.weft.dev/native-sidecar";
 /// `json` or `apache`: the proxy writes an access log in that format (`WEFT_PROXY_ACCESS_LOG`).

@@ -4,7 +4,10 @@
 //!
 //! What an injected pod gets (see the README for the annotation reference):
 //! - the `weft-init` init container, first of all init containers, unless the CNI installs the
-//!   redirect (`config.weft.dev/cni: enabled` or [`InjectConfig::cni`]);
+//!   redirect (`config.weft.dev/cni: enabled` or [`InjectConfig::cni`]): then, instead, the
+//!   `weft.dev/redirect` annotation ([`weft_redirect::ANNOTATION`]) carrying the same redirect
+//!   configuration `weft-init` would have got as flags, which tells the `weft-cni` plugin to
+//!   install it (and no container needs `NET_ADMIN`);
 //! - the `weft-proxy` container: a native sidecar (an init container with
 //!   `restartPolicy: Always`, right after `weft-init`, so later init containers already have a
 //!   proxy) when [`InjectConfig::native_sidecar`] says so, else the first regular container;
@@ -32,6 +35,7 @@ use serde_json::{json, Value};
 
 use crate::annotations as ann;
 use crate::ports::{CidrList, PortList};
+use weft_redirect::{Backend, RedirectConfig};
 
 /// Container and volume names the injector owns.
 pub const PROXY_CONTAINER: &str = "weft-proxy";
@@ -83,8 +87,8 @@ pub struct InjectConfig {
     pub trace_sampling: Option<String>,
     pub proxy_resources: Resources,
     pub init_resources: Resources,
-    /// `weft-init --backend` (`auto`, `nft` or `legacy`).
-    pub init_backend: String,
+    /// `weft-init --backend` (`auto`, `nft` or `legacy`); the CNI uses the same.
+    pub init_backend: Backend,
     /// Inbound ports that always bypass the proxy (besides the admin port).
     pub skip_inbound_ports: PortList,
     pub skip_outbound_ports: PortList,
@@ -205,7 +209,7 @@ impl Default for InjectConfig {
                 memory_request: Some("10Mi".into()),
                 memory_limit: Some("50Mi".into()),
             },
-            init_backend: "auto".into(),
+            init_backend: Backend::Auto,
             skip_inbound_ports: PortList::default(),
             skip_outbound_ports: PortList::default(),
             opaque_ports: PortList::default(),
@@ -654,6 +658,12 @@ fn build_ops(
 
     let mut annotations = BTreeMap::new();
     annotations.insert(ann::PROXY_VERSION.to_string(), cfg.proxy_version.clone());
+    if s.cni {
+        annotations.insert(
+            weft_redirect::ANNOTATION.to_string(),
+            redirect_config(s, cfg).to_annotation(),
+        );
+    }
     let existing = meta.annotations.clone().unwrap_or_default();
     let has_scrape_config = [
         ann::PROMETHEUS_SCRAPE,
@@ -864,35 +874,25 @@ fn proxy_container(s: &PodSettings, cfg: &InjectConfig) -> Container {
     }
 }
 
-/// `weft-init`'s command line: the same port and CIDR syntax as the annotations.
-fn init_args(s: &PodSettings, cfg: &InjectConfig) -> Vec<String> {
+/// The pod's redirect: the same value becomes `weft-init`'s flags or, in CNI mode, the
+/// `weft.dev/redirect` annotation, so both installers put the same rules in place.
+fn redirect_config(s: &PodSettings, cfg: &InjectConfig) -> RedirectConfig {
     // The admin port stays reachable directly, so kubelet probes and scrapes never depend on
     // the proxy's data path.
     let admin = PortList(vec![crate::ports::PortRange::single(cfg.admin_port)]);
-    let skip_in = admin.union(&s.skip_inbound_ports);
-    let mut args = vec![
-        "--backend".to_string(),
-        cfg.init_backend.clone(),
-        "--proxy-uid".into(),
-        cfg.proxy_uid.to_string(),
-        "--inbound-port".into(),
-        cfg.inbound_port.to_string(),
-        "--outbound-port".into(),
-        cfg.outbound_port.to_string(),
-        "--skip-inbound-ports".into(),
-        skip_in.to_string(),
-    ];
-    for (flag, value) in [
-        ("--skip-outbound-ports", s.skip_outbound_ports.to_string()),
-        ("--skip-inbound-cidrs", s.skip_inbound_cidrs.to_string()),
-        ("--skip-outbound-cidrs", s.skip_outbound_cidrs.to_string()),
-    ] {
-        if !value.is_empty() {
-            args.push(flag.into());
-            args.push(value);
-        }
+    RedirectConfig {
+        // A UID that does not fit the kernel's u32 cannot be the proxy's; the container's
+        // securityContext would be refused by the API server anyway.
+        proxy_uid: u32::try_from(cfg.proxy_uid).unwrap_or(u32::MAX),
+        inbound_port: cfg.inbound_port,
+        outbound_port: cfg.outbound_port,
+        skip_inbound_ports: admin.union(&s.skip_inbound_ports),
+        skip_outbound_ports: s.skip_outbound_ports.clone(),
+        skip_inbound_cidrs: s.skip_inbound_cidrs.clone(),
+        skip_outbound_cidrs: s.skip_outbound_cidrs.clone(),
+        ipv6: true,
+        backend: cfg.init_backend,
     }
-    args
 }
 
 fn init_container(s: &PodSettings, cfg: &InjectConfig) -> Container {
@@ -900,7 +900,7 @@ fn init_container(s: &PodSettings, cfg: &InjectConfig) -> Container {
         name: INIT_CONTAINER.into(),
         image: Some(cfg.init_image.clone()),
         image_pull_policy: cfg.image_pull_policy.clone(),
-        args: Some(init_args(s, cfg)),
+        args: Some(redirect_config(s, cfg).to_args()),
         resources: resources(&cfg.init_resources),
         // Root with NET_ADMIN/NET_RAW only, explicitly: a pod-level runAsNonRoot must not apply
         // to the one container that edits the pod's netfilter tables.

@@ -355,6 +355,63 @@ fn cni_mode_adds_no_init_container() {
     let out = injected(&bare, &cfg);
     assert_eq!(names(&out["spec"]["initContainers"]), ["weft-proxy"]);
     assert_eq!(names(&out["spec"]["volumes"]), [TOKEN_VOLUME]);
+    // No container of the pod asks for NET_ADMIN: the CNI does the privileged part.
+    assert!(!out.to_string().contains("NET_ADMIN"), "{out}");
+}
+
+/// In CNI mode the pod carries `weft.dev/redirect`: the very configuration `weft-init` would
+/// have been given as flags (same user annotations, same injector settings), which the
+/// weft-cni plugin installs. Without CNI mode there is no such annotation.
+#[test]
+fn cni_mode_writes_the_redirect_weft_init_would_have_installed() {
+    use weft_injector::redirect::{RedirectConfig, ANNOTATION};
+    let mut pod = web_pod();
+    let a = &mut pod["metadata"]["annotations"];
+    a["config.weft.dev/skip-inbound-ports"] = json!("22,8000-8100");
+    a["config.weft.dev/skip-outbound-ports"] = json!("5432");
+    a["config.weft.dev/skip-outbound-cidrs"] = json!("169.254.169.254,fd00::/8");
+    a["config.weft.dev/skip-inbound-cidrs"] = json!("10.1.0.0/16");
+    let cfg = InjectConfig {
+        proxy_uid: 2200,
+        outbound_port: 4150,
+        ..classic()
+    };
+
+    // Classic mode: weft-init's flags, no annotation.
+    let with_init = injected(&pod, &cfg);
+    let init = container(&with_init["spec"]["initContainers"], INIT_CONTAINER);
+    let flags: Vec<String> = init["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert!(with_init["metadata"]["annotations"][ANNOTATION].is_null());
+
+    // CNI mode: the annotation, no weft-init.
+    let cni = injected(
+        &pod,
+        &InjectConfig {
+            cni: true,
+            ..cfg.clone()
+        },
+    );
+    assert!(!names(&cni["spec"]["initContainers"]).contains(&INIT_CONTAINER));
+    let value = cni["metadata"]["annotations"][ANNOTATION].as_str().unwrap();
+    let redirect = RedirectConfig::from_annotation(value).unwrap();
+    assert_eq!(redirect.to_args(), flags, "annotation {value}");
+    assert_eq!(redirect.proxy_uid, 2200);
+    assert_eq!(redirect.outbound_port, 4150);
+    assert_eq!(redirect.skip_inbound_ports.to_string(), "4191,22,8000-8100");
+
+    // The per-pod switch marks the pod the same way.
+    let mut per_pod = pod.clone();
+    per_pod["metadata"]["annotations"]["config.weft.dev/cni"] = json!("enabled");
+    let out = injected(&per_pod, &cfg);
+    assert_eq!(
+        out["metadata"]["annotations"][ANNOTATION].as_str(),
+        Some(value)
+    );
 }
 
 /// What Prometheus keys on (charts/weft/templates/prometheus-scrape-config.yaml and

@@ -1,8 +1,8 @@
 //! Port lists and CIDRs as users write them in annotations and flags.
 //!
 //! One parser serves the webhook (validating `config.weft.dev/*` annotations before a pod is
-//! admitted) and `weft-init` (turning the same strings into iptables matches), so a value the
-//! webhook accepts is a value `weft-init` can install.
+//! admitted) and the redirect installers, `weft-init` and `weft-cni` (turning the same strings
+//! into iptables matches), so a value the webhook accepts is a value they can install.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -129,6 +129,29 @@ impl Cidr {
     pub fn is_ipv4(&self) -> bool {
         self.addr.is_ipv4()
     }
+
+    /// The network address: host bits cleared, as iptables stores and prints it
+    /// (`10.1.2.3/16` → `10.1.0.0/16`).
+    pub fn network(&self) -> Cidr {
+        let addr = match self.addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        };
+        Cidr {
+            addr,
+            prefix: self.prefix,
+        }
+    }
 }
 
 impl FromStr for Cidr {
@@ -230,6 +253,16 @@ mod tests {
             .parse()
             .unwrap_or_default();
         assert_eq!(l.to_string(), "10.0.0.0/8,192.168.1.1/32,fd00::/8");
+        for (given, network) in [
+            ("10.1.2.3/16", "10.1.0.0/16"),
+            ("10.1.2.3", "10.1.2.3/32"),
+            ("0.0.0.0/0", "0.0.0.0/0"),
+            ("fd00::1/8", "fd00::/8"),
+            ("::/0", "::/0"),
+        ] {
+            let c: Cidr = given.parse().unwrap_or_else(|e| panic!("{given}: {e}"));
+            assert_eq!(c.network().to_string(), network);
+        }
         for bad in ["10.0.0.0/33", "fd00::/129", "10.0.0/8", "x", "10.0.0.0/"] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad:?} parsed");
         }

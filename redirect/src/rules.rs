@@ -1,4 +1,4 @@
-//! `weft-init`: the redirect rules in a pod's network namespace.
+//! The rules, and installing them idempotently through [`Runner`].
 //!
 //! The rules live in four chains of the nat table, per address family (iptables and
 //! ip6tables), and two jumps into them:
@@ -25,106 +25,28 @@
 //!
 //! Idempotence: the chains are declared in an `iptables-restore --noflush` script, which creates
 //! them or, if they exist, flushes them (both backends), and the jumps are added only when the
-//! current table (read with `iptables-save`) lacks them. Running twice leaves the same table.
+//! current table (read with `iptables-save`) lacks them. Running twice leaves the same table,
+//! which is what a retried CNI ADD needs as much as a restarted init container.
 //!
 //! The iptables programs sit behind [`Runner`], so the planning is tested without root
 //! ([`FakeRunner`] applies scripts to an in-memory table) and the real thing in the
-//! network-namespace tests.
+//! network-namespace tests (weft-e2e's `netns_init`, weft-cni's `mesh_redirect`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use crate::ports::{CidrList, PortList};
+use crate::config::{Backend, Family, RedirectConfig};
 
 pub const INBOUND_CHAIN: &str = "WEFT_INBOUND";
 pub const INBOUND_REDIRECT_CHAIN: &str = "WEFT_INBOUND_REDIRECT";
 pub const OUTBOUND_CHAIN: &str = "WEFT_OUTBOUND";
 pub const OUTBOUND_REDIRECT_CHAIN: &str = "WEFT_OUTBOUND_REDIRECT";
 
-/// Environment variables `weft-init` reads when a flag is not given.
-pub mod env {
-    pub const BACKEND: &str = "WEFT_INIT_BACKEND";
-    pub const PROXY_UID: &str = "WEFT_INIT_PROXY_UID";
-    pub const INBOUND_PORT: &str = "WEFT_INIT_INBOUND_PORT";
-    pub const OUTBOUND_PORT: &str = "WEFT_INIT_OUTBOUND_PORT";
-    pub const SKIP_INBOUND_PORTS: &str = "WEFT_INIT_SKIP_INBOUND_PORTS";
-    pub const SKIP_OUTBOUND_PORTS: &str = "WEFT_INIT_SKIP_OUTBOUND_PORTS";
-    pub const SKIP_INBOUND_CIDRS: &str = "WEFT_INIT_SKIP_INBOUND_CIDRS";
-    pub const SKIP_OUTBOUND_CIDRS: &str = "WEFT_INIT_SKIP_OUTBOUND_CIDRS";
-    pub const IPV6: &str = "WEFT_INIT_IPV6";
-    pub const DRY_RUN: &str = "WEFT_INIT_DRY_RUN";
-    pub const LOG: &str = "WEFT_INIT_LOG";
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Backend {
-    /// nftables-based iptables (`iptables-nft-restore`).
-    Nft,
-    /// The legacy x_tables backend (`iptables-legacy-restore`).
-    Legacy,
-    /// Legacy if the namespace already has legacy rules and no nft rules, else nft.
-    Auto,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    /// The program name for `tool` (`save` or `restore`) with `backend` (`Nft` or `Legacy`).
-    pub fn program(self, backend: Backend, tool: &str) -> String {
-        let base = match self {
-            Family::V4 => "iptables",
-            Family::V6 => "ip6tables",
-        };
-        let b = match backend {
-            Backend::Legacy => "legacy",
-            Backend::Nft | Backend::Auto => "nft",
-        };
-        format!("{base}-{b}-{tool}")
-    }
-}
-
-/// What to install.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InitConfig {
-    pub proxy_uid: u32,
-    pub inbound_port: u16,
-    pub outbound_port: u16,
-    pub skip_inbound_ports: PortList,
-    pub skip_outbound_ports: PortList,
-    /// Source networks whose incoming connections bypass the proxy.
-    pub skip_inbound_cidrs: CidrList,
-    /// Destination networks whose outgoing connections bypass the proxy.
-    pub skip_outbound_cidrs: CidrList,
-    /// Also install IPv6 rules.
-    pub ipv6: bool,
-    pub backend: Backend,
-}
-
-impl Default for InitConfig {
-    fn default() -> Self {
-        Self {
-            proxy_uid: 2102,
-            inbound_port: 4143,
-            outbound_port: 4140,
-            skip_inbound_ports: PortList::default(),
-            skip_outbound_ports: PortList::default(),
-            skip_inbound_cidrs: CidrList::default(),
-            skip_outbound_cidrs: CidrList::default(),
-            ipv6: true,
-            backend: Backend::Auto,
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
-pub enum InitError {
+pub enum RedirectError {
     #[error(
-        "cannot run {program}: {source} (is the iptables package installed in the init image?)"
+        "cannot run {program}: {source} (is iptables installed: in the init image for weft-init, on the node for weft-cni?)"
     )]
     Spawn {
         program: String,
@@ -132,7 +54,7 @@ pub enum InitError {
         source: std::io::Error,
     },
     #[error(
-        "{program} failed ({status}): {stderr} (does the container have NET_ADMIN and NET_RAW?)"
+        "{program} failed ({status}): {stderr} (does the process have NET_ADMIN and NET_RAW in the pod's network namespace?)"
     )]
     Failed {
         program: String,
@@ -141,6 +63,8 @@ pub enum InitError {
     },
     #[error("after installing the rules, {program} does not show the {chain} jump: another program may be rewriting the nat table")]
     NotInstalled { program: String, chain: String },
+    #[error("the {family:?} nat table differs from the redirect this pod should have: {what}")]
+    Mismatch { family: Family, what: String },
 }
 
 fn port_match(r: &crate::ports::PortRange) -> String {
@@ -152,7 +76,7 @@ fn port_match(r: &crate::ports::PortRange) -> String {
 }
 
 /// The rules of Weft's four chains for `family`, in iptables-restore syntax.
-pub fn chain_rules(cfg: &InitConfig, family: Family) -> Vec<String> {
+pub fn chain_rules(cfg: &RedirectConfig, family: Family) -> Vec<String> {
     let in_family = |c: &&crate::ports::Cidr| c.is_ipv4() == (family == Family::V4);
     let mut r = Vec::new();
     r.push(format!(
@@ -222,7 +146,7 @@ fn has_jump(save: &str, builtin: &str, chain: &str) -> bool {
 
 /// The `iptables-restore --noflush` script for `family`, given the current nat table
 /// (`iptables-save -t nat` output; `None` means "assume empty", as `--dry-run` does).
-pub fn restore_script(cfg: &InitConfig, family: Family, current: Option<&str>) -> String {
+pub fn restore_script(cfg: &RedirectConfig, family: Family, current: Option<&str>) -> String {
     let mut s = String::from("*nat\n");
     for chain in [
         INBOUND_CHAIN,
@@ -249,7 +173,7 @@ pub fn restore_script(cfg: &InitConfig, family: Family, current: Option<&str>) -
 }
 
 /// The families `cfg` installs rules for.
-pub fn families(cfg: &InitConfig) -> Vec<Family> {
+pub fn families(cfg: &RedirectConfig) -> Vec<Family> {
     if cfg.ipv6 {
         vec![Family::V4, Family::V6]
     } else {
@@ -258,7 +182,7 @@ pub fn families(cfg: &InitConfig) -> Vec<Family> {
 }
 
 /// What `--dry-run` prints: each family's script as if the table were empty.
-pub fn dry_run(cfg: &InitConfig) -> String {
+pub fn dry_run(cfg: &RedirectConfig) -> String {
     let mut out = String::new();
     for family in families(cfg) {
         let restore = family.program(
@@ -278,9 +202,14 @@ pub fn dry_run(cfg: &InitConfig) -> String {
 /// The seam in front of the iptables programs.
 pub trait Runner {
     /// `<family>-<backend>-save -t nat`.
-    fn save(&mut self, backend: Backend, family: Family) -> Result<String, InitError>;
+    fn save(&mut self, backend: Backend, family: Family) -> Result<String, RedirectError>;
     /// `<family>-<backend>-restore --noflush` with `script` on stdin.
-    fn restore(&mut self, backend: Backend, family: Family, script: &str) -> Result<(), InitError>;
+    fn restore(
+        &mut self,
+        backend: Backend,
+        family: Family,
+        script: &str,
+    ) -> Result<(), RedirectError>;
 }
 
 /// Runs the real iptables programs (found on `PATH`).
@@ -288,8 +217,8 @@ pub trait Runner {
 pub struct SystemRunner;
 
 impl SystemRunner {
-    fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, InitError> {
-        let spawn_err = |source| InitError::Spawn {
+    fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, RedirectError> {
+        let spawn_err = |source| RedirectError::Spawn {
             program: program.to_string(),
             source,
         };
@@ -309,7 +238,7 @@ impl SystemRunner {
         }
         let out = child.wait_with_output().map_err(spawn_err)?;
         if !out.status.success() {
-            return Err(InitError::Failed {
+            return Err(RedirectError::Failed {
                 program: format!("{program} {}", args.join(" ")),
                 status: out.status.to_string(),
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
@@ -320,11 +249,16 @@ impl SystemRunner {
 }
 
 impl Runner for SystemRunner {
-    fn save(&mut self, backend: Backend, family: Family) -> Result<String, InitError> {
+    fn save(&mut self, backend: Backend, family: Family) -> Result<String, RedirectError> {
         Self::run(&family.program(backend, "save"), &["-t", "nat"], None)
     }
 
-    fn restore(&mut self, backend: Backend, family: Family, script: &str) -> Result<(), InitError> {
+    fn restore(
+        &mut self,
+        backend: Backend,
+        family: Family,
+        script: &str,
+    ) -> Result<(), RedirectError> {
         Self::run(
             &family.program(backend, "restore"),
             &["--noflush"],
@@ -353,8 +287,8 @@ pub fn detect_backend(runner: &mut dyn Runner, family: Family) -> Backend {
 /// Installs the rules for every family; returns the nat tables as they are afterwards.
 pub fn install(
     runner: &mut dyn Runner,
-    cfg: &InitConfig,
-) -> Result<Vec<(Family, String)>, InitError> {
+    cfg: &RedirectConfig,
+) -> Result<Vec<(Family, String)>, RedirectError> {
     let mut after = Vec::new();
     for family in families(cfg) {
         let backend = match cfg.backend {
@@ -368,7 +302,7 @@ pub fn install(
         let now = runner.save(backend, family)?;
         for (builtin, chain) in [("PREROUTING", INBOUND_CHAIN), ("OUTPUT", OUTBOUND_CHAIN)] {
             if !has_jump(&now, builtin, chain) {
-                return Err(InitError::NotInstalled {
+                return Err(RedirectError::NotInstalled {
                     program: family.program(backend, "save"),
                     chain: chain.to_string(),
                 });
@@ -383,6 +317,90 @@ pub fn install(
         after.push((family, now));
     }
     Ok(after)
+}
+
+/// A rule as `iptables-save` prints it, reduced to what the rule means: the implicit `-m tcp`
+/// that iptables adds for `--dport` is dropped, so planned and saved rules compare equal.
+fn normalise(rule: &str) -> String {
+    let tokens: Vec<&str> = rule.split_whitespace().collect();
+    let mut out = Vec::with_capacity(tokens.len());
+    let mut i = 0;
+    while i < tokens.len() {
+        if tokens[i] == "-m" && tokens.get(i + 1) == Some(&"tcp") {
+            i += 2;
+            continue;
+        }
+        out.push(tokens[i]);
+        i += 1;
+    }
+    out.join(" ")
+}
+
+/// The rules of Weft's chains in an `iptables-save` dump, normalised, in order.
+fn weft_rules(save: &str) -> Vec<String> {
+    let ours = [
+        INBOUND_CHAIN,
+        INBOUND_REDIRECT_CHAIN,
+        OUTBOUND_CHAIN,
+        OUTBOUND_REDIRECT_CHAIN,
+    ];
+    save.lines()
+        .filter(|l| {
+            let mut t = l.split_whitespace();
+            t.next() == Some("-A") && t.next().is_some_and(|c| ours.contains(&c))
+        })
+        .map(normalise)
+        .collect()
+}
+
+/// Checks that every family's nat table holds exactly the rules [`install`] would leave for
+/// `cfg` in Weft's chains, and both jumps into them (CNI CHECK). Rules of other programs are
+/// not looked at.
+pub fn verify(runner: &mut dyn Runner, cfg: &RedirectConfig) -> Result<(), RedirectError> {
+    for family in families(cfg) {
+        let backend = match cfg.backend {
+            Backend::Auto => detect_backend(runner, family),
+            b => b,
+        };
+        let now = runner.save(backend, family)?;
+        for (builtin, chain) in [("PREROUTING", INBOUND_CHAIN), ("OUTPUT", OUTBOUND_CHAIN)] {
+            if !has_jump(&now, builtin, chain) {
+                return Err(RedirectError::Mismatch {
+                    family,
+                    what: format!("no jump from {builtin} to {chain}"),
+                });
+            }
+        }
+        // iptables keeps networks with their host bits cleared.
+        let mut canonical = cfg.clone();
+        for list in [
+            &mut canonical.skip_inbound_cidrs,
+            &mut canonical.skip_outbound_cidrs,
+        ] {
+            list.0 = list.0.iter().map(|c| c.network()).collect();
+        }
+        let mut want: Vec<String> = chain_rules(&canonical, family)
+            .iter()
+            .map(|r| normalise(r))
+            .collect();
+        let mut got = weft_rules(&now);
+        // iptables-save groups rules by chain; the plan interleaves them. Order within a chain
+        // matters and is kept by a stable sort on the chain name.
+        let chain_of = |r: &String| r.split_whitespace().nth(1).unwrap_or_default().to_string();
+        want.sort_by_key(chain_of);
+        got.sort_by_key(chain_of);
+        if want != got {
+            return Err(RedirectError::Mismatch {
+                family,
+                what: format!(
+                    "want rules [{}], found [{}]",
+                    want.join("; "),
+                    got.join("; ")
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// An in-memory nat table per (backend, family) that applies restore scripts with `--noflush`
@@ -418,7 +436,7 @@ impl FakeRunner {
 }
 
 impl Runner for FakeRunner {
-    fn save(&mut self, backend: Backend, family: Family) -> Result<String, InitError> {
+    fn save(&mut self, backend: Backend, family: Family) -> Result<String, RedirectError> {
         let t = self.table(backend, family);
         let mut s = String::from("*nat\n");
         for (i, (chain, _)) in t.iter().enumerate() {
@@ -435,7 +453,12 @@ impl Runner for FakeRunner {
         Ok(s)
     }
 
-    fn restore(&mut self, backend: Backend, family: Family, script: &str) -> Result<(), InitError> {
+    fn restore(
+        &mut self,
+        backend: Backend,
+        family: Family,
+        script: &str,
+    ) -> Result<(), RedirectError> {
         self.restored.push((family, script.to_string()));
         let t = self.table(backend, family);
         for line in script.lines() {
@@ -454,7 +477,7 @@ impl Runner for FakeRunner {
                 match t.iter_mut().find(|(c, _)| c == chain) {
                     Some((_, rules)) => rules.push(line.to_string()),
                     None => {
-                        return Err(InitError::Failed {
+                        return Err(RedirectError::Failed {
                             program: "fake-restore".into(),
                             status: "exit status: 2".into(),
                             stderr: format!("chain {chain} does not exist"),
@@ -485,7 +508,7 @@ mod tests {
 
     #[test]
     fn cidrs_go_to_their_family() {
-        let cfg = InitConfig {
+        let cfg = RedirectConfig {
             skip_outbound_cidrs: "10.0.0.0/8,fd00::/8".parse().unwrap_or_default(),
             ..Default::default()
         };

@@ -1,11 +1,13 @@
 //! `weft-init`: installs Weft's redirect rules in the current network namespace (the pod's,
-//! as an init container) and exits. See the `weft_injector::init` docs for the rules.
+//! as an init container) and exits. See the `weft_redirect` docs for the rules; the weft-cni
+//! plugin installs the same ones, from the same code, when the injector runs in CNI mode.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use weft_injector::init::{self, env, Backend, InitConfig, SystemRunner};
-use weft_injector::ports::{CidrList, PortList};
+use weft_redirect::config::env;
+use weft_redirect::ports::{CidrList, PortList};
+use weft_redirect::{Backend, RedirectConfig, SystemRunner};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -57,7 +59,7 @@ fn main() -> ExitCode {
         eprintln!("{}: {e}", env!("CARGO_BIN_NAME"));
         return ExitCode::from(2);
     }
-    let cfg = InitConfig {
+    let cfg = RedirectConfig {
         proxy_uid: args.proxy_uid,
         inbound_port: args.inbound_port,
         outbound_port: args.outbound_port,
@@ -69,10 +71,10 @@ fn main() -> ExitCode {
         backend: args.backend,
     };
     if args.dry_run {
-        print!("{}", init::dry_run(&cfg));
+        print!("{}", weft_redirect::dry_run(&cfg));
         return ExitCode::SUCCESS;
     }
-    match init::install(&mut SystemRunner, &cfg) {
+    match weft_redirect::install(&mut SystemRunner, &cfg) {
         Ok(tables) => {
             for (family, table) in tables {
                 eprintln!("weft-init: {family:?} nat table:\n{table}");
