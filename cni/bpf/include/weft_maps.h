@@ -188,4 +188,98 @@ struct weft_flow_event {
 	__u8 pad[7];
 };
 
+/*
+ * Services (kube-proxy replacement), lib/lb.h. Byte order: addresses and
+ * ports in these maps are network byte order (as on the wire); ids, counts,
+ * flags and timeouts host order.
+ */
+#define WEFT_LB_SVC_MAX 65536      /* frontends: (address, port, protocol) */
+#define WEFT_LB_MAX_BACKENDS 128   /* ready endpoints per frontend */
+#define WEFT_LB_CT_MAX 262144      /* two entries per translated connection */
+#define WEFT_LB_AFFINITY_MAX 65536 /* (frontend, client) pairs */
+
+/* weft_lb_svc.flags */
+#define WEFT_LB_F_AFFINITY 1u /* sessionAffinity ClientIP */
+#define WEFT_LB_F_NODEPORT 2u /* a NodePort frontend (node address), not a ClusterIP */
+
+/* weft_lb_ct_key.dir */
+#define WEFT_LB_CT_FORWARD 0 /* client → frontend, as the client sent it */
+#define WEFT_LB_CT_REVERSE 1 /* backend → client, as the backend answers */
+
+/* weft_lb_svc: hash, one entry per frontend. IPv4 in the first 4 bytes. */
+struct weft_lb_svc_key {
+	__u8 family; /* 4 or 6 */
+	__u8 proto;  /* 6 or 17 */
+	__u16 port;  /* network byte order */
+	__u8 addr[16];
+};
+
+struct weft_lb_backend {
+	__u8 addr[16];
+	__u16 port; /* network byte order */
+	__u16 pad;
+};
+
+/*
+ * The whole backend set is inside the value, so one map update replaces it
+ * atomically: a lookup sees the old or the new set, never an empty one in
+ * between. count == 0: the Service exists but has no ready endpoint (refused).
+ */
+struct weft_lb_svc {
+	__u32 svc_id; /* the agent's id of the frontend (affinity keys) */
+	__u16 count;  /* backends[0..count] are valid, <= WEFT_LB_MAX_BACKENDS */
+	__u16 flags;  /* WEFT_LB_F_* */
+	__u32 affinity_timeout_s;
+	__u32 pad;
+	struct weft_lb_backend backends[WEFT_LB_MAX_BACKENDS];
+};
+
+/*
+ * weft_lb_ct: LRU hash, two entries per translated connection: FORWARD keyed
+ * by the tuple the client sent (value: the backend), REVERSE keyed by the
+ * tuple the backend answers with (value: the frontend the reply must come
+ * from).
+ */
+struct weft_lb_ct_key {
+	__u8 family;
+	__u8 proto;
+	__u8 dir; /* WEFT_LB_CT_* */
+	__u8 pad;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport; /* network byte order */
+	__u16 dport; /* network byte order */
+};
+
+struct weft_lb_ct_value {
+	__u64 created_ns;
+	__u64 last_seen_ns; /* refreshed at most once a second */
+	__u8 addr[16];      /* FORWARD: the backend; REVERSE: the frontend address */
+	__u16 port;         /* network byte order */
+	__u16 pad;
+	__u32 svc_id;
+	__u32 flags; /* WEFT_CT_* (FIN/RST seen on this entry's direction) */
+	__u32 pad2;
+};
+
+/* weft_lb_affinity: LRU hash, sessionAffinity ClientIP. */
+struct weft_lb_affinity_key {
+	__u32 svc_id;
+	__u8 family;
+	__u8 pad[3];
+	__u8 client[16];
+};
+
+struct weft_lb_affinity_value {
+	__u64 last_seen_ns;
+	struct weft_lb_backend backend;
+	__u32 pad;
+};
+
+/* weft_lb_stats: per-CPU hash, key = svc_id. */
+struct weft_lb_stats {
+	__u64 conns;   /* new connections translated */
+	__u64 refused; /* new connections refused: no ready endpoint */
+};
+
 #endif /* WEFT_MAPS_H */

@@ -5,10 +5,16 @@
  *   → from_pod: source address check (not the endpoint's: drop, see source.h)
  *   → parse (non-IP, IPv6 ND/MLD, non-first fragments: pass; unparseable:
  *     deny when the direction is isolated)
+ *   → from_pod: service translation (lb.h): a TCP/UDP packet to a frontend
+ *     (ClusterIP:port) is judged from here on as going to its backend; a
+ *     frontend without ready backends: refused (ICMP port unreachable)
  *   → conntrack (established or reply: pass; ICMP error about a tracked
  *     connection: pass)
  *   → policy decision for the new connection
- *   → conntrack entry (when allowed), counters, flow event, verdict.
+ *   → conntrack entry (when allowed), counters, flow event, verdict
+ *   → passed: from_pod rewrites a translated packet to its backend (and
+ *     records a new translation); to_pod rewrites a backend's reply back to
+ *     the frontend.
  */
 #ifndef WEFT_LIB_LXC_H
 #define WEFT_LIB_LXC_H
@@ -24,6 +30,7 @@
 #include "conntrack.h"
 #include "flows.h"
 #include "source.h"
+#include "lb.h"
 
 /*
  * Allowed packets go on to whatever runs after us (TC_ACT_UNSPEC is tcx's
@@ -56,12 +63,35 @@ static __always_inline int weft_ct_related(struct weft_ct_key *k, __u32 ep_id, _
 	return 0;
 }
 
+/*
+ * A packet that passed: from_pod puts a translated one on its way to the
+ * backend (recording a new translation first), to_pod gives a backend's reply
+ * its frontend back. A packet that cannot be rewritten is dropped: sent on
+ * half-translated it would only confuse both ends.
+ */
+static __always_inline int weft_lxc_pass(struct __sk_buff *skb, __u8 dir,
+					 const struct weft_pkt *pkt,
+					 const struct weft_lb_nat *nat, int reply, __u64 now)
+{
+	if (dir == WEFT_DIR_EGRESS && nat->active) {
+		if (nat->fresh)
+			weft_lb_commit(pkt, nat, now);
+		if (weft_lb_dnat(skb, pkt, nat) < 0)
+			return WEFT_DROP;
+	} else if (dir == WEFT_DIR_INGRESS && reply) {
+		if (weft_lb_reverse(skb, pkt, now) < 0)
+			return WEFT_DROP;
+	}
+	return WEFT_PASS;
+}
+
 static __always_inline int weft_lxc_handle(struct __sk_buff *skb, __u8 dir)
 {
 	__u32 ifindex = skb->ifindex;
 	struct weft_endpoint *ep;
 	struct weft_decision d = {};
 	struct weft_pkt pkt = {};
+	struct weft_lb_nat nat = {};
 	struct weft_ct_key k;
 	struct weft_ct_value *v;
 	__u32 ep_id;
@@ -101,6 +131,17 @@ static __always_inline int weft_lxc_handle(struct __sk_buff *skb, __u8 dir)
 	if (parsed == WEFT_PARSE_RELATED && weft_ct_related(&k, ep_id, dir, &pkt, now))
 		return WEFT_PASS;
 
+	/*
+	 * Services: from here on a connection to a frontend is the connection to
+	 * its backend (Kubernetes judges egress policy against the backend).
+	 */
+	if (dir == WEFT_DIR_EGRESS && parsed == WEFT_PARSE_OK) {
+		int lb = weft_lb_lookup(&pkt, &nat, now);
+
+		if (lb == WEFT_LB_REFUSE)
+			return weft_lb_refuse(skb, &pkt);
+	}
+
 	/* Established: this tuple was allowed at this check point. */
 	weft_ct_key_fill(&k, ep_id, dir, pkt.family, pkt.proto, pkt.saddr, pkt.daddr, pkt.sport,
 			 pkt.dport);
@@ -111,7 +152,7 @@ static __always_inline int weft_lxc_handle(struct __sk_buff *skb, __u8 dir)
 	if (v && !(syn_only && WEFT_CT_CLOSED(v->flags))) {
 		weft_ct_touch(v, &pkt, 0, now);
 		weft_count_allowed(v->policy, 0);
-		return WEFT_PASS;
+		return weft_lxc_pass(skb, dir, &pkt, &nat, 0, now);
 	}
 
 	/* Reply: the reversed tuple was allowed the other way. */
@@ -120,7 +161,7 @@ static __always_inline int weft_lxc_handle(struct __sk_buff *skb, __u8 dir)
 	if (v) {
 		weft_ct_touch(v, &pkt, 1, now);
 		weft_count_allowed(v->policy, 0);
-		return WEFT_PASS;
+		return weft_lxc_pass(skb, dir, &pkt, &nat, 1, now);
 	}
 	weft_ct_key_reverse(&k);
 
@@ -139,7 +180,7 @@ static __always_inline int weft_lxc_handle(struct __sk_buff *skb, __u8 dir)
 	 */
 	weft_ct_create(&k, d.policy, &pkt, now);
 	weft_count_allowed(d.policy, 1);
-	return WEFT_PASS;
+	return weft_lxc_pass(skb, dir, &pkt, &nat, 0, now);
 }
 
 #endif /* WEFT_LIB_LXC_H */

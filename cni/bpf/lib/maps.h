@@ -92,4 +92,38 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_flow_lost SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct weft_lb_svc_key);
+	__type(value, struct weft_lb_svc);
+	__uint(max_entries, WEFT_LB_SVC_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_lb_svc SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct weft_lb_ct_key);
+	__type(value, struct weft_lb_ct_value);
+	__uint(max_entries, WEFT_LB_CT_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_lb_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct weft_lb_affinity_key);
+	__type(value, struct weft_lb_affinity_value);
+	__uint(max_entries, WEFT_LB_AFFINITY_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_lb_affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__type(key, __u32); /* svc_id */
+	__type(value, struct weft_lb_stats);
+	__uint(max_entries, WEFT_LB_SVC_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_lb_stats SEC(".maps");
+
 #endif /* WEFT_LIB_MAPS_H */

@@ -55,6 +55,8 @@ struct weft_pkt {
 	__u16 inner_dport;
 	__u8 inner_saddr[16];
 	__u8 inner_daddr[16];
+	/* Where the L4 header starts (from the Ethernet header), once parsed that far. */
+	__u32 l4off;
 };
 
 struct weft_ip4 {
@@ -227,6 +229,7 @@ static __always_inline int weft_parse_inner(struct __sk_buff *skb, __u32 off,
 /* The L4 part, common to both families. l4off is where the L4 header starts. */
 static __always_inline int weft_parse_l4(struct __sk_buff *skb, __u32 l4off, struct weft_pkt *pkt)
 {
+	pkt->l4off = l4off;
 	if (pkt->proto == IPPROTO_TCP) {
 		struct weft_tcp_head th;
 

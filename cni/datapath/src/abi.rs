@@ -29,6 +29,20 @@ pub const REASON_SPOOFED_SOURCE: u8 = 5;
 /// Addresses per family `weft_endpoint_addrs` holds for one endpoint.
 pub const EP_MAX_ADDRS: usize = 4;
 
+/// Services: frontends, backends per frontend, translated connections, affinities.
+pub const LB_SVC_MAX: u32 = 65536;
+pub const LB_MAX_BACKENDS: usize = 128;
+pub const LB_CT_MAX: u32 = 262144;
+pub const LB_AFFINITY_MAX: u32 = 65536;
+/// `weft_lb_svc.flags`: sessionAffinity ClientIP.
+pub const LB_F_AFFINITY: u16 = 1;
+/// `weft_lb_svc.flags`: a NodePort frontend (a node address).
+pub const LB_F_NODEPORT: u16 = 2;
+/// `weft_lb_ct_key.dir`: keyed by what the client sent (value: the backend).
+pub const LB_CT_FORWARD: u8 = 0;
+/// `weft_lb_ct_key.dir`: keyed by what the backend answers (value: the frontend).
+pub const LB_CT_REVERSE: u8 = 1;
+
 pub const CT_FIN_ORIG: u32 = 1;
 pub const CT_FIN_REPLY: u32 = 2;
 pub const CT_RST: u32 = 4;
@@ -45,8 +59,12 @@ pub mod map {
     pub const SOURCE_DROPS: &str = "weft_source_drops";
     pub const FLOWS: &str = "weft_flows";
     pub const FLOW_LOST: &str = "weft_flow_lost";
+    pub const LB_SVC: &str = "weft_lb_svc";
+    pub const LB_CT: &str = "weft_lb_ct";
+    pub const LB_AFFINITY: &str = "weft_lb_affinity";
+    pub const LB_STATS: &str = "weft_lb_stats";
     /// Every map of the object.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 14] = [
         ENDPOINTS,
         ENDPOINT_ADDRS,
         POLICY4,
@@ -57,6 +75,10 @@ pub mod map {
         SOURCE_DROPS,
         FLOWS,
         FLOW_LOST,
+        LB_SVC,
+        LB_CT,
+        LB_AFFINITY,
+        LB_STATS,
     ];
 }
 
@@ -212,6 +234,111 @@ pub struct FlowEventRaw {
     pub pad: [u8; 7],
 }
 
+/// Key of `weft_lb_svc`: a frontend. IPv4 in the first 4 bytes of `addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbSvcKey {
+    pub family: u8,
+    pub proto: u8,
+    /// Network byte order.
+    pub port: u16,
+    pub addr: [u8; 16],
+}
+
+/// One backend in `weft_lb_svc`'s value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbBackend {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// Value of `weft_lb_svc`: the frontend's id, options and its whole backend set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LbSvcValue {
+    pub svc_id: u32,
+    pub count: u16,
+    pub flags: u16,
+    pub affinity_timeout_s: u32,
+    pub pad: u32,
+    pub backends: [LbBackend; LB_MAX_BACKENDS],
+}
+
+impl Default for LbSvcValue {
+    fn default() -> Self {
+        Self {
+            svc_id: 0,
+            count: 0,
+            flags: 0,
+            affinity_timeout_s: 0,
+            pad: 0,
+            backends: [LbBackend::default(); LB_MAX_BACKENDS],
+        }
+    }
+}
+
+/// Key of `weft_lb_ct`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LbCtKey {
+    pub family: u8,
+    pub proto: u8,
+    pub dir: u8,
+    pub pad: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+}
+
+/// Value of `weft_lb_ct`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbCtValue {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    /// FORWARD: the backend; REVERSE: the frontend address.
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub pad: u16,
+    pub svc_id: u32,
+    pub flags: u32,
+    pub pad2: u32,
+}
+
+/// Key of `weft_lb_affinity`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LbAffinityKey {
+    pub svc_id: u32,
+    pub family: u8,
+    pub pad: [u8; 3],
+    pub client: [u8; 16],
+}
+
+/// Value of `weft_lb_affinity`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbAffinityValue {
+    pub last_seen_ns: u64,
+    pub backend: LbBackend,
+    pub pad: u32,
+}
+
+/// Per-CPU value of `weft_lb_stats` (key: svc_id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbStatsValue {
+    pub conns: u64,
+    pub refused: u64,
+}
+
 // SAFETY: all of these are #[repr(C)] plain integers and arrays, padding-free (checked by the
 // layout test), valid for any bit pattern.
 unsafe impl aya::Pod for EndpointValue {}
@@ -223,6 +350,13 @@ unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtValue {}
 unsafe impl aya::Pod for PolicyCountersValue {}
 unsafe impl aya::Pod for DropKey {}
+unsafe impl aya::Pod for LbSvcKey {}
+unsafe impl aya::Pod for LbSvcValue {}
+unsafe impl aya::Pod for LbCtKey {}
+unsafe impl aya::Pod for LbCtValue {}
+unsafe impl aya::Pod for LbAffinityKey {}
+unsafe impl aya::Pod for LbAffinityValue {}
+unsafe impl aya::Pod for LbStatsValue {}
 
 impl FlowEventRaw {
     /// Reads a ring buffer record; `None` when it is shorter than the struct.

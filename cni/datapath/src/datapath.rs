@@ -19,6 +19,7 @@ use crate::abi::{
     Policy6KeyData, PolicyCountersValue, PolicyValue,
 };
 use crate::error::{cause, cause_msg};
+use crate::lb::{LbMaps, Service, ServiceMaps, ServiceStats, ServiceWrite, Translation, L4};
 use crate::maps::{
     decode_addrs, encode_addrs, Endpoint, EndpointFlags, PolicyCounters, PolicyMaps,
 };
@@ -94,6 +95,8 @@ pub struct Datapath {
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     source_drops: PerCpuHashMap<MapData, u32, u64>,
     flow_lost: PerCpuArray<MapData, u64>,
+    /// The service maps (`weft_lb_*`).
+    lb: LbMaps,
     /// What this writer believes each endpoint's policy is (key → value).
     installed: Option<Installed>,
 }
@@ -149,6 +152,7 @@ impl Datapath {
             drops: typed(&pin_dir, abi::map::DROPS)?,
             source_drops: typed(&pin_dir, abi::map::SOURCE_DROPS)?,
             flow_lost: typed(&pin_dir, abi::map::FLOW_LOST)?,
+            lb: LbMaps::open(&pin_dir)?,
             from_pod,
             to_pod,
             installed: None,
@@ -360,6 +364,11 @@ impl Datapath {
             }
         }
         Ok(out)
+    }
+
+    /// The connections the programs translated to a service backend (their FORWARD entries).
+    pub fn translations(&self) -> Result<Vec<Translation>, Error> {
+        self.lb.translations()
     }
 
     /// The number of entries in each policy trie (v4, v6), read from the kernel.
@@ -713,8 +722,30 @@ impl PolicyMaps for Datapath {
     }
 }
 
+impl ServiceMaps for Datapath {
+    fn replace_services(&mut self, services: &[Service]) -> Result<ServiceWrite, Error> {
+        self.lb.replace(services)
+    }
+
+    fn services(&self) -> Result<Vec<Service>, Error> {
+        self.lb.services()
+    }
+
+    fn service_stats(&self) -> Result<BTreeMap<u32, ServiceStats>, Error> {
+        self.lb.stats()
+    }
+
+    fn forget_backends(
+        &mut self,
+        proto: L4,
+        backends: &[std::net::SocketAddr],
+    ) -> Result<usize, Error> {
+        self.lb.forget_backends(proto, backends)
+    }
+}
+
 /// Opens a pinned map as its typed aya wrapper.
-fn typed<T>(pin_dir: &Path, name: &'static str) -> Result<T, Error>
+pub(crate) fn typed<T>(pin_dir: &Path, name: &'static str) -> Result<T, Error>
 where
     T: TryFrom<Map, Error = MapError>,
 {

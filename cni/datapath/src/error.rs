@@ -84,6 +84,13 @@ pub enum Error {
         max: usize,
     },
 
+    #[error("service frontend {frontend} (id {svc_id}): {reason}")]
+    InvalidService {
+        frontend: String,
+        svc_id: u32,
+        reason: String,
+    },
+
     #[error("flow reader on {}: {}", .path.display(), Chain(.cause))]
     Flows { path: PathBuf, cause: Cause },
 }

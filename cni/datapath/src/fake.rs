@@ -24,6 +24,12 @@ pub struct FakeMaps {
     pub flow_lost: u64,
     /// How many replace_policy calls were made (for tests of change batching).
     pub replace_calls: usize,
+    /// The frontend table, as `weft_lb_svc` would hold it.
+    services: BTreeMap<crate::Frontend, crate::Service>,
+    /// Per frontend id: what a test wants `service_stats` to report.
+    pub service_stats: BTreeMap<u32, crate::ServiceStats>,
+    /// Backends passed to `forget_backends`, in order.
+    pub forgotten: Vec<(crate::L4, std::net::SocketAddr)>,
 }
 
 impl FakeMaps {
@@ -199,5 +205,49 @@ mod tests {
         assert_eq!(maps.policy_entry_count(), 0);
         assert!(maps.endpoint_addrs().expect("addrs").is_empty());
         maps.remove_endpoint(7).expect("idempotent");
+    }
+}
+
+impl crate::ServiceMaps for FakeMaps {
+    fn replace_services(
+        &mut self,
+        services: &[crate::Service],
+    ) -> Result<crate::ServiceWrite, Error> {
+        // The same checks as the real writer, before anything changes.
+        crate::lb::encode_services(services)?;
+        let mut report = crate::ServiceWrite::default();
+        let wanted: BTreeMap<crate::Frontend, crate::Service> = services
+            .iter()
+            .map(|s| (s.frontend, s.clone()))
+            .collect();
+        for (f, s) in &wanted {
+            if self.services.get(f) != Some(s) {
+                report.written += 1;
+            }
+        }
+        report.deleted = self
+            .services
+            .keys()
+            .filter(|f| !wanted.contains_key(f))
+            .count();
+        self.services = wanted;
+        Ok(report)
+    }
+
+    fn services(&self) -> Result<Vec<crate::Service>, Error> {
+        Ok(self.services.values().cloned().collect())
+    }
+
+    fn service_stats(&self) -> Result<BTreeMap<u32, crate::ServiceStats>, Error> {
+        Ok(self.service_stats.clone())
+    }
+
+    fn forget_backends(
+        &mut self,
+        proto: crate::L4,
+        backends: &[std::net::SocketAddr],
+    ) -> Result<usize, Error> {
+        self.forgotten.extend(backends.iter().map(|b| (proto, *b)));
+        Ok(0)
     }
 }

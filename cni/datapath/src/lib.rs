@@ -29,6 +29,7 @@ mod datapath;
 mod error;
 mod fake;
 mod flows;
+mod lb;
 mod maps;
 mod pins;
 mod policy;
@@ -38,6 +39,10 @@ pub use datapath::{Datapath, PROG_FROM_POD, PROG_TO_POD};
 pub use error::{Cause, Error};
 pub use fake::FakeMaps;
 pub use flows::{FlowEvent, FlowReader};
+pub use lb::{
+    decode_service, encode_frontend, encode_service, Frontend, Service, ServiceMaps, ServiceStats,
+    ServiceWrite, Translation, L4,
+};
 pub use maps::{source_allowed, Endpoint, EndpointFlags, PolicyCounters, PolicyMaps};
 pub use pins::{unpin_all, DEFAULT_PIN_DIR};
 pub use policy::{

@@ -209,6 +209,95 @@ fn mirrors() -> Vec<Mirror> {
                 ("pad", offset_of!(FlowEventRaw, pad)),
             ],
         ),
+        (
+            "weft_lb_svc_key",
+            size_of::<LbSvcKey>(),
+            vec![
+                ("family", offset_of!(LbSvcKey, family)),
+                ("proto", offset_of!(LbSvcKey, proto)),
+                ("port", offset_of!(LbSvcKey, port)),
+                ("addr", offset_of!(LbSvcKey, addr)),
+            ],
+        ),
+        (
+            "weft_lb_backend",
+            size_of::<LbBackend>(),
+            vec![
+                ("addr", offset_of!(LbBackend, addr)),
+                ("port", offset_of!(LbBackend, port)),
+                ("pad", offset_of!(LbBackend, pad)),
+            ],
+        ),
+        (
+            "weft_lb_svc",
+            size_of::<LbSvcValue>(),
+            vec![
+                ("svc_id", offset_of!(LbSvcValue, svc_id)),
+                ("count", offset_of!(LbSvcValue, count)),
+                ("flags", offset_of!(LbSvcValue, flags)),
+                (
+                    "affinity_timeout_s",
+                    offset_of!(LbSvcValue, affinity_timeout_s),
+                ),
+                ("pad", offset_of!(LbSvcValue, pad)),
+                ("backends", offset_of!(LbSvcValue, backends)),
+            ],
+        ),
+        (
+            "weft_lb_ct_key",
+            size_of::<LbCtKey>(),
+            vec![
+                ("family", offset_of!(LbCtKey, family)),
+                ("proto", offset_of!(LbCtKey, proto)),
+                ("dir", offset_of!(LbCtKey, dir)),
+                ("pad", offset_of!(LbCtKey, pad)),
+                ("saddr", offset_of!(LbCtKey, saddr)),
+                ("daddr", offset_of!(LbCtKey, daddr)),
+                ("sport", offset_of!(LbCtKey, sport)),
+                ("dport", offset_of!(LbCtKey, dport)),
+            ],
+        ),
+        (
+            "weft_lb_ct_value",
+            size_of::<LbCtValue>(),
+            vec![
+                ("created_ns", offset_of!(LbCtValue, created_ns)),
+                ("last_seen_ns", offset_of!(LbCtValue, last_seen_ns)),
+                ("addr", offset_of!(LbCtValue, addr)),
+                ("port", offset_of!(LbCtValue, port)),
+                ("pad", offset_of!(LbCtValue, pad)),
+                ("svc_id", offset_of!(LbCtValue, svc_id)),
+                ("flags", offset_of!(LbCtValue, flags)),
+                ("pad2", offset_of!(LbCtValue, pad2)),
+            ],
+        ),
+        (
+            "weft_lb_affinity_key",
+            size_of::<LbAffinityKey>(),
+            vec![
+                ("svc_id", offset_of!(LbAffinityKey, svc_id)),
+                ("family", offset_of!(LbAffinityKey, family)),
+                ("pad", offset_of!(LbAffinityKey, pad)),
+                ("client", offset_of!(LbAffinityKey, client)),
+            ],
+        ),
+        (
+            "weft_lb_affinity_value",
+            size_of::<LbAffinityValue>(),
+            vec![
+                ("last_seen_ns", offset_of!(LbAffinityValue, last_seen_ns)),
+                ("backend", offset_of!(LbAffinityValue, backend)),
+                ("pad", offset_of!(LbAffinityValue, pad)),
+            ],
+        ),
+        (
+            "weft_lb_stats",
+            size_of::<LbStatsValue>(),
+            vec![
+                ("conns", offset_of!(LbStatsValue, conns)),
+                ("refused", offset_of!(LbStatsValue, refused)),
+            ],
+        ),
     ]
 }
 

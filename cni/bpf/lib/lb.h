@@ -1,0 +1,527 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Services in the datapath (the kube-proxy replacement), in the spirit of
+ * Cilium's lib/lb.h: a frontend (ClusterIP or node address, port, protocol)
+ * is translated to one of its ready backends for a new connection, every
+ * later packet of the connection goes to the same backend, and the backend's
+ * replies get the frontend back as their source.
+ *
+ *   from_pod: weft_lb_lookup (before conntrack and policy, so egress policy
+ *             judges the backend, as Kubernetes does) → verdict → on pass
+ *             weft_lb_commit (FORWARD + REVERSE entries, affinity) and
+ *             weft_lb_dnat (the packet's destination rewritten).
+ *   to_pod:   a reply that passed the reply check → weft_lb_reverse (its
+ *             source rewritten back to the frontend).
+ *   no ready backend: weft_lb_refuse turns the packet into an ICMP/ICMPv6
+ *             port unreachable and hands it straight back into the pod
+ *             (bpf_redirect_peer): connect() fails with ECONNREFUSED at once,
+ *             UDP sockets see the error, nothing is blackholed.
+ *
+ * Only TCP and UDP are translated. A meshed pod's app never reaches here with
+ * a ClusterIP destination: the pod's own iptables REDIRECT sends it to the
+ * sidecar first, and the sidecar connects to pod addresses itself.
+ */
+#ifndef WEFT_LIB_LB_H
+#define WEFT_LIB_LB_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "weft_maps.h"
+#include "maps.h"
+#include "parse.h"
+#include "conntrack.h"
+
+enum weft_lb_result {
+	WEFT_LB_NONE,   /* not a service connection */
+	WEFT_LB_XLATE,  /* translated: pkt now carries the backend, nat the frontend */
+	WEFT_LB_REFUSE, /* a frontend without ready backends */
+};
+
+/* What a translated connection needs until the verdict is in. */
+struct weft_lb_nat {
+	__u8 active; /* the packet goes to a frontend */
+	__u8 fresh;  /* a new translation: entries to write once the packet passes */
+	__u16 svc_port; /* the frontend port, network byte order */
+	__u32 svc_id;
+	__u32 svc_flags;
+	__u32 affinity_timeout_s;
+	__u8 svc_addr[16]; /* the frontend address */
+	struct weft_lb_backend be;
+};
+
+/* TCP checksum at +16, UDP at +6 of the L4 header. */
+#define WEFT_TCP_CSUM_OFF 16
+#define WEFT_UDP_CSUM_OFF 6
+#define WEFT_IP4_CSUM_OFF (ETH_HLEN + 10)
+#define WEFT_IP4_SADDR_OFF (ETH_HLEN + 12)
+#define WEFT_IP4_DADDR_OFF (ETH_HLEN + 16)
+#define WEFT_IP6_SADDR_OFF (ETH_HLEN + 8)
+#define WEFT_IP6_DADDR_OFF (ETH_HLEN + 24)
+
+/* A FORWARD entry the client closed (FIN or RST) is replaced by a new SYN. */
+#define WEFT_LB_CT_CLOSED(flags) ((flags) & (WEFT_CT_FIN_ORIG | WEFT_CT_RST))
+
+static __always_inline void weft_lb_ct_key_fill(struct weft_lb_ct_key *k, __u8 family, __u8 proto,
+						__u8 dir, const __u8 *saddr, const __u8 *daddr,
+						__u16 sport, __u16 dport)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->family = family;
+	k->proto = proto;
+	k->dir = dir;
+	__builtin_memcpy(k->saddr, saddr, 16);
+	__builtin_memcpy(k->daddr, daddr, 16);
+	k->sport = sport;
+	k->dport = dport;
+}
+
+static __always_inline int weft_lb_ct_live(const struct weft_lb_ct_value *v, __u8 proto,
+					   __u64 now)
+{
+	__u64 timeout = WEFT_CT_TIMEOUT_OTHER_NS;
+	__u64 seen = v->last_seen_ns;
+
+	if (proto == IPPROTO_TCP)
+		/* Either side's FIN or a RST: closing (each entry sees one side). */
+		timeout = (v->flags & (WEFT_CT_RST | WEFT_CT_FIN_ORIG | WEFT_CT_FIN_REPLY))
+				  ? WEFT_CT_TIMEOUT_CLOSING_NS
+				  : WEFT_CT_TIMEOUT_TCP_NS;
+	if (seen >= now)
+		return 1;
+	return now - seen <= timeout;
+}
+
+static __always_inline void weft_lb_ct_touch(struct weft_lb_ct_value *v,
+					     const struct weft_pkt *pkt, int reply, __u64 now)
+{
+	if (now > v->last_seen_ns + WEFT_CT_REFRESH_NS)
+		v->last_seen_ns = now;
+	if (pkt->proto != IPPROTO_TCP)
+		return;
+	if ((pkt->tcp_flags & WEFT_TCP_RST) && !(v->flags & WEFT_CT_RST))
+		v->flags |= WEFT_CT_RST;
+	if (pkt->tcp_flags & WEFT_TCP_FIN) {
+		__u32 bit = reply ? WEFT_CT_FIN_REPLY : WEFT_CT_FIN_ORIG;
+
+		if (!(v->flags & bit))
+			v->flags |= bit;
+	}
+}
+
+static __always_inline void weft_lb_count(__u32 svc_id, int refused)
+{
+	struct weft_lb_stats init = {
+		.conns = refused ? 0 : 1,
+		.refused = refused ? 1 : 0,
+	};
+	struct weft_lb_stats *s = bpf_map_lookup_elem(&weft_lb_stats, &svc_id);
+
+	if (!s) {
+		if (bpf_map_update_elem(&weft_lb_stats, &svc_id, &init, BPF_NOEXIST) == 0)
+			return;
+		s = bpf_map_lookup_elem(&weft_lb_stats, &svc_id);
+		if (!s)
+			return;
+	}
+	if (refused)
+		s->refused++;
+	else
+		s->conns++;
+}
+
+static __always_inline int weft_lb_same_backend(const struct weft_lb_backend *a,
+						const struct weft_lb_backend *b)
+{
+	__u64 a0, a1, b0, b1;
+
+	__builtin_memcpy(&a0, a->addr, 8);
+	__builtin_memcpy(&a1, a->addr + 8, 8);
+	__builtin_memcpy(&b0, b->addr, 8);
+	__builtin_memcpy(&b1, b->addr + 8, 8);
+	return a0 == b0 && a1 == b1 && a->port == b->port;
+}
+
+/* Is be still one of svc's backends? (An affinity must not outlive its endpoint.) */
+static __always_inline int weft_lb_has_backend(const struct weft_lb_svc *svc, __u32 count,
+					       const struct weft_lb_backend *be)
+{
+	__u32 i;
+
+	for (i = 0; i < WEFT_LB_MAX_BACKENDS; i++) {
+		if (i >= count)
+			return 0;
+		if (weft_lb_same_backend(&svc->backends[i], be))
+			return 1;
+	}
+	return 0;
+}
+
+/* A backend for a new connection: the client's affinity if it holds, else random. */
+static __always_inline void weft_lb_pick(const struct weft_lb_svc *svc,
+					 const struct weft_pkt *pkt, struct weft_lb_nat *nat,
+					 __u64 now)
+{
+	__u32 count = svc->count;
+	__u32 idx;
+
+	if (count > WEFT_LB_MAX_BACKENDS)
+		count = WEFT_LB_MAX_BACKENDS;
+	if (svc->flags & WEFT_LB_F_AFFINITY) {
+		struct weft_lb_affinity_key ak = {};
+		struct weft_lb_affinity_value *av;
+		__u64 timeout = (__u64)svc->affinity_timeout_s * WEFT_NSEC_PER_SEC;
+
+		ak.svc_id = svc->svc_id;
+		ak.family = pkt->family;
+		__builtin_memcpy(ak.client, pkt->saddr, 16);
+		av = bpf_map_lookup_elem(&weft_lb_affinity, &ak);
+		if (av && (av->last_seen_ns >= now || now - av->last_seen_ns <= timeout) &&
+		    weft_lb_has_backend(svc, count, &av->backend)) {
+			nat->be = av->backend;
+			return;
+		}
+	}
+	idx = bpf_get_prandom_u32() % count;
+	idx &= WEFT_LB_MAX_BACKENDS - 1; /* idx < count <= MAX already; for the verifier */
+	nat->be = svc->backends[idx];
+}
+
+/* Puts the backend into the tuple the rest of the check point judges. */
+static __always_inline void weft_lb_to_backend(struct weft_pkt *pkt, const struct weft_lb_nat *nat)
+{
+	__builtin_memcpy(pkt->daddr, nat->be.addr, 16);
+	pkt->dport = nat->be.port;
+}
+
+/*
+ * from_pod, before conntrack and policy: is this a connection to a frontend?
+ * WEFT_LB_XLATE: pkt's destination is now the backend and nat says how to
+ * rewrite the packet once it passes; WEFT_LB_REFUSE: no ready backend.
+ */
+static __always_inline int weft_lb_lookup(struct weft_pkt *pkt, struct weft_lb_nat *nat, __u64 now)
+{
+	struct weft_lb_ct_key ck;
+	struct weft_lb_ct_value *cv;
+	struct weft_lb_svc_key sk = {};
+	struct weft_lb_svc *svc;
+	int syn_only;
+
+	if (pkt->proto != IPPROTO_TCP && pkt->proto != IPPROTO_UDP)
+		return WEFT_LB_NONE;
+
+	/* A connection already translated keeps its backend. */
+	weft_lb_ct_key_fill(&ck, pkt->family, pkt->proto, WEFT_LB_CT_FORWARD, pkt->saddr,
+			    pkt->daddr, pkt->sport, pkt->dport);
+	cv = bpf_map_lookup_elem(&weft_lb_ct, &ck);
+	syn_only = pkt->proto == IPPROTO_TCP &&
+		   (pkt->tcp_flags & (WEFT_TCP_SYN | WEFT_TCP_ACK)) == WEFT_TCP_SYN;
+	if (cv && weft_lb_ct_live(cv, pkt->proto, now) &&
+	    !(syn_only && WEFT_LB_CT_CLOSED(cv->flags))) {
+		weft_lb_ct_touch(cv, pkt, 0, now);
+		nat->active = 1;
+		nat->svc_id = cv->svc_id;
+		nat->svc_port = pkt->dport;
+		__builtin_memcpy(nat->svc_addr, pkt->daddr, 16);
+		__builtin_memcpy(nat->be.addr, cv->addr, 16);
+		nat->be.port = cv->port;
+		weft_lb_to_backend(pkt, nat);
+		return WEFT_LB_XLATE;
+	}
+
+	sk.family = pkt->family;
+	sk.proto = pkt->proto;
+	sk.port = pkt->dport;
+	__builtin_memcpy(sk.addr, pkt->daddr, 16);
+	svc = bpf_map_lookup_elem(&weft_lb_svc, &sk);
+	if (!svc)
+		return WEFT_LB_NONE;
+	if (svc->count == 0) {
+		weft_lb_count(svc->svc_id, 1);
+		return WEFT_LB_REFUSE;
+	}
+	nat->active = 1;
+	nat->fresh = 1;
+	nat->svc_id = svc->svc_id;
+	nat->svc_flags = svc->flags;
+	nat->affinity_timeout_s = svc->affinity_timeout_s;
+	nat->svc_port = pkt->dport;
+	__builtin_memcpy(nat->svc_addr, pkt->daddr, 16);
+	weft_lb_pick(svc, pkt, nat, now);
+	weft_lb_to_backend(pkt, nat);
+	return WEFT_LB_XLATE;
+}
+
+/*
+ * A new translated connection passed: FORWARD and REVERSE entries, the
+ * client's affinity, the counter. pkt carries the backend as destination.
+ */
+static __always_inline void weft_lb_commit(const struct weft_pkt *pkt,
+					   const struct weft_lb_nat *nat, __u64 now)
+{
+	struct weft_lb_ct_key k;
+	struct weft_lb_ct_value v = {
+		.created_ns = now,
+		.last_seen_ns = now,
+		.svc_id = nat->svc_id,
+	};
+
+	if (pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & WEFT_TCP_RST))
+		v.flags = WEFT_CT_RST;
+	/* The reverse entry first: a reply can only come once the packet left. */
+	weft_lb_ct_key_fill(&k, pkt->family, pkt->proto, WEFT_LB_CT_REVERSE, nat->be.addr,
+			    pkt->saddr, nat->be.port, pkt->sport);
+	__builtin_memcpy(v.addr, nat->svc_addr, 16);
+	v.port = nat->svc_port;
+	bpf_map_update_elem(&weft_lb_ct, &k, &v, BPF_ANY);
+
+	weft_lb_ct_key_fill(&k, pkt->family, pkt->proto, WEFT_LB_CT_FORWARD, pkt->saddr,
+			    nat->svc_addr, pkt->sport, nat->svc_port);
+	__builtin_memcpy(v.addr, nat->be.addr, 16);
+	v.port = nat->be.port;
+	bpf_map_update_elem(&weft_lb_ct, &k, &v, BPF_ANY);
+
+	if (nat->svc_flags & WEFT_LB_F_AFFINITY) {
+		struct weft_lb_affinity_key ak = {};
+		struct weft_lb_affinity_value av = {};
+
+		ak.svc_id = nat->svc_id;
+		ak.family = pkt->family;
+		__builtin_memcpy(ak.client, pkt->saddr, 16);
+		av.last_seen_ns = now;
+		av.backend = nat->be;
+		bpf_map_update_elem(&weft_lb_affinity, &ak, &av, BPF_ANY);
+	}
+	weft_lb_count(nat->svc_id, 0);
+}
+
+/*
+ * Rewrites one address and port of the packet (dst: the destination, else
+ * the source) with the checksums fixed incrementally: the IPv4 header's, and
+ * TCP's or UDP's over the pseudo header (a UDP checksum of 0, "none", stays
+ * 0). Returns 0, or <0 when the packet could not be written.
+ */
+static __always_inline int weft_lb_rewrite(struct __sk_buff *skb, const struct weft_pkt *pkt,
+					   int dst, const __u8 *from, const __u8 *to,
+					   __u16 from_port, __u16 to_port)
+{
+	__u32 l4 = pkt->l4off;
+	__u32 csum_off = l4 + (pkt->proto == IPPROTO_TCP ? WEFT_TCP_CSUM_OFF : WEFT_UDP_CSUM_OFF);
+	__u64 mangled = pkt->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+
+	if (pkt->family == 4) {
+		__u32 o, n;
+
+		__builtin_memcpy(&o, from, 4);
+		__builtin_memcpy(&n, to, 4);
+		if (o != n) {
+			if (bpf_l4_csum_replace(skb, csum_off, o, n,
+						BPF_F_PSEUDO_HDR | mangled | sizeof(n)) < 0)
+				return -1;
+			if (bpf_l3_csum_replace(skb, WEFT_IP4_CSUM_OFF, o, n, sizeof(n)) < 0)
+				return -1;
+			if (bpf_skb_store_bytes(skb, dst ? WEFT_IP4_DADDR_OFF : WEFT_IP4_SADDR_OFF,
+						&n, sizeof(n), 0) < 0)
+				return -1;
+		}
+	} else {
+		__u8 f[16], t[16];
+		__s64 diff;
+
+		__builtin_memcpy(f, from, 16);
+		__builtin_memcpy(t, to, 16);
+		diff = bpf_csum_diff((__be32 *)f, 16, (__be32 *)t, 16, 0);
+		if (diff < 0)
+			return -1;
+		if (bpf_l4_csum_replace(skb, csum_off, 0, diff,
+					BPF_F_PSEUDO_HDR | BPF_F_IPV6 | mangled) < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, dst ? WEFT_IP6_DADDR_OFF : WEFT_IP6_SADDR_OFF, t,
+					16, 0) < 0)
+			return -1;
+	}
+	if (from_port != to_port) {
+		if (bpf_l4_csum_replace(skb, csum_off, from_port, to_port,
+					mangled | sizeof(to_port)) < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, l4 + (dst ? 2 : 0), &to_port, sizeof(to_port), 0) < 0)
+			return -1;
+	}
+	return 0;
+}
+
+/*
+ * from_pod, after the verdict: the packet to the frontend goes to the backend.
+ * pkt carries the backend, nat the frontend the client addressed.
+ */
+static __always_inline int weft_lb_dnat(struct __sk_buff *skb, const struct weft_pkt *pkt,
+					const struct weft_lb_nat *nat)
+{
+	return weft_lb_rewrite(skb, pkt, 1, nat->svc_addr, nat->be.addr, nat->svc_port,
+			       nat->be.port);
+}
+
+/*
+ * to_pod, a reply that passed: when it answers a translated connection, its
+ * source becomes the frontend again. Returns <0 when rewriting failed.
+ */
+static __always_inline int weft_lb_reverse(struct __sk_buff *skb, const struct weft_pkt *pkt,
+					   __u64 now)
+{
+	struct weft_lb_ct_key k;
+	struct weft_lb_ct_value *v;
+	__u8 addr[16];
+	__u16 port;
+
+	if (pkt->proto != IPPROTO_TCP && pkt->proto != IPPROTO_UDP)
+		return 0;
+	weft_lb_ct_key_fill(&k, pkt->family, pkt->proto, WEFT_LB_CT_REVERSE, pkt->saddr,
+			    pkt->daddr, pkt->sport, pkt->dport);
+	v = bpf_map_lookup_elem(&weft_lb_ct, &k);
+	if (!v || !weft_lb_ct_live(v, pkt->proto, now))
+		return 0;
+	weft_lb_ct_touch(v, pkt, 1, now);
+	__builtin_memcpy(addr, v->addr, 16);
+	port = v->port;
+	return weft_lb_rewrite(skb, pkt, 0, pkt->saddr, addr, pkt->sport, port);
+}
+
+/* The folded one's complement of a bpf_csum_diff sum. */
+static __always_inline __u16 weft_csum_fold(__s64 sum)
+{
+	__u32 s = (__u32)sum;
+
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
+struct weft_icmp_err_head {
+	__u8 type;
+	__u8 code;
+	__u16 csum;
+	__u32 unused;
+};
+
+/* An ICMP port unreachable about an IPv4 packet, from after the Ethernet header. */
+struct weft_icmp4_err {
+	struct weft_ip4 ip;
+	struct weft_icmp_err_head icmp;
+	struct weft_ip4 inner;  /* the refused packet's header (no options) */
+	__u8 inner_l4[8];       /* and its first 8 bytes of L4: ports, TCP sequence */
+};
+
+/* An ICMPv6 port unreachable about an IPv6 packet, from after the Ethernet header. */
+struct weft_icmp6_err {
+	struct weft_ip6 ip;
+	struct weft_icmp_err_head icmp;
+	struct weft_ip6 inner;
+	__u8 inner_l4[8];
+};
+
+/* The ICMPv6 checksum's pseudo header. */
+struct weft_ip6_pseudo {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u32 len;  /* network byte order */
+	__u32 next; /* network byte order: 58 */
+};
+
+#define WEFT_ICMP_PORT_UNREACH 3
+#define WEFT_ICMP6_PORT_UNREACH 4
+
+static __always_inline int weft_lb_swap_macs(struct __sk_buff *skb)
+{
+	__u8 eth[ETH_HLEN], mac[ETH_ALEN];
+
+	if (bpf_skb_load_bytes(skb, 0, eth, sizeof(eth)) < 0)
+		return -1;
+	__builtin_memcpy(mac, eth, ETH_ALEN);
+	__builtin_memcpy(eth, eth + ETH_ALEN, ETH_ALEN);
+	__builtin_memcpy(eth + ETH_ALEN, mac, ETH_ALEN);
+	return bpf_skb_store_bytes(skb, 0, eth, sizeof(eth), 0);
+}
+
+static __always_inline int weft_lb_refuse4(struct __sk_buff *skb, const struct weft_pkt *pkt)
+{
+	struct weft_icmp4_err r = {};
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &r.inner, sizeof(r.inner)) < 0)
+		return -1;
+	if ((r.inner.ver_ihl & 0x0f) != 5 || pkt->l4off != ETH_HLEN + sizeof(r.inner))
+		return -1; /* IPv4 options: not answered */
+	if (bpf_skb_load_bytes(skb, pkt->l4off, r.inner_l4, sizeof(r.inner_l4)) < 0)
+		return -1;
+	r.ip.ver_ihl = 0x45;
+	r.ip.tot_len = bpf_htons(sizeof(r));
+	r.ip.ttl = 64;
+	r.ip.protocol = IPPROTO_ICMP;
+	__builtin_memcpy(r.ip.saddr, r.inner.daddr, 4);
+	__builtin_memcpy(r.ip.daddr, r.inner.saddr, 4);
+	r.ip.check = weft_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r.ip, sizeof(r.ip), 0));
+	r.icmp.type = WEFT_ICMP_DEST_UNREACH;
+	r.icmp.code = WEFT_ICMP_PORT_UNREACH;
+	r.icmp.csum = weft_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r.icmp,
+						   sizeof(r) - sizeof(r.ip), 0));
+	if (weft_lb_swap_macs(skb) < 0)
+		return -1;
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0);
+}
+
+static __always_inline int weft_lb_refuse6(struct __sk_buff *skb, const struct weft_pkt *pkt)
+{
+	struct weft_icmp6_err r = {};
+	struct weft_ip6_pseudo ph = {};
+	__s64 sum;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &r.inner, sizeof(r.inner)) < 0)
+		return -1;
+	if (pkt->l4off != ETH_HLEN + sizeof(r.inner))
+		return -1; /* extension headers: not answered */
+	if (bpf_skb_load_bytes(skb, pkt->l4off, r.inner_l4, sizeof(r.inner_l4)) < 0)
+		return -1;
+	r.ip.ver_tc_flow = bpf_htonl(0x60000000);
+	r.ip.payload_len = bpf_htons(sizeof(r) - sizeof(r.ip));
+	r.ip.nexthdr = WEFT_IPPROTO_ICMPV6;
+	r.ip.hop_limit = 64;
+	__builtin_memcpy(r.ip.saddr, r.inner.daddr, 16);
+	__builtin_memcpy(r.ip.daddr, r.inner.saddr, 16);
+	r.icmp.type = WEFT_ICMP6_DEST_UNREACH;
+	r.icmp.code = WEFT_ICMP6_PORT_UNREACH;
+	__builtin_memcpy(ph.saddr, r.ip.saddr, 16);
+	__builtin_memcpy(ph.daddr, r.ip.daddr, 16);
+	ph.len = bpf_htonl(sizeof(r) - sizeof(r.ip));
+	ph.next = bpf_htonl(WEFT_IPPROTO_ICMPV6);
+	sum = bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
+	if (sum < 0)
+		return -1;
+	r.icmp.csum = weft_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r.icmp,
+						   sizeof(r) - sizeof(r.ip), (__u32)sum));
+	if (weft_lb_swap_macs(skb) < 0)
+		return -1;
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0);
+}
+
+/*
+ * from_pod, a new connection to a frontend without ready backends: the packet
+ * becomes the port unreachable answering it and goes straight back into the
+ * pod (the veth peer's ingress: it does not pass to_pod, it is our own answer).
+ * A packet that cannot be answered (IP options, extension headers) is dropped.
+ */
+static __always_inline int weft_lb_refuse(struct __sk_buff *skb, const struct weft_pkt *pkt)
+{
+	int err = pkt->family == 4 ? weft_lb_refuse4(skb, pkt) : weft_lb_refuse6(skb, pkt);
+
+	if (err < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect_peer(skb->ifindex, 0);
+}
+
+#endif /* WEFT_LIB_LB_H */
