@@ -585,7 +585,11 @@ pub enum AuditError {
 }
 
 /// GET `path` from `addr` over HTTP/1.0; the body (the status must be 200).
-fn http_get(addr: &str, path: &str, read_for: Option<Duration>) -> Result<String, String> {
+pub(crate) fn http_get(
+    addr: &str,
+    path: &str,
+    read_for: Option<Duration>,
+) -> Result<String, String> {
     let sock: SocketAddr = addr
         .to_socket_addrs()
         .map_err(|e| format!("not an address ({e})"))?

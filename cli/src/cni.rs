@@ -1,6 +1,10 @@
 //! `weft cni flows`: the node agent's live flow stream (`GET /flows` on its metrics port,
 //! served to loopback clients only), filtered and printed one line per flow.
 //!
+//! `weft cni status`: each node agent's state (`GET /status`): readiness, last policy sync,
+//! endpoints and their programs, policies, map fill levels, and the problems found. Only the
+//! fields printed are read, so a newer or older agent still answers.
+//!
 //! The agent sends NDJSON records (see `weft_cni_agent::flows`); this reads them with a
 //! plain HTTP/1.1 request over a std TCP stream (no runtime needed for one stream), keeps
 //! the fields it prints, and tolerates fields it does not know.
@@ -26,6 +30,27 @@ pub enum CniCommand {
     /// Reads GET /flows from the weft-cni-agent on this node (loopback only). Stops on
     /// Ctrl-C, or after --count flows.
     Flows(FlowsArgs),
+    /// Show each node agent's state: ready, last policy sync, endpoints and attached
+    /// programs, policies, eBPF map fill levels, and problems to act on.
+    ///
+    /// Reads GET /status from every --agent given (default: this node's). Exits 1 when an
+    /// agent cannot be reached or reports a problem.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    /// An agent's metrics address; repeat for several nodes.
+    #[arg(
+        long = "agent",
+        default_value = "127.0.0.1:9964",
+        env = "WEFT_CNI_AGENT",
+        value_delimiter = ','
+    )]
+    pub agents: Vec<String>,
+    /// Output: text, or json (one array with each agent's answer, or its error).
+    #[arg(short = 'o', long = "output", default_value = "text", value_parser = ["text", "json"])]
+    pub output: String,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -60,6 +85,27 @@ pub fn run(args: &CniArgs) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        CniCommand::Status(a) => {
+            let answers: Vec<(String, Result<NodeStatus, String>)> = a
+                .agents
+                .iter()
+                .map(|agent| (agent.clone(), fetch_status(agent)))
+                .collect();
+            let text = if a.output == "json" {
+                status_json(&answers)
+            } else {
+                format_status(&answers)
+            };
+            print!("{text}");
+            let healthy = answers
+                .iter()
+                .all(|(_, r)| r.as_ref().is_ok_and(|s| s.problems.is_empty()));
+            if healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
     }
 }
 
@@ -74,6 +120,139 @@ pub enum FlowsError {
     },
     #[error("writing output: {0}")]
     Write(std::io::Error),
+}
+
+/// What `weft cni status` reads of an agent's `/status` (weft_cni_agent::status::NodeStatus).
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+pub struct NodeStatus {
+    pub node: String,
+    #[serde(default)]
+    pub version: String,
+    pub ready: bool,
+    pub last_sync: Option<String>,
+    pub last_sync_age_seconds: Option<f64>,
+    pub endpoints: usize,
+    pub programs: StatusPrograms,
+    pub policies: StatusPolicies,
+    #[serde(default)]
+    pub maps: Vec<StatusMap>,
+    #[serde(default)]
+    pub problems: Vec<String>,
+}
+
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+pub struct StatusPrograms {
+    pub object: String,
+    pub attached_interfaces: usize,
+    #[serde(default)]
+    pub endpoints_not_attached: Vec<String>,
+}
+
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+pub struct StatusPolicies {
+    pub network_policies: usize,
+    pub programmed: usize,
+}
+
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+pub struct StatusMap {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub entries: u64,
+    pub max_entries: u32,
+}
+
+/// GET /status from one agent.
+pub fn fetch_status(agent: &str) -> Result<NodeStatus, String> {
+    let body = crate::audit::http_get(agent, "/status", None).map_err(|reason| {
+        format!(
+            "--agent {agent}: {reason}; is weft-cni-agent running and its metrics port reachable?"
+        )
+    })?;
+    serde_json::from_str(&body)
+        .map_err(|e| format!("--agent {agent}: /status is not an agent's status ({e})"))
+}
+
+/// `-o json`: an array with each agent's address and its status or error.
+pub fn status_json(answers: &[(String, Result<NodeStatus, String>)]) -> String {
+    let items: Vec<Value> = answers
+        .iter()
+        .map(|(agent, r)| match r {
+            Ok(s) => serde_json::json!({ "agent": agent, "status": s }),
+            Err(e) => serde_json::json!({ "agent": agent, "error": e }),
+        })
+        .collect();
+    serde_json::to_string_pretty(&items).unwrap_or_default() + "\n"
+}
+
+/// The text report: a block per node, ✔/✖ lines, a map table, then the problems.
+pub fn format_status(answers: &[(String, Result<NodeStatus, String>)]) -> String {
+    let mut out = String::new();
+    let mark = |ok: bool| if ok { "✔" } else { "✖" };
+    for (agent, r) in answers {
+        let s = match r {
+            Ok(s) => s,
+            Err(e) => {
+                out.push_str(&format!("{agent}\n  ✖ {e}\n\n"));
+                continue;
+            }
+        };
+        out.push_str(&format!(
+            "node {} (agent {agent}, version {})\n",
+            s.node, s.version
+        ));
+        let sync = match (&s.last_sync, s.last_sync_age_seconds) {
+            (Some(t), Some(age)) => format!("policy last written {t} ({age:.1} s ago)"),
+            _ => "policy never written".to_string(),
+        };
+        out.push_str(&format!(
+            "  {} {}; {sync}\n",
+            mark(s.ready && s.last_sync.is_some()),
+            if s.ready { "ready" } else { "not ready" }
+        ));
+        let missing = s.programs.endpoints_not_attached.len();
+        out.push_str(&format!(
+            "  {} endpoints: {}, programs attached on {} interfaces{} (object {})\n",
+            mark(missing == 0),
+            s.endpoints,
+            s.programs.attached_interfaces,
+            if missing > 0 {
+                format!(", {missing} endpoints without programs")
+            } else {
+                String::new()
+            },
+            s.programs.object
+        ));
+        out.push_str(&format!(
+            "  ✔ policies: {} NetworkPolicies known, {} programmed on this node\n",
+            s.policies.network_policies, s.policies.programmed
+        ));
+        if !s.maps.is_empty() {
+            out.push_str("  maps:\n");
+            let w = s.maps.iter().map(|m| m.name.len()).max().unwrap_or(0);
+            for m in &s.maps {
+                let ratio = if m.max_entries == 0 {
+                    0.0
+                } else {
+                    m.entries as f64 / f64::from(m.max_entries)
+                };
+                out.push_str(&format!(
+                    "    {:<w$}  {:<16} {:>8} / {:<8} {:>5.1} %\n",
+                    m.name,
+                    m.kind,
+                    m.entries,
+                    m.max_entries,
+                    ratio * 100.0
+                ));
+            }
+        }
+        for p in &s.problems {
+            out.push_str(&format!("  ✖ {p}\n"));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Streams flows from the agent into `out` until the stream ends or `--count` is reached.
@@ -283,5 +462,42 @@ mod tests {
         a.verdict = Some("allow".into());
         assert!(!matches(&deny, &a) && matches(&allow, &a));
         assert!(is_chunk_size("1f4\r\n") && !is_chunk_size("{\"a\":1}\n"));
+    }
+
+    #[test]
+    fn status_report_marks_problems_and_unreachable_agents() {
+        let s: NodeStatus = serde_json::from_value(serde_json::json!({
+            "node": "n1", "version": "0.1.0", "ready": true,
+            "last_sync": "2026-12-05T22:00:00.000Z", "last_sync_age_seconds": 1.5,
+            "endpoints": 2, "future_field": 1,
+            "programs": {"object": "abc", "attached_interfaces": 1,
+                         "endpoints_not_attached": ["c2/eth0 (lxc2)"]},
+            "policies": {"network_policies": 3, "programmed": 1},
+            "maps": [{"name": "weft_ct", "type": "lru_hash", "entries": 95, "max_entries": 100}],
+            "problems": ["map weft_ct is 95 % full (95 of 100): new entries will fail or evict live ones"]
+        }))
+        .expect("an agent's status, with a field this version does not know");
+        let answers = vec![
+            ("10.0.0.1:9964".to_string(), Ok(s)),
+            (
+                "10.0.0.2:9964".to_string(),
+                Err("--agent 10.0.0.2:9964: cannot connect".to_string()),
+            ),
+        ];
+        let text = format_status(&answers);
+        for want in [
+            "node n1 (agent 10.0.0.1:9964, version 0.1.0)",
+            "✔ ready; policy last written 2026-12-05T22:00:00.000Z (1.5 s ago)",
+            "✖ endpoints: 2, programs attached on 1 interfaces, 1 endpoints without programs (object abc)",
+            "3 NetworkPolicies known, 1 programmed on this node",
+            "weft_ct  lru_hash               95 / 100       95.0 %",
+            "✖ map weft_ct is 95 % full",
+            "10.0.0.2:9964\n  ✖ --agent 10.0.0.2:9964: cannot connect",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        let json: Value = serde_json::from_str(&status_json(&answers)).expect("json");
+        assert_eq!(json[0]["status"]["node"], "n1");
+        assert_eq!(json[1]["error"], "--agent 10.0.0.2:9964: cannot connect");
     }
 }

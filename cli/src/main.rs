@@ -43,7 +43,8 @@ enum Command {
     Inject(weft_cli::inject::InjectArgs),
     /// Ask why Kubernetes NetworkPolicies allow or deny a connection (exit 0 allowed, 1 denied, 2 error).
     Policy(weft_cli::policy::PolicyArgs),
-    /// The CNI: `weft cni flows` streams the node's NetworkPolicy verdicts.
+    /// The CNI: `weft cni flows` streams the node's NetworkPolicy verdicts, `weft cni status`
+    /// shows each node agent's state.
     Cni(weft_cli::cni::CniArgs),
     /// Golden signals per deployment, service, route or pod (exit 2 on error).
     ///

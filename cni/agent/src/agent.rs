@@ -26,6 +26,8 @@ pub struct Agent<D: Dataplane> {
     /// Wakes the sync loop (the registry changed).
     changed: Notify,
     extra_node_ips: Vec<std::net::IpAddr>,
+    /// When policy was last computed and written (`/status`, `weft_cni_last_sync_*`).
+    last_sync: Mutex<Option<std::time::SystemTime>>,
 }
 
 impl<D: Dataplane> std::fmt::Debug for Agent<D> {
@@ -49,6 +51,7 @@ impl<D: Dataplane> Agent<D> {
             metrics,
             changed: Notify::new(),
             extra_node_ips,
+            last_sync: Mutex::new(None),
         });
         agent.refresh_node_ips();
         agent
@@ -56,6 +59,20 @@ impl<D: Dataplane> Agent<D> {
 
     pub fn core(&self) -> std::sync::MutexGuard<'_, Core<D>> {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The index the agent computes from.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// When policy was last computed and written; `None` before the first sync.
+    pub fn last_sync(&self) -> Option<std::time::SystemTime> {
+        *self.last_sync.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn is_ready(&self) -> bool {
@@ -156,6 +173,8 @@ impl<D: Dataplane> Agent<D> {
                 generation.borrow_and_update();
                 let cluster = Cluster::from_index(&self.index);
                 let report = self.core().sync(&cluster);
+                *self.last_sync.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(std::time::SystemTime::now());
                 let took = since.elapsed();
                 self.metrics
                     .policy_update_seconds

@@ -1,5 +1,6 @@
 //! The metrics server (`--metrics-addr`, default 0.0.0.0:9964): `/metrics` (OpenMetrics when
-//! asked for, else Prometheus text 0.0.4: `weft_proto::exposition`), `/ready` (200 once the source has synced and the datapath is open), and `/flows`
+//! asked for, else Prometheus text 0.0.4: `weft_proto::exposition`), `/ready` (200 once the source has synced and the datapath is open), `/status` (the node's
+//! CNI state as JSON, counts only: [`crate::status`]), and `/flows`
 //! (the live NDJSON flow stream, see [`crate::flows`]) for loopback clients only: flows name
 //! pods and addresses, which the metrics port does not otherwise expose.
 
@@ -25,6 +26,7 @@ pub struct Server<D: Dataplane> {
     pub agent: Arc<Agent<D>>,
     pub hub: FlowHub,
     pub source_metrics: Option<weft_controller::metrics::Metrics>,
+    pub status: Arc<crate::status::StatusSource>,
 }
 
 impl<D: Dataplane> Clone for Server<D> {
@@ -33,6 +35,7 @@ impl<D: Dataplane> Clone for Server<D> {
             agent: self.agent.clone(),
             hub: self.hub.clone(),
             source_metrics: self.source_metrics.clone(),
+            status: self.status.clone(),
         }
     }
 }
@@ -56,6 +59,10 @@ impl<D: Dataplane> Server<D> {
         }
         match path {
             "/metrics" => {
+                let status = self.status.gather(&self.agent);
+                self.agent
+                    .metrics()
+                    .observe_status(&status, self.agent.last_sync());
                 let (body, content_type) = weft_proto::exposition::negotiate(
                     accept,
                     self.agent.metrics_text(self.source_metrics.as_ref()),
@@ -78,9 +85,19 @@ impl<D: Dataplane> Server<D> {
                  port-forward)\n",
             ),
             "/flows" => self.flows(),
+            "/status" => {
+                let status = self.status.gather(&self.agent);
+                let body = serde_json::to_string_pretty(&status).unwrap_or_default() + "\n";
+                let mut rsp = text(StatusCode::OK, body);
+                rsp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                rsp
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /metrics, /ready or /flows\n",
+                "not found; try /metrics, /ready, /status or /flows\n",
             ),
         }
     }

@@ -26,5 +26,6 @@ pub mod metrics;
 pub mod policy;
 pub mod registry;
 pub mod run;
+pub mod status;
 
 pub use config::Config;

@@ -69,7 +69,20 @@ pub struct Metrics {
     pub policy_errors: Counter,
     pub policy_update_seconds: Histogram,
     pub flow_events_lost: Family<ReasonLabel, Counter>,
+    pub service_frontends: Gauge,
+    pub service_backends: Gauge,
+    pub service_errors: Counter,
+    pub service_update_seconds: Histogram,
+    pub map_entries: Family<MapLabel, Gauge>,
+    pub map_capacity: Family<MapLabel, Gauge>,
+    pub attached_interfaces: Gauge,
+    pub last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
     seen: Arc<Mutex<Seen>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: String,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -105,6 +118,16 @@ impl Metrics {
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ]),
             flow_events_lost: Family::default(),
+            service_frontends: Gauge::default(),
+            service_backends: Gauge::default(),
+            service_errors: Counter::default(),
+            service_update_seconds: Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            attached_interfaces: Gauge::default(),
+            last_sync: Gauge::default(),
             seen: Arc::default(),
         };
         registry.register(
@@ -157,10 +180,77 @@ impl Metrics {
              /flows client fell behind)",
             m.flow_events_lost.clone(),
         );
+        registry.register(
+            "map_entries",
+            "Entries in each pinned keyed eBPF map (counted at most every 5 s)",
+            m.map_entries.clone(),
+        );
+        registry.register(
+            "map_capacity",
+            "Maximum entries of each pinned keyed eBPF map",
+            m.map_capacity.clone(),
+        );
+        registry.register(
+            "attached_interfaces",
+            "Interfaces carrying the datapath's tcx links",
+            m.attached_interfaces.clone(),
+        );
+        registry.register(
+            "last_sync_timestamp_seconds",
+            "When policy was last computed and written (Unix time; 0 before the first sync)",
+            m.last_sync.clone(),
+        );
+        registry.register(
+            "service_frontends",
+            "Service frontends (ClusterIP, port, protocol) programmed in the datapath",
+            m.service_frontends.clone(),
+        );
+        registry.register(
+            "service_backends",
+            "Backends programmed over all Service frontends",
+            m.service_backends.clone(),
+        );
+        registry.register(
+            "service_errors",
+            "Service problems reported (an unresolvable targetPort, too many endpoints, an \
+             untranslated protocol, a failed map write); each counted once while it lasts",
+            m.service_errors.clone(),
+        );
+        registry.register(
+            "service_update_seconds",
+            "Time from an index change seen to the service maps written",
+            m.service_update_seconds.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             ..m
         }
+    }
+
+    /// Sets the status gauges (map fill, attachments, last sync) from a `/status` answer.
+    pub fn observe_status(
+        &self,
+        status: &crate::status::NodeStatus,
+        last_sync: Option<std::time::SystemTime>,
+    ) {
+        for m in &status.maps {
+            let label = MapLabel {
+                map: m.name.clone(),
+            };
+            self.map_entries
+                .get_or_create(&label)
+                .set(i64::try_from(m.entries).unwrap_or(i64::MAX));
+            self.map_capacity
+                .get_or_create(&label)
+                .set(i64::from(m.max_entries));
+        }
+        self.attached_interfaces
+            .set(i64::try_from(status.programs.attached_interfaces).unwrap_or(i64::MAX));
+        let unix = last_sync
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.last_sync.set(unix);
     }
 
     /// Adds what the datapath's counters moved since the last call.

@@ -121,6 +121,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         agent: agent.clone(),
         hub,
         source_metrics: Some(source_metrics),
+        status: Arc::new(crate::status::StatusSource::new(
+            config.node.clone(),
+            config.pin_dir.clone(),
+        )),
     };
     tasks.push(tokio::spawn(server.serve(listener)));
     let result = weft_cni::agent_proto::serve(socket, agent).await;

@@ -28,6 +28,7 @@ pub mod abi;
 mod datapath;
 mod error;
 mod fake;
+mod fill;
 mod flows;
 mod lb;
 mod maps;
@@ -38,6 +39,7 @@ mod sys;
 pub use datapath::{Datapath, PROG_FROM_POD, PROG_TO_POD};
 pub use error::{Cause, Error};
 pub use fake::FakeMaps;
+pub use fill::{map_fill, MapFill};
 pub use flows::{FlowEvent, FlowReader};
 pub use lb::{
     decode_service, encode_frontend, encode_service, Frontend, Service, ServiceMaps, ServiceStats,

@@ -187,3 +187,31 @@ pub(crate) fn boottime_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// Counts a map's keys with `BPF_MAP_GET_NEXT_KEY` (the map's key size at runtime; aya only
+/// iterates maps whose key type is known at compile time). Stops after `limit` keys: a hash map
+/// that is being rewritten while it is walked can restart the walk, and a count must end.
+pub(crate) fn count_keys(map: BorrowedFd<'_>, key_size: usize, limit: u64) -> io::Result<u64> {
+    let mut key = vec![0u8; key_size.max(1)];
+    let mut next = vec![0u8; key_size.max(1)];
+    let mut n = 0u64;
+    let mut first = true;
+    while n < limit {
+        let mut attr = [0u64; 16];
+        // union bpf_attr for map element commands: map_fd (u32, 8-aligned), key, next_key.
+        attr[0] = u64::from(map.as_raw_fd() as u32);
+        attr[1] = if first { 0 } else { key.as_ptr() as u64 };
+        attr[2] = next.as_mut_ptr() as u64;
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+        first = false;
+        n += 1;
+        std::mem::swap(&mut key, &mut next);
+    }
+    Ok(n)
+}
