@@ -49,6 +49,8 @@ pub mod codes {
     pub const INTERFACE_EXISTS: u32 = 107;
     /// A kernel setting (sysctl) could not be written.
     pub const SYSCTL_FAILED: u32 = 108;
+    /// The mesh's redirect (`weft.dev/redirect`) could not be installed in the pod.
+    pub const MESH_REDIRECT_FAILED: u32 = 109;
 }
 
 /// A failed CNI invocation.
@@ -112,6 +114,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot install the mesh's redirect (weft.dev/redirect) in {netns}: {reason}")]
+    MeshRedirect { netns: String, reason: String },
 }
 
 impl Error {
@@ -136,6 +140,7 @@ impl Error {
             Error::AgentRejected { .. } => AGENT_REJECTED,
             Error::InterfaceExists { .. } => INTERFACE_EXISTS,
             Error::Sysctl { .. } => SYSCTL_FAILED,
+            Error::MeshRedirect { .. } => MESH_REDIRECT_FAILED,
         }
     }
 
@@ -159,6 +164,7 @@ impl Error {
             Error::AgentRejected { .. } => "node agent refused the request",
             Error::InterfaceExists { .. } => "interface already exists",
             Error::Sysctl { .. } => "sysctl write failed",
+            Error::MeshRedirect { .. } => "mesh redirect failed",
         }
     }
 

@@ -27,6 +27,11 @@
 //! work and fails with code 11 (try again later). DEL works without the agent
 //! and is idempotent. The protocol is [`agent_proto`].
 //!
+//! For a pod the injector prepared in CNI mode (annotation `weft.dev/redirect`, passed by
+//! the runtime under `runtimeConfig` when the conflist declares the capability
+//! `io.kubernetes.cri.pod-annotations`), ADD also installs the mesh's iptables redirect in
+//! the pod, the rules `weft-init` would have installed, and CHECK verifies them: see [`mesh`].
+//!
 //! # Configuration
 //!
 //! `/etc/cni/net.d/05-weft.conflist`, primary mode with host-local, dual stack:
@@ -60,7 +65,8 @@
 //! again later (agent unreachable), 50 not available (STATUS). Plugin codes:
 //! 100 IPAM plugin failed, 101 IPAM plugin not found, 102 netns missing,
 //! 103 interface missing, 104 netlink failed, 105 CHECK mismatch, 106 agent
-//! refused, 107 interface already exists, 108 sysctl failed (see
+//! refused, 107 interface already exists, 108 sysctl failed, 109 mesh redirect
+//! failed (see
 //! [`error::codes`]). Every message names the field, variable, path or value
 //! at fault.
 
@@ -70,6 +76,7 @@ pub mod config;
 pub mod env;
 pub mod error;
 pub mod ipam;
+pub mod mesh;
 pub mod plan;
 pub mod result;
 pub mod version;

@@ -1,5 +1,6 @@
 //! ADD: wire the pod (primary) or register the previous plugin's interface
-//! (chained), then register the endpoint with the agent.
+//! (chained), then register the endpoint with the agent, then (for a pod the
+//! injector prepared in CNI mode) install the mesh's redirect in it ([`crate::mesh`]).
 
 use std::net::IpAddr;
 
@@ -9,6 +10,7 @@ use super::Ctx;
 use crate::agent_proto::{AddRequest, Request};
 use crate::error::Error;
 use crate::ipam::Ipam;
+use crate::mesh;
 use crate::plan::{self, Mode, Plan};
 use crate::wiring::netns::Netns;
 use crate::wiring::{sysctl, Link, Rtnl};
@@ -23,6 +25,8 @@ pub(super) fn add(ctx: &Ctx<'_>) -> Result<Value, Error> {
 fn primary(ctx: &Ctx<'_>) -> Result<Value, Error> {
     let (inv, conf) = (ctx.inv, ctx.conf);
     let netns = Netns::open(ctx.netns_path()?)?;
+    // A bad redirect annotation fails before anything is touched.
+    let redirect = mesh::expected(conf)?;
     let ifname = inv.ifname.clone();
     // 1. Refuse before touching anything: the existing interface (and any
     //    lease behind it) belongs to someone else, or to an ADD not yet DELeted.
@@ -45,9 +49,13 @@ fn primary(ctx: &Ctx<'_>) -> Result<Value, Error> {
     };
     let host_ifname = plan::host_ifname(&inv.container_id, &inv.ifname);
     let wired = plan::plan(&allocated, ipam.name()).and_then(|p| {
-        // 3. Links, addresses, routes; 4. the agent.
+        // 3. Links, addresses, routes; 4. the agent; 5. the mesh's redirect. The
+        //    agent collects an endpoint whose interface the undo below removes.
         let (host, pod) = wire(ctx, &netns, &host_ifname, &p)?;
         register(ctx, &netns, &host, &p)?;
+        if let Some(cfg) = &redirect {
+            mesh::install(&netns, cfg)?;
+        }
         Ok((p, host, pod))
     });
     match wired {
@@ -196,6 +204,7 @@ fn chained(ctx: &Ctx<'_>) -> Result<Value, Error> {
         .as_ref()
         .ok_or_else(|| Error::config("prevResult", "missing"))?;
     let netns = Netns::open(ctx.netns_path()?)?;
+    let redirect = mesh::expected(conf)?;
     let (pod, host) = find_chained_pair(&netns, &inv.ifname)?;
     ctx.agent_require_ok(&Request::Add(AddRequest {
         container_id: inv.container_id.clone(),
@@ -208,6 +217,9 @@ fn chained(ctx: &Ctx<'_>) -> Result<Value, Error> {
         pod_name: inv.args.pod_name.clone(),
         chained: true,
     }))?;
+    if let Some(cfg) = &redirect {
+        mesh::install(&netns, cfg)?;
+    }
     let _ = pod;
     Ok(plan::pass_through(raw, &conf.cni_version))
 }

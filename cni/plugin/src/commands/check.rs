@@ -1,11 +1,13 @@
 //! CHECK: the pod still looks like `prevResult` says (interface, addresses,
 //! routes), the host side is in place, IPAM still holds the addresses, and
-//! the agent (if reachable) still has the endpoint.
+//! the agent (if reachable) still has the endpoint, and a pod the injector
+//! prepared in CNI mode still has the mesh's redirect ([`crate::mesh`]).
 
 use super::Ctx;
 use crate::agent_proto::{CheckRequest, Request};
 use crate::error::Error;
 use crate::ipam::Ipam;
+use crate::mesh;
 use crate::plan::{self, Mode, Observed};
 use crate::wiring::netns::Netns;
 use crate::wiring::{Link, Rtnl};
@@ -72,6 +74,10 @@ pub(super) fn check(ctx: &Ctx<'_>) -> Result<(), Error> {
             host
         }
     };
+
+    if let Some(cfg) = mesh::expected(conf)? {
+        mesh::verify(&netns, &cfg)?;
+    }
 
     let request = Request::Check(CheckRequest {
         container_id: inv.container_id.clone(),
