@@ -997,3 +997,22 @@ async fn auto_reads_the_api_servers_version() {
     assert_eq!(v, None);
     assert!(SidecarMode::Auto.native(v));
 }
+
+/// The chart's CNI mode holds together: the injector is told `--cni` from `cni.enabled`, and
+/// the weft-cni entry of the default conflist declares the capability through which the
+/// runtime passes the pod's annotations (so the plugin sees `weft.dev/redirect`).
+#[test]
+fn the_chart_passes_pod_annotations_to_the_cni_in_cni_mode() {
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/weft/");
+    let injector = std::fs::read_to_string(format!("{chart}templates/injector.yaml")).unwrap();
+    assert!(injector.contains("--cni={{ .Values.cni.enabled }}"));
+    let values: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(format!("{chart}values.yaml")).unwrap())
+            .unwrap();
+    let plugins = values["cni"]["conflist"]["plugins"].as_array().unwrap();
+    let weft = plugins.iter().find(|p| p["type"] == "weft-cni").unwrap();
+    assert_eq!(
+        weft["capabilities"]["io.kubernetes.cri.pod-annotations"],
+        true
+    );
+}

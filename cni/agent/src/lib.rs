@@ -14,6 +14,7 @@
 //! - [`registry`]: the endpoints and policy ids, persisted atomically in `--state-dir`.
 //! - [`endpoints`]: ADD/DEL/CHECK/GC and the sync, generic over [`dataplane::Dataplane`]
 //!   (the real datapath, or [`dataplane::FakeDataplane`] in tests).
+//! - [`services`]: the Services and EndpointSlices as datapath frontends and backends.
 //! - [`agent`], [`http`], [`flows`], [`metrics`], [`run`]: the process around it.
 
 pub mod agent;
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod policy;
 pub mod registry;
 pub mod run;
+pub mod services;
 pub mod status;
 
 pub use config::Config;

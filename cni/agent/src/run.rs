@@ -87,8 +87,26 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         index.clone(),
         source_metrics.clone(),
         readiness.clone(),
-        &[Kind::Pod, Kind::Namespace, Kind::NetworkPolicy],
+        &[
+            Kind::Pod,
+            Kind::Namespace,
+            Kind::NetworkPolicy,
+            Kind::Service,
+            Kind::EndpointSlice,
+        ],
     ));
+    // Services get their own handle on the pinned maps and their own debounced loop.
+    let service_maps = Datapath::open(&config.pin_dir).map_err(|source| RunError::Datapath {
+        path: config.pin_dir.clone(),
+        source,
+    })?;
+    tasks.push(tokio::spawn(crate::services::run(
+        service_maps,
+        index.clone(),
+        readiness.clone(),
+        metrics.clone(),
+        config.debounce(),
+    )));
 
     let agent = Agent::new(
         core,

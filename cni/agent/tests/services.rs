@@ -1,0 +1,424 @@
+//! Services without kube-proxy, end to end: the real `weft-cni-agent` and `weft-cni` on a
+//! node namespace, a manifest directory with Services and EndpointSlices, pods as namespaces,
+//! real TCP and UDP sockets to ClusterIPs. Needs root; build the plugin first:
+//!
+//! ```sh
+//! cargo build -p weft-cni && cargo test -p weft-cni-agent --test services
+//! ```
+//!
+//! Namespaces are named `wsv-<pid>-<n>-*`.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+use support::*;
+use weft_datapath::{PolicyMaps, ServiceMaps};
+
+const VIP: &str = "10.96.0.10";
+const EMPTY_VIP: &str = "10.96.0.11";
+
+const PODS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec: {containers: [{name: app, image: x}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-a, namespace: shop, labels: {app: web}}
+spec:
+  containers: [{name: app, image: x, ports: [{name: http, containerPort: 8080}, {name: dns, containerPort: 5353, protocol: UDP}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-b, namespace: shop, labels: {app: web}}
+spec:
+  containers: [{name: app, image: x, ports: [{name: http, containerPort: 8080}, {name: dns, containerPort: 5353, protocol: UDP}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: dns, port: 53, targetPort: dns, protocol: UDP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lonely, namespace: shop}
+spec:
+  clusterIP: 10.96.0.11
+  ports: [{name: http, port: 80, targetPort: 8080}, {name: dns, port: 53, protocol: UDP}]
+"#;
+
+/// The web Service's slice: hand-written without ports, so the named targetPorts are
+/// resolved against the pods' container ports. `ready` per endpoint.
+fn slice(endpoints: &[(IpAddr, &str, bool)]) -> String {
+    let mut out = String::from(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  \
+         namespace: shop\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv4\n\
+         endpoints:\n",
+    );
+    for (ip, pod, ready) in endpoints {
+        out.push_str(&format!(
+            "- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}}}\n  targetRef: {{kind: Pod, \
+             name: {pod}}}\n"
+        ));
+    }
+    out
+}
+
+fn egress_policy(port: u16) -> String {
+    format!(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: client-egress, namespace: shop}}
+spec:
+  podSelector: {{matchLabels: {{app: client}}}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{{podSelector: {{matchLabels: {{app: web}}}}}}]
+    ports: [{{port: {port}}}, {{protocol: UDP, port: 5353}}]
+"#
+    )
+}
+
+fn write_manifest(dir: &Path, name: &str, text: &str) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    Ok(())
+}
+
+fn wsv_ns(tag: &str) -> Result<Netns> {
+    Netns::named(weft_netns_testing::unique("wsv", tag))
+}
+
+struct Pod {
+    ns: Netns,
+    ip: IpAddr,
+}
+
+fn add_pod(node: &Netns, plugin: &Path, conf: &Value, name: &'static str) -> Result<Pod> {
+    let ns = wsv_ns(name)?;
+    let cid = weft_netns_testing::unique("wsv", name);
+    let (code, out) = cni(node, plugin, "ADD", &cid, &ns.path(), ("shop", name), conf)?;
+    ensure!(code == 0, "ADD {name} failed: {out}");
+    Ok(Pod {
+        ip: result_ip(&out)?,
+        ns,
+    })
+}
+
+/// A TCP server in a pod that greets every connection with its name (5 bytes) and answers
+/// each later read with it again, and a UDP one that answers every datagram with it.
+/// Threads end with the process.
+fn name_servers(pod: &Pod, name: &'static str) -> Result<()> {
+    let tcp = pod
+        .ns
+        .run(|| TcpListener::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 8080)))??;
+    std::thread::spawn(move || {
+        for mut s in tcp.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                if s.write_all(name.as_bytes()).is_err() {
+                    return;
+                }
+                while matches!(s.read(&mut buf), Ok(n) if n > 0) {
+                    if s.write_all(name.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let udp = pod
+        .ns
+        .run(|| UdpSocket::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 5353)))??;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(name.as_bytes(), from);
+        }
+    });
+    Ok(())
+}
+
+/// One new TCP connection to `to` from `from`: the backend's name, and the address the
+/// client's socket is connected to (its replies came from there).
+fn tcp_name(from: &Netns, to: SocketAddr) -> Result<std::io::Result<(String, SocketAddr)>> {
+    from.run(move || -> std::io::Result<(String, SocketAddr)> {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_millis(500))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut name = [0u8; 5];
+        s.read_exact(&mut name)?;
+        Ok((String::from_utf8_lossy(&name).into_owned(), s.peer_addr()?))
+    })
+}
+
+/// One datagram to `to` from a fresh socket: the backend's name and where the answer came
+/// from.
+fn udp_name(from: &Netns, to: SocketAddr) -> Result<std::io::Result<(String, SocketAddr)>> {
+    from.run(move || -> std::io::Result<(String, SocketAddr)> {
+        let s = UdpSocket::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        s.send_to(b"who?", to)?;
+        let mut buf = [0u8; 64];
+        let (n, src) = s.recv_from(&mut buf)?;
+        Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), src))
+    })
+}
+
+/// Backend names seen over `n` new TCP connections.
+fn spread(from: &Netns, to: SocketAddr, n: usize) -> Result<BTreeMap<String, usize>> {
+    let mut seen = BTreeMap::new();
+    for i in 0..n {
+        let (name, peer) =
+            tcp_name(from, to)?.with_context(|| format!("connection {i} to {to}"))?;
+        ensure!(
+            peer == to,
+            "the client's socket is connected to {peer}, not {to}"
+        );
+        *seen.entry(name).or_insert(0) += 1;
+    }
+    Ok(seen)
+}
+
+/// Polls the pinned frontend table until `vip:port/TCP` has `n` backends; the time it took.
+fn wait_backends(
+    pins: &Path,
+    vip: IpAddr,
+    port: u16,
+    n: usize,
+    since: Instant,
+) -> Result<Duration> {
+    let dp = weft_datapath::Datapath::open(pins)?;
+    let deadline = since + Duration::from_secs(5);
+    loop {
+        let services = dp.services()?;
+        let now = services
+            .iter()
+            .find(|s| s.frontend.addr == vip && s.frontend.port == port)
+            .map(|s| s.backends.len());
+        if now == Some(n) {
+            return Ok(since.elapsed());
+        }
+        if Instant::now() > deadline {
+            bail!("{vip}:{port} still has {now:?} backends, want {n}: {services:?}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn cluster_ips_balance_refuse_follow_endpoints_and_keep_policy() -> Result<()> {
+    if !require_root("cluster_ips") {
+        return Ok(());
+    }
+    let plugin = workspace_bin("weft-cni", "weft-cni");
+    let tmp = tempfile::tempdir()?;
+    let manifests = tmp.path().join("manifests");
+    std::fs::create_dir(&manifests)?;
+    write_manifest(&manifests, "pods.yaml", PODS)?;
+    let pins = PinDir::new();
+    let dirs = AgentDirs {
+        manifests: manifests.clone(),
+        pin_dir: pins.0.clone(),
+        state_dir: tmp.path().join("state"),
+        socket: tmp.path().join("cni.sock"),
+        log: tmp.path().join("agent.log"),
+    };
+    let node = wsv_ns("node")?;
+    node.ip(&["addr", "add", "10.250.0.1/32", "dev", "lo"])?;
+    let mut agent = Agent::start(&node, &dirs)?;
+    let hl = HostLocal::new()?;
+    let conf = plugin_conf(&dirs.socket, hl.ipam("10.78.0.0/24"));
+
+    let client = add_pod(&node, &plugin, &conf, "client")?;
+    let a = add_pod(&node, &plugin, &conf, "web-a")?;
+    let b = add_pod(&node, &plugin, &conf, "web-b")?;
+    name_servers(&a, "web-a")?;
+    name_servers(&b, "web-b")?;
+    let vip: IpAddr = VIP.parse()?;
+    let http = SocketAddr::new(vip, 80);
+    let dns = SocketAddr::new(vip, 53);
+
+    // Both endpoints ready: TCP and UDP to the ClusterIP spread over both, answered from it.
+    let since = Instant::now();
+    write_manifest(
+        &manifests,
+        "slices.yaml",
+        &slice(&[(a.ip, "web-a", true), (b.ip, "web-b", true)]),
+    )?;
+    let took = wait_backends(&pins.0, vip, 80, 2, since)?;
+    eprintln!("endpoints in the maps {took:?} after the manifest was written");
+    let seen = spread(&client.ns, http, 40)?;
+    eprintln!("TCP {http}: {seen:?}");
+    ensure!(seen.len() == 2, "both backends answer over TCP: {seen:?}");
+    let mut udp_seen = BTreeMap::new();
+    for i in 0..40 {
+        let (name, src) = udp_name(&client.ns, dns)?.with_context(|| format!("datagram {i}"))?;
+        ensure!(
+            src == dns,
+            "the UDP answer came from {src}, not the ClusterIP {dns}"
+        );
+        *udp_seen.entry(name).or_insert(0) += 1;
+    }
+    eprintln!("UDP {dns}: {udp_seen:?}");
+    ensure!(
+        udp_seen.len() == 2,
+        "both backends answer over UDP: {udp_seen:?}"
+    );
+
+    // No endpoints: refused at once, TCP and UDP, never a timeout.
+    let empty: IpAddr = EMPTY_VIP.parse()?;
+    let start = Instant::now();
+    match tcp_name(&client.ns, SocketAddr::new(empty, 80))? {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+        other => bail!("TCP to a Service without endpoints: {other:?}"),
+    }
+    let refused_in = start.elapsed();
+    eprintln!("TCP to {EMPTY_VIP}:80 (no endpoints) refused in {refused_in:?}");
+    ensure!(refused_in < Duration::from_millis(200), "refused quickly");
+    let udp_refused = client.ns.run(move || -> std::io::Result<ErrorKind> {
+        let s = UdpSocket::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0))?;
+        s.connect(SocketAddr::new(empty, 53))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        s.send(b"anyone?")?;
+        let mut buf = [0u8; 8];
+        Ok(s.recv(&mut buf)
+            .map(|_| ErrorKind::Other)
+            .unwrap_or_else(|e| e.kind()))
+    })??;
+    ensure!(
+        udp_refused == ErrorKind::ConnectionRefused,
+        "UDP to a Service without endpoints: {udp_refused:?}"
+    );
+
+    // A connection held open through endpoint changes and an agent restart.
+    let mut held = client
+        .ns
+        .run(move || TcpStream::connect_timeout(&http, Duration::from_secs(1)))??;
+    held.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut held_name = [0u8; 5];
+    held.read_exact(&mut held_name)?;
+
+    // web-b not ready: new connections go to web-a only, within 1 s.
+    let since = Instant::now();
+    write_manifest(
+        &manifests,
+        "slices.yaml",
+        &slice(&[(a.ip, "web-a", true), (b.ip, "web-b", false)]),
+    )?;
+    let took = wait_backends(&pins.0, vip, 80, 1, since)?;
+    eprintln!("endpoint removed: in the maps {took:?} after the manifest was written");
+    ensure!(took < Duration::from_secs(1), "applied within 1 s");
+    let seen = spread(&client.ns, http, 20)?;
+    ensure!(
+        seen.keys().map(String::as_str).collect::<Vec<_>>() == ["web-a"],
+        "{seen:?}"
+    );
+    // And back.
+    let since = Instant::now();
+    write_manifest(
+        &manifests,
+        "slices.yaml",
+        &slice(&[(a.ip, "web-a", true), (b.ip, "web-b", true)]),
+    )?;
+    let took = wait_backends(&pins.0, vip, 80, 2, since)?;
+    eprintln!("endpoint added: in the maps {took:?} after the manifest was written");
+    ensure!(took < Duration::from_secs(1), "applied within 1 s");
+    ensure!(spread(&client.ns, http, 40)?.len() == 2, "both again");
+
+    // Egress policy is judged on the backend: allowing the web pods' 8080 lets
+    // ClusterIP:80 through; allowing only their 9999 does not.
+    write_manifest(&manifests, "policy.yaml", &egress_policy(8080))?;
+    let dp = weft_datapath::Datapath::open(&pins.0)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !dp.endpoints()?.values().any(|e| e.flags.bits() != 0) {
+        ensure!(Instant::now() < deadline, "the egress policy never applied");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    ensure!(
+        spread(&client.ns, http, 10)?.len() == 2,
+        "allowed: the backends' port 8080"
+    );
+    write_manifest(&manifests, "policy.yaml", &egress_policy(9999))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match tcp_name(&client.ns, http)? {
+            Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => break,
+            Err(e) => bail!("denied egress: expected a timeout (dropped), got {e}"),
+            Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(_) => bail!("egress to the backends' 8080 is no longer allowed, yet connected"),
+        }
+    }
+    std::fs::remove_file(manifests.join("policy.yaml"))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dp.endpoints()?.values().any(|e| e.flags.bits() != 0) {
+        ensure!(Instant::now() < deadline, "the egress policy never went");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // An agent restart adopts the pinned services: the held connection keeps its backend,
+    // new connections are balanced with the agent down and after it is back.
+    agent.stop();
+    ensure!(
+        spread(&client.ns, http, 20)?.len() == 2,
+        "balanced with the agent down"
+    );
+    let agent = Agent::start(&node, &dirs)?;
+    held.write_all(b"still there?")?;
+    let mut again = [0u8; 5];
+    held.read_exact(&mut again)?;
+    ensure!(
+        again == held_name,
+        "the held connection moved from {} to {}",
+        String::from_utf8_lossy(&held_name),
+        String::from_utf8_lossy(&again)
+    );
+    ensure!(
+        spread(&client.ns, http, 20)?.len() == 2,
+        "balanced after the restart"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent
+        .log_text()
+        .contains("adopted the pinned service frontends")
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "the new agent did not adopt the pinned frontends:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, text) = http_get(&node, IpAddr::from([127, 0, 0, 1]), "/metrics")?;
+        ensure!(code == 200, "/metrics: {code}");
+        // web TCP + UDP, lonely TCP + UDP; web's two backends on each of its ports.
+        if metric(&text, "weft_cni_service_frontends") == Some(4.0)
+            && metric(&text, "weft_cni_service_backends") == Some(4.0)
+        {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "service gauges:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
