@@ -26,8 +26,8 @@
 //! [`network_policies`], [`render`]); scraping and listing live at the edges ([`run`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -590,34 +590,16 @@ pub(crate) fn http_get(
     path: &str,
     read_for: Option<Duration>,
 ) -> Result<String, String> {
-    let sock: SocketAddr = addr
-        .to_socket_addrs()
-        .map_err(|e| format!("not an address ({e})"))?
-        .next()
-        .ok_or("resolves to no address")?;
-    let mut stream = TcpStream::connect_timeout(&sock, Duration::from_secs(3))
-        .map_err(|e| format!("cannot connect ({e})"))?;
-    stream
-        .set_read_timeout(Some(read_for.unwrap_or(Duration::from_secs(10))))
-        .map_err(|e| e.to_string())?;
-    // One write: `write!` on a socket sends each formatted piece as its own segment, and a
-    // server reading the head once would see only "GET ".
-    let head = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(head.as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut reader = BufReader::new(stream);
-    let mut status = String::new();
-    reader.read_line(&mut status).map_err(|e| e.to_string())?;
-    let mut chunked = false;
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).map_err(|e| e.to_string())? == 0 || h.trim().is_empty() {
-            break;
-        }
-        let h = h.to_ascii_lowercase();
-        chunked |= h.starts_with("transfer-encoding:") && h.contains("chunked");
-    }
+    let crate::agent_http::Response {
+        status,
+        chunked,
+        body: mut reader,
+    } = crate::agent_http::get(
+        addr,
+        path,
+        "*/*",
+        Some(read_for.unwrap_or(Duration::from_secs(10))),
+    )?;
     let mut body = Vec::new();
     match read_for {
         None => {

@@ -5,14 +5,12 @@
 //! endpoints and their programs, policies, map fill levels, and the problems found. Only the
 //! fields printed are read, so a newer or older agent still answers.
 //!
-//! The agent sends NDJSON records (see `weft_cni_agent::flows`); this reads them with a
-//! plain HTTP/1.1 request over a std TCP stream (no runtime needed for one stream), keeps
-//! the fields it prints, and tolerates fields it does not know.
+//! The agent sends NDJSON records (see `weft_cni_agent::flows`); this reads them with one
+//! plain GET ([`crate::agent_http`], no runtime needed for one stream), keeps the fields it
+//! prints, and tolerates fields it does not know.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::io::{BufRead, Write};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use serde_json::Value;
 
@@ -261,50 +259,19 @@ pub fn flows(args: &FlowsArgs, out: &mut impl Write) -> Result<(), FlowsError> {
         agent: args.agent.clone(),
         reason,
     };
-    let addr: SocketAddr = args
-        .agent
-        .to_socket_addrs()
-        .map_err(|e| agent_err(format!("not an address ({e})")))?
-        .next()
-        .ok_or_else(|| agent_err("resolves to no address".into()))?;
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| {
-        agent_err(format!(
-            "cannot connect ({e}); is weft-cni-agent running on this node?"
-        ))
-    })?;
+    let rsp = crate::agent_http::get(&args.agent, "/flows", "application/x-ndjson", None).map_err(
+        |reason| agent_err(format!("{reason}; is weft-cni-agent running on this node?")),
+    )?;
     let read_err = |source| FlowsError::Read {
         agent: args.agent.clone(),
         source,
     };
-    // One write (as weft policy audit's reader): `write!` would send each piece on its own.
-    let head = format!(
-        "GET /flows HTTP/1.0\r\nHost: {}\r\nAccept: application/x-ndjson\r\nConnection: close\r\n\r\n",
-        args.agent
-    );
-    (&stream).write_all(head.as_bytes()).map_err(read_err)?;
-    let mut reader = BufReader::new(stream);
-    let mut status = String::new();
-    reader.read_line(&mut status).map_err(read_err)?;
+    let (status, chunked, mut reader) = (rsp.status, rsp.chunked, rsp.body);
     let code = status.split_whitespace().nth(1).unwrap_or("");
-    let mut chunked = false;
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).map_err(read_err)? == 0 || h.trim().is_empty() {
-            break;
-        }
-        let lower = h.to_ascii_lowercase();
-        if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
-            chunked = true;
-        }
-    }
     if code != "200" {
         let mut body = String::new();
         let _ = std::io::Read::read_to_string(&mut reader, &mut body);
-        return Err(agent_err(format!(
-            "answered {}: {}",
-            status.trim(),
-            body.trim()
-        )));
+        return Err(agent_err(format!("answered {status}: {}", body.trim())));
     }
     let mut seen = 0u64;
     let mut pending = String::new();

@@ -29,6 +29,7 @@
 //! - [`security`]: mTLS connections and peer identities, handshake failures
 //!   and certificate lifetimes from a scrape.
 
+pub mod agent_http;
 pub mod audit;
 pub mod check;
 pub mod cni;
