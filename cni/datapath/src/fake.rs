@@ -158,6 +158,48 @@ impl PolicyMaps for FakeMaps {
     }
 }
 
+impl crate::ServiceMaps for FakeMaps {
+    fn replace_services(
+        &mut self,
+        services: &[crate::Service],
+    ) -> Result<crate::ServiceWrite, Error> {
+        // The same checks as the real writer, before anything changes.
+        crate::lb::encode_services(services)?;
+        let mut report = crate::ServiceWrite::default();
+        let wanted: BTreeMap<crate::Frontend, crate::Service> =
+            services.iter().map(|s| (s.frontend, s.clone())).collect();
+        for (f, s) in &wanted {
+            if self.services.get(f) != Some(s) {
+                report.written += 1;
+            }
+        }
+        report.deleted = self
+            .services
+            .keys()
+            .filter(|f| !wanted.contains_key(f))
+            .count();
+        self.services = wanted;
+        Ok(report)
+    }
+
+    fn services(&self) -> Result<Vec<crate::Service>, Error> {
+        Ok(self.services.values().cloned().collect())
+    }
+
+    fn service_stats(&self) -> Result<BTreeMap<u32, crate::ServiceStats>, Error> {
+        Ok(self.service_stats.clone())
+    }
+
+    fn forget_backends(
+        &mut self,
+        proto: crate::L4,
+        backends: &[std::net::SocketAddr],
+    ) -> Result<usize, Error> {
+        self.forgotten.extend(backends.iter().map(|b| (proto, *b)));
+        Ok(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,49 +247,5 @@ mod tests {
         assert_eq!(maps.policy_entry_count(), 0);
         assert!(maps.endpoint_addrs().expect("addrs").is_empty());
         maps.remove_endpoint(7).expect("idempotent");
-    }
-}
-
-impl crate::ServiceMaps for FakeMaps {
-    fn replace_services(
-        &mut self,
-        services: &[crate::Service],
-    ) -> Result<crate::ServiceWrite, Error> {
-        // The same checks as the real writer, before anything changes.
-        crate::lb::encode_services(services)?;
-        let mut report = crate::ServiceWrite::default();
-        let wanted: BTreeMap<crate::Frontend, crate::Service> = services
-            .iter()
-            .map(|s| (s.frontend, s.clone()))
-            .collect();
-        for (f, s) in &wanted {
-            if self.services.get(f) != Some(s) {
-                report.written += 1;
-            }
-        }
-        report.deleted = self
-            .services
-            .keys()
-            .filter(|f| !wanted.contains_key(f))
-            .count();
-        self.services = wanted;
-        Ok(report)
-    }
-
-    fn services(&self) -> Result<Vec<crate::Service>, Error> {
-        Ok(self.services.values().cloned().collect())
-    }
-
-    fn service_stats(&self) -> Result<BTreeMap<u32, crate::ServiceStats>, Error> {
-        Ok(self.service_stats.clone())
-    }
-
-    fn forget_backends(
-        &mut self,
-        proto: crate::L4,
-        backends: &[std::net::SocketAddr],
-    ) -> Result<usize, Error> {
-        self.forgotten.extend(backends.iter().map(|b| (proto, *b)));
-        Ok(0)
     }
 }

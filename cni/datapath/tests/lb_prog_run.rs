@@ -311,7 +311,7 @@ fn connections_to_a_frontend_are_translated_and_replies_reverse_translated() -> 
         ensure!(backends.contains(&seen.dst), "UDP translated: {seen:?}");
         let stored = u16::from_be_bytes([out[40], out[41]]);
         ensure!(
-            (stored == 0) == !with_csum,
+            (stored == 0) != with_csum,
             "UDP checksum {stored:#x}, with: {with_csum}"
         );
     }
