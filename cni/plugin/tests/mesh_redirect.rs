@@ -337,3 +337,71 @@ fn the_cni_installs_weft_inits_redirect_for_meshed_pods_only() -> Result<()> {
     );
     Ok(())
 }
+
+/// Chained after `ptp` (weft-cni creates no interface, so the runtime may repeat the ADD on
+/// the same namespace): the redirect goes in, a retried ADD leaves the very same table, and
+/// that table is weft-init's.
+#[test]
+fn chained_mode_installs_it_too_and_a_retried_add_changes_nothing() -> Result<()> {
+    if !require_root_and_cni_plugins(
+        "chained_mode_installs_it_too_and_a_retried_add_changes_nothing",
+        "network namespaces, eBPF, iptables",
+    ) {
+        return Ok(());
+    }
+    let agent_bin = workspace_bin("weft-cni-agent", "weft-cni-agent");
+    let weft_init = workspace_bin("weft-init", "weft-injector");
+    let cluster = Cluster::new(ClusterSpec {
+        nodes: 1,
+        ..ClusterSpec::two_nodes("wmr")
+    })?;
+    let node = &cluster.nodes[0];
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("pods.yaml"), manifests(&node.node_yaml()))?;
+    let _agent = node.spawn_agent(&agent_bin, dir.path(), &[])?;
+
+    // Debian's ptp speaks up to 1.0.0: the whole list is 1.0.0.
+    let ptp = json!({
+        "cniVersion": "1.0.0", "name": "ptpnet", "type": "ptp",
+        "ipam": {"type": "host-local", "dataDir": node.dir.join("ptp-ipam"),
+                 "ranges": [[{"subnet": "10.78.0.0/24"}]]},
+    });
+    let pod = Netns::named(unique("wmr", "chained"))?;
+    let cid = format!("c-{}", pod.name);
+    let key = ("mesh", "meshed");
+    let run = |plugin: &Path, conf: &Value| -> Result<String> {
+        let out = exec_cni(
+            &node.ns,
+            plugin,
+            cni_env("ADD", &cid, &pod.path(), key),
+            &serde_json::to_vec(conf)?,
+            Stdio::inherit(),
+        )?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(out.status.success(), "ADD with {conf}: {stdout}");
+        Ok(stdout)
+    };
+    let prev: Value = serde_json::from_str(&run(
+        &Path::new(weft_netns_testing::CNI_BIN_DIR).join("ptp"),
+        &ptp,
+    )?)?;
+    let mut weft = runtime(meshed_annotations());
+    weft["cniVersion"] = json!("1.0.0");
+    weft["name"] = json!("ptpnet");
+    weft["type"] = json!("weft-cni");
+    weft["agentSocket"] = json!(node.socket());
+    weft["prevResult"] = prev;
+    run(Path::new(PLUGIN), &weft)?;
+    let once = tables(&pod)?;
+    run(Path::new(PLUGIN), &weft)?;
+    assert_eq!(tables(&pod)?, once, "a repeated ADD changed the nat tables");
+
+    let reference = Netns::named(unique("wmr", "chref"))?;
+    run_weft_init(&reference, &weft_init)?;
+    assert_eq!(
+        once,
+        tables(&reference)?,
+        "chained: the CNI's tables differ from weft-init's"
+    );
+    Ok(())
+}
