@@ -127,10 +127,8 @@ fn add_pod(node: &Netns, plugin: &Path, conf: &Value, name: &'static str) -> Res
 /// A TCP server in a pod that greets every connection with its name (5 bytes) and answers
 /// each later read with it again, and a UDP one that answers every datagram with it.
 /// Threads end with the process.
-fn name_servers(pod: &Pod, name: &'static str) -> Result<()> {
-    let tcp = pod
-        .ns
-        .run(|| TcpListener::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 8080)))??;
+fn name_servers(ns: &Netns, name: &'static str) -> Result<()> {
+    let tcp = ns.run(|| TcpListener::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 8080)))??;
     std::thread::spawn(move || {
         for mut s in tcp.incoming().map_while(Result::ok) {
             std::thread::spawn(move || {
@@ -146,9 +144,7 @@ fn name_servers(pod: &Pod, name: &'static str) -> Result<()> {
             });
         }
     });
-    let udp = pod
-        .ns
-        .run(|| UdpSocket::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 5353)))??;
+    let udp = ns.run(|| UdpSocket::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 5353)))??;
     std::thread::spawn(move || {
         let mut buf = [0u8; 64];
         while let Ok((_, from)) = udp.recv_from(&mut buf) {
@@ -251,8 +247,8 @@ fn cluster_ips_balance_refuse_follow_endpoints_and_keep_policy() -> Result<()> {
     let client = add_pod(&node, &plugin, &conf, "client")?;
     let a = add_pod(&node, &plugin, &conf, "web-a")?;
     let b = add_pod(&node, &plugin, &conf, "web-b")?;
-    name_servers(&a, "web-a")?;
-    name_servers(&b, "web-b")?;
+    name_servers(&a.ns, "web-a")?;
+    name_servers(&b.ns, "web-b")?;
     let vip: IpAddr = VIP.parse()?;
     let http = SocketAddr::new(vip, 80);
     let dns = SocketAddr::new(vip, 53);
@@ -419,6 +415,84 @@ fn cluster_ips_balance_refuse_follow_endpoints_and_keep_policy() -> Result<()> {
         }
         ensure!(Instant::now() < deadline, "service gauges:\n{text}");
         std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+const TWO_NODE_PODS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, targetPort: 8080}, {name: dns, port: 53, targetPort: 5353, protocol: UDP}]
+"#;
+
+/// Across nodes: a client on node-1 reaches a ClusterIP whose backends are one pod on its
+/// own node and one on node-2 (plain routes between the nodes' pod CIDRs, no NAT on the
+/// way), TCP and UDP, answered from the ClusterIP; and a client on node-2 too.
+#[test]
+fn cluster_ips_across_two_nodes() -> Result<()> {
+    if !require_root("cluster_ips_across_two_nodes") {
+        return Ok(());
+    }
+    let plugin = workspace_bin("weft-cni", "weft-cni");
+    let agent_bin = Path::new(AGENT);
+    let cluster =
+        weft_netns_testing::Cluster::new(weft_netns_testing::ClusterSpec::two_nodes("wsv"))?;
+    // Routes between the nodes' pod CIDRs: the baseline's, so that this test is about
+    // Services (the agents get no Node objects and route nothing themselves).
+    cluster.static_routes()?;
+    let tmp = tempfile::tempdir()?;
+    let manifests = tmp.path().join("manifests");
+    std::fs::create_dir(&manifests)?;
+    write_manifest(&manifests, "pods.yaml", TWO_NODE_PODS)?;
+    let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let _agents = [
+        n1.spawn_agent(agent_bin, &manifests, &[])?,
+        n2.spawn_agent(agent_bin, &manifests, &[])?,
+    ];
+    let client1 = n1.add_pod(&plugin, ("shop", "client-1"), None)?;
+    let client2 = n2.add_pod(&plugin, ("shop", "client-2"), None)?;
+    let a = n1.add_pod(&plugin, ("shop", "web-a"), None)?;
+    let b = n2.add_pod(&plugin, ("shop", "web-b"), None)?;
+    name_servers(&a.ns, "web-a")?;
+    name_servers(&b.ns, "web-b")?;
+    let slices = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  \
+         namespace: shop\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\n\
+         endpoints:\n- addresses: [\"{}\"]\n- addresses: [\"{}\"]\n",
+        a.v4, b.v4
+    );
+    let vip: IpAddr = "10.96.0.20".parse()?;
+    let since = Instant::now();
+    write_manifest(&manifests, "slices.yaml", &slices)?;
+    for node in [n1, n2] {
+        let took = wait_backends(&node.pin_dir, vip, 80, 2, since)?;
+        eprintln!("{}: endpoints in the maps after {took:?}", node.name);
+    }
+    let http = SocketAddr::new(vip, 80);
+    let dns = SocketAddr::new(vip, 53);
+    for client in [&client1, &client2] {
+        let ns = &client.ns;
+        let seen = spread(ns, http, 30)?;
+        eprintln!("{} → {http}: {seen:?}", client.name);
+        ensure!(
+            seen.len() == 2,
+            "{}: the local and the remote backend answer: {seen:?}",
+            client.name
+        );
+        let mut udp_seen = BTreeMap::new();
+        for i in 0..30 {
+            let (name, src) = udp_name(ns, dns)?.with_context(|| format!("datagram {i}"))?;
+            ensure!(src == dns, "UDP answer from {src}, not {dns}");
+            *udp_seen.entry(name).or_insert(0) += 1;
+        }
+        ensure!(udp_seen.len() == 2, "{}: UDP {udp_seen:?}", client.name);
     }
     Ok(())
 }
