@@ -50,9 +50,18 @@ fn field() -> String {
     format!("runtimeConfig.{POD_ANNOTATIONS_CAPABILITY}[{ANNOTATION}]")
 }
 
-/// What the pod needs, from the configuration on stdin: `Some` when the runtime passed the
-/// injector's `weft.dev/redirect` annotation.
+/// What the pod needs, from the configuration on stdin (ADD): `Some` when the runtime passed
+/// the injector's `weft.dev/redirect` annotation; an error when it cannot be known.
 pub fn expected(conf: &NetConf) -> Result<Option<RedirectConfig>, Error> {
+    redirect_of(conf, true)
+}
+
+/// [`expected`] for CHECK: a runtime that passed no annotations leaves nothing to compare.
+pub fn to_verify(conf: &NetConf) -> Result<Option<RedirectConfig>, Error> {
+    redirect_of(conf, false)
+}
+
+fn redirect_of(conf: &NetConf, strict: bool) -> Result<Option<RedirectConfig>, Error> {
     let declared = conf
         .raw
         .get("capabilities")
@@ -74,7 +83,7 @@ pub fn expected(conf: &NetConf) -> Result<Option<RedirectConfig>, Error> {
                 format!("expected an object of pod annotations, got {other}"),
             ))
         }
-        None if declared => {
+        None if declared && strict => {
             return Err(Error::config(
                 format!("runtimeConfig.{POD_ANNOTATIONS_CAPABILITY}"),
                 format!(
@@ -183,10 +192,10 @@ mod tests {
         assert!(e.to_string().contains(ANNOTATION), "{e}");
 
         // Mesh mode declared, runtime silent: fail rather than leave a meshed pod unredirected.
-        let e = expected(&conf(
-            json!({"capabilities": {POD_ANNOTATIONS_CAPABILITY: true}}),
-        ))
-        .expect_err("runtime passes nothing");
+        let silent = conf(json!({"capabilities": {POD_ANNOTATIONS_CAPABILITY: true}}));
+        let e = expected(&silent).expect_err("runtime passes nothing");
         assert!(e.to_string().contains("containerd 1.5+"), "{e}");
+        // CHECK then has nothing to compare.
+        assert_eq!(to_verify(&silent).expect("nothing to check"), None);
     }
 }

@@ -75,7 +75,7 @@ pub(super) fn check(ctx: &Ctx<'_>) -> Result<(), Error> {
         }
     };
 
-    if let Some(cfg) = mesh::expected(conf)? {
+    if let Some(cfg) = mesh::to_verify(conf)? {
         mesh::verify(&netns, &cfg)?;
     }
 
