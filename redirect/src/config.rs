@@ -2,7 +2,7 @@
 //! program that installs it.
 //!
 //! - As `weft-init`'s command line ([`RedirectConfig::to_args`]), when the injector adds the
-//!   init container; `weft-init` parses the flags (env fallbacks in [`env`]) back into the same
+//!   init container; `weft-init` parses the flags (env fallbacks in [`mod@env`]) back into the same
 //!   struct.
 //! - As one pod annotation, [`ANNOTATION`] (`weft.dev/redirect`), when the CNI plugin installs
 //!   the redirect instead ([`RedirectConfig::to_annotation`] / [`RedirectConfig::from_annotation`]).
