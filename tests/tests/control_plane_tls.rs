@@ -8,7 +8,8 @@
 //!   and `/ready` says why (the address and the verification error).
 //! - A client without a mesh certificate cannot stream Resolve, ClientPolicy or
 //!   ServerPolicy; one with another workload's certificate gets PERMISSION_DENIED for
-//!   ServerPolicy of a pod that is not its own.
+//!   ServerPolicy of a pod that is not its own, and for Resolve and ClientPolicy asked as
+//!   a namespace that is not its certificate's.
 //! - Through a recording TCP relay, a proxy's whole conversation with the controller holds
 //!   no token bytes, and every connection starts with a TLS ClientHello.
 
@@ -314,6 +315,28 @@ async fn a_client_without_a_mesh_certificate_cannot_stream() -> Result<()> {
     );
     let [_, _, own] = ask(&db, "db-0").await;
     own.context("ServerPolicy of its own (not yet indexed) pod")?;
+
+    // A workload of another namespace claiming to ask as one of this namespace (whose
+    // consumer routes it would read): refused, naming both namespaces.
+    let spy_id = "spiffe://cluster.local/ns/other/sa/spy".to_string();
+    let spy = issuer.valid_leaf(dir, "spy", &spy_id)?;
+    let spy = destination_channel(&ca, Some(cert_state(&spy.cert, &spy.key, &spy_id)?))?;
+    let [resolve, client_policy, _] = ask(&spy, "web-0").await;
+    for (name, r) in [("Resolve", resolve), ("ClientPolicy", client_policy)] {
+        let denied = r.err().with_context(|| {
+            format!("{name} as namespace {NS} with a certificate of namespace other was answered")
+        })?;
+        assert_eq!(
+            denied.code(),
+            tonic::Code::PermissionDenied,
+            "{name}: {denied:?}"
+        );
+        assert!(
+            denied.message().contains(&spy_id) && denied.message().contains(&format!("{NS:?}")),
+            "{name}: {}",
+            denied.message()
+        );
+    }
 
     // The controller with --insecure-plaintext serves plaintext; without an issuer and
     // without the flag it does not start, naming the flag.

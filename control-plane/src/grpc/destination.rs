@@ -129,6 +129,37 @@ impl DestinationService {
 
 pub use super::stream::UpdateStream;
 
+/// The namespace whose consumer routes and short names apply to a caller. Over mTLS the
+/// caller's certificate decides: its SPIFFE ID is `spiffe://<trust_domain>/ns/<ns>/sa/<sa>`,
+/// an empty `claimed` namespace takes `<ns>`, and a different one is refused (a proxy cannot
+/// read another namespace's consumer routes by naming it). On a plaintext connection
+/// (`--insecure-plaintext`) the claim is all there is.
+#[allow(clippy::result_large_err)] // tonic's Status, as every handler returns
+pub fn caller_namespace(
+    caller: Option<&str>,
+    claimed: &str,
+    trust_domain: &str,
+) -> Result<String, Status> {
+    let Some(caller) = caller else {
+        return Ok(claimed.to_string());
+    };
+    let verified = caller
+        .strip_prefix(&format!("spiffe://{trust_domain}/ns/"))
+        .and_then(|rest| rest.split_once("/sa/"))
+        .map(|(ns, _)| ns)
+        .filter(|ns| !ns.is_empty());
+    match verified {
+        Some(ns) if claimed.is_empty() || claimed == ns => Ok(ns.to_string()),
+        Some(ns) => Err(Status::permission_denied(format!(
+            "{caller} may not ask as namespace {claimed:?}: its certificate is of namespace \
+             {ns:?} (WEFT_PROXY_NAMESPACE must be the pod's namespace)"
+        ))),
+        None => Err(Status::permission_denied(format!(
+            "{caller} is not a workload identity of trust domain {trust_domain}"
+        ))),
+    }
+}
+
 #[tonic::async_trait]
 impl Destination for DestinationService {
     type ResolveStream = UpdateStream<Update>;
@@ -138,13 +169,19 @@ impl Destination for DestinationService {
         &self,
         request: Request<ResolveRequest>,
     ) -> Result<Response<UpdateStream<Update>>, Status> {
+        let caller = super::policy::caller_identity(&request).map(str::to_string);
         let req = request.into_inner();
-        let caller_ns = req
+        let claimed = req
             .context
             .as_ref()
             .map(|c| c.namespace.as_str())
             .unwrap_or("");
-        let target = parse_target(&req.target, caller_ns, &self.config.cluster_domain)
+        let caller_ns = caller_namespace(
+            caller.as_deref(),
+            claimed,
+            &self.config.resolve.trust_domain,
+        )?;
+        let target = parse_target(&req.target, &caller_ns, &self.config.cluster_domain)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         tracing::debug!(target = %req.target, ?target, caller = ?req.context, "resolve");
         let (tx, rx) = mpsc::channel(8);
@@ -181,12 +218,18 @@ impl Destination for DestinationService {
         &self,
         request: Request<ClientPolicyRequest>,
     ) -> Result<Response<Self::ClientPolicyStream>, Status> {
+        let caller = super::policy::caller_identity(&request).map(str::to_string);
         let req = request.into_inner();
-        let caller_ns = req
+        let claimed = req
             .context
             .as_ref()
-            .map(|c| c.namespace.clone())
-            .unwrap_or_default();
+            .map(|c| c.namespace.as_str())
+            .unwrap_or("");
+        let caller_ns = caller_namespace(
+            caller.as_deref(),
+            claimed,
+            &self.config.resolve.trust_domain,
+        )?;
         let target = parse_target(&req.target, &caller_ns, &self.config.cluster_domain)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         tracing::debug!(target = %req.target, ?target, caller = ?req.context, "client policy");
@@ -338,6 +381,36 @@ mod tests {
                 None => "empty".into(),
             })
             .collect()
+    }
+
+    #[test]
+    fn the_certificate_decides_the_callers_namespace() {
+        let td = "cluster.local";
+        let me = Some("spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(caller_namespace(me, "shop", td).expect("own"), "shop");
+        assert_eq!(
+            caller_namespace(me, "", td).expect("from the certificate"),
+            "shop"
+        );
+        let e = caller_namespace(me, "bank", td).expect_err("another namespace");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(
+            e.message().contains("namespace \"bank\"") && e.message().contains("\"shop\""),
+            "{}",
+            e.message()
+        );
+        let e = caller_namespace(Some("spiffe://other.org/ns/shop/sa/web"), "shop", td)
+            .expect_err("another trust domain");
+        assert!(
+            e.message().contains("trust domain cluster.local"),
+            "{}",
+            e.message()
+        );
+        // Plaintext (--insecure-plaintext): the claim stands.
+        assert_eq!(
+            caller_namespace(None, "bank", td).expect("plaintext"),
+            "bank"
+        );
     }
 
     #[test]
