@@ -280,6 +280,7 @@ impl Bound {
             }
             None => None,
         };
+        let flush_at_exit = tracer.clone();
         let observe = observe::Observe::with_tracer(sinks, tracer);
         let tracker = TaskTracker::new();
         let admin_state = Arc::new(admin::Admin {
@@ -352,6 +353,15 @@ impl Bound {
             );
         } else {
             tracing::info!("drained");
+        }
+        // The spans of the last requests: exported now rather than lost with the process.
+        if let Some(t) = flush_at_exit {
+            if !t.flush(observe::trace::EXPORT_TIMEOUT).await {
+                tracing::warn!(
+                    "trace spans queued at shutdown were not all exported within {:?}",
+                    observe::trace::EXPORT_TIMEOUT
+                );
+            }
         }
         admin_task.abort();
         if let Some(t) = identity_task {

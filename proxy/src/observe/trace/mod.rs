@@ -22,6 +22,9 @@
 //! a failed export is counted (`result="failed"`) and the loop backs off (100 ms doubling
 //! to [`BACKOFF_MAX`]) while new spans keep filling, then overflowing, the bounded queue;
 //! every export is bounded by [`EXPORT_TIMEOUT`]. Memory is the queue plus one batch.
+//!
+//! At shutdown, after the connections drained, [`Tracer::flush`] has the loop export what is
+//! queued at once (not at the next interval), so the last second of spans is not lost.
 
 pub mod context;
 
@@ -38,7 +41,7 @@ use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
 use opentelemetry_sdk::Resource;
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{ObserveMetrics, RequestEvent};
 use crate::config::{env, TraceConfig, Workload};
@@ -77,6 +80,8 @@ pub struct Tracer {
     /// Head-sampling probability in millionths.
     sampling: u32,
     tx: mpsc::Sender<Finished>,
+    /// Asks the export loop to send everything queued now; answered when done.
+    flush: mpsc::Sender<oneshot::Sender<()>>,
     dropped: Counter,
 }
 
@@ -116,14 +121,16 @@ impl Tracer {
         metrics: &ObserveMetrics,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(queue.max(1));
+        let (flush, flush_rx) = mpsc::channel(1);
         let counters = Counters {
             exported: ObserveMetrics::counter(&metrics.trace_spans, "exported"),
             failed: ObserveMetrics::counter(&metrics.trace_spans, "failed"),
         };
-        tokio::spawn(export_loop(rx, exporter, counters));
+        tokio::spawn(export_loop(rx, flush_rx, exporter, counters));
         Arc::new(Self {
             sampling: sampling_millionths,
             tx,
+            flush,
             dropped: ObserveMetrics::counter(&metrics.trace_spans, "dropped"),
         })
     }
@@ -142,6 +149,15 @@ impl Tracer {
         Some(ids)
     }
 
+    /// Exports every span queued so far now, waiting at most `within`; false when that did
+    /// not finish in time (the collector is slow or gone: those spans count as failed or stay
+    /// queued).
+    pub async fn flush(&self, within: Duration) -> bool {
+        let (ack, done) = oneshot::channel();
+        let asked = async { self.flush.send(ack).await.is_ok() && done.await.is_ok() };
+        tokio::time::timeout(within, asked).await.unwrap_or(false)
+    }
+
     /// At the response's end: queues the span, or drops and counts it when the queue is full.
     pub fn record(&self, ids: SpanIds, event: Arc<RequestEvent>) {
         if self.tx.try_send(Finished { ids, event }).is_err() {
@@ -158,6 +174,7 @@ struct Counters {
 
 async fn export_loop<E: SpanExporter>(
     mut rx: mpsc::Receiver<Finished>,
+    mut flush: mpsc::Receiver<oneshot::Sender<()>>,
     exporter: E,
     counters: Counters,
 ) {
@@ -167,44 +184,84 @@ async fn export_loop<E: SpanExporter>(
     let mut pending = Vec::with_capacity(BATCH);
     let mut backoff = Duration::ZERO;
     loop {
-        // The first span opens a batch; it leaves when full or at the interval.
-        if rx.recv_many(&mut pending, BATCH).await == 0 {
-            return;
+        // The first span opens a batch; it leaves when full or at the interval, or at once
+        // when a flush is asked for.
+        let mut ack = None;
+        tokio::select! {
+            n = rx.recv_many(&mut pending, BATCH) => if n == 0 { return },
+            Some(a) = flush.recv() => ack = Some(a),
         }
         let deadline = tokio::time::Instant::now() + INTERVAL;
-        while pending.len() < BATCH {
+        while ack.is_none() && pending.len() < BATCH {
             let room = BATCH - pending.len();
-            match tokio::time::timeout_at(deadline, rx.recv_many(&mut pending, room)).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+            tokio::select! {
+                r = tokio::time::timeout_at(deadline, rx.recv_many(&mut pending, room)) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                },
+                Some(a) = flush.recv() => ack = Some(a),
             }
+        }
+        if let Some(ack) = ack {
+            // Everything queued leaves now, batch after batch, without backoff.
+            while let Ok(f) = rx.try_recv() {
+                pending.push(f);
+            }
+            while !pending.is_empty() {
+                let take = pending.len().min(BATCH);
+                let batch = pending
+                    .drain(..take)
+                    .map(|f| span_data(&f.ids, &f.event, &scope))
+                    .collect();
+                if let Err(why) = export(&exporter, batch, &counters).await {
+                    tracing::warn!(error = %why, "trace export at shutdown failed");
+                }
+            }
+            let _ = ack.send(());
+            continue;
         }
         let batch: Vec<SpanData> = pending
             .drain(..)
             .map(|f| span_data(&f.ids, &f.event, &scope))
             .collect();
-        let n = batch.len() as u64;
-        let result = tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch)).await;
-        match result {
-            Ok(Ok(())) => {
-                counters.exported.inc_by(n);
+        let n = batch.len();
+        match export(&exporter, batch, &counters).await {
+            Ok(()) => {
                 if !backoff.is_zero() {
                     tracing::info!("trace export works again");
                 }
                 backoff = Duration::ZERO;
             }
-            Ok(Err(_)) | Err(_) => {
-                counters.failed.inc_by(n);
+            Err(why) => {
                 if backoff.is_zero() {
-                    let why = match result {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => format!("no answer within {EXPORT_TIMEOUT:?}"),
-                    };
                     tracing::warn!(error = %why, spans = n, "trace export failed; retrying with backoff, spans beyond the queue are dropped (weft_trace_spans_total)");
                 }
                 backoff = (backoff * 2).clamp(Duration::from_millis(100), BACKOFF_MAX);
                 tokio::time::sleep(backoff).await;
             }
+        }
+    }
+}
+
+/// One export, bounded by [`EXPORT_TIMEOUT`], counted as exported or failed.
+async fn export<E: SpanExporter>(
+    exporter: &E,
+    batch: Vec<SpanData>,
+    counters: &Counters,
+) -> Result<(), String> {
+    let n = batch.len() as u64;
+    match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch)).await {
+        Ok(Ok(())) => {
+            counters.exported.inc_by(n);
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            counters.failed.inc_by(n);
+            Err(e.to_string())
+        }
+        Err(_) => {
+            counters.failed.inc_by(n);
+            Err(format!("no answer within {EXPORT_TIMEOUT:?}"))
         }
     }
 }
@@ -457,6 +514,40 @@ mod tests {
         );
         let exported = ObserveMetrics::counter(&metrics.trace_spans, "exported");
         assert_eq!(exported.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn flush_exports_what_is_queued_without_waiting_for_the_interval() {
+        let memory = Memory::default();
+        let metrics = ObserveMetrics::default();
+        let tracer = Tracer::with_exporter(memory.clone(), 1_000_000, 2048, &metrics);
+        // More than a batch, queued faster than the loop's interval.
+        for _ in 0..BATCH + 10 {
+            let ids = tracer.begin(&mut HeaderMap::new()).unwrap();
+            tracer.record(ids, Arc::new(event(Direction::Outbound)));
+        }
+        let started = std::time::Instant::now();
+        assert!(
+            tracer.flush(Duration::from_secs(5)).await,
+            "flush did not finish"
+        );
+        assert!(
+            started.elapsed() < INTERVAL,
+            "flush waited {:?}",
+            started.elapsed()
+        );
+        assert_eq!(memory.0.lock().unwrap().len(), BATCH + 10);
+        // Later spans still go out at the interval.
+        let ids = tracer.begin(&mut HeaderMap::new()).unwrap();
+        tracer.record(ids, Arc::new(event(Direction::Outbound)));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while memory.0.lock().unwrap().len() < BATCH + 11 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no export after a flush"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test]
