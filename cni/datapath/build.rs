@@ -80,6 +80,44 @@ fn main() {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     println!("cargo:rustc-env=WEFT_LXC_OBJECT_HASH={hash:016x}");
+
+    // The overlay program (tc egress of the VXLAN device): an object of its own, loaded by
+    // src/overlay.rs only on nodes that encapsulate.
+    compile_other(&clang, target, &bpf_dir, "weft_overlay", &out);
+}
+
+/// Compiles `cni/bpf/<name>.c` into `$OUT_DIR/<name>.o` with the flags used for weft_lxc.c.
+fn compile_other(clang: &str, target: &str, bpf_dir: &Path, name: &str, out: &Path) {
+    let mut cmd = Command::new(clang);
+    cmd.args([
+        "-target", target, "-O2", "-g", "-mcpu=v3", "-Wall", "-Wextra",
+    ])
+    .arg("-I")
+    .arg(bpf_dir.join("include"))
+    .arg("-I")
+    .arg(bpf_dir);
+    if let Some(triple) = multiarch() {
+        let dir = Path::new("/usr/include").join(triple);
+        if dir.is_dir() {
+            cmd.arg("-idirafter").arg(dir);
+        }
+    }
+    cmd.arg("-c")
+        .arg(bpf_dir.join(format!("{name}.c")))
+        .arg("-o")
+        .arg(out.join(format!("{name}.o")));
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| fail(&format!("running `{clang}`: {e}")));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        fail(&format!(
+            "compiling cni/bpf/{name}.c with `{clang}` failed:\n{stderr}"
+        ));
+    }
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        println!("cargo:warning=clang: {line}");
+    }
 }
 
 fn c_files(dir: &Path) -> Vec<PathBuf> {

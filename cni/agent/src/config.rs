@@ -20,6 +20,11 @@ pub mod env {
     pub const DEBOUNCE_MS: &str = "WEFT_CNI_AGENT_DEBOUNCE_MS";
     pub const LOG: &str = "WEFT_CNI_AGENT_LOG";
     pub const LOG_FORMAT: &str = "WEFT_CNI_AGENT_LOG_FORMAT";
+    pub const ROUTING: &str = "WEFT_CNI_AGENT_ROUTING";
+    pub const UNDERLAY_DEV: &str = "WEFT_CNI_AGENT_UNDERLAY_DEV";
+    pub const MTU: &str = "WEFT_CNI_AGENT_MTU";
+    pub const VXLAN_PORT: &str = "WEFT_CNI_AGENT_VXLAN_PORT";
+    pub const VXLAN_VNI: &str = "WEFT_CNI_AGENT_VXLAN_VNI";
 }
 
 /// The CNI node agent: registers the pods the weft-cni plugin wires, enforces their
@@ -60,12 +65,53 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = env::LOG_FORMAT, default_value = "plain", value_parser = ["plain", "json"])]
     pub log_format: String,
+    /// How pod traffic reaches other nodes' pods (routes from the Nodes' podCIDRs): `direct`
+    /// (via each node's InternalIP) or `vxlan` (encapsulated to it). The same for every node
+    /// of a cluster.
+    #[arg(long, env = env::ROUTING, default_value = "direct", value_enum)]
+    pub routing: crate::routing::Mode,
+    /// The underlay interface (MTU and address family of the encapsulation); default: the
+    /// default route's.
+    #[arg(long = "underlay-dev", env = env::UNDERLAY_DEV, value_parser = parse_ifname)]
+    pub underlay_dev: Option<String>,
+    /// The pods' MTU, sent to the plugin with each ADD; default: the underlay's minus 50
+    /// (VXLAN over IPv4) or 70 (over IPv6), and for direct routing the plugin's own.
+    #[arg(long, env = env::MTU, value_parser = clap::value_parser!(u32).range(1280..=65535))]
+    pub mtu: Option<u32>,
+    /// The VXLAN UDP port (every node the same).
+    #[arg(long = "vxlan-port", env = env::VXLAN_PORT, default_value_t = 8472,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub vxlan_port: u16,
+    /// The VXLAN network identifier.
+    #[arg(long = "vxlan-vni", env = env::VXLAN_VNI, default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=16_777_215))]
+    pub vxlan_vni: u32,
 }
 
 impl Config {
     pub fn debounce(&self) -> Duration {
         Duration::from_millis(self.debounce_ms)
     }
+
+    /// What [`crate::routing`] needs.
+    pub fn routing(&self) -> crate::routing::RoutingConfig {
+        crate::routing::RoutingConfig {
+            mode: self.routing,
+            node: self.node.clone(),
+            underlay_dev: self.underlay_dev.clone(),
+            mtu: self.mtu,
+            vxlan_port: self.vxlan_port,
+            vxlan_vni: self.vxlan_vni,
+            pin_dir: self.pin_dir.clone(),
+        }
+    }
+}
+
+fn parse_ifname(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 15 || s.contains(['/', ' ', '\0']) {
+        return Err(format!("{s:?} is not an interface name"));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_source(s: &str) -> Result<SourceConfig, String> {
@@ -115,12 +161,38 @@ mod tests {
         assert_eq!(c.node_ips.len(), 2);
         assert_eq!(c.metrics_addr.port(), 9964);
         assert_eq!(c.socket, PathBuf::from("/run/weft/cni.sock"));
+        assert_eq!(c.routing, crate::routing::Mode::Direct);
+        assert_eq!((c.mtu, c.vxlan_port, c.vxlan_vni), (None, 8472, 1));
+        let v = Config::try_parse_from([
+            "weft-cni-agent",
+            "--source",
+            &src,
+            "--node",
+            "n1",
+            "--routing",
+            "vxlan",
+            "--underlay-dev",
+            "eth0",
+            "--mtu",
+            "1400",
+        ])
+        .expect("parses");
+        assert_eq!(
+            (v.routing, v.underlay_dev.as_deref(), v.mtu),
+            (crate::routing::Mode::Vxlan, Some("eth0"), Some(1400))
+        );
         for (flag, value) in [
             ("--source", "k8s"),
             ("--source", "dir:/no/such/dir"),
             ("--metrics-addr", "localhost"),
             ("--pin-dir", "relative/pins"),
             ("--node-ip", "10.0.0.300"),
+            ("--routing", "geneve"),
+            ("--mtu", "9"),
+            ("--mtu", "70000"),
+            ("--underlay-dev", "a/b"),
+            ("--vxlan-vni", "16777216"),
+            ("--vxlan-port", "0"),
         ] {
             let mut args = vec!["weft-cni-agent", "--node", "n1"];
             if flag != "--source" {

@@ -14,6 +14,8 @@
 //! - [`registry`]: the endpoints and policy ids, persisted atomically in `--state-dir`.
 //! - [`endpoints`]: ADD/DEL/CHECK/GC and the sync, generic over [`dataplane::Dataplane`]
 //!   (the real datapath, or [`dataplane::FakeDataplane`] in tests).
+//! - [`routing`]: routes to the other nodes' pod CIDRs (direct, or VXLAN with the overlay
+//!   program), and the pods' MTU in the ADD answer.
 //! - [`services`]: the Services and EndpointSlices as datapath frontends and backends.
 //! - [`agent`], [`http`], [`flows`], [`metrics`], [`run`]: the process around it.
 
@@ -26,6 +28,7 @@ pub mod http;
 pub mod metrics;
 pub mod policy;
 pub mod registry;
+pub mod routing;
 pub mod run;
 pub mod services;
 pub mod status;

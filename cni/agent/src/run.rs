@@ -46,6 +46,11 @@ pub enum RunError {
     },
     #[error("the plugin socket stopped serving: {0}")]
     Serve(std::io::Error),
+    #[error("--routing {mode}: {source}")]
+    Routing {
+        mode: crate::routing::Mode,
+        source: crate::routing::RoutingError,
+    },
 }
 
 /// Runs the agent until the socket server fails or the process is stopped.
@@ -79,6 +84,14 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         "datapath open, registry loaded"
     );
     let names = core.names();
+    // The node's routing before the socket: the first ADD already gets the pods' MTU.
+    let router = crate::routing::Router::start(config.routing())
+        .await
+        .map_err(|source| RunError::Routing {
+            mode: config.routing,
+            source,
+        })?;
+    let pod_mtu = router.pod_mtu();
 
     let index = Index::new();
     let readiness = Readiness::default();
@@ -93,6 +106,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             Kind::NetworkPolicy,
             Kind::Service,
             Kind::EndpointSlice,
+            Kind::Node,
         ],
     ));
     // Services get their own handle on the pinned maps and their own debounced loop.
@@ -106,6 +120,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         readiness.clone(),
         metrics.clone(),
         config.debounce(),
+    )));
+    // Routes to the other nodes' pods follow the Nodes.
+    tasks.push(tokio::spawn(crate::routing::run(
+        router,
+        index.clone(),
+        readiness.clone(),
     )));
 
     let agent = Agent::new(
@@ -145,7 +165,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         )),
     };
     tasks.push(tokio::spawn(server.serve(listener)));
-    let result = weft_cni::agent_proto::serve(socket, agent).await;
+    let result =
+        weft_cni::agent_proto::serve(socket, crate::routing::WithMtu::new(agent, pod_mtu)).await;
     for t in tasks {
         t.abort();
     }

@@ -138,7 +138,17 @@ pub struct Attachment {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Ok,
-    Error { msg: String },
+    /// The answer to an ADD (`{"result":"added","mtu":1450}`): the endpoint is registered,
+    /// and what the plugin should still set up. `mtu`: the MTU for both veth ends (the node's
+    /// encapsulation decides it); absent, the plugin keeps the network configuration's. A
+    /// plugin treats `ok` to an ADD (an older agent, a fake one) as `added` with nothing set.
+    Added {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mtu: Option<u32>,
+    },
+    Error {
+        msg: String,
+    },
 }
 
 /// Why a call to the agent failed.
@@ -453,6 +463,19 @@ mod tests {
         let back: Request =
             serde_json::from_str(&serde_json::to_string(&gc).expect("json")).expect("gc");
         assert_eq!(back, gc);
+    }
+
+    #[test]
+    fn add_answer_carries_the_mtu() {
+        let added = Response::Added { mtu: Some(1450) };
+        let text = serde_json::to_string(&added).expect("json");
+        assert_eq!(text, r#"{"result":"added","mtu":1450}"#);
+        assert_eq!(
+            serde_json::from_str::<Response>(&text).expect("back"),
+            added
+        );
+        let bare: Response = serde_json::from_str(r#"{"result":"added"}"#).expect("no mtu");
+        assert_eq!(bare, Response::Added { mtu: None });
     }
 
     #[test]

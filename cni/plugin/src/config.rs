@@ -12,7 +12,7 @@
 //! | `name` | network name | required |
 //! | `type` | `weft-cni` | required |
 //! | `ipam` | delegated IPAM plugin's section (`type` required); its presence selects primary mode | none: chained mode |
-//! | `mtu` | MTU of both veth ends (68..=65535) | 1500 |
+//! | `mtu` | MTU of both veth ends (68..=65535), unless the agent's ADD answer names one (the node's encapsulation decides: `weft-cni-agent --mtu`/`--routing`) | 1500 |
 //! | `agentSocket` | the node agent's unix socket | `/run/weft/cni.sock` |
 //! | `agentTimeoutMs` | how long to wait for the agent's answer (1..=600000) | 10000 |
 //! | `prevResult` | the previous plugin's (or ADD's) result | none |

@@ -135,7 +135,7 @@ impl Agent {
         let mut last = String::new();
         while Instant::now() < deadline {
             match client.call(&Request::Status) {
-                Ok(Response::Ok) => return Ok(()),
+                Ok(Response::Ok | Response::Added { .. }) => return Ok(()),
                 Ok(Response::Error { msg }) => last = msg,
                 Err(e) => last = e.to_string(),
             }

@@ -52,21 +52,21 @@ fn primary(ctx: &Ctx<'_>) -> Result<Value, Error> {
         // 3. Links, addresses, routes; 4. the agent; 5. the mesh's redirect. The
         //    agent collects an endpoint whose interface the undo below removes.
         let (host, pod) = wire(ctx, &netns, &host_ifname, &p)?;
-        register(ctx, &netns, &host, &p)?;
+        let mtu = register(ctx, &netns, &host, &p)?;
         if let Some(cfg) = &redirect {
             mesh::install(&netns, cfg)?;
         }
-        Ok((p, host, pod))
+        Ok((p, host, pod, mtu))
     });
     match wired {
-        Ok((p, host, pod)) => {
+        Ok((p, host, pod, mtu)) => {
             let mut result = plan::build_result(
                 &conf.cni_version,
                 &p,
                 &host.info,
                 &pod.info,
                 netns.path(),
-                conf.mtu,
+                mtu,
             );
             result.dns = allocated.dns.clone();
             serde_json::to_value(&result).map_err(|e| Error::Decode {
@@ -162,8 +162,10 @@ fn wire(ctx: &Ctx<'_>, netns: &Netns, host_ifname: &str, p: &Plan) -> Result<(Li
     Ok((host, pod))
 }
 
-fn register(ctx: &Ctx<'_>, netns: &Netns, host: &Link, p: &Plan) -> Result<(), Error> {
-    ctx.agent_require_ok(&Request::Add(AddRequest {
+/// Registers the endpoint; returns the veth's MTU: the agent's when it answers with one (its
+/// encapsulation decides), set on both ends here, else the configuration's.
+fn register(ctx: &Ctx<'_>, netns: &Netns, host: &Link, p: &Plan) -> Result<u32, Error> {
+    let answer = ctx.agent_add(&Request::Add(AddRequest {
         container_id: ctx.inv.container_id.clone(),
         netns: netns.path().to_string(),
         ifname: ctx.inv.ifname.clone(),
@@ -173,7 +175,14 @@ fn register(ctx: &Ctx<'_>, netns: &Netns, host: &Link, p: &Plan) -> Result<(), E
         pod_namespace: ctx.inv.args.pod_namespace.clone(),
         pod_name: ctx.inv.args.pod_name.clone(),
         chained: false,
-    }))
+    }))?;
+    match answer {
+        Some(mtu) if mtu != ctx.conf.mtu => {
+            crate::wiring::set_veth_mtu(netns, host, &ctx.inv.ifname, mtu)?;
+            Ok(mtu)
+        }
+        _ => Ok(ctx.conf.mtu),
+    }
 }
 
 /// Deletes the host veth if it exists (its peer, addresses and routes go with it).

@@ -47,8 +47,14 @@ impl Ctx<'_> {
 
     /// Calls the agent and requires `ok`.
     fn agent_require_ok(&self, request: &Request) -> Result<(), Error> {
+        self.agent_add(request).map(drop)
+    }
+
+    /// Calls the agent and requires `ok` or `added`; the MTU an `added` carries.
+    fn agent_add(&self, request: &Request) -> Result<Option<u32>, Error> {
         match self.agent_call(request)? {
-            Response::Ok => Ok(()),
+            Response::Ok => Ok(None),
+            Response::Added { mtu } => Ok(mtu),
             Response::Error { msg } => Err(Error::AgentRejected {
                 socket: self.agent.socket().to_path_buf(),
                 request: request.op(),
@@ -60,7 +66,7 @@ impl Ctx<'_> {
     /// Tells the agent, if it is there; says on stderr what it did not hear.
     fn agent_best_effort(&self, request: &Request) {
         match self.agent.call(request) {
-            Ok(Response::Ok) => {}
+            Ok(Response::Ok | Response::Added { .. }) => {}
             Ok(Response::Error { msg }) => {
                 eprintln!(
                     "weft-cni: the node agent refused {}: {msg} (continuing)",

@@ -9,7 +9,7 @@ use crate::ipam::{Delegated, Ipam};
 /// Ready when the agent says so and the IPAM plugin (if it has STATUS) agrees.
 pub(super) fn status(ctx: &Ctx<'_>) -> Result<(), Error> {
     match ctx.agent.call(&Request::Status) {
-        Ok(Response::Ok) => {}
+        Ok(Response::Ok | Response::Added { .. }) => {}
         Ok(Response::Error { msg }) => {
             return Err(Error::not_available(format!(
                 "the node agent at {} is not ready: {msg}",
