@@ -33,6 +33,10 @@ pub const TRACE_COLLECTOR: &str = "config.weft.dev/trace-collector";
 /// (`WEFT_PROXY_TRACE_SAMPLING`); overrides the injector's `--trace-sampling`.
 pub const TRACE_SAMPLING: &str = "config.weft.dev/trace-sampling";
 /// The proxy's tracing filter (`WEFT_PROXY_LOG`).
+/// The inbound policy of ports no Server selects, on the pod or its namespace (the
+/// controller's own annotation, `weft_model::authz`); also the proxy's fallback until the
+/// controller answers (`WEFT_PROXY_INBOUND_DEFAULT_POLICY`).
+pub const DEFAULT_INBOUND_POLICY: &str = weft_model::authz::DEFAULT_INBOUND_POLICY_ANNOTATION;
 pub const PROXY_LOG: &str = "config.weft.dev/proxy-log-level";
 pub const PROXY_CPU_REQUEST: &str = "config.weft.dev/proxy-cpu-request";
 pub const PROXY_CPU_LIMIT: &str = "config.weft.dev/proxy-cpu-limit";

@@ -85,6 +85,10 @@ pub struct InjectConfig {
     pub trace_collector: Option<String>,
     /// `WEFT_PROXY_TRACE_SAMPLING` for every proxy; `None`: the proxy's default (0).
     pub trace_sampling: Option<String>,
+    /// The cluster's default inbound policy (the controller's `--default-inbound-policy`):
+    /// the proxy's fallback until the controller answers, unless the pod or its namespace
+    /// names another. `None`: the proxy's own default (all-unauthenticated).
+    pub default_inbound_policy: Option<weft_model::authz::DefaultPolicy>,
     pub proxy_resources: Resources,
     pub init_resources: Resources,
     /// `weft-init --backend` (`auto`, `nft` or `legacy`); the CNI uses the same.
@@ -197,6 +201,7 @@ impl Default for InjectConfig {
             access_log: None,
             trace_collector: None,
             trace_sampling: None,
+            default_inbound_policy: None,
             proxy_resources: Resources {
                 cpu_request: Some("100m".into()),
                 cpu_limit: None,
@@ -326,7 +331,7 @@ pub fn patch_pod(
             patch: Patch(Vec::new()),
         });
     }
-    let settings = PodSettings::from_annotations(&meta, cfg)?;
+    let settings = PodSettings::from_annotations(&meta, ns, cfg)?;
     let ops = build_ops(pod, prefix, &meta, &spec, &settings, cfg);
     Ok(Outcome {
         decision,
@@ -404,11 +409,16 @@ struct PodSettings {
     access_log: Option<String>,
     trace_collector: Option<String>,
     trace_sampling: Option<String>,
+    default_inbound_policy: Option<weft_model::authz::DefaultPolicy>,
     resources: Resources,
 }
 
 impl PodSettings {
-    fn from_annotations(meta: &ObjectMeta, cfg: &InjectConfig) -> Result<Self, PatchError> {
+    fn from_annotations(
+        meta: &ObjectMeta,
+        ns: &NamespaceMeta,
+        cfg: &InjectConfig,
+    ) -> Result<Self, PatchError> {
         let empty = BTreeMap::new();
         let a = meta.annotations.as_ref().unwrap_or(&empty);
         let get = |key: &str| a.get(key).map(|v| v.trim());
@@ -497,6 +507,27 @@ impl PodSettings {
                 ))
             }
         };
+        // The pod's annotation, else its namespace's, else the cluster's: the order the
+        // controller decides in, so the proxy's fallback is what the controller will answer.
+        let default_inbound_policy = match get(ann::DEFAULT_INBOUND_POLICY) {
+            Some(v) => Some(
+                v.parse()
+                    .map_err(|e: weft_model::authz::DefaultPolicyError| {
+                        bad(ann::DEFAULT_INBOUND_POLICY, v, e.to_string())
+                    })?,
+            ),
+            None => match ns.annotations.get(ann::DEFAULT_INBOUND_POLICY) {
+                Some(v) => match v.trim().parse() {
+                    Ok(p) => Some(p),
+                    // Not this pod's fault: the controller ignores it too (and says so).
+                    Err(e) => {
+                        tracing::warn!(namespace = %ns.name, annotation = ann::DEFAULT_INBOUND_POLICY, error = %e, "namespace annotation ignored");
+                        cfg.default_inbound_policy
+                    }
+                },
+                None => cfg.default_inbound_policy,
+            },
+        };
         let d = &cfg.proxy_resources;
         Ok(Self {
             skip_inbound_ports: ports(ann::SKIP_INBOUND_PORTS, &cfg.skip_inbound_ports)?,
@@ -510,6 +541,7 @@ impl PodSettings {
             access_log,
             trace_collector,
             trace_sampling,
+            default_inbound_policy,
             resources: Resources {
                 cpu_request: quantity(ann::PROXY_CPU_REQUEST, &d.cpu_request)?,
                 cpu_limit: quantity(ann::PROXY_CPU_LIMIT, &d.cpu_limit)?,
@@ -804,6 +836,9 @@ fn proxy_container(s: &PodSettings, cfg: &InjectConfig) -> Container {
         if let Some(v) = value {
             envs.push(env(name, v));
         }
+    }
+    if let Some(p) = s.default_inbound_policy {
+        envs.push(env("WEFT_PROXY_INBOUND_DEFAULT_POLICY", p.as_str()));
     }
     if cfg.trust_anchors_configmap.is_some() {
         envs.push(env(

@@ -568,6 +568,43 @@ fn access_log_and_tracing_come_from_the_injector_or_the_pod() {
 }
 
 #[test]
+fn the_proxys_fallback_inbound_policy_is_the_pods_else_the_namespaces_else_the_clusters() {
+    use weft_model::authz::DefaultPolicy;
+    let var = "WEFT_PROXY_INBOUND_DEFAULT_POLICY";
+    let proxy_env = |pod: &Value, ns: &NamespaceMeta, cfg: &InjectConfig| {
+        let outcome = patch_pod(pod, "", ns, cfg).unwrap();
+        let out = apply(pod, &outcome.patch);
+        env_value(container(&out["spec"]["containers"], PROXY_CONTAINER), var).map(str::to_string)
+    };
+    // Nothing set: the proxy's own default.
+    assert_eq!(proxy_env(&web_pod(), &enabled_ns(), &classic()), None);
+    // The cluster's (the chart gives the injector the controller's value).
+    let cfg = InjectConfig {
+        default_inbound_policy: Some(DefaultPolicy::ClusterAuthenticated),
+        ..classic()
+    };
+    assert_eq!(
+        proxy_env(&web_pod(), &enabled_ns(), &cfg).as_deref(),
+        Some("cluster-authenticated")
+    );
+    // The namespace's wins over the cluster's; a bad one is ignored (the controller does too).
+    let mut ns = enabled_ns();
+    let key = "config.weft.dev/default-inbound-policy";
+    ns.annotations.insert(key.into(), "deny".into());
+    assert_eq!(proxy_env(&web_pod(), &ns, &cfg).as_deref(), Some("deny"));
+    let mut bad_ns = enabled_ns();
+    bad_ns.annotations.insert(key.into(), "nope".into());
+    assert_eq!(
+        proxy_env(&web_pod(), &bad_ns, &cfg).as_deref(),
+        Some("cluster-authenticated")
+    );
+    // The pod's wins over both.
+    let mut pod = web_pod();
+    pod["metadata"]["annotations"][key] = json!("audit");
+    assert_eq!(proxy_env(&pod, &ns, &cfg).as_deref(), Some("audit"));
+}
+
+#[test]
 fn bad_annotations_are_errors_naming_the_annotation_and_value() {
     let cases = [
         ("config.weft.dev/skip-inbound-ports", "80,http"),
@@ -582,6 +619,7 @@ fn bad_annotations_are_errors_naming_the_annotation_and_value() {
         ("config.weft.dev/trace-collector", "otel:0"),
         ("config.weft.dev/trace-sampling", "1.5"),
         ("config.weft.dev/trace-sampling", "NaN"),
+        ("config.weft.dev/default-inbound-policy", "allow-all"),
     ];
     for (key, value) in cases {
         let mut pod = web_pod();

@@ -103,6 +103,11 @@ struct Args {
     /// Head sampling rate (0..=1) for requests without a trace (config.weft.dev/trace-sampling).
     #[arg(long, env = "WEFT_INJECTOR_TRACE_SAMPLING", value_parser = rate)]
     trace_sampling: Option<String>,
+    /// The cluster's default inbound policy (the controller's --default-inbound-policy): the
+    /// fallback injected proxies apply until the controller answers, unless the pod or its
+    /// namespace sets config.weft.dev/default-inbound-policy.
+    #[arg(long, env = "WEFT_INJECTOR_DEFAULT_INBOUND_POLICY")]
+    default_inbound_policy: Option<weft_model::authz::DefaultPolicy>,
     /// Opaque ports for every injected proxy (pods add theirs with config.weft.dev/opaque-ports).
     #[arg(long, env = "WEFT_INJECTOR_OPAQUE_PORTS", default_value = "")]
     opaque_ports: PortList,
@@ -177,6 +182,7 @@ fn inject_config(args: &Args) -> InjectConfig {
     cfg.access_log = args.access_log.clone();
     cfg.trace_collector = args.trace_collector.clone();
     cfg.trace_sampling = args.trace_sampling.clone();
+    cfg.default_inbound_policy = args.default_inbound_policy;
     cfg.trust_domain = args.trust_domain.clone();
     cfg.trust_anchors_configmap = args.trust_anchors_configmap.clone();
     cfg.token_audience = args.token_audience.clone();
