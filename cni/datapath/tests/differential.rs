@@ -26,8 +26,16 @@
 //! still generated (they must not leak into TCP or UDP), and `prog_run.rs` covers SCTP
 //! packets.
 //!
-//! `WEFT_DIFFERENTIAL_CASES` changes the number of worlds (default [`CASES`]),
-//! `WEFT_DIFFERENTIAL_SEED` (a number) the otherwise fixed seed.
+//! The same worlds hold across nodes (issue 14): in the second test the pods are spread over
+//! two node namespaces (x/a, y/b, z/a on the first with the node peer; x/b, y/a, z/b on the
+//! second: every namespace and both address families cross), each with its own datapath, joined by an underlay and direct routes, so a
+//! connection between pods of different nodes is judged by the source node's egress program
+//! and the destination node's ingress program, with no address rewritten on the way. Every
+//! verdict must still be the evaluator's: selectors of pods on the other node and ipBlocks
+//! mean the same thing there.
+//!
+//! `WEFT_DIFFERENTIAL_CASES` changes the number of worlds (default [`CASES`], and half as
+//! many across nodes), `WEFT_DIFFERENTIAL_SEED` (a number) the otherwise fixed seed.
 
 mod world;
 
@@ -240,10 +248,24 @@ fn the_datapath_gives_the_evaluators_verdicts() -> Result<()> {
     if !world::require_root("the_datapath_gives_the_evaluators_verdicts")? {
         return Ok(());
     }
+    differential("differential", 1, CASES)
+}
+
+/// The same, with the pods on two nodes joined by direct routes.
+#[test]
+fn the_datapath_gives_the_evaluators_verdicts_across_nodes() -> Result<()> {
+    if !world::require_root("the_datapath_gives_the_evaluators_verdicts_across_nodes")? {
+        return Ok(());
+    }
+    differential("differential-nodes", 2, CASES / 2)
+}
+
+fn differential(test: &str, nodes: usize, default_cases: u32) -> Result<()> {
     let started = Instant::now();
     let specs = pod_specs();
-    let mut cluster = Cluster::new(
-        "differential",
+    let mut cluster = Cluster::with_nodes(
+        test,
+        nodes,
         &specs,
         Some(NODE_V4),
         Some(NODE_V6),
@@ -281,8 +303,9 @@ fn the_datapath_gives_the_evaluators_verdicts() -> Result<()> {
 
     let cases = std::env::var("WEFT_DIFFERENTIAL_CASES")
         .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(CASES);
+        .and_then(|v| v.parse::<u32>().ok())
+        .map(|c| if nodes > 1 { c.div_ceil(2) } else { c })
+        .unwrap_or(default_cases);
     let rng = match std::env::var("WEFT_DIFFERENTIAL_SEED")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
@@ -308,7 +331,7 @@ fn the_datapath_gives_the_evaluators_verdicts() -> Result<()> {
         check(&mut cluster.borrow_mut(), &conns, &generated, &stats)
     });
     eprintln!(
-        "differential: {} worlds ({} rejected: too many port ranges), {} connections each, \
+        "{test} ({nodes} node(s)): {} worlds ({} rejected: too many port ranges), {} connections each, \
          {} allowed and {} denied in all; node and warm-up {:.1?}, total {:.1?}",
         stats.worlds.get(),
         stats.rejected.get(),

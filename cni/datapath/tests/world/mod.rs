@@ -3,7 +3,12 @@
 //!
 //! A [`Cluster`] is a node namespace with one network namespace per pod, at the addresses the
 //! test's world gives them (so ipBlocks in the world mean the kernel's addresses), echo
-//! servers on every probed port, the datapath attached to every host veth. [`Cluster::install`]
+//! servers on every probed port, the datapath attached to every host veth. With
+//! [`Cluster::with_nodes`] the pods are spread over several node namespaces (pod `i` on node
+//! `(i + i / nodes) % nodes`), each with its own datapath (its own pins), joined by an underlay bridge in a
+//! fabric namespace and plain kernel routes (/32 and /128 per remote pod, via the owning
+//! node's underlay address): what direct routing gives, so a pod's packets reach a pod of
+//! another node with their addresses unchanged and are judged by the datapaths of both ends. [`Cluster::install`]
 //! compiles a world with weft-model's compiler, writes every endpoint's flags and entries and
 //! flushes conntrack, as the agent would; [`Cluster::probe`] runs real TCP and UDP exchanges
 //! in parallel.
@@ -70,6 +75,8 @@ pub struct Pod {
     pub ifindex: u32,
     /// Its endpoint id in the datapath.
     pub ep_id: u32,
+    /// The node it runs on (index into [`Cluster::nodes`]).
+    pub node: usize,
 }
 
 /// The transport of a probe.
@@ -153,7 +160,10 @@ pub fn to_datapath(e: &netpol::Entry) -> weft_datapath::Entry {
 /// A node namespace, its pods, echo servers, the datapath attached to every host veth.
 /// Deletes all of it on drop.
 pub struct Cluster {
+    /// The first node's namespace (the node peer's addresses live there).
     pub ns: String,
+    /// Every node's namespace (`nodes[0] == ns`).
+    pub nodes: Vec<String>,
     pub pods: Vec<Pod>,
     /// The node's own addresses (on its loopback), when asked for.
     pub node_v4: Option<Ipv4Addr>,
@@ -161,8 +171,10 @@ pub struct Cluster {
     pub pin_dir: PathBuf,
     // Dropped before the namespaces go.
     servers: Vec<Echo>,
-    dp: Option<Datapath>,
+    /// One per node.
+    dps: Vec<Datapath>,
     prefix: String,
+    fabric: Option<String>,
 }
 
 fn test_pin_root() -> PathBuf {
@@ -181,23 +193,52 @@ impl Cluster {
         tcp_ports: &[u16],
         udp_ports: &[u16],
     ) -> Result<Cluster> {
+        Cluster::with_nodes(test, 1, pods, node_v4, node_v6, tcp_ports, udp_ports)
+    }
+
+    /// [`Cluster::new`] over `nodes` node namespaces (1 to 9): pod `i` on node
+    /// `(i + i / nodes) % nodes`;
+    /// the node peer's addresses are on the first node.
+    pub fn with_nodes(
+        test: &str,
+        nodes: usize,
+        pods: &[PodSpec],
+        node_v4: Option<Ipv4Addr>,
+        node_v6: Option<Ipv6Addr>,
+        tcp_ports: &[u16],
+        udp_ports: &[u16],
+    ) -> Result<Cluster> {
+        anyhow::ensure!((1..=9).contains(&nodes), "1 to 9 nodes, not {nodes}");
         remove_stale();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("wdp{}-{n}", std::process::id());
         let mut cluster = Cluster {
             ns: format!("{prefix}-n"),
+            nodes: Vec::new(),
             pods: Vec::new(),
             node_v4,
             node_v6,
             pin_dir: test_pin_root().join(format!("{test}-{n}")),
             servers: Vec::new(),
-            dp: None,
-            prefix,
+            dps: Vec::new(),
+            prefix: prefix.clone(),
+            fabric: None,
         };
         // From here on Drop removes whatever exists.
         let ns = cluster.ns.clone();
-        ip(&["netns", "add", &ns])?;
-        weft_netns_testing::router(&ns)?;
+        for j in 0..nodes {
+            let node = if j == 0 {
+                ns.clone()
+            } else {
+                format!("{prefix}-n{j}")
+            };
+            ip(&["netns", "add", &node])?;
+            cluster.nodes.push(node.clone());
+            weft_netns_testing::router(&node)?;
+        }
+        if nodes > 1 {
+            cluster.underlay()?;
+        }
         if let Some(a) = node_v4 {
             ip(&["-n", &ns, "addr", "add", &format!("{a}/32"), "dev", "lo"])?;
         }
@@ -217,6 +258,9 @@ impl Cluster {
         for (i, spec) in pods.iter().enumerate() {
             let pod = cluster.add_pod(i, spec)?;
             cluster.pods.push(pod);
+        }
+        if nodes > 1 {
+            cluster.remote_routes()?;
         }
         for pod in &cluster.pods {
             for &port in tcp_ports {
@@ -242,18 +286,128 @@ impl Cluster {
                     .push(Echo::start(&ns, Transport::Udp, port)?);
             }
         }
-        let mut dp = Datapath::open(&cluster.pin_dir).context("opening the datapath")?;
-        for pod in &cluster.pods {
-            in_ns(&ns, || dp.attach(pod.ifindex))?
-                .with_context(|| format!("attaching to {}", pod.host_if))?;
-            dp.set_endpoint(pod.ifindex, pod.ep_id, EndpointFlags::NONE)?;
+        for j in 0..nodes {
+            let mut dp = Datapath::open(cluster.node_pin_dir(j)).context("opening the datapath")?;
+            for pod in cluster.pods.iter().filter(|p| p.node == j) {
+                in_ns(&cluster.nodes[j], || dp.attach(pod.ifindex))?
+                    .with_context(|| format!("attaching to {}", pod.host_if))?;
+                dp.set_endpoint(pod.ifindex, pod.ep_id, EndpointFlags::NONE)?;
+            }
+            cluster.dps.push(dp);
         }
-        cluster.dp = Some(dp);
         Ok(cluster)
     }
 
+    /// Node `j`'s pin directory: the cluster's for the first node.
+    fn node_pin_dir(&self, j: usize) -> PathBuf {
+        if j == 0 {
+            self.pin_dir.clone()
+        } else {
+            let mut p = self.pin_dir.clone().into_os_string();
+            p.push(format!("-n{j}"));
+            PathBuf::from(p)
+        }
+    }
+
+    /// Node `j`'s underlay addresses.
+    fn underlay_addrs(j: usize) -> (Ipv4Addr, Ipv6Addr) {
+        (
+            Ipv4Addr::new(192, 168, 78, j as u8 + 1),
+            Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, j as u16 + 1),
+        )
+    }
+
+    /// A fabric namespace with a bridge, each node's `eth0` on it.
+    fn underlay(&mut self) -> Result<()> {
+        let fabric = format!("{}-f", self.prefix);
+        ip(&["netns", "add", &fabric])?;
+        self.fabric = Some(fabric.clone());
+        ip(&["-n", &fabric, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &fabric, "link", "set", "br0", "up"])?;
+        for (j, node) in self.nodes.iter().enumerate() {
+            let port = format!("u{j}");
+            ip(&[
+                "-n", &fabric, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                "netns", node,
+            ])?;
+            ip(&["-n", &fabric, "link", "set", &port, "master", "br0", "up"])?;
+            let (v4, v6) = Self::underlay_addrs(j);
+            ip(&["-n", node, "link", "set", "eth0", "up"])?;
+            ip(&[
+                "-n",
+                node,
+                "addr",
+                "add",
+                &format!("{v4}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&[
+                "-n",
+                node,
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// On every node, routes to the other nodes' pods (and to the node peer's addresses)
+    /// via the owning node's underlay address; the first node sends from the node peer's.
+    fn remote_routes(&self) -> Result<()> {
+        let mut remote: Vec<(IpAddr, usize)> = Vec::new();
+        for p in &self.pods {
+            remote.push((IpAddr::V4(p.v4), p.node));
+            if let Some(v6) = p.v6 {
+                remote.push((IpAddr::V6(v6), p.node));
+            }
+        }
+        remote.extend(self.node_v4.map(|a| (IpAddr::V4(a), 0)));
+        remote.extend(self.node_v6.map(|a| (IpAddr::V6(a), 0)));
+        for (j, node) in self.nodes.iter().enumerate() {
+            for &(addr, owner) in remote.iter().filter(|(_, o)| *o != j) {
+                let (v4, v6) = Self::underlay_addrs(owner);
+                let (family, dst, via, src) = match addr {
+                    IpAddr::V4(a) => (
+                        "-4",
+                        format!("{a}/32"),
+                        v4.to_string(),
+                        self.node_v4.filter(|_| j == 0).map(|s| s.to_string()),
+                    ),
+                    IpAddr::V6(a) => (
+                        "-6",
+                        format!("{a}/128"),
+                        v6.to_string(),
+                        self.node_v6.filter(|_| j == 0).map(|s| s.to_string()),
+                    ),
+                };
+                let mut args = vec!["-n", node, family, "route", "add", &dst, "via", &via];
+                if let Some(src) = &src {
+                    args.extend(["src", src]);
+                }
+                ip(&args)?;
+            }
+        }
+        Ok(())
+    }
+
     fn add_pod(&self, i: usize, spec: &PodSpec) -> Result<Pod> {
-        let ns = &self.ns;
+        // Alternating, with a shift each round: with two nodes and pods in pairs per
+        // namespace, each namespace's pair is split and every other pod goes to the second.
+        let n = self.nodes.len();
+        let node = (i + i / n) % n;
+        let ns = &self.nodes[node];
+        // The node peer's addresses exist on the first node only.
+        let (src_v4, src_v6) = if node == 0 {
+            (self.node_v4, self.node_v6)
+        } else {
+            (None, None)
+        };
         let pod_ns = format!("{}-{i}", self.prefix);
         let host_if = format!("h{i}");
         ip(&["netns", "add", &pod_ns])?;
@@ -263,8 +417,8 @@ impl Cluster {
             host_if: &host_if,
             v4: spec.v4,
             v6: spec.v6,
-            src_v4: self.node_v4,
-            src_v6: self.node_v6,
+            src_v4,
+            src_v6,
         })?;
         let ifindex = in_ns(ns, || weft_datapath::if_index(&host_if))?
             .with_context(|| format!("no {host_if} in {ns}"))?;
@@ -276,6 +430,7 @@ impl Cluster {
             host_if,
             ifindex,
             ep_id: i as u32 + 1,
+            node,
         })
     }
 
@@ -302,8 +457,8 @@ impl Cluster {
         let ids = assign_policy_ids(world.policies());
         let keys: Vec<ObjectKey> = self.pods.iter().map(|p| p.key.clone()).collect();
         let compiled = netpol::compile(world, &keys, &ids)?;
-        let dp = self.dp.as_mut().expect("open until drop");
         for pod in &self.pods {
+            let dp = &mut self.dps[pod.node];
             let ep = &compiled[&pod.key];
             let mut flags = EndpointFlags::NONE;
             if ep.ingress_isolated {
@@ -319,7 +474,8 @@ impl Cluster {
                 .map_err(|e| InstallError::Datapath(format!("{}: {e}", pod.key)))?;
         }
         for pod in &self.pods {
-            dp.flush_conntrack(pod.ep_id)
+            self.dps[pod.node]
+                .flush_conntrack(pod.ep_id)
                 .map_err(|e| InstallError::Datapath(format!("{}: {e}", pod.key)))?;
         }
         Ok(Installed { ids, compiled })
@@ -357,15 +513,23 @@ pub enum InstallError {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.servers.clear();
-        self.dp = None;
-        if let Err(e) = weft_datapath::unpin_all(&self.pin_dir) {
-            eprintln!("cleanup: {e}");
+        self.dps.clear();
+        for j in 0..self.nodes.len().max(1) {
+            if let Err(e) = weft_datapath::unpin_all(self.node_pin_dir(j)) {
+                eprintln!("cleanup: {e}");
+            }
         }
         let _ = std::fs::remove_dir(test_pin_root());
         for p in &self.pods {
             let _ = ip(&["netns", "del", &p.ns]);
         }
+        for node in &self.nodes {
+            let _ = ip(&["netns", "del", node]);
+        }
         let _ = ip(&["netns", "del", &self.ns]);
+        if let Some(f) = &self.fabric {
+            let _ = ip(&["netns", "del", f]);
+        }
     }
 }
 
