@@ -38,6 +38,17 @@ pub struct InjectArgs {
     /// The controller's identity address for the proxies (WEFT_PROXY_IDENTITY_ADDR).
     #[arg(long, value_name = "HOST:PORT")]
     pub identity_addr: Option<String>,
+    /// The control plane's namespace: the proxies verify the controller's TLS identity in it
+    /// (WEFT_PROXY_CONTROLLER_NAMESPACE; the webhook writes its release's namespace).
+    #[arg(long, value_name = "NAMESPACE")]
+    pub controller_namespace: Option<String>,
+    /// The mesh's trust domain (WEFT_PROXY_TRUST_DOMAIN).
+    #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// The cluster's default inbound policy, the proxies' fallback until the controller
+    /// answers (pods and namespaces override it with config.weft.dev/default-inbound-policy).
+    #[arg(long, value_name = "POLICY")]
+    pub default_inbound_policy: Option<weft_model::authz::DefaultPolicy>,
     /// Opaque ports for every proxy, besides the pods' config.weft.dev/opaque-ports.
     #[arg(long, value_name = "PORTS", default_value = "")]
     pub opaque_ports: PortList,
@@ -50,6 +61,9 @@ impl InjectArgs {
             cni: self.cni,
             destination_addr: self.destination_addr.clone(),
             identity_addr: self.identity_addr.clone(),
+            controller_namespace: self.controller_namespace.clone(),
+            trust_domain: self.trust_domain.clone(),
+            default_inbound_policy: self.default_inbound_policy,
             opaque_ports: self.opaque_ports.clone(),
             ..Default::default()
         };
@@ -111,8 +125,57 @@ mod tests {
             init_image: None,
             destination_addr: None,
             identity_addr: None,
+            controller_namespace: None,
+            trust_domain: "cluster.local".into(),
+            default_inbound_policy: None,
             opaque_ports: PortList::default(),
         }
+    }
+
+    #[test]
+    fn flags_reach_the_proxy_as_the_webhook_writes_them() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            inject: InjectArgs,
+        }
+        let cli = Cli::try_parse_from([
+            "weft",
+            "--controller-namespace",
+            "mesh",
+            "--trust-domain",
+            "example.org",
+            "--default-inbound-policy",
+            "deny",
+        ])
+        .unwrap();
+        let mut stdin =
+            "kind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: app, image: app}]\n"
+                .as_bytes();
+        let mut out = Vec::new();
+        run(&cli.inject, &mut stdin, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        for (name, value) in [
+            ("WEFT_PROXY_CONTROLLER_NAMESPACE", "mesh"),
+            ("WEFT_PROXY_TRUST_DOMAIN", "example.org"),
+            ("WEFT_PROXY_INBOUND_DEFAULT_POLICY", "deny"),
+        ] {
+            let lines: Vec<&str> = text.lines().map(str::trim).collect();
+            let found = lines.windows(2).any(|w| {
+                w[0].trim_start_matches("- ") == format!("name: {name}")
+                    && w[1] == format!("value: {value}")
+            });
+            assert!(found, "{name}={value} missing:\n{text}");
+        }
+        let err = Cli::try_parse_from(["weft", "--default-inbound-policy", "open"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("--default-inbound-policy") && err.contains("open"),
+            "{err}"
+        );
     }
 
     #[test]
