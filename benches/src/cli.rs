@@ -61,6 +61,9 @@ pub enum Command {
     /// the eBPF datapath against no eBPF, and policy change to enforcement with 1,000 pods in
     /// the index. Writes a section of RESULTS.md.
     Netpol(crate::netpol::NetpolArgs),
+    /// Issue 14 (root): new connections per second from a pod to a ClusterIP with 1,000
+    /// Services loaded, through the eBPF datapath against kube-proxy's iptables DNAT rules.
+    ClusterIp(crate::cluster_ip::ClusterIpArgs),
     /// Issue 15: CPU per request of a two-hop path with distributed tracing off, on at the
     /// default sampling (0) and on at 100 %. Writes a section of RESULTS.md.
     TracingCost(crate::policy::PolicyArgs),
@@ -394,6 +397,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Ejection(args) => crate::policy::ejection::execute(args),
         Command::RoutingCost(args) => crate::policy::cost::execute(args),
         Command::Netpol(args) => crate::netpol::execute(args),
+        Command::ClusterIp(args) => crate::cluster_ip::execute(args),
         Command::TracingCost(args) => crate::tracing_cost::execute(args),
     }
 }

@@ -65,6 +65,7 @@
 
 pub mod balance;
 pub mod cli;
+pub mod cluster_ip;
 pub mod grpc;
 pub mod handshake;
 pub mod load;
