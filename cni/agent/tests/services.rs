@@ -1,9 +1,11 @@
 //! Services without kube-proxy, end to end: the real `weft-cni-agent` and `weft-cni` on a
 //! node namespace, a manifest directory with Services and EndpointSlices, pods as namespaces,
-//! real TCP and UDP sockets to ClusterIPs. Needs root; build the plugin first:
+//! real TCP and UDP sockets to ClusterIPs; two nodes; a meshed client (weft-init's rules,
+//! weft-proxy, weft-controller) next to a plain one. Needs root; build the binaries first:
 //!
 //! ```sh
-//! cargo build -p weft-cni && cargo test -p weft-cni-agent --test services
+//! cargo build -p weft-cni -p weft-proxy -p weft-controller -p weft-injector
+//! cargo test -p weft-cni-agent --test services
 //! ```
 //!
 //! Namespaces are named `wsv-<pid>-<n>-*`.
@@ -494,5 +496,253 @@ fn cluster_ips_across_two_nodes() -> Result<()> {
         }
         ensure!(udp_seen.len() == 2, "{}: UDP {udp_seen:?}", client.name);
     }
+    Ok(())
+}
+
+const MESH_PODS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain, namespace: shop, labels: {app: plain}}
+spec: {containers: [{name: app, image: x}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: meshed, namespace: shop, labels: {app: meshed}, annotations: {weft.dev/inject: enabled}}
+spec: {containers: [{name: app, image: x}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-a, namespace: shop, labels: {app: web}}
+spec: {containers: [{name: app, image: x, ports: [{name: echo, containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-b, namespace: shop, labels: {app: web}}
+spec: {containers: [{name: app, image: x, ports: [{name: echo, containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.30
+  selector: {app: web}
+  ports: [{name: echo, port: 80, targetPort: echo}]
+"#;
+
+/// A child process killed on drop (its output in `log`).
+struct Proc {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} ---\n{}",
+                self.log.display(),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+fn spawn_logged(mut cmd: std::process::Command, log: std::path::PathBuf) -> Result<Proc> {
+    let file = std::fs::File::create(&log)?;
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    Ok(Proc { child, log })
+}
+
+fn wait_http_ok(ns: &Netns, addr: SocketAddr, path: &str, what: &str, log: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok((200, _)) = weft_netns_testing::http_get(&ns.name, addr, path) {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{what} not ready at {addr}{path}:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One connection to `to` that speaks first (as a proxy's protocol detection wants): the
+/// backend's name.
+fn tcp_name_client_first(from: &Netns, to: SocketAddr) -> Result<std::io::Result<String>> {
+    from.run(move || -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"hello, who is there?\n")?;
+        let mut name = [0u8; 5];
+        s.read_exact(&mut name)?;
+        Ok(String::from_utf8_lossy(&name).into_owned())
+    })
+}
+
+/// Meshed pods keep working: to the same Service, a meshed client's connection goes to its
+/// sidecar (weft-init's REDIRECT inside the pod) which sees the ClusterIP as the original
+/// destination and balances over the endpoints it resolves from weft-controller, connecting
+/// to pod addresses (no eBPF translation for that pod); a plain client's connection is
+/// balanced by the eBPF datapath.
+#[test]
+fn a_meshed_client_is_routed_by_its_proxy_and_a_plain_one_by_ebpf() -> Result<()> {
+    if !require_root("meshed_and_plain_clients") {
+        return Ok(());
+    }
+    let plugin = workspace_bin("weft-cni", "weft-cni");
+    let proxy = workspace_bin("weft-proxy", "weft-proxy");
+    let controller = workspace_bin("weft-controller", "weft-controller");
+    let init = workspace_bin("weft-init", "weft-injector");
+    let tmp = tempfile::tempdir()?;
+    let manifests = tmp.path().join("manifests");
+    std::fs::create_dir(&manifests)?;
+    write_manifest(&manifests, "pods.yaml", MESH_PODS)?;
+    let pins = PinDir::new();
+    let dirs = AgentDirs {
+        manifests: manifests.clone(),
+        pin_dir: pins.0.clone(),
+        state_dir: tmp.path().join("state"),
+        socket: tmp.path().join("cni.sock"),
+        log: tmp.path().join("agent.log"),
+    };
+    let node = wsv_ns("mnode")?;
+    node.ip(&["addr", "add", "10.250.0.1/32", "dev", "lo"])?;
+    let _agent = Agent::start(&node, &dirs)?;
+    let hl = HostLocal::new()?;
+    let conf = plugin_conf(&dirs.socket, hl.ipam("10.79.0.0/24"));
+    let plain = add_pod(&node, &plugin, &conf, "plain")?;
+    let meshed = add_pod(&node, &plugin, &conf, "meshed")?;
+    let a = add_pod(&node, &plugin, &conf, "web-a")?;
+    let b = add_pod(&node, &plugin, &conf, "web-b")?;
+    name_servers(&a.ns, "web-a")?;
+    name_servers(&b.ns, "web-b")?;
+    write_manifest(
+        &manifests,
+        "slices.yaml",
+        &slice(&[(a.ip, "web-a", true), (b.ip, "web-b", true)]).replace(
+            "addressType: IPv4\n",
+            "addressType: IPv4\nports: [{name: echo, port: 8080}]\n",
+        ),
+    )?;
+    let vip: IpAddr = "10.96.0.30".parse()?;
+    let to = SocketAddr::new(vip, 80);
+    wait_backends(&pins.0, vip, 80, 2, Instant::now())?;
+
+    // The controller on the node (pods reach it at the node's address), plaintext.
+    let mut cmd = node.command(&controller)?;
+    cmd.args([
+        "--source",
+        &format!("dir:{}", manifests.display()),
+        "--destination-addr",
+        "0.0.0.0:8086",
+        "--identity-addr",
+        "127.0.0.1:8080",
+        "--admin-addr",
+        "127.0.0.1:9990",
+        "--insecure-plaintext",
+    ])
+    .env("WEFT_CONTROLLER_LOG", "warn");
+    let controller_log = tmp.path().join("controller.log");
+    let _controller = spawn_logged(cmd, controller_log.clone())?;
+    wait_http_ok(
+        &node,
+        "127.0.0.1:9990".parse()?,
+        "/ready",
+        "weft-controller",
+        &controller_log,
+    )?;
+
+    // The meshed pod: weft-init's rules, and weft-proxy as UID 2102 with discovery.
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &meshed.ns.name])
+        .arg(&init)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "weft-init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut cmd = meshed.ns.command("setpriv")?;
+    cmd.args(["--reuid=2102", "--regid=2102", "--clear-groups"])
+        .arg(&proxy)
+        .env("WEFT_PROXY_LOG", "warn,weft=info")
+        .env("WEFT_PROXY_DESTINATION_ADDR", "http://10.250.0.1:8086")
+        .env("WEFT_PROXY_NAMESPACE", "shop")
+        .env("WEFT_PROXY_POD_NAME", "meshed")
+        .env("WEFT_PROXY_SERVICE_ACCOUNT", "default");
+    let proxy_log = tmp.path().join("proxy.log");
+    let _proxy = spawn_logged(cmd, proxy_log.clone())?;
+    wait_http_ok(
+        &meshed.ns,
+        "127.0.0.1:4191".parse()?,
+        "/ready",
+        "weft-proxy",
+        &proxy_log,
+    )?;
+
+    // Both clients reach both backends through the ClusterIP.
+    let dp = weft_datapath::Datapath::open(&pins.0)?;
+    let mut seen = BTreeMap::new();
+    for i in 0..20 {
+        let name = tcp_name_client_first(&meshed.ns, to)?
+            .with_context(|| format!("meshed connection {i}"))?;
+        *seen.entry(name).or_insert(0) += 1;
+    }
+    eprintln!("meshed client → {to}: {seen:?}");
+    ensure!(seen.len() == 2, "the proxy balances over both: {seen:?}");
+    let plain_seen = spread(&plain.ns, to, 20)?;
+    eprintln!("plain client → {to}: {plain_seen:?}");
+    ensure!(
+        plain_seen.len() == 2,
+        "eBPF balances over both: {plain_seen:?}"
+    );
+
+    // Who translated what: the plain client's connections are eBPF translations; the meshed
+    // client's never are (its proxy connected to the pods themselves).
+    let translations = dp.translations()?;
+    let from = |ip: IpAddr| translations.iter().filter(|t| t.client.ip() == ip).count();
+    eprintln!(
+        "eBPF translations: plain {}, meshed {}",
+        from(plain.ip),
+        from(meshed.ip)
+    );
+    ensure!(from(plain.ip) >= 20, "{translations:?}");
+    ensure!(from(meshed.ip) == 0, "{translations:?}");
+    // And the proxy took the ClusterIP as the original destination, resolved it through the
+    // controller (one target, its two endpoints) and balanced every connection itself
+    // instead of passing it through to the ClusterIP.
+    let (code, metrics) =
+        weft_netns_testing::http_get(&meshed.ns.name, "127.0.0.1:4191".parse()?, "/metrics")?;
+    ensure!(code == 200, "proxy /metrics: {code}");
+    let series = |s: &str| metric(&metrics, s);
+    eprintln!(
+        "proxy: resolutions {:?}, endpoints {:?}, balanced {:?}, passthrough {:?}",
+        series("weft_discovery_resolutions"),
+        series("weft_balancer_endpoints"),
+        series("weft_outbound_routes_total{protocol=\"tcp\",route=\"balanced\"}"),
+        series("weft_outbound_routes_total{protocol=\"tcp\",route=\"passthrough\"}"),
+    );
+    ensure!(
+        series("weft_discovery_resolutions") == Some(1.0)
+            && series("weft_balancer_endpoints") == Some(2.0)
+            && series("weft_outbound_routes_total{protocol=\"tcp\",route=\"balanced\"}")
+                == Some(20.0)
+            && series("weft_outbound_routes_total{protocol=\"tcp\",route=\"passthrough\"}")
+                == Some(0.0),
+        "the proxy balanced the ClusterIP's connections itself:\n{metrics}"
+    );
     Ok(())
 }
