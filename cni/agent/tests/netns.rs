@@ -10,7 +10,6 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
-use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -81,39 +80,6 @@ spec:
     ports: [{{port: 8080}}]
 "#
     )
-}
-
-/// Replaces a manifest file atomically (the source never reads half of it).
-fn write_manifest(dir: &Path, name: &str, text: &str) -> Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    Ok(())
-}
-
-struct Pod {
-    ns: Netns,
-    ip: IpAddr,
-    cid: String,
-    key: (&'static str, &'static str),
-}
-
-fn add_pod(
-    node: &Netns,
-    plugin: &Path,
-    conf: &Value,
-    key: (&'static str, &'static str),
-) -> Result<Pod> {
-    let ns = Netns::new(key.1)?;
-    let cid = unique(key.1);
-    let (code, out) = cni(node, plugin, "ADD", &cid, &ns.path(), key, conf)?;
-    ensure!(code == 0, "ADD {key:?} failed: {out}");
-    Ok(Pod {
-        ip: result_ip(&out)?,
-        ns,
-        cid,
-        key,
-    })
 }
 
 fn tcp(from: &Netns, to: &Pod, port: u16, want: bool, what: &str) -> Result<()> {

@@ -50,22 +50,6 @@ spec:
     ports: [{port: 80}]
 "#;
 
-struct Pod {
-    ns: Netns,
-    ip: IpAddr,
-}
-
-fn add_pod(node: &Netns, plugin: &Path, conf: &Value, name: &'static str) -> Result<Pod> {
-    let ns = Netns::new(name)?;
-    let cid = unique(name);
-    let (code, out) = cni(node, plugin, "ADD", &cid, &ns.path(), ("rs", name), conf)?;
-    ensure!(code == 0, "ADD {name} failed: {out}");
-    Ok(Pod {
-        ip: result_ip(&out)?,
-        ns,
-    })
-}
-
 /// The kernel ids of what is pinned: every map, and the programs. Equal before and after a
 /// restart means the new agent adopted them.
 fn pinned_ids(pin_dir: &Path) -> Result<Vec<(String, u32)>> {
@@ -214,27 +198,11 @@ fn agent_restarts_under_traffic_without_a_gap_and_adopts_the_pins() -> Result<()
     if !require_root("agent_restart_under_traffic") {
         return Ok(());
     }
-    let plugin = workspace_bin("weft-cni", "weft-cni");
     let weft = workspace_bin("weft", "weft-cli");
-    let tmp = tempfile::tempdir()?;
-    let manifests = tmp.path().join("manifests");
-    std::fs::create_dir(&manifests)?;
-    std::fs::write(manifests.join("pods.yaml"), PODS)?;
-    let pins = PinDir::new();
-    let dirs = AgentDirs {
-        manifests: manifests.clone(),
-        pin_dir: pins.0.clone(),
-        state_dir: tmp.path().join("state"),
-        socket: tmp.path().join("cni.sock"),
-        log: tmp.path().join("agent.log"),
-    };
-    let node = node_ns()?;
-    let mut agent = Agent::start(&node, &dirs)?;
-    let hl = HostLocal::new()?;
-    let conf = plugin_conf(&dirs.socket, hl.ipam("10.78.0.0/24"));
-    let web = add_pod(&node, &plugin, &conf, "web")?;
-    let client = add_pod(&node, &plugin, &conf, "client")?;
-    let intruder = add_pod(&node, &plugin, &conf, "intruder")?;
+    let mut world = Node::start(&[("pods.yaml", PODS)], "10.78.0.0/24")?;
+    let web = world.add_pod(("rs", "web"))?;
+    let client = world.add_pod(("rs", "client"))?;
+    let intruder = world.add_pod(("rs", "intruder"))?;
     let _server = tcp_server(&web.ns, web.ip, 80)?;
     let web_addr = SocketAddr::new(web.ip, 80);
     // Policy is in force before the traffic starts.
@@ -242,7 +210,7 @@ fn agent_restarts_under_traffic_without_a_gap_and_adopts_the_pins() -> Result<()
     while tcp_ok(&intruder.ns, web.ip, 80, Duration::from_millis(100))? {
         ensure!(Instant::now() < deadline, "the policy never isolated web");
     }
-    let ids_before = pinned_ids(&pins.0)?;
+    let ids_before = pinned_ids(&world.pins.0)?;
     ensure!(
         ids_before.iter().any(|(n, _)| n.starts_with("prog ")),
         "no pinned programs: {ids_before:?}"
@@ -253,22 +221,22 @@ fn agent_restarts_under_traffic_without_a_gap_and_adopts_the_pins() -> Result<()
     wait_progress(&traffic, before, &[0, 2, 5], "before the restarts")?;
 
     // 1. A clean stop (SIGTERM), 300 ms down, a new agent.
-    agent.stop();
+    world.agent.stop();
     let down = traffic.counts();
     std::thread::sleep(Duration::from_millis(300));
     wait_progress(&traffic, down, &[0, 2, 5], "agent stopped")?;
-    agent = Agent::start(&node, &dirs)?;
+    world.agent = Agent::start(&world.node, &world.dirs)?;
     let up = traffic.counts();
     wait_progress(&traffic, up, &[0, 2, 5], "after a clean restart")?;
 
     // 2. A crash (SIGKILL), straight back.
-    if let Some(mut c) = agent.child.take() {
+    if let Some(mut c) = world.agent.child.take() {
         c.kill()?;
         c.wait()?;
     }
     let killed = traffic.counts();
     wait_progress(&traffic, killed, &[0, 2, 5], "agent killed")?;
-    let agent = Agent::start(&node, &dirs)?;
+    world.agent = Agent::start(&world.node, &world.dirs)?;
     let up = traffic.counts();
     wait_progress(&traffic, up, &[0, 2, 5], "after a crash and restart")?;
 
@@ -284,14 +252,15 @@ fn agent_restarts_under_traffic_without_a_gap_and_adopts_the_pins() -> Result<()
     );
     ensure!(denied_ok == 0, "{denied_ok} denied connections got through");
 
-    let ids_after = pinned_ids(&pins.0)?;
+    let ids_after = pinned_ids(&world.pins.0)?;
     ensure!(
         ids_before == ids_after,
         "the restarted agent did not adopt the pinned objects:\nbefore {ids_before:?}\nafter  {ids_after:?}"
     );
 
     // `weft cni status` on the node, against the restarted agent.
-    let out = node
+    let out = world
+        .node
         .command(&weft)?
         .args(["cni", "status", "--agent", "127.0.0.1:9964", "-o", "json"])
         .output()?;
@@ -321,7 +290,8 @@ fn agent_restarts_under_traffic_without_a_gap_and_adopts_the_pins() -> Result<()
         ct["type"] == "lru_hash" && ct["entries"].as_u64() > Some(0),
         "{ct}"
     );
-    let text = node
+    let text = world
+        .node
         .command(&weft)?
         .args(["cni", "status", "--agent", "127.0.0.1:9964"])
         .output()?;
@@ -332,7 +302,7 @@ fn agent_restarts_under_traffic_without_a_gap_and_adopts_the_pins() -> Result<()
         "{text}"
     );
     // The same figures as gauges.
-    let (_, metrics) = http_get(&node, IpAddr::from([127, 0, 0, 1]), "/metrics")?;
+    let (_, metrics) = http_get(&world.node, IpAddr::from([127, 0, 0, 1]), "/metrics")?;
     ensure!(
         metric(&metrics, "weft_cni_attached_interfaces") == Some(3.0),
         "{metrics}"
@@ -342,6 +312,5 @@ fn agent_restarts_under_traffic_without_a_gap_and_adopts_the_pins() -> Result<()
         "{metrics}"
     );
     ensure!(metric(&metrics, "weft_cni_last_sync_timestamp_seconds").is_some_and(|t| t > 0.0));
-    drop(agent);
     Ok(())
 }

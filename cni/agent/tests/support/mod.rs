@@ -327,3 +327,99 @@ pub fn nothing_left(pins: &PinDir, state_dir: &Path) -> Result<()> {
     );
     Ok(())
 }
+
+/// A pod wired by the real plugin: its namespace, first address, container id and
+/// (namespace, name).
+pub struct Pod {
+    pub ns: Netns,
+    pub ip: IpAddr,
+    pub cid: String,
+    pub key: (&'static str, &'static str),
+}
+
+/// ADDs pod `key` (namespace, name) through the plugin in `node`; fails unless ADD succeeds.
+pub fn add_pod(
+    node: &Netns,
+    plugin: &Path,
+    conf: &Value,
+    key: (&'static str, &'static str),
+) -> Result<Pod> {
+    let ns = Netns::new(key.1)?;
+    let cid = unique(key.1);
+    let (code, out) = cni(node, plugin, "ADD", &cid, &ns.path(), key, conf)?;
+    ensure!(code == 0, "ADD {key:?} failed: {out}");
+    Ok(Pod {
+        ip: result_ip(&out)?,
+        ns,
+        cid,
+        key,
+    })
+}
+
+/// One node with its agent on a manifest directory: the temporary directories, pins, the
+/// node namespace, the running agent and the plugin configuration (host-local over `subnet`).
+pub struct Node {
+    pub tmp: tempfile::TempDir,
+    pub manifests: PathBuf,
+    pub pins: PinDir,
+    pub dirs: AgentDirs,
+    pub node: Netns,
+    pub agent: Agent,
+    pub plugin: PathBuf,
+    pub hl: HostLocal,
+    pub conf: Value,
+}
+
+impl Node {
+    /// Writes `files` (name, YAML) into a new manifest directory and starts the agent on it.
+    pub fn start(files: &[(&str, &str)], subnet: &str) -> Result<Node> {
+        let plugin = workspace_bin("weft-cni", "weft-cni");
+        let tmp = tempfile::tempdir()?;
+        let manifests = tmp.path().join("manifests");
+        std::fs::create_dir(&manifests)?;
+        for (name, text) in files {
+            write_manifest(&manifests, name, text)?;
+        }
+        let pins = PinDir::new();
+        let dirs = AgentDirs {
+            manifests: manifests.clone(),
+            pin_dir: pins.0.clone(),
+            state_dir: tmp.path().join("state"),
+            socket: tmp.path().join("cni.sock"),
+            log: tmp.path().join("agent.log"),
+        };
+        let node = node_ns()?;
+        let agent = Agent::start(&node, &dirs)?;
+        let hl = HostLocal::new()?;
+        let conf = plugin_conf(&dirs.socket, hl.ipam(subnet));
+        Ok(Node {
+            tmp,
+            manifests,
+            pins,
+            dirs,
+            node,
+            agent,
+            plugin,
+            hl,
+            conf,
+        })
+    }
+
+    /// ADDs pod `key` on this node.
+    pub fn add_pod(&self, key: (&'static str, &'static str)) -> Result<Pod> {
+        add_pod(&self.node, &self.plugin, &self.conf, key)
+    }
+
+    /// Replaces manifest `name` atomically.
+    pub fn write(&self, name: &str, text: &str) -> Result<()> {
+        write_manifest(&self.manifests, name, text)
+    }
+}
+
+/// Replaces a manifest file atomically (the source never reads half of it).
+pub fn write_manifest(dir: &Path, name: &str, text: &str) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    Ok(())
+}
