@@ -84,6 +84,8 @@ fn main() {
     // The overlay program (tc egress of the VXLAN device): an object of its own, loaded by
     // src/overlay.rs only on nodes that encapsulate.
     compile_other(&clang, target, &bpf_dir, "weft_overlay", &out);
+    // NodePort on the node's external interface (cni/bpf/weft_nodeport.c, src/nodeport.rs).
+    compile_other(&clang, target, &bpf_dir, "weft_nodeport", &out);
 }
 
 /// Compiles `cni/bpf/<name>.c` into `$OUT_DIR/<name>.o` with the flags used for weft_lxc.c.

@@ -202,7 +202,8 @@ static __always_inline void weft_lb_to_backend(struct weft_pkt *pkt, const struc
  * WEFT_LB_XLATE: pkt's destination is now the backend and nat says how to
  * rewrite the packet once it passes; WEFT_LB_REFUSE: no ready backend.
  */
-static __always_inline int weft_lb_lookup(struct weft_pkt *pkt, struct weft_lb_nat *nat, __u64 now)
+static __always_inline int weft_lb_lookup(struct weft_pkt *pkt, struct weft_lb_nat *nat, __u64 now,
+					  int nodeport_only)
 {
 	struct weft_lb_ct_key ck;
 	struct weft_lb_ct_value *cv;
@@ -237,7 +238,7 @@ static __always_inline int weft_lb_lookup(struct weft_pkt *pkt, struct weft_lb_n
 	sk.port = pkt->dport;
 	__builtin_memcpy(sk.addr, pkt->daddr, 16);
 	svc = bpf_map_lookup_elem(&weft_lb_svc, &sk);
-	if (!svc)
+	if (!svc || (nodeport_only && !(svc->flags & WEFT_LB_F_NODEPORT)))
 		return WEFT_LB_NONE;
 	if (svc->count == 0) {
 		weft_lb_count(svc->svc_id, 1);
@@ -510,16 +511,23 @@ static __always_inline int weft_lb_refuse6(struct __sk_buff *skb, const struct w
 }
 
 /*
- * from_pod, a new connection to a frontend without ready backends: the packet
- * becomes the port unreachable answering it and goes straight back into the
- * pod (the veth peer's ingress: it does not pass to_pod, it is our own answer).
- * A packet that cannot be answered (IP options, extension headers) is dropped.
+ * A new connection to a frontend without ready backends: the packet becomes the
+ * port unreachable answering it (IPv4 options or IPv6 extension headers: <0,
+ * not answered). The caller sends it back where it came from.
+ */
+static __always_inline int weft_lb_refusal(struct __sk_buff *skb, const struct weft_pkt *pkt)
+{
+	return pkt->family == 4 ? weft_lb_refuse4(skb, pkt) : weft_lb_refuse6(skb, pkt);
+}
+
+/*
+ * from_pod: the refusal goes straight back into the pod (the veth peer's
+ * ingress: it does not pass to_pod, it is our own answer). A packet that
+ * cannot be answered is dropped.
  */
 static __always_inline int weft_lb_refuse(struct __sk_buff *skb, const struct weft_pkt *pkt)
 {
-	int err = pkt->family == 4 ? weft_lb_refuse4(skb, pkt) : weft_lb_refuse6(skb, pkt);
-
-	if (err < 0)
+	if (weft_lb_refusal(skb, pkt) < 0)
 		return TC_ACT_SHOT;
 	return bpf_redirect_peer(skb->ifindex, 0);
 }

@@ -136,7 +136,7 @@ static __always_inline int weft_lxc_handle(struct __sk_buff *skb, __u8 dir)
 	 * its backend (Kubernetes judges egress policy against the backend).
 	 */
 	if (dir == WEFT_DIR_EGRESS && parsed == WEFT_PARSE_OK) {
-		int lb = weft_lb_lookup(&pkt, &nat, now);
+		int lb = weft_lb_lookup(&pkt, &nat, now, 0);
 
 		if (lb == WEFT_LB_REFUSE)
 			return weft_lb_refuse(skb, &pkt);

@@ -32,6 +32,7 @@ mod fill;
 mod flows;
 mod lb;
 mod maps;
+pub mod nodeport;
 pub mod overlay;
 mod pins;
 mod policy;

@@ -181,6 +181,11 @@ pub fn unpin_all(pin_dir: impl AsRef<Path>) -> Result<(), Error> {
             remove_link(&link).map_err(|e| fail(&link, e))?;
         }
         remove_dir(&links).map_err(|e| fail(&links, e))?;
+        let nodeport = crate::nodeport::nodeport_dir(pin_dir);
+        for link in entries(&nodeport).map_err(|e| fail(&nodeport, e))? {
+            remove_link(&link).map_err(|e| fail(&link, e))?;
+        }
+        remove_dir(&nodeport).map_err(|e| fail(&nodeport, e))?;
         remove_other_progs(pin_dir, "").map_err(|e| fail(&progs_dir(pin_dir), e))?;
         remove_dir(&progs_dir(pin_dir)).map_err(|e| fail(&progs_dir(pin_dir), e))?;
         for map in abi::map::ALL {

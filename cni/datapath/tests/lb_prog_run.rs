@@ -496,3 +496,78 @@ fn a_frontend_without_backends_answers_port_unreachable() -> Result<()> {
     ensure!(stats.get(&7).map(|s| s.refused) == Some(1), "{stats:?}");
     Ok(())
 }
+
+#[test]
+fn nodeport_on_the_external_interface_translates_and_reverse_translates() -> Result<()> {
+    if !support::require_root("nodeport_on_the_external_interface")? {
+        return Ok(());
+    }
+    use weft_datapath::nodeport::{NodePort, PROG_FROM_NETDEV, PROG_TO_NETDEV};
+    let node = Node::new("lbnodeport", 1)?;
+    let (mut dp, progs) = open(&node)?;
+    let node_ip: [u8; 4] = [192, 168, 77, 11];
+    let outside: [u8; 4] = [203, 0, 113, 7];
+    let backend = sa(BACKENDS4[0], 8080);
+    let mut np = service(11, IpAddr::from(node_ip), 30080, L4::Tcp, vec![backend]);
+    np.node_port = true;
+    let mut empty = service(12, IpAddr::from(node_ip), 30081, L4::Udp, vec![]);
+    empty.node_port = true;
+    dp.replace_services(&[
+        np,
+        empty,
+        service(13, IpAddr::from(VIP4), 80, L4::Tcp, vec![backend]),
+    ])?;
+    let mut nodeport = NodePort::open(&node.pin_dir)?;
+    let mut run = |name: &str, packet: &[u8]| -> Result<(u32, Vec<u8>)> {
+        let prog = nodeport.program(name).context("program")?;
+        let mut ctx = [0u8; 192];
+        ctx[40..44].copy_from_slice(&progs.ifindex.to_ne_bytes());
+        let mut out = vec![0u8; 2048];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    };
+
+    // From outside to NodeIP:nodePort: to the local backend, the client's address kept.
+    let syn = ipv4(6, outside, node_ip, tcp(40000, 30080, SYN), true);
+    let (v, out) = run(PROG_FROM_NETDEV, &syn)?;
+    ensure!(v == PASS, "NodePort SYN: {v}");
+    let seen = read4(&out)?;
+    ensure!(
+        seen.dst == backend && seen.src == sa(outside, 40000),
+        "translated: {seen:?}"
+    );
+    // The backend's reply leaves the node from NodeIP:nodePort.
+    let reply = ipv4(6, BACKENDS4[0], outside, tcp(8080, 40000, SYN_ACK), true);
+    let (v, out) = run(PROG_TO_NETDEV, &reply)?;
+    ensure!(v == PASS, "reply: {v}");
+    let seen = read4(&out)?;
+    ensure!(
+        seen.src == sa(node_ip, 30080) && seen.dst == sa(outside, 40000),
+        "reverse translated: {seen:?}"
+    );
+    // A ClusterIP is not reachable from outside through this program.
+    let p = ipv4(6, outside, VIP4, tcp(40001, 80, SYN), true);
+    let (v, out) = run(PROG_FROM_NETDEV, &p)?;
+    ensure!(v == PASS && out == p, "a ClusterIP from outside: untouched");
+    // No backend: port unreachable back out of the interface.
+    let p = ipv4(17, outside, node_ip, udp(5000, 30081, b"x"), true);
+    let (v, out) = run(PROG_FROM_NETDEV, &p)?;
+    ensure!(v == REDIRECT, "refused: {v}");
+    ensure!(
+        out[34] == 3 && out[35] == 3 && out[26..30] == node_ip,
+        "{out:?}"
+    );
+    // Other traffic to the node is left alone.
+    let p = ipv4(6, outside, node_ip, tcp(40002, 22, SYN), true);
+    let (v, out) = run(PROG_FROM_NETDEV, &p)?;
+    ensure!(v == PASS && out == p, "ssh to the node: untouched");
+    Ok(())
+}
