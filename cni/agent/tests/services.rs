@@ -130,7 +130,9 @@ fn add_pod(node: &Netns, plugin: &Path, conf: &Value, name: &'static str) -> Res
 /// each later read with it again, and a UDP one that answers every datagram with it.
 /// Threads end with the process.
 fn name_servers(ns: &Netns, name: &'static str) -> Result<()> {
-    let tcp = ns.run(|| TcpListener::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 8080)))??;
+    // [::] takes IPv4 too (v4-mapped), so one server answers both families.
+    let any = IpAddr::from([0u16; 8]);
+    let tcp = ns.run(move || TcpListener::bind(SocketAddr::new(any, 8080)))??;
     std::thread::spawn(move || {
         for mut s in tcp.incoming().map_while(Result::ok) {
             std::thread::spawn(move || {
@@ -146,7 +148,7 @@ fn name_servers(ns: &Netns, name: &'static str) -> Result<()> {
             });
         }
     });
-    let udp = ns.run(|| UdpSocket::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 5353)))??;
+    let udp = ns.run(move || UdpSocket::bind(SocketAddr::new(any, 5353)))??;
     std::thread::spawn(move || {
         let mut buf = [0u8; 64];
         while let Ok((_, from)) = udp.recv_from(&mut buf) {
@@ -172,7 +174,12 @@ fn tcp_name(from: &Netns, to: SocketAddr) -> Result<std::io::Result<(String, Soc
 /// from.
 fn udp_name(from: &Netns, to: SocketAddr) -> Result<std::io::Result<(String, SocketAddr)>> {
     from.run(move || -> std::io::Result<(String, SocketAddr)> {
-        let s = UdpSocket::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0))?;
+        let any = if to.is_ipv6() {
+            IpAddr::from([0u16; 8])
+        } else {
+            IpAddr::from([0, 0, 0, 0])
+        };
+        let s = UdpSocket::bind(SocketAddr::new(any, 0))?;
         s.set_read_timeout(Some(Duration::from_secs(1)))?;
         s.send_to(b"who?", to)?;
         let mut buf = [0u8; 64];
@@ -743,6 +750,152 @@ fn a_meshed_client_is_routed_by_its_proxy_and_a_plain_one_by_ebpf() -> Result<()
             && series("weft_outbound_routes_total{protocol=\"tcp\",route=\"passthrough\"}")
                 == Some(0.0),
         "the proxy balanced the ClusterIP's connections itself:\n{metrics}"
+    );
+    Ok(())
+}
+
+const DUAL_PODS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIPs: [10.96.0.40, "fd00:96::40"]
+  ipFamilies: [IPv4, IPv6]
+  ports: [{name: http, port: 80, targetPort: 8080}, {name: dns, port: 53, targetPort: 5353, protocol: UDP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lonely, namespace: shop}
+spec:
+  clusterIPs: [10.96.0.41, "fd00:96::41"]
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"#;
+
+/// The pod's addresses from an ADD result (IPv4 first).
+fn result_ips(result: &str) -> Result<Vec<IpAddr>> {
+    let v: Value = serde_json::from_str(result)?;
+    Ok(v["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
+        .collect())
+}
+
+/// Dual stack: a Service with an IPv4 and an IPv6 ClusterIP and a slice per family; IPv6
+/// connections are translated, answered from the IPv6 ClusterIP and refused (ICMPv6) when
+/// there is no endpoint, like IPv4 ones.
+#[test]
+fn dual_stack_cluster_ips() -> Result<()> {
+    if !require_root("dual_stack_cluster_ips") {
+        return Ok(());
+    }
+    let plugin = workspace_bin("weft-cni", "weft-cni");
+    let tmp = tempfile::tempdir()?;
+    let manifests = tmp.path().join("manifests");
+    std::fs::create_dir(&manifests)?;
+    write_manifest(&manifests, "pods.yaml", DUAL_PODS)?;
+    let pins = PinDir::new();
+    let dirs = AgentDirs {
+        manifests: manifests.clone(),
+        pin_dir: pins.0.clone(),
+        state_dir: tmp.path().join("state"),
+        socket: tmp.path().join("cni.sock"),
+        log: tmp.path().join("agent.log"),
+    };
+    let node = wsv_ns("dnode")?;
+    node.ip(&["addr", "add", "10.250.0.1/32", "dev", "lo"])?;
+    let _agent = Agent::start(&node, &dirs)?;
+    let hl = HostLocal::new()?;
+    let ipam = serde_json::json!({"type": "host-local", "dataDir": hl.dir.path(),
+        "ranges": [[{"subnet": "10.84.0.0/24"}], [{"subnet": "fd00:84::/64"}]]});
+    let conf = plugin_conf(&dirs.socket, ipam);
+    let mut pods = Vec::new();
+    for name in ["client", "web-a", "web-b"] {
+        let ns = wsv_ns(name)?;
+        let cid = weft_netns_testing::unique("wsv", name);
+        let (code, out) = cni(
+            &node,
+            &plugin,
+            "ADD",
+            &cid,
+            &ns.path(),
+            ("shop", name),
+            &conf,
+        )?;
+        ensure!(code == 0, "ADD {name}: {out}");
+        let ips = result_ips(&out)?;
+        ensure!(ips.len() == 2 && ips[1].is_ipv6(), "{name}: {ips:?}");
+        pods.push((ns, ips));
+    }
+    name_servers(&pods[1].0, "web-a")?;
+    name_servers(&pods[2].0, "web-b")?;
+    let slice_of = |family: usize, kind: &str| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-{kind}\n  \
+             namespace: shop\n  labels: {{kubernetes.io/service-name: web}}\naddressType: {kind}\n\
+             endpoints:\n- addresses: [\"{}\"]\n- addresses: [\"{}\"]\n",
+            pods[1].1[family], pods[2].1[family]
+        )
+    };
+    write_manifest(
+        &manifests,
+        "slices.yaml",
+        &format!("{}---\n{}", slice_of(0, "IPv4"), slice_of(1, "IPv6")),
+    )?;
+    let (vip4, vip6): (IpAddr, IpAddr) = ("10.96.0.40".parse()?, "fd00:96::40".parse()?);
+    wait_backends(&pins.0, vip4, 80, 2, Instant::now())?;
+    wait_backends(&pins.0, vip6, 80, 2, Instant::now())?;
+    let client = &pods[0].0;
+    let http6 = SocketAddr::new(vip6, 80);
+    // The first IPv6 connection waits for the addresses to leave DAD.
+    let direct = SocketAddr::new(pods[1].1[1], 8080);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(e) = tcp_name(client, direct)? {
+        ensure!(
+            Instant::now() < deadline,
+            "no IPv6 connection to the pod {direct}: {e}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tcp_name(client, http6)?.is_err() {
+        ensure!(Instant::now() < deadline, "no IPv6 connection to {http6}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let seen = spread(client, http6, 30)?;
+    eprintln!("TCP {http6}: {seen:?}");
+    ensure!(seen.len() == 2, "both backends over IPv6: {seen:?}");
+    let dns6 = SocketAddr::new(vip6, 53);
+    let mut udp_seen = BTreeMap::new();
+    for i in 0..30 {
+        let (name, src) = udp_name(client, dns6)?.with_context(|| format!("datagram {i}"))?;
+        ensure!(src == dns6, "UDP answer from {src}, not {dns6}");
+        *udp_seen.entry(name).or_insert(0) += 1;
+    }
+    ensure!(udp_seen.len() == 2, "UDP over IPv6: {udp_seen:?}");
+    let seen4 = spread(client, SocketAddr::new(vip4, 80), 20)?;
+    ensure!(seen4.len() == 2, "and IPv4: {seen4:?}");
+    let lonely6 = SocketAddr::new("fd00:96::41".parse()?, 80);
+    let start = Instant::now();
+    match tcp_name(client, lonely6)? {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+        other => {
+            let dp = weft_datapath::Datapath::open(&pins.0)?;
+            bail!(
+                "TCP to an IPv6 ClusterIP without endpoints: {other:?}\nfrontends: {:?}\nstats: {:?}",
+                dp.services()?,
+                dp.service_stats()?
+            )
+        }
+    }
+    eprintln!(
+        "TCP to {lonely6} (no endpoints) refused in {:?}",
+        start.elapsed()
     );
     Ok(())
 }

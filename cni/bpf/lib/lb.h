@@ -12,10 +12,10 @@
  *             weft_lb_dnat (the packet's destination rewritten).
  *   to_pod:   a reply that passed the reply check → weft_lb_reverse (its
  *             source rewritten back to the frontend).
- *   no ready backend: weft_lb_refuse turns the packet into an ICMP/ICMPv6
- *             port unreachable and hands it straight back into the pod
- *             (bpf_redirect_peer): connect() fails with ECONNREFUSED at once,
- *             UDP sockets see the error, nothing is blackholed.
+ *   no ready backend: weft_lb_refuse turns the packet into a TCP RST or an
+ *             ICMP/ICMPv6 port unreachable (UDP) and hands it straight back into
+ *             the pod (bpf_redirect_peer): connect() fails with ECONNREFUSED at
+ *             once, UDP sockets see the error, nothing is blackholed.
  *
  * Only TCP and UDP are translated. A meshed pod's app never reaches here with
  * a ClusterIP destination: the pod's own iptables REDIRECT sends it to the
@@ -510,13 +510,127 @@ static __always_inline int weft_lb_refuse6(struct __sk_buff *skb, const struct w
 	return bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0);
 }
 
+/* A TCP header without options. */
+struct weft_tcp_hdr {
+	__u16 sport;
+	__u16 dport;
+	__u32 seq;
+	__u32 ack;
+	__u8 doff; /* data offset in the high 4 bits */
+	__u8 flags;
+	__u16 window;
+	__u16 csum;
+	__u16 urg;
+};
+
 /*
- * A new connection to a frontend without ready backends: the packet becomes the
- * port unreachable answering it (IPv4 options or IPv6 extension headers: <0,
- * not answered). The caller sends it back where it came from.
+ * The RST answering a TCP segment (RFC 9293 3.10.7.1): to a segment with ACK,
+ * seq = its ACK; else seq 0 and ACK = its seq + 1 for a SYN. Fills th; the
+ * checksum is the caller's.
+ */
+static __always_inline int weft_lb_rst_hdr(struct __sk_buff *skb, const struct weft_pkt *pkt,
+					   struct weft_tcp_hdr *th)
+{
+	struct weft_tcp_head in;
+
+	if (bpf_skb_load_bytes(skb, pkt->l4off, &in, sizeof(in)) < 0)
+		return -1;
+	__builtin_memset(th, 0, sizeof(*th));
+	th->sport = in.dport;
+	th->dport = in.sport;
+	th->doff = 5 << 4;
+	if (in.flags & WEFT_TCP_ACK) {
+		th->seq = in.ack;
+		th->flags = WEFT_TCP_RST;
+	} else {
+		th->ack = bpf_htonl(bpf_ntohl(in.seq) + ((in.flags & WEFT_TCP_SYN) ? 1 : 0));
+		th->flags = WEFT_TCP_RST | WEFT_TCP_ACK;
+	}
+	return 0;
+}
+
+struct weft_rst4 {
+	struct weft_ip4 ip;
+	struct weft_tcp_hdr tcp;
+};
+
+struct weft_rst6 {
+	struct weft_ip6 ip;
+	struct weft_tcp_hdr tcp;
+};
+
+static __always_inline int weft_lb_rst4(struct __sk_buff *skb, const struct weft_pkt *pkt)
+{
+	struct weft_rst4 r = {};
+	__u32 ph[3];
+	__s64 sum;
+
+	if (weft_lb_rst_hdr(skb, pkt, &r.tcp) < 0)
+		return -1;
+	r.ip.ver_ihl = 0x45;
+	r.ip.tot_len = bpf_htons(sizeof(r));
+	r.ip.ttl = 64;
+	r.ip.protocol = IPPROTO_TCP;
+	__builtin_memcpy(r.ip.saddr, pkt->daddr, 4);
+	__builtin_memcpy(r.ip.daddr, pkt->saddr, 4);
+	r.ip.check = weft_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r.ip, sizeof(r.ip), 0));
+	__builtin_memcpy(&ph[0], r.ip.saddr, 4);
+	__builtin_memcpy(&ph[1], r.ip.daddr, 4);
+	ph[2] = bpf_htonl((IPPROTO_TCP << 16) | sizeof(r.tcp));
+	sum = bpf_csum_diff(0, 0, (__be32 *)ph, sizeof(ph), 0);
+	if (sum < 0)
+		return -1;
+	r.tcp.csum = weft_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r.tcp, sizeof(r.tcp),
+						  (__u32)sum));
+	if (weft_lb_swap_macs(skb) < 0)
+		return -1;
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0);
+}
+
+static __always_inline int weft_lb_rst6(struct __sk_buff *skb, const struct weft_pkt *pkt)
+{
+	struct weft_rst6 r = {};
+	struct weft_ip6_pseudo ph = {};
+	__s64 sum;
+
+	if (weft_lb_rst_hdr(skb, pkt, &r.tcp) < 0)
+		return -1;
+	r.ip.ver_tc_flow = bpf_htonl(0x60000000);
+	r.ip.payload_len = bpf_htons(sizeof(r.tcp));
+	r.ip.nexthdr = IPPROTO_TCP;
+	r.ip.hop_limit = 64;
+	__builtin_memcpy(r.ip.saddr, pkt->daddr, 16);
+	__builtin_memcpy(r.ip.daddr, pkt->saddr, 16);
+	__builtin_memcpy(ph.saddr, r.ip.saddr, 16);
+	__builtin_memcpy(ph.daddr, r.ip.daddr, 16);
+	ph.len = bpf_htonl(sizeof(r.tcp));
+	ph.next = bpf_htonl(IPPROTO_TCP);
+	sum = bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
+	if (sum < 0)
+		return -1;
+	r.tcp.csum = weft_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r.tcp, sizeof(r.tcp),
+						  (__u32)sum));
+	if (weft_lb_swap_macs(skb) < 0)
+		return -1;
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0);
+}
+
+/*
+ * A new connection to a frontend without ready backends: the packet becomes
+ * the answer refusing it and the caller sends it back where it came from. TCP
+ * gets a RST (a SYN_SENT socket takes it even while connect() holds the socket
+ * lock: the segment waits in the socket's backlog, where an ICMP error would
+ * only be a soft error until the SYN is retransmitted); UDP an ICMP / ICMPv6
+ * port unreachable. <0: not answered (IPv4 options, IPv6 extension headers).
  */
 static __always_inline int weft_lb_refusal(struct __sk_buff *skb, const struct weft_pkt *pkt)
 {
+	if (pkt->proto == IPPROTO_TCP)
+		return pkt->family == 4 ? weft_lb_rst4(skb, pkt) : weft_lb_rst6(skb, pkt);
 	return pkt->family == 4 ? weft_lb_refuse4(skb, pkt) : weft_lb_refuse6(skb, pkt);
 }
 

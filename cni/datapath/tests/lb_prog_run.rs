@@ -448,36 +448,62 @@ fn a_frontend_without_backends_answers_port_unreachable() -> Result<()> {
         service(7, IpAddr::from(EMPTY_VIP4), 80, L4::Tcp, vec![]),
         service(8, IpAddr::from(EMPTY_VIP4), 53, L4::Udp, vec![]),
         service(9, v6_vip.into(), 80, L4::Tcp, vec![]),
+        service(10, v6_vip.into(), 53, L4::Udp, vec![]),
     ])?;
-    for (what, packet) in [
-        ("TCP", ipv4(6, POD4, EMPTY_VIP4, tcp(40000, 80, SYN), true)),
-        ("UDP", ipv4(17, POD4, EMPTY_VIP4, udp(5000, 53, b"x"), true)),
-    ] {
-        let (v, out) = progs.run(Direction::Egress, &packet)?;
-        ensure!(v == REDIRECT, "{what}: verdict {v}");
-        ensure!(out.len() == 14 + 56, "{what}: {} bytes", out.len());
-        ensure!(
-            out[..6] == packet[6..12] && out[6..12] == packet[..6],
-            "MACs swapped"
-        );
-        let ip = &out[14..34];
-        ensure!(csum(&[ip]) == 0, "{what}: IP checksum");
-        ensure!(
-            ip[9] == 1 && ip[12..16] == EMPTY_VIP4 && ip[16..20] == POD4,
-            "{ip:?}"
-        );
-        let icmp = &out[34..];
-        ensure!(icmp[0] == 3 && icmp[1] == 3, "port unreachable: {icmp:?}");
-        ensure!(csum(&[icmp]) == 0, "{what}: ICMP checksum");
-        ensure!(
-            icmp[8..36] == packet[14..42],
-            "{what}: the refused header quoted"
-        );
-    }
+
+    // TCP: a RST from the frontend acknowledging the SYN (seq 12345 + 1).
+    let syn = ipv4(6, POD4, EMPTY_VIP4, tcp(40000, 80, SYN), true);
+    let (v, out) = progs.run(Direction::Egress, &syn)?;
+    ensure!(v == REDIRECT, "TCP: verdict {v}");
+    ensure!(out.len() == 14 + 40, "TCP: {} bytes", out.len());
+    ensure!(
+        out[..6] == syn[6..12] && out[6..12] == syn[..6],
+        "MACs swapped"
+    );
+    let seen = read4(&out)?;
+    ensure!(
+        seen.src == sa(EMPTY_VIP4, 80) && seen.dst == sa(POD4, 40000),
+        "{seen:?}"
+    );
+    ensure!(out[47] == 0x14, "RST|ACK: {:#x}", out[47]);
+    ensure!(
+        out[42..46] == 12346u32.to_be_bytes(),
+        "acknowledges the SYN"
+    );
+
+    // UDP: an ICMP port unreachable quoting the refused header.
+    let packet = ipv4(17, POD4, EMPTY_VIP4, udp(5000, 53, b"x"), true);
+    let (v, out) = progs.run(Direction::Egress, &packet)?;
+    ensure!(v == REDIRECT, "UDP: verdict {v}");
+    ensure!(out.len() == 14 + 56, "UDP: {} bytes", out.len());
+    let ip = &out[14..34];
+    ensure!(csum(&[ip]) == 0, "IP checksum");
+    ensure!(
+        ip[9] == 1 && ip[12..16] == EMPTY_VIP4 && ip[16..20] == POD4,
+        "{ip:?}"
+    );
+    let icmp = &out[34..];
+    ensure!(icmp[0] == 3 && icmp[1] == 3, "port unreachable: {icmp:?}");
+    ensure!(csum(&[icmp]) == 0, "ICMP checksum");
+    ensure!(icmp[8..36] == packet[14..42], "the refused header quoted");
+
+    // IPv6 TCP: a RST.
     let p = ipv6(6, pod6.octets(), v6_vip.octets(), tcp(40000, 80, SYN));
     let (v, out) = progs.run(Direction::Egress, &p)?;
-    ensure!(v == REDIRECT, "v6: verdict {v}");
-    ensure!(out.len() == 14 + 40 + 8 + 48, "v6: {} bytes", out.len());
+    ensure!(v == REDIRECT, "v6 TCP: verdict {v}");
+    ensure!(out.len() == 14 + 40 + 20, "v6 TCP: {} bytes", out.len());
+    let (src, dst) = read6(&out)?;
+    ensure!(
+        src == SocketAddr::new(v6_vip.into(), 80) && dst == SocketAddr::new(pod6.into(), 40000),
+        "{src} → {dst}"
+    );
+    ensure!(out[67] == 0x14, "v6 RST|ACK");
+
+    // IPv6 UDP: an ICMPv6 port unreachable.
+    let p = ipv6(17, pod6.octets(), v6_vip.octets(), udp(5000, 53, b"x"));
+    let (v, out) = progs.run(Direction::Egress, &p)?;
+    ensure!(v == REDIRECT, "v6 UDP: verdict {v}");
+    ensure!(out.len() == 14 + 40 + 8 + 48, "v6 UDP: {} bytes", out.len());
     ensure!(
         out[20] == 58 && out[54] == 1 && out[55] == 4,
         "ICMPv6 port unreachable"
