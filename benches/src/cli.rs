@@ -64,6 +64,10 @@ pub enum Command {
     /// Issue 14 (root): new connections per second from a pod to a ClusterIP with 1,000
     /// Services loaded, through the eBPF datapath against kube-proxy's iptables DNAT rules.
     ClusterIp(crate::cluster_ip::ClusterIpArgs),
+    /// Issue 14 (root): TCP throughput between pods on two nodes over Weft's direct routing
+    /// and VXLAN (eBPF datapath and agents) against the same underlay with plain routes and
+    /// no eBPF.
+    CrossNode(crate::cross_node::CrossNodeArgs),
     /// Issue 15: CPU per request of a two-hop path with distributed tracing off, on at the
     /// default sampling (0) and on at 100 %. Writes a section of RESULTS.md.
     TracingCost(crate::policy::PolicyArgs),
@@ -398,6 +402,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::RoutingCost(args) => crate::policy::cost::execute(args),
         Command::Netpol(args) => crate::netpol::execute(args),
         Command::ClusterIp(args) => crate::cluster_ip::execute(args),
+        Command::CrossNode(args) => crate::cross_node::execute(args),
         Command::TracingCost(args) => crate::tracing_cost::execute(args),
     }
 }

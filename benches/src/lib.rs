@@ -66,6 +66,7 @@
 pub mod balance;
 pub mod cli;
 pub mod cluster_ip;
+pub mod cross_node;
 pub mod grpc;
 pub mod handshake;
 pub mod load;
