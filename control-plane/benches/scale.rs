@@ -169,12 +169,14 @@ fn build(index: &Index, args: &Args) {
                 port: 80,
                 target_port: TargetPort::Name("http".into()),
                 protocol: "TCP".into(),
+                node_port: None,
             }],
             selector: Some(
                 [("app".to_string(), format!("svc-{s}"))]
                     .into_iter()
                     .collect(),
             ),
+            affinity_timeout_s: None,
         }));
         let mut eps = Vec::new();
         for e in 0..args.endpoints_per_service {

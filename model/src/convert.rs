@@ -84,6 +84,9 @@ fn port_u16(kind: Kind, key: &ObjectKey, field: &str, value: i32) -> Result<u16,
     }
 }
 
+/// Kubernetes' `sessionAffinityConfig.clientIP.timeoutSeconds` default (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: i32 = 10_800;
+
 /// A Service. Objects without a namespace get `default_namespace`.
 pub fn service(svc: &core::Service, default_namespace: &str) -> Result<Service, ConvertError> {
     let kind = Kind::Service;
@@ -127,14 +130,46 @@ pub fn service(svc: &core::Service, default_namespace: &str) -> Result<Service, 
             port,
             target_port,
             protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            node_port: match p.node_port {
+                None | Some(0) => None,
+                Some(n) => Some(port_u16(
+                    kind,
+                    &key,
+                    &format!("spec.ports[{i}].nodePort"),
+                    n,
+                )?),
+            },
         });
     }
+    let affinity_timeout_s = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S);
+            // Kubernetes allows 1..=86400.
+            if !(1..=86_400).contains(&timeout) {
+                return Err(ConvertError {
+                    kind,
+                    object: key.to_string(),
+                    field: "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                    value: timeout.to_string(),
+                    reason: "not between 1 and 86400 seconds".into(),
+                });
+            }
+            Some(timeout as u32)
+        }
+        _ => None,
+    };
     Ok(Service {
         key,
         cluster_ips,
         headless,
         ports,
         selector: spec.selector.clone(),
+        affinity_timeout_s,
     })
 }
 
@@ -848,6 +883,57 @@ mod tests {
         let h = service(&headless, "shop").expect("converts");
         assert!(h.headless && h.cluster_ips.is_empty());
         assert_eq!(h.key.namespace, "data");
+        assert_eq!(m.affinity_timeout_s, None);
+        assert!(m.ports.iter().all(|p| p.node_port.is_none()));
+    }
+
+    #[test]
+    fn node_ports_and_client_ip_affinity() {
+        let s: core::Service = from_json(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.10", "sessionAffinity": "ClientIP",
+                     "ports": [{"port": 80, "nodePort": 30080}, {"port": 81}]}
+        }));
+        let m = service(&s, "shop").expect("converts");
+        assert_eq!(m.ports[0].node_port, Some(30080));
+        assert_eq!(m.ports[1].node_port, None);
+        assert_eq!(
+            m.affinity_timeout_s,
+            Some(10_800),
+            "Kubernetes' default timeout"
+        );
+        let with_timeout: core::Service = from_json(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.10", "sessionAffinity": "ClientIP",
+                     "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}},
+                     "ports": [{"port": 80}]}
+        }));
+        assert_eq!(
+            service(&with_timeout, "shop")
+                .expect("converts")
+                .affinity_timeout_s,
+            Some(60)
+        );
+        for (field, spec) in [
+            (
+                "spec.ports[0].nodePort",
+                serde_json::json!({"ports": [{"port": 80, "nodePort": 70000}]}),
+            ),
+            (
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                serde_json::json!({"sessionAffinity": "ClientIP",
+                    "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}, "ports": [{"port": 80}]}),
+            ),
+        ] {
+            let bad: core::Service = from_json(serde_json::json!({
+                "metadata": {"name": "web", "namespace": "shop"}, "spec": spec
+            }));
+            let err = service(&bad, "shop").expect_err(field).to_string();
+            assert!(
+                err.contains("Service shop/web") && err.contains(field),
+                "{err}"
+            );
+        }
     }
 
     #[test]

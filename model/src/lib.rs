@@ -170,6 +170,10 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// `None`: the service has no selector (endpoints are managed by hand).
     pub selector: Option<Labels>,
+    /// `sessionAffinity: ClientIP`: how long a client keeps its endpoint after its last
+    /// connection (`sessionAffinityConfig.clientIP.timeoutSeconds`, Kubernetes' default
+    /// 10800). `None`: no affinity.
+    pub affinity_timeout_s: Option<u32>,
 }
 
 impl Service {
@@ -188,6 +192,8 @@ pub struct ServicePort {
     pub port: u16,
     pub target_port: TargetPort,
     pub protocol: String,
+    /// The port on every node's addresses (`type: NodePort` or `LoadBalancer`), if allocated.
+    pub node_port: Option<u16>,
 }
 
 /// Address family of an EndpointSlice.

@@ -157,6 +157,7 @@ mod tests {
             port: 80,
             target_port: target,
             protocol: "TCP".into(),
+            node_port: None,
         }
     }
 

@@ -482,6 +482,7 @@ mod tests {
             headless: false,
             ports,
             selector: None,
+            affinity_timeout_s: None,
         })
     }
 
@@ -491,6 +492,7 @@ mod tests {
             port,
             target_port: target,
             protocol: protocol.into(),
+            node_port: None,
         }
     }
 

@@ -254,9 +254,11 @@ mod tests {
                     port: *p,
                     target_port: t.clone(),
                     protocol: "TCP".into(),
+                    node_port: None,
                 })
                 .collect(),
             selector: None,
+            affinity_timeout_s: None,
         })
     }
 
