@@ -94,6 +94,8 @@ pub struct Wanted {
     pub service: ObjectKey,
     pub frontend: Frontend,
     pub backends: Vec<SocketAddr>,
+    /// The Service's sessionAffinity ClientIP timeout.
+    pub affinity_timeout_s: Option<u32>,
 }
 
 fn family_matches(t: AddressType, ip: &IpAddr) -> bool {
@@ -224,6 +226,7 @@ pub fn compute(snap: &Snapshot) -> (Vec<Wanted>, Vec<Problem>) {
                         proto,
                     },
                     backends,
+                    affinity_timeout_s: svc.affinity_timeout_s,
                 });
             }
         }
@@ -371,7 +374,7 @@ impl<M: ServiceMaps> Writer<M> {
                     id: self.ids.get(&w.frontend)?,
                     frontend: w.frontend,
                     backends: w.backends,
-                    affinity_timeout_s: None,
+                    affinity_timeout_s: w.affinity_timeout_s,
                     node_port: false,
                 })
             })
@@ -613,6 +616,35 @@ mod tests {
         assert!(text
             .iter()
             .any(|t| t.contains("spec.ports[1].targetPort") && t.contains("pod shop/d")));
+    }
+
+    #[test]
+    fn client_ip_affinity_reaches_every_frontend_of_the_service() {
+        let mut web = (*svc(
+            "web",
+            "10.96.0.10",
+            vec![
+                port("http", 80, TargetPort::Number(8080), "TCP"),
+                port("dns", 53, TargetPort::Number(5353), "UDP"),
+            ],
+        ))
+        .clone();
+        web.affinity_timeout_s = Some(60);
+        let other = svc(
+            "other",
+            "10.96.0.11",
+            vec![port("http", 80, TargetPort::Number(80), "TCP")],
+        );
+        let (wanted, _) = compute(&snapshot(vec![Arc::new(web), other], vec![], vec![]));
+        let of = |name: &str| -> Vec<Option<u32>> {
+            wanted
+                .iter()
+                .filter(|w| w.service.name == name)
+                .map(|w| w.affinity_timeout_s)
+                .collect()
+        };
+        assert_eq!(of("web"), vec![Some(60), Some(60)]);
+        assert_eq!(of("other"), vec![None]);
     }
 
     #[test]
