@@ -65,6 +65,11 @@ impl<D: Dataplane> Agent<D> {
         &self.metrics
     }
 
+    /// The source's readiness (synced once).
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
+    }
+
     /// The index the agent computes from.
     pub fn index(&self) -> &Index {
         &self.index

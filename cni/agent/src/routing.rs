@@ -309,6 +309,9 @@ pub struct Router {
     vxlan: Option<(u32, Overlay)>,
     underlay_v6: bool,
     pod_mtu: Option<u32>,
+    /// The external interface (`--underlay-dev`, else the default route's): NodePorts are
+    /// served there.
+    underlay_dev: Option<String>,
 }
 
 impl std::fmt::Debug for Router {
@@ -333,10 +336,12 @@ impl Router {
             vxlan: None,
             underlay_v6: false,
             pod_mtu: None,
+            underlay_dev: None,
         };
         let underlay = router.underlay().await?;
-        if let Some((_, _, v6)) = &underlay {
+        if let Some((dev, _, v6)) = &underlay {
             router.underlay_v6 = *v6;
+            router.underlay_dev = Some(dev.clone());
         }
         match router.cfg.mode {
             Mode::Direct => {
@@ -391,6 +396,11 @@ impl Router {
             }
         }
         Ok(router)
+    }
+
+    /// The node's external interface, if one was found.
+    pub fn underlay_dev(&self) -> Option<&str> {
+        self.underlay_dev.as_deref()
     }
 
     /// The pods' MTU for the ADD answer, if this node decides one.

@@ -44,6 +44,8 @@ pub enum RunError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("NodePort programs on the external interface {dev}: {reason}")]
+    NodePort { dev: String, reason: String },
     #[error("the plugin socket stopped serving: {0}")]
     Serve(std::io::Error),
     #[error("--routing {mode}: {source}")]
@@ -92,6 +94,14 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             source,
         })?;
     let pod_mtu = router.pod_mtu();
+    // NodePorts on the external interface (none without one: a node namespace in tests).
+    let external = router.underlay_dev().map(str::to_string);
+    if let Some(dev) = &external {
+        attach_nodeport(&config.pin_dir, dev).map_err(|reason| RunError::NodePort {
+            dev: dev.clone(),
+            reason,
+        })?;
+    }
 
     let index = Index::new();
     let readiness = Readiness::default();
@@ -109,18 +119,6 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             Kind::Node,
         ],
     ));
-    // Services get their own handle on the pinned maps and their own debounced loop.
-    let service_maps = Datapath::open(&config.pin_dir).map_err(|source| RunError::Datapath {
-        path: config.pin_dir.clone(),
-        source,
-    })?;
-    tasks.push(tokio::spawn(crate::services::run(
-        service_maps,
-        index.clone(),
-        readiness.clone(),
-        metrics.clone(),
-        config.debounce(),
-    )));
     // Routes to the other nodes' pods follow the Nodes.
     tasks.push(tokio::spawn(crate::routing::run(
         router,
@@ -135,6 +133,23 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         metrics.clone(),
         config.node_ips.clone(),
     );
+    // Services get their own handle on the pinned maps and their own debounced loop; the
+    // node's view (external addresses, this node's pods) comes from the agent.
+    let service_maps = Datapath::open(&config.pin_dir).map_err(|source| RunError::Datapath {
+        path: config.pin_dir.clone(),
+        source,
+    })?;
+    let view_agent = agent.clone();
+    let node_view: crate::services::NodeViewFn =
+        Arc::new(move || node_view(&view_agent, external.as_deref()));
+    tasks.push(tokio::spawn(crate::services::run(
+        service_maps,
+        agent.index().clone(),
+        agent.readiness().clone(),
+        metrics.clone(),
+        config.debounce(),
+        node_view,
+    )));
     let hub = FlowHub::new(metrics);
     tasks.push(tokio::spawn(crate::flows::run_reader(
         flow_reader,
@@ -171,6 +186,39 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         t.abort();
     }
     result.map_err(RunError::Serve)
+}
+
+/// Loads and attaches the NodePort programs to `dev` (the node's external interface).
+fn attach_nodeport(pin_dir: &std::path::Path, dev: &str) -> Result<(), String> {
+    let ifindex =
+        weft_datapath::if_index(dev).ok_or("no such interface in the agent's network namespace")?;
+    let mut np = weft_datapath::nodeport::NodePort::open(pin_dir).map_err(|e| e.to_string())?;
+    np.attach(ifindex).map_err(|e| e.to_string())?;
+    tracing::info!(interface = dev, ifindex, "NodePort programs attached");
+    Ok(())
+}
+
+/// The node as NodePorts see it: the external interface's addresses and this node's pods.
+fn node_view(agent: &Agent<Datapath>, external: Option<&str>) -> crate::services::NodeView {
+    let addrs = match external {
+        None => Vec::new(),
+        Some(dev) => crate::dataplane::interface_addresses()
+            .map(|all| {
+                all.into_iter()
+                    .filter(|(name, ip)| name == dev && !crate::dataplane::is_link_local(ip))
+                    .map(|(_, ip)| ip)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    let local = agent
+        .core()
+        .state()
+        .endpoints
+        .values()
+        .flat_map(|r| r.ips.iter().copied())
+        .collect();
+    crate::services::NodeView { addrs, local }
 }
 
 /// One tracing init for the binary: `--log` filter, plain or JSON.

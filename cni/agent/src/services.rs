@@ -21,9 +21,14 @@
 //!   are programmed and the Service is reported.
 //! - Frontend ids are stable: the pinned map's ids are adopted at start (an agent restart
 //!   keeps affinities and counters), new frontends take the next free id.
-//! - The model's Service carries no `sessionAffinity` and no `nodePort` yet, so every
-//!   frontend is a ClusterIP without affinity; the datapath and [`Writer`] support both
-//!   ([`dp::Service::affinity_timeout_s`], [`dp::Service::node_port`]).
+//! - `sessionAffinity: ClientIP` gives each of the Service's frontends its timeout.
+//! - A port with a `nodePort` also has a NodePort frontend on each address of the node's
+//!   external interface ([`NodeView::addrs`]), served by `weft_nodeport.o` there, whose
+//!   backends are the same endpoints **on this node** ([`NodeView::local`]): the datapath
+//!   keeps the client's address (no source NAT), so a remote backend's reply would bypass the
+//!   reverse translation. That is `externalTrafficPolicy: Local` for every NodePort Service
+//!   (a node without a local endpoint refuses, as Local does); `Cluster` needs source NAT,
+//!   which the datapath does not do yet.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -45,6 +50,18 @@ pub struct Snapshot {
     /// Slices by the Service they belong to.
     pub slices: HashMap<ObjectKey, Vec<Arc<EndpointSlice>>>,
     pub pods: HashMap<ObjectKey, Arc<Pod>>,
+    /// This node, for NodePort frontends.
+    pub node: NodeView,
+}
+
+/// What NodePort frontends need of the node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeView {
+    /// The addresses NodePorts are served on: the external interface's (empty: no NodePort
+    /// frontends, e.g. no external interface was found).
+    pub addrs: Vec<IpAddr>,
+    /// The addresses of this node's pods (the local endpoints).
+    pub local: BTreeSet<IpAddr>,
 }
 
 impl Snapshot {
@@ -64,6 +81,7 @@ impl Snapshot {
                 .iter()
                 .map(|(k, p)| (k.clone(), p.clone()))
                 .collect(),
+            node: NodeView::default(),
         }
     }
 }
@@ -96,6 +114,8 @@ pub struct Wanted {
     pub backends: Vec<SocketAddr>,
     /// The Service's sessionAffinity ClientIP timeout.
     pub affinity_timeout_s: Option<u32>,
+    /// A NodePort frontend (a node address).
+    pub node_port: bool,
 }
 
 fn family_matches(t: AddressType, ip: &IpAddr) -> bool {
@@ -218,6 +238,31 @@ pub fn compute(snap: &Snapshot) -> (Vec<Wanted>, Vec<Problem>) {
                     });
                     backends.truncate(LB_MAX_BACKENDS);
                 }
+                if let Some(node_port) = sp.node_port {
+                    let local: Vec<SocketAddr> = backends
+                        .iter()
+                        .filter(|b| snap.node.local.contains(&b.ip()))
+                        .copied()
+                        .collect();
+                    for addr in snap
+                        .node
+                        .addrs
+                        .iter()
+                        .filter(|a| a.is_ipv4() == vip.is_ipv4())
+                    {
+                        out.push(Wanted {
+                            service: svc.key.clone(),
+                            frontend: Frontend {
+                                addr: *addr,
+                                port: node_port,
+                                proto,
+                            },
+                            backends: local.clone(),
+                            affinity_timeout_s: svc.affinity_timeout_s,
+                            node_port: true,
+                        });
+                    }
+                }
                 out.push(Wanted {
                     service: svc.key.clone(),
                     frontend: Frontend {
@@ -227,6 +272,7 @@ pub fn compute(snap: &Snapshot) -> (Vec<Wanted>, Vec<Problem>) {
                     },
                     backends,
                     affinity_timeout_s: svc.affinity_timeout_s,
+                    node_port: false,
                 });
             }
         }
@@ -240,7 +286,11 @@ pub fn compute(snap: &Snapshot) -> (Vec<Wanted>, Vec<Problem>) {
         }
         problems.insert(Problem {
             service: format!("{}/{}", w.service.namespace, w.service.name),
-            field: "spec.clusterIPs".into(),
+            field: if w.node_port {
+                "spec.ports[].nodePort".into()
+            } else {
+                "spec.clusterIPs".into()
+            },
             message: format!("{} is another Service's frontend: ignored", w.frontend),
         });
         false
@@ -375,7 +425,7 @@ impl<M: ServiceMaps> Writer<M> {
                     frontend: w.frontend,
                     backends: w.backends,
                     affinity_timeout_s: w.affinity_timeout_s,
-                    node_port: false,
+                    node_port: w.node_port,
                 })
             })
             .collect();
@@ -436,23 +486,34 @@ impl<M: ServiceMaps> Writer<M> {
 
 /// Keeps the service maps equal to the index: recomputed on every index change, debounced
 /// like policy. Runs until the index goes away.
+/// How often the node's view (external addresses, local pods) is re-read for NodePorts.
+pub const NODE_VIEW_POLL: Duration = Duration::from_secs(1);
+
+/// Where [`run`] reads the node's view from (the agent: its interfaces and registry).
+pub type NodeViewFn = Arc<dyn Fn() -> NodeView + Send + Sync>;
+
 pub async fn run<M: ServiceMaps + Send + 'static>(
     maps: M,
     index: Index,
     readiness: Readiness,
     metrics: Metrics,
     debounce: Duration,
+    node_view: NodeViewFn,
 ) {
     let mut generation = index.generation();
     while !readiness.is_ready() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut writer = Writer::new(maps, metrics.clone());
+    let mut poll = tokio::time::interval(NODE_VIEW_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut node = node_view();
     loop {
         let since = Instant::now();
         tokio::time::sleep(debounce).await;
         generation.borrow_and_update();
-        let snap = Snapshot::from_index(&index);
+        let mut snap = Snapshot::from_index(&index);
+        snap.node = node.clone();
         let report = writer.sync(&snap);
         let took = since.elapsed();
         metrics.service_update_seconds.observe(took.as_secs_f64());
@@ -467,8 +528,25 @@ pub async fn run<M: ServiceMaps + Send + 'static>(
                 "services synced"
             );
         }
-        if generation.changed().await.is_err() {
-            return;
+        // Wait for the index, or for the node's view to change (a pod added or removed on
+        // this node, an address of the external interface).
+        loop {
+            tokio::select! {
+                r = generation.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    node = node_view();
+                    break;
+                }
+                _ = poll.tick() => {
+                    let now = node_view();
+                    if now != node {
+                        node = now;
+                        break;
+                    }
+                }
+            }
         }
     }
 }
@@ -538,6 +616,7 @@ mod tests {
             services,
             slices: by_svc,
             pods: pods.into_iter().map(|p| (p.key.clone(), p)).collect(),
+            node: NodeView::default(),
         }
     }
 

@@ -423,3 +423,32 @@ pub fn write_manifest(dir: &Path, name: &str, text: &str) -> Result<()> {
     std::fs::rename(&tmp, dir.join(name))?;
     Ok(())
 }
+
+/// A server in `ns` on `addr` that writes each client's address and closes: what the server
+/// side sees (no NAT, or which). Returns the port.
+pub fn peer_reporter(ns: &Netns, addr: SocketAddr) -> Result<u16> {
+    use std::io::Write;
+    let listener = ns.run(move || std::net::TcpListener::bind(addr))??;
+    let port = listener.local_addr()?.port();
+    std::thread::spawn(move || {
+        for mut c in listener.incoming().flatten() {
+            if let Ok(peer) = c.peer_addr() {
+                let _ = c.write_all(peer.ip().to_string().as_bytes());
+            }
+        }
+    });
+    Ok(port)
+}
+
+/// Connects from `from` to a [`peer_reporter`] at `to`: the address the server saw.
+pub fn seen_by_server(from: &Netns, to: SocketAddr, timeout: Duration) -> Result<IpAddr> {
+    use std::io::Read;
+    from.run(move || -> Result<IpAddr> {
+        let mut s = std::net::TcpStream::connect_timeout(&to, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        // A server on [::] sees IPv4 clients as ::ffff:a.b.c.d.
+        Ok(text.trim().parse::<IpAddr>()?.to_canonical())
+    })?
+}
