@@ -296,6 +296,7 @@ fn agent_restarts_under_traffic_without_a_gap_and_adopts_the_pins() -> Result<()
         .args(["cni", "status", "--agent", "127.0.0.1:9964"])
         .output()?;
     let text = String::from_utf8_lossy(&text.stdout);
+    eprintln!("weft cni status:\n{text}");
     ensure!(
         text.contains("node test-node")
             && text.contains("✔ endpoints: 3, programs attached on 3 interfaces"),
