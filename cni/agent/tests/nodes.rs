@@ -250,7 +250,7 @@ fn cross_node(mode: &str) -> Result<()> {
     let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
     let args = ["--routing", mode, "--underlay-dev", "eth0"];
     let mut a1 = n1.spawn_agent(Path::new(AGENT), manifests.path(), &args)?;
-    let _a2 = n2.spawn_agent(Path::new(AGENT), manifests.path(), &args)?;
+    let a2 = n2.spawn_agent(Path::new(AGENT), manifests.path(), &args)?;
 
     // Routes to the other node's pod CIDRs, both families.
     for (node, other) in [(n1, n2), (n2, n1)] {
@@ -456,7 +456,14 @@ fn cross_node(mode: &str) -> Result<()> {
         agent_routes(n1)? == before,
         "routes changed over the restart"
     );
+
+    // An uninstall removes every pin, the overlay's included.
     drop(a1);
+    drop(a2);
+    for node in [n1, n2] {
+        weft_datapath::unpin_all(&node.pin_dir)?;
+        ensure!(!node.pin_dir.exists(), "{} left", node.pin_dir.display());
+    }
     Ok(())
 }
 

@@ -186,6 +186,9 @@ pub fn unpin_all(pin_dir: impl AsRef<Path>) -> Result<(), Error> {
             remove_link(&link).map_err(|e| fail(&link, e))?;
         }
         remove_dir(&nodeport).map_err(|e| fail(&nodeport, e))?;
+        // The VXLAN overlay's link and maps (overlay.rs), on a node that encapsulates.
+        crate::overlay::unpin_overlay(pin_dir)
+            .map_err(|e| pin_dir_error(&crate::overlay::overlay_dir(pin_dir), e.to_string()))?;
         remove_other_progs(pin_dir, "").map_err(|e| fail(&progs_dir(pin_dir), e))?;
         remove_dir(&progs_dir(pin_dir)).map_err(|e| fail(&progs_dir(pin_dir), e))?;
         for map in abi::map::ALL {
