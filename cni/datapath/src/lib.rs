@@ -1,4 +1,5 @@
-//! The eBPF datapath of Weft's CNI: NetworkPolicy enforced on each pod's host-side veth.
+//! The eBPF datapath of Weft's CNI: NetworkPolicy enforced on each pod's host-side veth, and
+//! Services (ClusterIP, NodePort) translated there instead of by kube-proxy.
 //!
 //! The C programs live in `cni/bpf/` (one object, `weft_lxc.o`, compiled by `build.rs` with
 //! `clang -target bpf` and embedded here); this crate loads them with aya, pins programs,
@@ -9,8 +10,8 @@
 //! ```text
 //!            pod netns                 │ host netns
 //!   eth0 ── veth ──────────────────────┼── host veth (tcx)
-//!                                      │   ingress: from_pod  → the pod's egress policy
-//!                                      │   egress:  to_pod    → the pod's ingress policy
+//!                                      │   ingress: from_pod  → Service translation, the pod's egress policy
+//!                                      │   egress:  to_pod    → the pod's ingress policy, replies from the Service
 //! ```
 //!
 //! - [`Datapath::open`] loads or reuses what is pinned (an agent restart keeps all policy);
@@ -19,6 +20,9 @@
 //! - [`PolicyMaps`] is the map writer the agent programs against; [`FakeMaps`] is its
 //!   in-memory twin for unit tests, deciding with [`evaluate`], the same lookup as the C.
 //! - [`FlowReader`] streams [`FlowEvent`]s from the ring buffer.
+//! - [`ServiceMaps`] writes the Services' frontends and their ready backends (new first, stale
+//!   after, each backend set replaced atomically); [`nodeport::NodePort`] serves NodePort
+//!   frontends on the node's external interface.
 //!
 //! Policy changes apply to new connections; established ones keep their conntrack entry
 //! until it expires (TCP 1 h idle, 10 s after close; others 60 s) unless
