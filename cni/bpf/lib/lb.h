@@ -160,6 +160,19 @@ static __always_inline int weft_lb_has_backend(const struct weft_lb_svc *svc, __
 	return 0;
 }
 
+/* Is backend b the client's own address? */
+static __always_inline int weft_lb_is_client(const struct weft_lb_backend *b,
+					     const struct weft_pkt *pkt)
+{
+	__u64 a0, a1, c0, c1;
+
+	__builtin_memcpy(&a0, b->addr, 8);
+	__builtin_memcpy(&a1, b->addr + 8, 8);
+	__builtin_memcpy(&c0, pkt->saddr, 8);
+	__builtin_memcpy(&c1, pkt->saddr + 8, 8);
+	return a0 == c0 && a1 == c1;
+}
+
 /* A backend for a new connection: the client's affinity if it holds, else random. */
 static __always_inline void weft_lb_pick(const struct weft_lb_svc *svc,
 					 const struct weft_pkt *pkt, struct weft_lb_nat *nat,
@@ -187,6 +200,16 @@ static __always_inline void weft_lb_pick(const struct weft_lb_svc *svc,
 	}
 	idx = bpf_get_prandom_u32() % count;
 	idx &= WEFT_LB_MAX_BACKENDS - 1; /* idx < count <= MAX already; for the verifier */
+	/*
+	 * Hairpin: a pod whose connection would go to itself gets the next backend
+	 * instead (its reply would never leave the pod, so the connection could not
+	 * be reverse-translated). Only a Service whose sole backend is the client
+	 * itself still fails.
+	 */
+	if (count > 1 && weft_lb_is_client(&svc->backends[idx], pkt)) {
+		idx = (idx + 1) % count;
+		idx &= WEFT_LB_MAX_BACKENDS - 1;
+	}
 	nat->be = svc->backends[idx];
 }
 

@@ -597,3 +597,32 @@ fn nodeport_on_the_external_interface_translates_and_reverse_translates() -> Res
     ensure!(v == PASS && out == p, "ssh to the node: untouched");
     Ok(())
 }
+
+#[test]
+fn a_pod_is_not_sent_to_itself_when_another_backend_exists() -> Result<()> {
+    if !support::require_root("a_pod_is_not_sent_to_itself")? {
+        return Ok(());
+    }
+    let node = Node::new("lbhairpin", 1)?;
+    let (mut dp, progs) = open(&node)?;
+    let other = sa(BACKENDS4[0], 8080);
+    dp.replace_services(&[service(
+        14,
+        IpAddr::from(VIP4),
+        80,
+        L4::Tcp,
+        vec![sa(POD4, 8080), other],
+    )])?;
+    for sport in 20000..20032 {
+        let (v, out) = progs.run(
+            Direction::Egress,
+            &ipv4(6, POD4, VIP4, tcp(sport, 80, SYN), true),
+        )?;
+        ensure!(v == PASS, "SYN {sport}: {v}");
+        ensure!(
+            read4(&out)?.dst == other,
+            "SYN {sport} went to the client itself"
+        );
+    }
+    Ok(())
+}
