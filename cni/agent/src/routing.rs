@@ -145,8 +145,8 @@ fn overlaps(a: &Cidr, b: &Cidr) -> bool {
 
 /// The routes to the other nodes' pods: pure, from the index's Nodes. `me` is this node's
 /// name. Direct routing needs an InternalIP of the CIDR's family (the next hop must be on the
-/// underlay); VXLAN tunnels to an InternalIP of the underlay's family (`underlay_v6`), or the
-/// other family when the node has none. A CIDR overlapping this node's own or one already
+/// underlay); VXLAN tunnels to an InternalIP of the underlay's family (`underlay_v6`: the
+/// pods' MTU is computed for it). A CIDR overlapping this node's own or one already
 /// given to another node (nodes in name order) is left out and named in `skipped`.
 pub fn desired(
     nodes: &HashMap<String, Arc<Node>>,
@@ -179,17 +179,17 @@ pub fn desired(
             }
             let underlay = match mode {
                 Mode::Direct => node.internal_ip(cidr.is_ipv4()),
-                Mode::Vxlan => node
-                    .internal_ip(!underlay_v6)
-                    .or_else(|| node.internal_ip(underlay_v6)),
+                // Only the underlay's family: the pods' MTU leaves room for its header (an
+                // IPv6 tunnel to a node would need 20 bytes more than an IPv4 one).
+                Mode::Vxlan => node.internal_ip(!underlay_v6),
             };
             let Some(underlay) = underlay else {
                 out.skipped.push(format!(
                     "node {name}: no InternalIP {} for pod CIDR {cidr}",
-                    if mode == Mode::Direct {
-                        "of the same family"
-                    } else {
-                        "in status.addresses"
+                    match (mode, underlay_v6) {
+                        (Mode::Direct, _) => "of the same family",
+                        (Mode::Vxlan, false) => "of the underlay's family (IPv4)",
+                        (Mode::Vxlan, true) => "of the underlay's family (IPv6)",
                     }
                 ));
                 continue;
@@ -916,7 +916,12 @@ mod tests {
         assert_eq!(v.routes[&cidr("fd02::/64")].underlay, ip("192.0.2.2"));
         let v6 = desired(&nodes, "a", Mode::Vxlan, true);
         assert_eq!(v6.routes[&cidr("10.2.0.0/24")].underlay, ip("2001:db8::2"));
-        assert_eq!(v6.routes[&cidr("10.3.0.0/24")].underlay, ip("192.0.2.3"));
+        // Node c has no IPv6 InternalIP: not tunnelled over an IPv6 underlay.
+        assert!(!v6.routes.contains_key(&cidr("10.3.0.0/24")));
+        assert!(v6
+            .skipped
+            .iter()
+            .any(|s| s.contains("node c") && s.contains("(IPv6)")));
     }
 
     #[test]
