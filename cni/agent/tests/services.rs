@@ -64,6 +64,16 @@ metadata: {name: lonely, namespace: shop}
 spec:
   clusterIP: 10.96.0.11
   ports: [{name: http, port: 80, targetPort: 8080}, {name: dns, port: 53, protocol: UDP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: shop}
+spec:
+  clusterIP: 10.96.0.12
+  selector: {app: web}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}
+  ports: [{name: http, port: 80, targetPort: http}]
 "#;
 
 /// The web Service's slice: hand-written without ports, so the named targetPorts are
@@ -289,6 +299,20 @@ fn cluster_ips_balance_refuse_follow_endpoints_and_keep_policy() -> Result<()> {
         "both backends answer over UDP: {udp_seen:?}"
     );
 
+    // sessionAffinity ClientIP: every new connection of the client goes to one backend.
+    write_manifest(
+        &manifests,
+        "sticky.yaml",
+        &slice(&[(a.ip, "web-a", true), (b.ip, "web-b", true)])
+            .replace("name: web-1", "name: sticky-1")
+            .replace("service-name: web}", "service-name: sticky}"),
+    )?;
+    let sticky_vip: IpAddr = "10.96.0.12".parse()?;
+    wait_backends(&pins.0, sticky_vip, 80, 2, Instant::now())?;
+    let sticky = spread(&client.ns, SocketAddr::new(sticky_vip, 80), 30)?;
+    eprintln!("sessionAffinity ClientIP {sticky_vip}:80: {sticky:?}");
+    ensure!(sticky.len() == 1, "one backend for the client: {sticky:?}");
+
     // No endpoints: refused at once, TCP and UDP, never a timeout.
     let empty: IpAddr = EMPTY_VIP.parse()?;
     let start = Instant::now();
@@ -416,9 +440,9 @@ fn cluster_ips_balance_refuse_follow_endpoints_and_keep_policy() -> Result<()> {
     loop {
         let (code, text) = http_get(&node, IpAddr::from([127, 0, 0, 1]), "/metrics")?;
         ensure!(code == 200, "/metrics: {code}");
-        // web TCP + UDP, lonely TCP + UDP; web's two backends on each of its ports.
-        if metric(&text, "weft_cni_service_frontends") == Some(4.0)
-            && metric(&text, "weft_cni_service_backends") == Some(4.0)
+        // web TCP + UDP, lonely TCP + UDP, sticky TCP; two backends on web's and sticky's.
+        if metric(&text, "weft_cni_service_frontends") == Some(5.0)
+            && metric(&text, "weft_cni_service_backends") == Some(6.0)
         {
             break;
         }
