@@ -11,7 +11,9 @@
 //! pod's own address (no NAT), a NetworkPolicy whose podSelector matches a pod on the other
 //! node and an ipBlock rule (with an except) enforced across nodes, allowed and denied; the
 //! pods' MTU (reduced for VXLAN) and a 1 MiB transfer with DF set; a Node added and removed
-//! changes the routes within 1 s; an agent restart adopts its routes without touching them.
+//! changes the routes within 1 s; an agent restart adopts its routes without touching them;
+//! an uninstall (`unpin_all`) leaves no pin. A third test runs VXLAN over an IPv6-only
+//! underlay (IPv6 tunnels, MTU 1430).
 
 mod support;
 
@@ -481,4 +483,81 @@ fn pods_across_nodes_by_vxlan() -> Result<()> {
         return Ok(());
     }
     cross_node("vxlan")
+}
+
+/// VXLAN over an IPv6-only underlay: the Nodes' InternalIPs are IPv6, the tunnels too, and
+/// the pods get 70 bytes less than the underlay (1430); IPv4 and IPv6 pods both get through,
+/// 1 MiB with DF set included.
+#[test]
+fn pods_across_nodes_by_vxlan_over_an_ipv6_underlay() -> Result<()> {
+    if !require_root("pods_across_nodes_by_vxlan_over_an_ipv6_underlay") {
+        return Ok(());
+    }
+    let plugin = workspace_bin("weft-cni", "weft-cni");
+    let mut spec = ClusterSpec::two_nodes("wrt");
+    spec.dual_stack = true;
+    let cluster = Cluster::new(spec)?;
+    let manifests = tempfile::tempdir()?;
+    let mut nodes = Vec::new();
+    for node in &cluster.nodes {
+        node.ns.ip(&[
+            "addr",
+            "del",
+            &format!("{}/24", node.underlay_v4),
+            "dev",
+            "eth0",
+        ])?;
+        let v6 = node.underlay_v6.context("v6 underlay")?;
+        nodes.push(format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nspec: {{podCIDRs: [{}, \"{}\"]}}\nstatus: {{addresses: [{{type: InternalIP, address: \"{v6}\"}}]}}\n",
+            node.name,
+            node.pod_cidr_v4,
+            node.pod_cidr_v6.as_deref().context("v6 cidr")?
+        ));
+    }
+    write_manifest(manifests.path(), "nodes.yaml", &nodes.join("---\n"))?;
+    write_manifest(manifests.path(), "pods.yaml", &pods_yaml(&[]))?;
+    let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let args = ["--routing", "vxlan", "--underlay-dev", "eth0"];
+    let _a1 = n1.spawn_agent(Path::new(AGENT), manifests.path(), &args)?;
+    let _a2 = n2.spawn_agent(Path::new(AGENT), manifests.path(), &args)?;
+    wait_for(
+        "routes over the IPv6 underlay",
+        Duration::from_secs(5),
+        || {
+            let r = agent_routes(n1)?;
+            Ok(r.contains("10.77.2.0/24 dev weft_vxlan")
+                && r.contains("fd77:0:2::/64 dev weft_vxlan"))
+        },
+    )?;
+    let client = n1.add_pod(&plugin, ("alpha", "client"), None)?;
+    let web = n2.add_pod(&plugin, ("alpha", "web"), None)?;
+    ensure!(
+        ClusterNode::mtu_of(&client.ns, "eth0")? == 1430,
+        "client eth0 MTU"
+    );
+    ensure!(
+        ClusterNode::mtu_of(&web.ns, "eth0")? == 1430,
+        "web eth0 MTU"
+    );
+    let any6 = SocketAddr::from(([0u16; 8], 0));
+    let _echo_web = TcpEcho::start(&web.ns.name, SocketAddr::new(any6.ip(), 8080))?;
+    let _echo_client = TcpEcho::start(&client.ns.name, SocketAddr::new(any6.ip(), 8080))?;
+    let sport = sink(&web.ns, any6)?;
+    let web6 = IpAddr::V6(web.v6.context("web v6")?);
+    for to in [IpAddr::V4(web.v4), web6] {
+        tcp(&client, to, 8080, true, "vxlan over IPv6 n1→n2")?;
+        ensure!(
+            transfer_1mib_df(&client.ns, SocketAddr::new(to, sport))? == 1 << 20,
+            "1 MiB with DF to {to}"
+        );
+    }
+    tcp(
+        &web,
+        IpAddr::V4(client.v4),
+        8080,
+        true,
+        "vxlan over IPv6 n2→n1",
+    )?;
+    Ok(())
 }
