@@ -105,9 +105,7 @@ pub enum RoutingError {
     Socket(#[source] std::io::Error),
     #[error("--underlay-dev {0}: no such interface in the agent's network namespace")]
     NoUnderlay(String),
-    #[error(
-        "--routing vxlan needs the underlay device: there is no default route; give --underlay-dev"
-    )]
+    #[error("no default route to find the underlay device by; give --underlay-dev")]
     NoDefaultRoute,
     #[error("--underlay-dev {dev}: MTU {mtu} leaves no room for VXLAN ({overhead} bytes)")]
     UnderlayMtu {
