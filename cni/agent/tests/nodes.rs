@@ -11,7 +11,8 @@
 //! pod's own address (no NAT), a NetworkPolicy whose podSelector matches a pod on the other
 //! node and an ipBlock rule (with an except) enforced across nodes, allowed and denied; the
 //! pods' MTU (reduced for VXLAN) and a 1 MiB transfer with DF set; a Node added and removed
-//! changes the routes within 1 s; an agent restart adopts its routes without touching them;
+//! changes the routes within 1 s; an agent restart adopts its routes without touching them
+//! (both agents restarted under traffic: a connection across the nodes keeps echoing);
 //! an uninstall (`unpin_all`) leaves no pin. A third test runs VXLAN over an IPv6-only
 //! underlay (IPv6 tunnels, MTU 1430).
 
@@ -24,18 +25,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use support::{require_root, workspace_bin, AGENT};
+use support::{peer_reporter, require_root, seen_by_server, workspace_bin, write_manifest, AGENT};
 use weft_netns_testing::{Cluster, ClusterNode, ClusterPod, ClusterSpec, Netns, TcpEcho, UdpEcho};
 
 const ALLOWED: Duration = Duration::from_millis(1500);
 const DENIED: Duration = Duration::from_millis(300);
-
-fn write_manifest(dir: &Path, name: &str, text: &str) -> Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    Ok(())
-}
 
 /// The namespace and the three pods (labelled `app: <name>`), with `status.podIPs` once
 /// the pods have addresses: what the kubelet reports, and what the *other* node's agent
@@ -88,31 +82,6 @@ spec:
     ports: [{{port: 9090}}]{v6}
 "#
     )
-}
-
-/// A server that writes the peer's address and closes: what the server side sees.
-fn peer_reporter(ns: &Netns, addr: SocketAddr) -> Result<u16> {
-    let listener = ns.run(move || TcpListener::bind(addr))??;
-    let port = listener.local_addr()?.port();
-    std::thread::spawn(move || {
-        for mut c in listener.incoming().flatten() {
-            if let Ok(peer) = c.peer_addr() {
-                let _ = c.write_all(peer.ip().to_string().as_bytes());
-            }
-        }
-    });
-    Ok(port)
-}
-
-fn seen_by_server(from: &Netns, to: SocketAddr) -> Result<IpAddr> {
-    from.run(move || -> Result<IpAddr> {
-        let mut s = TcpStream::connect_timeout(&to, ALLOWED)?;
-        s.set_read_timeout(Some(ALLOWED))?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        // A server on [::] sees IPv4 clients as ::ffff:a.b.c.d.
-        Ok(text.trim().parse::<IpAddr>()?.to_canonical())
-    })?
 }
 
 fn tcp(from: &ClusterPod, to: IpAddr, port: u16, want: bool, what: &str) -> Result<()> {
@@ -252,7 +221,7 @@ fn cross_node(mode: &str) -> Result<()> {
     let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
     let args = ["--routing", mode, "--underlay-dev", "eth0"];
     let mut a1 = n1.spawn_agent(Path::new(AGENT), manifests.path(), &args)?;
-    let a2 = n2.spawn_agent(Path::new(AGENT), manifests.path(), &args)?;
+    let mut a2 = n2.spawn_agent(Path::new(AGENT), manifests.path(), &args)?;
 
     // Routes to the other node's pod CIDRs, both families.
     for (node, other) in [(n1, n2), (n2, n1)] {
@@ -347,10 +316,10 @@ fn cross_node(mode: &str) -> Result<()> {
     // No NAT: the server sees the client pod's own addresses.
     let rport = peer_reporter(&web.ns, SocketAddr::new(any6.ip(), 0))?;
     ensure!(
-        seen_by_server(&client.ns, SocketAddr::new(web4, rport))? == client4,
+        seen_by_server(&client.ns, SocketAddr::new(web4, rport), ALLOWED)? == client4,
         "server saw another IPv4 address"
     );
-    let seen6 = seen_by_server(&client.ns, SocketAddr::new(web6, rport))?;
+    let seen6 = seen_by_server(&client.ns, SocketAddr::new(web6, rport), ALLOWED)?;
     ensure!(seen6 == client6, "server saw {seen6}, not {client6}");
 
     // 1 MiB with DF set, over the pods' MTU.
@@ -436,9 +405,46 @@ fn cross_node(mode: &str) -> Result<()> {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("ip monitor")?;
+    // Under traffic: a connection across the nodes echoes all through both agents' restart,
+    // and a new one connects while they are down.
+    let to_web = SocketAddr::new(web4, 8080);
+    let mut conn = client
+        .ns
+        .run(move || TcpStream::connect_timeout(&to_web, ALLOWED))??;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let pinger = std::thread::spawn(move || -> (u64, bool) {
+        let mut echoes = 0;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            if !weft_netns_testing::echo(&mut conn, ALLOWED) {
+                return (echoes, false);
+            }
+            echoes += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (echoes, true)
+    });
     a1.stop();
+    a2.stop();
+    tcp(
+        &client,
+        web4,
+        8080,
+        true,
+        &format!("{mode} with both agents down"),
+    )?;
     let a1 = n1.spawn_agent(Path::new(AGENT), manifests.path(), &args)?;
+    let a2 = n2.spawn_agent(Path::new(AGENT), manifests.path(), &args)?;
     std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (echoes, alive) = pinger
+        .join()
+        .map_err(|_| anyhow::anyhow!("the echo thread panicked"))?;
+    ensure!(
+        alive && echoes > 10,
+        "{mode}: the connection across nodes broke over the restart after {echoes} echoes"
+    );
+    eprintln!("{mode}: {echoes} echoes across the nodes through both agents' restart");
     tcp(
         &client,
         web4,
