@@ -77,6 +77,10 @@ pub struct Metrics {
     pub map_capacity: Family<MapLabel, Gauge>,
     pub attached_interfaces: Gauge,
     pub last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub remote_pod_cidrs: Gauge,
+    pub remote_pod_cidrs_skipped: Gauge,
+    pub route_errors: Counter,
+    pub route_update_seconds: Histogram,
     seen: Arc<Mutex<Seen>>,
 }
 
@@ -128,6 +132,12 @@ impl Metrics {
             map_capacity: Family::default(),
             attached_interfaces: Gauge::default(),
             last_sync: Gauge::default(),
+            remote_pod_cidrs: Gauge::default(),
+            remote_pod_cidrs_skipped: Gauge::default(),
+            route_errors: Counter::default(),
+            route_update_seconds: Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
             seen: Arc::default(),
         };
         registry.register(
@@ -194,6 +204,28 @@ impl Metrics {
             "attached_interfaces",
             "Interfaces carrying the datapath's tcx links",
             m.attached_interfaces.clone(),
+        );
+        registry.register(
+            "remote_pod_cidrs",
+            "Other nodes' pod CIDRs routed (direct routing or VXLAN), from the Node objects",
+            m.remote_pod_cidrs.clone(),
+        );
+        registry.register(
+            "remote_pod_cidrs_skipped",
+            "Other nodes' pod CIDRs not routed (overlapping this node's or another's, or of a \
+             family the underlay cannot carry); each is logged",
+            m.remote_pod_cidrs_skipped.clone(),
+        );
+        registry.register(
+            "route_errors",
+            "Failed updates of the routes to other nodes (retried at the next change and every \
+             30 s)",
+            m.route_errors.clone(),
+        );
+        registry.register(
+            "route_update_seconds",
+            "Time to reconcile the routes to other nodes with the Node objects",
+            m.route_update_seconds.clone(),
         );
         registry.register(
             "last_sync_timestamp_seconds",

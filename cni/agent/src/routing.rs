@@ -772,7 +772,12 @@ impl Router {
 /// Follows the index's Nodes until the task is aborted: a reconciliation after the source's
 /// first sync, after every index change, and every [`RESYNC`]. A failure is logged (once
 /// while it repeats) and retried at the next change or resync.
-pub async fn run(mut router: Router, index: Index, readiness: Readiness) {
+pub async fn run(
+    mut router: Router,
+    index: Index,
+    readiness: Readiness,
+    metrics: crate::metrics::Metrics,
+) {
     let mut generation = index.generation();
     while !readiness.is_ready() {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -801,6 +806,15 @@ pub async fn run(mut router: Router, index: Index, readiness: Readiness) {
                             "routes to other nodes updated"
                         );
                     }
+                    metrics
+                        .remote_pod_cidrs
+                        .set(i64::try_from(desired.routes.len()).unwrap_or(i64::MAX));
+                    metrics
+                        .remote_pod_cidrs_skipped
+                        .set(i64::try_from(desired.skipped.len()).unwrap_or(i64::MAX));
+                    metrics
+                        .route_update_seconds
+                        .observe(start.elapsed().as_secs_f64());
                     if desired.skipped != last_skipped {
                         for s in &desired.skipped {
                             tracing::warn!("not routed: {s}");
@@ -812,6 +826,7 @@ pub async fn run(mut router: Router, index: Index, readiness: Readiness) {
                 }
                 Err(e) => {
                     let msg = e.to_string();
+                    metrics.route_errors.inc();
                     if last_error.as_deref() != Some(&msg) {
                         tracing::warn!(error = %msg, "updating the routes to other nodes failed; retrying at the next change");
                     }

@@ -124,6 +124,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         router,
         index.clone(),
         readiness.clone(),
+        metrics.clone(),
     )));
 
     let agent = Agent::new(

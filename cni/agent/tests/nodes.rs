@@ -253,6 +253,18 @@ fn cross_node(mode: &str) -> Result<()> {
         .with_context(|| format!("{}: {}", node.name, agent_routes(node).unwrap_or_default()))?;
     }
 
+    // The same, as the agent counts it.
+    let (_, metrics) = weft_netns_testing::http_get(
+        &n1.ns.name,
+        SocketAddr::from(([127, 0, 0, 1], 9964)),
+        "/metrics",
+    )?;
+    ensure!(
+        support::metric(&metrics, "weft_cni_remote_pod_cidrs") == Some(2.0)
+            && support::metric(&metrics, "weft_cni_route_errors_total") == Some(0.0),
+        "{mode}: routing metrics:\n{metrics}"
+    );
+
     let client = n1.add_pod(&plugin, ("alpha", "client"), None)?;
     let stranger = n1.add_pod(&plugin, ("alpha", "stranger"), None)?;
     let web = n2.add_pod(&plugin, ("alpha", "web"), None)?;
