@@ -77,12 +77,15 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Action {
     match holder {
         Some(h) if h == me => Action::Renew,
         Some(h) => {
+            // In microseconds, as renewTime is written (a MicroTime): whole seconds would let a
+            // follower take over up to a second before the lease ends.
             let valid_until = spec.renew_time.as_ref().map(|t| {
-                t.0.as_second()
-                    .saturating_add(i64::from(spec.lease_duration_seconds.unwrap_or(0)))
+                t.0.as_microsecond().saturating_add(
+                    i64::from(spec.lease_duration_seconds.unwrap_or(0)).saturating_mul(1_000_000),
+                )
             });
             match valid_until {
-                Some(until) if until > now.as_second() => Action::Follow { holder: h },
+                Some(until) if until > now.as_microsecond() => Action::Follow { holder: h },
                 _ => Action::TakeOver { previous: Some(h) },
             }
         }
@@ -256,6 +259,23 @@ mod tests {
                 previous: Some("b".into())
             }
         );
+        // Sub-second: renewed at 100.9 for 2 s is valid until 102.9, not 102.0.
+        let renewed = LeaseSpec {
+            renew_time: Some(MicroTime(Timestamp::from_millisecond(100_900).unwrap())),
+            ..spec(Some("b"), 0, 2)
+        };
+        for (ms, follows) in [(102_000, true), (102_899, true), (102_900, false)] {
+            let got = decide(
+                Some(&renewed),
+                "a",
+                Timestamp::from_millisecond(ms).unwrap(),
+            );
+            assert_eq!(
+                got == Action::Follow { holder: "b".into() },
+                follows,
+                "at {ms} ms: {got:?}"
+            );
+        }
         // Released (no holder) or never renewed.
         assert_eq!(
             decide(Some(&spec(None, 99, 15)), "a", at(100)),
