@@ -31,8 +31,9 @@ pub enum CniCommand {
     /// Show each node agent's state: ready, last policy sync, endpoints and attached
     /// programs, policies, eBPF map fill levels, and problems to act on.
     ///
-    /// Reads GET /status from every --agent given (default: this node's). Exits 1 when an
-    /// agent cannot be reached or reports a problem.
+    /// Reads GET /status from every --agent given (default: this node's), or with
+    /// --all-nodes from every agent pod the API server lists (your kubeconfig). Exits 1 when
+    /// an agent cannot be reached or reports a problem, 2 when the API server cannot be asked.
     Status(StatusArgs),
 }
 
@@ -46,6 +47,17 @@ pub struct StatusArgs {
         value_delimiter = ','
     )]
     pub agents: Vec<String>,
+    /// Ask every node: the weft-cni-agent pods (label app.kubernetes.io/name=weft-cni-agent)
+    /// in --namespace, each at its pod address (the node's: the agent uses the host network)
+    /// and --port. Instead of --agent.
+    #[arg(long, conflicts_with = "agents")]
+    pub all_nodes: bool,
+    /// The control plane's namespace, for --all-nodes.
+    #[arg(short = 'n', long, default_value = "weft")]
+    pub namespace: String,
+    /// The agents' metrics port, for --all-nodes (the chart's cni.metricsPort).
+    #[arg(long, default_value_t = 9964)]
+    pub port: u16,
     /// Output: text, or json (one array with each agent's answer, or its error).
     #[arg(short = 'o', long = "output", default_value = "text", value_parser = ["text", "json"])]
     pub output: String,
@@ -84,10 +96,26 @@ pub fn run(args: &CniArgs) -> ExitCode {
             }
         },
         CniCommand::Status(a) => {
-            let answers: Vec<(String, Result<NodeStatus, String>)> = a
-                .agents
-                .iter()
-                .map(|agent| (agent.clone(), fetch_status(agent)))
+            let targets = if a.all_nodes {
+                match discover_agents(&a.namespace, a.port) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("weft cni status: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            } else {
+                a.agents.iter().map(|x| (x.clone(), None)).collect()
+            };
+            let answers: Vec<(String, Result<NodeStatus, String>)> = targets
+                .into_iter()
+                .map(|(agent, problem)| {
+                    let answer = match problem {
+                        Some(p) => Err(p),
+                        None => fetch_status(&agent),
+                    };
+                    (agent, answer)
+                })
                 .collect();
             let text = if a.output == "json" {
                 status_json(&answers)
@@ -159,6 +187,95 @@ pub struct StatusMap {
     pub kind: String,
     pub entries: u64,
     pub max_entries: u32,
+}
+
+/// The agents `--all-nodes` asks: each agent pod's `address:port`, or why it cannot be asked
+/// (no address yet). An error says why the API server could not be listed.
+pub fn discover_agents(
+    namespace: &str,
+    port: u16,
+) -> Result<Vec<(String, Option<String>)>, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting a runtime: {e}"))?;
+    runtime.block_on(async {
+        let config = kube::Config::infer()
+            .await
+            .map_err(|e| format!("no usable kubeconfig: {e}"))?;
+        let server = config.cluster_url.to_string();
+        let client = kube::Client::try_from(config).map_err(|e| format!("{server}: {e}"))?;
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::namespaced(client, namespace);
+        let selector = format!("{AGENT_LABEL}={AGENT_NAME}");
+        let list = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            pods.list(&kube::api::ListParams::default().labels(&selector)),
+        )
+        .await
+        .map_err(|_| format!("{server}: no answer within 10 s"))?
+        .map_err(|e| format!("{server}: listing pods {selector} in namespace {namespace}: {e}"))?;
+        Ok(agent_targets(&list.items, namespace, port))
+    })
+}
+
+/// The label and value of the chart's agent pods.
+pub const AGENT_LABEL: &str = "app.kubernetes.io/name";
+pub const AGENT_NAME: &str = "weft-cni-agent";
+
+/// Each agent pod's target, sorted by node: `podIP:port`, or the pod with why it has none.
+pub fn agent_targets(
+    pods: &[k8s_openapi::api::core::v1::Pod],
+    namespace: &str,
+    port: u16,
+) -> Vec<(String, Option<String>)> {
+    let mut out: Vec<(String, String, Option<String>)> = pods
+        .iter()
+        // The API server filtered by the selector already; a server that did not (or a
+        // list from elsewhere) still yields only agents.
+        .filter(|p| {
+            p.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(AGENT_LABEL))
+                .map(String::as_str)
+                == Some(AGENT_NAME)
+        })
+        .map(|p| {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            let node = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .unwrap_or_else(|| "(unscheduled)".into());
+            let ip = p
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse::<std::net::IpAddr>().ok());
+            match ip {
+                Some(ip) => (node, std::net::SocketAddr::new(ip, port).to_string(), None),
+                None => {
+                    let why = format!(
+                        "pod {namespace}/{name} on node {node} has no address yet \
+                         (kubectl -n {namespace} describe pod {name})"
+                    );
+                    (node, format!("{namespace}/{name}"), Some(why))
+                }
+            }
+        })
+        .collect();
+    out.sort();
+    if out.is_empty() {
+        return vec![(
+            format!("{namespace}/{AGENT_LABEL}={AGENT_NAME}"),
+            Some(format!(
+                "no weft-cni-agent pods in namespace {namespace}: is the CNI installed \
+                 (cni.enabled) in this namespace (-n)?"
+            )),
+        )];
+    }
+    out.into_iter().map(|(_, t, p)| (t, p)).collect()
 }
 
 /// GET /status from one agent.

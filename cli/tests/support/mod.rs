@@ -241,3 +241,17 @@ pub fn sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter(|s| s.name == name && labels.iter().all(|(k, v)| s.label(k) == Some(*v)))
         .fold(0.0, |total, s| total + s.value)
 }
+
+/// A kubeconfig in `dir` for an API server at `server` (the fake one: no credentials).
+pub fn kubeconfig(dir: &std::path::Path, server: &str) -> String {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{server}\"}}\n\
+users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: fake\n"
+        ),
+    )
+    .expect("writing the kubeconfig");
+    path.to_str().expect("utf-8 path").to_string()
+}
