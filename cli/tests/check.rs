@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on unexpected errors
 
+mod support;
+
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
@@ -26,19 +28,6 @@ fn weft(args: &[&str], kubeconfig: &str) -> Output {
         .env("HOME", "/nonexistent")
         .env_remove("KUBERNETES_SERVICE_HOST");
     cmd.output().unwrap()
-}
-
-fn kubeconfig(dir: &Path, server: &str) -> String {
-    let path = dir.join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{server}\"}}\n\
-users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: fake\n"
-        ),
-    )
-    .unwrap();
-    path.to_str().unwrap().to_string()
 }
 
 fn pod(ns: &str, name: &str, labels: Value, annotations: Value, ready: bool, node: &str) -> Value {
@@ -281,7 +270,7 @@ fn find<'a>(checks: &'a [Value], description: &str) -> &'a Value {
 async fn a_healthy_installation_passes_and_each_fault_is_named() {
     let fake = FakeApiServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = kubeconfig(dir.path(), &format!("http://{}", fake.addr()));
+    let config = support::kubeconfig(dir.path(), &format!("http://{}", fake.addr()));
     let world = World::new();
     world.install(&fake);
     let run = |extra: Vec<&'static str>| {
@@ -570,7 +559,7 @@ async fn a_healthy_installation_passes_and_each_fault_is_named() {
 async fn pre_install_checks_the_cluster_and_refuses_a_second_install() {
     let fake = FakeApiServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = kubeconfig(dir.path(), &format!("http://{}", fake.addr()));
+    let config = support::kubeconfig(dir.path(), &format!("http://{}", fake.addr()));
     let run = |config: String| tokio::task::spawn_blocking(move || check_json(&config, &["--pre"]));
 
     // An empty cluster: fine, with a warning for the missing Gateway API.
@@ -610,7 +599,7 @@ async fn an_unreachable_api_server_is_one_failed_check() {
         .local_addr()
         .unwrap()
         .port();
-    let config = kubeconfig(dir.path(), &format!("http://127.0.0.1:{port}"));
+    let config = support::kubeconfig(dir.path(), &format!("http://127.0.0.1:{port}"));
     let (code, checks) =
         tokio::task::spawn_blocking(move || check_json(&config, &["--timeout", "2"]))
             .await

@@ -4,6 +4,8 @@
 //! script reads and the exit status (0 allowed, 1 denied, 2 error).
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -437,19 +439,6 @@ fn unknown_pods_and_bad_ports_are_errors() {
     );
 }
 
-fn kubeconfig(dir: &Path, server: &str) -> String {
-    let path = dir.join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{server}\"}}\n\
-users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: fake\n"
-        ),
-    )
-    .unwrap();
-    path.to_str().unwrap().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_the_cluster_through_a_kubeconfig() {
     use weft_controller::testing::fake_apiserver::FakeApiServer;
@@ -460,7 +449,7 @@ async fn reads_the_cluster_through_a_kubeconfig() {
         fake.apply(value);
     }
     let dir = tempfile::tempdir().unwrap();
-    let config = kubeconfig(dir.path(), &format!("http://{}", fake.addr()));
+    let config = support::kubeconfig(dir.path(), &format!("http://{}", fake.addr()));
     let run = |args: Vec<&'static str>, config: String| {
         tokio::task::spawn_blocking(move || weft(&args, &[("KUBECONFIG", config.as_str())]))
     };
@@ -498,7 +487,7 @@ async fn reads_the_cluster_through_a_kubeconfig() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = closed.local_addr().unwrap();
     drop(closed);
-    let config = kubeconfig(dir.path(), &format!("http://{addr}"));
+    let config = support::kubeconfig(dir.path(), &format!("http://{addr}"));
     let started = std::time::Instant::now();
     let out = run(
         vec![
@@ -1025,7 +1014,7 @@ async fn reads_the_mesh_from_the_cluster_through_a_kubeconfig() {
         fake.apply(serde_yaml_to_json(doc));
     }
     let dir = tempfile::tempdir().unwrap();
-    let config = kubeconfig(dir.path(), &format!("http://{}", fake.addr()));
+    let config = support::kubeconfig(dir.path(), &format!("http://{}", fake.addr()));
     let out = tokio::task::spawn_blocking(move || {
         weft(
             &[

@@ -246,7 +246,7 @@ fn stat_from_the_proxies_shows_what_they_counted() {
         let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(doc).unwrap();
         fake.apply(serde_json::to_value(value).unwrap());
     }
-    let config = kubeconfig(dir.path(), &format!("http://{}", fake.addr()));
+    let config = support::kubeconfig(dir.path(), &format!("http://{}", fake.addr()));
     let out = Command::new(env!("CARGO_BIN_EXE_weft"))
         .args([
             "stat", "deploy", "-o", "json", "--window", "2s", "--source", "kube",
@@ -269,19 +269,6 @@ fn stat_from_the_proxies_shows_what_they_counted() {
 
     let (status, output) = demo.stop();
     assert!(status.success(), "{output}");
-}
-
-fn kubeconfig(dir: &Path, server: &str) -> String {
-    let path = dir.join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{server}\"}}\n\
-users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: fake\n"
-        ),
-    )
-    .unwrap();
-    path.to_str().unwrap().to_string()
 }
 
 /// Pods `books-…` and `web-…` of Deployments books and web (pod-template-hash), at
@@ -569,7 +556,7 @@ fn proxy_and_source_errors_name_what_was_wrong() {
     );
     let closed = closed_port();
     let dir = tempfile::tempdir().unwrap();
-    let config = kubeconfig(dir.path(), &format!("http://{closed}"));
+    let config = support::kubeconfig(dir.path(), &format!("http://{closed}"));
     fails_with_env(
         &["--source", "kube", "--timeout", "3"],
         &[("KUBECONFIG", config.as_str())],
