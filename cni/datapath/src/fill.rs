@@ -22,17 +22,6 @@ pub struct MapFill {
     pub max_entries: u32,
 }
 
-impl MapFill {
-    /// `entries / max_entries`, 0 for a map of no capacity.
-    pub fn ratio(&self) -> f64 {
-        if self.max_entries == 0 {
-            0.0
-        } else {
-            self.entries as f64 / f64::from(self.max_entries)
-        }
-    }
-}
-
 fn keyed_kind(t: MapType) -> Option<&'static str> {
     Some(match t {
         MapType::Hash => "hash",

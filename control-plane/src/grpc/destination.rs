@@ -143,12 +143,11 @@ pub fn caller_namespace(
     let Some(caller) = caller else {
         return Ok(claimed.to_string());
     };
-    let verified = caller
-        .strip_prefix(&format!("spiffe://{trust_domain}/ns/"))
-        .and_then(|rest| rest.split_once("/sa/"))
-        .map(|(ns, _)| ns)
-        .filter(|ns| !ns.is_empty());
-    match verified {
+    let verified = crate::identity::SpiffeId::parse(caller)
+        .ok()
+        .filter(|id| id.trust_domain == trust_domain)
+        .map(|id| id.service_account.namespace);
+    match verified.as_deref() {
         Some(ns) if claimed.is_empty() || claimed == ns => Ok(ns.to_string()),
         Some(ns) => Err(Status::permission_denied(format!(
             "{caller} may not ask as namespace {claimed:?}: its certificate is of namespace \
