@@ -120,22 +120,6 @@ fn wsv_ns(tag: &str) -> Result<Netns> {
     Netns::named(weft_netns_testing::unique("wsv", tag))
 }
 
-struct Pod {
-    ns: Netns,
-    ip: IpAddr,
-}
-
-fn add_pod(node: &Netns, plugin: &Path, conf: &Value, name: &'static str) -> Result<Pod> {
-    let ns = wsv_ns(name)?;
-    let cid = weft_netns_testing::unique("wsv", name);
-    let (code, out) = cni(node, plugin, "ADD", &cid, &ns.path(), ("shop", name), conf)?;
-    ensure!(code == 0, "ADD {name} failed: {out}");
-    Ok(Pod {
-        ip: result_ip(&out)?,
-        ns,
-    })
-}
-
 /// A TCP server in a pod that greets every connection with its name (5 bytes) and answers
 /// each later read with it again, and a UDP one that answers every datagram with it.
 /// Threads end with the process.
@@ -244,28 +228,13 @@ fn cluster_ips_balance_refuse_follow_endpoints_and_keep_policy() -> Result<()> {
     if !require_root("cluster_ips") {
         return Ok(());
     }
-    let plugin = workspace_bin("weft-cni", "weft-cni");
-    let tmp = tempfile::tempdir()?;
-    let manifests = tmp.path().join("manifests");
-    std::fs::create_dir(&manifests)?;
-    write_manifest(&manifests, "pods.yaml", PODS)?;
-    let pins = PinDir::new();
-    let dirs = AgentDirs {
-        manifests: manifests.clone(),
-        pin_dir: pins.0.clone(),
-        state_dir: tmp.path().join("state"),
-        socket: tmp.path().join("cni.sock"),
-        log: tmp.path().join("agent.log"),
-    };
-    let node = wsv_ns("node")?;
-    node.ip(&["addr", "add", "10.250.0.1/32", "dev", "lo"])?;
-    let mut agent = Agent::start(&node, &dirs)?;
-    let hl = HostLocal::new()?;
-    let conf = plugin_conf(&dirs.socket, hl.ipam("10.78.0.0/24"));
+    let mut world = Node::start(&[("pods.yaml", PODS)], "10.78.0.0/24")?;
+    let (node, plugin, conf) = (&world.node, &world.plugin, &world.conf);
+    let (manifests, pins, dirs) = (&world.manifests, &world.pins, &world.dirs);
 
-    let client = add_pod(&node, &plugin, &conf, "client")?;
-    let a = add_pod(&node, &plugin, &conf, "web-a")?;
-    let b = add_pod(&node, &plugin, &conf, "web-b")?;
+    let client = add_pod(node, plugin, conf, ("shop", "client"))?;
+    let a = add_pod(node, plugin, conf, ("shop", "web-a"))?;
+    let b = add_pod(node, plugin, conf, ("shop", "web-b"))?;
     name_servers(&a.ns, "web-a")?;
     name_servers(&b.ns, "web-b")?;
     let vip: IpAddr = VIP.parse()?;
@@ -275,7 +244,7 @@ fn cluster_ips_balance_refuse_follow_endpoints_and_keep_policy() -> Result<()> {
     // Both endpoints ready: TCP and UDP to the ClusterIP spread over both, answered from it.
     let since = Instant::now();
     write_manifest(
-        &manifests,
+        manifests,
         "slices.yaml",
         &slice(&[(a.ip, "web-a", true), (b.ip, "web-b", true)]),
     )?;
@@ -301,7 +270,7 @@ fn cluster_ips_balance_refuse_follow_endpoints_and_keep_policy() -> Result<()> {
 
     // sessionAffinity ClientIP: every new connection of the client goes to one backend.
     write_manifest(
-        &manifests,
+        manifests,
         "sticky.yaml",
         &slice(&[(a.ip, "web-a", true), (b.ip, "web-b", true)])
             .replace("name: web-1", "name: sticky-1")
@@ -349,7 +318,7 @@ fn cluster_ips_balance_refuse_follow_endpoints_and_keep_policy() -> Result<()> {
     // web-b not ready: new connections go to web-a only, within 1 s.
     let since = Instant::now();
     write_manifest(
-        &manifests,
+        manifests,
         "slices.yaml",
         &slice(&[(a.ip, "web-a", true), (b.ip, "web-b", false)]),
     )?;
@@ -364,7 +333,7 @@ fn cluster_ips_balance_refuse_follow_endpoints_and_keep_policy() -> Result<()> {
     // And back.
     let since = Instant::now();
     write_manifest(
-        &manifests,
+        manifests,
         "slices.yaml",
         &slice(&[(a.ip, "web-a", true), (b.ip, "web-b", true)]),
     )?;
@@ -375,7 +344,7 @@ fn cluster_ips_balance_refuse_follow_endpoints_and_keep_policy() -> Result<()> {
 
     // Egress policy is judged on the backend: allowing the web pods' 8080 lets
     // ClusterIP:80 through; allowing only their 9999 does not.
-    write_manifest(&manifests, "policy.yaml", &egress_policy(8080))?;
+    write_manifest(manifests, "policy.yaml", &egress_policy(8080))?;
     let dp = weft_datapath::Datapath::open(&pins.0)?;
     let deadline = Instant::now() + Duration::from_secs(5);
     while !dp.endpoints()?.values().any(|e| e.flags.bits() != 0) {
@@ -386,7 +355,7 @@ fn cluster_ips_balance_refuse_follow_endpoints_and_keep_policy() -> Result<()> {
         spread(&client.ns, http, 10)?.len() == 2,
         "allowed: the backends' port 8080"
     );
-    write_manifest(&manifests, "policy.yaml", &egress_policy(9999))?;
+    write_manifest(manifests, "policy.yaml", &egress_policy(9999))?;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match tcp_name(&client.ns, http)? {
@@ -405,12 +374,12 @@ fn cluster_ips_balance_refuse_follow_endpoints_and_keep_policy() -> Result<()> {
 
     // An agent restart adopts the pinned services: the held connection keeps its backend,
     // new connections are balanced with the agent down and after it is back.
-    agent.stop();
+    world.agent.stop();
     ensure!(
         spread(&client.ns, http, 20)?.len() == 2,
         "balanced with the agent down"
     );
-    let agent = Agent::start(&node, &dirs)?;
+    let agent = Agent::start(node, dirs)?;
     held.write_all(b"still there?")?;
     let mut again = [0u8; 5];
     held.read_exact(&mut again)?;
@@ -438,7 +407,7 @@ fn cluster_ips_balance_refuse_follow_endpoints_and_keep_policy() -> Result<()> {
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let (code, text) = http_get(&node, IpAddr::from([127, 0, 0, 1]), "/metrics")?;
+        let (code, text) = http_get(node, IpAddr::from([127, 0, 0, 1]), "/metrics")?;
         ensure!(code == 200, "/metrics: {code}");
         // web TCP + UDP, lonely TCP + UDP, sticky TCP; two backends on web's and sticky's.
         if metric(&text, "weft_cni_service_frontends") == Some(5.0)
@@ -633,35 +602,20 @@ fn a_meshed_client_is_routed_by_its_proxy_and_a_plain_one_by_ebpf() -> Result<()
     if !require_root("meshed_and_plain_clients") {
         return Ok(());
     }
-    let plugin = workspace_bin("weft-cni", "weft-cni");
     let proxy = workspace_bin("weft-proxy", "weft-proxy");
     let controller = workspace_bin("weft-controller", "weft-controller");
     let init = workspace_bin("weft-init", "weft-injector");
-    let tmp = tempfile::tempdir()?;
-    let manifests = tmp.path().join("manifests");
-    std::fs::create_dir(&manifests)?;
-    write_manifest(&manifests, "pods.yaml", MESH_PODS)?;
-    let pins = PinDir::new();
-    let dirs = AgentDirs {
-        manifests: manifests.clone(),
-        pin_dir: pins.0.clone(),
-        state_dir: tmp.path().join("state"),
-        socket: tmp.path().join("cni.sock"),
-        log: tmp.path().join("agent.log"),
-    };
-    let node = wsv_ns("mnode")?;
-    node.ip(&["addr", "add", "10.250.0.1/32", "dev", "lo"])?;
-    let _agent = Agent::start(&node, &dirs)?;
-    let hl = HostLocal::new()?;
-    let conf = plugin_conf(&dirs.socket, hl.ipam("10.79.0.0/24"));
-    let plain = add_pod(&node, &plugin, &conf, "plain")?;
-    let meshed = add_pod(&node, &plugin, &conf, "meshed")?;
-    let a = add_pod(&node, &plugin, &conf, "web-a")?;
-    let b = add_pod(&node, &plugin, &conf, "web-b")?;
+    let world = Node::start(&[("pods.yaml", MESH_PODS)], "10.79.0.0/24")?;
+    let (node, plugin, conf) = (&world.node, &world.plugin, &world.conf);
+    let (manifests, pins, tmp) = (&world.manifests, &world.pins, &world.tmp);
+    let plain = add_pod(node, plugin, conf, ("shop", "plain"))?;
+    let meshed = add_pod(node, plugin, conf, ("shop", "meshed"))?;
+    let a = add_pod(node, plugin, conf, ("shop", "web-a"))?;
+    let b = add_pod(node, plugin, conf, ("shop", "web-b"))?;
     name_servers(&a.ns, "web-a")?;
     name_servers(&b.ns, "web-b")?;
     write_manifest(
-        &manifests,
+        manifests,
         "slices.yaml",
         &slice(&[(a.ip, "web-a", true), (b.ip, "web-b", true)]).replace(
             "addressType: IPv4\n",
@@ -689,7 +643,7 @@ fn a_meshed_client_is_routed_by_its_proxy_and_a_plain_one_by_ebpf() -> Result<()
     let controller_log = tmp.path().join("controller.log");
     let _controller = spawn_logged(cmd, controller_log.clone())?;
     wait_http_ok(
-        &node,
+        node,
         "127.0.0.1:9990".parse()?,
         "/ready",
         "weft-controller",
@@ -818,23 +772,15 @@ fn dual_stack_cluster_ips() -> Result<()> {
     if !require_root("dual_stack_cluster_ips") {
         return Ok(());
     }
-    let plugin = workspace_bin("weft-cni", "weft-cni");
-    let tmp = tempfile::tempdir()?;
-    let manifests = tmp.path().join("manifests");
-    std::fs::create_dir(&manifests)?;
-    write_manifest(&manifests, "pods.yaml", DUAL_PODS)?;
-    let pins = PinDir::new();
-    let dirs = AgentDirs {
-        manifests: manifests.clone(),
-        pin_dir: pins.0.clone(),
-        state_dir: tmp.path().join("state"),
-        socket: tmp.path().join("cni.sock"),
-        log: tmp.path().join("agent.log"),
-    };
-    let node = wsv_ns("dnode")?;
-    node.ip(&["addr", "add", "10.250.0.1/32", "dev", "lo"])?;
-    let _agent = Agent::start(&node, &dirs)?;
-    let hl = HostLocal::new()?;
+    let world = Node::start(&[("pods.yaml", DUAL_PODS)], "10.84.0.0/24")?;
+    let (node, plugin, manifests, pins, dirs, hl) = (
+        &world.node,
+        &world.plugin,
+        &world.manifests,
+        &world.pins,
+        &world.dirs,
+        &world.hl,
+    );
     let ipam = serde_json::json!({"type": "host-local", "dataDir": hl.dir.path(),
         "ranges": [[{"subnet": "10.84.0.0/24"}], [{"subnet": "fd00:84::/64"}]]});
     let conf = plugin_conf(&dirs.socket, ipam);
@@ -842,15 +788,7 @@ fn dual_stack_cluster_ips() -> Result<()> {
     for name in ["client", "web-a", "web-b"] {
         let ns = wsv_ns(name)?;
         let cid = weft_netns_testing::unique("wsv", name);
-        let (code, out) = cni(
-            &node,
-            &plugin,
-            "ADD",
-            &cid,
-            &ns.path(),
-            ("shop", name),
-            &conf,
-        )?;
+        let (code, out) = cni(node, plugin, "ADD", &cid, &ns.path(), ("shop", name), &conf)?;
         ensure!(code == 0, "ADD {name}: {out}");
         let ips = result_ips(&out)?;
         ensure!(ips.len() == 2 && ips[1].is_ipv6(), "{name}: {ips:?}");
@@ -867,7 +805,7 @@ fn dual_stack_cluster_ips() -> Result<()> {
         )
     };
     write_manifest(
-        &manifests,
+        manifests,
         "slices.yaml",
         &format!("{}---\n{}", slice_of(0, "IPv4"), slice_of(1, "IPv6")),
     )?;
