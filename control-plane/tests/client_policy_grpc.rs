@@ -145,19 +145,29 @@ async fn route_edits_reach_the_stream_within_a_second() {
     let quiet = tokio::time::timeout(Duration::from_millis(800), stream.message()).await;
     assert!(quiet.is_err(), "no duplicate policy: {quiet:?}");
 
-    // An invalid edit leaves the route out (the last good file is not
-    // kept for routes: the route is not accepted), the proxy gets the
-    // default policy for the service; fixing it brings the route back.
-    dir.write(
-        "route.yaml",
-        &split(50, 50).replace(
+    // An invalid route never breaks the proxy: an edit that makes the
+    // live route invalid (a bad regex: not accepted; a document that no
+    // longer decodes: skipped) leaves its last accepted version in force,
+    // so the stream sends nothing (no policy without the route).
+    for broken in [
+        split(10, 90).replace(
+            "  - backendRefs:",
+            "  - matches: [{path: {type: RegularExpression, value: '/a(b'}}]\n    backendRefs:",
+        ),
+        split(10, 90).replace(
             "  - backendRefs:",
             "  - filters: [{type: RequestMirror}]\n    backendRefs:",
         ),
-    );
-    let broken = next(&mut stream, Duration::from_secs(1)).await;
-    assert!(broken.routes.is_empty(), "{broken:?}");
-    assert_eq!(broken.source, "default");
+        split(10, 90).replace("weight: 90", "weight: ninety"),
+    ] {
+        dir.write("route.yaml", &broken);
+        let quiet = tokio::time::timeout(Duration::from_millis(800), stream.message()).await;
+        assert!(
+            quiet.is_err(),
+            "the last accepted route stays in force: {quiet:?}\n{broken}"
+        );
+    }
+    // A valid edit is followed again.
     dir.write("route.yaml", &split(0, 100));
     let fixed = next(&mut stream, Duration::from_secs(1)).await;
     assert_eq!(

@@ -346,7 +346,7 @@ fn inbound_routes(
         if key.namespace != server.meta.key.namespace {
             continue; // a route attaches to Servers of its own namespace only
         }
-        let Some(route) = state.route(*kind, key) else {
+        let Some(route) = state.route_in_force(*kind, key) else {
             continue;
         };
         match rule_matches(route) {

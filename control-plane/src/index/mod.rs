@@ -70,10 +70,20 @@ pub struct State {
     pub slices_by_service: HashMap<ObjectKey, BTreeSet<String>>,
     /// Pod → slices that point at it.
     pub slices_by_pod: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// The latest version of each HTTPRoute and GRPCRoute (what status is
+    /// written for), valid or not.
     pub http_routes: HashMap<ObjectKey, Arc<Route>>,
     pub grpc_routes: HashMap<ObjectKey, Arc<Route>>,
+    /// The last accepted version of each route whose latest version cannot
+    /// be applied ([`outbound::route_problem`]: a bad regex, an unsupported
+    /// filter): it stays in force for traffic until the route is fixed or
+    /// deleted, so an edit that breaks a live route never changes what
+    /// proxies do. A route that was never valid has no entry and is left
+    /// out. Read routes for traffic through [`State::route_in_force`].
+    pub held_routes: HashMap<(Kind, ObjectKey), Arc<Route>>,
     pub policies: HashMap<ObjectKey, Arc<Policy>>,
-    /// Service → the routes (kind, key) that name it as a parent.
+    /// Service → the routes (kind, key) whose version in force names it as
+    /// a parent.
     pub routes_by_parent: HashMap<ObjectKey, BTreeSet<(Kind, ObjectKey)>>,
     /// Service → the BackendPolicies that target it.
     pub policies_by_target: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
@@ -84,7 +94,8 @@ pub struct State {
     pub servers: HashMap<ObjectKey, Arc<IndexedServer>>,
     /// AuthorizationPolicies.
     pub authorizations: HashMap<ObjectKey, Arc<IndexedAuthorization>>,
-    /// Server → the routes (kind, key) that name it as a parent.
+    /// Server → the routes (kind, key) whose version in force names it as
+    /// a parent.
     pub routes_by_server: HashMap<ObjectKey, BTreeSet<(Kind, ObjectKey)>>,
     /// Namespace → names of its Servers.
     pub servers_by_namespace: HashMap<String, BTreeSet<String>>,
@@ -120,6 +131,40 @@ impl State {
             Kind::GrpcRoute => self.grpc_routes.get(key),
             _ => None,
         }
+    }
+
+    /// The version of a route that applies to traffic: the latest one, or,
+    /// when the latest cannot be applied, the last accepted one
+    /// ([`State::held_routes`]).
+    pub fn route_in_force(&self, kind: Kind, key: &ObjectKey) -> Option<&Arc<Route>> {
+        self.held_routes
+            .get(&(kind, key.clone()))
+            .or_else(|| self.route(kind, key))
+    }
+
+    /// The object of `kind` named `key` as the index holds it (the latest
+    /// version of a route).
+    pub fn object(&self, kind: Kind, key: &ObjectKey) -> Option<Object> {
+        Some(match kind {
+            Kind::Service => Object::Service((**self.services.get(key)?).clone()),
+            Kind::EndpointSlice => Object::EndpointSlice((**self.slices.get(key)?).clone()),
+            Kind::Pod => Object::Pod((**self.pods.get(key)?).clone()),
+            Kind::Namespace => Object::Namespace((**self.namespaces.get(&key.name)?).clone()),
+            Kind::HttpRoute | Kind::GrpcRoute => {
+                Object::Route(Box::new((**self.route(kind, key)?).clone()))
+            }
+            Kind::BackendPolicy => {
+                Object::BackendPolicy(Box::new((**self.policies.get(key)?).clone()))
+            }
+            Kind::NetworkPolicy => {
+                Object::NetworkPolicy(Box::new((**self.network_policies.get(key)?).clone()))
+            }
+            Kind::Server => Object::Server(Box::new((**self.servers.get(key)?).clone())),
+            Kind::AuthorizationPolicy => {
+                Object::AuthorizationPolicy(Box::new((**self.authorizations.get(key)?).clone()))
+            }
+            Kind::Node => Object::Node((**self.nodes.get(&key.name)?).clone()),
+        })
     }
 
     pub fn contains(&self, kind: Kind, key: &ObjectKey) -> bool {
@@ -285,6 +330,11 @@ impl State {
         }
     }
 
+    /// Puts or removes the latest version of a route, and keeps the last
+    /// accepted version in force when the latest cannot be applied (see
+    /// [`State::held_routes`]). The parent indexes and topics follow the
+    /// version in force; a new latest version that leaves it as it was
+    /// still counts as a change (its status differs).
     fn put_route(
         &mut self,
         kind: Kind,
@@ -292,16 +342,44 @@ impl State {
         new: Option<Route>,
         topics: &mut HashSet<Topic>,
     ) -> bool {
+        let entry = (kind, key.clone());
+        let old = self.route(kind, &key).cloned();
+        if old.as_deref() == new.as_ref() {
+            return false;
+        }
+        let old_in_force = self
+            .held_routes
+            .get(&entry)
+            .cloned()
+            .or_else(|| old.clone());
+        let new = new.map(Arc::new);
+        let held = match &new {
+            None => None,
+            Some(n) if outbound::route_problem(n).is_none() => None,
+            // Invalid: what was in force stays, if it was ever accepted.
+            Some(_) => self
+                .held_routes
+                .get(&entry)
+                .cloned()
+                .or_else(|| old.clone().filter(|o| outbound::route_problem(o).is_none())),
+        };
+        let new_in_force = held.clone().or_else(|| new.clone());
+        match held {
+            Some(h) => self.held_routes.insert(entry.clone(), h),
+            None => self.held_routes.remove(&entry),
+        };
         let map = match kind {
             Kind::HttpRoute => &mut self.http_routes,
             _ => &mut self.grpc_routes,
         };
-        let old = map.get(&key).cloned();
-        if old.as_deref() == new.as_ref() {
-            return false;
+        match new {
+            Some(new) => map.insert(key, new),
+            None => map.remove(&key),
+        };
+        if old_in_force == new_in_force {
+            return true;
         }
-        let entry = (kind, key.clone());
-        if let Some(old) = &old {
+        if let Some(old) = &old_in_force {
             for parent in old.parent_services() {
                 topics.insert(Topic::Policy(parent.clone()));
                 remove_from(&mut self.routes_by_parent, &parent, &entry);
@@ -311,26 +389,20 @@ impl State {
                 remove_from(&mut self.routes_by_server, &parent, &entry);
             }
         }
-        match new {
-            Some(new) => {
-                for parent in new.parent_services() {
-                    topics.insert(Topic::Policy(parent.clone()));
-                    self.routes_by_parent
-                        .entry(parent)
-                        .or_default()
-                        .insert(entry.clone());
-                }
-                for parent in new.parent_servers() {
-                    topics.insert(Topic::Inbound(parent.namespace.clone()));
-                    self.routes_by_server
-                        .entry(parent)
-                        .or_default()
-                        .insert(entry.clone());
-                }
-                map.insert(key, Arc::new(new));
+        if let Some(new) = &new_in_force {
+            for parent in new.parent_services() {
+                topics.insert(Topic::Policy(parent.clone()));
+                self.routes_by_parent
+                    .entry(parent)
+                    .or_default()
+                    .insert(entry.clone());
             }
-            None => {
-                map.remove(&key);
+            for parent in new.parent_servers() {
+                topics.insert(Topic::Inbound(parent.namespace.clone()));
+                self.routes_by_server
+                    .entry(parent)
+                    .or_default()
+                    .insert(entry.clone());
             }
         }
         true

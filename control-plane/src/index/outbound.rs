@@ -55,8 +55,12 @@
 //!   (Gateway API durations);
 //! - a route with anything that cannot be applied (bad regex or path,
 //!   unknown match type or method, unsupported filter such as CORS,
-//!   redirect together with rewrite, bad duration or annotation) is left
-//!   out whole and reported `Accepted=False`; the other routes still apply.
+//!   redirect together with rewrite, bad duration or annotation) is
+//!   reported `Accepted=False`; the other routes still apply. If an earlier
+//!   version of it was accepted, that version stays in force (the index
+//!   holds it: [`State::held_routes`]) and the status message says so;
+//!   a route that was never valid is left out whole. Deleting the route
+//!   removes both.
 //!
 //! `settings` (service and each backend): the BackendPolicy targeting the
 //! service (a port-specific targetRef beats a whole-service one, then the
@@ -373,7 +377,7 @@ fn applicable_routes(state: &State, svc: &Service, port: u16, caller_ns: &str) -
     let mut consumer = Vec::new();
     let mut producer = Vec::new();
     for (kind, key) in state.routes_by_parent.get(&svc.key).into_iter().flatten() {
-        let Some(route) = state.route(*kind, key) else {
+        let Some(route) = state.route_in_force(*kind, key) else {
             continue;
         };
         if !route
@@ -1540,7 +1544,13 @@ pub fn route_verdicts(state: &State, route: &Route, config: &OutboundConfig) -> 
                     )
                 } else {
                     match compile_route(state, route, port, config, &mut ignored) {
-                        Err(e) => Verdict::no(e.reason, e.message),
+                        Err(e) => Verdict::no(
+                            e.reason,
+                            match held_note(state, route) {
+                                Some(note) => format!("{}; {note}", e.message),
+                                None => e.message,
+                            },
+                        ),
                         Ok(_) => match conflicting_grpc_route(state, route, svc, p) {
                             Some(other) => Verdict::no(
                                 "Conflicted",
@@ -1559,6 +1569,46 @@ pub fn route_verdicts(state: &State, route: &Route, config: &OutboundConfig) -> 
         });
     }
     out
+}
+
+/// Why `route` cannot be applied whatever else the cluster holds (a bad
+/// regex or path, an unsupported filter or value: what makes it
+/// `Accepted=False` with `UnsupportedValue` or `IncompatibleFilters`), or
+/// `None`. A backendRef that does not resolve is not such a problem (its
+/// share is answered 500), nor is a parentRef to a missing Service. For a
+/// route whose only parents are Servers (an inbound route), its matches
+/// alone count, since only they apply there. The index keeps the last
+/// version without a problem in force ([`State::held_routes`]).
+pub fn route_problem(route: &Route) -> Option<RouteError> {
+    if route.parent_services().next().is_none() && route.parent_servers().next().is_some() {
+        return rule_matches(route).err();
+    }
+    compile_route(
+        &State::default(),
+        route,
+        None,
+        &OutboundConfig::default(),
+        &mut Vec::new(),
+    )
+    .err()
+}
+
+/// When `route` (a latest version that cannot be applied) has an earlier
+/// accepted version still in force: the words that say so in its status.
+pub fn held_note(state: &State, route: &Route) -> Option<String> {
+    let held = state
+        .held_routes
+        .get(&(route.kind(), route.meta.key.clone()))?;
+    if **held == *route {
+        return None;
+    }
+    Some(match held.meta.generation {
+        Some(g) => format!(
+            "the last accepted version (generation {g}) stays in force until the route is fixed or deleted"
+        ),
+        None => "the last accepted version stays in force until the route is fixed or deleted"
+            .to_string(),
+    })
 }
 
 /// For an HTTPRoute: a valid GRPCRoute in the same namespace on the same
@@ -1580,7 +1630,7 @@ fn conflicting_grpc_route(
         if *kind != Kind::GrpcRoute || key.namespace != route.meta.key.namespace {
             continue;
         }
-        let Some(other) = state.route(*kind, key) else {
+        let Some(other) = state.route_in_force(*kind, key) else {
             continue;
         };
         let overlaps = ports.iter().any(|port| {

@@ -17,9 +17,14 @@
 //! Server or AuthorizationPolicy document that does not decode (or, for the
 //! last two, does not convert: a field that cannot be used) is reported once (`path:line: document N:
 //! KIND ns/name: message`, same metric) and skipped, and the rest of the
-//! file loads. One that decodes but cannot be used (a bad regex, an
+//! file loads. For an HTTPRoute or GRPCRoute, its last good version from
+//! that file stays in force (as kube mode keeps an object that stops
+//! converting), and one never loaded stays out; a Server or
+//! AuthorizationPolicy is left out (fail closed: its Server denies), a
+//! BackendPolicy too (the defaults apply). One that decodes but cannot be used (a bad regex, an
 //! unsupported filter) loads, and the compilation marks it not Accepted
-//! (see [`crate::status`]). A NetworkPolicy that does not convert fails
+//! (see [`crate::status`]); its last accepted version stays in force
+//! ([`crate::index::State::held_routes`]). A NetworkPolicy that does not convert fails
 //! its file like a bad Pod (the last good version stays), since dropping
 //! it alone would lift the isolation it gave. Kinds other than Service,
 //! EndpointSlice, Pod, Namespace, NetworkPolicy
@@ -77,6 +82,9 @@ pub struct Loaded {
     /// Route and policy documents that did not decode (each names the
     /// object), skipped without failing the file.
     pub skipped: Vec<ManifestError>,
+    /// The routes among those documents (when their metadata names
+    /// them): the directory source keeps each one's last good version.
+    pub skipped_objects: Vec<(Kind, crate::model::ObjectKey)>,
 }
 
 /// Parses one manifest file: its objects, and the route and policy
@@ -85,6 +93,7 @@ pub struct Loaded {
 pub fn load_manifests(path: &Path, text: &str) -> Result<Loaded, ManifestError> {
     let mut objects = Vec::new();
     let mut skipped = Vec::new();
+    let mut skipped_objects = Vec::new();
     for (doc_index, (start_line, doc)) in split_documents(text).into_iter().enumerate() {
         let err = |line: usize, message: String| ManifestError {
             path: path.to_path_buf(),
@@ -172,6 +181,22 @@ pub fn load_manifests(path: &Path, text: &str) -> Result<Loaded, ManifestError> 
                     Ok(o) => o,
                     Err(e) => {
                         skipped.push(e);
+                        // Routes only: a Server or AuthorizationPolicy that cannot be read is
+                        // left out (its Server then denies: fail closed), a BackendPolicy too
+                        // (the defaults apply).
+                        let model_kind = match kind.as_str() {
+                            "HTTPRoute" => Some(Kind::HttpRoute),
+                            "GRPCRoute" => Some(Kind::GrpcRoute),
+                            _ => None,
+                        };
+                        if let (Some(model_kind), Some(n)) =
+                            (model_kind, name("name").filter(|n| !n.is_empty()))
+                        {
+                            let ns = name("namespace")
+                                .filter(|n| !n.is_empty())
+                                .unwrap_or_else(|| "default".into());
+                            skipped_objects.push((model_kind, crate::model::ObjectKey::new(ns, n)));
+                        }
                         continue;
                     }
                 }
@@ -183,7 +208,11 @@ pub fn load_manifests(path: &Path, text: &str) -> Result<Loaded, ManifestError> 
         };
         objects.push(object);
     }
-    Ok(Loaded { objects, skipped })
+    Ok(Loaded {
+        objects,
+        skipped,
+        skipped_objects,
+    })
 }
 
 fn typed<T: DeserializeOwned>(
@@ -306,10 +335,35 @@ impl DirSource {
                 }),
             };
             match parsed {
-                Ok(Loaded { objects, skipped }) => {
+                Ok(Loaded {
+                    mut objects,
+                    skipped,
+                    skipped_objects,
+                }) => {
                     for error in &skipped {
-                        tracing::warn!(%error, "object skipped; the rest of the file is loaded");
+                        tracing::warn!(%error, "object skipped (Accepted=False); the rest of the file is loaded");
                         self.metrics.manifest_errors.inc();
+                    }
+                    // As in kube mode, an object whose new version cannot be read keeps its
+                    // last good version from this file; one never loaded stays out.
+                    let previous = self.files.get(&path).map(|f| f.objects.as_slice());
+                    for (kind, key) in skipped_objects {
+                        if objects.iter().any(|o| o.kind() == kind && o.key() == key) {
+                            continue;
+                        }
+                        let kept = previous
+                            .into_iter()
+                            .flatten()
+                            .find(|o| o.kind() == kind && o.key() == key);
+                        match kept {
+                            Some(o) => {
+                                tracing::warn!(path = %path.display(), %kind, object = %key, "the last good version of this object stays in force until its document is fixed or removed");
+                                objects.push(o.clone());
+                            }
+                            None => {
+                                tracing::warn!(path = %path.display(), %kind, object = %key, "no good version of this object was ever loaded; it is left out")
+                            }
+                        }
                     }
                     tracing::info!(path = %path.display(), objects = objects.len(), skipped = skipped.len(), "loaded manifests");
                     self.files.insert(
@@ -434,8 +488,11 @@ impl DirSource {
                         servers.join(", ")
                     ),
                     Some(e) => format!(
-                        "inbound route of Server {}: not applied: {e}",
-                        servers.join(", ")
+                        "inbound route of Server {}: not applied: {e}{}",
+                        servers.join(", "),
+                        crate::index::outbound::held_note(&state, route)
+                            .map(|n| format!("; {n}"))
+                            .unwrap_or_default()
                     ),
                 }
             } else if verdicts.is_empty() {
@@ -619,6 +676,67 @@ apiVersion: policy.weft.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {name: p}\n
             loaded.objects[2].key(),
             crate::model::ObjectKey::new("default", "p")
         );
+    }
+
+    /// A route document that stops decoding keeps the object's last good
+    /// version (as kube mode keeps an object that stops converting); one
+    /// never loaded stays out; removing the document removes the object.
+    #[test]
+    fn an_undecodable_edit_keeps_the_last_good_route() {
+        let dir = std::env::temp_dir().join(format!(
+            "weft-dir-keep-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("routes.yaml");
+        let route = |name: &str, rules: &str| {
+            format!("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: web}}]\n  rules: {rules}\n")
+        };
+        let good = "[{backendRefs: [{name: web, port: 80}]}]";
+        let routes = |src: &DirSource| -> Vec<(String, String)> {
+            let mut out: Vec<(String, String)> = src
+                .objects()
+                .into_iter()
+                .filter_map(|o| match o {
+                    Object::Route(r) => Some((r.meta.key.name.clone(), format!("{:?}", r.spec))),
+                    _ => None,
+                })
+                .collect();
+            out.sort();
+            out
+        };
+        std::fs::write(&file, route("r", good)).expect("write");
+        let metrics = Metrics::new();
+        let mut src = DirSource::new(&dir, metrics.clone()).expect("dir");
+        src.scan().expect("scan");
+        let loaded = routes(&src);
+        assert_eq!(loaded.len(), 1, "{loaded:?}");
+
+        std::fs::write(
+            &file,
+            format!("{}---\n{}", route("r", "nope"), route("n", "nope")),
+        )
+        .expect("write");
+        assert!(src.scan().expect("scan"));
+        assert_eq!(
+            routes(&src),
+            loaded,
+            "r keeps its last good version; n never loaded"
+        );
+        assert!(src.errors().is_empty(), "the file itself loads");
+        assert!(metrics
+            .encode()
+            .contains("weft_controller_manifest_errors_total 2"));
+        // Still broken after another change of the file: still kept.
+        std::fs::write(&file, format!("# edited\n{}", route("r", "nope"))).expect("write");
+        assert!(src.scan().expect("scan"));
+        assert_eq!(routes(&src), loaded);
+
+        std::fs::write(&file, "# no routes\n").expect("write");
+        assert!(src.scan().expect("scan"));
+        assert_eq!(routes(&src), []);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

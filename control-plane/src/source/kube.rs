@@ -9,7 +9,9 @@
 //! Re-list semantics: on `Init` the objects of a kind are buffered until
 //! `InitDone`, then [`Index::reset`] replaces that kind in one batch, so an
 //! object deleted while the watch was broken (e.g. after a 410 Gone) is
-//! removed, and readers never see a half-listed kind. `Apply`/`Delete`
+//! removed, and readers never see a half-listed kind. An object that stops
+//! converting keeps its last good version in the index, on a watch event
+//! and on a re-list alike. `Apply`/`Delete`
 //! events apply one by one. Watch errors are logged, counted, and retried
 //! with kube-rs's default backoff. The source is ready once every kind has
 //! completed its first list. A kind whose CRD is not installed (the first
@@ -212,7 +214,12 @@ async fn watch_kind<K>(
                 tracing::debug!(%kind, "listing");
                 buffer.clear();
             }
-            Ok(Event::InitApply(obj)) => buffer.extend(convert(&obj)),
+            // On a re-list too, an object that no longer converts keeps the version the
+            // index holds (else the reset would delete it).
+            Ok(Event::InitApply(obj)) => match convert(&obj) {
+                Some(o) => buffer.push(o),
+                None => buffer.extend(ctx.index.read().object(kind, &key_of(kind, &obj))),
+            },
             Ok(Event::InitDone) => {
                 let applied = ctx.index.reset(kind, std::mem::take(&mut buffer));
                 ctx.metrics.index_changes.inc_by(applied.changed as u64);

@@ -913,3 +913,266 @@ fn request_mirrors_resolve_their_service_like_a_backend() {
         ))
     );
 }
+
+/// A route as one manifest document with a generation.
+fn route_object(yaml: &str) -> crate::model::Object {
+    let mut loaded = load_manifests(Path::new("edit.yaml"), yaml).expect("route parses");
+    assert!(loaded.skipped.is_empty(), "{:?}", loaded.skipped);
+    assert_eq!(loaded.objects.len(), 1);
+    loaded.objects.remove(0)
+}
+
+fn verdict_of(idx: &Index, kind: Kind, name: &str) -> Verdict {
+    let state = idx.read();
+    let route = state
+        .route(kind, &ObjectKey::new("mesh", name))
+        .expect("route indexed");
+    let v = route_verdicts(&state, route, &OutboundConfig::default());
+    assert_eq!(v.len(), 1, "{v:?}");
+    v[0].accepted.clone()
+}
+
+/// "An invalid route never breaks the proxy": an edit that makes a live
+/// route invalid leaves its last accepted version in force while its status
+/// says the new generation is not accepted; a valid edit is followed; a
+/// route that was never valid stays out; deleting removes it.
+#[test]
+fn an_invalid_edit_keeps_the_last_accepted_version_in_force() {
+    let edit = |generation: u32, rules: &str| {
+        route_object(&format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: mesh, generation: {generation}}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: echo}}]\n  rules:\n{rules}\n"
+        ))
+    };
+    let idx = index("");
+    idx.apply([Change::Upsert(edit(
+        1,
+        "  - matches: [{path: {type: PathPrefix, value: /a}}]\n    backendRefs: [{name: echo-v1, port: 80}]",
+    ))]);
+    let accepted = policy(&idx, "echo.mesh:80", "mesh");
+    assert_eq!(
+        render(&accepted),
+        [format!("/a* -> httproute/mesh/r/0 {V1}:80@1")]
+    );
+    assert!(verdict_of(&idx, Kind::HttpRoute, "r").ok);
+
+    // Generation 2 has a bad regex: generation 1 stays in force, and is
+    // what a proxy gets (the same policy, so the stream sends nothing).
+    let bad_regex = "  - matches: [{path: {type: RegularExpression, value: '/a(b'}}]\n    backendRefs: [{name: echo-v2, port: 80}]";
+    let applied = idx.apply([Change::Upsert(edit(2, bad_regex))]);
+    assert_eq!(
+        applied.changed, 1,
+        "the new generation is indexed for status"
+    );
+    assert_eq!(applied.topics, 0, "what proxies get did not change");
+    assert_eq!(policy(&idx, "echo.mesh:80", "mesh"), accepted);
+    let v = verdict_of(&idx, Kind::HttpRoute, "r");
+    assert!(!v.ok, "{v:?}");
+    assert_eq!(v.reason, "UnsupportedValue");
+    assert!(
+        v.message.contains("not a valid regular expression")
+            && v.message
+                .contains("the last accepted version (generation 1) stays in force"),
+        "{v:?}"
+    );
+    // Another invalid edit (an unsupported filter) still keeps generation 1.
+    idx.apply([Change::Upsert(edit(
+        3,
+        "  - filters: [{type: CORS, cors: {}}]\n    backendRefs: [{name: echo-v2, port: 80}]",
+    ))]);
+    assert_eq!(policy(&idx, "echo.mesh:80", "mesh"), accepted);
+    let v = verdict_of(&idx, Kind::HttpRoute, "r");
+    assert!(
+        v.message.contains("CORS") && v.message.contains("(generation 1) stays in force"),
+        "{v:?}"
+    );
+
+    // A valid edit is followed, and nothing is held any more.
+    idx.apply([Change::Upsert(edit(
+        4,
+        "  - matches: [{path: {type: Exact, value: /b}}]\n    backendRefs: [{name: echo-v2, port: 80}]",
+    ))]);
+    assert_eq!(
+        render(&policy(&idx, "echo.mesh:80", "mesh")),
+        [format!("=/b -> httproute/mesh/r/0 {V2}:80@1")]
+    );
+    assert!(idx.read().held_routes.is_empty());
+    let v = verdict_of(&idx, Kind::HttpRoute, "r");
+    assert!(v.ok, "{v:?}");
+
+    // Broken again, then deleted: the held version goes with the route.
+    idx.apply([Change::Upsert(edit(5, bad_regex))]);
+    assert_eq!(policy(&idx, "echo.mesh:80", "mesh").routes.len(), 1);
+    idx.apply([Change::Delete(Kind::HttpRoute, ObjectKey::new("mesh", "r"))]);
+    let p = policy(&idx, "echo.mesh:80", "mesh");
+    assert!(p.routes.is_empty() && p.source == "default", "{p:?}");
+    assert!(idx.read().held_routes.is_empty());
+
+    // A route that was never valid stays out, and its status does not
+    // claim an earlier version.
+    idx.apply([Change::Upsert(edit(1, bad_regex))]);
+    assert!(policy(&idx, "echo.mesh:80", "mesh").routes.is_empty());
+    let v = verdict_of(&idx, Kind::HttpRoute, "r");
+    assert!(!v.ok && !v.message.contains("stays in force"), "{v:?}");
+}
+
+/// The same for a GRPCRoute (a bad annotation), including an invalid edit
+/// that also moves the route to another parent: the accepted version, with
+/// its own parent, is what applies.
+#[test]
+fn an_invalid_grpc_route_edit_keeps_the_last_accepted_version_in_force() {
+    let good = route_object(&grpc_route(
+        "g",
+        "retry.weft.dev/attempts: '2'",
+        "  - backendRefs: [{name: echo-v1, port: 7070}]",
+    ));
+    let idx = index("");
+    idx.apply([Change::Upsert(good)]);
+    let accepted = policy(&idx, "echo.mesh:7070", "mesh");
+    assert_eq!(accepted.source, "grpcroute/mesh/g");
+    let bad = grpc_route(
+        "g",
+        "retry.weft.dev/attempts: 'many'",
+        "  - backendRefs: [{name: echo-v2, port: 7070}]",
+    )
+    .replace("name: echo, port: 7070", "name: echo-v1, port: 7070");
+    idx.apply([Change::Upsert(route_object(&bad))]);
+    assert_eq!(policy(&idx, "echo.mesh:7070", "mesh"), accepted);
+    assert_eq!(policy(&idx, "echo-v1.mesh:7070", "mesh").source, "default");
+    let state = idx.read();
+    let latest = state
+        .grpc_routes
+        .get(&ObjectKey::new("mesh", "g"))
+        .expect("g");
+    let v = route_verdicts(&state, latest, &OutboundConfig::default());
+    assert_eq!(v[0].parent_ref.name, "echo-v1", "status is the latest's");
+    assert!(
+        !v[0].accepted.ok
+            && v[0].accepted.message.contains("\"many\"")
+            && v[0]
+                .accepted
+                .message
+                .contains("the last accepted version stays in force"),
+        "{v:?}"
+    );
+}
+
+/// RequestRedirect: every status code the spec allows, and the port
+/// (mesh conformance MeshHTTPRouteRedirectPort / ...RedirectHostAndStatus).
+#[test]
+fn request_redirect_status_codes_and_port() {
+    for (code, want) in [
+        ("", 302),
+        ("301", 301),
+        ("302", 302),
+        ("303", 303),
+        ("307", 307),
+        ("308", 308),
+    ] {
+        let status = if code.is_empty() {
+            String::new()
+        } else {
+            format!(", statusCode: {code}")
+        };
+        let yaml = http_route(
+            "mesh",
+            "redirect",
+            "{group: '', kind: Service, name: echo}",
+            &format!(
+                "  - filters: [{{type: RequestRedirect, requestRedirect: {{hostname: example.org, port: 8443{status}}}}}]"
+            ),
+        );
+        let p = policy(&index(&yaml), "echo.mesh:80", "mesh");
+        assert_eq!(p.routes.len(), 1, "statusCode {code:?}");
+        let Some(pb::filter::Kind::RequestRedirect(r)) = &p.routes[0].filters[0].kind else {
+            panic!("{:?}", p.routes[0].filters)
+        };
+        assert_eq!(
+            (r.status, r.port, r.hostname.as_str(), r.scheme.as_str()),
+            (want, 8443, "example.org", ""),
+            "statusCode {code:?}"
+        );
+        assert!(r.path.is_none());
+    }
+    for (port, why) in [("0", "port is 0"), ("70000", "port is 70000")] {
+        let yaml = http_route(
+            "mesh",
+            "redirect",
+            "{group: '', kind: Service, name: echo}",
+            &format!("  - filters: [{{type: RequestRedirect, requestRedirect: {{port: {port}}}}}]"),
+        );
+        let idx = index(&yaml);
+        assert!(policy(&idx, "echo.mesh:80", "mesh").routes.is_empty());
+        let v = verdict_of(&idx, Kind::HttpRoute, "redirect");
+        assert!(
+            !v.ok && v.message.contains(why) && v.message.contains("expected 1-65535"),
+            "{v:?}"
+        );
+    }
+}
+
+/// GRPCRoute weights and RequestHeaderModifier (mesh conformance
+/// MeshGRPCRouteWeight, MeshGRPCRouteRequestHeaderModifier): on the rule and
+/// on a backendRef.
+#[test]
+fn grpc_route_weights_and_header_modifiers() {
+    let yaml = grpc_route(
+        "w",
+        "",
+        "  - matches: [{method: {service: pkg.Echo}}]\n    filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier:\n        set: [{name: X-Header-Set, value: set-overwrites-values}]\n        add: [{name: x-header-add, value: header-val-1}]\n        remove: [x-header-remove]\n    backendRefs:\n    - {name: echo-v1, port: 7070, weight: 70}\n    - name: echo-v2\n      port: 7070\n      weight: 30\n      filters: [{type: RequestHeaderModifier, requestHeaderModifier: {add: [{name: x-backend, value: v2}]}}]\n    - {name: echo, port: 7070, weight: 0}",
+    );
+    let p = policy(&index(&yaml), "echo.mesh:7070", "mesh");
+    assert_eq!(
+        render(&p),
+        [format!(
+            "/pkg.Echo* -> grpcroute/mesh/w/0 {V1}:7070@70,{V2}:7070@30,echo.mesh.svc.cluster.local:7070@0"
+        )]
+    );
+    let route = &p.routes[0];
+    assert_eq!(
+        route.filters,
+        [pb::Filter {
+            kind: Some(pb::filter::Kind::RequestHeaderModifier(
+                pb::HeaderModifier {
+                    set: vec![pb::Header {
+                        name: "X-Header-Set".into(),
+                        value: "set-overwrites-values".into()
+                    }],
+                    add: vec![pb::Header {
+                        name: "x-header-add".into(),
+                        value: "header-val-1".into()
+                    }],
+                    remove: vec!["x-header-remove".into()],
+                }
+            ))
+        }]
+    );
+    assert!(route.backends[0].filters.is_empty());
+    assert_eq!(
+        route.backends[1].filters,
+        [pb::Filter {
+            kind: Some(pb::filter::Kind::RequestHeaderModifier(
+                pb::HeaderModifier {
+                    set: vec![],
+                    add: vec![pb::Header {
+                        name: "x-backend".into(),
+                        value: "v2".into()
+                    }],
+                    remove: vec![],
+                }
+            ))
+        }]
+    );
+    // A GRPCRoute has no redirects or rewrites, on the rule or a backend.
+    for filters in [
+        "    filters: [{type: RequestRedirect, requestRedirect: {hostname: x}}]\n    backendRefs: [{name: echo-v1, port: 7070}]",
+        "    backendRefs: [{name: echo-v1, port: 7070, filters: [{type: URLRewrite, urlRewrite: {hostname: x}}]}]",
+    ] {
+        let idx = index(&grpc_route("bad", "", &format!("  - matches: [{{method: {{service: pkg.Echo}}}}]\n{filters}")));
+        assert!(policy(&idx, "echo.mesh:7070", "mesh").routes.is_empty(), "{filters}");
+        let v = verdict_of(&idx, Kind::GrpcRoute, "bad");
+        assert!(
+            !v.ok && v.message.contains("not a filter GRPCRoute supports here"),
+            "{v:?}"
+        );
+    }
+}
