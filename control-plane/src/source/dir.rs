@@ -536,9 +536,9 @@ impl DirSource {
             }
             let file = file_of(kind, &key);
             if ok {
-                tracing::info!(%file, %kind, object = %key, verdict = %text, "status");
+                tracing::info!(%file, %kind, object = %key, verdict = %text, "{kind} {key}: accepted");
             } else {
-                tracing::warn!(%file, %kind, object = %key, verdict = %text, "status: not (fully) accepted");
+                tracing::warn!(%file, %kind, object = %key, verdict = %text, "{kind} {key}: not (fully) accepted");
             }
             self.logged.insert((kind, key), text);
         }
