@@ -17,8 +17,8 @@
 //!
 //! With no control plane configured the proxy is a transparent proxy: every connection goes to
 //! its original destination. With `WEFT_PROXY_DESTINATION_ADDR` set, outbound HTTP is routed
-//! by authority and outbound opaque TCP by original destination to the endpoints the
-//! controller names; unknown targets still go to their original destination. With
+//! by original destination when that is a service's ClusterIP, else by authority, and
+//! outbound opaque TCP by original destination, to the endpoints the controller names; unknown targets still go to their original destination. With
 //! `WEFT_PROXY_IDENTITY_ADDR` set, the proxy obtains a workload certificate and is not ready
 //! without a valid one; it then originates mutual TLS to the endpoints the controller marks as
 //! meshed (HTTP carried over HTTP/2 between proxies) and terminates mTLS addressed to its own

@@ -346,6 +346,7 @@ async fn serve_http<I>(
             header_read_timeout: s.config.header_read_timeout,
         },
         last_authority: Default::default(),
+        destination: Default::default(),
         observe: s.observe.clone(),
     });
     let io = CountingIo::new(io, s.tcp.read.clone(), s.tcp.write.clone());

@@ -79,6 +79,17 @@ impl Conn {
         Ok((status, err, v))
     }
 
+    /// [`Conn::get_with`], with the whole response head: (status, proxy error header, head,
+    /// body).
+    pub async fn get_full(
+        &mut self,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, String, http::HeaderMap, Bytes)> {
+        self.send_get(host, path, headers).await
+    }
+
     /// POST `body` to `path`: (status, proxy error header, response body).
     pub async fn post(
         &mut self,

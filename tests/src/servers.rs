@@ -1,6 +1,5 @@
 //! Real servers on loopback for the tests to reach through the proxy.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -107,16 +106,23 @@ async fn route(req: Request<Incoming>, stats: Arc<Stats>) -> Response<Body> {
         return rsp;
     }
     let query = req.uri().query().unwrap_or("");
-    // Per-request faults: `?hang` never answers; `?reset` answers a head, then fails the
-    // body, which makes hyper reset the HTTP/2 stream or close the HTTP/1.1 connection.
+    // Per-request faults: `?hang` never answers; `?reset` answers a head and a first chunk,
+    // then fails the body, which makes hyper reset the HTTP/2 stream or close the HTTP/1.1
+    // connection; `?abort` (in the server's service) closes before any answer.
     if query.split('&').any(|q| q == "hang") {
         std::future::pending::<()>().await;
     }
     if query.split('&').any(|q| q == "reset") {
-        let err = futures_util::stream::once(async {
+        // A first chunk (so the head and it leave: hyper sends nothing for a body whose first
+        // frame is an error), then the failure.
+        let frames = futures_util::stream::iter([Ok::<_, BoxError>(Frame::data(
+            Bytes::from_static(b"partial"),
+        ))])
+        .chain(futures_util::stream::once(async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
             Err::<Frame<Bytes>, BoxError>("injected reset".into())
-        });
-        return Response::new(BodyExt::boxed(StreamBody::new(err)));
+        }));
+        return Response::new(BodyExt::boxed(StreamBody::new(frames)));
     }
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
@@ -297,9 +303,19 @@ pub async fn killable_http_server(h1_only: bool) -> Result<(SocketAddr, Arc<Stat
             let st = st.clone();
             let rx = rx.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req| {
+                let svc = service_fn(move |req: Request<Incoming>| {
                     let st = st.clone();
-                    async move { Ok::<_, Infallible>(route(req, st).await) }
+                    async move {
+                        // `?abort`: no answer at all; the service's error makes hyper close
+                        // the HTTP/1.1 connection (or reset the HTTP/2 stream) before any
+                        // response byte, as a crashing application does.
+                        let query = req.uri().query().unwrap_or("");
+                        if query.split('&').any(|q| q == "abort") {
+                            st.requests.fetch_add(1, Ordering::Relaxed);
+                            return Err(std::io::Error::other("injected abort"));
+                        }
+                        Ok::<_, std::io::Error>(route(req, st).await)
+                    }
                 });
                 let io = TokioIo::new(s);
                 let conn: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =

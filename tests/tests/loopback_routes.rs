@@ -74,6 +74,19 @@ impl World {
         )
     }
 
+    /// Another client proxy on the same controller, whose every connection has `target` as
+    /// its original destination (as if the application had connected to that address).
+    fn proxy_to(&self, target: SocketAddr) -> Result<Proxy> {
+        Proxy::start(ProxyOpts {
+            outbound_target: Some(target),
+            env: vec![
+                self._controller.env(),
+                ("WEFT_PROXY_NAMESPACE".into(), NS.into()),
+            ],
+            ..Default::default()
+        })
+    }
+
     fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
         Ok(self.proxy.metrics()?.sum(name, labels))
     }
@@ -238,7 +251,7 @@ async fn the_budget_refuses_retries_beyond_its_share() -> Result<()> {
              metadata: {{name: books, namespace: {NS}}}\n\
              spec:\n  targetRefs: [{{group: \"\", kind: Service, name: books}}]\n  retryBudget: {{retryRatio: 0.1, minRetriesPerSecond: 1, ttl: 10s}}\n",
             route(
-                "    - name: retried\n      backendRefs: [{name: books, port: 80}]\n      retry: {codes: [503], attempts: 3}\n",
+                "    - name: retried\n      backendRefs: [{name: books, port: 80}]\n      retry: {codes: [503], attempts: 1}\n",
             )
         ),
     )
@@ -253,11 +266,23 @@ async fn the_budget_refuses_retries_beyond_its_share() -> Result<()> {
         "the failures reach the client"
     );
     let served = w.v1.1.requests.load(Ordering::Relaxed);
+    let retries = w.metric("weft_route_retries_total", &[])?;
     let refused = w.metric("weft_route_retry_budget_exhausted_total", &[])?;
-    eprintln!("{n} requests cost {served} attempts; {refused} retries refused by the budget");
+    eprintln!(
+        "{n} requests cost {served} attempts; {retries} retries, {refused} refused by the budget"
+    );
     assert!(
         served as f64 <= n as f64 * 1.25,
         "{served} attempts for {n} requests: the budget did not hold"
+    );
+    // With one retry allowed, every failed first attempt (each of the n requests: every
+    // attempt fails) is either retried or refused, and each is counted exactly once.
+    let first_attempts = n as u64;
+    assert_eq!(retries, (served - first_attempts) as f64, "retries counted");
+    assert_eq!(
+        retries + refused,
+        first_attempts as f64,
+        "every failed first attempt is a retry or a counted refusal"
     );
     assert!(refused > 0.0);
     Ok(())
@@ -297,6 +322,7 @@ async fn filters_redirect_and_invalid_backends() -> Result<()> {
         &route(
             "    - name: moved\n      matches: [{path: {type: PathPrefix, value: /old}}]\n      filters:\n        - type: RequestRedirect\n          requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}, statusCode: 301}\n\
              \x20   - name: headers\n      matches: [{path: {type: PathPrefix, value: /headers}}]\n      filters:\n        - type: RequestHeaderModifier\n          requestHeaderModifier: {set: [{name: X-Route, value: books}], remove: [x-secret]}\n        - type: ResponseHeaderModifier\n          responseHeaderModifier: {add: [{name: x-served-by, value: weft}]}\n      backendRefs: [{name: books, port: 80}]\n\
+             \x20   - name: backend-headers\n      matches: [{path: {type: PathPrefix, value: /headers}, headers: [{name: x-pick, value: backend}]}]\n      backendRefs:\n        - name: books\n          port: 80\n          filters:\n            - type: RequestHeaderModifier\n              requestHeaderModifier: {set: [{name: X-Backend, value: books-v1}], add: [{name: x-added, value: by-backend}], remove: [X-Pick]}\n            - type: ResponseHeaderModifier\n              responseHeaderModifier: {add: [{name: x-backend-answer, value: weft}]}\n\
              \x20   - name: missing\n      matches: [{path: {type: PathPrefix, value: /missing}}]\n      backendRefs: [{name: no-such-service, port: 80}]\n",
         ),
     )
@@ -317,6 +343,31 @@ async fn filters_redirect_and_invalid_backends() -> Result<()> {
     assert!(!seen.contains("x-secret"), "{seen}");
     let (_, _, served_by) = c.get_header(HOST, "/headers", "x-served-by").await?;
     assert_eq!(served_by.as_deref(), Some("weft"));
+    // A backendRef's own filters (MeshHTTPRouteBackendRequestHeaderModifier): the request
+    // edits reach the backend, the response edit reaches the client.
+    let (s, _, body) = c
+        .get_with(
+            HOST,
+            "/headers",
+            &[("x-pick", "backend"), ("x-backend", "client")],
+        )
+        .await?;
+    assert_eq!(s, 200);
+    let seen = String::from_utf8_lossy(&body);
+    assert!(seen.contains("x-backend: books-v1\n"), "{seen}");
+    assert!(!seen.contains("x-backend: client"), "{seen}");
+    assert!(seen.contains("x-added: by-backend\n"), "{seen}");
+    assert!(!seen.contains("x-pick"), "{seen}");
+    let (s, _, head, _) = c
+        .get_full(HOST, "/headers", &[("x-pick", "backend")])
+        .await?;
+    assert_eq!(s, 200);
+    let answer = head.get("x-backend-answer").map(|v| v.as_bytes());
+    assert_eq!(answer, Some(&b"weft"[..]), "{head:?}");
+    assert!(
+        head.get("x-served-by").is_none(),
+        "the other rule's filters stayed with it: {head:?}"
+    );
     let r = gets(&w, "/missing", 1).await?;
     assert_eq!((r[0].0, r[0].1.as_str()), (500, "invalid-backend"), "{r:?}");
     Ok(())
@@ -740,5 +791,231 @@ async fn request_mirrors_copy_requests_without_touching_the_answers() -> Result<
         (0.42..=0.58).contains(&share),
         "percent 50 mirrored {share:.3} of the requests"
     );
+    Ok(())
+}
+
+/// The mesh conformance suite's MeshFrontendHostname (MeshClusterIPMatching): a request the
+/// application sent to a Service's ClusterIP takes that Service's routes and endpoints,
+/// whatever its `Host` says; the `Host` picks them only where the destination is not a
+/// service address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_ip_destination_wins_over_the_host_header() -> Result<()> {
+    let v2_route = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {{name: books-v2, namespace: {NS}}}\n\
+         spec:\n  parentRefs: [{{group: \"\", kind: Service, name: books-v2, port: 80}}]\n  rules:\n\
+         \x20   - name: v2\n      filters: [{{type: ResponseHeaderModifier, responseHeaderModifier: {{set: [{{name: x-route, value: books-v2}}]}}}}]\n      backendRefs: [{{name: books-v2, port: 80}}]\n"
+    );
+    let w = World::start(
+        "routes-cluster-ip",
+        &format!(
+            "{}---\n{v2_route}",
+            route(
+                "    - name: by-ip\n      filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-route, value: books}]}}]\n      backendRefs: [{name: books, port: 80}]\n"
+            )
+        ),
+    )
+    .await?;
+    const V2_HOST: &str = "books-v2.shop.svc.cluster.local:80";
+    let route_of = |head: &http::HeaderMap| {
+        head.get("x-route")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    // To books' ClusterIP, naming books-v2: books' route and endpoint, over HTTP/1.1 and 2.
+    let to_books = w.proxy_to("10.96.0.70:80".parse()?)?;
+    for h2 in [false, true] {
+        let mut c = Conn::open(to_books.outbound, h2).await?;
+        let (s, e, head, _) = c.get_full(V2_HOST, "/", &[]).await?;
+        assert_eq!((s, e.as_str()), (200, ""), "h2: {h2}");
+        assert_eq!(route_of(&head).as_deref(), Some("books"), "h2: {h2}");
+    }
+    assert_eq!(w.counts(), (2, 0));
+    assert_eq!(
+        to_books.metrics()?.sum(
+            "weft_route_requests_total",
+            &[
+                ("route", "httproute/shop/books/by-ip"),
+                ("backend", "books.shop.svc.cluster.local:80")
+            ]
+        ),
+        2.0
+    );
+    // To books-v2's ClusterIP, naming books: books-v2's route.
+    let to_v2 = w.proxy_to("10.96.0.71:80".parse()?)?;
+    let mut c = Conn::open(to_v2.outbound, false).await?;
+    let (s, _, head, _) = c.get_full(HOST, "/", &[]).await?;
+    assert_eq!(s, 200);
+    assert_eq!(route_of(&head).as_deref(), Some("books-v2"));
+    assert_eq!(w.counts(), (2, 1));
+    // Where the destination is no service address (the World's proxy: a plain server), the
+    // Host decides, as before.
+    let mut c = Conn::open(w.proxy.outbound, false).await?;
+    let (s, _, head, _) = c.get_full(V2_HOST, "/", &[]).await?;
+    assert_eq!(s, 200);
+    assert_eq!(route_of(&head).as_deref(), Some("books-v2"));
+    assert_eq!(w.counts(), (2, 2));
+    assert_eq!(w.fallback.requests.load(Ordering::Relaxed), 0);
+    Ok(())
+}
+
+/// The Gateway API: a retry is "not retried before the configured minimum duration". The
+/// jitter only ever lengthens the wait, so every retried request takes at least the backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_waits_at_least_its_backoff() -> Result<()> {
+    let w = World::start(
+        "routes-backoff",
+        &route(
+            "    - name: r\n      backendRefs: [{name: books, port: 80}]\n      retry: {codes: [503], attempts: 1, backoff: 300ms}\n",
+        ),
+    )
+    .await?;
+    w.v1.1.fail(1.0);
+    let mut took = Vec::new();
+    for _ in 0..3 {
+        let started = tokio::time::Instant::now();
+        let r = gets(&w, "/", 1).await?;
+        took.push(started.elapsed());
+        assert_eq!(r[0].0, 503, "{r:?}");
+    }
+    eprintln!("retried requests took {took:?}");
+    assert!(
+        took.iter().all(|t| *t >= Duration::from_millis(300)),
+        "a retry left before its 300 ms backoff: {took:?}"
+    );
+    assert_eq!(w.v1.1.requests.load(Ordering::Relaxed), 6);
+    assert_eq!(w.metric("weft_route_retries_total", &[])?, 3.0);
+    Ok(())
+}
+
+/// A backend that resets (tests/src/servers.rs `?abort`: the connection closes before any
+/// answer; `?reset`: after the head) on a retried route, as `crate::resilience` documents:
+/// a GET lost before the response head is retried (idempotent); a POST is not (the
+/// application may have acted on it); nothing is retried once the head has been passed on.
+/// An attempt lost this way answers 502 `upstream-reset`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_resets_are_retried_only_before_the_head_and_when_idempotent() -> Result<()> {
+    let w = World::start(
+        "routes-reset",
+        &route(
+            "    - name: r\n      backendRefs: [{name: books, port: 80}]\n      retry: {codes: [503], attempts: 1}\n",
+        ),
+    )
+    .await?;
+    let served = |w: &World| w.v1.1.requests.load(Ordering::Relaxed);
+    let lost = |w: &World| {
+        w.metric(
+            "weft_route_retries_total",
+            &[("route", "httproute/shop/books/r"), ("reason", "failed")],
+        )
+    };
+    let resets = |w: &World| w.metric("weft_proxy_errors_total", &[("cause", "upstream-reset")]);
+    // GET: tried twice (the route's one retry), both lost.
+    let mut c = Conn::open(w.proxy.outbound, false).await?;
+    let (s, e, _) = c.get(HOST, "/?abort").await?;
+    assert_eq!((s, e.as_str()), (502, "upstream-reset"));
+    assert_eq!(
+        served(&w),
+        2,
+        "a GET lost before its answer is retried once"
+    );
+    assert_eq!(lost(&w)?, 1.0);
+    assert_eq!(resets(&w)?, 1.0);
+    // POST: sent once.
+    let (s, e, _) = c
+        .post(HOST, "/sink?abort", bytes::Bytes::from_static(b"order"))
+        .await?;
+    assert_eq!((s, e.as_str()), (502, "upstream-reset"));
+    assert_eq!(served(&w), 3, "a POST is not sent again");
+    assert_eq!(lost(&w)?, 1.0);
+    assert_eq!(resets(&w)?, 2.0);
+    // After the head: the client has the head; its body breaks, nothing is retried.
+    for h2 in [false, true] {
+        let mut c = Conn::open(w.proxy.outbound, h2).await?;
+        let broken = c.get(HOST, "/?reset").await;
+        assert!(broken.is_err(), "h2: {h2}: {broken:?}");
+    }
+    assert_eq!(served(&w), 5);
+    assert_eq!(w.metric("weft_route_retries_total", &[])?, 1.0);
+    // And a healthy request afterwards is served as usual.
+    let r = gets(&w, "/", 1).await?;
+    assert_eq!(r[0].0, 200);
+    Ok(())
+}
+
+/// BackendPolicy on the request path, with no HTTPRoute: `consecutiveFailures: 2` ejects the
+/// failing endpoint on exactly its second failure (one client, one request at a time), after
+/// which the healthy endpoint takes everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_failures_eject_on_exactly_that_many() -> Result<()> {
+    let w = World::start(
+        "routes-eject",
+        &backend_policy("  circuitBreaker: {consecutiveFailures: 2, baseEjectionTime: 30s}\n"),
+    )
+    .await?;
+    let (bad, bad_stats) = http_server().await?;
+    bad_stats.fail(1.0);
+    w.dir.write(
+        "services.yaml",
+        &format!(
+            "{}---\n{}",
+            service_yaml(NS, "books", "10.96.0.70", 80, &[w.v1.0, bad]),
+            service_yaml(NS, "books-v2", "10.96.0.71", 80, &[w.v2.0])
+        ),
+    )?;
+    w._controller.wait_objects("EndpointSlice", 3.0)?;
+    let ejections = |w: &World| w.metric("weft_outbound_ejections_total", &[]);
+    let mut c = Conn::open(w.proxy.outbound, false).await?;
+    // Until the proxy has both endpoints (the healthy one answers alone before).
+    let mut sent = 0;
+    let mut seen_before = Vec::new();
+    while ejections(&w)? == 0.0 {
+        anyhow::ensure!(sent < 2000, "no ejection after {sent} requests");
+        let (s, _, _) = c.get(HOST, "/").await?;
+        sent += 1;
+        let hits = bad_stats.requests.load(Ordering::Relaxed);
+        assert_eq!(s == 503, hits > seen_before.len() as u64, "status {s}");
+        if s == 503 {
+            seen_before.push(sent);
+        }
+    }
+    let hits = bad_stats.requests.load(Ordering::Relaxed);
+    eprintln!("ejected after {sent} requests; the failing endpoint got requests {seen_before:?}");
+    assert_eq!(
+        hits, 2,
+        "the failing endpoint got {hits} requests before its ejection"
+    );
+    assert_eq!(ejections(&w)?, 1.0);
+    for _ in 0..50 {
+        let (s, _, _) = c.get(HOST, "/").await?;
+        assert_eq!(s, 200);
+    }
+    assert_eq!(
+        bad_stats.requests.load(Ordering::Relaxed),
+        2,
+        "an ejected endpoint was picked"
+    );
+    Ok(())
+}
+
+/// A BackendPolicy's `timeouts.request` applies to the service's traffic without any route:
+/// 504 `request-timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_policy_request_timeout_applies_without_a_route() -> Result<()> {
+    let w = World::start(
+        "routes-policy-timeout",
+        &backend_policy("  timeouts: {request: 200ms}\n"),
+    )
+    .await?;
+    let started = tokio::time::Instant::now();
+    let r = gets(&w, "/slow?ms=2000", 1).await?;
+    let took = started.elapsed();
+    assert_eq!((r[0].0, r[0].1.as_str()), (504, "request-timeout"), "{r:?}");
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    let r = gets(&w, "/slow?ms=10", 1).await?;
+    assert_eq!(r[0].0, 200, "{r:?}");
+    assert_eq!(w.metric("weft_route_requests_total", &[])?, 0.0, "no route");
     Ok(())
 }

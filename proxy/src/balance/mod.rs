@@ -265,6 +265,15 @@ impl Member {
         self.failed.store(false, Ordering::Relaxed);
     }
 
+    /// Records an answer that took `elapsed` from the request being handed to the endpoint's
+    /// pool to its response head, of which `connect` went to dialling a new connection (and
+    /// its TLS handshake): only the rest is the endpoint's latency. A first request on a busy
+    /// machine may spend most of its time connecting; learnt as latency, that would keep p2c
+    /// away from the endpoint for the whole decay time.
+    pub fn observe_answer(&self, elapsed: Duration, connect: Duration) {
+        self.observe(elapsed.saturating_sub(connect));
+    }
+
     /// Whether a pick should choose this endpoint to measure it again: idle, not failing, and
     /// not chosen for [`PROBE_AFTER`].
     fn wants_probe(&self, now_ns: u64) -> bool {
@@ -1104,6 +1113,43 @@ mod tests {
             *seen.entry(port).or_insert(0) += 1;
         }
         assert!(seen.get(&3).copied().unwrap_or(0) < 30, "{seen:?}");
+    }
+
+    /// Issue 12: the time a request spent dialling its connection is not the endpoint's
+    /// latency. An answer that took 1 s of which 990 ms were the connect teaches the estimate
+    /// 10 ms; the estimate's own bounds (a stale estimate is replaced by the next sample, up
+    /// to 4× the current one) would let a 1 s sample raise it to about 360 ms.
+    #[tokio::test]
+    async fn connect_time_is_not_learnt_as_latency() {
+        let (_tx, rx) = watch::channel(eps(&[1]));
+        let b = Balancer::new(
+            Arc::from("web:80"),
+            Protocol::Http1,
+            &ctx(DiscoveryMetrics::default()),
+            rx,
+        );
+        let m = picked(&b, None).unwrap();
+        let estimate = |m: &Member| lock(&m.rtt).estimate(Instant::now());
+        let stale = |m: &Member| {
+            let long_ago = Instant::now() - Duration::from_secs(1);
+            *lock(&m.rtt) = PeakEwma::new(
+                Duration::from_millis(100),
+                Duration::from_secs(10),
+                long_ago,
+            );
+        };
+        stale(&m);
+        m.observe_answer(Duration::from_secs(1), Duration::from_millis(990));
+        let ms = estimate(&m) / 1e6;
+        assert!((9.0..=11.0).contains(&ms), "learnt {ms:.1} ms, expected 10");
+        // The same answer on a pooled connection (no connect) is all latency.
+        stale(&m);
+        m.observe_answer(Duration::from_secs(1), Duration::ZERO);
+        let ms = estimate(&m) / 1e6;
+        assert!(ms > 300.0, "learnt {ms:.1} ms from a 1 s answer");
+        // A connect longer than the answer (clock granularity) counts as zero, not negative.
+        m.observe_answer(Duration::from_millis(5), Duration::from_millis(6));
+        assert!(estimate(&m).is_finite());
     }
 
     /// Issue 12: consecutive failures eject an endpoint (picks avoid it until its ejection

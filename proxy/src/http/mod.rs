@@ -1,8 +1,18 @@
 //! HTTP proxying: HTTP/1.1 and HTTP/2 served by hyper, each request sent to the connection's
 //! destination over a pooled client of the same protocol.
 //!
-//! Per request: authority → metrics labels → header limits → hop-by-hop headers removed →
-//! upstream request → response (or a proxy-made error carrying `weft-proxy-error`).
+//! Per request: destination or authority → metrics labels → header limits → hop-by-hop
+//! headers removed → upstream request → response (or a proxy-made error carrying
+//! `weft-proxy-error`).
+//!
+//! Outbound with discovery, a request takes the policy (routes) and endpoints of the address
+//! the application connected to when the controller knows that address as a service (a
+//! ClusterIP and port): what the Gateway API's mesh profile says (`MeshFrontendHostname`: a
+//! route's Service parentRef matches the Service's IP, not the `Host` the client wrote).
+//! Otherwise (a pod IP, an address outside the cluster, the proxy addressed explicitly) the
+//! request is routed by its authority (`:authority`, else `Host`), and a name the controller
+//! does not know passes through to the original destination. Both are decided once per
+//! connection and cached ([`LastAuthority`]), so a request does no map lookup.
 //! HTTP/1 upgrades (WebSocket) are joined into a byte relay once both sides switch.
 //!
 //! Between meshed proxies every request travels over one mTLS HTTP/2 connection per endpoint
@@ -87,8 +97,13 @@ pub struct ConnCtx {
     pub mesh: Option<Arc<Mesh>>,
     /// Inbound: the port's authorization policy and the client, decided per request.
     pub authz: Option<crate::authz::Conn>,
-    /// Routes requests by authority through discovery (outbound, when a controller is set).
+    /// Routes requests through discovery (outbound, when a controller is set): by the
+    /// original destination when it is a service address, else by authority.
     pub router: Option<Arc<Router>>,
+    /// Outbound with discovery: the original destination's policy and balancer when the
+    /// controller knows it as a service address (a ClusterIP and port), decided on the
+    /// connection's first request; `None` inside: route by authority.
+    pub destination: tokio::sync::OnceCell<Option<ServiceDestination>>,
     pub limits: Limits,
     /// The last authority seen on this connection, parsed, with its metric handles and route.
     pub last_authority: std::sync::Mutex<Option<LastAuthority>>,
@@ -107,6 +122,17 @@ pub struct LastAuthority {
     route: Option<Arc<Balancer>>,
     /// The authority's outbound policy (routes, timeouts, retries); `None` without discovery.
     policy: Option<watch::Receiver<Arc<Policy>>>,
+}
+
+/// A connection's original destination that is a service address (see
+/// [`ConnCtx::destination`]): every request on the connection takes this service's routes and
+/// endpoints, whatever its `Host` (the Gateway API's mesh semantics: a route's parentRef
+/// matches the Service's IP, not the host name the client wrote).
+#[derive(Debug)]
+pub struct ServiceDestination {
+    policy: watch::Receiver<Arc<Policy>>,
+    /// The ClusterIP's balancer; `None` when the resolver is at its target limit.
+    balancer: Option<Arc<Balancer>>,
 }
 
 /// What the request's authority resolved to.
@@ -341,9 +367,56 @@ impl ConnCtx {
         }
     }
 
-    /// The request's authority, its metric handles and its balancer, from the connection's
-    /// cache when the `Host` header or the authority repeats.
-    fn authority<B>(&self, req: &Request<B>) -> Result<Routed, Cause> {
+    /// The connection's original destination when the controller knows it as a service
+    /// address (outbound with discovery only). Looked up once per connection: the first
+    /// request waits for the destination's ClientPolicy (up to the discovery timeout); after
+    /// that this is one atomic load. A destination that becomes a service later is routed by
+    /// authority until the connection is replaced.
+    async fn service_destination(&self) -> Option<&ServiceDestination> {
+        if let Some(d) = self.destination.get() {
+            return d.as_ref();
+        }
+        let router = self
+            .router
+            .as_ref()
+            .filter(|_| self.direction == Direction::Outbound)?;
+        self.destination
+            .get_or_init(|| async {
+                let target = self.target.to_string();
+                let policy = router.policies().ready(&target).await;
+                // Not a service: a pod IP, an address outside the cluster, the proxy
+                // addressed explicitly.
+                let is_service = policy.borrow().service.is_some();
+                if !is_service {
+                    return None;
+                }
+                tracing::debug!(%target, "routing by the original destination, a service address");
+                Some(ServiceDestination {
+                    balancer: router.balancer(&target, self.protocol()),
+                    policy,
+                })
+            })
+            .await
+            .as_ref()
+    }
+
+    fn protocol(&self) -> balance::Protocol {
+        if self.h2 {
+            balance::Protocol::Http2
+        } else {
+            balance::Protocol::Http1
+        }
+    }
+
+    /// The request's authority, its metric handles and its balancer and policy, from the
+    /// connection's cache when the `Host` header or the authority repeats. `destination`:
+    /// the connection's service destination, whose balancer and policy win over the
+    /// authority's (the authority then only names the metrics).
+    fn authority<B>(
+        &self,
+        req: &Request<B>,
+        destination: Option<&ServiceDestination>,
+    ) -> Result<Routed, Cause> {
         let host = req.headers().get(header::HOST);
         let mut last = self.last_authority();
         if req.uri().authority().is_none() {
@@ -365,21 +438,23 @@ impl ConnCtx {
         let metrics =
             self.metrics
                 .authority(self.direction, authority.as_str(), self.client_label());
-        let target = balance::http_target(&authority);
-        let route = self.router.as_ref().and_then(|r| {
-            let protocol = if self.h2 {
-                balance::Protocol::Http2
-            } else {
-                balance::Protocol::Http1
-            };
-            r.balancer(&target, protocol)
-        });
-        // Outbound only: inbound requests are the local application's, not routed.
-        let policy = self
-            .router
-            .as_ref()
-            .filter(|_| self.direction == Direction::Outbound)
-            .map(|r| r.policies().get(&target));
+        let (route, policy) = match destination {
+            Some(d) => (d.balancer.clone(), Some(d.policy.clone())),
+            None => {
+                let target = balance::http_target(&authority);
+                let route = self
+                    .router
+                    .as_ref()
+                    .and_then(|r| r.balancer(&target, self.protocol()));
+                // Outbound only: inbound requests are the local application's, not routed.
+                let policy = self
+                    .router
+                    .as_ref()
+                    .filter(|_| self.direction == Direction::Outbound)
+                    .map(|r| r.policies().get(&target));
+                (route, policy)
+            }
+        };
         let l = LastAuthority {
             host: host.cloned(),
             authority,
@@ -388,7 +463,8 @@ impl ConnCtx {
             policy,
         };
         let mut routed = l.routed();
-        routed.fresh = true;
+        // The destination's policy was waited for already.
+        routed.fresh = destination.is_none();
         *last = Some(l);
         Ok(routed)
     }
@@ -554,7 +630,8 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
     let mut draft = ctx
         .observe
         .begin(ctx.direction, ctx.peer, ctx.client_id.as_ref(), &mut req);
-    let routed = match ctx.authority(&req) {
+    let destination = ctx.service_destination().await;
+    let routed = match ctx.authority(&req, destination) {
         Ok(a) => a,
         Err(cause) => {
             let host = req
@@ -799,7 +876,7 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<BoxBody> {
 /// Feeds an endpoint's latency estimate with one answer: its service time, from the request
 /// written to the response head (a new connection's dial and handshake are not its latency).
 fn observe(member: &balance::Member, start: Instant, rsp: &Response<PooledBody>) {
-    member.observe(start.elapsed().saturating_sub(rsp.body().connect_time()));
+    member.observe_answer(start.elapsed(), rsp.body().connect_time());
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -32,7 +32,7 @@ pub struct RetryConfig {
     pub codes: Vec<u16>,
     /// Retried gRPC status codes, as a bit set (codes 0..=31).
     pub grpc_codes: u32,
-    /// First backoff; doubled per retry up to ten times it, with jitter.
+    /// First backoff; doubled per retry up to ten times it, plus up to 50 % jitter on top.
     pub backoff: Duration,
 }
 
@@ -61,8 +61,10 @@ impl RetryConfig {
     }
 
     /// How long to wait before retry number `n` (0-based): `backoff × 2ⁿ`, at most ten times
-    /// `backoff`, of which a random half (`rand01` uniform in [0, 1)) is waited, so retries
-    /// of many clients spread out.
+    /// `backoff`, plus a random jitter of up to half of that on top (`rand01` uniform in
+    /// [0, 1)), so retries of many clients spread out. The jitter only ever adds: the Gateway
+    /// API says a retry is not sent before the configured backoff has passed. The longest
+    /// wait is therefore 15 × `backoff`.
     pub fn backoff(&self, n: u32, rand01: f64) -> Duration {
         if self.backoff.is_zero() {
             return Duration::ZERO;
@@ -71,7 +73,12 @@ impl RetryConfig {
             .backoff
             .saturating_mul(1u32 << n.min(16))
             .min(self.backoff.saturating_mul(10));
-        full.mul_f64(0.5 + 0.5 * rand01.clamp(0.0, 1.0))
+        let r = if rand01.is_finite() {
+            rand01.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        full.saturating_add(full.mul_f64(0.5 * r))
     }
 }
 
@@ -186,15 +193,25 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_up_to_ten_times_with_half_jitter() {
+    fn backoff_doubles_up_to_ten_times_and_jitter_only_adds() {
         let c = cfg();
-        assert_eq!(c.backoff(0, 0.0), Duration::from_millis(5));
-        assert_eq!(c.backoff(0, 1.0), Duration::from_millis(10));
-        assert_eq!(c.backoff(1, 1.0), Duration::from_millis(20));
-        assert_eq!(c.backoff(3, 1.0), Duration::from_millis(80));
-        assert_eq!(c.backoff(4, 1.0), Duration::from_millis(100));
-        assert_eq!(c.backoff(40, 1.0), Duration::from_millis(100));
+        assert_eq!(c.backoff(0, 0.0), Duration::from_millis(10));
+        assert_eq!(c.backoff(0, 1.0), Duration::from_millis(15));
+        assert_eq!(c.backoff(1, 0.0), Duration::from_millis(20));
+        assert_eq!(c.backoff(3, 0.0), Duration::from_millis(80));
+        assert_eq!(c.backoff(4, 0.0), Duration::from_millis(100));
+        assert_eq!(c.backoff(40, 1.0), Duration::from_millis(150));
+        assert_eq!(c.backoff(0, f64::NAN), Duration::from_millis(10));
         assert_eq!(RetryConfig::default().backoff(3, 0.5), Duration::ZERO);
+        // Never below the configured (doubled) backoff, never above 1.5 × it, whatever the draw.
+        for n in 0..6u32 {
+            let floor = (c.backoff * (1 << n)).min(c.backoff * 10);
+            for i in 0..=100 {
+                let w = c.backoff(n, f64::from(i) / 100.0);
+                assert!(w >= floor, "retry {n}, draw {i}: {w:?} < {floor:?}");
+                assert!(w <= floor.mul_f64(1.5), "retry {n}, draw {i}: {w:?}");
+            }
+        }
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! every message a whole policy compiled once ([`super::policy::compile`]), the last good
 //! policy kept through controller outages, idle targets dropped.
 //!
-//! Until the first answer a target has the default policy (no service: route by authority,
-//! as without ClientPolicy); [`Policies::ready`] waits for that answer up to the discovery
+//! Until the first answer a target has the default policy (no service: not a service address,
+//! so requests are routed by authority, as without ClientPolicy); [`Policies::ready`] waits for that answer up to the discovery
 //! timeout. A controller that predates ClientPolicy answers `UNIMPLEMENTED`: that means "no
 //! policy" (the default), asked again only every [`UNIMPLEMENTED_RETRY`]. A controller that
 //! rejects the target (`INVALID_ARGUMENT`) also gets the default.

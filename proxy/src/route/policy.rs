@@ -39,7 +39,8 @@ pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
 #[derive(Debug)]
 pub struct Policy {
     /// The service the target names; `None`: not a known service port (a pod IP, an unknown
-    /// name, or a controller without ClientPolicy): route by authority, default settings.
+    /// name, or a controller without ClientPolicy): a connection to it is routed by
+    /// authority, default settings.
     pub service: Option<ServiceRef>,
     /// The port is opaque: TCP only, no protocol detection.
     pub opaque: bool,
