@@ -272,6 +272,8 @@ mod tests {
         assert_eq!(r.policy.as_deref(), Some("b/allow-web"));
         assert_eq!(r.src.pod.as_deref(), Some("client"));
         assert_eq!(r.dst.namespace.as_deref(), Some("b"));
+        assert_eq!(r.protocol, "TCP");
+        assert_eq!((r.src.port, r.dst.port), (40312, 80));
         ev.verdict = Verdict::Denied;
         ev.reason = Reason::NoPort;
         ev.policy = 0;
@@ -280,6 +282,9 @@ mod tests {
         assert_eq!((r.verdict.as_str(), r.policy.as_deref()), ("deny", None));
         assert_eq!(r.isolated_by, vec!["b/allow-web", "b/deny"]);
         assert_eq!(r.src.pod, None);
+        ev.proto = 17;
+        let r = enrich(&ev, &names);
+        assert_eq!((r.protocol.as_str(), r.dst.port), ("UDP", 80));
         let line = serde_json::to_string(&r).expect("json");
         let back: FlowRecord = serde_json::from_str(&line).expect("parse");
         assert_eq!(back, r);

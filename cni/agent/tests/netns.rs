@@ -141,6 +141,24 @@ impl FlowsCli {
         Ok(FlowsCli { child, lines })
     }
 
+    /// Runs `probe` (a connection that yields a flow) until a flow is printed: the agent
+    /// fans flows out only to clients already connected, so flows from before the CLI
+    /// subscribed are not in its stream.
+    fn wait_subscribed(&self, probe: impl Fn() -> Result<()>) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            probe()?;
+            std::thread::sleep(Duration::from_millis(200));
+            if !self.lines.lock().expect("lock").is_empty() {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "weft cni flows printed no flow within 10s"
+            );
+        }
+    }
+
     fn wait_for(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Result<Value> {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
@@ -197,6 +215,7 @@ fn policy_matrix_live_edit_proxy_port_node_restart_metrics_and_flows() -> Result
         tcp_server(&api.ns, api.ip, 9090)?,
     ];
     let flows = FlowsCli::start(&node)?;
+    flows.wait_subscribed(|| tcp(&node, &web, 81, true, "the node reaches an isolated pod"))?;
 
     // The matrix.
     tcp(&client.ns, &web, 80, true, "allow-client-web")?;
@@ -223,6 +242,8 @@ fn policy_matrix_live_edit_proxy_port_node_restart_metrics_and_flows() -> Result
             && v["src"]["pod"] == "client"
             && v["dst"]["pod"] == "web"
             && v["policy"] == "alpha/allow-client-web"
+            && v["protocol"] == "TCP"
+            && v["dst"]["port"] == 80
     })?;
     let denied = flows.wait_for("denied web→client", |v| {
         v["verdict"] == "deny"

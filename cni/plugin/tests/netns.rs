@@ -46,23 +46,24 @@ fn adds(agent: &FakeAgent) -> Vec<weft_cni::agent_proto::AddRequest> {
         .collect()
 }
 
-/// ADD two pods, prove connectivity pod↔pod and node→pod in every family,
-/// CHECK, break a route and CHECK again, DEL twice, DEL after the netns is gone.
-fn lifecycle(ranges: &[&[&str]], version: &str) -> Result<()> {
+/// ADD two pods with `CNI_IFNAME=ifname`, prove connectivity pod↔pod and
+/// node→pod in every family, CHECK, break a route and CHECK again, DEL twice,
+/// DEL after the netns is gone.
+fn lifecycle(ranges: &[&[&str]], version: &str, ifname: &str) -> Result<()> {
     let node = node_ns()?;
     let (pod_a, pod_b) = (Netns::new("a")?, Netns::new("b")?);
     let agent = FakeAgent::start()?;
     let ipam = HostLocal::new()?;
     let conf = conf(version, &agent.socket_str(), ipam.ipam(ranges));
 
-    let call_a = Call::new("ADD", "pod-a", &pod_a.path());
-    let call_b = Call::new("ADD", "pod-b", &pod_b.path());
+    let call_a = Call::new("ADD", "pod-a", &pod_a.path()).with_ifname(ifname);
+    let call_b = Call::new("ADD", "pod-b", &pod_b.path()).with_ifname(ifname);
     let res_a = call_a.exec(&node, &conf)?.ok();
     let res_b = call_b.exec(&node, &conf)?.ok();
 
     // The result: spec shape, host veth first, the pod's interface in its sandbox.
     assert_eq!(res_a["cniVersion"], version);
-    assert_eq!(res_a["interfaces"][1]["name"], "eth0");
+    assert_eq!(res_a["interfaces"][1]["name"], ifname);
     assert_eq!(res_a["interfaces"][1]["sandbox"], pod_a.path().as_str());
     assert_eq!(res_a["interfaces"][1]["mtu"], 1400);
     let ips_a = result_ips(&res_a);
@@ -70,6 +71,22 @@ fn lifecycle(ranges: &[&[&str]], version: &str) -> Result<()> {
     assert_eq!(ips_a.len(), ranges.len(), "{res_a}");
     for ip in res_a["ips"].as_array().into_iter().flatten() {
         assert_eq!(ip["interface"], 1);
+    }
+    // The pod's interface is named CNI_IFNAME and carries the result's addresses.
+    for (pod, ips) in [(&pod_a, &ips_a), (&pod_b, &ips_b)] {
+        let mut want = vec!["lo".to_string(), ifname.to_string()];
+        let mut links = pod.links()?;
+        links.sort();
+        want.sort();
+        assert_eq!(links, want, "links in {}", pod.name);
+        let addrs = pod.ip(&["-o", "addr", "show", "dev", ifname])?;
+        for ip in ips.iter() {
+            assert!(
+                addrs.contains(&format!(" {ip}/")),
+                "{ip} not on {ifname} in {}: {addrs}",
+                pod.name
+            );
+        }
     }
     let host_a = host_ifname(&res_a);
     assert!(host_a.starts_with("lxc") && host_a.len() <= 15, "{host_a}");
@@ -152,7 +169,7 @@ fn ipv4_add_check_del() -> Result<()> {
     if !require_root("ipv4_add_check_del") {
         return Ok(());
     }
-    lifecycle(&[&["10.99.1.0/24"]], "1.1.0")
+    lifecycle(&[&["10.99.1.0/24"]], "1.1.0", "eth0")
 }
 
 #[test]
@@ -160,15 +177,16 @@ fn ipv6_add_check_del() -> Result<()> {
     if !require_root("ipv6_add_check_del") {
         return Ok(());
     }
-    lifecycle(&[&["fd00:99:2::/64"]], "1.1.0")
+    lifecycle(&[&["fd00:99:2::/64"]], "1.1.0", "eth0")
 }
 
 #[test]
-fn dual_stack_add_check_del_with_a_1_0_0_config() -> Result<()> {
-    if !require_root("dual_stack_add_check_del_with_a_1_0_0_config") {
+fn dual_stack_add_check_del_with_a_1_0_0_config_and_ifname_net1() -> Result<()> {
+    if !require_root("dual_stack_add_check_del_with_a_1_0_0_config_and_ifname_net1") {
         return Ok(());
     }
-    lifecycle(&[&["10.99.3.0/24"], &["fd00:99:3::/64"]], "1.0.0")
+    // CNI_IFNAME is not always eth0 (Multus' second networks are net1, net2…).
+    lifecycle(&[&["10.99.3.0/24"], &["fd00:99:3::/64"]], "1.0.0", "net1")
 }
 
 #[test]

@@ -175,7 +175,9 @@ impl Ran {
         self.json()
     }
 
-    /// Asserts a spec error object with `code`; returns its `msg`.
+    /// Asserts a spec error object with `code`, a `cniVersion` and a non-empty
+    /// `details` (optional in the spec; the plugin always fills it with the
+    /// whole cause chain); returns its `msg`.
     #[track_caller]
     pub fn err(&self, code: u64) -> String {
         assert_ne!(self.code, 0, "plugin succeeded: {}", self.stdout);
@@ -187,6 +189,11 @@ impl Ran {
             self.stdout
         );
         assert!(v["cniVersion"].is_string(), "{}", self.stdout);
+        assert!(
+            v["details"].as_str().is_some_and(|d| !d.trim().is_empty()),
+            "error object without details: {}",
+            self.stdout
+        );
         v["msg"].as_str().unwrap_or_default().to_string()
     }
 }
@@ -213,6 +220,14 @@ impl Call {
             args: format!(
                 "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod-{container_id}"
             ),
+        }
+    }
+
+    /// The same call with `CNI_IFNAME` set to `ifname` (`Call::new` uses `eth0`).
+    pub fn with_ifname(self, ifname: &str) -> Call {
+        Call {
+            ifname: ifname.to_string(),
+            ..self
         }
     }
 
