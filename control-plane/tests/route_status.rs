@@ -176,3 +176,166 @@ async fn route_and_policy_status_through_the_status_subresource() {
         "{metrics}"
     );
 }
+
+/// Our condition `type_` of a route's parent entry for Service `parent`.
+fn parent_condition(
+    fake: &FakeApiServer,
+    resource: Resource,
+    name: &str,
+    parent: &str,
+    type_: &str,
+) -> Option<Value> {
+    let obj = fake.get(resource, "shop", name)?;
+    obj["status"]["parents"].as_array()?.iter().find(|p| {
+        p["controllerName"] == "weft.dev/controller" && p["parentRef"]["name"] == parent
+    })?["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .cloned()
+}
+
+fn grpc_route(generation: i64, annotations: Value, rules: Value) -> Value {
+    json!({"kind": "GRPCRoute",
+           "metadata": {"name": "rpc", "namespace": "shop", "generation": generation, "annotations": annotations},
+           "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "rpc", "port": 80}],
+                    "rules": rules}})
+}
+
+/// GRPCRoute status in kube mode: the parent entry's `Accepted` and
+/// `ResolvedRefs` with reasons, messages and `observedGeneration`, through
+/// the status subresource; an edit that makes the live route invalid is
+/// reported `Accepted=False` while the ClientPolicy stream keeps the
+/// accepted version; a later valid edit is followed.
+#[tokio::test]
+async fn grpc_route_status_through_the_status_subresource() {
+    let fake = FakeApiServer::start().await.unwrap();
+    fake.apply(service("rpc", "10.96.0.3"));
+    fake.apply(service("rpc-v2", "10.96.0.4"));
+    let split = json!([{"matches": [{"method": {"service": "pkg.Echo"}}],
+                        "backendRefs": [{"name": "rpc", "port": 80, "weight": 3},
+                                        {"name": "rpc-v2", "port": 80, "weight": 1}]}]);
+    fake.apply(grpc_route(1, json!({}), split.clone()));
+    let controller = Controller::start_with_client(
+        Config::loopback(SourceConfig::Kube),
+        Some(fake.client().unwrap()),
+    )
+    .await
+    .unwrap();
+    eventually("ready", WITHIN, || controller.readiness.is_ready()).await;
+    let cond = |type_: &str| parent_condition(&fake, Resource::GrpcRoutes, "rpc", "rpc", type_);
+
+    eventually("rpc accepted", WITHIN, || {
+        cond("Accepted").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    let accepted = cond("Accepted").unwrap();
+    assert_eq!(
+        (&accepted["reason"], &accepted["observedGeneration"]),
+        (&json!("Accepted"), &json!(1)),
+        "{accepted}"
+    );
+    let resolved = cond("ResolvedRefs").unwrap();
+    assert_eq!(
+        (
+            &resolved["status"],
+            &resolved["reason"],
+            &resolved["observedGeneration"]
+        ),
+        (&json!("True"), &json!("ResolvedRefs"), &json!(1)),
+        "{resolved}"
+    );
+    let parent = fake.get(Resource::GrpcRoutes, "shop", "rpc").unwrap()["status"]["parents"][0]
+        ["parentRef"]
+        .clone();
+    assert_eq!(
+        (&parent["kind"], &parent["name"], &parent["port"]),
+        (&json!("Service"), &json!("rpc"), &json!(80)),
+        "{parent}"
+    );
+
+    let mut client = DestinationClient::connect(format!("http://{}", controller.destination_addr))
+        .await
+        .unwrap();
+    let mut stream = client
+        .client_policy(ClientPolicyRequest {
+            target: "rpc.shop:80".into(),
+            context: Some(CallerContext {
+                namespace: "shop".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(WITHIN, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.source, "grpcroute/shop/rpc");
+    let weights: Vec<u32> = first.routes[0].backends.iter().map(|b| b.weight).collect();
+    assert_eq!(weights, [3, 1]);
+
+    // Generation 2 is invalid (an annotation that is no gRPC code): not
+    // accepted, observedGeneration 2, and generation 1 stays in force.
+    fake.apply(grpc_route(
+        2,
+        json!({"retry.weft.dev/grpc-codes": "unavailable,teapot"}),
+        split,
+    ));
+    eventually("rpc generation 2 rejected", WITHIN, || {
+        cond("Accepted").is_some_and(|c| c["observedGeneration"] == 2)
+    })
+    .await;
+    let accepted = cond("Accepted").unwrap();
+    assert_eq!(
+        (&accepted["status"], &accepted["reason"]),
+        (&json!("False"), &json!("UnsupportedValue")),
+        "{accepted}"
+    );
+    let message = accepted["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"teapot\"")
+            && message.contains("the last accepted version (generation 1) stays in force"),
+        "{message}"
+    );
+    let quiet = tokio::time::timeout(Duration::from_millis(800), stream.message()).await;
+    assert!(quiet.is_err(), "the accepted version stays: {quiet:?}");
+
+    // Generation 3 is valid again, with a backend that does not exist:
+    // followed, Accepted, ResolvedRefs=False BackendNotFound.
+    fake.apply(grpc_route(
+        3,
+        json!({}),
+        json!([{"backendRefs": [{"name": "rpc-v2", "port": 80}, {"name": "gone", "port": 80}]}]),
+    ));
+    let third = tokio::time::timeout(WITHIN, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(third.routes[0].backends.len(), 2);
+    eventually("rpc generation 3", WITHIN, || {
+        cond("ResolvedRefs").is_some_and(|c| c["observedGeneration"] == 3)
+    })
+    .await;
+    let accepted = cond("Accepted").unwrap();
+    assert_eq!(
+        (&accepted["status"], &accepted["observedGeneration"]),
+        (&json!("True"), &json!(3))
+    );
+    let resolved = cond("ResolvedRefs").unwrap();
+    assert_eq!(
+        (&resolved["status"], &resolved["reason"]),
+        (&json!("False"), &json!("BackendNotFound")),
+        "{resolved}"
+    );
+    assert!(
+        resolved["message"]
+            .as_str()
+            .unwrap()
+            .contains("service shop/gone not found"),
+        "{resolved}"
+    );
+}
