@@ -7,7 +7,10 @@
 //!   and the conditions `Accepted` (reasons `Accepted`, `NoMatchingParent`,
 //!   `UnsupportedValue`, `IncompatibleFilters`, `Conflicted`) and
 //!   `ResolvedRefs` (`ResolvedRefs`, `BackendNotFound`, `InvalidKind`),
-//!   with messages and `observedGeneration`; entries of other controllers
+//!   with messages and `observedGeneration` (when a live route's new
+//!   generation cannot be applied, `Accepted=False` says so and that the
+//!   last accepted version stays in force: [`crate::index::State::held_routes`]);
+//!   entries of other controllers
 //!   are kept as they are. For each BackendPolicy, `status.ancestors[]`,
 //!   one per targetRef, with `Accepted` (`Accepted`, `Conflicted`,
 //!   `TargetNotFound`, `Invalid`). Written with a JSON merge patch on the
