@@ -168,6 +168,7 @@ fn build(variant: Variant, args: &ClusterIpArgs) -> Result<World> {
                     backends: backends(i, measured).to_vec(),
                     affinity_timeout_s: None,
                     node_port: false,
+                    remote: Vec::new(),
                 })
                 .collect();
             dp.replace_services(&services)?;

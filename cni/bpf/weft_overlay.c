@@ -17,27 +17,10 @@
 #include <bpf/bpf_endian.h>
 
 #include "weft_overlay.h"
+#include "lib/overlay_maps.h"
 
 /* The VNI every node uses (set by the agent before loading: .rodata). */
 volatile const __u32 weft_overlay_vni = 1;
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__type(key, struct weft_overlay_key4);
-	__type(value, struct weft_overlay_remote);
-	__uint(max_entries, WEFT_OVERLAY_MAX_ENTRIES);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} weft_overlay4 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__type(key, struct weft_overlay_key6);
-	__type(value, struct weft_overlay_remote);
-	__uint(max_entries, WEFT_OVERLAY_MAX_ENTRIES);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} weft_overlay6 SEC(".maps");
 
 /* Offsets of the destination address in the IPv4 and IPv6 headers. */
 #define WEFT_IPV4_DADDR_OFF (ETH_HLEN + 16)

@@ -177,6 +177,7 @@ fn build(index: &Index, args: &Args) {
                     .collect(),
             ),
             affinity_timeout_s: None,
+            external_traffic_local: false,
         }));
         let mut eps = Vec::new();
         for e in 0..args.endpoints_per_service {

@@ -163,6 +163,19 @@ pub fn service(svc: &core::Service, default_namespace: &str) -> Result<Service, 
         }
         _ => None,
     };
+    let external_traffic_local = match spec.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            return Err(ConvertError {
+                kind,
+                object: key.to_string(),
+                field: "spec.externalTrafficPolicy".into(),
+                value: other.to_string(),
+                reason: "not Cluster or Local".into(),
+            })
+        }
+    };
     Ok(Service {
         key,
         cluster_ips,
@@ -170,6 +183,7 @@ pub fn service(svc: &core::Service, default_namespace: &str) -> Result<Service, 
         ports,
         selector: spec.selector.clone(),
         affinity_timeout_s,
+        external_traffic_local,
     })
 }
 
@@ -897,6 +911,20 @@ mod tests {
         let m = service(&s, "shop").expect("converts");
         assert_eq!(m.ports[0].node_port, Some(30080));
         assert_eq!(m.ports[1].node_port, None);
+        assert!(!m.external_traffic_local, "Cluster is Kubernetes' default");
+        let policy = |p: &str| {
+            let s: core::Service = from_json(serde_json::json!({
+                "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {"type": "NodePort", "clusterIP": "10.96.0.10",
+                         "externalTrafficPolicy": p, "ports": [{"port": 80, "nodePort": 30080}]}
+            }));
+            service(&s, "shop")
+        };
+        assert!(policy("Local").expect("converts").external_traffic_local);
+        assert!(!policy("Cluster").expect("converts").external_traffic_local);
+        let e = policy("Nearest").expect_err("not a policy");
+        assert_eq!(e.field, "spec.externalTrafficPolicy");
+        assert_eq!(e.value, "Nearest");
         assert_eq!(
             m.affinity_timeout_s,
             Some(10_800),

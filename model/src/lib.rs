@@ -174,6 +174,10 @@ pub struct Service {
     /// connection (`sessionAffinityConfig.clientIP.timeoutSeconds`, Kubernetes' default
     /// 10800). `None`: no affinity.
     pub affinity_timeout_s: Option<u32>,
+    /// `externalTrafficPolicy: Local`: a NodePort is served only by endpoints on the node
+    /// that received the connection, which see the client's address. `false` is `Cluster`,
+    /// Kubernetes' default: any ready endpoint, reached from another node through source NAT.
+    pub external_traffic_local: bool,
 }
 
 impl Service {

@@ -401,6 +401,11 @@ impl Router {
         self.underlay_dev.as_deref()
     }
 
+    /// The VXLAN device's ifindex (`--routing vxlan`).
+    pub fn tunnel_ifindex(&self) -> Option<u32> {
+        self.vxlan.as_ref().map(|(index, _)| *index)
+    }
+
     /// The pods' MTU for the ADD answer, if this node decides one.
     pub fn pod_mtu(&self) -> Option<u32> {
         self.pod_mtu

@@ -97,9 +97,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // NodePorts on the external interface (none without one: a node namespace in tests).
     let external = router.underlay_dev().map(str::to_string);
     if let Some(dev) = &external {
-        attach_nodeport(&config.pin_dir, dev).map_err(|reason| RunError::NodePort {
-            dev: dev.clone(),
-            reason,
+        attach_nodeport(&config.pin_dir, dev, router.tunnel_ifindex()).map_err(|reason| {
+            RunError::NodePort {
+                dev: dev.clone(),
+                reason,
+            }
         })?;
     }
 
@@ -190,13 +192,43 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 }
 
 /// Loads and attaches the NodePort programs to `dev` (the node's external interface).
-fn attach_nodeport(pin_dir: &std::path::Path, dev: &str) -> Result<(), String> {
+fn attach_nodeport(
+    pin_dir: &std::path::Path,
+    dev: &str,
+    tunnel_ifindex: Option<u32>,
+) -> Result<(), String> {
     let ifindex =
         weft_datapath::if_index(dev).ok_or("no such interface in the agent's network namespace")?;
-    let mut np = weft_datapath::nodeport::NodePort::open(pin_dir).map_err(|e| e.to_string())?;
+    let mut np = weft_datapath::nodeport::NodePort::open(pin_dir, tunnel_ifindex)
+        .map_err(|e| e.to_string())?;
     np.attach(ifindex).map_err(|e| e.to_string())?;
     tracing::info!(interface = dev, ifindex, "NodePort programs attached");
+    let range = "/proc/sys/net/ipv4/ip_local_port_range";
+    if let Some(warning) = std::fs::read_to_string(range)
+        .ok()
+        .and_then(|text| snat_range_overlap(&text))
+    {
+        tracing::warn!(file = range, "{warning}");
+    }
     Ok(())
+}
+
+/// Whether the node's ephemeral port range (`ip_local_port_range`'s text) overlaps the ports
+/// NodePort source NAT takes on the node's address: a socket of the node could then hold the
+/// same tuple as a source-NATed connection, and one of them would lose its answers.
+fn snat_range_overlap(text: &str) -> Option<String> {
+    let mut parts = text.split_whitespace().map(str::parse::<u32>);
+    let (Some(Ok(lo)), Some(Ok(hi))) = (parts.next(), parts.next()) else {
+        return None;
+    };
+    let snat = weft_datapath::abi::SNAT_PORTS;
+    let (s_lo, s_hi) = (u32::from(*snat.start()), u32::from(*snat.end()));
+    (lo <= s_hi && s_lo <= hi).then(|| {
+        format!(
+            "the node's ephemeral ports {lo}-{hi} overlap NodePort source NAT's {s_lo}-{s_hi}: \
+             set net.ipv4.ip_local_port_range below {s_lo} (Linux's default is 32768-60999)"
+        )
+    })
 }
 
 /// The node as NodePorts see it: the external interface's addresses and this node's pods.
@@ -243,4 +275,22 @@ pub fn init_tracing(filter: &str, format: &str) -> Result<(), String> {
 #[allow(dead_code)]
 fn assert_send_sync(a: Arc<Agent<Datapath>>) -> impl Send + Sync {
     a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::snat_range_overlap;
+
+    #[test]
+    fn an_ephemeral_range_reaching_the_snat_ports_is_reported() {
+        assert_eq!(
+            snat_range_overlap("32768\t60999\n"),
+            None,
+            "Linux's default"
+        );
+        let w = snat_range_overlap("1024 65535").expect("overlaps");
+        assert!(w.contains("1024-65535") && w.contains("61000-65535"), "{w}");
+        assert!(snat_range_overlap("61000 61000").is_some());
+        assert_eq!(snat_range_overlap("garbage"), None);
+    }
 }

@@ -23,13 +23,13 @@
 //!   keeps affinities and counters), new frontends take the next free id.
 //! - `sessionAffinity: ClientIP` gives each of the Service's frontends its timeout.
 //! - A port with a `nodePort` also has a NodePort frontend on each address of the node's
-//!   external interface ([`NodeView::addrs`]), served by `weft_nodeport.o` there, whose
-//!   backends are the same endpoints **on this node** ([`NodeView::local`]): the datapath
-//!   keeps the client's address (no source NAT), so a remote backend's reply would bypass the
-//!   reverse translation. That is `externalTrafficPolicy: Local` for every NodePort Service
-//!   (a node without a local endpoint refuses, as Local does); `Cluster` needs source NAT,
-//!   which the datapath does not do yet.
-
+//!   external interface ([`NodeView::addrs`]), served by `weft_nodeport.o` there.
+//!   `externalTrafficPolicy: Cluster` (the default): every ready endpoint; those not on this
+//!   node ([`NodeView::local`] and the node's own addresses are) are marked remote, and the
+//!   datapath reaches them through source NAT (the node's address and a port of
+//!   [`weft_datapath::abi::SNAT_PORTS`]), so their answers come back through this node.
+//!   `Local`: only this node's endpoints, which see the client's address; a node without one
+//!   refuses.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -116,6 +116,8 @@ pub struct Wanted {
     pub affinity_timeout_s: Option<u32>,
     /// A NodePort frontend (a node address).
     pub node_port: bool,
+    /// The backends on another node (a Cluster NodePort's, reached through source NAT).
+    pub remote: Vec<SocketAddr>,
 }
 
 fn family_matches(t: AddressType, ip: &IpAddr) -> bool {
@@ -239,11 +241,20 @@ pub fn compute(snap: &Snapshot) -> (Vec<Wanted>, Vec<Problem>) {
                     backends.truncate(LB_MAX_BACKENDS);
                 }
                 if let Some(node_port) = sp.node_port {
-                    let local: Vec<SocketAddr> = backends
-                        .iter()
-                        .filter(|b| snap.node.local.contains(&b.ip()))
-                        .copied()
-                        .collect();
+                    // This node's pods, and host-network endpoints on this node.
+                    let on_node = |b: &&SocketAddr| {
+                        snap.node.local.contains(&b.ip()) || snap.node.addrs.contains(&b.ip())
+                    };
+                    let (np_backends, remote): (Vec<SocketAddr>, Vec<SocketAddr>) =
+                        if svc.external_traffic_local {
+                            (
+                                backends.iter().filter(on_node).copied().collect(),
+                                Vec::new(),
+                            )
+                        } else {
+                            let remote = backends.iter().filter(|b| !on_node(b)).copied();
+                            (backends.clone(), remote.collect())
+                        };
                     for addr in snap
                         .node
                         .addrs
@@ -257,9 +268,10 @@ pub fn compute(snap: &Snapshot) -> (Vec<Wanted>, Vec<Problem>) {
                                 port: node_port,
                                 proto,
                             },
-                            backends: local.clone(),
+                            backends: np_backends.clone(),
                             affinity_timeout_s: svc.affinity_timeout_s,
                             node_port: true,
+                            remote: remote.clone(),
                         });
                     }
                 }
@@ -273,6 +285,7 @@ pub fn compute(snap: &Snapshot) -> (Vec<Wanted>, Vec<Problem>) {
                     backends,
                     affinity_timeout_s: svc.affinity_timeout_s,
                     node_port: false,
+                    remote: Vec::new(),
                 });
             }
         }
@@ -426,6 +439,7 @@ impl<M: ServiceMaps> Writer<M> {
                     backends: w.backends,
                     affinity_timeout_s: w.affinity_timeout_s,
                     node_port: w.node_port,
+                    remote: w.remote,
                 })
             })
             .collect();
@@ -564,6 +578,7 @@ mod tests {
             ports,
             selector: None,
             affinity_timeout_s: None,
+            external_traffic_local: false,
         })
     }
 
@@ -698,6 +713,66 @@ mod tests {
     }
 
     #[test]
+    fn node_ports_reach_remote_endpoints_through_snat_unless_local() {
+        let mut web = (*svc(
+            "web",
+            "10.96.0.10",
+            vec![port("http", 80, TargetPort::Number(8080), "TCP")],
+        ))
+        .clone();
+        web.ports[0].node_port = Some(30080);
+        // A pod on this node, one on another node, and a host-network endpoint on this node.
+        let s = slice(
+            "web-1",
+            "web",
+            vec![],
+            vec![
+                endpoint("10.0.0.2", "a", true),
+                endpoint("10.0.1.2", "b", true),
+                endpoint("192.168.1.10", "c", true),
+            ],
+        );
+        let mut snap = snapshot(vec![Arc::new(web.clone())], vec![s.clone()], vec![]);
+        snap.node = NodeView {
+            addrs: vec!["192.168.1.10".parse().expect("ip")],
+            local: ["10.0.0.2".parse().expect("ip")].into_iter().collect(),
+        };
+        let node_port = |snap: &Snapshot| {
+            let (wanted, problems) = compute(snap);
+            assert!(problems.is_empty(), "{problems:?}");
+            let cluster_ip = wanted.iter().find(|w| !w.node_port).expect("ClusterIP");
+            assert!(cluster_ip.remote.is_empty(), "a ClusterIP never SNATs");
+            assert_eq!(cluster_ip.backends.len(), 3);
+            wanted.into_iter().find(|w| w.node_port).expect("NodePort")
+        };
+        let cluster = node_port(&snap);
+        assert_eq!(cluster.frontend.addr.to_string(), "192.168.1.10");
+        assert_eq!(
+            cluster.backends,
+            vec![
+                sa("10.0.0.2:8080"),
+                sa("10.0.1.2:8080"),
+                sa("192.168.1.10:8080")
+            ],
+            "Cluster: every ready endpoint"
+        );
+        assert_eq!(
+            cluster.remote,
+            vec![sa("10.0.1.2:8080")],
+            "only the other node's pod"
+        );
+        web.external_traffic_local = true;
+        snap.services = vec![Arc::new(web)];
+        let local = node_port(&snap);
+        assert_eq!(
+            local.backends,
+            vec![sa("10.0.0.2:8080"), sa("192.168.1.10:8080")],
+            "Local: this node's endpoints only"
+        );
+        assert!(local.remote.is_empty());
+    }
+
+    #[test]
     fn client_ip_affinity_reaches_every_frontend_of_the_service() {
         let mut web = (*svc(
             "web",
@@ -782,6 +857,7 @@ mod tests {
             backends: vec![],
             affinity_timeout_s: None,
             node_port: false,
+            remote: Vec::new(),
         }]);
         let mut again = adopted.clone();
         again.update([&f(2), &f(4)]);

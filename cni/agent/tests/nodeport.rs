@@ -1,9 +1,17 @@
 //! NodePort through the agent (issue 14): a Service of `type: NodePort` read from the
 //! cluster, served on the node's external interface by `weft_nodeport.o`, which the agent
 //! attaches at start. Two nodes ([`weft_netns_testing::Cluster`]), the backend on node 1, a
-//! client outside the cluster (an address on the fabric): node 1's address answers with the
-//! client's own address kept (externalTrafficPolicy Local semantics), node 2's (no local
-//! endpoint) refuses at once, and the ClusterIP works from a pod on node 2. Needs root:
+//! client outside the cluster (an address on the fabric).
+//!
+//! - `externalTrafficPolicy: Local`: node 1's address answers with the client's own address
+//!   kept, node 2's (no local endpoint) refuses at once.
+//! - `Cluster` (the default), over direct routing and over VXLAN: node 1 still keeps the
+//!   client's address (a local backend), node 2 forwards to node 1's pod with source NAT (the
+//!   pod sees node 2's address), for new TCP connections, a long-lived one and UDP, whose
+//!   answers come back from node 2's NodePort.
+//! - The ClusterIP works from a pod on node 2.
+//!
+//! Needs root:
 //!
 //! ```sh
 //! cargo build -p weft-cni && cargo test -p weft-cni-agent --test nodeport
@@ -11,24 +19,34 @@
 
 mod support;
 
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use support::{peer_reporter, require_root, seen_by_server, workspace_bin, write_manifest, AGENT};
-use weft_netns_testing::{Cluster, ClusterPod, ClusterSpec};
+use weft_netns_testing::{
+    udp_echo_ok, Cluster, ClusterPod, ClusterSpec, NodeAgent, TcpEcho, UdpEcho,
+};
 
 const NODE_PORT: u16 = 30080;
+const ECHO_NODE_PORT: u16 = 30090;
+const UDP_NODE_PORT: u16 = 30053;
 const CLUSTER_IP: &str = "10.96.88.10";
 const CLIENT: &str = "192.168.77.200";
 
-fn world(web: Option<&ClusterPod>) -> String {
+/// The Service (`policy`: its externalTrafficPolicy) and, once it runs, the web pod with its
+/// EndpointSlice: a peer reporter on 8080, a TCP echo on 9000, a UDP echo on 5353.
+fn world(web: Option<&ClusterPod>, policy: &str) -> String {
     let mut out = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: np}\n");
     out.push_str(&format!(
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: np}}\n\
-         spec: {{type: NodePort, clusterIP: {CLUSTER_IP}, selector: {{app: web}},\n  \
-         ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}}}]}}\n"
+         spec: {{type: NodePort, externalTrafficPolicy: {policy}, clusterIP: {CLUSTER_IP}, \
+         selector: {{app: web}},\n  \
+         ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}}},\n    \
+         {{name: echo, port: 9000, targetPort: 9000, nodePort: {ECHO_NODE_PORT}}},\n    \
+         {{name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: {UDP_NODE_PORT}}}]}}\n"
     ));
     if let Some(web) = web {
         out.push_str(&format!(
@@ -37,7 +55,8 @@ fn world(web: Option<&ClusterPod>) -> String {
              status: {{podIPs: [{{ip: \"{ip}\"}}]}}\n\
              ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
              metadata: {{name: web-1, namespace: np, labels: {{kubernetes.io/service-name: web}}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+             addressType: IPv4\n\
+             ports: [{{name: http, port: 8080}}, {{name: echo, port: 9000}}, {{name: dns, port: 5353, protocol: UDP}}]\n\
              endpoints: [{{addresses: [\"{ip}\"], conditions: {{ready: true}}, nodeName: {node}, \
              targetRef: {{kind: Pod, name: web, namespace: np}}}}]\n",
             node = web.node,
@@ -45,6 +64,78 @@ fn world(web: Option<&ClusterPod>) -> String {
         ));
     }
     out
+}
+
+/// Two nodes with agents, the web pod on node 1 (serving), a client pod on node 2, and a
+/// client address on the fabric.
+struct World {
+    cluster: Cluster,
+    _manifests: tempfile::TempDir,
+    _agents: Vec<NodeAgent>,
+    web: ClusterPod,
+    client: ClusterPod,
+    _servers: (TcpEcho, UdpEcho),
+}
+
+fn start(prefix: &str, routing: &str, policy: &str) -> Result<World> {
+    let plugin = workspace_bin("weft-cni", "weft-cni");
+    let cluster = Cluster::new(ClusterSpec::two_nodes(prefix))?;
+    cluster
+        .fabric
+        .ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "br0"])?;
+    let manifests = tempfile::tempdir()?;
+    write_manifest(manifests.path(), "nodes.yaml", &cluster.nodes_yaml())?;
+    write_manifest(manifests.path(), "world.yaml", &world(None, policy))?;
+    let args = ["--routing", routing, "--underlay-dev", "eth0"];
+    let mut agents = Vec::new();
+    for node in &cluster.nodes {
+        agents.push(node.spawn_agent(Path::new(AGENT), manifests.path(), &args)?);
+    }
+    let web = cluster.nodes[0].add_pod(&plugin, ("np", "web"), None)?;
+    let client = cluster.nodes[1].add_pod(&plugin, ("np", "client"), None)?;
+    peer_reporter(&web.ns, SocketAddr::new(IpAddr::V4(web.v4), 8080))?;
+    let web_ns = web.ns.name.clone();
+    let servers = (
+        TcpEcho::start(&web_ns, SocketAddr::new(IpAddr::V4(web.v4), 9000))?,
+        UdpEcho::start(&web_ns, SocketAddr::new(IpAddr::V4(web.v4), 5353))?,
+    );
+    write_manifest(manifests.path(), "world.yaml", &world(Some(&web), policy))?;
+    Ok(World {
+        cluster,
+        _manifests: manifests,
+        _agents: agents,
+        web,
+        client,
+        _servers: servers,
+    })
+}
+
+impl World {
+    fn node_port(&self, node: usize, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.cluster.nodes[node].underlay_v4), port)
+    }
+
+    /// The address the web pod sees for a connection from outside to `node`'s NodePort.
+    fn seen_via(&self, node: usize) -> Result<IpAddr> {
+        let to = self.node_port(node, NODE_PORT);
+        eventually(Duration::from_secs(3), "NodePort", || {
+            seen_by_server(&self.cluster.fabric, to, Duration::from_millis(500))
+        })
+    }
+
+    /// The ClusterIP from the pod on node 2 reaches the backend on node 1, client kept.
+    fn cluster_ip_from_node_2(&self) -> Result<()> {
+        let vip = SocketAddr::new(CLUSTER_IP.parse()?, 80);
+        let seen = eventually(Duration::from_secs(3), "ClusterIP across nodes", || {
+            seen_by_server(&self.client.ns, vip, Duration::from_millis(500))
+        })?;
+        ensure!(
+            seen == IpAddr::V4(self.client.v4),
+            "the backend saw {seen}, not {}",
+            self.client.v4
+        );
+        Ok(())
+    }
 }
 
 /// Retries `f` until it is Ok or `within` passed.
@@ -60,48 +151,33 @@ fn eventually<T>(within: Duration, what: &str, mut f: impl FnMut() -> Result<T>)
 }
 
 #[test]
-fn nodeport_from_outside_the_cluster_keeps_the_client_and_refuses_without_a_local_endpoint(
-) -> Result<()> {
-    if !require_root("nodeport_from_outside") {
+fn local_keeps_the_client_and_refuses_without_a_local_endpoint() -> Result<()> {
+    if !require_root("nodeport_local") {
         return Ok(());
     }
-    let plugin = workspace_bin("weft-cni", "weft-cni");
-    let cluster = Cluster::new(ClusterSpec::two_nodes("wnp"))?;
-    // The client: an address on the fabric, outside every node.
-    cluster
-        .fabric
-        .ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "br0"])?;
-    let manifests = tempfile::tempdir()?;
-    write_manifest(manifests.path(), "nodes.yaml", &cluster.nodes_yaml())?;
-    write_manifest(manifests.path(), "world.yaml", &world(None))?;
-    let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
-    let args = ["--routing", "direct", "--underlay-dev", "eth0"];
-    let _a1 = n1.spawn_agent(Path::new(AGENT), manifests.path(), &args)?;
-    let _a2 = n2.spawn_agent(Path::new(AGENT), manifests.path(), &args)?;
-    let web = n1.add_pod(&plugin, ("np", "web"), None)?;
-    let client = n2.add_pod(&plugin, ("np", "client"), None)?;
-    peer_reporter(&web.ns, SocketAddr::new(IpAddr::V4(web.v4), 8080))?;
-    write_manifest(manifests.path(), "world.yaml", &world(Some(&web)))?;
+    let w = start("wnp", "direct", "Local")?;
 
     // Node 1 has the endpoint: the outside client is answered, and the pod sees the client's
     // own address.
-    let n1_port = SocketAddr::new(IpAddr::V4(n1.underlay_v4), NODE_PORT);
-    let seen = eventually(Duration::from_secs(3), "NodePort on node 1", || {
-        seen_by_server(&cluster.fabric, n1_port, Duration::from_millis(500))
-    })?;
+    let seen = w.seen_via(0)?;
     ensure!(
         seen == CLIENT.parse::<IpAddr>()?,
         "the backend saw {seen}, not the client {CLIENT}"
     );
     for _ in 0..20 {
-        let again = seen_by_server(&cluster.fabric, n1_port, Duration::from_secs(1))?;
+        let again = seen_by_server(
+            &w.cluster.fabric,
+            w.node_port(0, NODE_PORT),
+            Duration::from_secs(1),
+        )?;
         ensure!(again == seen, "{again}");
     }
 
     // Node 2 has no local endpoint: refused at once (a RST), not a timeout.
-    let n2_port = SocketAddr::new(IpAddr::V4(n2.underlay_v4), NODE_PORT);
+    let n2_port = w.node_port(1, NODE_PORT);
     let started = Instant::now();
-    let refused = cluster
+    let refused = w
+        .cluster
         .fabric
         .run(move || TcpStream::connect_timeout(&n2_port, Duration::from_secs(2)))?;
     match refused {
@@ -113,16 +189,85 @@ fn nodeport_from_outside_the_cluster_keeps_the_client_and_refuses_without_a_loca
         "refusal took {:?}",
         started.elapsed()
     );
+    w.cluster_ip_from_node_2()
+}
 
-    // The ClusterIP from a pod on node 2 reaches the backend on node 1, client kept.
-    let vip = SocketAddr::new(CLUSTER_IP.parse()?, 80);
-    let seen = eventually(Duration::from_secs(3), "ClusterIP across nodes", || {
-        seen_by_server(&client.ns, vip, Duration::from_millis(500))
-    })?;
+/// `externalTrafficPolicy: Cluster` over `routing`: see the module docs.
+fn cluster_policy(prefix: &str, routing: &str) -> Result<()> {
+    let w = start(prefix, routing, "Cluster")?;
+    let n2 = w.cluster.nodes[1].underlay_v4;
+
+    // Node 1's own endpoint keeps the client's address, as with Local.
+    let seen = w.seen_via(0)?;
     ensure!(
-        seen == IpAddr::V4(client.v4),
-        "the backend saw {seen}, not {}",
-        client.v4
+        seen == CLIENT.parse::<IpAddr>()?,
+        "via node 1 (local endpoint) the backend saw {seen}, not the client {CLIENT}"
     );
-    Ok(())
+
+    // Node 2 forwards to node 1's pod with its own address as the source.
+    let seen = w.seen_via(1)?;
+    ensure!(
+        seen == IpAddr::V4(n2),
+        "via node 2 the backend saw {seen}, want node 2's address {n2} (source NAT)"
+    );
+    for i in 0..30 {
+        let again = seen_by_server(
+            &w.cluster.fabric,
+            w.node_port(1, NODE_PORT),
+            Duration::from_secs(1),
+        )
+        .with_context(|| format!("connection {i} via node 2"))?;
+        ensure!(again == IpAddr::V4(n2), "connection {i}: {again}");
+    }
+
+    // A long-lived connection through node 2: 200 round trips, each both ways translated.
+    let echo_port = w.node_port(1, ECHO_NODE_PORT);
+    w.cluster.fabric.run(move || -> Result<()> {
+        let mut s = TcpStream::connect_timeout(&echo_port, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        for i in 0..200u32 {
+            let msg = format!("{i:08}");
+            s.write_all(msg.as_bytes())?;
+            let mut back = [0u8; 8];
+            s.read_exact(&mut back)
+                .with_context(|| format!("round trip {i}"))?;
+            ensure!(&back[..] == msg.as_bytes(), "round trip {i}: {back:?}");
+        }
+        Ok(())
+    })??;
+
+    // UDP through node 2: the answer comes back from node 2's NodePort.
+    let udp_port = w.node_port(1, UDP_NODE_PORT);
+    let bind: SocketAddr = format!("{CLIENT}:0").parse()?;
+    for i in 0..10 {
+        let ok = w
+            .cluster
+            .fabric
+            .run(move || udp_echo_ok(bind, udp_port, Duration::from_secs(1)))??;
+        ensure!(
+            ok,
+            "UDP datagram {i} via node 2 was not answered from {udp_port}"
+        );
+    }
+    ensure!(
+        w.web.node == w.cluster.nodes[0].name,
+        "the backend runs on node 1"
+    );
+    w.cluster_ip_from_node_2()
+}
+
+#[test]
+fn cluster_reaches_another_nodes_endpoint_through_snat_direct() -> Result<()> {
+    if !require_root("nodeport_cluster_direct") {
+        return Ok(());
+    }
+    cluster_policy("wnc", "direct")
+}
+
+#[test]
+fn cluster_reaches_another_nodes_endpoint_through_snat_vxlan() -> Result<()> {
+    if !require_root("nodeport_cluster_vxlan") {
+        return Ok(());
+    }
+    cluster_policy("wnv", "vxlan")
 }

@@ -861,3 +861,103 @@ fn dual_stack_cluster_ips() -> Result<()> {
     );
     Ok(())
 }
+
+const HAIRPIN_PODS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIPs: [10.96.0.42, "fd00:96::42"]
+  ipFamilies: [IPv4, IPv6]
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: who, port: 9000, targetPort: 9000}
+  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
+"#;
+
+/// Hairpin: a pod that is its Service's only endpoint reaches itself through the ClusterIP,
+/// over IPv4 and IPv6, TCP and UDP: answered from the ClusterIP, and the server sees the
+/// hairpin address (169.254.42.1 / fd77::a9fe:2a01), not its own (whose answer would never
+/// leave the pod to be translated back).
+#[test]
+fn a_pod_reaches_itself_through_its_cluster_ip() -> Result<()> {
+    if !require_root("hairpin") {
+        return Ok(());
+    }
+    let world = Node::start(&[("pods.yaml", HAIRPIN_PODS)], "10.85.0.0/24")?;
+    let ipam = serde_json::json!({"type": "host-local", "dataDir": world.hl.dir.path(),
+        "ranges": [[{"subnet": "10.85.0.0/24"}], [{"subnet": "fd00:85::/64"}]]});
+    let conf = plugin_conf(&world.dirs.socket, ipam);
+    let ns = wsv_ns("web-a")?;
+    let cid = weft_netns_testing::unique("wsv", "web-a");
+    let (code, out) = cni(
+        &world.node,
+        &world.plugin,
+        "ADD",
+        &cid,
+        &ns.path(),
+        ("shop", "web-a"),
+        &conf,
+    )?;
+    ensure!(code == 0, "ADD web-a: {out}");
+    let ips = result_ips(&out)?;
+    ensure!(ips.len() == 2 && ips[1].is_ipv6(), "{ips:?}");
+    name_servers(&ns, "web-a")?;
+    peer_reporter(&ns, SocketAddr::new(IpAddr::from([0u16; 8]), 9000))?;
+    let slice = |kind: &str, ip: IpAddr| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-{kind}\n  \
+             namespace: shop\n  labels: {{kubernetes.io/service-name: web}}\naddressType: {kind}\n\
+             endpoints:\n- addresses: [\"{ip}\"]\n"
+        )
+    };
+    write_manifest(
+        &world.manifests,
+        "slices.yaml",
+        &format!("{}---\n{}", slice("IPv4", ips[0]), slice("IPv6", ips[1])),
+    )?;
+    for (vip, hairpin) in [
+        (
+            "10.96.0.42".parse::<IpAddr>()?,
+            IpAddr::V4(weft_datapath::abi::HAIRPIN_V4),
+        ),
+        (
+            "fd00:96::42".parse::<IpAddr>()?,
+            IpAddr::V6(weft_datapath::abi::HAIRPIN_V6),
+        ),
+    ] {
+        wait_backends(&world.pins.0, vip, 80, 1, Instant::now())?;
+        let http = SocketAddr::new(vip, 80);
+        // IPv6 addresses leave DAD first.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (name, peer) = loop {
+            match tcp_name(&ns, http)? {
+                Ok(v) => break v,
+                Err(e) if Instant::now() > deadline => bail!("hairpin TCP to {http}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        ensure!(name == "web-a" && peer == http, "{name} from {peer}");
+        // Several connections, each answered from the ClusterIP.
+        let seen = spread(&ns, http, 10)?;
+        ensure!(seen.get("web-a") == Some(&10), "{seen:?}");
+        let seen = seen_by_server(&ns, SocketAddr::new(vip, 9000), Duration::from_secs(2))?;
+        ensure!(
+            seen == hairpin,
+            "via {vip} the pod saw itself as {seen}, want the hairpin address {hairpin}"
+        );
+        let dns = SocketAddr::new(vip, 53);
+        for i in 0..5 {
+            let (name, src) = udp_name(&ns, dns)?.with_context(|| format!("datagram {i}"))?;
+            ensure!(
+                name == "web-a" && src == dns,
+                "UDP: {name} from {src}, not {dns}"
+            );
+        }
+    }
+    Ok(())
+}

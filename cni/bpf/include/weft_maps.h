@@ -197,10 +197,32 @@ struct weft_flow_event {
 #define WEFT_LB_MAX_BACKENDS 128   /* ready endpoints per frontend */
 #define WEFT_LB_CT_MAX 262144      /* two entries per translated connection */
 #define WEFT_LB_AFFINITY_MAX 65536 /* (frontend, client) pairs */
+#define WEFT_LB_SNAT_MAX 131072    /* two entries per source-NATed NodePort connection */
+
+/*
+ * NodePort source NAT (externalTrafficPolicy: Cluster, a backend on another
+ * node): the ports the node's address takes for it, above Linux's default
+ * ephemeral range (net.ipv4.ip_local_port_range 32768-60999), so no socket of
+ * the node itself holds the same tuple. The agent warns when the node's range
+ * overlaps.
+ */
+#define WEFT_SNAT_PORT_MIN 61000
+#define WEFT_SNAT_PORT_MAX 65535
+
+/*
+ * Hairpin: a pod that reaches itself through a Service sees the connection
+ * come from this address (its own address would never leave the pod, so the
+ * reply could not be translated back). Cilium uses the same IPv4 address.
+ */
+#define WEFT_HAIRPIN_V4 { 169, 254, 42, 1 }
+#define WEFT_HAIRPIN_V6 { 0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xa9, 0xfe, 0x2a, 0x01 }
 
 /* weft_lb_svc.flags */
 #define WEFT_LB_F_AFFINITY 1u /* sessionAffinity ClientIP */
 #define WEFT_LB_F_NODEPORT 2u /* a NodePort frontend (node address), not a ClusterIP */
+
+/* weft_lb_backend.flags */
+#define WEFT_LB_BE_REMOTE 1u /* on another node: NodePort connections to it are source-NATed */
 
 /* weft_lb_ct_key.dir */
 #define WEFT_LB_CT_FORWARD 0 /* client → frontend, as the client sent it */
@@ -216,8 +238,8 @@ struct weft_lb_svc_key {
 
 struct weft_lb_backend {
 	__u8 addr[16];
-	__u16 port; /* network byte order */
-	__u16 pad;
+	__u16 port;  /* network byte order */
+	__u16 flags; /* WEFT_LB_BE_* */
 };
 
 /*
@@ -260,6 +282,25 @@ struct weft_lb_ct_value {
 	__u32 svc_id;
 	__u32 flags; /* WEFT_CT_* (FIN/RST seen on this entry's direction) */
 	__u32 pad2;
+};
+
+/*
+ * weft_lb_snat: LRU hash, two entries per NodePort connection forwarded to a
+ * backend on another node with the node's address as its source (the
+ * backend's reply must come back through this node to be translated back).
+ * Keys are weft_lb_ct_keys: FORWARD the tuple the client sent, REVERSE the
+ * tuple the backend answers with (backend → node address:nat port).
+ */
+struct weft_lb_snat_value {
+	__u64 created_ns;
+	__u64 last_seen_ns;  /* refreshed at most once a second */
+	__u8 addr[16];       /* FORWARD: the backend; REVERSE: the client */
+	__u8 nat_addr[16];   /* FORWARD: the source the backend sees; REVERSE: the frontend */
+	__u16 port;          /* FORWARD: the backend's port; REVERSE: the client's */
+	__u16 nat_port;      /* FORWARD: the allocated source port; REVERSE: the nodePort */
+	__u32 svc_id;
+	__u32 flags;         /* WEFT_CT_* (FIN/RST seen on this entry's direction) */
+	__u32 pad;
 };
 
 /* weft_lb_affinity: LRU hash, sessionAffinity ClientIP. */

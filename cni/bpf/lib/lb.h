@@ -43,9 +43,12 @@ enum weft_lb_result {
 
 /* What a translated connection needs until the verdict is in. */
 struct weft_lb_nat {
-	__u8 active; /* the packet goes to a frontend */
-	__u8 fresh;  /* a new translation: entries to write once the packet passes */
+	__u8 active;  /* the packet goes to a frontend */
+	__u8 fresh;   /* a new translation: entries to write once the packet passes */
+	__u8 hairpin; /* the backend is the client itself (see weft_lb_hairpin) */
+	__u8 pad;
 	__u16 svc_port; /* the frontend port, network byte order */
+	__u16 pad2;
 	__u32 svc_id;
 	__u32 svc_flags;
 	__u32 affinity_timeout_s;
@@ -79,15 +82,41 @@ static __always_inline void weft_lb_ct_key_fill(struct weft_lb_ct_key *k, __u8 f
 	k->dport = dport;
 }
 
-static __always_inline int weft_lb_ct_live(const struct weft_lb_ct_value *v, __u8 proto,
-					   __u64 now)
+/* The address a pod reaching itself through a Service sees as the client. */
+static __always_inline void weft_lb_hairpin_addr(__u8 family, __u8 *out)
+{
+	const __u8 v4[4] = WEFT_HAIRPIN_V4;
+	const __u8 v6[16] = WEFT_HAIRPIN_V6;
+
+	__builtin_memset(out, 0, 16);
+	if (family == 4)
+		__builtin_memcpy(out, v4, 4);
+	else
+		__builtin_memcpy(out, v6, 16);
+}
+
+static __always_inline int weft_lb_addr_eq(const __u8 *a, const __u8 *b)
+{
+	__u64 a0, a1, b0, b1;
+
+	__builtin_memcpy(&a0, a, 8);
+	__builtin_memcpy(&a1, a + 8, 8);
+	__builtin_memcpy(&b0, b, 8);
+	__builtin_memcpy(&b1, b + 8, 8);
+	return a0 == b0 && a1 == b1;
+}
+
+/*
+ * Is a translation entry (weft_lb_ct, weft_lb_snat) last seen at `seen` with
+ * these WEFT_CT_* flags still live?
+ */
+static __always_inline int weft_lb_live(__u64 seen, __u32 flags, __u8 proto, __u64 now)
 {
 	__u64 timeout = WEFT_CT_TIMEOUT_OTHER_NS;
-	__u64 seen = v->last_seen_ns;
 
 	if (proto == IPPROTO_TCP)
 		/* Either side's FIN or a RST: closing (each entry sees one side). */
-		timeout = (v->flags & (WEFT_CT_RST | WEFT_CT_FIN_ORIG | WEFT_CT_FIN_REPLY))
+		timeout = (flags & (WEFT_CT_RST | WEFT_CT_FIN_ORIG | WEFT_CT_FIN_REPLY))
 				  ? WEFT_CT_TIMEOUT_CLOSING_NS
 				  : WEFT_CT_TIMEOUT_TCP_NS;
 	if (seen >= now)
@@ -95,21 +124,34 @@ static __always_inline int weft_lb_ct_live(const struct weft_lb_ct_value *v, __u
 	return now - seen <= timeout;
 }
 
-static __always_inline void weft_lb_ct_touch(struct weft_lb_ct_value *v,
-					     const struct weft_pkt *pkt, int reply, __u64 now)
+static __always_inline int weft_lb_ct_live(const struct weft_lb_ct_value *v, __u8 proto,
+					   __u64 now)
 {
-	if (now > v->last_seen_ns + WEFT_CT_REFRESH_NS)
-		v->last_seen_ns = now;
+	return weft_lb_live(v->last_seen_ns, v->flags, proto, now);
+}
+
+/* A packet of a translation entry's direction: last seen, FIN and RST. */
+static __always_inline void weft_lb_touch(__u64 *last_seen, __u32 *flags,
+					  const struct weft_pkt *pkt, int reply, __u64 now)
+{
+	if (now > *last_seen + WEFT_CT_REFRESH_NS)
+		*last_seen = now;
 	if (pkt->proto != IPPROTO_TCP)
 		return;
-	if ((pkt->tcp_flags & WEFT_TCP_RST) && !(v->flags & WEFT_CT_RST))
-		v->flags |= WEFT_CT_RST;
+	if ((pkt->tcp_flags & WEFT_TCP_RST) && !(*flags & WEFT_CT_RST))
+		*flags |= WEFT_CT_RST;
 	if (pkt->tcp_flags & WEFT_TCP_FIN) {
 		__u32 bit = reply ? WEFT_CT_FIN_REPLY : WEFT_CT_FIN_ORIG;
 
-		if (!(v->flags & bit))
-			v->flags |= bit;
+		if (!(*flags & bit))
+			*flags |= bit;
 	}
+}
+
+static __always_inline void weft_lb_ct_touch(struct weft_lb_ct_value *v,
+					     const struct weft_pkt *pkt, int reply, __u64 now)
+{
+	weft_lb_touch(&v->last_seen_ns, &v->flags, pkt, reply, now);
 }
 
 static __always_inline void weft_lb_count(__u32 svc_id, int refused)
@@ -136,13 +178,7 @@ static __always_inline void weft_lb_count(__u32 svc_id, int refused)
 static __always_inline int weft_lb_same_backend(const struct weft_lb_backend *a,
 						const struct weft_lb_backend *b)
 {
-	__u64 a0, a1, b0, b1;
-
-	__builtin_memcpy(&a0, a->addr, 8);
-	__builtin_memcpy(&a1, a->addr + 8, 8);
-	__builtin_memcpy(&b0, b->addr, 8);
-	__builtin_memcpy(&b1, b->addr + 8, 8);
-	return a0 == b0 && a1 == b1 && a->port == b->port;
+	return weft_lb_addr_eq(a->addr, b->addr) && a->port == b->port;
 }
 
 /* Is be still one of svc's backends? (An affinity must not outlive its endpoint.) */
@@ -164,13 +200,7 @@ static __always_inline int weft_lb_has_backend(const struct weft_lb_svc *svc, __
 static __always_inline int weft_lb_is_client(const struct weft_lb_backend *b,
 					     const struct weft_pkt *pkt)
 {
-	__u64 a0, a1, c0, c1;
-
-	__builtin_memcpy(&a0, b->addr, 8);
-	__builtin_memcpy(&a1, b->addr + 8, 8);
-	__builtin_memcpy(&c0, pkt->saddr, 8);
-	__builtin_memcpy(&c1, pkt->saddr + 8, 8);
-	return a0 == c0 && a1 == c1;
+	return weft_lb_addr_eq(b->addr, pkt->saddr);
 }
 
 /* A backend for a new connection: the client's affinity if it holds, else random. */
@@ -279,6 +309,9 @@ static __always_inline int weft_lb_lookup(struct weft_pkt *pkt, struct weft_lb_n
 	return WEFT_LB_XLATE;
 }
 
+static __always_inline void weft_lb_remember(const struct weft_pkt *pkt,
+					     const struct weft_lb_nat *nat, __u64 now);
+
 /*
  * A new translated connection passed: FORWARD and REVERSE entries, the
  * client's affinity, the counter. pkt carries the backend as destination.
@@ -286,38 +319,54 @@ static __always_inline int weft_lb_lookup(struct weft_pkt *pkt, struct weft_lb_n
 static __always_inline void weft_lb_commit(const struct weft_pkt *pkt,
 					   const struct weft_lb_nat *nat, __u64 now)
 {
-	struct weft_lb_ct_key k;
-	struct weft_lb_ct_value v = {
-		.created_ns = now,
-		.last_seen_ns = now,
-		.svc_id = nat->svc_id,
-	};
+	__u32 zero = 0;
+	struct weft_lb_scratch *s = bpf_map_lookup_elem(&weft_lb_scratch, &zero);
 
+	if (!s)
+		return;
+	__builtin_memset(&s->v, 0, sizeof(s->v));
+	s->v.created_ns = now;
+	s->v.last_seen_ns = now;
+	s->v.svc_id = nat->svc_id;
 	if (pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & WEFT_TCP_RST))
-		v.flags = WEFT_CT_RST;
+		s->v.flags = WEFT_CT_RST;
 	/* The reverse entry first: a reply can only come once the packet left. */
-	weft_lb_ct_key_fill(&k, pkt->family, pkt->proto, WEFT_LB_CT_REVERSE, nat->be.addr,
+	weft_lb_ct_key_fill(&s->k, pkt->family, pkt->proto, WEFT_LB_CT_REVERSE, nat->be.addr,
 			    pkt->saddr, nat->be.port, pkt->sport);
-	__builtin_memcpy(v.addr, nat->svc_addr, 16);
-	v.port = nat->svc_port;
-	bpf_map_update_elem(&weft_lb_ct, &k, &v, BPF_ANY);
+	/* The backend answers the client, or the hairpin address. */
+	if (nat->hairpin)
+		weft_lb_hairpin_addr(pkt->family, s->k.daddr);
+	__builtin_memcpy(s->v.addr, nat->svc_addr, 16);
+	s->v.port = nat->svc_port;
+	bpf_map_update_elem(&weft_lb_ct, &s->k, &s->v, BPF_ANY);
 
-	weft_lb_ct_key_fill(&k, pkt->family, pkt->proto, WEFT_LB_CT_FORWARD, pkt->saddr,
+	weft_lb_ct_key_fill(&s->k, pkt->family, pkt->proto, WEFT_LB_CT_FORWARD, pkt->saddr,
 			    nat->svc_addr, pkt->sport, nat->svc_port);
-	__builtin_memcpy(v.addr, nat->be.addr, 16);
-	v.port = nat->be.port;
-	bpf_map_update_elem(&weft_lb_ct, &k, &v, BPF_ANY);
+	__builtin_memcpy(s->v.addr, nat->be.addr, 16);
+	s->v.port = nat->be.port;
+	bpf_map_update_elem(&weft_lb_ct, &s->k, &s->v, BPF_ANY);
+	weft_lb_remember(pkt, nat, now);
+}
+
+/* A new connection to nat's backend: the client's affinity, the counter. */
+static __always_inline void weft_lb_remember(const struct weft_pkt *pkt,
+					     const struct weft_lb_nat *nat, __u64 now)
+{
+	__u32 zero = 0;
+	struct weft_lb_scratch *s;
 
 	if (nat->svc_flags & WEFT_LB_F_AFFINITY) {
-		struct weft_lb_affinity_key ak = {};
-		struct weft_lb_affinity_value av = {};
-
-		ak.svc_id = nat->svc_id;
-		ak.family = pkt->family;
-		__builtin_memcpy(ak.client, pkt->saddr, 16);
-		av.last_seen_ns = now;
-		av.backend = nat->be;
-		bpf_map_update_elem(&weft_lb_affinity, &ak, &av, BPF_ANY);
+		s = bpf_map_lookup_elem(&weft_lb_scratch, &zero);
+		if (s) {
+			__builtin_memset(&s->ak, 0, sizeof(s->ak));
+			__builtin_memset(&s->av, 0, sizeof(s->av));
+			s->ak.svc_id = nat->svc_id;
+			s->ak.family = pkt->family;
+			__builtin_memcpy(s->ak.client, pkt->saddr, 16);
+			s->av.last_seen_ns = now;
+			s->av.backend = nat->be;
+			bpf_map_update_elem(&weft_lb_affinity, &s->ak, &s->av, BPF_ANY);
+		}
 	}
 	weft_lb_count(nat->svc_id, 0);
 }
@@ -667,6 +716,232 @@ static __always_inline int weft_lb_refuse(struct __sk_buff *skb, const struct we
 	if (weft_lb_refusal(skb, pkt) < 0)
 		return TC_ACT_SHOT;
 	return bpf_redirect_peer(skb->ifindex, 0);
+}
+
+/*
+ * Hairpin, from_pod: the pod's connection to a Service was given the pod
+ * itself as its backend (it is the Service's only ready endpoint; the
+ * caller recorded a new translation with nat->hairpin set). The
+ * packet goes straight back into the pod with the backend as destination and
+ * WEFT_HAIRPIN_V4/V6 as source: the pod's own address would make the answer
+ * stay inside the pod, where nothing could give it the frontend back. Such a
+ * connection is not judged by policy: a pod reaching itself is not a
+ * connection between two pods (kube-proxy likewise masquerades hairpin
+ * traffic to the node, which policy always allows).
+ */
+static __always_inline int weft_lb_hairpin(struct __sk_buff *skb, const struct weft_pkt *pkt,
+				     const struct weft_lb_nat *nat)
+{
+	__u8 hp[16];
+
+	weft_lb_hairpin_addr(pkt->family, hp);
+	if (weft_lb_dnat(skb, pkt, nat) < 0 ||
+	    weft_lb_rewrite(skb, pkt, 0, pkt->saddr, hp, pkt->sport, pkt->sport) < 0 ||
+	    weft_lb_swap_macs(skb) < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect_peer(skb->ifindex, 0);
+}
+
+/*
+ * Hairpin, from_pod: the pod answering a hairpin connection (to the hairpin
+ * address) gets it back from the frontend, into the pod again. Returns 1
+ * with *act set when pkt was such an answer, 0 otherwise.
+ */
+static __always_inline int weft_lb_hairpin_reply(struct __sk_buff *skb,
+						 const struct weft_pkt *pkt, __u64 now, int *act)
+{
+	struct weft_lb_scratch *s;
+	struct weft_lb_ct_value *v;
+	__u8 hp[16], front[16];
+	__u16 front_port;
+	__u32 zero = 0;
+
+	if (pkt->proto != IPPROTO_TCP && pkt->proto != IPPROTO_UDP)
+		return 0;
+	weft_lb_hairpin_addr(pkt->family, hp);
+	if (!weft_lb_addr_eq(pkt->daddr, hp))
+		return 0;
+	s = bpf_map_lookup_elem(&weft_lb_scratch, &zero);
+	if (!s)
+		return 0;
+	weft_lb_ct_key_fill(&s->k, pkt->family, pkt->proto, WEFT_LB_CT_REVERSE, pkt->saddr, hp,
+			    pkt->sport, pkt->dport);
+	v = bpf_map_lookup_elem(&weft_lb_ct, &s->k);
+	if (!v || !weft_lb_ct_live(v, pkt->proto, now))
+		return 0;
+	weft_lb_ct_touch(v, pkt, 1, now);
+	__builtin_memcpy(front, v->addr, 16);
+	front_port = v->port;
+	*act = TC_ACT_SHOT;
+	if (weft_lb_rewrite(skb, pkt, 0, pkt->saddr, front, pkt->sport, front_port) < 0 ||
+	    weft_lb_rewrite(skb, pkt, 1, hp, pkt->saddr, pkt->dport, pkt->dport) < 0 ||
+	    weft_lb_swap_macs(skb) < 0)
+		return 1;
+	*act = bpf_redirect_peer(skb->ifindex, 0);
+	return 1;
+}
+
+/* Random ports tried for a new source-NATed connection before giving up. */
+#define WEFT_SNAT_TRIES 16
+
+/*
+ * NodePort source NAT (externalTrafficPolicy: Cluster), from_netdev: a new
+ * connection whose backend is on another node leaves with the frontend's node
+ * address and a free port of WEFT_SNAT_PORT_MIN..MAX as its source, so the
+ * backend answers through this node. Writes the REVERSE entry (claiming the
+ * port: BPF_NOEXIST, or an expired holder) and the FORWARD one. Returns the
+ * port (network byte order), or 0 when none was free.
+ */
+static __always_inline __u16 weft_lb_snat_create(const struct weft_pkt *pkt,
+						 const struct weft_lb_nat *nat, __u64 now)
+{
+	struct weft_lb_ct_key k;
+	struct weft_lb_snat_value v = {
+		.created_ns = now,
+		.last_seen_ns = now,
+		.svc_id = nat->svc_id,
+	};
+	struct weft_lb_snat_value *old;
+	__u16 port = 0;
+	__u32 i;
+
+	__builtin_memcpy(v.addr, pkt->saddr, 16);
+	v.port = pkt->sport;
+	__builtin_memcpy(v.nat_addr, nat->svc_addr, 16);
+	v.nat_port = nat->svc_port;
+	for (i = 0; i < WEFT_SNAT_TRIES; i++) {
+		__u16 cand = bpf_htons(WEFT_SNAT_PORT_MIN +
+				       bpf_get_prandom_u32() %
+					       (WEFT_SNAT_PORT_MAX - WEFT_SNAT_PORT_MIN + 1));
+
+		weft_lb_ct_key_fill(&k, pkt->family, pkt->proto, WEFT_LB_CT_REVERSE, nat->be.addr,
+				    nat->svc_addr, nat->be.port, cand);
+		if (bpf_map_update_elem(&weft_lb_snat, &k, &v, BPF_NOEXIST) == 0) {
+			port = cand;
+			break;
+		}
+		old = bpf_map_lookup_elem(&weft_lb_snat, &k);
+		if (old && !weft_lb_live(old->last_seen_ns, old->flags, pkt->proto, now) &&
+		    bpf_map_update_elem(&weft_lb_snat, &k, &v, BPF_ANY) == 0) {
+			port = cand;
+			break;
+		}
+	}
+	if (!port)
+		return 0;
+	weft_lb_ct_key_fill(&k, pkt->family, pkt->proto, WEFT_LB_CT_FORWARD, pkt->saddr,
+			    nat->svc_addr, pkt->sport, nat->svc_port);
+	__builtin_memcpy(v.addr, nat->be.addr, 16);
+	v.port = nat->be.port;
+	v.nat_port = port;
+	bpf_map_update_elem(&weft_lb_snat, &k, &v, BPF_ANY);
+	return port;
+}
+
+/* The client's packet with the backend as destination and the node's address as source. */
+static __always_inline int weft_lb_snat_out(struct __sk_buff *skb, const struct weft_pkt *pkt,
+					    const __u8 *front, __u16 front_port,
+					    const __u8 *be, __u16 be_port, __u16 nat_port)
+{
+	if (weft_lb_rewrite(skb, pkt, 1, front, be, front_port, be_port) < 0 ||
+	    weft_lb_rewrite(skb, pkt, 0, pkt->saddr, front, pkt->sport, nat_port) < 0)
+		return -1;
+	return 0;
+}
+
+/*
+ * The source-NATed packets below have one of the node's own addresses as
+ * their source: the stack would drop them as martians, so the caller sends
+ * them on itself, toward `dst` (the backend, or the client).
+ */
+
+/*
+ * from_netdev, a packet to a NodePort frontend (pkt's destination already
+ * replaced by a candidate backend, nat holding the frontend): a later packet
+ * of a source-NATed connection is rewritten the same way. Returns 1 (dst:
+ * the backend), 0 when it is not one, <0 when it could not be rewritten.
+ */
+static __always_inline int weft_lb_snat_established(struct __sk_buff *skb,
+						    const struct weft_pkt *pkt,
+						    const struct weft_lb_nat *nat, __u64 now,
+						    __u8 *dst)
+{
+	struct weft_lb_ct_key k;
+	struct weft_lb_snat_value *v;
+	__u8 nat_addr[16];
+	__u16 be_port, nat_port;
+	int syn_only;
+
+	weft_lb_ct_key_fill(&k, pkt->family, pkt->proto, WEFT_LB_CT_FORWARD, pkt->saddr,
+			    nat->svc_addr, pkt->sport, nat->svc_port);
+	v = bpf_map_lookup_elem(&weft_lb_snat, &k);
+	if (!v || !weft_lb_live(v->last_seen_ns, v->flags, pkt->proto, now))
+		return 0;
+	syn_only = pkt->proto == IPPROTO_TCP &&
+		   (pkt->tcp_flags & (WEFT_TCP_SYN | WEFT_TCP_ACK)) == WEFT_TCP_SYN;
+	if (syn_only && WEFT_LB_CT_CLOSED(v->flags))
+		return 0; /* a new connection on a closed one's tuple */
+	weft_lb_touch(&v->last_seen_ns, &v->flags, pkt, 0, now);
+	__builtin_memcpy(dst, v->addr, 16);
+	__builtin_memcpy(nat_addr, v->nat_addr, 16);
+	be_port = v->port;
+	nat_port = v->nat_port;
+	if (weft_lb_snat_out(skb, pkt, nat_addr, nat->svc_port, dst, be_port, nat_port) < 0)
+		return -1;
+	return 1;
+}
+
+/*
+ * from_netdev: a new connection to a backend on another node (see
+ * weft_lb_snat_create), rewritten. Returns 0 (the destination is
+ * nat->be.addr), <0 when no port was free or rewriting failed.
+ */
+static __always_inline int weft_lb_snat_new(struct __sk_buff *skb, const struct weft_pkt *pkt,
+					    const struct weft_lb_nat *nat, __u64 now)
+{
+	__u16 port = weft_lb_snat_create(pkt, nat, now);
+
+	if (!port) {
+		weft_lb_count(nat->svc_id, 1);
+		return -1;
+	}
+	weft_lb_remember(pkt, nat, now);
+	return weft_lb_snat_out(skb, pkt, nat->svc_addr, nat->svc_port, nat->be.addr,
+				nat->be.port, port);
+}
+
+/*
+ * from_netdev: a backend's answer to a source-NATed connection (to a port of
+ * the SNAT range) gets the frontend as source and the client as destination.
+ * Returns 1 (dst: the client), 0 when it is not one, <0 when it could not be
+ * rewritten.
+ */
+static __always_inline int weft_lb_snat_reply(struct __sk_buff *skb, const struct weft_pkt *pkt,
+					      __u64 now, __u8 *dst)
+{
+	struct weft_lb_ct_key k;
+	struct weft_lb_snat_value *v;
+	__u8 front[16];
+	__u16 client_port, front_port;
+
+	if (pkt->proto != IPPROTO_TCP && pkt->proto != IPPROTO_UDP)
+		return 0;
+	if (bpf_ntohs(pkt->dport) < WEFT_SNAT_PORT_MIN)
+		return 0;
+	weft_lb_ct_key_fill(&k, pkt->family, pkt->proto, WEFT_LB_CT_REVERSE, pkt->saddr,
+			    pkt->daddr, pkt->sport, pkt->dport);
+	v = bpf_map_lookup_elem(&weft_lb_snat, &k);
+	if (!v || !weft_lb_live(v->last_seen_ns, v->flags, pkt->proto, now))
+		return 0;
+	weft_lb_touch(&v->last_seen_ns, &v->flags, pkt, 1, now);
+	__builtin_memcpy(dst, v->addr, 16);
+	__builtin_memcpy(front, v->nat_addr, 16);
+	client_port = v->port;
+	front_port = v->nat_port;
+	if (weft_lb_rewrite(skb, pkt, 0, pkt->saddr, front, pkt->sport, front_port) < 0 ||
+	    weft_lb_rewrite(skb, pkt, 1, pkt->daddr, dst, pkt->dport, client_port) < 0)
+		return -1;
+	return 1;
 }
 
 #endif /* WEFT_LIB_LB_H */

@@ -7,7 +7,9 @@
  *     deny when the direction is isolated)
  *   → from_pod: service translation (lb.h): a TCP/UDP packet to a frontend
  *     (ClusterIP:port) is judged from here on as going to its backend; a
- *     frontend without ready backends: refused (ICMP port unreachable)
+ *     frontend without ready backends: refused (RST, ICMP port unreachable);
+ *     a pod given itself as the backend, and its answers: hairpinned back
+ *     into the pod (weft_lb_hairpin), not judged by policy
  *   → conntrack (established or reply: pass; ICMP error about a tracked
  *     connection: pass)
  *   → policy decision for the new connection
@@ -136,10 +138,19 @@ static __always_inline int weft_lxc_handle(struct __sk_buff *skb, __u8 dir)
 	 * its backend (Kubernetes judges egress policy against the backend).
 	 */
 	if (dir == WEFT_DIR_EGRESS && parsed == WEFT_PARSE_OK) {
-		int lb = weft_lb_lookup(&pkt, &nat, now, 0);
+		int lb, act;
 
+		if (weft_lb_hairpin_reply(skb, &pkt, now, &act))
+			return act;
+		lb = weft_lb_lookup(&pkt, &nat, now, 0);
 		if (lb == WEFT_LB_REFUSE)
 			return weft_lb_refuse(skb, &pkt);
+		if (lb == WEFT_LB_XLATE && weft_lb_is_client(&nat.be, &pkt)) {
+			nat.hairpin = 1;
+			if (nat.fresh)
+				weft_lb_commit(&pkt, &nat, now);
+			return weft_lb_hairpin(skb, &pkt, &nat);
+		}
 	}
 
 	/* Established: this tuple was allowed at this check point. */

@@ -117,6 +117,33 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_lb_affinity SEC(".maps");
 
+/*
+ * Per-CPU scratch space for the translation entries the programs write: the
+ * pods' programs would exceed the 512-byte BPF stack with them on it.
+ */
+struct weft_lb_scratch {
+	struct weft_lb_ct_key k;
+	struct weft_lb_ct_value v;
+	struct weft_lb_affinity_key ak;
+	struct weft_lb_affinity_value av;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct weft_lb_scratch);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_lb_scratch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct weft_lb_ct_key);
+	__type(value, struct weft_lb_snat_value);
+	__uint(max_entries, WEFT_LB_SNAT_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_lb_snat SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__type(key, __u32); /* svc_id */

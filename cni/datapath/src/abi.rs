@@ -38,6 +38,18 @@ pub const LB_AFFINITY_MAX: u32 = 65536;
 pub const LB_F_AFFINITY: u16 = 1;
 /// `weft_lb_svc.flags`: a NodePort frontend (a node address).
 pub const LB_F_NODEPORT: u16 = 2;
+/// `weft_lb_backend.flags`: on another node; a NodePort frontend source-NATs to it.
+pub const LB_BE_REMOTE: u16 = 1;
+/// Two `weft_lb_snat` entries per source-NATed NodePort connection.
+pub const LB_SNAT_MAX: u32 = 131072;
+/// The source ports NodePort source NAT takes on the node's address (above Linux's default
+/// `net.ipv4.ip_local_port_range`, 32768-60999).
+pub const SNAT_PORTS: std::ops::RangeInclusive<u16> = 61000..=65535;
+/// The source a pod reaching itself through a Service sees (hairpin).
+pub const HAIRPIN_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 42, 1);
+/// The IPv6 hairpin source.
+pub const HAIRPIN_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0xa9fe, 0x2a01);
 /// `weft_lb_ct_key.dir`: keyed by what the client sent (value: the backend).
 pub const LB_CT_FORWARD: u8 = 0;
 /// `weft_lb_ct_key.dir`: keyed by what the backend answers (value: the frontend).
@@ -63,8 +75,11 @@ pub mod map {
     pub const LB_CT: &str = "weft_lb_ct";
     pub const LB_AFFINITY: &str = "weft_lb_affinity";
     pub const LB_STATS: &str = "weft_lb_stats";
+    pub const LB_SNAT: &str = "weft_lb_snat";
+    /// Per-CPU scratch space for the entries the programs write (not read by the agent).
+    pub const LB_SCRATCH: &str = "weft_lb_scratch";
     /// Every map of the object.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 16] = [
         ENDPOINTS,
         ENDPOINT_ADDRS,
         POLICY4,
@@ -79,6 +94,8 @@ pub mod map {
         LB_CT,
         LB_AFFINITY,
         LB_STATS,
+        LB_SNAT,
+        LB_SCRATCH,
     ];
 }
 
@@ -252,7 +269,8 @@ pub struct LbBackend {
     pub addr: [u8; 16],
     /// Network byte order.
     pub port: u16,
-    pub pad: u16,
+    /// `LB_BE_*`.
+    pub flags: u16,
 }
 
 /// Value of `weft_lb_svc`: the frontend's id, options and its whole backend set.
@@ -331,6 +349,27 @@ pub struct LbAffinityValue {
     pub pad: u32,
 }
 
+/// Value of `weft_lb_snat` (key: [`LbCtKey`]): one direction of a source-NATed NodePort
+/// connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbSnatValue {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    /// FORWARD: the backend; REVERSE: the client.
+    pub addr: [u8; 16],
+    /// FORWARD: the source the backend sees; REVERSE: the frontend.
+    pub nat_addr: [u8; 16],
+    /// Network byte order. FORWARD: the backend's port; REVERSE: the client's.
+    pub port: u16,
+    /// Network byte order. FORWARD: the allocated source port; REVERSE: the nodePort.
+    pub nat_port: u16,
+    pub svc_id: u32,
+    /// `CT_*`.
+    pub flags: u32,
+    pub pad: u32,
+}
+
 /// Per-CPU value of `weft_lb_stats` (key: svc_id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -357,6 +396,7 @@ unsafe impl aya::Pod for LbCtValue {}
 unsafe impl aya::Pod for LbAffinityKey {}
 unsafe impl aya::Pod for LbAffinityValue {}
 unsafe impl aya::Pod for LbStatsValue {}
+unsafe impl aya::Pod for LbSnatValue {}
 
 impl FlowEventRaw {
     /// Reads a ring buffer record; `None` when it is shorter than the struct.

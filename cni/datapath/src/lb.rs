@@ -100,6 +100,10 @@ pub struct Service {
     pub affinity_timeout_s: Option<u32>,
     /// A NodePort frontend (a node address) rather than a ClusterIP.
     pub node_port: bool,
+    /// The backends (a subset of `backends`) on another node, which a NodePort frontend
+    /// reaches through source NAT (`externalTrafficPolicy: Cluster`): the connection leaves
+    /// with the node's address, so the answer comes back through this node. Sorted.
+    pub remote: Vec<SocketAddr>,
 }
 
 /// Connections a frontend's id translated and refused (summed over CPUs).
@@ -203,8 +207,17 @@ pub fn encode_service(s: &Service) -> Result<(LbSvcKey, LbSvcValue), Error> {
         *slot = LbBackend {
             addr,
             port: b.port().to_be(),
-            pad: 0,
+            flags: if s.remote.contains(b) {
+                abi::LB_BE_REMOTE
+            } else {
+                0
+            },
         };
+    }
+    if let Some(r) = s.remote.iter().find(|r| !s.backends.contains(r)) {
+        return Err(invalid(format!(
+            "remote backend {r} is not one of the frontend's backends"
+        )));
     }
     Ok((key, value))
 }
@@ -214,15 +227,19 @@ pub fn decode_service(k: &LbSvcKey, v: &LbSvcValue) -> Option<Service> {
     let addr = ip_of(k.family, &k.addr)?;
     let proto = L4::from_ip_proto(k.proto)?;
     let n = usize::from(v.count).min(LB_MAX_BACKENDS);
-    let backends = v.backends[..n]
-        .iter()
-        .filter_map(|b| {
-            Some(SocketAddr::new(
-                ip_of(k.family, &b.addr)?,
-                u16::from_be(b.port),
-            ))
-        })
-        .collect();
+    let mut backends = Vec::with_capacity(n);
+    let mut remote = Vec::new();
+    for b in &v.backends[..n] {
+        let Some(ip) = ip_of(k.family, &b.addr) else {
+            continue;
+        };
+        let addr = SocketAddr::new(ip, u16::from_be(b.port));
+        if b.flags & abi::LB_BE_REMOTE != 0 {
+            remote.push(addr);
+        }
+        backends.push(addr);
+    }
+    remote.sort();
     Some(Service {
         id: v.svc_id,
         frontend: Frontend {
@@ -233,6 +250,7 @@ pub fn decode_service(k: &LbSvcKey, v: &LbSvcValue) -> Option<Service> {
         backends,
         affinity_timeout_s: (v.flags & abi::LB_F_AFFINITY != 0).then_some(v.affinity_timeout_s),
         node_port: v.flags & abi::LB_F_NODEPORT != 0,
+        remote,
     })
 }
 
@@ -489,6 +507,7 @@ mod tests {
                 .collect(),
             affinity_timeout_s: None,
             node_port: false,
+            remote: Vec::new(),
         }
     }
 

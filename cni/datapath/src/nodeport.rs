@@ -9,8 +9,13 @@
 //! <pin_dir>/nodeport/link-<ifindex>-{from_netdev,to_netdev}   tcx links
 //! ```
 //!
-//! Backends must be this node's pods (externalTrafficPolicy: Local): the client's address is
-//! kept, so a pod on another node would answer the client directly, untranslated.
+//! A backend on another node (`externalTrafficPolicy: Cluster`) is reached with source NAT:
+//! the connection leaves with the node's address and a port of [`crate::abi::SNAT_PORTS`]
+//! (`weft_lb_snat` holds both directions), so the answer comes back through this node. Those
+//! packets are sent on by the program itself, past the stack (which would drop a packet
+//! arriving with one of the node's own addresses as its source): into the VXLAN device when
+//! the backend is a pod behind the overlay (the overlay's pinned maps say so), else out of
+//! the interface to the next hop (`bpf_redirect_neigh`).
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -68,8 +73,9 @@ const HOOKS: [(&str, TcAttachType, u32, &str); 2] = [
 
 impl NodePort {
     /// Loads both programs on the maps pinned under `pin_dir` (created and pinned when
-    /// missing, as [`crate::Datapath::open`] would).
-    pub fn open(pin_dir: &Path) -> Result<NodePort, Error> {
+    /// missing, as [`crate::Datapath::open`] would). `tunnel_ifindex`: the VXLAN device
+    /// when pods on other nodes are reached through the overlay.
+    pub fn open(pin_dir: &Path, tunnel_ifindex: Option<u32>) -> Result<NodePort, Error> {
         pins::check_pin_dir(pin_dir)?;
         pins::ensure_bpffs(pin_dir)?;
         pins::create_dirs(pin_dir)?;
@@ -78,8 +84,19 @@ impl NodePort {
             path: dir.clone(),
             reason: format!("cannot create it: {e}"),
         })?;
+        // The overlay's maps (pinned beside the VXLAN program's, which fills them) tell a
+        // source-NATed packet for a pod behind the overlay to go into `tunnel_ifindex`.
+        let overlay = crate::overlay::overlay_dir(pin_dir);
+        std::fs::create_dir_all(&overlay).map_err(|e| Error::PinDir {
+            path: overlay.clone(),
+            reason: format!("cannot create it: {e}"),
+        })?;
+        let tunnel = tunnel_ifindex.unwrap_or(0);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            .map_pin_path("weft_overlay4", overlay.join("weft_overlay4"))
+            .map_pin_path("weft_overlay6", overlay.join("weft_overlay6"))
+            .override_global("weft_tunnel_ifindex", &tunnel, true)
             .load(NODEPORT_OBJECT)
             .map_err(|e| Error::Load {
                 pin_dir: pin_dir.to_path_buf(),

@@ -74,6 +74,7 @@ fn nodeport_from_an_outside_namespace() -> Result<()> {
             backends: vec![SocketAddr::new(IpAddr::V4(pod.v4), 8080)],
             affinity_timeout_s: None,
             node_port: true,
+            remote: Vec::new(),
         },
         Service {
             id: 2,
@@ -85,9 +86,10 @@ fn nodeport_from_an_outside_namespace() -> Result<()> {
             backends: vec![],
             affinity_timeout_s: None,
             node_port: true,
+            remote: Vec::new(),
         },
     ])?;
-    let mut nodeport = NodePort::open(&node.pin_dir)?;
+    let mut nodeport = NodePort::open(&node.pin_dir, None)?;
     node.run(|| -> Result<()> {
         dp.attach(pod.ifindex)?;
         let ext = weft_datapath::if_index("ext0").context("ext0")?;

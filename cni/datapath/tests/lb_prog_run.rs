@@ -211,6 +211,7 @@ fn service(id: u32, vip: IpAddr, port: u16, proto: L4, backends: Vec<SocketAddr>
         backends,
         affinity_timeout_s: None,
         node_port: false,
+        remote: Vec::new(),
     }
 }
 
@@ -543,7 +544,7 @@ fn nodeport_on_the_external_interface_translates_and_reverse_translates() -> Res
         empty,
         service(13, IpAddr::from(VIP4), 80, L4::Tcp, vec![backend]),
     ])?;
-    let mut nodeport = NodePort::open(&node.pin_dir)?;
+    let mut nodeport = NodePort::open(&node.pin_dir, None)?;
     let mut run = |name: &str, packet: &[u8]| -> Result<(u32, Vec<u8>)> {
         let prog = nodeport.program(name).context("program")?;
         let mut ctx = [0u8; 192];

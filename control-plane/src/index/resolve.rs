@@ -259,6 +259,7 @@ mod tests {
                 .collect(),
             selector: None,
             affinity_timeout_s: None,
+            external_traffic_local: false,
         })
     }
 

@@ -225,7 +225,7 @@ fn mirrors() -> Vec<Mirror> {
             vec![
                 ("addr", offset_of!(LbBackend, addr)),
                 ("port", offset_of!(LbBackend, port)),
-                ("pad", offset_of!(LbBackend, pad)),
+                ("flags", offset_of!(LbBackend, flags)),
             ],
         ),
         (
@@ -288,6 +288,21 @@ fn mirrors() -> Vec<Mirror> {
                 ("last_seen_ns", offset_of!(LbAffinityValue, last_seen_ns)),
                 ("backend", offset_of!(LbAffinityValue, backend)),
                 ("pad", offset_of!(LbAffinityValue, pad)),
+            ],
+        ),
+        (
+            "weft_lb_snat_value",
+            size_of::<LbSnatValue>(),
+            vec![
+                ("created_ns", offset_of!(LbSnatValue, created_ns)),
+                ("last_seen_ns", offset_of!(LbSnatValue, last_seen_ns)),
+                ("addr", offset_of!(LbSnatValue, addr)),
+                ("nat_addr", offset_of!(LbSnatValue, nat_addr)),
+                ("port", offset_of!(LbSnatValue, port)),
+                ("nat_port", offset_of!(LbSnatValue, nat_port)),
+                ("svc_id", offset_of!(LbSnatValue, svc_id)),
+                ("flags", offset_of!(LbSnatValue, flags)),
+                ("pad", offset_of!(LbSnatValue, pad)),
             ],
         ),
         (
