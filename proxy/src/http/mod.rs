@@ -380,24 +380,26 @@ impl ConnCtx {
             .router
             .as_ref()
             .filter(|_| self.direction == Direction::Outbound)?;
-        self.destination
-            .get_or_init(|| async {
-                let target = self.target.to_string();
-                let policy = router.policies().ready(&target).await;
-                // Not a service: a pod IP, an address outside the cluster, the proxy
-                // addressed explicitly.
-                let is_service = policy.borrow().service.is_some();
-                if !is_service {
-                    return None;
-                }
-                tracing::debug!(%target, "routing by the original destination, a service address");
-                Some(ServiceDestination {
-                    balancer: router.balancer(&target, self.protocol()),
-                    policy,
-                })
+        // Once per connection, boxed: the request's own future stays as small as before and
+        // the lookup's code is not inlined into every caller's.
+        let lookup: std::pin::Pin<
+            Box<dyn std::future::Future<Output = &Option<ServiceDestination>> + Send + '_>,
+        > = Box::pin(self.destination.get_or_init(|| async {
+            let target = self.target.to_string();
+            let policy = router.policies().ready(&target).await;
+            // Not a service: a pod IP, an address outside the cluster, the proxy
+            // addressed explicitly.
+            let is_service = policy.borrow().service.is_some();
+            if !is_service {
+                return None;
+            }
+            tracing::debug!(%target, "routing by the original destination, a service address");
+            Some(ServiceDestination {
+                balancer: router.balancer(&target, self.protocol()),
+                policy,
             })
-            .await
-            .as_ref()
+        }));
+        lookup.await.as_ref()
     }
 
     fn protocol(&self) -> balance::Protocol {
