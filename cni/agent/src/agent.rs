@@ -149,6 +149,12 @@ impl<D: Dataplane> Agent<D> {
                 Ok(()) => Response::Ok,
                 Err(e) => err(e.to_string()),
             },
+            // The node's pod CIDRs are answered by crate::pod_cidrs::WithPodCidrs around this
+            // handler: the endpoints side does not know which node it is on.
+            Request::Node => err(
+                "this handler does not answer node: serve it inside pod_cidrs::WithPodCidrs"
+                    .to_string(),
+            ),
             Request::Gc(gc) => match self.core().gc(&gc.valid_attachments) {
                 Ok(n) => {
                     if n > 0 {

@@ -36,7 +36,8 @@ pub struct Config {
     /// KUBECONFIG) or `dir:PATH` (a directory of manifests, watched).
     #[arg(long, env = env::SOURCE, value_parser = parse_source)]
     pub source: SourceConfig,
-    /// This node's name (logged; the Kubernetes node the agent runs on).
+    /// This node's name: the Kubernetes node the agent runs on (its Node's pod CIDRs answer
+    /// the plugin's `usePodCidr`; the other Nodes are routed to).
     #[arg(long, env = env::NODE, value_parser = parse_node)]
     pub node: String,
     /// Extra node addresses always allowed to and from pods (comma-separated), in addition

@@ -16,6 +16,8 @@
 //!   (the real datapath, or [`dataplane::FakeDataplane`] in tests).
 //! - [`routing`]: routes to the other nodes' pod CIDRs (direct, or VXLAN with the overlay
 //!   program), and the pods' MTU in the ADD answer.
+//! - [`pod_cidrs`]: this node's own pod CIDRs for the plugin's `node` request (host-local's
+//!   `"subnet": "usePodCidr"`).
 //! - [`services`]: the Services and EndpointSlices as datapath frontends and backends.
 //! - [`agent`], [`http`], [`flows`], [`metrics`], [`run`]: the process around it.
 
@@ -26,6 +28,7 @@ pub mod endpoints;
 pub mod flows;
 pub mod http;
 pub mod metrics;
+pub mod pod_cidrs;
 pub mod policy;
 pub mod registry;
 pub mod routing;

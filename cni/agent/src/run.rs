@@ -183,8 +183,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         )),
     };
     tasks.push(tokio::spawn(server.serve(listener)));
-    let result =
-        weft_cni::agent_proto::serve(socket, crate::routing::WithMtu::new(agent, pod_mtu)).await;
+    // `node` (this node's pod CIDRs, for usePodCidr) is answered from the index; the rest by
+    // the agent, with the pods' MTU added to ADD's answer.
+    let (index, readiness) = (agent.index().clone(), agent.readiness().clone());
+    let handler = crate::pod_cidrs::WithPodCidrs::new(
+        crate::routing::WithMtu::new(agent, pod_mtu),
+        config.node.clone(),
+        index,
+        readiness,
+    );
+    let result = weft_cni::agent_proto::serve(socket, handler).await;
     for t in tasks {
         t.abort();
     }

@@ -11,6 +11,8 @@
 //! ← {"result":"ok"}
 //! → {"op":"status"}
 //! ← {"result":"error","msg":"bpf programs not loaded"}
+//! → {"op":"node"}
+//! ← {"result":"node","name":"node-1","pod_cidrs":["10.244.1.0/24","fd00:10:244:1::/64"]}
 //! ```
 //!
 //! What each request means to the agent:
@@ -24,6 +26,11 @@
 //! * `check`: is the endpoint registered and its datapath attached?
 //! * `status`: is the agent ready to serve ADD (`ok`) or not (`error`)?
 //! * `gc`: every attachment not in `valid_attachments` is stale.
+//! * `node`: this node's name and pod CIDRs (its Node's `spec.podCIDRs`), answered
+//!   `node`, or `error` saying why not (the Node is not known, or has no pod CIDR yet).
+//!   The plugin asks only when the IPAM configuration says `"subnet": "usePodCidr"`
+//!   ([`crate::pod_cidr`]). An agent older than the request answers an `error` naming
+//!   the unknown variant `node` ([`is_unknown_request`]), which the plugin reports as such.
 //!
 //! Lines are at most [`MAX_LINE`] bytes; a malformed line gets an `error`
 //! answer and the connection stays usable.
@@ -55,6 +62,8 @@ pub enum Request {
     Check(CheckRequest),
     Status,
     Gc(GcRequest),
+    /// This node's pod CIDRs (`{"op":"node"}`).
+    Node,
 }
 
 impl Request {
@@ -66,6 +75,7 @@ impl Request {
             Request::Check(_) => "check",
             Request::Status => "status",
             Request::Gc(_) => "gc",
+            Request::Node => "node",
         }
     }
 }
@@ -146,9 +156,22 @@ pub enum Response {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mtu: Option<u32>,
     },
+    /// The answer to `node`: the node the agent runs on (`--node`) and its pod CIDRs, at most
+    /// one per IP family, in the Node's order.
+    Node {
+        name: String,
+        pod_cidrs: Vec<crate::result::IpNet>,
+    },
     Error {
         msg: String,
     },
+}
+
+/// Whether `msg`, an agent's `error` answer, says that it does not know request `op`: what an
+/// agent built before `op` existed answers (its JSON decoder's "unknown variant" for the
+/// `op` tag, after "malformed request").
+pub fn is_unknown_request(msg: &str, op: &str) -> bool {
+    msg.contains(&format!("unknown variant `{op}`"))
 }
 
 /// Why a call to the agent failed.
@@ -437,6 +460,21 @@ mod tests {
             r#"{"op":"status"}"#
         );
         assert_eq!(
+            serde_json::to_string(&Request::Node).expect("json"),
+            r#"{"op":"node"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Response::Node {
+                name: "n1".into(),
+                pod_cidrs: vec![
+                    "10.244.1.0/24".parse().expect("cidr"),
+                    "fd00:10:244:1::/64".parse().expect("cidr")
+                ],
+            })
+            .expect("json"),
+            r#"{"result":"node","name":"n1","pod_cidrs":["10.244.1.0/24","fd00:10:244:1::/64"]}"#
+        );
+        assert_eq!(
             serde_json::to_string(&Response::Ok).expect("json"),
             r#"{"result":"ok"}"#
         );
@@ -492,6 +530,32 @@ mod tests {
         );
         let seen = handler.seen.lock().expect("lock").clone();
         assert_eq!(seen, vec![add(), Request::Status]);
+    }
+
+    /// What an agent built before `node` existed answers it, recognised as such; a real
+    /// refusal is not mistaken for it.
+    #[test]
+    fn an_older_agents_answer_to_node_is_recognised() {
+        #[derive(Debug, Deserialize)]
+        #[serde(tag = "op", rename_all = "snake_case")]
+        #[allow(dead_code)]
+        enum Old {
+            Add(AddRequest),
+            Del(DelRequest),
+            Check(CheckRequest),
+            Status,
+            Gc(GcRequest),
+        }
+        let line = serde_json::to_vec(&Request::Node).expect("json");
+        let e = serde_json::from_slice::<Old>(&line).expect_err("unknown to it");
+        // serve_connection's answer to a line it cannot decode.
+        let msg = format!("malformed request: {e}");
+        assert!(is_unknown_request(&msg, "node"), "{msg}");
+        assert!(!is_unknown_request(
+            "node n1 has no pod CIDR yet (spec.podCIDRs is empty)",
+            "node"
+        ));
+        assert!(!is_unknown_request(&msg, "gc"));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! | `cniVersion` | `1.0.0` or `1.1.0` | required |
 //! | `name` | network name | required |
 //! | `type` | `weft-cni` | required |
-//! | `ipam` | delegated IPAM plugin's section (`type` required); its presence selects primary mode | none: chained mode |
+//! | `ipam` | delegated IPAM plugin's section (`type` required); its presence selects primary mode. For `host-local`, a range's `subnet` may be `usePodCidr` / `usePodCidrIPv6`: this node's pod CIDR of that family, from the agent ([`crate::pod_cidr`]) | none: chained mode |
 //! | `mtu` | MTU of both veth ends (68..=65535), unless the agent's ADD answer names one (the node's encapsulation decides: `weft-cni-agent --mtu`/`--routing`) | 1500 |
 //! | `agentSocket` | the node agent's unix socket | `/run/weft/cni.sock` |
 //! | `agentTimeoutMs` | how long to wait for the agent's answer (1..=600000) | 10000 |
@@ -214,6 +214,14 @@ impl NetConf {
             valid_attachments,
             raw: obj,
         })
+    }
+
+    /// The same configuration with another `ipam` section: what the delegated IPAM plugin
+    /// sees once `usePodCidr` is replaced ([`crate::pod_cidr`]).
+    pub fn with_ipam(&self, ipam: Value) -> NetConf {
+        let mut conf = self.clone();
+        conf.raw.insert("ipam".into(), ipam);
+        conf
     }
 
     /// The configuration as JSON with `cniVersion` replaced, for a delegated

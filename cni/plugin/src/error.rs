@@ -25,7 +25,8 @@ pub mod codes {
     pub const DECODING_FAILURE: u32 = 6;
     /// The network configuration does not validate.
     pub const INVALID_CONFIG: u32 = 7;
-    /// A transient condition (the node agent is unreachable): retry later.
+    /// A transient condition (the node agent is unreachable, or cannot name this node's pod
+    /// CIDR for `usePodCidr` yet): retry later.
     pub const TRY_AGAIN_LATER: u32 = 11;
     /// STATUS: the plugin cannot service ADD.
     pub const NOT_AVAILABLE: u32 = 50;
@@ -82,6 +83,13 @@ pub enum Error {
     InvalidConfig { field: String, reason: String },
     #[error("the weft node agent is not reachable at {socket}: {reason}; check that weft-cni-agent runs on this node, then retry")]
     AgentUnreachable { socket: PathBuf, reason: String },
+    #[error("{fields}: this node's pod CIDRs are not known: the weft node agent at {socket} answered: {reason}")]
+    PodCidrUnavailable {
+        /// The placeholders asking for them (`ipam.ranges[0][0].subnet = "usePodCidr"`).
+        fields: String,
+        socket: PathBuf,
+        reason: String,
+    },
     #[error("weft-cni is not ready: {reason}")]
     NotAvailable { reason: String },
     #[error("IPAM plugin {plugin} failed on {command}: {reason}")]
@@ -130,6 +138,7 @@ impl Error {
             Error::Decode { .. } => DECODING_FAILURE,
             Error::InvalidConfig { .. } => INVALID_CONFIG,
             Error::AgentUnreachable { .. } => TRY_AGAIN_LATER,
+            Error::PodCidrUnavailable { .. } => TRY_AGAIN_LATER,
             Error::NotAvailable { .. } => NOT_AVAILABLE,
             Error::Ipam { .. } => IPAM_FAILED,
             Error::IpamNotFound { .. } => IPAM_NOT_FOUND,
@@ -154,6 +163,7 @@ impl Error {
             Error::Decode { .. } => "decoding failure",
             Error::InvalidConfig { .. } => "invalid network configuration",
             Error::AgentUnreachable { .. } => "node agent unreachable, try again later",
+            Error::PodCidrUnavailable { .. } => "node's pod CIDR not known yet, try again later",
             Error::NotAvailable { .. } => "plugin not available",
             Error::Ipam { .. } => "IPAM plugin failed",
             Error::IpamNotFound { .. } => "IPAM plugin not found",
@@ -276,6 +286,14 @@ mod tests {
             ),
             (Error::config("mtu", "too small"), 7),
             (Error::not_available("agent down"), 50),
+            (
+                Error::PodCidrUnavailable {
+                    fields: "ipam.ranges[0][0].subnet = \"usePodCidr\"".into(),
+                    socket: "/run/weft/cni.sock".into(),
+                    reason: "node n1 has no pod CIDR yet".into(),
+                },
+                11,
+            ),
             (
                 Error::IpamNotFound {
                     plugin: "x".into(),

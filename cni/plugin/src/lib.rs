@@ -10,7 +10,9 @@
 //!   veth pair, the pod end named `CNI_IFNAME` inside `CNI_NETNS`, the host
 //!   end `lxc` + 12 hex digits of SHA-256(container id, ifname) (so DEL finds
 //!   it again); gets addresses from the delegated IPAM plugin (`host-local`
-//!   works for IPv4, IPv6 and dual stack); and routes without a bridge, as
+//!   works for IPv4, IPv6 and dual stack; its `"subnet": "usePodCidr"` and
+//!   `"usePodCidrIPv6"` stand for this node's pod CIDRs, `Node.spec.podCIDRs`, which
+//!   the plugin asks the agent for: see [`pod_cidr`]); and routes without a bridge, as
 //!   Cilium does: in the pod a default route via 169.254.1.1 `onlink` (IPv4)
 //!   and via fe80::1 (IPv6), both answered by the host veth; on the host a
 //!   /32 or /128 route per pod address through the host veth. See
@@ -34,7 +36,8 @@
 //!
 //! # Configuration
 //!
-//! `/etc/cni/net.d/05-weft.conflist`, primary mode with host-local, dual stack:
+//! `/etc/cni/net.d/05-weft.conflist`, primary mode with host-local over this node's pod
+//! CIDRs, dual stack (the Helm chart's default has the IPv4 range set only):
 //!
 //! ```json
 //! {
@@ -47,13 +50,19 @@
 //!       "agentSocket": "/run/weft/cni.sock",
 //!       "ipam": {
 //!         "type": "host-local",
-//!         "ranges": [[{ "subnet": "10.244.1.0/24" }], [{ "subnet": "fd00:10:244:1::/64" }]],
+//!         "ranges": [[{ "subnet": "usePodCidr" }], [{ "subnet": "usePodCidrIPv6" }]],
 //!         "dataDir": "/var/lib/cni/networks"
 //!       }
 //!     }
 //!   ]
 //! }
 //! ```
+//!
+//! Each pod then gets its addresses from its own node's pod CIDRs, the ranges the agents
+//! of the other nodes route to this node. On ADD the agent must know this node's Node and
+//! its `spec.podCIDRs`; until it does, ADD fails with code 11 and the kubelet retries. A
+//! fixed `subnet` (`"10.244.1.0/24"`) works too, one per node, for clusters that assign
+//! no pod CIDRs.
 //!
 //! Chained after ptp, the weft-cni entry follows ptp's and has no `ipam`:
 //! `{"type": "weft-cni"}`. The fields are listed in [`config`].
@@ -62,7 +71,8 @@
 //!
 //! Well-known: 1 incompatible version, 2 unsupported field, 4 invalid
 //! environment variable, 5 I/O, 6 decoding, 7 invalid configuration, 11 try
-//! again later (agent unreachable), 50 not available (STATUS). Plugin codes:
+//! again later (agent unreachable, or this node's pod CIDR for `usePodCidr` not known yet),
+//! 50 not available (STATUS). Plugin codes:
 //! 100 IPAM plugin failed, 101 IPAM plugin not found, 102 netns missing,
 //! 103 interface missing, 104 netlink failed, 105 CHECK mismatch, 106 agent
 //! refused, 107 interface already exists, 108 sysctl failed, 109 mesh redirect
@@ -78,6 +88,7 @@ pub mod error;
 pub mod ipam;
 pub mod mesh;
 pub mod plan;
+pub mod pod_cidr;
 pub mod result;
 pub mod version;
 pub mod wiring;

@@ -936,6 +936,25 @@ impl ClusterNode {
         conf
     }
 
+    /// The IPAM section of [`ClusterNode::cni_conf`] with host-local's ranges written as
+    /// `"subnet": "usePodCidr"` (and a `"usePodCidrIPv6"` range set in a dual-stack cluster)
+    /// instead of this node's CIDRs: the plugin asks the node's agent for them, which reads
+    /// them from the Node objects ([`Cluster::nodes_yaml`]). Same data directory.
+    pub fn use_pod_cidr_ipam(&self) -> Value {
+        let mut ranges = vec![serde_json::json!([{ "subnet": "usePodCidr" }])];
+        if self.pod_cidr_v6.is_some() {
+            ranges.push(serde_json::json!([{ "subnet": "usePodCidrIPv6" }]));
+        }
+        serde_json::json!({"type": "host-local", "dataDir": self.dir.join("ipam"), "ranges": ranges})
+    }
+
+    /// `{"ipam": <use_pod_cidr_ipam>}`: the `extra` for [`ClusterNode::add_pod`] (and
+    /// [`ClusterNode::cni_conf`]) that gives a pod its addresses from the node's pod CIDRs
+    /// through the agent.
+    pub fn use_pod_cidr(&self) -> Value {
+        serde_json::json!({ "ipam": self.use_pod_cidr_ipam() })
+    }
+
     /// A pod `namespace/name` on this node: a new network namespace wired by `plugin` (the
     /// `weft-cni` binary) with [`ClusterNode::cni_conf`]`(extra)`, as a runtime's ADD does.
     pub fn add_pod(

@@ -137,6 +137,7 @@ impl Agent {
             match client.call(&Request::Status) {
                 Ok(Response::Ok | Response::Added { .. }) => return Ok(()),
                 Ok(Response::Error { msg }) => last = msg,
+                Ok(other) => last = format!("unexpected answer to status: {other:?}"),
                 Err(e) => last = e.to_string(),
             }
             std::thread::sleep(Duration::from_millis(25));

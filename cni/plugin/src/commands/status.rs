@@ -16,6 +16,12 @@ pub(super) fn status(ctx: &Ctx<'_>) -> Result<(), Error> {
                 ctx.agent.socket().display()
             )))
         }
+        Ok(other @ Response::Node { .. }) => {
+            return Err(Error::not_available(format!(
+                "the node agent at {} answered {other:?} to status",
+                ctx.agent.socket().display()
+            )))
+        }
         Err(e) => {
             return Err(Error::not_available(format!(
                 "{e}; check that weft-cni-agent runs on this node"
