@@ -34,15 +34,23 @@ const NODE_PORT: u16 = 30080;
 const ECHO_NODE_PORT: u16 = 30090;
 const UDP_NODE_PORT: u16 = 30053;
 const CLUSTER_IP: &str = "10.96.88.10";
+const CLUSTER_IP_V6: &str = "fd00:96::88:10";
 const CLIENT: &str = "192.168.77.200";
+const CLIENT_V6: &str = "fd00:77::c8";
 
 /// The Service (`policy`: its externalTrafficPolicy) and, once it runs, the web pod with its
 /// EndpointSlice: a peer reporter on 8080, a TCP echo on 9000, a UDP echo on 5353.
 fn world(web: Option<&ClusterPod>, policy: &str) -> String {
     let mut out = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: np}\n");
+    let dual = web.is_some_and(|w| w.v6.is_some());
+    let ips = if dual {
+        format!("clusterIPs: [{CLUSTER_IP}, \"{CLUSTER_IP_V6}\"], ipFamilies: [IPv4, IPv6], ipFamilyPolicy: RequireDualStack")
+    } else {
+        format!("clusterIP: {CLUSTER_IP}")
+    };
     out.push_str(&format!(
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: np}}\n\
-         spec: {{type: NodePort, externalTrafficPolicy: {policy}, clusterIP: {CLUSTER_IP}, \
+         spec: {{type: NodePort, externalTrafficPolicy: {policy}, {ips}, \
          selector: {{app: web}},\n  \
          ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}}},\n    \
          {{name: echo, port: 9000, targetPort: 9000, nodePort: {ECHO_NODE_PORT}}},\n    \
@@ -62,6 +70,17 @@ fn world(web: Option<&ClusterPod>, policy: &str) -> String {
             node = web.node,
             ip = web.v4,
         ));
+        if let Some(v6) = web.v6 {
+            out.push_str(&format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{name: web-2, namespace: np, labels: {{kubernetes.io/service-name: web}}}}\n\
+                 addressType: IPv6\n\
+                 ports: [{{name: http, port: 8080}}, {{name: echo, port: 9000}}, {{name: dns, port: 5353, protocol: UDP}}]\n\
+                 endpoints: [{{addresses: [\"{v6}\"], conditions: {{ready: true}}, nodeName: {node}, \
+                 targetRef: {{kind: Pod, name: web, namespace: np}}}}]\n",
+                node = web.node,
+            ));
+        }
     }
     out
 }
@@ -77,12 +96,26 @@ struct World {
     _servers: (TcpEcho, UdpEcho),
 }
 
-fn start(prefix: &str, routing: &str, policy: &str) -> Result<World> {
+fn start(prefix: &str, routing: &str, policy: &str, dual_stack: bool) -> Result<World> {
     let plugin = workspace_bin("weft-cni", "weft-cni");
-    let cluster = Cluster::new(ClusterSpec::two_nodes(prefix))?;
+    let cluster = Cluster::new(ClusterSpec {
+        dual_stack,
+        ..ClusterSpec::two_nodes(prefix)
+    })?;
     cluster
         .fabric
         .ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "br0"])?;
+    if dual_stack {
+        cluster.fabric.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{CLIENT_V6}/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
+    }
     let manifests = tempfile::tempdir()?;
     write_manifest(manifests.path(), "nodes.yaml", &cluster.nodes_yaml())?;
     write_manifest(manifests.path(), "world.yaml", &world(None, policy))?;
@@ -93,11 +126,17 @@ fn start(prefix: &str, routing: &str, policy: &str) -> Result<World> {
     }
     let web = cluster.nodes[0].add_pod(&plugin, ("np", "web"), None)?;
     let client = cluster.nodes[1].add_pod(&plugin, ("np", "client"), None)?;
-    peer_reporter(&web.ns, SocketAddr::new(IpAddr::V4(web.v4), 8080))?;
+    // [::] serves both families (IPv4 clients as v4-mapped addresses).
+    let any = if dual_stack {
+        IpAddr::from([0u16; 8])
+    } else {
+        IpAddr::V4(web.v4)
+    };
+    peer_reporter(&web.ns, SocketAddr::new(any, 8080))?;
     let web_ns = web.ns.name.clone();
     let servers = (
-        TcpEcho::start(&web_ns, SocketAddr::new(IpAddr::V4(web.v4), 9000))?,
-        UdpEcho::start(&web_ns, SocketAddr::new(IpAddr::V4(web.v4), 5353))?,
+        TcpEcho::start(&web_ns, SocketAddr::new(any, 9000))?,
+        UdpEcho::start(&web_ns, SocketAddr::new(any, 5353))?,
     );
     write_manifest(manifests.path(), "world.yaml", &world(Some(&web), policy))?;
     Ok(World {
@@ -155,7 +194,7 @@ fn local_keeps_the_client_and_refuses_without_a_local_endpoint() -> Result<()> {
     if !require_root("nodeport_local") {
         return Ok(());
     }
-    let w = start("wnp", "direct", "Local")?;
+    let w = start("wnp", "direct", "Local", false)?;
 
     // Node 1 has the endpoint: the outside client is answered, and the pod sees the client's
     // own address.
@@ -194,7 +233,7 @@ fn local_keeps_the_client_and_refuses_without_a_local_endpoint() -> Result<()> {
 
 /// `externalTrafficPolicy: Cluster` over `routing`: see the module docs.
 fn cluster_policy(prefix: &str, routing: &str) -> Result<()> {
-    let w = start(prefix, routing, "Cluster")?;
+    let w = start(prefix, routing, "Cluster", false)?;
     let n2 = w.cluster.nodes[1].underlay_v4;
 
     // Node 1's own endpoint keeps the client's address, as with Local.
@@ -270,4 +309,75 @@ fn cluster_reaches_another_nodes_endpoint_through_snat_vxlan() -> Result<()> {
         return Ok(());
     }
     cluster_policy("wnv", "vxlan")
+}
+
+/// IPv6: a dual-stack cluster, the client outside on the fabric's IPv6 address; node 2's
+/// IPv6 NodePort forwards to node 1's pod with node 2's IPv6 address as the source (TCP, a
+/// long-lived connection and UDP answered from node 2's IPv6 NodePort), node 1's keeps the
+/// client's.
+#[test]
+fn cluster_reaches_another_nodes_endpoint_through_snat_ipv6() -> Result<()> {
+    if !require_root("nodeport_cluster_ipv6") {
+        return Ok(());
+    }
+    let w = start("wn6", "direct", "Cluster", true)?;
+    let (n1, n2) = (&w.cluster.nodes[0], &w.cluster.nodes[1]);
+    let (Some(n1_v6), Some(n2_v6)) = (n1.underlay_v6, n2.underlay_v6) else {
+        bail!("a dual-stack cluster without IPv6 underlay addresses");
+    };
+    ensure!(w.web.v6.is_some(), "the web pod has no IPv6 address");
+    let client: IpAddr = CLIENT_V6.parse()?;
+    let via = |node: std::net::Ipv6Addr, port: u16| SocketAddr::new(IpAddr::V6(node), port);
+    let seen = eventually(Duration::from_secs(5), "IPv6 NodePort on node 1", || {
+        seen_by_server(
+            &w.cluster.fabric,
+            via(n1_v6, NODE_PORT),
+            Duration::from_millis(500),
+        )
+    })?;
+    ensure!(
+        seen == client,
+        "via node 1 the backend saw {seen}, not the client {client}"
+    );
+    for i in 0..20 {
+        let seen = eventually(Duration::from_secs(3), "IPv6 NodePort on node 2", || {
+            seen_by_server(
+                &w.cluster.fabric,
+                via(n2_v6, NODE_PORT),
+                Duration::from_millis(500),
+            )
+        })
+        .with_context(|| format!("connection {i} via node 2"))?;
+        ensure!(
+            seen == IpAddr::V6(n2_v6),
+            "connection {i} via node 2: the backend saw {seen}, want node 2's {n2_v6}"
+        );
+    }
+    let echo_port = via(n2_v6, ECHO_NODE_PORT);
+    w.cluster.fabric.run(move || -> Result<()> {
+        let mut s = TcpStream::connect_timeout(&echo_port, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        for i in 0..100u32 {
+            let msg = format!("{i:08}");
+            s.write_all(msg.as_bytes())?;
+            let mut back = [0u8; 8];
+            s.read_exact(&mut back)
+                .with_context(|| format!("round trip {i}"))?;
+            ensure!(&back[..] == msg.as_bytes(), "round trip {i}: {back:?}");
+        }
+        Ok(())
+    })??;
+    let udp_port = via(n2_v6, UDP_NODE_PORT);
+    let bind = SocketAddr::new(client, 0);
+    for i in 0..10 {
+        let ok = w
+            .cluster
+            .fabric
+            .run(move || udp_echo_ok(bind, udp_port, Duration::from_secs(1)))??;
+        ensure!(
+            ok,
+            "UDP datagram {i} via node 2 was not answered from {udp_port}"
+        );
+    }
+    Ok(())
 }
