@@ -877,12 +877,33 @@ spec:
   - {name: http, port: 80, targetPort: 8080}
   - {name: who, port: 9000, targetPort: 9000}
   - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-a, namespace: shop, labels: {app: web}}
+spec: {containers: [{name: app, image: x}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec: {containers: [{name: app, image: x}]}
+"#;
+
+/// Isolates the web pod: no ingress from anyone.
+const DENY_WEB_INGRESS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-deny-all, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Ingress]
 "#;
 
 /// Hairpin: a pod that is its Service's only endpoint reaches itself through the ClusterIP,
 /// over IPv4 and IPv6, TCP and UDP: answered from the ClusterIP, and the server sees the
 /// hairpin address (169.254.42.1 / fd77::a9fe:2a01), not its own (whose answer would never
-/// leave the pod to be translated back).
+/// leave the pod to be translated back). Also once a policy denies the pod all ingress
+/// (which another pod's connection shows): a pod reaching itself is not judged by policy.
 #[test]
 fn a_pod_reaches_itself_through_its_cluster_ip() -> Result<()> {
     if !require_root("hairpin") {
@@ -958,6 +979,40 @@ fn a_pod_reaches_itself_through_its_cluster_ip() -> Result<()> {
                 "UDP: {name} from {src}, not {dns}"
             );
         }
+    }
+
+    // Isolate the web pod: another pod is refused from now on, the pod itself is not.
+    let other = wsv_ns("client")?;
+    let cid = weft_netns_testing::unique("wsv", "client");
+    let (code, out) = cni(
+        &world.node,
+        &world.plugin,
+        "ADD",
+        &cid,
+        &other.path(),
+        ("shop", "client"),
+        &conf,
+    )?;
+    ensure!(code == 0, "ADD client: {out}");
+    let vip4: IpAddr = "10.96.0.42".parse()?;
+    ensure!(
+        tcp_name(&other, SocketAddr::new(vip4, 80))?.is_ok(),
+        "the client reaches web before the policy"
+    );
+    write_manifest(&world.manifests, "policy.yaml", DENY_WEB_INGRESS)?;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while tcp_name(&other, SocketAddr::new(vip4, 80))?.is_ok() {
+        ensure!(
+            Instant::now() < deadline,
+            "the deny-all policy never applied to the client"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for vip in ["10.96.0.42", "fd00:96::42"] {
+        let http = SocketAddr::new(vip.parse()?, 80);
+        let (name, peer) = tcp_name(&ns, http)?
+            .with_context(|| format!("hairpin to {http} under the deny-all policy"))?;
+        ensure!(name == "web-a" && peer == http, "{name} from {peer}");
     }
     Ok(())
 }
