@@ -384,6 +384,26 @@ async fn serve_connection<H: Handler>(
     }
 }
 
+/// Tests: serves `handler` at `path` on a thread of its own (its own runtime), returning
+/// once the socket is bound.
+#[cfg(test)]
+pub(crate) fn serve_on_thread<H: Handler>(handler: Arc<H>, path: &Path) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = path.to_path_buf();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = bind(&p).expect("bind");
+            tx.send(()).expect("ready");
+            let _ = serve(listener, handler).await;
+        });
+    });
+    rx.recv().expect("server up");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,20 +435,7 @@ mod tests {
     fn start(handler: Arc<Recorder>) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("run/weft/cni.sock");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let p = path.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let listener = bind(&p).expect("bind");
-                tx.send(()).expect("ready");
-                let _ = serve(listener, handler).await;
-            });
-        });
-        rx.recv().expect("server up");
+        serve_on_thread(handler, &path);
         (dir, path)
     }
 

@@ -241,20 +241,7 @@ mod tests {
     fn agent(answer: Response) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("cni.sock");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let p = path.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let listener = agent_proto::bind(&p).expect("bind");
-                tx.send(()).expect("ready");
-                let _ = agent_proto::serve(listener, Arc::new(Answer(answer))).await;
-            });
-        });
-        rx.recv().expect("agent up");
+        agent_proto::serve_on_thread(Arc::new(Answer(answer)), &path);
         (dir, path)
     }
 
