@@ -681,6 +681,15 @@ fn rendered_objects_do_what_the_values_say() {
         .unwrap_or_else(|e| panic!("the chart's conflist: {e}"));
     assert_eq!(conf.plugin_type, "weft-cni");
     assert_eq!(conf.agent_socket, PathBuf::from("/run/weft/cni.sock"));
+    // Each node's pods get addresses from its own Node's pod CIDR: the default ranges ask
+    // weft-cni to fill them in (a static subnet would hand every node the same addresses).
+    let holes = weft_cni::pod_cidr::placeholders(&plugin["ipam"]);
+    assert_eq!(
+        holes.len(),
+        1,
+        "the default conflist's host-local ranges use usePodCidr: {}",
+        plugin["ipam"]
+    );
 }
 
 /// charts/weft/README.md's table lists every key of values.yaml.
