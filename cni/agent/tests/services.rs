@@ -1016,3 +1016,95 @@ fn a_pod_reaches_itself_through_its_cluster_ip() -> Result<()> {
     }
     Ok(())
 }
+
+const MUTE_PODS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: mute, namespace: shop}
+spec:
+  clusterIPs: [10.96.0.43, "fd00:96::43"]
+  ipFamilies: [IPv4, IPv6]
+  ports: [{name: dns, port: 53, targetPort: 5399, protocol: UDP}]
+"#;
+
+/// ICMP errors about a translated connection reach the client's socket: a UDP socket
+/// connected to a ClusterIP whose backend has nothing on the target port gets the backend's
+/// port unreachable as ECONNREFUSED (the error's embedded packet and source are given the
+/// ClusterIP back; without that the client only times out), over IPv4 and IPv6.
+#[test]
+fn a_backends_icmp_error_reaches_the_client_as_the_cluster_ips() -> Result<()> {
+    if !require_root("icmp_errors") {
+        return Ok(());
+    }
+    let world = Node::start(&[("pods.yaml", MUTE_PODS)], "10.86.0.0/24")?;
+    let ipam = serde_json::json!({"type": "host-local", "dataDir": world.hl.dir.path(),
+        "ranges": [[{"subnet": "10.86.0.0/24"}], [{"subnet": "fd00:86::/64"}]]});
+    let conf = plugin_conf(&world.dirs.socket, ipam);
+    let mut pods = Vec::new();
+    for name in ["client", "web-a"] {
+        let ns = wsv_ns(name)?;
+        let cid = weft_netns_testing::unique("wsv", name);
+        let (code, out) = cni(
+            &world.node,
+            &world.plugin,
+            "ADD",
+            &cid,
+            &ns.path(),
+            ("shop", name),
+            &conf,
+        )?;
+        ensure!(code == 0, "ADD {name}: {out}");
+        let ips = result_ips(&out)?;
+        ensure!(ips.len() == 2 && ips[1].is_ipv6(), "{name}: {ips:?}");
+        pods.push((ns, ips));
+    }
+    let slice = |kind: &str, ip: IpAddr| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: mute-{kind}\n  \
+             namespace: shop\n  labels: {{kubernetes.io/service-name: mute}}\naddressType: {kind}\n\
+             ports: [{{name: dns, port: 5399, protocol: UDP}}]\n\
+             endpoints:\n- addresses: [\"{ip}\"]\n"
+        )
+    };
+    let web = &pods[1].1;
+    write_manifest(
+        &world.manifests,
+        "slices.yaml",
+        &format!("{}---\n{}", slice("IPv4", web[0]), slice("IPv6", web[1])),
+    )?;
+    let client = &pods[0].0;
+    for vip in ["10.96.0.43", "fd00:96::43"] {
+        let vip: IpAddr = vip.parse()?;
+        // Until the frontend has its backend the datapath itself refuses (also ECONNREFUSED).
+        wait_backends(&world.pins.0, vip, 53, 1, Instant::now())?;
+        let dns = SocketAddr::new(vip, 53);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = client.run(move || -> std::io::Result<()> {
+                let any = if vip.is_ipv6() {
+                    IpAddr::from([0u16; 8])
+                } else {
+                    IpAddr::from([0, 0, 0, 0])
+                };
+                let s = UdpSocket::bind(SocketAddr::new(any, 0))?;
+                s.connect(dns)?;
+                s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                s.send(b"anyone?")?;
+                let mut buf = [0u8; 16];
+                s.recv(&mut buf).map(drop)
+            })?;
+            match got {
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => break,
+                other if Instant::now() > deadline => {
+                    bail!("UDP to {dns} with nothing on the backend's port: {other:?}, want ECONNREFUSED")
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+    Ok(())
+}

@@ -462,6 +462,90 @@ static __always_inline int weft_lb_reverse(struct __sk_buff *skb, const struct w
 	return weft_lb_rewrite(skb, pkt, 0, pkt->saddr, addr, pkt->sport, port);
 }
 
+/*
+ * to_pod, an ICMP error that passed as related (PMTU, port unreachable)
+ * about a translated connection: the embedded packet is the client's as it
+ * left toward the backend, which the client's socket (connected to the
+ * frontend) would not recognise. Its destination becomes the frontend again,
+ * and so does the error's source when the backend itself sent it. Checksums:
+ * the embedded IPv4 header's and the ICMP/ICMPv6 one; the embedded L4
+ * checksum is left alone (the kernel does not check it in an error).
+ * Returns 0 (nothing to do, or rewritten), <0 when rewriting failed.
+ */
+static __always_inline int weft_lb_reverse_icmp(struct __sk_buff *skb,
+						const struct weft_pkt *pkt, __u64 now)
+{
+	struct weft_lb_ct_key k;
+	struct weft_lb_ct_value *v;
+	__u32 csum = pkt->l4off + 2; /* ICMP and ICMPv6 checksums */
+	__u32 inner = pkt->l4off + 8;
+	__u32 inner_l4, daddr_off;
+	__u8 front[16];
+	__u16 front_port;
+
+	if (pkt->inner_proto != IPPROTO_TCP && pkt->inner_proto != IPPROTO_UDP)
+		return 0;
+	weft_lb_ct_key_fill(&k, pkt->family, pkt->inner_proto, WEFT_LB_CT_REVERSE,
+			    pkt->inner_daddr, pkt->inner_saddr, pkt->inner_dport,
+			    pkt->inner_sport);
+	v = bpf_map_lookup_elem(&weft_lb_ct, &k);
+	if (!v || !weft_lb_ct_live(v, pkt->inner_proto, now))
+		return 0;
+	__builtin_memcpy(front, v->addr, 16);
+	front_port = v->port;
+	if (pkt->family == 4) {
+		__u8 ver_ihl;
+		__u16 old_check, new_check;
+		__u32 from, to;
+
+		if (bpf_skb_load_bytes(skb, inner, &ver_ihl, 1) < 0 ||
+		    bpf_skb_load_bytes(skb, inner + 10, &old_check, 2) < 0)
+			return -1;
+		inner_l4 = inner + (ver_ihl & 0x0f) * 4;
+		daddr_off = inner + 16;
+		__builtin_memcpy(&from, pkt->inner_daddr, 4);
+		__builtin_memcpy(&to, front, 4);
+		/* The embedded header's checksum, then the ICMP one over both changes. */
+		if (bpf_l3_csum_replace(skb, inner + 10, from, to, 4) < 0 ||
+		    bpf_skb_load_bytes(skb, inner + 10, &new_check, 2) < 0 ||
+		    bpf_l4_csum_replace(skb, csum, old_check, new_check, 2) < 0 ||
+		    bpf_l4_csum_replace(skb, csum, from, to, 4) < 0 ||
+		    bpf_skb_store_bytes(skb, daddr_off, &to, 4, 0) < 0)
+			return -1;
+		/* The backend itself answered: the error comes from the frontend. */
+		if (weft_lb_addr_eq(pkt->saddr, pkt->inner_daddr)) {
+			__builtin_memcpy(&from, pkt->saddr, 4);
+			if (bpf_l3_csum_replace(skb, WEFT_IP4_CSUM_OFF, from, to, 4) < 0 ||
+			    bpf_skb_store_bytes(skb, WEFT_IP4_SADDR_OFF, &to, 4, 0) < 0)
+				return -1;
+		}
+	} else {
+		__u8 f[16], t[16];
+		__s64 diff;
+
+		inner_l4 = inner + sizeof(struct weft_ip6);
+		daddr_off = inner + 24;
+		__builtin_memcpy(f, pkt->inner_daddr, 16);
+		__builtin_memcpy(t, front, 16);
+		diff = bpf_csum_diff((__be32 *)f, 16, (__be32 *)t, 16, 0);
+		if (diff < 0 || bpf_l4_csum_replace(skb, csum, 0, diff, 0) < 0 ||
+		    bpf_skb_store_bytes(skb, daddr_off, t, 16, 0) < 0)
+			return -1;
+		/* ICMPv6's checksum covers the source address too (pseudo header). */
+		if (weft_lb_addr_eq(pkt->saddr, pkt->inner_daddr)) {
+			if (bpf_l4_csum_replace(skb, csum, 0, diff, BPF_F_PSEUDO_HDR) < 0 ||
+			    bpf_skb_store_bytes(skb, WEFT_IP6_SADDR_OFF, t, 16, 0) < 0)
+				return -1;
+		}
+	}
+	/* The embedded destination port (2 bytes into the embedded L4 header). */
+	if (front_port != pkt->inner_dport &&
+	    (bpf_l4_csum_replace(skb, csum, pkt->inner_dport, front_port, 2) < 0 ||
+	     bpf_skb_store_bytes(skb, inner_l4 + 2, &front_port, 2, 0) < 0))
+		return -1;
+	return 0;
+}
+
 /* The folded one's complement of a bpf_csum_diff sum. */
 static __always_inline __u16 weft_csum_fold(__s64 sum)
 {

@@ -130,8 +130,12 @@ static __always_inline int weft_lxc_handle(struct __sk_buff *skb, __u8 dir)
 		weft_flow_emit(ep_id, dir, &pkt, &d, now);
 		return WEFT_DROP;
 	}
-	if (parsed == WEFT_PARSE_RELATED && weft_ct_related(&k, ep_id, dir, &pkt, now))
+	if (parsed == WEFT_PARSE_RELATED && weft_ct_related(&k, ep_id, dir, &pkt, now)) {
+		/* An error about a translated connection names the frontend again. */
+		if (dir == WEFT_DIR_INGRESS && weft_lb_reverse_icmp(skb, &pkt, now) < 0)
+			return WEFT_DROP;
 		return WEFT_PASS;
+	}
 
 	/*
 	 * Services: from here on a connection to a frontend is the connection to
