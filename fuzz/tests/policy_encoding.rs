@@ -1,5 +1,5 @@
 //! The eBPF map encoding of NetworkPolicies: the model's compiler (`netpol::compile`), the
-//! agent's conversion (`policy::convert_entry`) and the datapath's key/value encoding
+//! conversion (`weft_datapath::Entry::from`) and the datapath's key/value encoding
 //! (`Entry::encode`, and `replace_policy`'s whole-set check through [`FakeMaps`]).
 //!
 //! Properties beyond "no panic": an entry encodes exactly when it is valid; its key's prefix
@@ -13,7 +13,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use serde_json::{json, Value};
-use weft_cni_agent::policy::convert_entry;
 use weft_datapath::abi::{PolicyValue, MAX_PORT_RANGES, POLICY_FIXED_PREFIX};
 use weft_datapath::{Direction, Entry, FakeMaps, PolicyKey, PolicyMaps, PortRange, Protocol};
 use weft_fuzz::{fuzz, mutate, InputSize};
@@ -235,7 +234,7 @@ fn compile_and_encode(world: &World) -> Result<(), String> {
         Err(e) => return Err(format!("compile: {e}")),
     };
     for (i, (key, ep)) in compiled.iter().enumerate() {
-        let entries: Vec<Entry> = ep.entries.iter().map(convert_entry).collect();
+        let entries: Vec<Entry> = ep.entries.iter().map(Entry::from).collect();
         if entries.iter().any(|e| !valid(e)) {
             return Err(format!("{key}: the compiler produced an invalid entry"));
         }

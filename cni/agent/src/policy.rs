@@ -231,7 +231,7 @@ pub fn desired(
     if compiled.egress_isolated {
         flags = flags | dp::EndpointFlags::EGRESS_ISOLATED;
     }
-    let mut entries: Vec<dp::Entry> = compiled.entries.iter().map(convert_entry).collect();
+    let mut entries: Vec<dp::Entry> = compiled.entries.iter().map(dp::Entry::from).collect();
     add_node_entries(&mut entries, flags, node_ips);
     Ok(Desired {
         flags,
@@ -239,37 +239,6 @@ pub fn desired(
         ingress_by,
         egress_by,
     })
-}
-
-/// The model's entry as the datapath takes it.
-pub fn convert_entry(e: &netpol::Entry) -> dp::Entry {
-    dp::Entry {
-        direction: convert_direction(e.direction),
-        proto: match e.proto {
-            netpol::ProtoKey::Any => dp::Protocol::Any,
-            netpol::ProtoKey::Tcp => dp::Protocol::Tcp,
-            netpol::ProtoKey::Udp => dp::Protocol::Udp,
-            netpol::ProtoKey::Sctp => dp::Protocol::Sctp,
-        },
-        addr: e.prefix.addr(),
-        prefix_len: e.prefix.prefix_len(),
-        ranges: e
-            .ranges
-            .iter()
-            .map(|r| dp::PortRange {
-                lo: r.lo,
-                hi: r.hi,
-                policy: r.policy,
-            })
-            .collect(),
-    }
-}
-
-pub fn convert_direction(d: netpol::Direction) -> dp::Direction {
-    match d {
-        netpol::Direction::Ingress => dp::Direction::Ingress,
-        netpol::Direction::Egress => dp::Direction::Egress,
-    }
 }
 
 /// `fe80::/10`.

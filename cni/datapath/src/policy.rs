@@ -437,6 +437,43 @@ pub(crate) fn ip_from_bytes(family: u8, bytes: &[u8; 16]) -> Option<IpAddr> {
     }
 }
 
+/// The reference compiler's entry (`weft_model::netpol::compile_endpoint`) as the datapath
+/// takes it: the one conversion the agent and the datapath's own tests use.
+impl From<&weft_model::netpol::Entry> for Entry {
+    fn from(e: &weft_model::netpol::Entry) -> Entry {
+        use weft_model::netpol::ProtoKey;
+        Entry {
+            direction: e.direction.into(),
+            proto: match e.proto {
+                ProtoKey::Any => Protocol::Any,
+                ProtoKey::Tcp => Protocol::Tcp,
+                ProtoKey::Udp => Protocol::Udp,
+                ProtoKey::Sctp => Protocol::Sctp,
+            },
+            addr: e.prefix.addr(),
+            prefix_len: e.prefix.prefix_len(),
+            ranges: e
+                .ranges
+                .iter()
+                .map(|r| PortRange {
+                    lo: r.lo,
+                    hi: r.hi,
+                    policy: r.policy,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<weft_model::netpol::Direction> for Direction {
+    fn from(d: weft_model::netpol::Direction) -> Direction {
+        match d {
+            weft_model::netpol::Direction::Ingress => Direction::Ingress,
+            weft_model::netpol::Direction::Egress => Direction::Egress,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

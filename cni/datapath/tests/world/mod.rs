@@ -31,7 +31,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use weft_datapath::{Datapath, EndpointFlags, PolicyMaps};
 use weft_model::netpol::{
-    self, assign_policy_ids, CompileError, CompiledEndpoint, PolicyIds, ProtoKey, World,
+    self, assign_policy_ids, CompileError, CompiledEndpoint, PolicyIds, World,
 };
 use weft_model::ObjectKey;
 use weft_netns_testing::{enter, in_ns, ip, PodLink, TcpEcho, UdpEcho};
@@ -124,36 +124,9 @@ impl Installed {
             ep.entries.len()
         );
         for e in &ep.entries {
-            let _ = writeln!(out, "  {}", to_datapath(e));
+            let _ = writeln!(out, "  {}", weft_datapath::Entry::from(e));
         }
         out
-    }
-}
-
-/// A model entry as the datapath takes it.
-pub fn to_datapath(e: &netpol::Entry) -> weft_datapath::Entry {
-    weft_datapath::Entry {
-        direction: match e.direction {
-            netpol::Direction::Ingress => weft_datapath::Direction::Ingress,
-            netpol::Direction::Egress => weft_datapath::Direction::Egress,
-        },
-        proto: match e.proto {
-            ProtoKey::Any => weft_datapath::Protocol::Any,
-            ProtoKey::Tcp => weft_datapath::Protocol::Tcp,
-            ProtoKey::Udp => weft_datapath::Protocol::Udp,
-            ProtoKey::Sctp => weft_datapath::Protocol::Sctp,
-        },
-        addr: e.prefix.addr(),
-        prefix_len: e.prefix.prefix_len(),
-        ranges: e
-            .ranges
-            .iter()
-            .map(|r| weft_datapath::PortRange {
-                lo: r.lo,
-                hi: r.hi,
-                policy: r.policy,
-            })
-            .collect(),
     }
 }
 
@@ -467,7 +440,8 @@ impl Cluster {
             if ep.egress_isolated {
                 flags = flags | EndpointFlags::EGRESS_ISOLATED;
             }
-            let entries: Vec<weft_datapath::Entry> = ep.entries.iter().map(to_datapath).collect();
+            let entries: Vec<weft_datapath::Entry> =
+                ep.entries.iter().map(weft_datapath::Entry::from).collect();
             dp.replace_policy(pod.ep_id, &entries)
                 .map_err(|e| InstallError::Datapath(format!("{}: {e}", pod.key)))?;
             dp.set_endpoint(pod.ifindex, pod.ep_id, flags)
