@@ -156,10 +156,44 @@ impl World {
 
     /// The address the web pod sees for a connection from outside to `node`'s NodePort.
     fn seen_via(&self, node: usize) -> Result<IpAddr> {
-        let to = self.node_port(node, NODE_PORT);
-        eventually(Duration::from_secs(3), "NodePort", || {
+        self.seen_at(self.node_port(node, NODE_PORT), Duration::from_secs(3))
+    }
+
+    /// The address the web pod sees for a connection from outside to `to`, retried `within`.
+    fn seen_at(&self, to: SocketAddr, within: Duration) -> Result<IpAddr> {
+        eventually(within, &format!("NodePort {to}"), || {
             seen_by_server(&self.cluster.fabric, to, Duration::from_millis(500))
         })
+    }
+
+    /// `n` round trips on one TCP connection from outside to `to`, each translated both ways.
+    fn round_trips(&self, to: SocketAddr, n: u32) -> Result<()> {
+        self.cluster.fabric.run(move || -> Result<()> {
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            for i in 0..n {
+                let msg = format!("{i:08}");
+                s.write_all(msg.as_bytes())?;
+                let mut back = [0u8; 8];
+                s.read_exact(&mut back)
+                    .with_context(|| format!("round trip {i} via {to}"))?;
+                ensure!(&back[..] == msg.as_bytes(), "round trip {i}: {back:?}");
+            }
+            Ok(())
+        })?
+    }
+
+    /// `n` UDP datagrams from `client` outside to `to`, each answered from `to` itself.
+    fn udp_answered(&self, client: IpAddr, to: SocketAddr, n: u32) -> Result<()> {
+        let bind = SocketAddr::new(client, 0);
+        for i in 0..n {
+            let ok = self
+                .cluster
+                .fabric
+                .run(move || udp_echo_ok(bind, to, Duration::from_secs(1)))??;
+            ensure!(ok, "UDP datagram {i} was not answered from {to}");
+        }
+        Ok(())
     }
 
     /// The ClusterIP from the pod on node 2 reaches the backend on node 1, client kept.
@@ -260,34 +294,9 @@ fn cluster_policy(prefix: &str, routing: &str) -> Result<()> {
     }
 
     // A long-lived connection through node 2: 200 round trips, each both ways translated.
-    let echo_port = w.node_port(1, ECHO_NODE_PORT);
-    w.cluster.fabric.run(move || -> Result<()> {
-        let mut s = TcpStream::connect_timeout(&echo_port, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        for i in 0..200u32 {
-            let msg = format!("{i:08}");
-            s.write_all(msg.as_bytes())?;
-            let mut back = [0u8; 8];
-            s.read_exact(&mut back)
-                .with_context(|| format!("round trip {i}"))?;
-            ensure!(&back[..] == msg.as_bytes(), "round trip {i}: {back:?}");
-        }
-        Ok(())
-    })??;
-
+    w.round_trips(w.node_port(1, ECHO_NODE_PORT), 200)?;
     // UDP through node 2: the answer comes back from node 2's NodePort.
-    let udp_port = w.node_port(1, UDP_NODE_PORT);
-    let bind: SocketAddr = format!("{CLIENT}:0").parse()?;
-    for i in 0..10 {
-        let ok = w
-            .cluster
-            .fabric
-            .run(move || udp_echo_ok(bind, udp_port, Duration::from_secs(1)))??;
-        ensure!(
-            ok,
-            "UDP datagram {i} via node 2 was not answered from {udp_port}"
-        );
-    }
+    w.udp_answered(CLIENT.parse()?, w.node_port(1, UDP_NODE_PORT), 10)?;
     ensure!(
         w.web.node == w.cluster.nodes[0].name,
         "the backend runs on node 1"
@@ -328,56 +337,21 @@ fn cluster_reaches_another_nodes_endpoint_through_snat_ipv6() -> Result<()> {
     ensure!(w.web.v6.is_some(), "the web pod has no IPv6 address");
     let client: IpAddr = CLIENT_V6.parse()?;
     let via = |node: std::net::Ipv6Addr, port: u16| SocketAddr::new(IpAddr::V6(node), port);
-    let seen = eventually(Duration::from_secs(5), "IPv6 NodePort on node 1", || {
-        seen_by_server(
-            &w.cluster.fabric,
-            via(n1_v6, NODE_PORT),
-            Duration::from_millis(500),
-        )
-    })?;
+    let seen = w.seen_at(via(n1_v6, NODE_PORT), Duration::from_secs(5))?;
     ensure!(
         seen == client,
         "via node 1 the backend saw {seen}, not the client {client}"
     );
     for i in 0..20 {
-        let seen = eventually(Duration::from_secs(3), "IPv6 NodePort on node 2", || {
-            seen_by_server(
-                &w.cluster.fabric,
-                via(n2_v6, NODE_PORT),
-                Duration::from_millis(500),
-            )
-        })
-        .with_context(|| format!("connection {i} via node 2"))?;
+        let seen = w
+            .seen_at(via(n2_v6, NODE_PORT), Duration::from_secs(3))
+            .with_context(|| format!("connection {i} via node 2"))?;
         ensure!(
             seen == IpAddr::V6(n2_v6),
             "connection {i} via node 2: the backend saw {seen}, want node 2's {n2_v6}"
         );
     }
-    let echo_port = via(n2_v6, ECHO_NODE_PORT);
-    w.cluster.fabric.run(move || -> Result<()> {
-        let mut s = TcpStream::connect_timeout(&echo_port, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        for i in 0..100u32 {
-            let msg = format!("{i:08}");
-            s.write_all(msg.as_bytes())?;
-            let mut back = [0u8; 8];
-            s.read_exact(&mut back)
-                .with_context(|| format!("round trip {i}"))?;
-            ensure!(&back[..] == msg.as_bytes(), "round trip {i}: {back:?}");
-        }
-        Ok(())
-    })??;
-    let udp_port = via(n2_v6, UDP_NODE_PORT);
-    let bind = SocketAddr::new(client, 0);
-    for i in 0..10 {
-        let ok = w
-            .cluster
-            .fabric
-            .run(move || udp_echo_ok(bind, udp_port, Duration::from_secs(1)))??;
-        ensure!(
-            ok,
-            "UDP datagram {i} via node 2 was not answered from {udp_port}"
-        );
-    }
+    w.round_trips(via(n2_v6, ECHO_NODE_PORT), 100)?;
+    w.udp_answered(client, via(n2_v6, UDP_NODE_PORT), 10)?;
     Ok(())
 }

@@ -764,6 +764,50 @@ fn result_ips(result: &str) -> Result<Vec<IpAddr>> {
         .collect())
 }
 
+/// The plugin configuration of a dual-stack node: host-local over `v4` and `v6`.
+fn dual_stack_conf(world: &Node, v4: &str, v6: &str) -> Value {
+    let ipam = serde_json::json!({"type": "host-local", "dataDir": world.hl.dir.path(),
+        "ranges": [[{"subnet": v4}], [{"subnet": v6}]]});
+    plugin_conf(&world.dirs.socket, ipam)
+}
+
+/// ADDs pod `shop/name` with `conf` (dual stack): its namespace and addresses, IPv4 first.
+fn add_dual_stack_pod(world: &Node, conf: &Value, name: &str) -> Result<(Netns, Vec<IpAddr>)> {
+    let ns = wsv_ns(name)?;
+    let cid = weft_netns_testing::unique("wsv", name);
+    let (code, out) = cni(
+        &world.node,
+        &world.plugin,
+        "ADD",
+        &cid,
+        &ns.path(),
+        ("shop", name),
+        conf,
+    )?;
+    ensure!(code == 0, "ADD {name}: {out}");
+    let ips = result_ips(&out)?;
+    ensure!(ips.len() == 2 && ips[1].is_ipv6(), "{name}: {ips:?}");
+    Ok((ns, ips))
+}
+
+/// Service `shop/service`'s two EndpointSlices (IPv4, IPv6), one endpoint each at `ips`,
+/// with `ports` (a YAML flow sequence, or empty for none).
+fn one_endpoint_slices(service: &str, ports: &str, ips: &[IpAddr]) -> String {
+    let slice = |kind: &str, ip: &IpAddr| {
+        let ports = if ports.is_empty() {
+            String::new()
+        } else {
+            format!("ports: {ports}\n")
+        };
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-{kind}\n  \
+             namespace: shop\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: {kind}\n\
+             {ports}endpoints:\n- addresses: [\"{ip}\"]\n"
+        )
+    };
+    format!("{}---\n{}", slice("IPv4", &ips[0]), slice("IPv6", &ips[1]))
+}
+
 /// Dual stack: a Service with an IPv4 and an IPv6 ClusterIP and a slice per family; IPv6
 /// connections are translated, answered from the IPv6 ClusterIP and refused (ICMPv6) when
 /// there is no endpoint, like IPv4 ones.
@@ -773,26 +817,11 @@ fn dual_stack_cluster_ips() -> Result<()> {
         return Ok(());
     }
     let world = Node::start(&[("pods.yaml", DUAL_PODS)], "10.84.0.0/24")?;
-    let (node, plugin, manifests, pins, dirs, hl) = (
-        &world.node,
-        &world.plugin,
-        &world.manifests,
-        &world.pins,
-        &world.dirs,
-        &world.hl,
-    );
-    let ipam = serde_json::json!({"type": "host-local", "dataDir": hl.dir.path(),
-        "ranges": [[{"subnet": "10.84.0.0/24"}], [{"subnet": "fd00:84::/64"}]]});
-    let conf = plugin_conf(&dirs.socket, ipam);
+    let (manifests, pins) = (&world.manifests, &world.pins);
+    let conf = dual_stack_conf(&world, "10.84.0.0/24", "fd00:84::/64");
     let mut pods = Vec::new();
     for name in ["client", "web-a", "web-b"] {
-        let ns = wsv_ns(name)?;
-        let cid = weft_netns_testing::unique("wsv", name);
-        let (code, out) = cni(node, plugin, "ADD", &cid, &ns.path(), ("shop", name), &conf)?;
-        ensure!(code == 0, "ADD {name}: {out}");
-        let ips = result_ips(&out)?;
-        ensure!(ips.len() == 2 && ips[1].is_ipv6(), "{name}: {ips:?}");
-        pods.push((ns, ips));
+        pods.push(add_dual_stack_pod(&world, &conf, name)?);
     }
     name_servers(&pods[1].0, "web-a")?;
     name_servers(&pods[2].0, "web-b")?;
@@ -910,36 +939,14 @@ fn a_pod_reaches_itself_through_its_cluster_ip() -> Result<()> {
         return Ok(());
     }
     let world = Node::start(&[("pods.yaml", HAIRPIN_PODS)], "10.85.0.0/24")?;
-    let ipam = serde_json::json!({"type": "host-local", "dataDir": world.hl.dir.path(),
-        "ranges": [[{"subnet": "10.85.0.0/24"}], [{"subnet": "fd00:85::/64"}]]});
-    let conf = plugin_conf(&world.dirs.socket, ipam);
-    let ns = wsv_ns("web-a")?;
-    let cid = weft_netns_testing::unique("wsv", "web-a");
-    let (code, out) = cni(
-        &world.node,
-        &world.plugin,
-        "ADD",
-        &cid,
-        &ns.path(),
-        ("shop", "web-a"),
-        &conf,
-    )?;
-    ensure!(code == 0, "ADD web-a: {out}");
-    let ips = result_ips(&out)?;
-    ensure!(ips.len() == 2 && ips[1].is_ipv6(), "{ips:?}");
+    let conf = dual_stack_conf(&world, "10.85.0.0/24", "fd00:85::/64");
+    let (ns, ips) = add_dual_stack_pod(&world, &conf, "web-a")?;
     name_servers(&ns, "web-a")?;
     peer_reporter(&ns, SocketAddr::new(IpAddr::from([0u16; 8]), 9000))?;
-    let slice = |kind: &str, ip: IpAddr| {
-        format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-{kind}\n  \
-             namespace: shop\n  labels: {{kubernetes.io/service-name: web}}\naddressType: {kind}\n\
-             endpoints:\n- addresses: [\"{ip}\"]\n"
-        )
-    };
     write_manifest(
         &world.manifests,
         "slices.yaml",
-        &format!("{}---\n{}", slice("IPv4", ips[0]), slice("IPv6", ips[1])),
+        &one_endpoint_slices("web", "", &ips),
     )?;
     for (vip, hairpin) in [
         (
@@ -982,18 +989,7 @@ fn a_pod_reaches_itself_through_its_cluster_ip() -> Result<()> {
     }
 
     // Isolate the web pod: another pod is refused from now on, the pod itself is not.
-    let other = wsv_ns("client")?;
-    let cid = weft_netns_testing::unique("wsv", "client");
-    let (code, out) = cni(
-        &world.node,
-        &world.plugin,
-        "ADD",
-        &cid,
-        &other.path(),
-        ("shop", "client"),
-        &conf,
-    )?;
-    ensure!(code == 0, "ADD client: {out}");
+    let (other, _) = add_dual_stack_pod(&world, &conf, "client")?;
     let vip4: IpAddr = "10.96.0.42".parse()?;
     ensure!(
         tcp_name(&other, SocketAddr::new(vip4, 80))?.is_ok(),
@@ -1041,42 +1037,14 @@ fn a_backends_icmp_error_reaches_the_client_as_the_cluster_ips() -> Result<()> {
         return Ok(());
     }
     let world = Node::start(&[("pods.yaml", MUTE_PODS)], "10.86.0.0/24")?;
-    let ipam = serde_json::json!({"type": "host-local", "dataDir": world.hl.dir.path(),
-        "ranges": [[{"subnet": "10.86.0.0/24"}], [{"subnet": "fd00:86::/64"}]]});
-    let conf = plugin_conf(&world.dirs.socket, ipam);
-    let mut pods = Vec::new();
-    for name in ["client", "web-a"] {
-        let ns = wsv_ns(name)?;
-        let cid = weft_netns_testing::unique("wsv", name);
-        let (code, out) = cni(
-            &world.node,
-            &world.plugin,
-            "ADD",
-            &cid,
-            &ns.path(),
-            ("shop", name),
-            &conf,
-        )?;
-        ensure!(code == 0, "ADD {name}: {out}");
-        let ips = result_ips(&out)?;
-        ensure!(ips.len() == 2 && ips[1].is_ipv6(), "{name}: {ips:?}");
-        pods.push((ns, ips));
-    }
-    let slice = |kind: &str, ip: IpAddr| {
-        format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: mute-{kind}\n  \
-             namespace: shop\n  labels: {{kubernetes.io/service-name: mute}}\naddressType: {kind}\n\
-             ports: [{{name: dns, port: 5399, protocol: UDP}}]\n\
-             endpoints:\n- addresses: [\"{ip}\"]\n"
-        )
-    };
-    let web = &pods[1].1;
+    let conf = dual_stack_conf(&world, "10.86.0.0/24", "fd00:86::/64");
+    let (client, _) = add_dual_stack_pod(&world, &conf, "client")?;
+    let (_web, web) = add_dual_stack_pod(&world, &conf, "web-a")?;
     write_manifest(
         &world.manifests,
         "slices.yaml",
-        &format!("{}---\n{}", slice("IPv4", web[0]), slice("IPv6", web[1])),
+        &one_endpoint_slices("mute", "[{name: dns, port: 5399, protocol: UDP}]", &web),
     )?;
-    let client = &pods[0].0;
     for vip in ["10.96.0.43", "fd00:96::43"] {
         let vip: IpAddr = vip.parse()?;
         // Until the frontend has its backend the datapath itself refuses (also ECONNREFUSED).
