@@ -809,6 +809,29 @@ fn replace_incompatible_maps(pin_dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// Finds tc program `name` in a loaded object and loads it into the kernel (the verifier
+/// runs here); errors name the program and `path`, where it is or will be pinned.
+pub(crate) fn load_classifier<'a>(
+    ebpf: &'a mut aya::Ebpf,
+    name: &'static str,
+    path: &Path,
+) -> Result<&'a mut SchedClassifier, Error> {
+    let fail = |op: &'static str, e: crate::error::Cause| Error::Program {
+        program: name,
+        path: path.to_path_buf(),
+        op,
+        cause: e,
+    };
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or_else(|| fail("finding it in the object", cause_msg("not there")))?
+        .try_into()
+        .map_err(|e| fail("checking its type", cause(e)))?;
+    prog.load()
+        .map_err(|e| fail("loading it (verifier)", cause(e)))?;
+    Ok(prog)
+}
+
 /// The pinned programs of this build, if both exist and use the maps pinned now.
 fn reuse_programs(pin_dir: &Path, progs: &Path) -> Option<(SchedClassifier, SchedClassifier)> {
     let mut map_ids = HashSet::new();
@@ -839,22 +862,15 @@ fn load_and_pin(pin_dir: &Path, progs: &Path) -> Result<(SchedClassifier, SchedC
     })?;
     for name in [PROG_FROM_POD, PROG_TO_POD] {
         let path = progs.join(name);
-        let fail = |op: &'static str, e: crate::error::Cause| Error::Program {
-            program: name,
-            path: path.clone(),
-            op,
-            cause: e,
-        };
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or_else(|| fail("finding it in the object", cause_msg("not there")))?
-            .try_into()
-            .map_err(|e| fail("checking its type", cause(e)))?;
-        prog.load()
-            .map_err(|e| fail("loading it (verifier)", cause(e)))?;
+        let prog = load_classifier(&mut ebpf, name, &path)?;
         // A half-finished earlier attempt may have left a pin behind.
         let _ = std::fs::remove_file(&path);
-        prog.pin(&path).map_err(|e| fail("pinning it", cause(e)))?;
+        prog.pin(&path).map_err(|e| Error::Program {
+            program: name,
+            path: path.clone(),
+            op: "pinning it",
+            cause: cause(e),
+        })?;
     }
     let open = |name: &'static str| {
         let path = progs.join(name);

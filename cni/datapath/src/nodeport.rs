@@ -103,19 +103,7 @@ impl NodePort {
                 cause: cause(e),
             })?;
         for (name, ..) in HOOKS {
-            let fail = |op: &'static str, e: crate::error::Cause| Error::Program {
-                program: name,
-                path: dir.clone(),
-                op,
-                cause: e,
-            };
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| fail("finding it in the object", cause_msg("not there")))?
-                .try_into()
-                .map_err(|e| fail("checking its type", cause(e)))?;
-            prog.load()
-                .map_err(|e| fail("loading it (verifier)", cause(e)))?;
+            crate::datapath::load_classifier(&mut ebpf, name, &dir)?;
         }
         Ok(NodePort { dir, ebpf })
     }
