@@ -602,6 +602,16 @@ static __always_inline int weft_lb_swap_macs(struct __sk_buff *skb)
 	return bpf_skb_store_bytes(skb, 0, eth, sizeof(eth), 0);
 }
 
+/* The packet becomes the answer r (IP header on): MACs swapped, trimmed, written. */
+static __always_inline int weft_lb_answer(struct __sk_buff *skb, const void *r, __u32 len)
+{
+	if (weft_lb_swap_macs(skb) < 0)
+		return -1;
+	if (bpf_skb_change_tail(skb, ETH_HLEN + len, 0) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, ETH_HLEN, r, len, 0);
+}
+
 static __always_inline int weft_lb_refuse4(struct __sk_buff *skb, const struct weft_pkt *pkt)
 {
 	struct weft_icmp4_err r = {};
@@ -623,11 +633,7 @@ static __always_inline int weft_lb_refuse4(struct __sk_buff *skb, const struct w
 	r.icmp.code = WEFT_ICMP_PORT_UNREACH;
 	r.icmp.csum = weft_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r.icmp,
 						   sizeof(r) - sizeof(r.ip), 0));
-	if (weft_lb_swap_macs(skb) < 0)
-		return -1;
-	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) < 0)
-		return -1;
-	return bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0);
+	return weft_lb_answer(skb, &r, sizeof(r));
 }
 
 static __always_inline int weft_lb_refuse6(struct __sk_buff *skb, const struct weft_pkt *pkt)
@@ -659,11 +665,7 @@ static __always_inline int weft_lb_refuse6(struct __sk_buff *skb, const struct w
 		return -1;
 	r.icmp.csum = weft_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r.icmp,
 						   sizeof(r) - sizeof(r.ip), (__u32)sum));
-	if (weft_lb_swap_macs(skb) < 0)
-		return -1;
-	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) < 0)
-		return -1;
-	return bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0);
+	return weft_lb_answer(skb, &r, sizeof(r));
 }
 
 /* A TCP header without options. */
@@ -738,11 +740,7 @@ static __always_inline int weft_lb_rst4(struct __sk_buff *skb, const struct weft
 		return -1;
 	r.tcp.csum = weft_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r.tcp, sizeof(r.tcp),
 						  (__u32)sum));
-	if (weft_lb_swap_macs(skb) < 0)
-		return -1;
-	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) < 0)
-		return -1;
-	return bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0);
+	return weft_lb_answer(skb, &r, sizeof(r));
 }
 
 static __always_inline int weft_lb_rst6(struct __sk_buff *skb, const struct weft_pkt *pkt)
@@ -768,11 +766,7 @@ static __always_inline int weft_lb_rst6(struct __sk_buff *skb, const struct weft
 		return -1;
 	r.tcp.csum = weft_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r.tcp, sizeof(r.tcp),
 						  (__u32)sum));
-	if (weft_lb_swap_macs(skb) < 0)
-		return -1;
-	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) < 0)
-		return -1;
-	return bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0);
+	return weft_lb_answer(skb, &r, sizeof(r));
 }
 
 /*
