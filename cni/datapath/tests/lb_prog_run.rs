@@ -180,20 +180,26 @@ impl Progs {
             Direction::Egress => &self.from_pod,
             Direction::Ingress => &self.to_pod,
         };
-        let mut ctx = [0u8; 192];
-        ctx[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
-        let mut out = vec![0u8; 2048];
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+        test_run(prog, self.ifindex, packet)
     }
+}
+
+/// `BPF_PROG_TEST_RUN` of `prog` on `packet` as if it arrived on interface `ifindex`: the
+/// verdict and the packet as it leaves.
+fn test_run(prog: &SchedClassifier, ifindex: u32, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
+    let mut ctx = [0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = vec![0u8; 2048];
+    let result = prog
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out))
 }
 
 fn sa(ip: [u8; 4], port: u16) -> SocketAddr {
@@ -547,19 +553,7 @@ fn nodeport_on_the_external_interface_translates_and_reverse_translates() -> Res
     let mut nodeport = NodePort::open(&node.pin_dir, None)?;
     let mut run = |name: &str, packet: &[u8]| -> Result<(u32, Vec<u8>)> {
         let prog = nodeport.program(name).context("program")?;
-        let mut ctx = [0u8; 192];
-        ctx[40..44].copy_from_slice(&progs.ifindex.to_ne_bytes());
-        let mut out = vec![0u8; 2048];
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+        test_run(prog, progs.ifindex, packet)
     };
 
     // From outside to NodeIP:nodePort: to the local backend, the client's address kept.
