@@ -320,7 +320,8 @@ struct weft_lb_affinity_value {
 /* weft_lb_stats: per-CPU hash, key = svc_id. */
 struct weft_lb_stats {
 	__u64 conns;   /* new connections translated */
-	__u64 refused; /* new connections refused: no ready endpoint */
+	__u64 refused; /* new connections refused: no ready endpoint (or, NodePort
+			 * source NAT, no free port: dropped) */
 };
 
 #endif /* WEFT_MAPS_H */

@@ -26,6 +26,7 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::error::{cause, cause_msg};
+use crate::overlay::{MAP_OVERLAY4, MAP_OVERLAY6};
 use crate::{pins, sys, Error};
 
 /// The compiled `cni/bpf/weft_nodeport.c` (built by build.rs).
@@ -94,8 +95,8 @@ impl NodePort {
         let tunnel = tunnel_ifindex.unwrap_or(0);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
-            .map_pin_path("weft_overlay4", overlay.join("weft_overlay4"))
-            .map_pin_path("weft_overlay6", overlay.join("weft_overlay6"))
+            .map_pin_path(MAP_OVERLAY4, overlay.join(MAP_OVERLAY4))
+            .map_pin_path(MAP_OVERLAY6, overlay.join(MAP_OVERLAY6))
             .override_global("weft_tunnel_ifindex", &tunnel, true)
             .load(NODEPORT_OBJECT)
             .map_err(|e| Error::Load {
