@@ -14,9 +14,37 @@ use weft_controller::runtime::{Config, Controller};
 use weft_controller::source::SourceConfig;
 use weft_controller::testing::fake_apiserver::{FakeApiServer, Resource};
 use weft_proto::destination::destination_client::DestinationClient;
-use weft_proto::destination::{CallerContext, ClientPolicyRequest};
+use weft_proto::destination::{CallerContext, ClientPolicyRequest, OutboundPolicy};
 
 const WITHIN: Duration = Duration::from_secs(10);
+
+/// A ClientPolicy stream for `target` as a proxy in namespace shop asks it, and its first
+/// message.
+async fn client_policy(
+    controller: &Controller,
+    target: &str,
+) -> (tonic::Streaming<OutboundPolicy>, OutboundPolicy) {
+    let mut client = DestinationClient::connect(format!("http://{}", controller.destination_addr))
+        .await
+        .unwrap();
+    let mut stream = client
+        .client_policy(ClientPolicyRequest {
+            target: target.into(),
+            context: Some(CallerContext {
+                namespace: "shop".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(WITHIN, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    (stream, first)
+}
 
 fn service(name: &str, ip: &str) -> Value {
     json!({"kind": "Service", "metadata": {"name": name, "namespace": "shop"},
@@ -116,25 +144,7 @@ async fn route_and_policy_status_through_the_status_subresource() {
     .await;
 
     // The proxy's view follows the API server.
-    let mut client = DestinationClient::connect(format!("http://{}", controller.destination_addr))
-        .await
-        .unwrap();
-    let mut stream = client
-        .client_policy(ClientPolicyRequest {
-            target: "web.shop:80".into(),
-            context: Some(CallerContext {
-                namespace: "shop".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let first = tokio::time::timeout(WITHIN, stream.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let (_stream, first) = client_policy(&controller, "web.shop:80").await;
     assert_eq!(first.source, "httproute/shop/split");
     assert_eq!(first.routes[0].backends.len(), 2);
     assert_eq!(
@@ -254,25 +264,7 @@ async fn grpc_route_status_through_the_status_subresource() {
         "{parent}"
     );
 
-    let mut client = DestinationClient::connect(format!("http://{}", controller.destination_addr))
-        .await
-        .unwrap();
-    let mut stream = client
-        .client_policy(ClientPolicyRequest {
-            target: "rpc.shop:80".into(),
-            context: Some(CallerContext {
-                namespace: "shop".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let first = tokio::time::timeout(WITHIN, stream.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let (mut stream, first) = client_policy(&controller, "rpc.shop:80").await;
     assert_eq!(first.source, "grpcroute/shop/rpc");
     let weights: Vec<u32> = first.routes[0].backends.iter().map(|b| b.weight).collect();
     assert_eq!(weights, [3, 1]);
